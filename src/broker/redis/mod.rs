@@ -1,0 +1,502 @@
+//! The Redis broker: one dedicated pub/sub connection per node, as an actor.
+//!
+//! A single task owns the pub/sub socket. It takes [`Changes`] from a bounded
+//! request channel, writes them as multi-argument `SUBSCRIBE`/`PSUBSCRIBE`/
+//! `UNSUBSCRIBE`/`PUNSUBSCRIBE` commands, and answers each request once Redis
+//! has confirmed every topic in it. Messages go to the hub as [`BrokerEvent`]s
+//! without ever blocking the reader. When the connection is lost the task
+//! reports `Down`, reconnects with capped, jittered backoff for as long as it
+//! takes, and reports `Up`: the hub, whose registry is the source of truth,
+//! then re-applies everything. The task ends when every handle is dropped.
+//!
+//! We speak RESP2 ourselves on this connection (see [`resp`]) rather than use
+//! redis-rs's pub/sub types: those either do not reconnect or buffer pushes in
+//! an unbounded channel, and they copy every payload. Publishing uses an
+//! ordinary redis-rs [`ConnectionManager`].
+
+mod resp;
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::{BoxFuture, FutureExt};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn, Instrument};
+
+use super::{Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, Topic};
+use crate::metrics::Metrics;
+use resp::Value;
+
+/// Requests waiting for the actor. Only the hub's reconciler sends, one batch
+/// at a time, so a handful is plenty; a full channel makes the sender wait.
+const REQUEST_CAPACITY: usize = 16;
+/// How long one TCP connect (plus AUTH) may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// First reconnect delay; doubles per failure up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Reconnect delay cap: an outage costs at most this much extra after Redis returns.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Bytes read from the socket per read call (the buffer grows for larger messages).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why the Redis URL cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisConfigError {
+    /// redis-rs could not parse the URL.
+    #[error("invalid redis URL: {0}")]
+    Url(#[from] redis::RedisError),
+    /// Only plain TCP is supported for the pub/sub connection.
+    #[error("only redis://host:port URLs are supported")]
+    Unsupported,
+}
+
+/// Handle to the Redis broker actor; dropping every handle stops it.
+pub struct RedisBroker {
+    requests: mpsc::Sender<Request>,
+    publisher: ConnectionManager,
+}
+
+struct Request {
+    generation: u64,
+    changes: Changes,
+    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+impl RedisBroker {
+    /// Parses `url` and starts the pub/sub actor; it connects in the background.
+    pub fn start(
+        url: &str,
+        events: mpsc::Sender<BrokerEvent>,
+        metrics: Metrics,
+    ) -> Result<RedisBroker, RedisConfigError> {
+        let client = redis::Client::open(url)?;
+        let info = client.get_connection_info();
+        let (host, port) = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+            _ => return Err(RedisConfigError::Unsupported),
+        };
+        let auth = info.redis_settings().password().map(|password| {
+            let user = info.redis_settings().username().map(str::to_owned);
+            (user, password.to_owned())
+        });
+        let publisher = ConnectionManager::new_lazy_with_config(
+            client,
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(CONNECT_TIMEOUT))
+                .set_number_of_retries(1),
+        )?;
+        let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
+        let actor = Actor {
+            host,
+            port,
+            auth,
+            requests: rx,
+            events,
+            metrics,
+        };
+        let span =
+            tracing::info_span!("redis_pubsub", addr = %format!("{}:{}", actor.host, actor.port));
+        tokio::spawn(actor.run().instrument(span));
+        Ok(RedisBroker {
+            requests: tx,
+            publisher,
+        })
+    }
+}
+
+impl Broker for RedisBroker {
+    fn apply(
+        &self,
+        generation: u64,
+        changes: Changes,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let requests = self.requests.clone();
+        async move {
+            let (done, confirmed) = oneshot::channel();
+            requests
+                .send(Request {
+                    generation,
+                    changes,
+                    done,
+                })
+                .await
+                .map_err(|_| BrokerError::Unavailable)?;
+            confirmed.await.map_err(|_| BrokerError::ConnectionLost)?
+        }
+        .boxed()
+    }
+
+    fn publish(
+        &self,
+        channel: Bytes,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<u64, BrokerError>> {
+        let mut conn = self.publisher.clone();
+        async move {
+            redis::cmd("PUBLISH")
+                .arg(&channel[..])
+                .arg(&payload[..])
+                .query_async::<u64>(&mut conn)
+                .await
+                .map_err(|e| {
+                    debug!(cause = %e, "publish failed");
+                    BrokerError::Unavailable
+                })
+        }
+        .boxed()
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// How a connected period ended.
+enum Exit {
+    /// Every handle is gone: stop for good.
+    Shutdown,
+    /// The connection failed; reconnect.
+    Lost(String),
+}
+
+/// The task that owns the pub/sub connection.
+struct Actor {
+    host: String,
+    port: u16,
+    auth: Option<(Option<String>, String)>,
+    requests: mpsc::Receiver<Request>,
+    events: mpsc::Sender<BrokerEvent>,
+    metrics: Metrics,
+}
+
+/// A request written to Redis whose confirmations have not all arrived.
+struct InFlight {
+    /// One confirmation per topic argument; Redis sends them in order.
+    remaining: usize,
+    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        let mut failures: u32 = 0;
+        let mut generation: u64 = 0;
+        loop {
+            match self.connect().await {
+                Ok(Some(stream)) => {
+                    failures = 0;
+                    generation += 1;
+                    info!(generation, "connected");
+                    if self
+                        .events
+                        .send(BrokerEvent::Up { generation })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    self.metrics.broker_up.set(1);
+                    let exit = self.serve(stream, generation).await;
+                    self.metrics.broker_up.set(0);
+                    // Tell the hub before anything else: every subscription is gone.
+                    if self.events.send(BrokerEvent::Down).await.is_err() {
+                        return;
+                    }
+                    match exit {
+                        Exit::Shutdown => return,
+                        Exit::Lost(cause) => warn!(%cause, "pub/sub connection lost"),
+                    }
+                }
+                Ok(None) => return,
+                Err(cause) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 || failures % 10 == 0 {
+                        warn!(%cause, failures, "cannot connect to redis");
+                    }
+                }
+            }
+            if !self
+                .refuse_while(tokio::time::sleep(backoff(failures)))
+                .await
+                .is_some()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Runs `fut` while answering every request with `Unavailable`; `None` if
+    /// the handles are all gone (shutdown).
+    async fn refuse_while<T>(&mut self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                req = self.requests.recv() => match req {
+                    Some(req) => { let _ = req.done.send(Err(BrokerError::Unavailable)); }
+                    None => return None,
+                },
+            }
+        }
+    }
+
+    /// Connects and authenticates; `Ok(None)` means shutdown was requested meanwhile.
+    async fn connect(&mut self) -> Result<Option<TcpStream>, String> {
+        let addr = (self.host.clone(), self.port);
+        let auth = self.auth.clone();
+        let attempt = async move {
+            let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            if let Some((user, password)) = auth {
+                authenticate(&mut stream, user.as_deref(), &password).await?;
+            }
+            Ok::<_, String>(stream)
+        };
+        match self
+            .refuse_while(tokio::time::timeout(CONNECT_TIMEOUT, attempt))
+            .await
+        {
+            None => Ok(None),
+            Some(Ok(result)) => result.map(Some),
+            Some(Err(_)) => Err("connect timed out".to_owned()),
+        }
+    }
+
+    /// Serves one connected period until the connection fails or shutdown.
+    async fn serve(&mut self, stream: TcpStream, generation: u64) -> Exit {
+        let (mut rd, mut wr) = stream.into_split();
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut out = BytesMut::new();
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        let exit = loop {
+            tokio::select! {
+                req = self.requests.recv() => {
+                    let Some(req) = req else { break Exit::Shutdown };
+                    if req.generation != generation {
+                        let _ = req.done.send(Err(BrokerError::Unavailable));
+                        continue;
+                    }
+                    out.clear();
+                    let expected = encode_changes(&mut out, &req.changes);
+                    if expected == 0 {
+                        let _ = req.done.send(Ok(()));
+                        continue;
+                    }
+                    inflight.push_back(InFlight { remaining: expected, done: req.done });
+                    if let Err(e) = wr.write_all(&out).await {
+                        break Exit::Lost(e.to_string());
+                    }
+                }
+                read = read_some(&mut rd, &mut buf) => {
+                    if let Err(cause) = read {
+                        break Exit::Lost(cause);
+                    }
+                    if let Err(exit) = self.drain(&mut buf, &mut inflight) {
+                        break exit;
+                    }
+                }
+            }
+        };
+        for req in inflight {
+            let _ = req.done.send(Err(BrokerError::ConnectionLost));
+        }
+        exit
+    }
+
+    /// Handles every complete value in `buf`.
+    fn drain(&self, buf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> Result<(), Exit> {
+        while let Some(value) = resp::parse(buf).map_err(|e| Exit::Lost(e.to_string()))? {
+            self.handle(value, inflight)?;
+        }
+        Ok(())
+    }
+
+    fn handle(&self, value: Value, inflight: &mut VecDeque<InFlight>) -> Result<(), Exit> {
+        let items = match value {
+            Value::Array(items) => items,
+            Value::Error(e) => {
+                // A refused (P)SUBSCRIBE leaves Redis's state unknown to us; a
+                // fresh connection makes it known (empty) again and the hub resyncs.
+                let msg = String::from_utf8_lossy(&e).into_owned();
+                if let Some(req) = inflight.pop_front() {
+                    let _ = req.done.send(Err(BrokerError::Refused(msg.clone())));
+                }
+                return Err(Exit::Lost(format!("redis refused a command: {msg}")));
+            }
+            other => return Err(Exit::Lost(format!("unexpected reply {other:?}"))),
+        };
+        let mut items = items.into_iter();
+        let kind = match items.next() {
+            Some(Value::Bulk(kind)) => kind,
+            other => return Err(Exit::Lost(format!("unexpected push {other:?}"))),
+        };
+        match (&kind[..], items.next(), items.next(), items.next()) {
+            (b"message", Some(Value::Bulk(channel)), Some(Value::Bulk(payload)), None) => self
+                .deliver(BrokerMessage {
+                    topic: Topic::Channel(channel.clone()),
+                    channel,
+                    payload,
+                }),
+            (
+                b"pmessage",
+                Some(Value::Bulk(pattern)),
+                Some(Value::Bulk(channel)),
+                Some(Value::Bulk(payload)),
+            ) => self.deliver(BrokerMessage {
+                topic: Topic::Pattern(pattern),
+                channel,
+                payload,
+            }),
+            (b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe", _, _, _) => {
+                if let Some(front) = inflight.front_mut() {
+                    front.remaining -= 1;
+                    if front.remaining == 0 {
+                        if let Some(req) = inflight.pop_front() {
+                            let _ = req.done.send(Ok(()));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            (b"pong", _, _, _) => Ok(()),
+            _ => Err(Exit::Lost(format!(
+                "unexpected push {:?}",
+                String::from_utf8_lossy(&kind)
+            ))),
+        }
+    }
+
+    /// Hands a message to the hub without waiting: a full buffer drops it.
+    fn deliver(&self, msg: BrokerMessage) -> Result<(), Exit> {
+        self.metrics.broker_messages.inc();
+        match self.events.try_send(BrokerEvent::Message(msg)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.broker_messages_dropped.inc();
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Exit::Shutdown),
+        }
+    }
+}
+
+/// Reads at least one byte into `buf`; EOF is an error (Redis closed on us).
+async fn read_some(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+) -> Result<(), String> {
+    buf.reserve(READ_CHUNK);
+    match rd.read_buf(buf).await {
+        Ok(0) => Err("connection closed by redis".to_owned()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Encodes `changes` as up to four commands; returns the number of
+/// confirmations Redis will send (one per topic).
+fn encode_changes(out: &mut BytesMut, changes: &Changes) -> usize {
+    let groups: [(&[u8], &Vec<Topic>, bool); 4] = [
+        (b"UNSUBSCRIBE", &changes.unsubscribe, false),
+        (b"PUNSUBSCRIBE", &changes.unsubscribe, true),
+        (b"SUBSCRIBE", &changes.subscribe, false),
+        (b"PSUBSCRIBE", &changes.subscribe, true),
+    ];
+    let mut expected = 0;
+    for (command, topics, patterns) in groups {
+        let names: Vec<&[u8]> = topics
+            .iter()
+            .filter(|t| matches!(t, Topic::Pattern(_)) == patterns)
+            .map(|t| &t.name()[..])
+            .collect();
+        if names.is_empty() {
+            continue;
+        }
+        expected += names.len();
+        resp::encode_command(
+            out,
+            std::iter::once(command)
+                .chain(names)
+                .collect::<Vec<_>>()
+                .into_iter(),
+        );
+    }
+    expected
+}
+
+/// Sends AUTH and waits for `+OK` before the connection enters pub/sub mode.
+async fn authenticate(
+    stream: &mut TcpStream,
+    user: Option<&str>,
+    password: &str,
+) -> Result<(), String> {
+    let mut cmd = BytesMut::new();
+    let mut args: Vec<&[u8]> = vec![b"AUTH"];
+    args.extend(user.map(str::as_bytes));
+    args.push(password.as_bytes());
+    resp::encode_command(&mut cmd, args.into_iter());
+    stream.write_all(&cmd).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(256);
+    loop {
+        if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("connection closed during AUTH".to_owned());
+        }
+        match resp::parse(&mut buf).map_err(|e| e.to_string())? {
+            None => continue,
+            Some(Value::Simple(_)) => return Ok(()),
+            Some(other) => return Err(format!("AUTH refused: {other:?}")),
+        }
+    }
+}
+
+/// Exponential backoff from [`BACKOFF_MIN`] capped at [`BACKOFF_MAX`], with
+/// ±50% jitter so that many nodes do not reconnect in lockstep.
+fn backoff(failures: u32) -> Duration {
+    let base = BACKOFF_MIN
+        .saturating_mul(1 << failures.min(10))
+        .min(BACKOFF_MAX);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(failures);
+    let jitter = (h.finish() % 1000) as f64 / 1000.0; // 0.0 .. 1.0
+    base.mul_f64(0.5 + jitter).min(BACKOFF_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_become_batched_commands() {
+        let mut out = BytesMut::new();
+        let changes = Changes {
+            subscribe: vec![
+                Topic::Pattern(Bytes::from_static(b"a*")),
+                Topic::Channel(Bytes::from_static(b"c")),
+                Topic::Pattern(Bytes::from_static(b"b?")),
+            ],
+            unsubscribe: vec![Topic::Channel(Bytes::from_static(b"d"))],
+        };
+        assert_eq!(encode_changes(&mut out, &changes), 4);
+        assert_eq!(
+            &out[..],
+            &b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$1\r\nd\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n*3\r\n$10\r\nPSUBSCRIBE\r\n$2\r\na*\r\n$2\r\nb?\r\n"[..]
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for failures in 0..40 {
+            let d = backoff(failures);
+            assert!(
+                d >= BACKOFF_MIN / 2 && d <= BACKOFF_MAX,
+                "{failures}: {d:?}"
+            );
+        }
+        assert!(backoff(1) < Duration::from_millis(200));
+    }
+}

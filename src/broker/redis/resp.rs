@@ -1,0 +1,248 @@
+//! Just enough RESP2 for a pub/sub connection.
+//!
+//! The pub/sub connection only ever sends (P)(UN)SUBSCRIBE, PING and AUTH, and
+//! only ever receives arrays of bulk strings and integers, simple strings and
+//! errors. Parsing is zero-copy: a complete frame is split off the read buffer
+//! and frozen, and every bulk string is a [`Bytes`] slice of it, so a message
+//! payload reaches the fan-out without being copied.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// One RESP2 value as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Value {
+    /// `+OK`
+    Simple(Bytes),
+    /// `-ERR ...`
+    Error(Bytes),
+    /// `:3`
+    Integer(i64),
+    /// `$5\r\nhello`
+    Bulk(Bytes),
+    /// `$-1` or `*-1`
+    Null,
+    /// `*2\r\n...`
+    Array(Vec<Value>),
+}
+
+/// The peer sent bytes that are not RESP2; the connection cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid RESP from redis: {0}")]
+pub(crate) struct ProtocolError(&'static str);
+
+/// Deepest array nesting accepted; pub/sub replies are one level deep, so
+/// anything deeper is a broken peer, and the bound keeps recursion finite.
+const MAX_DEPTH: usize = 8;
+
+/// Removes and returns one complete value from the front of `buf`, or `None`
+/// when more bytes are needed (then `buf` is untouched).
+pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Value>, ProtocolError> {
+    let Some(len) = frame_len(buf, 0, 0)? else {
+        return Ok(None);
+    };
+    let mut frame = buf.split_to(len).freeze();
+    decode(&mut frame, 0).map(Some)
+}
+
+/// Length of the complete frame starting at `at`, or `None` if incomplete.
+fn frame_len(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, ProtocolError> {
+    if depth > MAX_DEPTH {
+        return Err(ProtocolError("nesting too deep"));
+    }
+    let Some((line, next)) = line(buf, at) else {
+        return Ok(None);
+    };
+    let Some((&tag, rest)) = line.split_first() else {
+        return Err(ProtocolError("empty line"));
+    };
+    match tag {
+        b'+' | b'-' | b':' => Ok(Some(next - at)),
+        b'$' => {
+            let n = number(rest)?;
+            if n < 0 {
+                return Ok(Some(next - at));
+            }
+            let end = next + n as usize + 2;
+            Ok((buf.len() >= end).then_some(end - at))
+        }
+        b'*' => {
+            let n = number(rest)?;
+            let mut pos = next;
+            for _ in 0..n.max(0) {
+                match frame_len(buf, pos, depth + 1)? {
+                    Some(len) => pos += len,
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(pos - at))
+        }
+        _ => Err(ProtocolError("unknown type byte")),
+    }
+}
+
+/// The line starting at `at` (without CRLF) and the offset after its CRLF.
+fn line(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let rest = buf.get(at..)?;
+    let end = rest.windows(2).position(|w| w == b"\r\n")?;
+    Some((&rest[..end], at + end + 2))
+}
+
+fn number(digits: &[u8]) -> Result<i64, ProtocolError> {
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(ProtocolError("bad length or integer"))
+}
+
+/// Decodes a frame already known to be complete.
+fn decode(frame: &mut Bytes, depth: usize) -> Result<Value, ProtocolError> {
+    let end = frame
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .ok_or(ProtocolError("truncated"))?;
+    let head = frame.split_to(end);
+    frame.advance(2);
+    let tag = *head.first().ok_or(ProtocolError("empty line"))?;
+    let rest = head.slice(1..);
+    Ok(match tag {
+        b'+' => Value::Simple(rest),
+        b'-' => Value::Error(rest),
+        b':' => Value::Integer(number(&rest)?),
+        b'$' => {
+            let n = number(&rest)?;
+            if n < 0 {
+                Value::Null
+            } else {
+                let n = n as usize;
+                if frame.len() < n + 2 {
+                    return Err(ProtocolError("truncated bulk string"));
+                }
+                let body = frame.split_to(n);
+                frame.advance(2);
+                Value::Bulk(body)
+            }
+        }
+        b'*' => {
+            let n = number(&rest)?;
+            if n < 0 {
+                Value::Null
+            } else {
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(decode(frame, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+        }
+        _ => return Err(ProtocolError("unknown type byte")),
+    })
+}
+
+/// Appends one command (an array of bulk strings) to `out`.
+pub(crate) fn encode_command<'a>(
+    out: &mut BytesMut,
+    args: impl ExactSizeIterator<Item = &'a [u8]>,
+) {
+    write_header(out, b'*', args.len());
+    for arg in args {
+        write_header(out, b'$', arg.len());
+        out.put_slice(arg);
+        out.put_slice(b"\r\n");
+    }
+}
+
+fn write_header(out: &mut BytesMut, tag: u8, n: usize) {
+    out.put_u8(tag);
+    out.put_slice(n.to_string().as_bytes());
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(input: &[u8]) -> Vec<Value> {
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        while let Some(v) = parse(&mut buf).unwrap() {
+            out.push(v);
+        }
+        assert!(buf.is_empty(), "left over: {buf:?}");
+        out
+    }
+
+    fn bulk(s: &str) -> Value {
+        Value::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn parses_pubsub_replies() {
+        let v = parse_all(b"*3\r\n$10\r\npsubscribe\r\n$6\r\nnews.*\r\n:1\r\n*4\r\n$8\r\npmessage\r\n$6\r\nnews.*\r\n$10\r\nnews.sport\r\n$2\r\n{}\r\n");
+        assert_eq!(
+            v[0],
+            Value::Array(vec![bulk("psubscribe"), bulk("news.*"), Value::Integer(1)])
+        );
+        assert_eq!(
+            v[1],
+            Value::Array(vec![
+                bulk("pmessage"),
+                bulk("news.*"),
+                bulk("news.sport"),
+                bulk("{}")
+            ])
+        );
+    }
+
+    #[test]
+    fn waits_for_more_bytes_at_every_split_point() {
+        let whole: &[u8] = b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$4\r\nx\r\ny\r\n";
+        for cut in 0..whole.len() {
+            let mut buf = BytesMut::from(&whole[..cut]);
+            assert_eq!(parse(&mut buf).unwrap(), None, "cut at {cut}");
+            assert_eq!(buf.len(), cut);
+            buf.extend_from_slice(&whole[cut..]);
+            let v = parse(&mut buf).unwrap().unwrap();
+            assert_eq!(
+                v,
+                Value::Array(vec![bulk("message"), bulk("a"), bulk("x\r\ny")])
+            );
+        }
+    }
+
+    #[test]
+    fn binary_payloads_survive() {
+        let mut buf = BytesMut::from(&b"$3\r\n\xff\x00\xfe\r\n"[..]);
+        assert_eq!(
+            parse(&mut buf).unwrap(),
+            Some(Value::Bulk(Bytes::from_static(b"\xff\x00\xfe")))
+        );
+    }
+
+    #[test]
+    fn simple_error_integer_and_null() {
+        let v = parse_all(b"+OK\r\n-ERR no\r\n:42\r\n$-1\r\n");
+        assert_eq!(v[0], Value::Simple(Bytes::from_static(b"OK")));
+        assert_eq!(v[1], Value::Error(Bytes::from_static(b"ERR no")));
+        assert_eq!(v[2], Value::Integer(42));
+        assert_eq!(v[3], Value::Null);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bad in [&b"?x\r\n"[..], b"$x\r\n", b"*z\r\n", b"\r\n"] {
+            assert!(parse(&mut BytesMut::from(bad)).is_err(), "{bad:?}");
+        }
+        let deep = "*1\r\n".repeat(20);
+        assert!(parse(&mut BytesMut::from(deep.as_bytes())).is_err());
+    }
+
+    #[test]
+    fn encodes_commands() {
+        let mut out = BytesMut::new();
+        encode_command(&mut out, [&b"PSUBSCRIBE"[..], b"a*", b"b"].into_iter());
+        assert_eq!(
+            &out[..],
+            b"*3\r\n$10\r\nPSUBSCRIBE\r\n$2\r\na*\r\n$1\r\nb\r\n"
+        );
+    }
+}

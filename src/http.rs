@@ -1,0 +1,340 @@
+//! The HTTP surface, served by warp on the listening port.
+//!
+//! - `GET <WSGATE_WS_PATH>`: the WebSocket upgrade. We answer the handshake
+//!   ourselves (from hyper's upgrade handle) instead of using warp's `ws()`
+//!   filter, because that filter fixes tungstenite's 128 KiB per-socket read
+//!   buffer; ours comes from the config (see `docs/design.md`).
+//! - `POST /publish`: publish one message or a batch through the broker.
+//! - `GET /healthz` (process alive), `GET /readyz` (broker connected and
+//!   synced), `GET /metrics` (Prometheus text).
+//!
+//! Every refusal is a JSON body `{"error": "..."}` with a fitting status.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, Instrument};
+use warp::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use warp::{Filter, Rejection};
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::protocol::{native::Native, Dialect};
+use crate::session::{self, SessionContext};
+
+/// What every route needs, shared by all connections.
+pub struct App {
+    /// The node's hub.
+    pub hub: Hub,
+    /// Server metrics.
+    pub metrics: Metrics,
+    /// Validated configuration.
+    pub config: Config,
+    /// Shutdown signal; each session subscribes, and the server waits until
+    /// every subscriber is gone (see `server::run`).
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl App {
+    fn session_context(&self) -> SessionContext {
+        SessionContext {
+            hub: self.hub.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.subscribe(),
+            max_subscriptions: self.config.max_subscriptions.get(),
+            max_pattern_bytes: self.config.max_pattern_bytes.get(),
+            queue_bytes: self.config.client_queue_bytes.get(),
+            subscribe_timeout: self.config.subscribe_timeout,
+        }
+    }
+
+    fn ws_config(&self) -> WebSocketConfig {
+        let max = self.config.max_message_bytes.get();
+        WebSocketConfig::default()
+            .read_buffer_size(self.config.ws_read_buffer_bytes.get())
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max))
+            // Frames are batched by the session and flushed once per batch.
+            .write_buffer_size(WRITE_BUFFER_BYTES)
+    }
+}
+
+/// Outbound bytes tungstenite gathers before writing to the socket within
+/// one batch: large enough that a burst goes out in few syscalls, and it is
+/// only allocated on sockets that actually receive traffic.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// All routes, for a connection from `peer`.
+pub fn routes(
+    app: Arc<App>,
+    peer: SocketAddr,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible> + Clone {
+    let with_app = {
+        let app = app.clone();
+        warp::any().map(move || app.clone())
+    };
+    let ws = warp::get()
+        .and(warp::path::full())
+        .and(with_app.clone())
+        .and_then(|path: warp::path::FullPath, app: Arc<App>| async move {
+            if path.as_str() == app.config.ws_path {
+                Ok(app)
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .map(
+            move |app: Arc<App>, headers: HeaderMap, upgrade: Option<OnUpgrade>| {
+                upgrade_ws(app, &headers, upgrade, peer)
+            },
+        );
+    let publish = warp::post()
+        .and(warp::path("publish"))
+        .and(warp::path::end())
+        .and(with_app.clone())
+        .and(warp::body::content_length_limit(
+            app.config.max_message_bytes.get() as u64,
+        ))
+        .and(warp::body::bytes())
+        .then(publish);
+    let healthz = warp::get()
+        .and(warp::path("healthz"))
+        .and(warp::path::end())
+        .map(|| json(StatusCode::OK, r#"{"status":"ok"}"#));
+    let readyz = warp::get()
+        .and(warp::path("readyz"))
+        .and(warp::path::end())
+        .and(with_app.clone())
+        .map(|app: Arc<App>| {
+            if app.hub.is_ready() {
+                json(StatusCode::OK, r#"{"ready":true}"#)
+            } else {
+                json(StatusCode::SERVICE_UNAVAILABLE, r#"{"ready":false}"#)
+            }
+        });
+    let metrics = warp::get()
+        .and(warp::path("metrics"))
+        .and(warp::path::end())
+        .and(with_app.clone())
+        .map(|app: Arc<App>| {
+            let mut res = Response::new(app.metrics.render().into());
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            res
+        });
+    let limit = app.config.max_message_bytes.get() as u64;
+    warp::any()
+        .and(
+            ws.or(publish)
+                .unify()
+                .or(healthz)
+                .unify()
+                .or(readyz)
+                .unify()
+                .or(metrics)
+                .unify(),
+        )
+        .recover(move |rejection| recover(rejection, limit))
+        .unify()
+}
+
+/// A response with a JSON body.
+fn json(status: StatusCode, body: impl Into<String>) -> warp::reply::Response {
+    let mut res = Response::new(body.into().into());
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+fn json_error(status: StatusCode, error: &str) -> warp::reply::Response {
+    json(status, serde_json::json!({ "error": error }).to_string())
+}
+
+async fn recover(
+    rejection: Rejection,
+    limit: u64,
+) -> Result<warp::reply::Response, std::convert::Infallible> {
+    Ok(if rejection.is_not_found() {
+        json_error(StatusCode::NOT_FOUND, "not found")
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body larger than {limit} bytes"),
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        json_error(
+            StatusCode::LENGTH_REQUIRED,
+            "a Content-Length header is required",
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+    } else {
+        debug!(?rejection, "unhandled rejection");
+        json_error(StatusCode::BAD_REQUEST, "bad request")
+    })
+}
+
+/// Answers the WebSocket handshake and starts the session once hyper hands
+/// over the connection.
+fn upgrade_ws(
+    app: Arc<App>,
+    headers: &HeaderMap,
+    upgrade: Option<OnUpgrade>,
+    peer: SocketAddr,
+) -> warp::reply::Response {
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade request",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut res = json_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported WebSocket version: expected 13",
+        );
+        res.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return res;
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    let Some(upgrade) = upgrade else {
+        return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let dialect: Arc<dyn Dialect> = Arc::new(Native);
+    let ctx = app.session_context();
+    let config = app.ws_config();
+    let span = tracing::info_span!("conn", peer = %peer, dialect = dialect.name());
+    tokio::spawn(
+        async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
+                    session::run(ws, dialect, ctx).await;
+                }
+                Err(e) => debug!(cause = %e, "upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    let mut res = Response::new(Bytes::new().into());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    res
+}
+
+/// One message of a publish request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishOne {
+    channel: String,
+    payload: Box<RawValue>,
+}
+
+/// The body of `POST /publish`: one message, or a batch.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PublishBody {
+    Batch { messages: Vec<PublishOne> },
+    One(PublishOne),
+}
+
+async fn publish(app: Arc<App>, body: Bytes) -> warp::reply::Response {
+    app.metrics.publish_requests.inc();
+    let limit = app.config.max_message_bytes.get();
+    if body.len() > limit {
+        return json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body larger than {limit} bytes"),
+        );
+    }
+    let (messages, batch) = match serde_json::from_slice::<PublishBody>(&body) {
+        Ok(PublishBody::One(m)) => (vec![m], false),
+        Ok(PublishBody::Batch { messages }) => (messages, true),
+        Err(_) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                r#"expected {"channel": string, "payload": any} or {"messages": [{"channel": string, "payload": any}, ...]}"#,
+            );
+        }
+    };
+    let mut prepared = Vec::with_capacity(messages.len());
+    for m in messages {
+        if m.channel.is_empty() || m.channel.len() > app.config.max_pattern_bytes.get() {
+            let max = app.config.max_pattern_bytes.get();
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("channel must be 1 to {max} bytes"),
+            );
+        }
+        prepared.push((Bytes::from(m.channel), payload_bytes(&m.payload)));
+    }
+    let mut receivers = Vec::with_capacity(prepared.len());
+    for (channel, payload) in prepared {
+        match app.hub.publish(channel, payload).await {
+            Ok(n) => receivers.push(n),
+            Err(e) => {
+                let body =
+                    serde_json::json!({ "error": e.to_string(), "published": receivers.len() });
+                return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+            }
+        }
+    }
+    let body = if batch {
+        serde_json::json!({ "receivers": receivers })
+    } else {
+        serde_json::json!({ "receivers": receivers.first() })
+    };
+    json(StatusCode::OK, body.to_string())
+}
+
+/// A JSON string payload is published as its text; anything else as the JSON
+/// text the client sent (byte for byte, key order kept).
+fn payload_bytes(raw: &RawValue) -> Bytes {
+    match serde_json::from_str::<String>(raw.get()) {
+        Ok(text) => Bytes::from(text),
+        Err(_) => Bytes::copy_from_slice(raw.get().as_bytes()),
+    }
+}

@@ -1,0 +1,41 @@
+//! wsgate: a horizontally scaled WebSocket gateway over Redis pub/sub.
+//!
+//! Clients connect over WebSocket and subscribe to exact channels or Redis
+//! glob patterns. Each node refcounts those interests and mirrors them into
+//! Redis (`SUBSCRIBE` / `PSUBSCRIBE`) once per node, then fans every Redis
+//! message out to its sockets: rendered once, the same bytes queued to every
+//! subscriber. Anyone publishes with `redis-cli PUBLISH` or `POST /publish`.
+//! Run N nodes behind any load balancer; Redis is the only shared state.
+//!
+//! # Layout
+//!
+//! - [`config`]: the one `Config`, read from `WSGATE_*` variables.
+//! - [`server`]: listener, accept loop, shutdown sequence.
+//! - [`shutdown`]: the process stop signal (Ctrl-C or SIGTERM).
+//! - [`http`]: warp routes: WebSocket upgrade, publish, health, metrics.
+//! - [`session`]: one WebSocket connection; its byte-bounded outbox.
+//! - [`protocol`]: the `Dialect` trait and the native JSON dialect.
+//! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
+//! - [`broker`]: the `Broker` trait; Redis and in-memory implementations.
+//! - [`pattern`]: Redis's glob matcher, for the in-memory broker.
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! # What it does not do
+//!
+//! It stores nothing: Redis pub/sub is at-most-once, and so is wsgate (no
+//! history, no replay). It does not speak Redis Cluster's sharded pub/sub,
+//! TLS to Redis, or HTTP/2 WebSockets. Authentication and the other dialects
+//! (Bayeux, RoadRunner, realizehit, SocketStream) are not built yet.
+
+pub mod broker;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub(crate) mod pattern;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+
+pub use config::Config;

@@ -1,0 +1,92 @@
+//! Wire dialects: how clients of one kind phrase requests and expect replies.
+//!
+//! A [`Dialect`] turns one WebSocket frame into a [`Request`] and renders
+//! replies and deliveries back into frames. The session and the hub only see
+//! requests, topics and encoded frames, never a dialect's shapes, so adding
+//! Bayeux or RoadRunner later is a new file here and a route, nothing more.
+//!
+//! Deliveries are rendered once per message per dialect ([`Dialect::delivery`])
+//! and the same [`Frame`] is cloned (a reference count) into every queue.
+
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::broker::{BrokerMessage, Topic};
+
+pub mod native;
+
+/// An encoded WebSocket message, ready to be queued to any number of sockets:
+/// cloning it clones a reference to the shared bytes, never the bytes.
+pub type Frame = Message;
+
+/// What a client asked for, independent of how it phrased it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Start receiving messages for a channel or pattern.
+    Subscribe {
+        /// What to subscribe to.
+        topic: Topic,
+        /// Client-chosen correlation id, echoed in the reply.
+        id: Option<String>,
+    },
+    /// Stop receiving messages for a channel or pattern.
+    Unsubscribe {
+        /// What to unsubscribe from.
+        topic: Topic,
+        /// Client-chosen correlation id, echoed in the reply.
+        id: Option<String>,
+    },
+    /// Application-level liveness check; answered at once.
+    Ping {
+        /// Client-chosen correlation id, echoed in the reply.
+        id: Option<String>,
+    },
+}
+
+/// A frame that is not a valid request. The client gets an error reply built
+/// from it; the connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The request's id, when one could be read.
+    pub id: Option<String>,
+    /// What was wrong, for a human.
+    pub error: String,
+}
+
+/// Which request an [`Ack`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    /// Answers [`Request::Subscribe`].
+    Subscribe,
+    /// Answers [`Request::Unsubscribe`].
+    Unsubscribe,
+}
+
+/// The answer to a subscribe or unsubscribe.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack<'a> {
+    /// Which request this answers.
+    pub kind: AckKind,
+    /// The topic as requested.
+    pub topic: &'a Topic,
+    /// The request's id, if it had one.
+    pub id: Option<&'a str>,
+    /// `None` when done; the reason when refused.
+    pub error: Option<&'a str>,
+}
+
+/// One client wire format. Implementations are stateless and shared.
+pub trait Dialect: Send + Sync + 'static {
+    /// Short name, used in logs (`dialect` span field).
+    fn name(&self) -> &'static str;
+    /// Parses one client frame.
+    fn decode(&self, frame: &Message) -> Result<Request, Rejection>;
+    /// Renders the answer to a subscribe or unsubscribe.
+    fn ack(&self, ack: &Ack<'_>) -> Frame;
+    /// Renders the answer to a ping.
+    fn pong(&self, id: Option<&str>) -> Frame;
+    /// Renders the error reply for a frame that was not a valid request.
+    fn reject(&self, rejection: &Rejection) -> Frame;
+    /// Renders a broker message for delivery; called once per message, not
+    /// once per subscriber.
+    fn delivery(&self, message: &BrokerMessage) -> Frame;
+}

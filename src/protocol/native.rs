@@ -1,0 +1,355 @@
+//! The native protocol, v1: JSON text frames on `WSGATE_WS_PATH` (`/ws`).
+//!
+//! The shape follows the realizehit communication spec (`action`, `pattern`,
+//! `status`), extended with exact channels, ids and pings. The full reference
+//! with examples is `docs/protocol.md`. Deliveries embed the Redis payload as
+//! JSON when it is JSON, as a JSON string when it is other UTF-8 text, and as
+//! base64 with `"encoding":"base64"` when it is not UTF-8, so no byte is lost.
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Ack, AckKind, Dialect, Frame, Rejection, Request};
+use crate::broker::{BrokerMessage, Topic};
+
+/// The native JSON dialect; see the module docs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Native;
+
+/// The reply to subscribe/unsubscribe, in the field order of the docs.
+#[derive(Serialize)]
+struct AckFrame<'a> {
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pattern: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    status: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+/// `pong` and `error` replies.
+#[derive(Serialize)]
+struct PlainFrame<'a> {
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+impl Dialect for Native {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    fn decode(&self, frame: &Message) -> Result<Request, Rejection> {
+        let text = match frame {
+            Message::Text(text) => text.as_str(),
+            Message::Binary(_) => {
+                return Err(reject(
+                    None,
+                    "binary frames are not supported: send JSON text frames",
+                ))
+            }
+            _ => return Err(reject(None, "unsupported frame type")),
+        };
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| reject(None, &format!("invalid JSON: {e}")))?;
+        let Value::Object(obj) = value else {
+            return Err(reject(None, "a request must be a JSON object"));
+        };
+        let id = match obj.get("id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) => Some(id.clone()),
+            Some(_) => return Err(reject(None, "\"id\" must be a string")),
+        };
+        let action = match obj.get("action") {
+            None => return Err(reject(id, "missing field \"action\"")),
+            Some(Value::String(a)) => a.as_str(),
+            Some(_) => return Err(reject(id, "\"action\" must be a string")),
+        };
+        match action {
+            "subscribe" => topic(&obj, id.as_deref()).map(|topic| Request::Subscribe { topic, id }),
+            "unsubscribe" => {
+                topic(&obj, id.as_deref()).map(|topic| Request::Unsubscribe { topic, id })
+            }
+            "ping" => Ok(Request::Ping { id }),
+            other => {
+                let msg =
+                    format!("unknown action {other:?}: expected subscribe, unsubscribe or ping");
+                Err(reject(id, &msg))
+            }
+        }
+    }
+
+    fn ack(&self, ack: &Ack<'_>) -> Frame {
+        let name = String::from_utf8_lossy(ack.topic.name());
+        let (pattern, channel) = match ack.topic {
+            Topic::Pattern(_) => (Some(&*name), None),
+            Topic::Channel(_) => (None, Some(&*name)),
+        };
+        json_frame(&AckFrame {
+            action: match ack.kind {
+                AckKind::Subscribe => "subscribe",
+                AckKind::Unsubscribe => "unsubscribe",
+            },
+            pattern,
+            channel,
+            id: ack.id,
+            status: ack.error.is_none(),
+            error: ack.error,
+        })
+    }
+
+    fn pong(&self, id: Option<&str>) -> Frame {
+        json_frame(&PlainFrame {
+            action: "pong",
+            id,
+            error: None,
+        })
+    }
+
+    fn reject(&self, rejection: &Rejection) -> Frame {
+        json_frame(&PlainFrame {
+            action: "error",
+            id: rejection.id.as_deref(),
+            error: Some(&rejection.error),
+        })
+    }
+
+    fn delivery(&self, msg: &BrokerMessage) -> Frame {
+        let mut out = String::with_capacity(64 + msg.channel.len() + msg.payload.len() * 4 / 3);
+        out.push_str("{\"action\":\"message\",");
+        if let Topic::Pattern(p) = &msg.topic {
+            out.push_str("\"pattern\":");
+            push_json_str(&mut out, p);
+            out.push(',');
+        }
+        out.push_str("\"channel\":");
+        push_json_str(&mut out, &msg.channel);
+        out.push_str(",\"payload\":");
+        push_payload(&mut out, &msg.payload);
+        out.push('}');
+        Message::Text(out.into())
+    }
+}
+
+fn reject(id: Option<String>, error: &str) -> Rejection {
+    Rejection {
+        id,
+        error: error.to_owned(),
+    }
+}
+
+/// Reads the `pattern` or `channel` field (exactly one of them).
+fn topic(obj: &serde_json::Map<String, Value>, id: Option<&str>) -> Result<Topic, Rejection> {
+    let field = |name: &str| match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(Bytes::copy_from_slice(s.as_bytes()))),
+        Some(_) => Err(reject(
+            id.map(str::to_owned),
+            &format!("\"{name}\" must be a string"),
+        )),
+    };
+    match (field("pattern")?, field("channel")?) {
+        (Some(p), None) => Ok(Topic::Pattern(p)),
+        (None, Some(c)) => Ok(Topic::Channel(c)),
+        (Some(_), Some(_)) => Err(reject(
+            id.map(str::to_owned),
+            "give either \"pattern\" or \"channel\", not both",
+        )),
+        (None, None) => Err(reject(
+            id.map(str::to_owned),
+            "missing field \"pattern\" or \"channel\"",
+        )),
+    }
+}
+
+/// Serialises a reply. Our reply structs hold only strings and bools, for
+/// which serde_json cannot fail; the fallback keeps this total anyway.
+fn json_frame<T: Serialize>(value: &T) -> Frame {
+    let text = serde_json::to_string(value)
+        .unwrap_or_else(|_| "{\"action\":\"error\",\"error\":\"internal error\"}".to_owned());
+    Message::Text(text.into())
+}
+
+/// Appends `bytes` as a JSON string (invalid UTF-8 replaced, see docs).
+fn push_json_str(out: &mut String, bytes: &[u8]) {
+    let s = String::from_utf8_lossy(bytes);
+    // Serialising a &str into a String cannot fail.
+    if let Ok(quoted) = serde_json::to_string(&*s) {
+        out.push_str(&quoted);
+    }
+}
+
+/// Appends the payload: raw JSON if it is JSON, a string if UTF-8, else base64.
+fn push_payload(out: &mut String, payload: &[u8]) {
+    match std::str::from_utf8(payload) {
+        Ok(text) if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
+            out.push_str(text)
+        }
+        Ok(text) => {
+            if let Ok(quoted) = serde_json::to_string(text) {
+                out.push_str(&quoted);
+            }
+        }
+        Err(_) => {
+            out.push('"');
+            base64::engine::general_purpose::STANDARD.encode_string(payload, out);
+            out.push_str("\",\"encoding\":\"base64\"");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(text: &str) -> Result<Request, Rejection> {
+        Native.decode(&Message::Text(text.into()))
+    }
+
+    fn text(frame: Frame) -> String {
+        match frame {
+            Message::Text(t) => t.as_str().to_owned(),
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    fn msg(topic: Topic, channel: &'static [u8], payload: &'static [u8]) -> BrokerMessage {
+        BrokerMessage {
+            topic,
+            channel: Bytes::from_static(channel),
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    #[test]
+    fn decodes_requests() {
+        assert_eq!(
+            decode(r#"{"action":"subscribe","pattern":"news.*","id":"c1"}"#),
+            Ok(Request::Subscribe {
+                topic: Topic::Pattern(Bytes::from_static(b"news.*")),
+                id: Some("c1".into())
+            })
+        );
+        assert_eq!(
+            decode(r#"{"action":"unsubscribe","channel":"news.sport"}"#),
+            Ok(Request::Unsubscribe {
+                topic: Topic::Channel(Bytes::from_static(b"news.sport")),
+                id: None
+            })
+        );
+        assert_eq!(
+            decode(r#"{"action":"ping","id":"c3"}"#),
+            Ok(Request::Ping {
+                id: Some("c3".into())
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_requests_with_a_reason_and_the_id() {
+        for (input, expect, id) in [
+            ("not json", "invalid JSON", None),
+            ("[1,2]", "JSON object", None),
+            (r#"{"pattern":"a"}"#, "missing field \"action\"", None),
+            (r#"{"action":"jump","id":"x"}"#, "unknown action", Some("x")),
+            (r#"{"action":7}"#, "\"action\" must be a string", None),
+            (
+                r#"{"action":"subscribe","id":"y"}"#,
+                "missing field \"pattern\" or \"channel\"",
+                Some("y"),
+            ),
+            (
+                r#"{"action":"subscribe","pattern":"a","channel":"b"}"#,
+                "not both",
+                None,
+            ),
+            (
+                r#"{"action":"subscribe","pattern":5}"#,
+                "\"pattern\" must be a string",
+                None,
+            ),
+            (
+                r#"{"action":"ping","id":5}"#,
+                "\"id\" must be a string",
+                None,
+            ),
+        ] {
+            let r = decode(input).unwrap_err();
+            assert!(r.error.contains(expect), "{input}: {}", r.error);
+            assert_eq!(r.id.as_deref(), id, "{input}");
+        }
+        let r = Native
+            .decode(&Message::Binary(Bytes::from_static(b"{}")))
+            .unwrap_err();
+        assert!(r.error.contains("binary"));
+    }
+
+    #[test]
+    fn renders_replies_exactly() {
+        let t = Topic::Pattern(Bytes::from_static(b"news.*"));
+        let ack = Ack {
+            kind: AckKind::Subscribe,
+            topic: &t,
+            id: Some("c1"),
+            error: None,
+        };
+        assert_eq!(
+            text(Native.ack(&ack)),
+            r#"{"action":"subscribe","pattern":"news.*","id":"c1","status":true}"#
+        );
+        let c = Topic::Channel(Bytes::from_static(b"x"));
+        let ack = Ack {
+            kind: AckKind::Unsubscribe,
+            topic: &c,
+            id: None,
+            error: Some("not subscribed"),
+        };
+        assert_eq!(
+            text(Native.ack(&ack)),
+            r#"{"action":"unsubscribe","channel":"x","status":false,"error":"not subscribed"}"#
+        );
+        assert_eq!(
+            text(Native.pong(Some("c3"))),
+            r#"{"action":"pong","id":"c3"}"#
+        );
+        assert_eq!(
+            text(Native.reject(&reject(None, "bad"))),
+            r#"{"action":"error","error":"bad"}"#
+        );
+    }
+
+    #[test]
+    fn renders_deliveries_for_each_payload_kind() {
+        let p = Topic::Pattern(Bytes::from_static(b"news.*"));
+        assert_eq!(
+            text(Native.delivery(&msg(p.clone(), b"news.sport", br#"{"score":3}"#))),
+            r#"{"action":"message","pattern":"news.*","channel":"news.sport","payload":{"score":3}}"#
+        );
+        assert_eq!(
+            text(Native.delivery(&msg(p.clone(), b"news.sport", b"hello \"world\""))),
+            r#"{"action":"message","pattern":"news.*","channel":"news.sport","payload":"hello \"world\""}"#
+        );
+        assert_eq!(
+            text(Native.delivery(&msg(
+                Topic::Channel(Bytes::from_static(b"c")),
+                b"c",
+                b"\xff\x00"
+            ))),
+            r#"{"action":"message","channel":"c","payload":"/wA=","encoding":"base64"}"#
+        );
+        assert_eq!(
+            text(Native.delivery(&msg(p, b"n", b"42"))),
+            r#"{"action":"message","pattern":"news.*","channel":"n","payload":42}"#
+        );
+    }
+}

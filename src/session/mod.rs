@@ -1,0 +1,360 @@
+//! One WebSocket connection, from upgrade to close.
+//!
+//! A session is one task. It reads frames, asks its [`Dialect`] what they
+//! mean, and turns requests into hub calls; it writes whatever its [`Outbox`]
+//! holds, a whole batch per flush. It ends when the client leaves, on a fatal
+//! protocol error, when the outbox overflows (close 4008, slow consumer), or
+//! when the server shuts down (close 1001). Whatever the reason, it leaves
+//! every topic it held, so the hub's refcounts stay exact.
+//!
+//! The session is generic over the socket's `Stream + Sink` so dialects can be
+//! exercised over channels; production passes a tokio-tungstenite stream.
+
+pub mod outbox;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tracing::debug;
+
+use crate::broker::{BrokerError, Topic};
+use crate::hub::{Hub, Member, Removed};
+use crate::metrics::Metrics;
+use crate::protocol::{Ack, AckKind, Dialect, Frame, Request};
+use crate::shutdown::requested;
+use outbox::{Outbox, State};
+
+/// Close code for a client whose queue overflowed (Centrifugo's convention
+/// of 4xxx application codes; documented in `docs/protocol.md`).
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+/// How long a closing handshake may take before the socket is just dropped:
+/// a client that stopped reading gets this long to drain what is in flight
+/// and see the close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Limits and collaborators every session of a server shares.
+#[derive(Clone)]
+pub struct SessionContext {
+    /// The node's hub.
+    pub hub: Hub,
+    /// Server metrics.
+    pub metrics: Metrics,
+    /// Turns `true` when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Longest channel or pattern, in bytes.
+    pub max_pattern_bytes: usize,
+    /// Outbound bytes queued before the client counts as slow.
+    pub queue_bytes: usize,
+    /// How long a subscribe waits for the broker.
+    pub subscribe_timeout: Duration,
+}
+
+/// A subscribe waiting for the broker: resolves to (topic, seq, outcome).
+type Waiting = Pin<Box<dyn Future<Output = (Topic, u64, Result<(), BrokerError>)> + Send>>;
+
+/// One subscription the client holds, as the session tracks it.
+struct Held {
+    /// Distinguishes this subscribe from an earlier one of the same topic.
+    seq: u64,
+    /// The subscribe's id, for a late refusal.
+    id: Option<String>,
+    /// Still waiting for the broker.
+    pending: bool,
+}
+
+/// Why the session loop stopped, and how to close the socket.
+enum End {
+    /// The client closed or the socket failed: nothing more to send.
+    Gone,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// Runs a session over an upgraded WebSocket until it ends.
+pub async fn run<S>(mut ws: S, dialect: Arc<dyn Dialect>, ctx: SessionContext)
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let member = Arc::new(Member {
+        id: ctx.hub.next_member_id(),
+        outbox: Arc::new(Outbox::new(ctx.queue_bytes)),
+        dialect,
+    });
+    ctx.metrics.connections.inc();
+    let mut session = Session {
+        member: member.clone(),
+        held: HashMap::new(),
+        waiting: FuturesUnordered::new(),
+        seq: 0,
+    };
+    let mut batch = VecDeque::new();
+    let mut shutdown = ctx.shutdown.clone();
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = requested(&mut shutdown) => break End::Close(1001, "server shutting down"),
+            _ = member.outbox.overflowed() => break End::Close(CLOSE_SLOW_CONSUMER, "slow consumer"),
+            _ = member.outbox.ready() => {
+                if let Some(end) = write_queued(&mut ws, &member.outbox, &mut batch, &ctx).await {
+                    break end;
+                }
+            }
+            Some((topic, seq, outcome)) = session.waiting.next() => session.confirmed(&ctx, topic, seq, outcome),
+            frame = ws.next() => match frame {
+                None => break End::Gone,
+                Some(Ok(Message::Close(_))) => break End::Gone,
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(frame)) => session.handle(&ctx, &frame),
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                    break End::Close(1009, "message too big");
+                }
+                Some(Err(e)) => {
+                    debug!(cause = %e, "read failed");
+                    break End::Gone;
+                }
+            },
+        }
+    };
+    session.leave(&ctx);
+    member.outbox.close();
+    ctx.metrics.connections.dec();
+    if let End::Close(code, reason) = end {
+        close(&mut ws, code, reason).await;
+    }
+}
+
+/// Writes everything queued, as one batch per flush, until the outbox is
+/// empty. Stops early (returning how to end) on overflow or shutdown, even
+/// mid-write to a client that does not read.
+async fn write_queued<S>(
+    ws: &mut S,
+    outbox: &Outbox,
+    batch: &mut VecDeque<Frame>,
+    ctx: &SessionContext,
+) -> Option<End>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        match outbox.take(batch) {
+            State::Open => {}
+            State::Overflowed => return Some(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer")),
+            State::Closed => return Some(End::Gone),
+        }
+        if batch.is_empty() {
+            return None;
+        }
+        let n = batch.len() as u64;
+        let write = async {
+            for frame in batch.drain(..) {
+                ws.feed(frame).await?;
+            }
+            ws.flush().await
+        };
+        tokio::select! {
+            r = write => {
+                if let Err(e) = r {
+                    debug!(cause = %e, "write failed");
+                    return Some(End::Gone);
+                }
+                ctx.metrics.frames_out.inc_by(n);
+            }
+            _ = outbox.overflowed() => return Some(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer")),
+            _ = requested(&mut shutdown) => return Some(End::Close(1001, "server shutting down")),
+        }
+    }
+}
+
+/// Sends a close frame (after whatever is already buffered) and waits briefly
+/// for the client's answer, so the TCP connection ends cleanly.
+async fn close<S>(ws: &mut S, code: u16, reason: &'static str)
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    let handshake = async {
+        ws.send(Message::Close(Some(frame))).await?;
+        while let Some(msg) = ws.next().await {
+            msg?;
+        }
+        Ok::<(), WsError>(())
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, handshake).await;
+}
+
+/// Per-connection request handling state.
+struct Session {
+    member: Arc<Member>,
+    held: HashMap<Topic, Held>,
+    waiting: FuturesUnordered<Waiting>,
+    seq: u64,
+}
+
+impl Session {
+    fn reply(&self, frame: Frame) {
+        self.member.outbox.push(frame);
+    }
+
+    fn ack(&self, kind: AckKind, topic: &Topic, id: Option<&str>, error: Option<&str>) {
+        self.reply(self.member.dialect.ack(&Ack {
+            kind,
+            topic,
+            id,
+            error,
+        }));
+    }
+
+    fn handle(&mut self, ctx: &SessionContext, frame: &Message) {
+        match self.member.dialect.decode(frame) {
+            Ok(Request::Subscribe { topic, id }) => self.subscribe(ctx, topic, id),
+            Ok(Request::Unsubscribe { topic, id }) => self.unsubscribe(ctx, topic, id),
+            Ok(Request::Ping { id }) => self.reply(self.member.dialect.pong(id.as_deref())),
+            Err(rejection) => {
+                ctx.metrics.malformed_frames.inc();
+                self.reply(self.member.dialect.reject(&rejection));
+            }
+        }
+    }
+
+    fn subscribe(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>) {
+        let refuse = |error: &str| self.ack(AckKind::Subscribe, &topic, id.as_deref(), Some(error));
+        if let Err(error) = validate(&topic, ctx.max_pattern_bytes) {
+            return refuse(&error);
+        }
+        if self.held.contains_key(&topic) {
+            return refuse("already subscribed");
+        }
+        if self.held.len() >= ctx.max_subscriptions {
+            return refuse(&format!(
+                "subscription limit reached ({})",
+                ctx.max_subscriptions
+            ));
+        }
+        let ack = self.member.dialect.ack(&Ack {
+            kind: AckKind::Subscribe,
+            topic: &topic,
+            id: id.as_deref(),
+            error: None,
+        });
+        self.seq += 1;
+        let seq = self.seq;
+        let pending = ctx.hub.subscribe(&self.member, topic.clone(), ack);
+        self.held.insert(
+            topic.clone(),
+            Held {
+                seq,
+                id,
+                pending: pending.is_some(),
+            },
+        );
+        if let Some(confirmation) = pending {
+            let timeout = ctx.subscribe_timeout;
+            self.waiting.push(Box::pin(async move {
+                let outcome = match tokio::time::timeout(timeout, confirmation).await {
+                    Ok(Ok(outcome)) => outcome,
+                    Ok(Err(_)) | Err(_) => Err(BrokerError::Unavailable),
+                };
+                (topic, seq, outcome)
+            }));
+        }
+    }
+
+    /// A wait for the broker ended. On success the hub already queued the ack.
+    fn confirmed(
+        &mut self,
+        ctx: &SessionContext,
+        topic: Topic,
+        seq: u64,
+        outcome: Result<(), BrokerError>,
+    ) {
+        let Some(held) = self
+            .held
+            .get_mut(&topic)
+            .filter(|h| h.seq == seq && h.pending)
+        else {
+            return; // unsubscribed meanwhile, and already answered
+        };
+        if outcome.is_ok() {
+            held.pending = false;
+            return;
+        }
+        // Timed out: withdraw, unless the hub activated it in the meantime.
+        if ctx.hub.unsubscribe(self.member.id, &topic) != Removed::Pending {
+            held.pending = false;
+            return;
+        }
+        let id = self.held.remove(&topic).and_then(|h| h.id);
+        self.ack(
+            AckKind::Subscribe,
+            &topic,
+            id.as_deref(),
+            Some("broker unavailable"),
+        );
+    }
+
+    fn unsubscribe(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>) {
+        let Some(held) = self.held.remove(&topic) else {
+            return self.ack(
+                AckKind::Unsubscribe,
+                &topic,
+                id.as_deref(),
+                Some("not subscribed"),
+            );
+        };
+        if ctx.hub.unsubscribe(self.member.id, &topic) == Removed::Pending {
+            // The subscribe never completed: answer it before the unsubscribe.
+            self.ack(
+                AckKind::Subscribe,
+                &topic,
+                held.id.as_deref(),
+                Some("cancelled by unsubscribe"),
+            );
+        }
+        self.ack(AckKind::Unsubscribe, &topic, id.as_deref(), None);
+    }
+
+    /// Leaves every topic: the connection is ending.
+    fn leave(&mut self, ctx: &SessionContext) {
+        for topic in self.held.keys() {
+            ctx.hub.unsubscribe(self.member.id, topic);
+        }
+        self.held.clear();
+    }
+}
+
+/// Checks a channel or pattern name against the server's rules.
+fn validate(topic: &Topic, max_bytes: usize) -> Result<(), String> {
+    let (name, kind) = (topic.name(), topic.kind());
+    if name.is_empty() {
+        return Err(format!("invalid {kind}: empty"));
+    }
+    if name.len() > max_bytes {
+        return Err(format!(
+            "{kind} too long ({} bytes, max {max_bytes})",
+            name.len()
+        ));
+    }
+    if name.iter().any(|b| b.is_ascii_control()) {
+        return Err(format!(
+            "invalid {kind}: control characters are not allowed"
+        ));
+    }
+    Ok(())
+}
