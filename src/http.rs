@@ -273,12 +273,15 @@ struct PublishOne {
     payload: Box<RawValue>,
 }
 
-/// The body of `POST /publish`: one message, or a batch.
+/// The body of `POST /publish`: one message, or a batch. (A flat struct
+/// rather than an untagged enum: `RawValue` cannot pass through serde's
+/// buffering of untagged content.)
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum PublishBody {
-    Batch { messages: Vec<PublishOne> },
-    One(PublishOne),
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: Option<String>,
+    payload: Option<Box<RawValue>>,
+    messages: Option<Vec<PublishOne>>,
 }
 
 async fn publish(app: Arc<App>, body: Bytes) -> warp::reply::Response {
@@ -290,10 +293,13 @@ async fn publish(app: Arc<App>, body: Bytes) -> warp::reply::Response {
             &format!("body larger than {limit} bytes"),
         );
     }
-    let (messages, batch) = match serde_json::from_slice::<PublishBody>(&body) {
-        Ok(PublishBody::One(m)) => (vec![m], false),
-        Ok(PublishBody::Batch { messages }) => (messages, true),
-        Err(_) => {
+    let parsed = serde_json::from_slice::<PublishBody>(&body).ok();
+    let (messages, batch) = match parsed.map(|b| (b.channel, b.payload, b.messages)) {
+        Some((Some(channel), Some(payload), None)) => {
+            (vec![PublishOne { channel, payload }], false)
+        }
+        Some((None, None, Some(messages))) if !messages.is_empty() => (messages, true),
+        _ => {
             return json_error(
                 StatusCode::BAD_REQUEST,
                 r#"expected {"channel": string, "payload": any} or {"messages": [{"channel": string, "payload": any}, ...]}"#,

@@ -220,10 +220,10 @@ impl Actor {
                     }
                 }
             }
-            if !self
+            if self
                 .refuse_while(tokio::time::sleep(backoff(failures)))
                 .await
-                .is_some()
+                .is_none()
             {
                 return;
             }

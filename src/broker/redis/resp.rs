@@ -41,7 +41,7 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Value>, ProtocolError> 
         return Ok(None);
     };
     let mut frame = buf.split_to(len).freeze();
-    decode(&mut frame, 0).map(Some)
+    decode(&mut frame).map(Some)
 }
 
 /// Length of the complete frame starting at `at`, or `None` if incomplete.
@@ -94,8 +94,8 @@ fn number(digits: &[u8]) -> Result<i64, ProtocolError> {
         .ok_or(ProtocolError("bad length or integer"))
 }
 
-/// Decodes a frame already known to be complete.
-fn decode(frame: &mut Bytes, depth: usize) -> Result<Value, ProtocolError> {
+/// Decodes a frame already known to be complete (and so of bounded depth).
+fn decode(frame: &mut Bytes) -> Result<Value, ProtocolError> {
     let end = frame
         .windows(2)
         .position(|w| w == b"\r\n")
@@ -129,7 +129,7 @@ fn decode(frame: &mut Bytes, depth: usize) -> Result<Value, ProtocolError> {
             } else {
                 let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
-                    items.push(decode(frame, depth + 1)?);
+                    items.push(decode(frame)?);
                 }
                 Value::Array(items)
             }

@@ -1,0 +1,549 @@
+//! Shared test helpers: a real `redis-server` on a free loopback port, a
+//! gateway (in-process or as the real binary), and a WebSocket client that
+//! speaks the native protocol. Every helper is a guard that stops what it
+//! started when dropped; every wait has a timeout.
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wsgate::Config;
+
+/// Default bound on any single wait in tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A port nobody listens on right now (the OS picked it).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `check` every 20 ms until it returns true, or panics after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------- redis
+
+/// A private `redis-server` on a free loopback port, killed on drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    /// Starts redis-server and waits until it answers PING.
+    pub async fn start() -> Redis {
+        let dir = std::env::temp_dir().join(format!(
+            "wsgate-test-redis-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut redis = Redis {
+            child: None,
+            port: 0,
+            dir,
+        };
+        for _ in 0..5 {
+            redis.port = free_port();
+            redis.spawn();
+            if redis.wait_ready().await {
+                return redis;
+            }
+            redis.kill();
+        }
+        panic!("redis-server did not start (is it installed? see README)");
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH (see README)");
+        self.child = Some(child);
+    }
+
+    async fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(child) = &mut self.child {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false; // exited, e.g. port taken
+                }
+            }
+            if self.try_cmd(&["PING"]).await.is_some() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port (after `kill`).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        assert!(
+            self.wait_ready().await,
+            "redis-server did not restart on port {}",
+            self.port
+        );
+    }
+
+    async fn try_cmd(&self, args: &[&str]) -> Option<redis::Value> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        tokio::time::timeout(Duration::from_secs(2), cmd.query_async(&mut conn))
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Runs one command on a fresh connection (as redis-cli would).
+    pub async fn cmd(&self, args: &[&str]) -> redis::Value {
+        self.try_cmd(args)
+            .await
+            .unwrap_or_else(|| panic!("redis command {args:?} failed"))
+    }
+
+    /// PUBLISH with arbitrary payload bytes; returns the receiver count.
+    pub async fn publish(&self, channel: &str, payload: &[u8]) -> i64 {
+        let client = redis::Client::open(self.url()).expect("client");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .expect("publish")
+    }
+
+    pub async fn int(&self, args: &[&str]) -> i64 {
+        match self.cmd(args).await {
+            redis::Value::Int(n) => n,
+            other => panic!("{args:?}: expected an integer, got {other:?}"),
+        }
+    }
+
+    /// `PUBSUB NUMPAT`: distinct patterns subscribed across all clients.
+    pub async fn numpat(&self) -> i64 {
+        self.int(&["PUBSUB", "NUMPAT"]).await
+    }
+
+    /// `PUBSUB NUMSUB channel`: subscribers of one exact channel.
+    pub async fn numsub(&self, channel: &str) -> i64 {
+        match self.cmd(&["PUBSUB", "NUMSUB", channel]).await {
+            redis::Value::Array(v) => match v.get(1) {
+                Some(redis::Value::Int(n)) => *n,
+                other => panic!("NUMSUB reply {other:?}"),
+            },
+            other => panic!("NUMSUB reply {other:?}"),
+        }
+    }
+
+    /// `PUBSUB CHANNELS`: every exact channel with at least one subscriber.
+    pub async fn channels(&self) -> Vec<String> {
+        match self.cmd(&["PUBSUB", "CHANNELS"]).await {
+            redis::Value::Array(v) => v
+                .into_iter()
+                .map(|x| match x {
+                    redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                    other => panic!("{other:?}"),
+                })
+                .collect(),
+            other => panic!("CHANNELS reply {other:?}"),
+        }
+    }
+
+    /// The `CLIENT LIST` lines of pub/sub connections, with their `sub=`/`psub=` counts.
+    pub async fn pubsub_clients(&self) -> Vec<(i64, i64)> {
+        let list = match self.cmd(&["CLIENT", "LIST"]).await {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            redis::Value::VerbatimString { text, .. } => text,
+            other => panic!("CLIENT LIST reply {other:?}"),
+        };
+        list.lines()
+            .filter_map(|line| {
+                let field = |k: &str| {
+                    line.split(' ')
+                        .find_map(|kv| kv.strip_prefix(k))
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .unwrap_or(0)
+                };
+                let (sub, psub) = (field("sub="), field("psub="));
+                (sub > 0 || psub > 0).then_some((sub, psub))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------- gateway
+
+/// A gateway running in this test process on 127.0.0.1:<free>.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// A config for tests: loopback, the given broker, everything else default.
+pub fn test_config(redis_url: Option<String>) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        redis_url,
+        ..Config::default()
+    }
+}
+
+impl Gateway {
+    /// Starts a gateway with `config` and waits for `/readyz`.
+    pub async fn start(config: Config) -> Gateway {
+        let listener = wsgate::server::bind(config.listen).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            wsgate::server::run(listener, config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server run");
+        });
+        let gw = Gateway {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    pub async fn wait_ready(&self) {
+        let addr = self.addr;
+        wait_until("/readyz 200", WAIT, || async move {
+            http(addr, "GET", "/readyz", None).await.0 == 200
+        })
+        .await;
+    }
+
+    /// Triggers shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("gateway did not stop in time")
+                .expect("gateway task");
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr, "/ws").await
+    }
+
+    pub async fn metrics(&self) -> String {
+        http(self.addr, "GET", "/metrics", None).await.1
+    }
+
+    /// POST /publish with a JSON body; returns (status, parsed body).
+    pub async fn publish(&self, body: Value) -> (u16, Value) {
+        let (status, text) = http(self.addr, "POST", "/publish", Some(&body.to_string())).await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The real `wsgate` binary as a child process, killed on drop.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl GatewayProcess {
+    /// Spawns the binary with `WSGATE_LISTEN` on a free port plus `env`, and
+    /// waits for `/readyz`.
+    pub async fn spawn(env: &[(&str, String)]) -> GatewayProcess {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        cmd.env("WSGATE_LISTEN", addr.to_string())
+            .env("WSGATE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn wsgate");
+        let gw = GatewayProcess { child, addr };
+        wait_until("gateway process /readyz", WAIT, || async move {
+            http(addr, "GET", "/readyz", None).await.0 == 200
+        })
+        .await;
+        gw
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr, "/ws").await
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), "TERM");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a signal by name with `kill(1)`.
+pub fn signal(pid: u32, name: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.success());
+    assert!(matches!(ok, Ok(true)), "kill -{name} {pid} failed");
+}
+
+/// One HTTP/1.1 request over a fresh connection: (status, body). Status 0
+/// means nothing answered.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let body = body.unwrap_or("");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(req.as_bytes()).await.ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.ok()?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or((0, String::new()))
+}
+
+// ---------------------------------------------------------------- client
+
+/// A WebSocket client of the native protocol.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, path: &str) -> Client {
+        let url = format!("ws://{addr}{path}");
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed");
+        Client { ws }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    /// The next frame of any kind, within `WAIT`.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        match tokio::time::timeout(WAIT, self.ws.next()).await {
+            Ok(Some(Ok(m))) => Some(m),
+            Ok(Some(Err(_))) | Ok(None) => None,
+            Err(_) => panic!("no frame within {WAIT:?}"),
+        }
+    }
+
+    /// The next text frame parsed as JSON, within `WAIT`.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            match self.next_message().await {
+                Some(Message::Text(t)) => {
+                    return serde_json::from_str(&t).expect("server sent invalid JSON")
+                }
+                Some(Message::Ping(_) | Message::Pong(_)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends `v` and returns the next frame.
+    pub async fn request(&mut self, v: Value) -> Value {
+        self.send_json(v).await;
+        self.recv().await
+    }
+
+    /// Subscribes to a pattern and asserts the exact success reply.
+    pub async fn psubscribe(&mut self, pattern: &str) {
+        let reply = self
+            .request(json!({"action":"subscribe","pattern":pattern}))
+            .await;
+        assert_eq!(
+            reply,
+            json!({"action":"subscribe","pattern":pattern,"status":true})
+        );
+    }
+
+    /// Subscribes to an exact channel and asserts the exact success reply.
+    pub async fn subscribe(&mut self, channel: &str) {
+        let reply = self
+            .request(json!({"action":"subscribe","channel":channel}))
+            .await;
+        assert_eq!(
+            reply,
+            json!({"action":"subscribe","channel":channel,"status":true})
+        );
+    }
+
+    pub async fn punsubscribe(&mut self, pattern: &str) {
+        let reply = self
+            .request(json!({"action":"unsubscribe","pattern":pattern}))
+            .await;
+        assert_eq!(
+            reply,
+            json!({"action":"unsubscribe","pattern":pattern,"status":true})
+        );
+    }
+
+    /// Waits for the server's close frame; returns it.
+    pub async fn expect_close(&mut self) -> Option<CloseFrame> {
+        loop {
+            match self.next_message().await {
+                Some(Message::Close(frame)) => return frame,
+                Some(_) => continue,
+                None => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+
+    /// Asserts no text frame arrives within `d` (for "must not receive").
+    pub async fn expect_silence(&mut self, d: Duration) {
+        if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(d, self.ws.next()).await {
+            panic!("expected nothing, got {t}");
+        }
+    }
+}
