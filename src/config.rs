@@ -67,9 +67,34 @@ pub struct Config {
     /// `WSGATE_SUBSCRIBE_TIMEOUT_MS`: how long a subscribe waits for the broker to
     /// confirm before it is refused with `broker unavailable`. Default 5000 ms.
     pub subscribe_timeout: Duration,
-    /// `WSGATE_SHUTDOWN_TIMEOUT_MS`: how long shutdown waits for sessions to close
-    /// after telling them to, before exiting anyway. Default 5000 ms.
+    /// `WSGATE_SHUTDOWN_TIMEOUT_MS`: grace after the drain window (or after an
+    /// immediate stop) for sockets to finish closing before the process exits
+    /// anyway. Default 5000 ms.
     pub shutdown_timeout: Duration,
+    /// `WSGATE_DRAIN_WINDOW_MS`: on SIGTERM, sockets are closed with 1012 spread
+    /// evenly over this window so clients do not reconnect as a herd. Default 10000 ms.
+    pub drain_window: Duration,
+    /// `WSGATE_MAX_CONNECTIONS`: WebSocket connections per node; further upgrades
+    /// are refused with 503. Default 20000.
+    pub max_connections: NonZeroUsize,
+    /// `WSGATE_SUBSCRIBE_RATE`: subscribes per second per connection (token bucket,
+    /// burst of the same size); excess gets `rate limited`. Default 100.
+    pub subscribe_rate: NonZeroUsize,
+    /// `WSGATE_PING_INTERVAL_MS`: how often the server pings each socket. Default 25000 ms.
+    pub ping_interval: Duration,
+    /// `WSGATE_PONG_TIMEOUT_MS`: a socket with no traffic at all (no frame, no pong)
+    /// for this long is closed with 4009. Default 60000 ms.
+    pub pong_timeout: Duration,
+    /// `WSGATE_REDIS_PROBE_INTERVAL_MS`: how often the pub/sub connection is probed
+    /// with PING. Default 1000 ms.
+    pub redis_probe_interval: Duration,
+    /// `WSGATE_REDIS_PROBE_TIMEOUT_MS`: a probe unanswered for this long (or a connect
+    /// or write taking this long) counts as a dead connection, which is replaced.
+    /// Detection time is at most interval + timeout. Default 3000 ms.
+    pub redis_probe_timeout: Duration,
+    /// `WSGATE_REDIS_BACKOFF_MAX_MS`: cap of the reconnect backoff (exponential from
+    /// 50 ms, with jitter; retries never stop). Default 1000 ms.
+    pub redis_backoff_max: Duration,
     /// `WSGATE_LOG`: tracing filter, e.g. `info` or `wsgate=debug`. Default `info`.
     pub log: String,
     /// `WSGATE_LOG_FORMAT`: `text` or `json`. Default `text`.
@@ -89,6 +114,14 @@ impl Default for Config {
             ws_read_buffer_bytes: nz(2048),
             subscribe_timeout: Duration::from_millis(5000),
             shutdown_timeout: Duration::from_millis(5000),
+            drain_window: Duration::from_millis(10_000),
+            max_connections: nz(20_000),
+            subscribe_rate: nz(100),
+            ping_interval: Duration::from_millis(25_000),
+            pong_timeout: Duration::from_millis(60_000),
+            redis_probe_interval: Duration::from_millis(1000),
+            redis_probe_timeout: Duration::from_millis(3000),
+            redis_backoff_max: Duration::from_millis(1000),
             log: "info".to_owned(),
             log_format: LogFormat::Text,
         }
@@ -117,6 +150,14 @@ struct RawConfig {
     ws_read_buffer_bytes: Option<String>,
     subscribe_timeout_ms: Option<String>,
     shutdown_timeout_ms: Option<String>,
+    drain_window_ms: Option<String>,
+    max_connections: Option<String>,
+    subscribe_rate: Option<String>,
+    ping_interval_ms: Option<String>,
+    pong_timeout_ms: Option<String>,
+    redis_probe_interval_ms: Option<String>,
+    redis_probe_timeout_ms: Option<String>,
+    redis_backoff_max_ms: Option<String>,
     log: Option<String>,
     log_format: Option<String>,
 }
@@ -198,6 +239,48 @@ impl Config {
                 raw.shutdown_timeout_ms,
                 d.shutdown_timeout,
                 "WSGATE_SHUTDOWN_TIMEOUT_MS",
+            )?,
+            drain_window: parse_or(
+                raw.drain_window_ms,
+                d.drain_window,
+                "WSGATE_DRAIN_WINDOW_MS",
+                |v| v.parse::<u64>().ok().map(Duration::from_millis),
+                "a whole number of milliseconds (0 closes every socket at once)",
+            )?,
+            max_connections: bytes_or(
+                raw.max_connections,
+                d.max_connections,
+                "WSGATE_MAX_CONNECTIONS",
+            )?,
+            subscribe_rate: bytes_or(
+                raw.subscribe_rate,
+                d.subscribe_rate,
+                "WSGATE_SUBSCRIBE_RATE",
+            )?,
+            ping_interval: millis_or(
+                raw.ping_interval_ms,
+                d.ping_interval,
+                "WSGATE_PING_INTERVAL_MS",
+            )?,
+            pong_timeout: millis_or(
+                raw.pong_timeout_ms,
+                d.pong_timeout,
+                "WSGATE_PONG_TIMEOUT_MS",
+            )?,
+            redis_probe_interval: millis_or(
+                raw.redis_probe_interval_ms,
+                d.redis_probe_interval,
+                "WSGATE_REDIS_PROBE_INTERVAL_MS",
+            )?,
+            redis_probe_timeout: millis_or(
+                raw.redis_probe_timeout_ms,
+                d.redis_probe_timeout,
+                "WSGATE_REDIS_PROBE_TIMEOUT_MS",
+            )?,
+            redis_backoff_max: millis_or(
+                raw.redis_backoff_max_ms,
+                d.redis_backoff_max,
+                "WSGATE_REDIS_BACKOFF_MAX_MS",
             )?,
             log: parse_or(
                 raw.log,

@@ -31,6 +31,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::{native::Native, Dialect};
 use crate::session::{self, SessionContext};
+use crate::shutdown::Phase;
 
 /// What every route needs, shared by all connections.
 pub struct App {
@@ -40,21 +41,64 @@ pub struct App {
     pub metrics: Metrics,
     /// Validated configuration.
     pub config: Config,
-    /// Shutdown signal; each session subscribes, and the server waits until
-    /// every subscriber is gone (see `server::run`).
-    pub shutdown: watch::Sender<bool>,
+    /// Running, draining or stopping; sessions and connections watch it.
+    pub phase: watch::Sender<Phase>,
+    /// Live sessions. A watch (not an atomic) so shutdown can wait for zero;
+    /// changed once per connect and disconnect, never per message.
+    pub sessions: watch::Sender<usize>,
+}
+
+/// Holds one of the `WSGATE_MAX_CONNECTIONS` places; gives it back on drop.
+pub struct SessionSlot {
+    sessions: watch::Sender<usize>,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.sessions.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl App {
-    fn session_context(&self) -> SessionContext {
+    /// Shared state for a freshly started server.
+    pub fn new(hub: Hub, metrics: Metrics, config: Config) -> App {
+        App {
+            hub,
+            metrics,
+            config,
+            phase: watch::Sender::new(Phase::Running),
+            sessions: watch::Sender::new(0),
+        }
+    }
+
+    /// Takes a session place, unless the node is full.
+    fn admit(&self) -> Option<SessionSlot> {
+        let max = self.config.max_connections.get();
+        let admitted = self.sessions.send_if_modified(|n| {
+            if *n >= max {
+                return false;
+            }
+            *n += 1;
+            true
+        });
+        admitted.then(|| SessionSlot {
+            sessions: self.sessions.clone(),
+        })
+    }
+
+    fn session_context(&self, slot: SessionSlot) -> SessionContext {
         SessionContext {
             hub: self.hub.clone(),
             metrics: self.metrics.clone(),
-            shutdown: self.shutdown.subscribe(),
+            phase: self.phase.subscribe(),
+            slot,
             max_subscriptions: self.config.max_subscriptions.get(),
             max_pattern_bytes: self.config.max_pattern_bytes.get(),
             queue_bytes: self.config.client_queue_bytes.get(),
             subscribe_timeout: self.config.subscribe_timeout,
+            subscribe_rate: self.config.subscribe_rate.get(),
+            ping_interval: self.config.ping_interval,
+            pong_timeout: self.config.pong_timeout,
         }
     }
 
@@ -118,7 +162,7 @@ pub fn routes(
         .and(warp::path::end())
         .and(with_app.clone())
         .map(|app: Arc<App>| {
-            if app.hub.is_ready() {
+            if app.hub.is_ready() && *app.phase.borrow() == Phase::Running {
                 json(StatusCode::OK, r#"{"ready":true}"#)
             } else {
                 json(StatusCode::SERVICE_UNAVAILABLE, r#"{"ready":false}"#)
@@ -232,9 +276,26 @@ fn upgrade_ws(
     let Some(upgrade) = upgrade else {
         return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
+    if *app.phase.borrow() != Phase::Running {
+        app.metrics.refused.with_label_values(&["draining"]).inc();
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server is shutting down: connect to another node",
+        );
+    }
+    let Some(slot) = app.admit() else {
+        app.metrics
+            .refused
+            .with_label_values(&["max_connections"])
+            .inc();
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections on this node",
+        );
+    };
     let accept = derive_accept_key(key.as_bytes());
     let dialect: Arc<dyn Dialect> = Arc::new(Native);
-    let ctx = app.session_context();
+    let ctx = app.session_context(slot);
     let config = app.ws_config();
     let span = tracing::info_span!("conn", peer = %peer, dialect = dialect.name());
     tokio::spawn(
@@ -280,8 +341,15 @@ struct PublishOne {
 #[serde(deny_unknown_fields)]
 struct PublishBody {
     channel: Option<String>,
+    // `null` is a payload like any other: only a missing field is `None`.
+    #[serde(default, deserialize_with = "present")]
     payload: Option<Box<RawValue>>,
     messages: Option<Vec<PublishOne>>,
+}
+
+/// Deserialises a field that is present, whatever its value (even `null`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 async fn publish(app: Arc<App>, body: Bytes) -> warp::reply::Response {

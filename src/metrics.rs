@@ -5,7 +5,10 @@
 //! cheap clones of atomics; the hot path only ever does `inc_by` once per
 //! batch, never per subscriber.
 
-use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 
 /// Every metric the gateway exports. Names are documented in the README.
 #[derive(Clone)]
@@ -33,6 +36,21 @@ pub struct Metrics {
     pub publish_requests: IntCounter,
     /// `wsgate_malformed_frames_total`: client frames answered with an error.
     pub malformed_frames: IntCounter,
+    /// `wsgate_broker_state{state}`: 1 for the broker link's current state
+    /// (`connected`, `down`, `reconnecting`, `resyncing`), 0 for the others.
+    pub broker_state: IntGaugeVec,
+    /// `wsgate_broker_reconnects_total`: broker connections made after the first.
+    pub broker_reconnects: IntCounter,
+    /// `wsgate_broker_resync_seconds`: time from a (re)connect until every
+    /// wanted subscription was confirmed again.
+    pub broker_resync_seconds: Histogram,
+    /// `wsgate_gap_notices_total`: `interrupted`/`resumed` notices sent to clients.
+    pub gap_notices: IntCounter,
+    /// `wsgate_subscribes_held`: subscribe requests waiting for the broker.
+    pub subscribes_held: IntGauge,
+    /// `wsgate_refused_total{reason}`: requests refused by a limit
+    /// (`max_connections`, `draining`, `rate_limited`).
+    pub refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -90,6 +108,41 @@ impl Metrics {
                 "Client frames answered with an error",
             )
             .unwrap_or_else(never),
+            broker_state: IntGaugeVec::new(
+                Opts::new(
+                    "wsgate_broker_state",
+                    "1 for the broker link's current state",
+                ),
+                &["state"],
+            )
+            .unwrap_or_else(never),
+            broker_reconnects: IntCounter::new(
+                "wsgate_broker_reconnects_total",
+                "Broker connections made after the first",
+            )
+            .unwrap_or_else(never),
+            broker_resync_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "wsgate_broker_resync_seconds",
+                    "Time from a broker (re)connect until every wanted subscription was confirmed",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )
+            .unwrap_or_else(never),
+            gap_notices: IntCounter::new("wsgate_gap_notices_total", "Gap notices sent to clients")
+                .unwrap_or_else(never),
+            subscribes_held: IntGauge::new(
+                "wsgate_subscribes_held",
+                "Subscribe requests waiting for the broker",
+            )
+            .unwrap_or_else(never),
+            refused: IntCounterVec::new(
+                Opts::new("wsgate_refused_total", "Requests refused by a limit"),
+                &["reason"],
+            )
+            .unwrap_or_else(never),
             registry,
         };
         m.register_all();
@@ -97,7 +150,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(self.connections.clone()),
             Box::new(self.local_subscriptions.clone()),
             Box::new(self.broker_subscriptions.clone()),
@@ -108,6 +161,12 @@ impl Metrics {
             Box::new(self.slow_consumer_closes.clone()),
             Box::new(self.publish_requests.clone()),
             Box::new(self.malformed_frames.clone()),
+            Box::new(self.broker_state.clone()),
+            Box::new(self.broker_reconnects.clone()),
+            Box::new(self.broker_resync_seconds.clone()),
+            Box::new(self.gap_notices.clone()),
+            Box::new(self.subscribes_held.clone()),
+            Box::new(self.refused.clone()),
         ];
         for c in collectors {
             // Names are distinct constants on a fresh registry: this cannot fail.
@@ -116,6 +175,9 @@ impl Metrics {
         for kind in ["channel", "pattern"] {
             self.local_subscriptions.with_label_values(&[kind]).set(0);
             self.broker_subscriptions.with_label_values(&[kind]).set(0);
+        }
+        for reason in ["max_connections", "draining", "rate_limited"] {
+            self.refused.with_label_values(&[reason]).inc_by(0);
         }
     }
 

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::future::{self, BoxFuture, FutureExt};
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, Topic};
+use super::{Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, Topic};
 use crate::metrics::Metrics;
 use crate::pattern;
 
@@ -25,8 +25,9 @@ pub struct MemoryBroker {
     /// The node's subscriptions. A plain mutex: held only to read or update the
     /// sets, never across an await.
     subscriptions: Mutex<Subscriptions>,
-    events: mpsc::Sender<BrokerEvent>,
-    metrics: Metrics,
+    /// Behind its own mutex because publishes arrive from many HTTP tasks;
+    /// held only for non-blocking `try_send`s.
+    events: Mutex<EventSink>,
 }
 
 #[derive(Default)]
@@ -46,8 +47,7 @@ impl MemoryBroker {
         metrics.broker_up.set(1);
         MemoryBroker {
             subscriptions: Mutex::new(Subscriptions::default()),
-            events,
-            metrics,
+            events: Mutex::new(EventSink::new(events, metrics)),
         }
     }
 
@@ -102,16 +102,17 @@ impl Broker for MemoryBroker {
     ) -> BoxFuture<'static, Result<u64, BrokerError>> {
         let topics = self.matching(&channel);
         let receivers = topics.len() as u64;
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         for topic in topics {
             let msg = BrokerMessage {
                 topic,
                 channel: channel.clone(),
                 payload: payload.clone(),
             };
-            if self.events.try_send(BrokerEvent::Message(msg)).is_err() {
-                self.metrics.broker_messages_dropped.inc();
-            }
+            // Only fails when the hub is gone (shutting down): nobody to deliver to.
+            let _ = events.message(msg);
         }
+        drop(events);
         future::ready(Ok(receivers)).boxed()
     }
 

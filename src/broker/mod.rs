@@ -8,8 +8,13 @@
 //! cluster through Redis) and [`memory`] (in-process, for a single node with
 //! no Redis).
 
+use std::collections::HashSet;
+
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
 
 pub mod memory;
 pub mod redis;
@@ -71,6 +76,107 @@ pub enum BrokerEvent {
     },
     /// The connection is gone; every subscription is lost until the next `Up`.
     Down,
+    /// The broker is trying to connect again (after a `Down`, or at start).
+    Reconnecting,
+    /// Messages for these topics were dropped because the event channel was
+    /// full (`None`: too many topics to list; treat as all). The hub tells the
+    /// affected subscribers.
+    Gap(Option<Vec<Topic>>),
+}
+
+/// The broker end of the event channel. Messages never wait: on a full
+/// channel they are dropped, counted, and their topics remembered, and a
+/// [`BrokerEvent::Gap`] naming them goes out before the next message that
+/// fits, so no loss is silent. State events wait for room.
+pub struct EventSink {
+    tx: mpsc::Sender<BrokerEvent>,
+    /// Topics that lost messages since the last `Gap` was sent; `None` once
+    /// more than [`MAX_GAP_TOPICS`] distinct ones (then: all).
+    dropped: Option<HashSet<Topic>>,
+    /// True while `dropped` holds something not yet announced.
+    pending_gap: bool,
+    metrics: Metrics,
+}
+
+/// Most distinct topics a gap remembers before it means "everything".
+const MAX_GAP_TOPICS: usize = 4096;
+
+/// The hub is gone: the broker should stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubGone;
+
+impl EventSink {
+    /// Wraps the sending side of the hub's event channel.
+    pub fn new(tx: mpsc::Sender<BrokerEvent>, metrics: Metrics) -> EventSink {
+        EventSink {
+            tx,
+            dropped: Some(HashSet::new()),
+            pending_gap: false,
+            metrics,
+        }
+    }
+
+    /// Hands over one message without waiting (see the type docs).
+    pub fn message(&mut self, msg: BrokerMessage) -> Result<(), HubGone> {
+        self.metrics.broker_messages.inc();
+        self.flush_gap()?;
+        if self.pending_gap {
+            // The gap notice did not fit: this message would overtake it.
+            self.drop_message(msg.topic);
+            return Ok(());
+        }
+        match self.tx.try_send(BrokerEvent::Message(msg)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(BrokerEvent::Message(msg))) => {
+                self.drop_message(msg.topic);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(HubGone),
+        }
+    }
+
+    fn drop_message(&mut self, topic: Topic) {
+        self.metrics.broker_messages_dropped.inc();
+        self.pending_gap = true;
+        if let Some(set) = &mut self.dropped {
+            set.insert(topic);
+            if set.len() > MAX_GAP_TOPICS {
+                self.dropped = None;
+            }
+        }
+    }
+
+    /// Announces dropped messages if there is room; called before every
+    /// message and periodically, so a gap is announced even if traffic stops.
+    pub fn flush_gap(&mut self) -> Result<(), HubGone> {
+        if !self.pending_gap {
+            return Ok(());
+        }
+        let topics = self
+            .dropped
+            .as_ref()
+            .map(|set| set.iter().cloned().collect());
+        match self.tx.try_send(BrokerEvent::Gap(topics)) {
+            Ok(()) => {
+                self.pending_gap = false;
+                self.dropped = Some(HashSet::new());
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(HubGone),
+        }
+    }
+
+    /// Sends a state event, waiting for room. `Down` supersedes any pending
+    /// gap: the hub tells every subscriber about the outage anyway.
+    pub async fn state(&mut self, event: BrokerEvent) -> Result<(), HubGone> {
+        if matches!(event, BrokerEvent::Down) {
+            self.pending_gap = false;
+            self.dropped = Some(HashSet::new());
+        }
+        self.tx.send(event).await.map_err(|_| HubGone)
+    }
 }
 
 /// Capacity of the event channel from a broker to the hub's dispatcher, in

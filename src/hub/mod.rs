@@ -16,14 +16,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
-use tracing::{debug, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{Broker, BrokerEvent, BrokerMessage, Topic, MAX_BATCH};
 use crate::metrics::Metrics;
-use crate::protocol::Frame;
+use crate::protocol::{Frame, Notice, NoticeKind};
 use crate::session::outbox::Pushed;
-use registry::Registry;
-pub use registry::{Confirmation, Member, Removed};
+pub use registry::{Confirmation, LinkState, Member, Removed};
+use registry::{Notices, Registry};
 
 /// Pause after a failed broker apply before trying again, so that a broker
 /// that refuses at once (disconnected) does not spin the reconciler; the
@@ -106,7 +106,12 @@ impl Hub {
 
     /// Removes `member_id` from `topic`.
     pub fn unsubscribe(&self, member_id: u64, topic: &Topic) -> Removed {
-        let removed = self.shared.lock().unsubscribe(member_id, topic);
+        let removed = {
+            let mut registry = self.shared.lock();
+            let removed = registry.unsubscribe(member_id, topic);
+            self.shared.update_gauges(&registry);
+            removed
+        };
         if removed != Removed::NotFound {
             self.shared
                 .metrics
@@ -150,11 +155,83 @@ impl Shared {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn update_held_metrics(&self, registry: &Registry) {
+    /// Mirrors the registry's counts and link state into gauges (a few
+    /// atomic stores; called after every registry change).
+    fn update_gauges(&self, registry: &Registry) {
         let held = registry.held();
         let m = &self.metrics.broker_subscriptions;
         m.with_label_values(&["channel"]).set(held.channels as i64);
         m.with_label_values(&["pattern"]).set(held.patterns as i64);
+        self.metrics.subscribes_held.set(registry.waiting() as i64);
+        let link = registry.link();
+        for state in LinkState::ALL {
+            self.metrics
+                .broker_state
+                .with_label_values(&[state.as_str()])
+                .set(i64::from(state == link));
+        }
+    }
+
+    /// Sends one gap notice per member (rendered per member: rare, not hot).
+    fn notify(&self, notices: Notices, kind: NoticeKind, reason: Option<&str>) {
+        for (member, topics) in notices {
+            let frame = member.dialect.notice(&Notice {
+                kind,
+                topics: &topics,
+                reason,
+            });
+            self.metrics.gap_notices.inc();
+            if member.outbox.push(frame) == Pushed::Overflowed {
+                self.metrics.slow_consumer_closes.inc();
+            }
+        }
+    }
+
+    /// Applies one broker state event to the registry and tells whom it concerns.
+    fn link_event(&self, event: BrokerEvent) {
+        let mut registry = self.lock();
+        let before = registry.link();
+        let mut interrupted = Vec::new();
+        match event {
+            BrokerEvent::Up { generation } => {
+                registry.broker_up(generation);
+                if generation > 1 {
+                    self.metrics.broker_reconnects.inc();
+                }
+            }
+            BrokerEvent::Down => interrupted = registry.broker_down(),
+            BrokerEvent::Reconnecting => registry.broker_reconnecting(),
+            BrokerEvent::Message(_) | BrokerEvent::Gap(_) => {}
+        }
+        self.update_gauges(&registry);
+        let after = registry.link();
+        drop(registry);
+        if before != after {
+            match after {
+                LinkState::Down => warn!(from = before.as_str(), "broker link down"),
+                _ => info!(
+                    from = before.as_str(),
+                    to = after.as_str(),
+                    "broker link state"
+                ),
+            }
+        }
+        self.notify(
+            interrupted,
+            NoticeKind::Interrupted,
+            Some("broker connection lost"),
+        );
+        self.dirty.notify_one();
+    }
+
+    /// Messages for `topics` were dropped: tell their subscribers both that
+    /// delivery was interrupted and that it has resumed (it has: the drop was
+    /// noticed because a later message got through).
+    fn gap(&self, topics: Option<Vec<Topic>>) {
+        let notices = self.lock().members_of(topics.as_deref());
+        let reason = Some("messages dropped: node overloaded");
+        self.notify(notices.clone(), NoticeKind::Interrupted, reason);
+        self.notify(notices, NoticeKind::Resumed, None);
     }
 
     /// Fans one message out: rendered once per dialect, cloned into each outbox.
@@ -186,7 +263,21 @@ impl Shared {
 async fn reconcile(shared: Arc<Shared>) {
     let mut closing = shared.closing.subscribe();
     loop {
-        let (generation, changes) = shared.lock().take_changes(MAX_BATCH);
+        let step = {
+            let mut registry = shared.lock();
+            let step = registry.take_changes(MAX_BATCH);
+            shared.update_gauges(&registry);
+            step
+        };
+        let (generation, changes) = (step.generation, step.changes);
+        if let Some((took, resumed)) = step.resynced {
+            shared
+                .metrics
+                .broker_resync_seconds
+                .observe(took.as_secs_f64());
+            info!(took_ms = took.as_millis() as u64, "broker link resynced");
+            shared.notify(resumed, NoticeKind::Resumed, None);
+        }
         if changes.subscribe.is_empty() && changes.unsubscribe.is_empty() {
             tokio::select! {
                 _ = shared.dirty.notified() => continue,
@@ -209,7 +300,7 @@ async fn reconcile(shared: Arc<Shared>) {
         {
             let mut registry = shared.lock();
             registry.complete(generation, &changes, result);
-            shared.update_held_metrics(&registry);
+            shared.update_gauges(&registry);
         }
         if failed {
             tokio::time::sleep(RETRY_PAUSE).await;
@@ -233,18 +324,8 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
         for event in batch.drain(..) {
             match event {
                 BrokerEvent::Message(msg) => shared.deliver(&msg),
-                BrokerEvent::Up { generation } => {
-                    let mut registry = shared.lock();
-                    registry.broker_up(generation);
-                    shared.update_held_metrics(&registry);
-                    drop(registry);
-                    shared.dirty.notify_one();
-                }
-                BrokerEvent::Down => {
-                    let mut registry = shared.lock();
-                    registry.broker_down();
-                    shared.update_held_metrics(&registry);
-                }
+                BrokerEvent::Gap(topics) => shared.gap(topics),
+                state => shared.link_event(state),
             }
         }
     }

@@ -9,9 +9,15 @@
 //! when the change happened, no interleaving of subscribes, unsubscribes and
 //! disconnects can leave Redis holding a topic nobody wants, or miss one that
 //! somebody does; a reconnect is just "every topic is dirty".
+//!
+//! The registry also holds the broker link's [`LinkState`] and who must be
+//! told about a gap in delivery: members active when the link went down are
+//! sent an `interrupted` notice, and a `resumed` one once every topic is
+//! confirmed again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -116,20 +122,77 @@ pub struct HeldCounts {
     pub patterns: usize,
 }
 
+/// Where the node's broker link stands: connected -> down -> reconnecting
+/// -> resyncing -> connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinkState {
+    /// Connected, and every wanted topic confirmed since.
+    Connected,
+    /// The connection was just lost.
+    Down,
+    /// Trying to connect (also the state at start-up).
+    #[default]
+    Reconnecting,
+    /// Connected; re-applying every wanted topic.
+    Resyncing,
+}
+
+impl LinkState {
+    /// Every state, for metrics.
+    pub const ALL: [LinkState; 4] = [
+        LinkState::Connected,
+        LinkState::Down,
+        LinkState::Reconnecting,
+        LinkState::Resyncing,
+    ];
+
+    /// The metric label / log name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connected => "connected",
+            LinkState::Down => "down",
+            LinkState::Reconnecting => "reconnecting",
+            LinkState::Resyncing => "resyncing",
+        }
+    }
+
+    fn is_up(self) -> bool {
+        matches!(self, LinkState::Connected | LinkState::Resyncing)
+    }
+}
+
+/// Members to notify, each with the topics concerned.
+pub type Notices = Vec<(Arc<Member>, Vec<Topic>)>;
+
+/// What the reconciler gets from [`Registry::take_changes`].
+#[derive(Default)]
+pub struct Step {
+    /// The connection generation the changes are for.
+    pub generation: u64,
+    /// What to send to the broker (possibly nothing).
+    pub changes: Changes,
+    /// Set when this call finished a resync: how long it took, and who must
+    /// be told that delivery resumed.
+    pub resynced: Option<(Duration, Notices)>,
+}
+
 /// All topics of one node; see the module docs.
 #[derive(Default)]
 pub struct Registry {
     entries: HashMap<Topic, Entry>,
     dirty: VecDeque<Topic>,
-    /// The broker is connected.
-    up: bool,
+    link: LinkState,
+    /// When the current resync started (the last `Up`).
+    resync_started: Option<Instant>,
+    /// Members told `interrupted` and not yet `resumed`, with their topics.
+    interrupted: HashMap<u64, (Arc<Member>, Vec<Topic>)>,
+    /// Subscribers waiting for confirmation (the held-requests gauge).
+    waiting: usize,
     /// The broker connection the registry's `held` states describe (from the
     /// last `Up`). Changes are applied only on that connection, and answers
     /// from another are treated as failures, so a quick reconnect racing the
     /// `Down`/`Up` events cannot leave a stale state behind.
     generation: u64,
-    /// Since the last `Up`, the reconciler has caught up at least once.
-    synced: bool,
     held: HeldCounts,
 }
 
@@ -152,6 +215,7 @@ impl Registry {
             return None;
         }
         entry.pending.insert(waiter.member.id, waiter);
+        self.waiting += 1;
         self.mark_dirty(&topic);
         Some(confirmation)
     }
@@ -162,6 +226,7 @@ impl Registry {
             return Removed::NotFound;
         };
         let removed = if entry.pending.remove(&member_id).is_some() {
+            self.waiting -= 1;
             Removed::Pending
         } else if entry.active.remove(&member_id).is_some() {
             entry.rebuild_snapshot();
@@ -192,10 +257,14 @@ impl Registry {
     /// Takes up to `max` dirty topics whose broker state differs from what is
     /// wanted, and marks them in flight. Empty when the broker is down or
     /// nothing differs (then the node counts as synced).
-    pub fn take_changes(&mut self, max: usize) -> (u64, Changes) {
+    pub fn take_changes(&mut self, max: usize) -> Step {
         let mut changes = Changes::default();
-        if !self.up {
-            return (self.generation, changes);
+        if !self.link.is_up() {
+            return Step {
+                generation: self.generation,
+                changes,
+                resynced: None,
+            };
         }
         while changes.subscribe.len() + changes.unsubscribe.len() < max {
             let Some(topic) = self.dirty.pop_front() else {
@@ -220,10 +289,42 @@ impl Registry {
                 _ => {}
             }
         }
-        if changes.subscribe.is_empty() && changes.unsubscribe.is_empty() && self.dirty.is_empty() {
-            self.synced = true;
+        let mut resynced = None;
+        let idle =
+            changes.subscribe.is_empty() && changes.unsubscribe.is_empty() && self.dirty.is_empty();
+        if idle && self.link == LinkState::Resyncing {
+            self.link = LinkState::Connected;
+            let took = self
+                .resync_started
+                .take()
+                .map(|t| t.elapsed())
+                .unwrap_or_default();
+            resynced = Some((took, self.take_resumed()));
         }
-        (self.generation, changes)
+        Step {
+            generation: self.generation,
+            changes,
+            resynced,
+        }
+    }
+
+    /// Everyone told `interrupted`, with the topics they still hold.
+    fn take_resumed(&mut self) -> Notices {
+        let mut out = Vec::new();
+        for (id, (member, topics)) in self.interrupted.drain() {
+            let held: Vec<Topic> = topics
+                .into_iter()
+                .filter(|t| {
+                    self.entries
+                        .get(t)
+                        .is_some_and(|e| e.active.contains_key(&id))
+                })
+                .collect();
+            if !held.is_empty() {
+                out.push((member, held));
+            }
+        }
+        out
     }
 
     /// Records the broker's answer to changes from [`Registry::take_changes`].
@@ -255,6 +356,7 @@ impl Registry {
                 None => continue,
             };
             if entry.held == Held::Present && !entry.pending.is_empty() {
+                self.waiting -= entry.pending.len();
                 for (_, waiter) in entry.pending.drain().collect::<Vec<_>>() {
                     entry.activate(waiter);
                 }
@@ -289,9 +391,9 @@ impl Registry {
 
     /// The broker connected with nothing held: everything wanted is dirty.
     pub fn broker_up(&mut self, generation: u64) {
-        self.up = true;
+        self.link = LinkState::Resyncing;
+        self.resync_started = Some(Instant::now());
         self.generation = generation;
-        self.synced = false;
         let topics: Vec<Topic> = self.entries.keys().cloned().collect();
         for topic in topics {
             self.set_held(&topic, Held::Absent);
@@ -300,18 +402,84 @@ impl Registry {
     }
 
     /// The broker connection is gone, and with it everything it held.
-    pub fn broker_down(&mut self) {
-        self.up = false;
-        self.synced = false;
+    /// Returns the members to tell `interrupted`: every active member, with
+    /// the topics it has not already been told about.
+    pub fn broker_down(&mut self) -> Notices {
+        self.link = LinkState::Down;
+        self.resync_started = None;
         let topics: Vec<Topic> = self.entries.keys().cloned().collect();
-        for topic in topics {
-            self.set_held(&topic, Held::Absent);
+        for topic in &topics {
+            self.set_held(topic, Held::Absent);
         }
+        let mut fresh: HashMap<u64, (Arc<Member>, Vec<Topic>)> = HashMap::new();
+        for (topic, entry) in &self.entries {
+            for (id, member) in &entry.active {
+                let told = self
+                    .interrupted
+                    .entry(*id)
+                    .or_insert_with(|| (member.clone(), Vec::new()));
+                if !told.1.contains(topic) {
+                    told.1.push(topic.clone());
+                    fresh
+                        .entry(*id)
+                        .or_insert_with(|| (member.clone(), Vec::new()))
+                        .1
+                        .push(topic.clone());
+                }
+            }
+        }
+        fresh.into_values().collect()
+    }
+
+    /// The broker is trying to connect again.
+    pub fn broker_reconnecting(&mut self) {
+        if !self.link.is_up() {
+            self.link = LinkState::Reconnecting;
+        }
+    }
+
+    /// Active members of `topics` (`None`: of every topic), each with its
+    /// topics among them: who lost messages to an overflow.
+    pub fn members_of(&self, topics: Option<&[Topic]>) -> Notices {
+        let mut out: HashMap<u64, (Arc<Member>, Vec<Topic>)> = HashMap::new();
+        let mut add = |topic: &Topic, entry: &Entry| {
+            for (id, member) in &entry.active {
+                out.entry(*id)
+                    .or_insert_with(|| (member.clone(), Vec::new()))
+                    .1
+                    .push(topic.clone());
+            }
+        };
+        match topics {
+            Some(list) => {
+                for t in list {
+                    if let Some(e) = self.entries.get(t) {
+                        add(t, e);
+                    }
+                }
+            }
+            None => {
+                for (t, e) in &self.entries {
+                    add(t, e);
+                }
+            }
+        }
+        out.into_values().collect()
     }
 
     /// Connected and caught up: what `/readyz` reports.
     pub fn is_ready(&self) -> bool {
-        self.up && self.synced
+        self.link == LinkState::Connected
+    }
+
+    /// The broker link's state.
+    pub fn link(&self) -> LinkState {
+        self.link
+    }
+
+    /// Subscribers waiting for the broker to confirm.
+    pub fn waiting(&self) -> usize {
+        self.waiting
     }
 
     /// How many distinct topics the broker holds, by kind.

@@ -74,6 +74,28 @@ pub struct Ack<'a> {
     pub error: Option<&'a str>,
 }
 
+/// Which gap notice: delivery stopped, or resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeKind {
+    /// Messages for these topics are being (or were) lost.
+    Interrupted,
+    /// Messages for these topics flow again; what was published in between is gone.
+    Resumed,
+}
+
+/// A gap notice: Redis pub/sub is at-most-once, so whenever messages can be
+/// lost the affected clients are told, with the topics concerned, so an
+/// application can refetch.
+#[derive(Debug, Clone, Copy)]
+pub struct Notice<'a> {
+    /// Interrupted or resumed.
+    pub kind: NoticeKind,
+    /// The member's subscriptions affected.
+    pub topics: &'a [Topic],
+    /// Why delivery was interrupted (for `Interrupted`).
+    pub reason: Option<&'a str>,
+}
+
 /// One client wire format. Implementations are stateless and shared.
 pub trait Dialect: Send + Sync + 'static {
     /// Short name, used in logs (`dialect` span field).
@@ -89,4 +111,6 @@ pub trait Dialect: Send + Sync + 'static {
     /// Renders a broker message for delivery; called once per message, not
     /// once per subscriber.
     fn delivery(&self, message: &BrokerMessage) -> Frame;
+    /// Renders a gap notice for one member.
+    fn notice(&self, notice: &Notice<'_>) -> Frame;
 }

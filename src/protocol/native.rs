@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Ack, AckKind, Dialect, Frame, Rejection, Request};
+use super::{Ack, AckKind, Dialect, Frame, Notice, NoticeKind, Rejection, Request};
 use crate::broker::{BrokerMessage, Topic};
 
 /// The native JSON dialect; see the module docs.
@@ -32,6 +32,16 @@ struct AckFrame<'a> {
     status: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+}
+
+/// `interrupted` and `resumed` gap notices.
+#[derive(Serialize)]
+struct NoticeFrame<'a> {
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    patterns: Vec<std::borrow::Cow<'a, str>>,
+    channels: Vec<std::borrow::Cow<'a, str>>,
 }
 
 /// `pong` and `error` replies.
@@ -124,6 +134,26 @@ impl Dialect for Native {
         })
     }
 
+    fn notice(&self, notice: &Notice<'_>) -> Frame {
+        let names = |pattern: bool| {
+            notice
+                .topics
+                .iter()
+                .filter(|t| matches!(t, Topic::Pattern(_)) == pattern)
+                .map(|t| String::from_utf8_lossy(t.name()))
+                .collect()
+        };
+        json_frame(&NoticeFrame {
+            action: match notice.kind {
+                NoticeKind::Interrupted => "interrupted",
+                NoticeKind::Resumed => "resumed",
+            },
+            reason: notice.reason,
+            patterns: names(true),
+            channels: names(false),
+        })
+    }
+
     fn delivery(&self, msg: &BrokerMessage) -> Frame {
         let mut out = String::with_capacity(64 + msg.channel.len() + msg.payload.len() * 4 / 3);
         out.push_str("{\"action\":\"message\",");
@@ -192,9 +222,7 @@ fn push_json_str(out: &mut String, bytes: &[u8]) {
 /// Appends the payload: raw JSON if it is JSON, a string if UTF-8, else base64.
 fn push_payload(out: &mut String, payload: &[u8]) {
     match std::str::from_utf8(payload) {
-        Ok(text) if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
-            out.push_str(text)
-        }
+        Ok(text) if serde_json::from_str::<StrictJson>(text).is_ok() => out.push_str(text),
         Ok(text) => {
             if let Ok(quoted) = serde_json::to_string(text) {
                 out.push_str(&quoted);
@@ -205,6 +233,53 @@ fn push_payload(out: &mut String, payload: &[u8]) {
             base64::engine::general_purpose::STANDARD.encode_string(payload, out);
             out.push_str("\",\"encoding\":\"base64\"");
         }
+    }
+}
+
+/// Accepts exactly the JSON documents serde_json can read into values.
+/// `IgnoredAny` would skip string contents undecoded and so let through lone
+/// surrogate escapes (`"\ud800"`), making the whole frame unparseable for
+/// strict clients; this decodes each string (borrowed, so no allocation for
+/// plain text) and otherwise allocates nothing.
+struct StrictJson;
+
+impl<'de> serde::Deserialize<'de> for StrictJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictJson)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictJson {
+    type Value = StrictJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(StrictJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(StrictJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(StrictJson)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(StrictJson)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(StrictJson)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(StrictJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<StrictJson>()?.is_some() {}
+        Ok(StrictJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<StrictJson, StrictJson>()?.is_some() {}
+        Ok(StrictJson)
     }
 }
 
@@ -329,6 +404,32 @@ mod tests {
     }
 
     #[test]
+    fn renders_gap_notices() {
+        let topics = [
+            Topic::Pattern(Bytes::from_static(b"news.*")),
+            Topic::Channel(Bytes::from_static(b"a")),
+        ];
+        let n = Notice {
+            kind: NoticeKind::Interrupted,
+            topics: &topics,
+            reason: Some("broker connection lost"),
+        };
+        assert_eq!(
+            text(Native.notice(&n)),
+            r#"{"action":"interrupted","reason":"broker connection lost","patterns":["news.*"],"channels":["a"]}"#
+        );
+        let n = Notice {
+            kind: NoticeKind::Resumed,
+            topics: &topics[..1],
+            reason: None,
+        };
+        assert_eq!(
+            text(Native.notice(&n)),
+            r#"{"action":"resumed","patterns":["news.*"],"channels":[]}"#
+        );
+    }
+
+    #[test]
     fn renders_deliveries_for_each_payload_kind() {
         let p = Topic::Pattern(Bytes::from_static(b"news.*"));
         assert_eq!(
@@ -346,6 +447,15 @@ mod tests {
                 b"\xff\x00"
             ))),
             r#"{"action":"message","channel":"c","payload":"/wA=","encoding":"base64"}"#
+        );
+        // A lone surrogate escape is not JSON a strict client can read: stringified.
+        assert_eq!(
+            text(Native.delivery(&msg(
+                Topic::Channel(Bytes::from_static(b"c")),
+                b"c",
+                br#""\ud800""#
+            ))),
+            r#"{"action":"message","channel":"c","payload":"\"\\ud800\""}"#
         );
         assert_eq!(
             text(Native.delivery(&msg(p, b"n", b"42"))),

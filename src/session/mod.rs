@@ -4,8 +4,11 @@
 //! mean, and turns requests into hub calls; it writes whatever its [`Outbox`]
 //! holds, a whole batch per flush. It ends when the client leaves, on a fatal
 //! protocol error, when the outbox overflows (close 4008, slow consumer), or
-//! when the server shuts down (close 1001). Whatever the reason, it leaves
-//! every topic it held, so the hub's refcounts stay exact.
+//! when the server drains (close 1012, at this session's moment in the drain
+//! window) or stops (close 1001), or when the client shows no sign of life
+//! for `WSGATE_PONG_TIMEOUT_MS` (close 4009; the server pings every
+//! `WSGATE_PING_INTERVAL_MS`). Whatever the reason, it leaves every topic it
+//! held, so the hub's refcounts stay exact.
 //!
 //! The session is generic over the socket's `Stream + Sink` so dialects can be
 //! exercised over channels; production passes a tokio-tungstenite stream.
@@ -16,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -28,30 +31,36 @@ use tokio_tungstenite::tungstenite::Message;
 use tracing::debug;
 
 use crate::broker::{BrokerError, Topic};
+use crate::http::SessionSlot;
 use crate::hub::{Hub, Member, Removed};
 use crate::metrics::Metrics;
 use crate::protocol::{Ack, AckKind, Dialect, Frame, Request};
-use crate::shutdown::requested;
+use crate::shutdown::{stopping, Phase};
 use outbox::{Outbox, State};
 
 /// Close code for a client whose queue overflowed (Centrifugo's convention
 /// of 4xxx application codes; documented in `docs/protocol.md`).
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a client that showed no traffic and no pong in time.
+pub const CLOSE_KEEPALIVE: u16 = 4009;
+/// Close code while draining: "service restart", reconnect (elsewhere).
+pub const CLOSE_RESTART: u16 = 1012;
 
 /// How long a closing handshake may take before the socket is just dropped:
 /// a client that stopped reading gets this long to drain what is in flight
 /// and see the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Limits and collaborators every session of a server shares.
-#[derive(Clone)]
+/// Limits and collaborators of one session.
 pub struct SessionContext {
     /// The node's hub.
     pub hub: Hub,
     /// Server metrics.
     pub metrics: Metrics,
-    /// Turns `true` when the server shuts down.
-    pub shutdown: watch::Receiver<bool>,
+    /// Running, draining or stopping.
+    pub phase: watch::Receiver<Phase>,
+    /// This session's place among `WSGATE_MAX_CONNECTIONS`; freed on drop.
+    pub slot: SessionSlot,
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
     /// Longest channel or pattern, in bytes.
@@ -60,6 +69,12 @@ pub struct SessionContext {
     pub queue_bytes: usize,
     /// How long a subscribe waits for the broker.
     pub subscribe_timeout: Duration,
+    /// Subscribes per second (and burst size) allowed.
+    pub subscribe_rate: usize,
+    /// How often the server pings the client.
+    pub ping_interval: Duration,
+    /// Silence after which the client counts as dead.
+    pub pong_timeout: Duration,
 }
 
 /// A subscribe waiting for the broker: resolves to (topic, seq, outcome).
@@ -99,13 +114,34 @@ where
         held: HashMap::new(),
         waiting: FuturesUnordered::new(),
         seq: 0,
+        bucket: TokenBucket::new(ctx.subscribe_rate),
     };
     let mut batch = VecDeque::new();
-    let mut shutdown = ctx.shutdown.clone();
+    let mut phase = ctx.phase.clone();
+    let mut close_at = phase.borrow().close_at(member.id);
+    let mut keepalive = tokio::time::interval_at(
+        (Instant::now() + ctx.ping_interval).into(),
+        ctx.ping_interval,
+    );
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = Instant::now();
     let end = loop {
+        let drain = async {
+            match close_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
-            _ = requested(&mut shutdown) => break End::Close(1001, "server shutting down"),
+            changed = phase.changed() => {
+                let current = *phase.borrow_and_update();
+                if changed.is_err() || current == Phase::Stopping {
+                    break End::Close(1001, "server shutting down");
+                }
+                close_at = current.close_at(member.id);
+            }
+            _ = drain => break End::Close(CLOSE_RESTART, "service restart"),
             _ = member.outbox.overflowed() => break End::Close(CLOSE_SLOW_CONSUMER, "slow consumer"),
             _ = member.outbox.ready() => {
                 if let Some(end) = write_queued(&mut ws, &member.outbox, &mut batch, &ctx).await {
@@ -113,19 +149,28 @@ where
                 }
             }
             Some((topic, seq, outcome)) = session.waiting.next() => session.confirmed(&ctx, topic, seq, outcome),
-            frame = ws.next() => match frame {
-                None => break End::Gone,
-                Some(Ok(Message::Close(_))) => break End::Gone,
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(frame)) => session.handle(&ctx, &frame),
-                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                    break End::Close(1009, "message too big");
+            frame = ws.next() => {
+                last_seen = Instant::now();
+                match frame {
+                    None => break End::Gone,
+                    Some(Ok(Message::Close(_))) => break End::Gone,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Ok(frame)) => session.handle(&ctx, &frame),
+                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                        break End::Close(1009, "message too big");
+                    }
+                    Some(Err(e)) => {
+                        debug!(cause = %e, "read failed");
+                        break End::Gone;
+                    }
                 }
-                Some(Err(e)) => {
-                    debug!(cause = %e, "read failed");
-                    break End::Gone;
+            }
+            _ = keepalive.tick() => {
+                if last_seen.elapsed() >= ctx.pong_timeout {
+                    break End::Close(CLOSE_KEEPALIVE, "keepalive timeout");
                 }
-            },
+                session.reply(Message::Ping(bytes::Bytes::new()));
+            }
         }
     };
     session.leave(&ctx);
@@ -148,7 +193,7 @@ async fn write_queued<S>(
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
-    let mut shutdown = ctx.shutdown.clone();
+    let mut phase = ctx.phase.clone();
     loop {
         match outbox.take(batch) {
             State::Open => {}
@@ -174,7 +219,7 @@ where
                 ctx.metrics.frames_out.inc_by(n);
             }
             _ = outbox.overflowed() => return Some(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer")),
-            _ = requested(&mut shutdown) => return Some(End::Close(1001, "server shutting down")),
+            _ = stopping(&mut phase) => return Some(End::Close(1001, "server shutting down")),
         }
     }
 }
@@ -205,6 +250,39 @@ struct Session {
     held: HashMap<Topic, Held>,
     waiting: FuturesUnordered<Waiting>,
     seq: u64,
+    bucket: TokenBucket,
+}
+
+/// Subscribe rate limit: `rate` tokens per second, holding at most `rate`.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: usize) -> TokenBucket {
+        let rate = rate as f64;
+        TokenBucket {
+            rate,
+            tokens: rate,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Session {
@@ -233,19 +311,33 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>) {
-        let refuse = |error: &str| self.ack(AckKind::Subscribe, &topic, id.as_deref(), Some(error));
-        if let Err(error) = validate(&topic, ctx.max_pattern_bytes) {
-            return refuse(&error);
+    /// Why this connection may not subscribe to `topic` now, if it may not.
+    fn refusal(&mut self, ctx: &SessionContext, topic: &Topic) -> Option<String> {
+        if let Err(error) = validate(topic, ctx.max_pattern_bytes) {
+            return Some(error);
         }
-        if self.held.contains_key(&topic) {
-            return refuse("already subscribed");
+        if self.held.contains_key(topic) {
+            return Some("already subscribed".to_owned());
         }
         if self.held.len() >= ctx.max_subscriptions {
-            return refuse(&format!(
+            return Some(format!(
                 "subscription limit reached ({})",
                 ctx.max_subscriptions
             ));
+        }
+        if !self.bucket.take() {
+            ctx.metrics
+                .refused
+                .with_label_values(&["rate_limited"])
+                .inc();
+            return Some("rate limited".to_owned());
+        }
+        None
+    }
+
+    fn subscribe(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>) {
+        if let Some(error) = self.refusal(ctx, &topic) {
+            return self.ack(AckKind::Subscribe, &topic, id.as_deref(), Some(&error));
         }
         let ack = self.member.dialect.ack(&Ack {
             kind: AckKind::Subscribe,

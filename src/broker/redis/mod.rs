@@ -18,7 +18,7 @@ mod resp;
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt};
@@ -28,19 +28,15 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
-use super::{Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, Topic};
+use super::{Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, HubGone, Topic};
 use crate::metrics::Metrics;
 use resp::Value;
 
 /// Requests waiting for the actor. Only the hub's reconciler sends, one batch
 /// at a time, so a handful is plenty; a full channel makes the sender wait.
 const REQUEST_CAPACITY: usize = 16;
-/// How long one TCP connect (plus AUTH) may take before it counts as failed.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// First reconnect delay; doubles per failure up to [`BACKOFF_MAX`].
+/// First reconnect delay; doubles per failure up to [`RedisOptions::backoff_max`].
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-/// Reconnect delay cap: an outage costs at most this much extra after Redis returns.
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Bytes read from the socket per read call (the buffer grows for larger messages).
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -53,6 +49,18 @@ pub enum RedisConfigError {
     /// Only plain TCP is supported for the pub/sub connection.
     #[error("only redis://host:port URLs are supported")]
     Unsupported,
+}
+
+/// Timing of the pub/sub connection (from [`crate::Config`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RedisOptions {
+    /// How often the connection is probed with PING.
+    pub probe_interval: Duration,
+    /// How long a probe, a connect or a write may take before the connection
+    /// counts as dead.
+    pub probe_timeout: Duration,
+    /// Reconnect backoff cap (an outage costs at most this much extra).
+    pub backoff_max: Duration,
 }
 
 /// Handle to the Redis broker actor; dropping every handle stops it.
@@ -73,6 +81,7 @@ impl RedisBroker {
         url: &str,
         events: mpsc::Sender<BrokerEvent>,
         metrics: Metrics,
+        options: RedisOptions,
     ) -> Result<RedisBroker, RedisConfigError> {
         let client = redis::Client::open(url)?;
         let info = client.get_connection_info();
@@ -87,8 +96,8 @@ impl RedisBroker {
         let publisher = ConnectionManager::new_lazy_with_config(
             client,
             ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                .set_response_timeout(Some(CONNECT_TIMEOUT))
+                .set_connection_timeout(Some(options.probe_timeout))
+                .set_response_timeout(Some(options.probe_timeout))
                 .set_number_of_retries(1),
         )?;
         let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
@@ -97,8 +106,9 @@ impl RedisBroker {
             port,
             auth,
             requests: rx,
-            events,
+            events: EventSink::new(events, metrics.clone()),
             metrics,
+            options,
         };
         let span =
             tracing::info_span!("redis_pubsub", addr = %format!("{}:{}", actor.host, actor.port));
@@ -171,8 +181,9 @@ struct Actor {
     port: u16,
     auth: Option<(Option<String>, String)>,
     requests: mpsc::Receiver<Request>,
-    events: mpsc::Sender<BrokerEvent>,
+    events: EventSink,
     metrics: Metrics,
+    options: RedisOptions,
 }
 
 /// A request written to Redis whose confirmations have not all arrived.
@@ -194,7 +205,7 @@ impl Actor {
                     info!(generation, "connected");
                     if self
                         .events
-                        .send(BrokerEvent::Up { generation })
+                        .state(BrokerEvent::Up { generation })
                         .await
                         .is_err()
                     {
@@ -204,7 +215,7 @@ impl Actor {
                     let exit = self.serve(stream, generation).await;
                     self.metrics.broker_up.set(0);
                     // Tell the hub before anything else: every subscription is gone.
-                    if self.events.send(BrokerEvent::Down).await.is_err() {
+                    if self.events.state(BrokerEvent::Down).await.is_err() {
                         return;
                     }
                     match exit {
@@ -220,11 +231,11 @@ impl Actor {
                     }
                 }
             }
-            if self
-                .refuse_while(tokio::time::sleep(backoff(failures)))
-                .await
-                .is_none()
-            {
+            let pause = backoff(failures, self.options.backoff_max);
+            if self.refuse_while(tokio::time::sleep(pause)).await.is_none() {
+                return;
+            }
+            if self.events.state(BrokerEvent::Reconnecting).await.is_err() {
                 return;
             }
         }
@@ -245,25 +256,47 @@ impl Actor {
         }
     }
 
-    /// Connects and authenticates; `Ok(None)` means shutdown was requested meanwhile.
+    /// Connects, authenticates and checks that Redis answers a PING, all
+    /// within the probe timeout (a frozen Redis still accepts TCP connections
+    /// through the kernel; the PING is what proves it alive). `Ok(None)` means
+    /// shutdown was requested meanwhile.
     async fn connect(&mut self) -> Result<Option<TcpStream>, String> {
         let addr = (self.host.clone(), self.port);
         let auth = self.auth.clone();
         let attempt = async move {
             let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
             stream.set_nodelay(true).map_err(|e| e.to_string())?;
-            if let Some((user, password)) = auth {
-                authenticate(&mut stream, user.as_deref(), &password).await?;
+            let mut cmd = BytesMut::new();
+            if let Some((user, password)) = &auth {
+                let mut args: Vec<&[u8]> = vec![b"AUTH"];
+                args.extend(user.as_deref().map(str::as_bytes));
+                args.push(password.as_bytes());
+                resp::encode_command(&mut cmd, args.into_iter());
+            }
+            resp::encode_command(&mut cmd, [&b"PING"[..]].into_iter());
+            stream.write_all(&cmd).await.map_err(|e| e.to_string())?;
+            let mut buf = BytesMut::with_capacity(256);
+            let mut replies = if auth.is_some() { 2 } else { 1 };
+            while replies > 0 {
+                if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                    return Err("connection closed during handshake".to_owned());
+                }
+                while let Some(v) = resp::parse(&mut buf).map_err(|e| e.to_string())? {
+                    match v {
+                        Value::Simple(_) => replies -= 1,
+                        other => return Err(format!("handshake refused: {other:?}")),
+                    }
+                }
             }
             Ok::<_, String>(stream)
         };
         match self
-            .refuse_while(tokio::time::timeout(CONNECT_TIMEOUT, attempt))
+            .refuse_while(tokio::time::timeout(self.options.probe_timeout, attempt))
             .await
         {
             None => Ok(None),
             Some(Ok(result)) => result.map(Some),
-            Some(Err(_)) => Err("connect timed out".to_owned()),
+            Some(Err(_)) => Err("connect or handshake timed out".to_owned()),
         }
     }
 
@@ -273,6 +306,11 @@ impl Actor {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut out = BytesMut::new();
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        let mut probe = tokio::time::interval(self.options.probe_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the outstanding PING was sent; `None` when none is outstanding.
+        let mut pinged: Option<Instant> = None;
+        let write_timeout = self.options.probe_timeout;
         let exit = loop {
             tokio::select! {
                 req = self.requests.recv() => {
@@ -288,16 +326,35 @@ impl Actor {
                         continue;
                     }
                     inflight.push_back(InFlight { remaining: expected, done: req.done });
-                    if let Err(e) = wr.write_all(&out).await {
-                        break Exit::Lost(e.to_string());
+                    if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
+                        break Exit::Lost(cause);
                     }
                 }
                 read = read_some(&mut rd, &mut buf) => {
                     if let Err(cause) = read {
                         break Exit::Lost(cause);
                     }
-                    if let Err(exit) = self.drain(&mut buf, &mut inflight) {
+                    if let Err(exit) = self.drain(&mut buf, &mut inflight, &mut pinged) {
                         break exit;
+                    }
+                }
+                _ = probe.tick() => {
+                    if self.events.flush_gap().is_err() {
+                        break Exit::Shutdown;
+                    }
+                    match pinged {
+                        Some(at) if at.elapsed() >= self.options.probe_timeout => {
+                            break Exit::Lost(format!("no PING reply within {:?}", self.options.probe_timeout));
+                        }
+                        Some(_) => {}
+                        None => {
+                            out.clear();
+                            resp::encode_command(&mut out, [&b"PING"[..]].into_iter());
+                            if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
+                                break Exit::Lost(cause);
+                            }
+                            pinged = Some(Instant::now());
+                        }
                     }
                 }
             }
@@ -309,16 +366,31 @@ impl Actor {
     }
 
     /// Handles every complete value in `buf`.
-    fn drain(&self, buf: &mut BytesMut, inflight: &mut VecDeque<InFlight>) -> Result<(), Exit> {
+    fn drain(
+        &mut self,
+        buf: &mut BytesMut,
+        inflight: &mut VecDeque<InFlight>,
+        pinged: &mut Option<Instant>,
+    ) -> Result<(), Exit> {
         while let Some(value) = resp::parse(buf).map_err(|e| Exit::Lost(e.to_string()))? {
-            self.handle(value, inflight)?;
+            self.handle(value, inflight, pinged)?;
         }
         Ok(())
     }
 
-    fn handle(&self, value: Value, inflight: &mut VecDeque<InFlight>) -> Result<(), Exit> {
+    fn handle(
+        &mut self,
+        value: Value,
+        inflight: &mut VecDeque<InFlight>,
+        pinged: &mut Option<Instant>,
+    ) -> Result<(), Exit> {
         let items = match value {
             Value::Array(items) => items,
+            // PING on a connection with no subscriptions (RESP2 normal mode).
+            Value::Simple(s) if s.eq_ignore_ascii_case(b"PONG") => {
+                *pinged = None;
+                return Ok(());
+            }
             Value::Error(e) => {
                 // A refused (P)SUBSCRIBE leaves Redis's state unknown to us; a
                 // fresh connection makes it known (empty) again and the hub resyncs.
@@ -336,22 +408,27 @@ impl Actor {
             other => return Err(Exit::Lost(format!("unexpected push {other:?}"))),
         };
         match (&kind[..], items.next(), items.next(), items.next()) {
-            (b"message", Some(Value::Bulk(channel)), Some(Value::Bulk(payload)), None) => self
-                .deliver(BrokerMessage {
-                    topic: Topic::Channel(channel.clone()),
+            (b"message", Some(Value::Bulk(channel)), Some(Value::Bulk(payload)), None) => {
+                let topic = Topic::Channel(channel.clone());
+                self.deliver(BrokerMessage {
+                    topic,
                     channel,
                     payload,
-                }),
+                })
+            }
             (
                 b"pmessage",
                 Some(Value::Bulk(pattern)),
                 Some(Value::Bulk(channel)),
                 Some(Value::Bulk(payload)),
-            ) => self.deliver(BrokerMessage {
-                topic: Topic::Pattern(pattern),
-                channel,
-                payload,
-            }),
+            ) => {
+                let topic = Topic::Pattern(pattern);
+                self.deliver(BrokerMessage {
+                    topic,
+                    channel,
+                    payload,
+                })
+            }
             (b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe", _, _, _) => {
                 if let Some(front) = inflight.front_mut() {
                     front.remaining -= 1;
@@ -363,7 +440,10 @@ impl Actor {
                 }
                 Ok(())
             }
-            (b"pong", _, _, _) => Ok(()),
+            (b"pong", _, _, _) => {
+                *pinged = None;
+                Ok(())
+            }
             _ => Err(Exit::Lost(format!(
                 "unexpected push {:?}",
                 String::from_utf8_lossy(&kind)
@@ -371,17 +451,24 @@ impl Actor {
         }
     }
 
-    /// Hands a message to the hub without waiting: a full buffer drops it.
-    fn deliver(&self, msg: BrokerMessage) -> Result<(), Exit> {
-        self.metrics.broker_messages.inc();
-        match self.events.try_send(BrokerEvent::Message(msg)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics.broker_messages_dropped.inc();
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Exit::Shutdown),
-        }
+    /// Hands a message to the hub without waiting: a full buffer drops it
+    /// (counted, and announced to its subscribers as a gap).
+    fn deliver(&mut self, msg: BrokerMessage) -> Result<(), Exit> {
+        self.events.message(msg).map_err(|HubGone| Exit::Shutdown)
+    }
+}
+
+/// Writes `bytes` or fails after `limit`: a frozen Redis stops reading, and a
+/// write that never finishes must not hang the connection's task.
+async fn write_within(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    bytes: &[u8],
+    limit: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(limit, wr.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("write to redis took longer than {limit:?}")),
     }
 }
 
@@ -429,41 +516,14 @@ fn encode_changes(out: &mut BytesMut, changes: &Changes) -> usize {
     expected
 }
 
-/// Sends AUTH and waits for `+OK` before the connection enters pub/sub mode.
-async fn authenticate(
-    stream: &mut TcpStream,
-    user: Option<&str>,
-    password: &str,
-) -> Result<(), String> {
-    let mut cmd = BytesMut::new();
-    let mut args: Vec<&[u8]> = vec![b"AUTH"];
-    args.extend(user.map(str::as_bytes));
-    args.push(password.as_bytes());
-    resp::encode_command(&mut cmd, args.into_iter());
-    stream.write_all(&cmd).await.map_err(|e| e.to_string())?;
-    let mut buf = BytesMut::with_capacity(256);
-    loop {
-        if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("connection closed during AUTH".to_owned());
-        }
-        match resp::parse(&mut buf).map_err(|e| e.to_string())? {
-            None => continue,
-            Some(Value::Simple(_)) => return Ok(()),
-            Some(other) => return Err(format!("AUTH refused: {other:?}")),
-        }
-    }
-}
-
-/// Exponential backoff from [`BACKOFF_MIN`] capped at [`BACKOFF_MAX`], with
-/// ±50% jitter so that many nodes do not reconnect in lockstep.
-fn backoff(failures: u32) -> Duration {
-    let base = BACKOFF_MIN
-        .saturating_mul(1 << failures.min(10))
-        .min(BACKOFF_MAX);
+/// Exponential backoff from [`BACKOFF_MIN`] capped at `max`, with ±50%
+/// jitter (still capped) so that many nodes do not reconnect in lockstep.
+fn backoff(failures: u32, max: Duration) -> Duration {
+    let base = BACKOFF_MIN.saturating_mul(1 << failures.min(10)).min(max);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(failures);
     let jitter = (h.finish() % 1000) as f64 / 1000.0; // 0.0 .. 1.0
-    base.mul_f64(0.5 + jitter).min(BACKOFF_MAX)
+    base.mul_f64(0.5 + jitter).min(max)
 }
 
 #[cfg(test)]
@@ -490,13 +550,12 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
+        let max = Duration::from_secs(1);
         for failures in 0..40 {
-            let d = backoff(failures);
-            assert!(
-                d >= BACKOFF_MIN / 2 && d <= BACKOFF_MAX,
-                "{failures}: {d:?}"
-            );
+            let d = backoff(failures, max);
+            assert!(d >= BACKOFF_MIN / 2 && d <= max, "{failures}: {d:?}");
         }
-        assert!(backoff(1) < Duration::from_millis(200));
+        assert!(backoff(1, max) < Duration::from_millis(200));
+        assert!(backoff(30, max) >= max / 2);
     }
 }
