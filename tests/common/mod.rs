@@ -2,7 +2,13 @@
 //! gateway (in-process or as the real binary), and a WebSocket client that
 //! speaks the native protocol. Every helper is a guard that stops what it
 //! started when dropped; every wait has a timeout.
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
