@@ -1,0 +1,363 @@
+//! The real `wsgate` binary as a child process: graceful shutdown on SIGTERM,
+//! configuration errors, and the default (no Redis) setup.
+//!
+//! Children are started with every inherited `WSGATE_*` variable removed, so
+//! the developer's environment cannot change what is tested. Every wait is
+//! bounded; a child that outlives its bound is killed.
+
+// Helpers outside `#[test]` fns panic on purpose too (a failed helper is a
+// failed test); clippy's allow-expect-in-tests only covers test fns.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The binary with a clean `WSGATE_*` environment, quiet logs, and `env`.
+fn command<K: AsRef<OsStr>, V: AsRef<OsStr>>(env: &[(K, V)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+    for (k, _) in std::env::vars_os() {
+        if k.as_bytes().starts_with(b"WSGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("WSGATE_LOG", "warn").env_remove("RUST_BACKTRACE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Spawns the binary on a free loopback port (plus `env`) and waits for `/readyz`.
+async fn spawn(env: &[(&str, String)]) -> GatewayProcess {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let mut cmd = command(env);
+    cmd.env("WSGATE_LISTEN", addr.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = cmd.spawn().expect("spawn wsgate");
+    let gw = GatewayProcess { child, addr };
+    wait_until("gateway process /readyz", WAIT, || async move {
+        http(addr, "GET", "/readyz", None).await.0 == 200
+    })
+    .await;
+    gw
+}
+
+/// Runs the binary to completion: (status, stdout, stderr). Killed (and the
+/// test failed) if it is still running after 10 s.
+fn run_to_exit<K: AsRef<OsStr>, V: AsRef<OsStr>>(env: &[(K, V)]) -> (ExitStatus, String, String) {
+    let mut child = command(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wsgate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait().expect("try_wait") {
+            Some(_) => break,
+            None if Instant::now() > deadline => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait");
+                panic!(
+                    "wsgate still running after 10 s (killed); stderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    let out = child.wait_with_output().expect("wait_with_output");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Reads every frame until the connection ends, so the close handshake is
+/// answered (tungstenite replies to a close frame on the next read). Returns
+/// the server's close code and reason, if one arrived.
+async fn read_until_closed(mut c: Client) -> Option<(u16, String)> {
+    let mut close = None;
+    loop {
+        match tokio::time::timeout(WAIT, c.ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                close = Some(
+                    frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((0, String::new())),
+                );
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) | Err(_) => return close,
+        }
+    }
+}
+
+/// POST /publish; (status, parsed body).
+async fn publish(addr: SocketAddr, body: Value) -> (u16, Value) {
+    let (status, text) = http(addr, "POST", "/publish", Some(&body.to_string())).await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+// ---------------------------------------------------------------- SIGTERM
+
+/// SIGTERM closes every socket with 1001 and exits 0, promptly when the
+/// clients answer the close handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_client_with_1001_and_exits_0() {
+    let mut gw = spawn(&[]).await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut c = gw.client().await;
+        if i % 2 == 0 {
+            c.psubscribe("term.*").await;
+        } else {
+            c.subscribe(&format!("term.{i}")).await;
+        }
+        clients.push(c);
+    }
+    // All live: a pattern publish reaches the ten pattern subscribers.
+    assert_eq!(
+        publish(gw.addr, json!({"channel":"term.0","payload":"hi"})).await,
+        (200, json!({"receivers":1}))
+    );
+    for c in clients.iter_mut().step_by(2) {
+        assert_eq!(
+            c.recv().await,
+            json!({"action":"message","pattern":"term.*","channel":"term.0","payload":"hi"})
+        );
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(read_until_closed(c)))
+        .collect();
+
+    let t = Instant::now();
+    let status = gw.terminate().await;
+    let took = t.elapsed();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    for (i, r) in readers.into_iter().enumerate() {
+        let close = tokio::time::timeout(WAIT, r)
+            .await
+            .expect("reader hung")
+            .expect("reader");
+        assert_eq!(
+            close,
+            Some((1001, "server shutting down".to_owned())),
+            "client {i}"
+        );
+    }
+    // Answered handshakes end the shutdown at once, far from the 5 s default
+    // WSGATE_SHUTDOWN_TIMEOUT_MS (and the 10 s bound of `terminate`).
+    eprintln!("SIGTERM to exit with 20 clients: {took:?}");
+    assert!(took < Duration::from_secs(4), "exit took {took:?}");
+    assert_eq!(
+        http(gw.addr, "GET", "/healthz", None).await.0,
+        0,
+        "nothing listens any more"
+    );
+}
+
+/// A client that never reads cannot hold the process: it exits 0 once
+/// WSGATE_SHUTDOWN_TIMEOUT_MS has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_stalled_client_is_bounded_by_shutdown_timeout() {
+    let mut gw = spawn(&[("WSGATE_SHUTDOWN_TIMEOUT_MS", "1000".to_owned())]).await;
+    let mut stalled = gw.client().await;
+    stalled.psubscribe("stall.*").await;
+    let t = Instant::now();
+    let status = gw.terminate().await;
+    let took = t.elapsed();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    eprintln!("SIGTERM to exit with a stalled client, 1000 ms timeout: {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}: did it wait for the session at all?"
+    );
+    assert!(took < Duration::from_secs(4), "exit took {took:?}");
+    // The close frame was sent before the process gave up.
+    assert_eq!(
+        stalled.expect_close().await.map(|f| u16::from(f.code)),
+        Some(1001)
+    );
+}
+
+/// With Redis: SIGTERM also exits 0 and the node's pub/sub connection goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_redis_exits_0_and_leaves_redis_clean() {
+    let redis = Redis::start().await;
+    let mut gw = spawn(&[("WSGATE_REDIS_URL", redis.url())]).await;
+    let mut c = gw.client().await;
+    c.psubscribe("bye.*").await;
+    assert_eq!(redis.numpat().await, 1);
+    let reader = tokio::spawn(read_until_closed(c));
+    let status = gw.terminate().await;
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert_eq!(
+        tokio::time::timeout(WAIT, reader)
+            .await
+            .expect("reader hung")
+            .expect("reader"),
+        Some((1001, "server shutting down".to_owned()))
+    );
+    wait_until("the pub/sub connection closed", WAIT, || async {
+        redis.numpat().await == 0
+    })
+    .await;
+    assert_eq!(redis.pubsub_clients().await, vec![]);
+}
+
+// ---------------------------------------------------------------- configuration
+
+/// A bad value: exit code 2, nothing on stdout, exactly one stderr line
+/// naming the variable (and echoing the value).
+#[test]
+fn bad_configuration_exits_2_with_one_line_naming_the_variable() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    for (var, value) in [
+        ("WSGATE_MAX_SUBSCRIPTIONS", "abc"),
+        ("WSGATE_LOG_FORMAT", "xml"),
+        ("WSGATE_LISTEN", "nowhere"),
+        ("WSGATE_REDIS_URL", "http://127.0.0.1:1"),
+        ("WSGATE_SUBSCRIBE_TIMEOUT_MS", "0"),
+        ("WSGATE_SHUTDOWN_TIMEOUT_MS", "soon"),
+        ("WSGATE_MAX_MESSAGE_BYTES", "-1"),
+        ("WSGATE_WS_PATH", "ws"),
+        ("WSGATE_LOG", "[[["),
+    ] {
+        // A valid listen address (unless that is the variable under test), so
+        // a wrongly accepted value would start a server and hit the guard.
+        let mut env = vec![("WSGATE_LISTEN", listen.as_str())];
+        env.retain(|(k, _)| *k != var);
+        env.push((var, value));
+        let (status, stdout, stderr) = run_to_exit(&env);
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "{var}={value}: {status:?}, stderr {stderr:?}"
+        );
+        assert_eq!(stdout, "", "{var}={value}: stdout");
+        assert!(stderr.ends_with('\n'), "{var}={value}: {stderr:?}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{var}={value}: stderr must be one line: {stderr:?}"
+        );
+        assert!(stderr.contains(var), "{var}={value}: {stderr:?}");
+        assert!(stderr.contains(value), "{var}={value}: {stderr:?}");
+    }
+}
+
+/// A `WSGATE_*` value that is not UTF-8 is a bad value like any other:
+/// exit 2 and one line naming the variable (config.rs documents
+/// `ConfigError::Env` for "a value is not unicode").
+#[test]
+fn non_utf8_wsgate_value_is_a_config_error() {
+    let bad = OsStr::from_bytes(b"\xff\xfe");
+    let (status, stdout, stderr) = run_to_exit(&[(OsStr::new("WSGATE_LOG_FORMAT"), bad)]);
+    assert_eq!(status.code(), Some(2), "{status:?}, stderr {stderr:?}");
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "stderr must be one line: {stderr:?}"
+    );
+    assert!(stderr.contains("WSGATE_LOG_FORMAT"), "{stderr:?}");
+}
+
+/// A non-UTF-8 value in a variable the gateway does not own must not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_unrelated_variable_does_not_prevent_start() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let mut cmd = command(&[("WSGATE_LISTEN", addr.to_string())]);
+    cmd.env("UNRELATED_LATIN1", OsStr::from_bytes(b"caf\xe9"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn wsgate");
+    let mut gw = GatewayProcess { child, addr };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = gw.child.try_wait().expect("try_wait") {
+            let mut stderr = String::new();
+            if let Some(mut e) = gw.child.stderr.take() {
+                use std::io::Read as _;
+                let _ = e.read_to_string(&mut stderr);
+            }
+            let first = stderr
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" | ");
+            panic!("wsgate exited with {status:?} because of UNRELATED_LATIN1=caf\\xe9: {first}");
+        }
+        if http(addr, "GET", "/readyz", None).await.0 == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no /readyz within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------- default setup
+
+/// `cargo run` with nothing set (bar the port) uses the embedded broker: ready
+/// at once, and a subscribe plus an HTTP publish deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_setup_works_without_redis() {
+    let mut gw = spawn(&[]).await;
+    assert_eq!(
+        http(gw.addr, "GET", "/readyz", None).await,
+        (200, r#"{"ready":true}"#.to_owned())
+    );
+    assert_eq!(http(gw.addr, "GET", "/healthz", None).await.0, 200);
+    let mut c = gw.client().await;
+    c.psubscribe("hello.*").await;
+    c.subscribe("hello.world").await;
+    assert_eq!(
+        publish(gw.addr, json!({"channel":"hello.world","payload":{"n":1}})).await,
+        (200, json!({"receivers":2}))
+    );
+    let mut got = vec![c.recv().await.to_string(), c.recv().await.to_string()];
+    got.sort();
+    let mut want = vec![
+        json!({"action":"message","pattern":"hello.*","channel":"hello.world","payload":{"n":1}})
+            .to_string(),
+        json!({"action":"message","channel":"hello.world","payload":{"n":1}}).to_string(),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(
+        publish(gw.addr, json!({"channel":"elsewhere","payload":"x"})).await,
+        (200, json!({"receivers":0}))
+    );
+    assert!(http(gw.addr, "GET", "/metrics", None)
+        .await
+        .1
+        .contains("wsgate_connections 1"));
+    let reader = tokio::spawn(read_until_closed(c));
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(
+        tokio::time::timeout(WAIT, reader)
+            .await
+            .expect("reader hung")
+            .expect("reader")
+            .map(|c| c.0),
+        Some(1001)
+    );
+}
