@@ -25,7 +25,10 @@ pub enum ConfigError {
         /// A human description of the accepted values.
         accepted: &'static str,
     },
-    /// The environment could not be read at all (e.g. a value is not unicode).
+    /// A variable's value is not valid unicode.
+    #[error("{0}={1:?} is invalid: expected UTF-8 text")]
+    NotUnicode(String, String),
+    /// envy could not map the variables (not expected: every field is a string).
     #[error("cannot read WSGATE_* environment: {0}")]
     Env(#[from] envy::Error),
 }
@@ -165,7 +168,24 @@ struct RawConfig {
 impl Config {
     /// Reads and validates every `WSGATE_*` variable of the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
-        Self::from_raw(envy::prefixed("WSGATE_").from_env::<RawConfig>()?)
+        // `std::env::vars()` panics on a value that is not unicode, anywhere in
+        // the environment; read raw, keep ours, and refuse a bad one of ours.
+        let mut vars = Vec::new();
+        for (key, value) in std::env::vars_os() {
+            let Some(key) = key.to_str().filter(|k| k.starts_with("WSGATE_")) else {
+                continue;
+            };
+            match value.into_string() {
+                Ok(value) => vars.push((key.to_owned(), value)),
+                Err(raw) => {
+                    return Err(ConfigError::NotUnicode(
+                        key.to_owned(),
+                        raw.to_string_lossy().into_owned(),
+                    ))
+                }
+            }
+        }
+        Self::from_vars(vars)
     }
 
     /// Same as [`Config::from_env`] over explicit pairs (names with the prefix),

@@ -32,7 +32,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod metrics;
-pub(crate) mod pattern;
+pub mod pattern;
 pub mod protocol;
 pub mod server;
 pub mod session;

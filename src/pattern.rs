@@ -39,7 +39,7 @@ const MAX_NESTING: u32 = 1000;
 /// `PSUBSCRIBE` pattern; answering it identically lets the gateway route
 /// messages locally without a round trip. Never panics, whatever the bytes.
 #[must_use]
-pub(crate) fn matches(pattern: &[u8], channel: &[u8]) -> bool {
+pub fn matches(pattern: &[u8], channel: &[u8]) -> bool {
     Search::default().run(pattern, channel, 0)
 }
 

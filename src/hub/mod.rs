@@ -123,6 +123,26 @@ impl Hub {
         removed
     }
 
+    /// Withdraws a subscribe that is still waiting for the broker (its wait
+    /// timed out); `false` if it became active meanwhile and must be kept.
+    pub fn cancel_pending(&self, member_id: u64, topic: &Topic) -> bool {
+        let cancelled = {
+            let mut registry = self.shared.lock();
+            let cancelled = registry.cancel_pending(member_id, topic);
+            self.shared.update_gauges(&registry);
+            cancelled
+        };
+        if cancelled {
+            self.shared
+                .metrics
+                .local_subscriptions
+                .with_label_values(&[topic.kind()])
+                .dec();
+            self.shared.dirty.notify_one();
+        }
+        cancelled
+    }
+
     /// Publishes through the broker; returns the receiver count it reports.
     pub async fn publish(
         &self,

@@ -240,6 +240,22 @@ impl Registry {
         removed
     }
 
+    /// Withdraws `member_id`'s subscribe to `topic` only if it is still
+    /// waiting; `false` if it was activated meanwhile (its ack is queued).
+    pub fn cancel_pending(&mut self, member_id: u64, topic: &Topic) -> bool {
+        let Some(entry) = self.entries.get_mut(topic) else {
+            return false;
+        };
+        if entry.pending.remove(&member_id).is_none() {
+            return false;
+        }
+        self.waiting -= 1;
+        if !entry.wanted() {
+            self.mark_dirty(topic);
+        }
+        true
+    }
+
     fn mark_dirty(&mut self, topic: &Topic) {
         if let Some(entry) = self.entries.get_mut(topic) {
             if !entry.dirty {
@@ -276,11 +292,11 @@ impl Registry {
             entry.dirty = false;
             match (entry.wanted(), entry.held) {
                 (true, Held::Absent) => {
-                    entry.held = Held::Subscribing;
+                    self.set_held(&topic, Held::Subscribing);
                     changes.subscribe.push(topic);
                 }
                 (false, Held::Present) => {
-                    entry.held = Held::Unsubscribing;
+                    self.set_held(&topic, Held::Unsubscribing);
                     changes.unsubscribe.push(topic);
                 }
                 (false, Held::Absent) => {

@@ -388,7 +388,7 @@ impl Session {
             return;
         }
         // Timed out: withdraw, unless the hub activated it in the meantime.
-        if ctx.hub.unsubscribe(self.member.id, &topic) != Removed::Pending {
+        if !ctx.hub.cancel_pending(self.member.id, &topic) {
             held.pending = false;
             return;
         }

@@ -288,6 +288,7 @@ impl Gateway {
         let task = tokio::spawn(async move {
             wsgate::server::run(listener, config, async {
                 let _ = stopped.await;
+                wsgate::shutdown::Stop::Immediate
             })
             .await
             .expect("server run");

@@ -149,15 +149,27 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'static, Result<u64, BrokerError>> {
         let mut conn = self.publisher.clone();
         async move {
-            redis::cmd("PUBLISH")
-                .arg(&channel[..])
-                .arg(&payload[..])
-                .query_async::<u64>(&mut conn)
-                .await
-                .map_err(|e| {
-                    debug!(cause = %e, "publish failed");
-                    BrokerError::Unavailable
-                })
+            // The connection manager notices a dead connection only when a
+            // command fails on it, then reconnects: one retry makes the first
+            // publish after an outage succeed instead of failing for nothing.
+            let mut last = None;
+            for _ in 0..2 {
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(&channel[..]).arg(&payload[..]);
+                match cmd.query_async::<u64>(&mut conn).await {
+                    Ok(n) => return Ok(n),
+                    // A timeout may have published already: never repeat it.
+                    Err(e) if e.is_timeout() => {
+                        last = Some(e);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                debug!(cause = %e, "publish failed");
+            }
+            Err(BrokerError::Unavailable)
         }
         .boxed()
     }
