@@ -144,7 +144,7 @@ where
             _ = drain => break End::Close(CLOSE_RESTART, "service restart"),
             _ = member.outbox.overflowed() => break End::Close(CLOSE_SLOW_CONSUMER, "slow consumer"),
             _ = member.outbox.ready() => {
-                if let Some(end) = write_queued(&mut ws, &member.outbox, &mut batch, &ctx).await {
+                if let Some(end) = write_queued(&mut ws, &member.outbox, &mut batch, &ctx, &mut phase).await {
                     break end;
                 }
             }
@@ -189,11 +189,11 @@ async fn write_queued<S>(
     outbox: &Outbox,
     batch: &mut VecDeque<Frame>,
     ctx: &SessionContext,
+    phase: &mut watch::Receiver<Phase>,
 ) -> Option<End>
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
-    let mut phase = ctx.phase.clone();
     loop {
         match outbox.take(batch) {
             State::Open => {}
@@ -219,7 +219,7 @@ where
                 ctx.metrics.frames_out.inc_by(n);
             }
             _ = outbox.overflowed() => return Some(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer")),
-            _ = stopping(&mut phase) => return Some(End::Close(1001, "server shutting down")),
+            _ = stopping(phase) => return Some(End::Close(1001, "server shutting down")),
         }
     }
 }
