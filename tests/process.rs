@@ -1,5 +1,6 @@
-//! The real `wsgate` binary as a child process: graceful shutdown on SIGTERM,
-//! configuration errors, and the default (no Redis) setup.
+//! The real `wsgate` binary as a child process: draining on SIGTERM (close
+//! 1012), stopping at once on SIGINT (close 1001), configuration errors, and
+//! the default (no Redis) setup.
 //!
 //! Children are started with every inherited `WSGATE_*` variable removed, so
 //! the developer's environment cannot change what is tested. Every wait is
@@ -113,13 +114,16 @@ async fn publish(addr: SocketAddr, body: Value) -> (u16, Value) {
     )
 }
 
-// ---------------------------------------------------------------- SIGTERM
+// ---------------------------------------------------------------- SIGTERM / SIGINT
 
-/// SIGTERM closes every socket with 1001 and exits 0, promptly when the
-/// clients answer the close handshake.
+/// SIGTERM drains: every socket is closed with 1012 ("service restart")
+/// within `WSGATE_DRAIN_WINDOW_MS`, and the process exits 0 promptly once the
+/// clients answered the close handshake. (Spread over the window, readiness
+/// and refused upgrades during the drain: tests/faults.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_closes_every_client_with_1001_and_exits_0() {
-    let mut gw = spawn(&[]).await;
+async fn sigterm_drains_every_client_with_1012_and_exits_0() {
+    let window = Duration::from_millis(500);
+    let mut gw = spawn(&[("WSGATE_DRAIN_WINDOW_MS", window.as_millis().to_string())]).await;
     let mut clients = Vec::new();
     for i in 0..20 {
         let mut c = gw.client().await;
@@ -157,14 +161,14 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
             .expect("reader");
         assert_eq!(
             close,
-            Some((1001, "server shutting down".to_owned())),
+            Some((1012, "service restart".to_owned())),
             "client {i}"
         );
     }
-    // Answered handshakes end the shutdown at once, far from the 5 s default
-    // WSGATE_SHUTDOWN_TIMEOUT_MS (and the 10 s bound of `terminate`).
-    eprintln!("SIGTERM to exit with 20 clients: {took:?}");
-    assert!(took < Duration::from_secs(4), "exit took {took:?}");
+    // Answered handshakes end the shutdown once the window is over, far from
+    // window + the 5 s default WSGATE_SHUTDOWN_TIMEOUT_MS.
+    println!("SIGTERM to exit with 20 clients, {window:?} drain window: {took:?}");
+    assert!(took < window + Duration::from_secs(3), "exit took {took:?}");
     assert_eq!(
         http(gw.addr, "GET", "/healthz", None).await.0,
         0,
@@ -172,27 +176,73 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
     );
 }
 
-/// A client that never reads cannot hold the process: it exits 0 once
-/// WSGATE_SHUTDOWN_TIMEOUT_MS has passed.
+/// SIGINT (Ctrl-C) stops at once: every socket is closed with 1001 ("server
+/// shutting down") without waiting for the drain window, and the exit is 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_with_a_stalled_client_is_bounded_by_shutdown_timeout() {
-    let mut gw = spawn(&[("WSGATE_SHUTDOWN_TIMEOUT_MS", "1000".to_owned())]).await;
+async fn sigint_closes_every_client_with_1001_at_once_and_exits_0() {
+    // A long drain window that SIGINT must not wait for.
+    let mut gw = spawn(&[("WSGATE_DRAIN_WINDOW_MS", "30000".to_owned())]).await;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let mut c = gw.client().await;
+        c.subscribe(&format!("int.{i}")).await;
+        clients.push(c);
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(read_until_closed(c)))
+        .collect();
+    let t = Instant::now();
+    let status = gw.interrupt().await;
+    let took = t.elapsed();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    for (i, r) in readers.into_iter().enumerate() {
+        let close = tokio::time::timeout(WAIT, r)
+            .await
+            .expect("reader hung")
+            .expect("reader");
+        assert_eq!(
+            close,
+            Some((1001, "server shutting down".to_owned())),
+            "client {i}"
+        );
+    }
+    println!("SIGINT to exit with 10 clients: {took:?}");
+    assert!(took < Duration::from_secs(3), "exit took {took:?}");
+    assert_eq!(http(gw.addr, "GET", "/healthz", None).await.0, 0);
+}
+
+/// A client that never reads cannot hold the process: it exits 0 once the
+/// drain window plus WSGATE_SHUTDOWN_TIMEOUT_MS has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_stalled_client_is_bounded_by_window_plus_shutdown_timeout() {
+    let (window, grace) = (Duration::from_millis(300), Duration::from_millis(1000));
+    let mut gw = spawn(&[
+        ("WSGATE_DRAIN_WINDOW_MS", window.as_millis().to_string()),
+        ("WSGATE_SHUTDOWN_TIMEOUT_MS", grace.as_millis().to_string()),
+    ])
+    .await;
     let mut stalled = gw.client().await;
     stalled.psubscribe("stall.*").await;
     let t = Instant::now();
     let status = gw.terminate().await;
     let took = t.elapsed();
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
-    eprintln!("SIGTERM to exit with a stalled client, 1000 ms timeout: {took:?}");
+    println!(
+        "SIGTERM to exit with a stalled client, {window:?} window + {grace:?} timeout: {took:?}"
+    );
     assert!(
-        took >= Duration::from_millis(900),
+        took >= window + grace - Duration::from_millis(100),
         "exited after {took:?}: did it wait for the session at all?"
     );
-    assert!(took < Duration::from_secs(4), "exit took {took:?}");
+    assert!(
+        took < window + grace + Duration::from_secs(3),
+        "exit took {took:?}"
+    );
     // The close frame was sent before the process gave up.
     assert_eq!(
         stalled.expect_close().await.map(|f| u16::from(f.code)),
-        Some(1001)
+        Some(1012)
     );
 }
 
@@ -200,7 +250,11 @@ async fn sigterm_with_a_stalled_client_is_bounded_by_shutdown_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_redis_exits_0_and_leaves_redis_clean() {
     let redis = Redis::start().await;
-    let mut gw = spawn(&[("WSGATE_REDIS_URL", redis.url())]).await;
+    let mut gw = spawn(&[
+        ("WSGATE_REDIS_URL", redis.url()),
+        ("WSGATE_DRAIN_WINDOW_MS", "200".to_owned()),
+    ])
+    .await;
     let mut c = gw.client().await;
     c.psubscribe("bye.*").await;
     assert_eq!(redis.numpat().await, 1);
@@ -212,7 +266,7 @@ async fn sigterm_with_redis_exits_0_and_leaves_redis_clean() {
             .await
             .expect("reader hung")
             .expect("reader"),
-        Some((1001, "server shutting down".to_owned()))
+        Some((1012, "service restart".to_owned()))
     );
     wait_until("the pub/sub connection closed", WAIT, || async {
         redis.numpat().await == 0
@@ -350,8 +404,9 @@ async fn default_setup_works_without_redis() {
         .await
         .1
         .contains("wsgate_connections 1"));
+    // Ctrl-C: the default drain window (10 s) does not apply; close now.
     let reader = tokio::spawn(read_until_closed(c));
-    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(gw.interrupt().await.code(), Some(0));
     assert_eq!(
         tokio::time::timeout(WAIT, reader)
             .await

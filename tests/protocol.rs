@@ -225,7 +225,6 @@ both_backends!(
     limits,
     slow_consumer_is_closed_and_others_get_everything,
     http_publish,
-    #[ignore = "BUG: POST /publish refuses \"payload\":null with 400 (batch accepts it); see the test"]
     http_publish_null_payload,
 );
 
@@ -1065,11 +1064,8 @@ async fn http_publish(b: Backend) {
     env.stop().await;
 }
 
-/// BUG (ignored so the suite stays green; run with `--ignored`): a single
-/// publish whose payload is JSON `null` is refused with 400, because
-/// `PublishBody::payload` is an `Option<Box<RawValue>>` and serde reads
-/// `null` as `None` ("missing"). The same payload in a batch is accepted and
-/// delivered. `null` is a JSON value like any other: it should publish `null`.
+/// A publish whose payload is JSON `null` publishes `null`, single or in a
+/// batch (regression: serde once read `null` as a missing field).
 async fn http_publish_null_payload(b: Backend) {
     let env = b.start().await;
     let mut c = env.client().await;

@@ -554,3 +554,148 @@ impl Client {
         }
     }
 }
+
+// ---------------------------------------------------------------- gap notices, limits, exits
+// (added for tests/faults.rs; shared with tests/redis.rs)
+
+/// Reason of the `interrupted` notice sent when the Redis connection is lost.
+pub const REASON_LOST: &str = "broker connection lost";
+/// Reason of the `interrupted` notice sent when the node dropped messages.
+pub const REASON_OVERLOADED: &str = "messages dropped: node overloaded";
+
+/// A gap notice as the native protocol renders it, with sorted topic lists
+/// (compare with [`sorted_topics`] of the received frame: the gateway lists a
+/// client's topics in no particular order).
+pub fn notice(action: &str, reason: Option<&str>, patterns: &[&str], channels: &[&str]) -> Value {
+    let mut v = json!({"action": action});
+    if let Some(r) = reason {
+        v["reason"] = json!(r);
+    }
+    v["patterns"] = json!(patterns);
+    v["channels"] = json!(channels);
+    sorted_topics(v)
+}
+
+/// `v` with its `patterns` and `channels` arrays (if any) sorted.
+pub fn sorted_topics(mut v: Value) -> Value {
+    for key in ["patterns", "channels"] {
+        if let Some(Value::Array(items)) = v.get_mut(key) {
+            items.sort_by_key(Value::to_string);
+        }
+    }
+    v
+}
+
+impl Client {
+    /// Receives the next text frame and asserts it is exactly this gap notice
+    /// (topic lists compared as sets).
+    pub async fn expect_notice(
+        &mut self,
+        action: &str,
+        reason: Option<&str>,
+        patterns: &[&str],
+        channels: &[&str],
+    ) {
+        let got = sorted_topics(self.recv().await);
+        assert_eq!(got, notice(action, reason, patterns, channels));
+    }
+
+    /// `interrupted` for a lost broker connection, with these topics.
+    pub async fn expect_interrupted(&mut self, patterns: &[&str], channels: &[&str]) {
+        self.expect_notice("interrupted", Some(REASON_LOST), patterns, channels)
+            .await;
+    }
+
+    /// `resumed` with these topics.
+    pub async fn expect_resumed(&mut self, patterns: &[&str], channels: &[&str]) {
+        self.expect_notice("resumed", None, patterns, channels)
+            .await;
+    }
+}
+
+/// One sample of a metric series from `/metrics` (the exact series text before
+/// the value, e.g. `wsgate_refused_total{reason="draining"}`); `None` when the
+/// series is absent or nothing answered.
+pub async fn metric_value(addr: SocketAddr, series: &str) -> Option<f64> {
+    let (status, text) = http(addr, "GET", "/metrics", None).await;
+    if status != 200 {
+        return None;
+    }
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok())
+}
+
+/// Sends a well-formed WebSocket upgrade request on a fresh connection and
+/// returns the response status and body (status 0: no answer within 5 s). On
+/// 101 the connection is dropped at once (the session then ends).
+pub async fn upgrade_request(addr: SocketAddr, path: &str) -> (u16, String) {
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.ok()?;
+        let mut raw = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())
+                            .flatten()
+                    })
+                    .unwrap_or(0);
+                if status == 101 || body.len() >= length {
+                    return Some((status, body.to_owned()));
+                }
+            }
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                let text = String::from_utf8_lossy(&raw).into_owned();
+                let status = text.split(' ').nth(1)?.parse().ok()?;
+                let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+                return Some((status, body.unwrap_or_default()));
+            }
+            raw.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or((0, String::new()))
+}
+
+impl GatewayProcess {
+    /// Waits (bounded) for the process to exit; panics after `bound`.
+    pub async fn wait_exit(&mut self, bound: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not exit within {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits (bounded by `WAIT`) for the exit status.
+    pub async fn interrupt(&mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), "INT");
+        self.wait_exit(WAIT).await
+    }
+}

@@ -350,12 +350,16 @@ impl Actor {
                         break exit;
                     }
                 }
-                _ = probe.tick() => {
+                tick = probe.tick() => {
                     if self.events.flush_gap().is_err() {
                         break Exit::Shutdown;
                     }
+                    // Ages are measured between ticks (the PING is stamped with
+                    // the tick that sent it), so the timeout expires exactly on a
+                    // tick: detection within interval + timeout, not one more interval.
+                    let now = tick.into_std();
                     match pinged {
-                        Some(at) if at.elapsed() >= self.options.probe_timeout => {
+                        Some(at) if now.duration_since(at) >= self.options.probe_timeout => {
                             break Exit::Lost(format!("no PING reply within {:?}", self.options.probe_timeout));
                         }
                         Some(_) => {}
@@ -365,7 +369,7 @@ impl Actor {
                             if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
                                 break Exit::Lost(cause);
                             }
-                            pinged = Some(Instant::now());
+                            pinged = Some(now);
                         }
                     }
                 }
