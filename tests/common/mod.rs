@@ -361,6 +361,12 @@ impl GatewayProcess {
     pub async fn spawn(env: &[(&str, String)]) -> GatewayProcess {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        GatewayProcess::spawn_at(addr, env).await
+    }
+
+    /// Spawns the binary listening on `addr` (e.g. to restart a node on the
+    /// port it had) plus `env`, and waits for `/readyz`.
+    pub async fn spawn_at(addr: SocketAddr, env: &[(&str, String)]) -> GatewayProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
         cmd.env("WSGATE_LISTEN", addr.to_string())
             .env("WSGATE_LOG", "warn")
