@@ -353,6 +353,17 @@ enum Drive {
     Fatal(ClientError),
 }
 
+/// What a text frame was, to [`Connection::on_text`].
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// Not a reply to our subscribes: forward it to the caller.
+    Other,
+    /// A reply to one of our subscribes, consumed here.
+    Reply,
+    /// The reply that confirmed the last subscription.
+    LastReply,
+}
+
 /// The subscribe bookkeeping of one connection.
 struct Connection<'a> {
     config: &'a ClientConfig,
@@ -447,8 +458,11 @@ impl<'a> Connection<'a> {
                 Some(Ok(_)) => continue,
             };
             match self.on_text(text.as_str()) {
-                Ok(None) => outgoing.push(Event::Text(text.as_str().to_owned())),
-                Ok(Some(event)) => outgoing.push(event),
+                Ok(Seen::Other) => outgoing.push(Event::Text(text.as_str().to_owned())),
+                Ok(Seen::Reply) => {}
+                Ok(Seen::LastReply) => outgoing.push(Event::Subscribed {
+                    connection: self.connection,
+                }),
                 Err(end) => return end,
             }
         }
@@ -479,37 +493,34 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
-    /// Looks at one text frame: `Ok(None)` to forward it as is,
-    /// `Ok(Some(event))` when it completed the subscriptions, `Err` when it
-    /// ends the connection.
-    fn on_text(&mut self, text: &str) -> Result<Option<Event>, Drive> {
+    /// Looks at one text frame: a reply to one of our subscribes is consumed
+    /// here; `Err` when it ends the connection.
+    fn on_text(&mut self, text: &str) -> Result<Seen, Drive> {
         if text.starts_with(DELIVERY_PREFIX) {
-            return Ok(None);
+            return Ok(Seen::Other);
         }
         let Ok(reply) = serde_json::from_str::<Reply>(text) else {
-            return Ok(None);
+            return Ok(Seen::Other);
         };
         if reply.action != "subscribe" {
-            return Ok(None);
+            return Ok(Seen::Other);
         }
         let Some(index) = reply.id.as_ref().and_then(|id| self.in_flight.remove(id)) else {
-            return Ok(None);
+            return Ok(Seen::Other);
         };
         if reply.status == Some(true) {
             self.confirmed += 1;
             if self.confirmed == self.config.subscriptions.len() {
                 self.subscribed = true;
-                return Ok(Some(Event::Subscribed {
-                    connection: self.connection,
-                }));
+                return Ok(Seen::LastReply);
             }
-            return Ok(None);
+            return Ok(Seen::Reply);
         }
         match reply.error.as_deref().unwrap_or("") {
             "rate limited" => {
                 self.to_send.push_back(index);
                 self.resume_sending_at = Some(Instant::now() + RATE_LIMITED_RETRY);
-                Ok(None)
+                Ok(Seen::Reply)
             }
             "broker unavailable" => Err(Drive::Ended(Ended::BrokerUnavailable)),
             error => Err(Drive::Fatal(ClientError::Refused {
@@ -586,27 +597,23 @@ mod tests {
         conn.in_flight.insert("sub0".into(), 0);
         conn.in_flight.insert("sub1".into(), 1);
         let delivery = r#"{"action":"message","pattern":"a.*","channel":"a.x","payload":1}"#;
-        assert!(matches!(conn.on_text(delivery), Ok(None)));
+        assert_eq!(conn.on_text(delivery).ok(), Some(Seen::Other));
         let ok0 = r#"{"action":"subscribe","pattern":"a.*","id":"sub0","status":true}"#;
-        assert!(matches!(conn.on_text(ok0), Ok(None)));
+        assert_eq!(conn.on_text(ok0).ok(), Some(Seen::Reply));
         // Rate limited: queued again, sending paused.
         let limited = r#"{"action":"subscribe","channel":"b","id":"sub1","status":false,"error":"rate limited"}"#;
-        assert!(matches!(conn.on_text(limited), Ok(None)));
+        assert_eq!(conn.on_text(limited).ok(), Some(Seen::Reply));
         assert_eq!(conn.to_send, VecDeque::from([1]));
         assert!(conn.resume_sending_at.is_some());
         conn.in_flight.insert("sub1".into(), 1);
         let ok1 = r#"{"action":"subscribe","channel":"b","id":"sub1","status":true}"#;
-        assert_eq!(
-            conn.on_text(ok1).ok().flatten(),
-            Some(Event::Subscribed { connection: 7 })
-        );
+        assert_eq!(conn.on_text(ok1).ok(), Some(Seen::LastReply));
+        assert!(conn.subscribed);
         // A reply to nothing of ours, a gap notice, junk: forwarded.
-        assert!(matches!(conn.on_text(ok1), Ok(None)));
-        assert!(matches!(
-            conn.on_text(r#"{"action":"resumed","patterns":["a.*"],"channels":[]}"#),
-            Ok(None)
-        ));
-        assert!(matches!(conn.on_text("not json"), Ok(None)));
+        assert_eq!(conn.on_text(ok1).ok(), Some(Seen::Other));
+        let resumed = r#"{"action":"resumed","patterns":["a.*"],"channels":[]}"#;
+        assert_eq!(conn.on_text(resumed).ok(), Some(Seen::Other));
+        assert_eq!(conn.on_text("not json").ok(), Some(Seen::Other));
     }
 
     #[test]
