@@ -1,5 +1,6 @@
-//! The real `wsgate` binary as a child process: graceful shutdown on SIGTERM,
-//! configuration errors, and the default (no Redis) setup.
+//! The real `wsgate` binary as a child process: the drain on SIGTERM (close
+//! 1012), the immediate stop on SIGINT (close 1001), configuration errors, and
+//! the default (no Redis) setup.
 //!
 //! Children are started with every inherited `WSGATE_*` variable removed, so
 //! the developer's environment cannot change what is tested. Every wait is
@@ -115,11 +116,11 @@ async fn publish(addr: SocketAddr, body: Value) -> (u16, Value) {
 
 // ---------------------------------------------------------------- SIGTERM
 
-/// SIGTERM closes every socket with 1001 and exits 0, promptly when the
-/// clients answer the close handshake.
+/// SIGTERM drains: every socket is closed with 1012 within the drain window,
+/// and the process exits 0 once the last one has answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_closes_every_client_with_1001_and_exits_0() {
-    let mut gw = spawn(&[]).await;
+async fn sigterm_drains_every_client_with_1012_and_exits_0() {
+    let mut gw = spawn(&[("WSGATE_DRAIN_WINDOW_MS", "1000".to_owned())]).await;
     let mut clients = Vec::new();
     for i in 0..20 {
         let mut c = gw.client().await;
@@ -157,13 +158,13 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
             .expect("reader");
         assert_eq!(
             close,
-            Some((1001, "server shutting down".to_owned())),
+            Some((1012, "service restart".to_owned())),
             "client {i}"
         );
     }
-    // Answered handshakes end the shutdown at once, far from the 5 s default
-    // WSGATE_SHUTDOWN_TIMEOUT_MS (and the 10 s bound of `terminate`).
-    eprintln!("SIGTERM to exit with 20 clients: {took:?}");
+    // Answered handshakes end the shutdown with the 1 s window, far from the
+    // 5 s default WSGATE_SHUTDOWN_TIMEOUT_MS (and the 10 s bound of `terminate`).
+    eprintln!("SIGTERM to exit with 20 clients, 1 s drain window: {took:?}");
     assert!(took < Duration::from_secs(4), "exit took {took:?}");
     assert_eq!(
         http(gw.addr, "GET", "/healthz", None).await.0,
@@ -173,17 +174,21 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
 }
 
 /// A client that never reads cannot hold the process: it exits 0 once
-/// WSGATE_SHUTDOWN_TIMEOUT_MS has passed.
+/// WSGATE_SHUTDOWN_TIMEOUT_MS has passed after the drain window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_stalled_client_is_bounded_by_shutdown_timeout() {
-    let mut gw = spawn(&[("WSGATE_SHUTDOWN_TIMEOUT_MS", "1000".to_owned())]).await;
+    let mut gw = spawn(&[
+        ("WSGATE_SHUTDOWN_TIMEOUT_MS", "1000".to_owned()),
+        ("WSGATE_DRAIN_WINDOW_MS", "500".to_owned()),
+    ])
+    .await;
     let mut stalled = gw.client().await;
     stalled.psubscribe("stall.*").await;
     let t = Instant::now();
     let status = gw.terminate().await;
     let took = t.elapsed();
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
-    eprintln!("SIGTERM to exit with a stalled client, 1000 ms timeout: {took:?}");
+    eprintln!("SIGTERM to exit with a stalled client, 500 ms window + 1000 ms timeout: {took:?}");
     assert!(
         took >= Duration::from_millis(900),
         "exited after {took:?}: did it wait for the session at all?"
@@ -192,7 +197,7 @@ async fn sigterm_with_a_stalled_client_is_bounded_by_shutdown_timeout() {
     // The close frame was sent before the process gave up.
     assert_eq!(
         stalled.expect_close().await.map(|f| u16::from(f.code)),
-        Some(1001)
+        Some(1012)
     );
 }
 
@@ -200,7 +205,11 @@ async fn sigterm_with_a_stalled_client_is_bounded_by_shutdown_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_redis_exits_0_and_leaves_redis_clean() {
     let redis = Redis::start().await;
-    let mut gw = spawn(&[("WSGATE_REDIS_URL", redis.url())]).await;
+    let mut gw = spawn(&[
+        ("WSGATE_REDIS_URL", redis.url()),
+        ("WSGATE_DRAIN_WINDOW_MS", "500".to_owned()),
+    ])
+    .await;
     let mut c = gw.client().await;
     c.psubscribe("bye.*").await;
     assert_eq!(redis.numpat().await, 1);
@@ -212,7 +221,7 @@ async fn sigterm_with_redis_exits_0_and_leaves_redis_clean() {
             .await
             .expect("reader hung")
             .expect("reader"),
-        Some((1001, "server shutting down".to_owned()))
+        Some((1012, "service restart".to_owned()))
     );
     wait_until("the pub/sub connection closed", WAIT, || async {
         redis.numpat().await == 0
@@ -317,7 +326,8 @@ async fn non_utf8_unrelated_variable_does_not_prevent_start() {
 // ---------------------------------------------------------------- default setup
 
 /// `cargo run` with nothing set (bar the port) uses the embedded broker: ready
-/// at once, and a subscribe plus an HTTP publish deliver.
+/// at once, and a subscribe plus an HTTP publish deliver; Ctrl-C (SIGINT)
+/// closes the socket at once with 1001 and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_setup_works_without_redis() {
     let mut gw = spawn(&[]).await;
@@ -351,13 +361,12 @@ async fn default_setup_works_without_redis() {
         .1
         .contains("wsgate_connections 1"));
     let reader = tokio::spawn(read_until_closed(c));
-    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(gw.stop_with("INT").await.code(), Some(0));
     assert_eq!(
         tokio::time::timeout(WAIT, reader)
             .await
             .expect("reader hung")
-            .expect("reader")
-            .map(|c| c.0),
-        Some(1001)
+            .expect("reader"),
+        Some((1001, "server shutting down".to_owned()))
     );
 }

@@ -392,9 +392,14 @@ impl GatewayProcess {
         Client::connect(self.addr, "/ws").await
     }
 
-    /// Sends SIGTERM and waits (bounded) for the exit status.
+    /// Sends SIGTERM (drain) and waits (bounded) for the exit status.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
-        signal(self.child.id(), "TERM");
+        self.stop_with("TERM").await
+    }
+
+    /// Sends signal `name` (`TERM`, `INT`) and waits (bounded) for the exit status.
+    pub async fn stop_with(&mut self, name: &str) -> std::process::ExitStatus {
+        signal(self.child.id(), name);
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -402,7 +407,7 @@ impl GatewayProcess {
             }
             assert!(
                 Instant::now() < deadline,
-                "gateway did not exit after SIGTERM"
+                "gateway did not exit after SIG{name}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
