@@ -32,6 +32,8 @@ use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -321,8 +323,12 @@ async fn attempt<S: Future<Output = ()>>(
     let reason = match end {
         Drive::Stopped => {
             // Bounded polite close; the server cleans up either way.
+            let bye = CloseFrame {
+                code: CloseCode::Normal,
+                reason: "client stopping".into(),
+            };
             let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                let _ = ws.close(None).await;
+                let _ = ws.close(Some(bye)).await;
                 while let Some(Ok(_)) = ws.next().await {}
             })
             .await;
@@ -552,8 +558,6 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
     use tokio::sync::oneshot;
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
     #[test]
     fn backoff_doubles_from_min_and_stays_within_the_cap() {
