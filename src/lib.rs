@@ -19,6 +19,7 @@
 //! - [`broker`]: the `Broker` trait; Redis and in-memory implementations.
 //! - [`pattern`]: Redis's glob matcher, for the in-memory broker.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`client`]: a reconnecting native-protocol client (tests, load, services).
 //!
 //! # What it does not do
 //!
@@ -28,6 +29,7 @@
 //! (Bayeux, RoadRunner, realizehit, SocketStream) are not built yet.
 
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod hub;

@@ -361,6 +361,12 @@ impl GatewayProcess {
     pub async fn spawn(env: &[(&str, String)]) -> GatewayProcess {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        GatewayProcess::spawn_at(addr, env).await
+    }
+
+    /// Spawns the binary listening on `addr` (e.g. to restart a node on the
+    /// port it had) plus `env`, and waits for `/readyz`.
+    pub async fn spawn_at(addr: SocketAddr, env: &[(&str, String)]) -> GatewayProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
         cmd.env("WSGATE_LISTEN", addr.to_string())
             .env("WSGATE_LOG", "warn")
@@ -386,9 +392,14 @@ impl GatewayProcess {
         Client::connect(self.addr, "/ws").await
     }
 
-    /// Sends SIGTERM and waits (bounded) for the exit status.
+    /// Sends SIGTERM (drain) and waits (bounded) for the exit status.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
-        signal(self.child.id(), "TERM");
+        self.stop_with("TERM").await
+    }
+
+    /// Sends signal `name` (`TERM`, `INT`) and waits (bounded) for the exit status.
+    pub async fn stop_with(&mut self, name: &str) -> std::process::ExitStatus {
+        signal(self.child.id(), name);
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -396,7 +407,7 @@ impl GatewayProcess {
             }
             assert!(
                 Instant::now() < deadline,
-                "gateway did not exit after SIGTERM"
+                "gateway did not exit after SIG{name}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
