@@ -62,9 +62,9 @@ pub struct Config {
     /// `WSGATE_CLIENT_QUEUE_BYTES`: outbound bytes a connection may have queued before
     /// it is closed as a slow consumer (code 4008). Default 1048576 (1 MiB).
     pub client_queue_bytes: NonZeroUsize,
-    /// `WSGATE_WS_READ_BUFFER_BYTES`: read buffer per WebSocket, in bytes. Default 2048.
+    /// `WSGATE_WS_READ_BUFFER_BYTES`: read buffer per WebSocket, in bytes. Default 1024.
     /// It is allocated (and zero-filled) per socket, so it dominates idle memory
-    /// (measured: ~4.9 KB per subscribed socket plus this); clients send small
+    /// (measured: ~5.3 KB per subscribed socket plus this); clients send small
     /// requests, and larger frames still work (read in several chunks).
     pub ws_read_buffer_bytes: NonZeroUsize,
     /// `WSGATE_SUBSCRIBE_TIMEOUT_MS`: how long a subscribe waits for the broker to
@@ -114,7 +114,7 @@ impl Default for Config {
             max_subscriptions: nz(256),
             max_pattern_bytes: nz(256),
             client_queue_bytes: nz(1024 * 1024),
-            ws_read_buffer_bytes: nz(2048),
+            ws_read_buffer_bytes: nz(1024),
             subscribe_timeout: Duration::from_millis(5000),
             shutdown_timeout: Duration::from_millis(5000),
             drain_window: Duration::from_millis(10_000),

@@ -222,7 +222,7 @@ fn push_json_str(out: &mut String, bytes: &[u8]) {
 /// Appends the payload: raw JSON if it is JSON, a string if UTF-8, else base64.
 fn push_payload(out: &mut String, payload: &[u8]) {
     match std::str::from_utf8(payload) {
-        Ok(text) if serde_json::from_str::<StrictJson>(text).is_ok() => out.push_str(text),
+        Ok(text) if StrictJson::check(text) => out.push_str(text),
         Ok(text) => {
             if let Ok(quoted) = serde_json::to_string(text) {
                 out.push_str(&quoted);
@@ -236,50 +236,87 @@ fn push_payload(out: &mut String, payload: &[u8]) {
     }
 }
 
-/// Accepts exactly the JSON documents serde_json can read into values.
-/// `IgnoredAny` would skip string contents undecoded and so let through lone
-/// surrogate escapes (`"\ud800"`), making the whole frame unparseable for
-/// strict clients; this decodes each string (borrowed, so no allocation for
-/// plain text) and otherwise allocates nothing.
-struct StrictJson;
+/// Accepts exactly the JSON documents serde_json can read into values once
+/// embedded in a delivery frame. `IgnoredAny` would skip string contents
+/// undecoded and so let through lone surrogate escapes (`"\ud800"`); this
+/// decodes each string (borrowed, so no allocation for plain text). And
+/// since the frame wraps the payload in one more object, the payload may nest
+/// one level less than serde_json's limit of 128, or the frame would be
+/// unreadable by strict clients (found by `cargo fuzz run delivery`).
+struct StrictJson {
+    depth: usize,
+}
 
-impl<'de> serde::Deserialize<'de> for StrictJson {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrictJson)
+/// Deepest payload nesting embedded as JSON (serde_json's limit is 128 levels,
+/// and the frame adds one); deeper payloads are delivered as strings.
+const MAX_PAYLOAD_DEPTH: usize = 126;
+
+impl StrictJson {
+    fn check(text: &str) -> bool {
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde::de::DeserializeSeed::deserialize(StrictJson { depth: 0 }, &mut de).is_ok()
+            && de.end().is_ok()
+    }
+
+    fn nested<E: serde::de::Error>(&self) -> Result<StrictJson, E> {
+        if self.depth >= MAX_PAYLOAD_DEPTH {
+            return Err(E::custom("payload nested too deep to embed"));
+        }
+        Ok(StrictJson {
+            depth: self.depth + 1,
+        })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictJson {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
 }
 
 impl<'de> serde::de::Visitor<'de> for StrictJson {
-    type Value = StrictJson;
+    type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
-        Ok(StrictJson)
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
-        Ok(StrictJson)
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
-        Ok(StrictJson)
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
-        Ok(StrictJson)
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
-        Ok(StrictJson)
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_unit<E>(self) -> Result<Self, E> {
-        Ok(StrictJson)
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
-        while seq.next_element::<StrictJson>()?.is_some() {}
-        Ok(StrictJson)
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.nested()?;
+        while seq
+            .next_element_seed(StrictJson { depth: inner.depth })?
+            .is_some()
+        {}
+        Ok(())
     }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
-        while map.next_entry::<StrictJson, StrictJson>()?.is_some() {}
-        Ok(StrictJson)
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.nested()?;
+        while map
+            .next_key_seed(StrictJson { depth: inner.depth })?
+            .is_some()
+        {
+            map.next_value_seed(StrictJson { depth: inner.depth })?;
+        }
+        Ok(())
     }
 }
 
@@ -401,6 +438,30 @@ mod tests {
             text(Native.reject(&reject(None, "bad"))),
             r#"{"action":"error","error":"bad"}"#
         );
+    }
+
+    #[test]
+    fn deep_payloads_stay_readable() {
+        for depth in [1, 126, 127, 128, 300] {
+            let payload = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let m = msg(Topic::Channel(Bytes::from_static(b"c")), b"c", b"");
+            let m = BrokerMessage {
+                payload: Bytes::from(payload.clone()),
+                ..m
+            };
+            let frame = text(Native.delivery(&m));
+            let v: Value =
+                serde_json::from_str(&frame).unwrap_or_else(|e| panic!("depth {depth}: {e}"));
+            if depth <= 126 {
+                assert!(v["payload"].is_array(), "depth {depth} embedded");
+            } else {
+                assert_eq!(
+                    v["payload"],
+                    Value::String(payload),
+                    "depth {depth} stringified"
+                );
+            }
+        }
     }
 
     #[test]

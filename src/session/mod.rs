@@ -112,7 +112,7 @@ where
     let mut session = Session {
         member: member.clone(),
         held: HashMap::new(),
-        waiting: FuturesUnordered::new(),
+        waiting: None,
         seq: 0,
         bucket: TokenBucket::new(ctx.subscribe_rate),
     };
@@ -148,7 +148,12 @@ where
                     break end;
                 }
             }
-            Some((topic, seq, outcome)) = session.waiting.next() => session.confirmed(&ctx, topic, seq, outcome),
+            Some((topic, seq, outcome)) = next_confirmation(&mut session.waiting) => {
+                session.confirmed(&ctx, topic, seq, outcome);
+                if session.waiting.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    session.waiting = None; // give its allocation back while idle
+                }
+            }
             frame = ws.next() => {
                 last_seen = Instant::now();
                 match frame {
@@ -224,6 +229,17 @@ where
     }
 }
 
+/// The next finished wait for the broker; `None` at once when nothing waits
+/// (which disables that `select!` branch for the iteration).
+async fn next_confirmation(
+    waiting: &mut Option<FuturesUnordered<Waiting>>,
+) -> Option<(Topic, u64, Result<(), BrokerError>)> {
+    match waiting {
+        Some(w) => w.next().await,
+        None => None,
+    }
+}
+
 /// Sends a close frame (after whatever is already buffered) and waits briefly
 /// for the client's answer, so the TCP connection ends cleanly.
 async fn close<S>(ws: &mut S, code: u16, reason: &'static str)
@@ -248,7 +264,9 @@ where
 struct Session {
     member: Arc<Member>,
     held: HashMap<Topic, Held>,
-    waiting: FuturesUnordered<Waiting>,
+    /// Subscribes waiting for the broker; allocated only while there are some
+    /// (an idle socket should cost as little memory as possible).
+    waiting: Option<FuturesUnordered<Waiting>>,
     seq: u64,
     bucket: TokenBucket,
 }
@@ -358,13 +376,15 @@ impl Session {
         );
         if let Some(confirmation) = pending {
             let timeout = ctx.subscribe_timeout;
-            self.waiting.push(Box::pin(async move {
-                let outcome = match tokio::time::timeout(timeout, confirmation).await {
-                    Ok(Ok(outcome)) => outcome,
-                    Ok(Err(_)) | Err(_) => Err(BrokerError::Unavailable),
-                };
-                (topic, seq, outcome)
-            }));
+            self.waiting
+                .get_or_insert_with(FuturesUnordered::new)
+                .push(Box::pin(async move {
+                    let outcome = match tokio::time::timeout(timeout, confirmation).await {
+                        Ok(Ok(outcome)) => outcome,
+                        Ok(Err(_)) | Err(_) => Err(BrokerError::Unavailable),
+                    };
+                    (topic, seq, outcome)
+                }));
         }
     }
 
