@@ -262,7 +262,8 @@ else
         echo "### callgrind (instructions), top functions"
         echo
         echo '```'
-        callgrind_annotate "$WORK/callgrind.out" 2>/dev/null | sed -n "1,40p" | cut -c1-150
+        callgrind_annotate "$WORK/callgrind.out" 2>/dev/null | sed -n '/PROGRAM TOTALS/,$p' |
+            grep -v '^-*$' | sed -n "1,32p" | cut -c1-170
         echo '```'
     } >>"$PROFILE"
 fi
