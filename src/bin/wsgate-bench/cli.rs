@@ -1,0 +1,385 @@
+//! Command line, parsed by hand.
+
+use std::fmt;
+
+/// Printed by `--help`.
+pub(crate) const USAGE: &str = "\
+wsgate-bench: load client for the wsgate gateway (native protocol, publishes through Redis)
+
+USAGE:
+  wsgate-bench <WORKLOAD> --url ws://127.0.0.1:PORT/ws [--url ...] --redis redis://127.0.0.1:PORT
+               [--pid GATEWAY_PID ...] [options]
+  wsgate-bench table RESULTS.jsonl     markdown table of JSON result lines
+  wsgate-bench --help
+
+WORKLOADS:
+  fanout    C subscribers on one pattern; a publisher at R msg/s for M messages:
+            delivered/s, loss, latency p50/p90/p99/max, gateway CPU per delivery
+  channels  C subscribers, each on its own exact channel (--topic-kind pattern: its own
+            pattern); messages published round-robin over them
+  cluster   fanout with subscribers spread over several gateways (two or more --url)
+  idle      C subscribed idle sockets held for D seconds: gateway RSS per socket
+  churn     N connections subscribing/unsubscribing distinct topics, W requests in
+            flight each, for D seconds: ops/s, Redis commands per op (INFO commandstats)
+  resync    P distinct patterns over P/per-conn connections; Redis restarted
+            (--restart-redis CMD) or its pub/sub clients killed (--drop-pubsub):
+            time from Redis accepting connections until PUBSUB NUMPAT == P again
+
+OPTIONS:
+  --url URL               gateway WebSocket URL; repeatable (sockets spread round-robin)
+  --pid PID               gateway process id for CPU/RSS; repeatable, same order as --url
+  --redis URL             Redis the gateways use (redis://127.0.0.1:PORT)
+  --subscribers C         sockets for fanout/channels/cluster/idle [1000]
+  --rate R                messages per second published [100]
+  --messages M            messages to publish [R x duration]
+  --payload-bytes N       published payload size, at least ~45 [100]
+  --duration-secs D       publish time when --messages is absent; idle hold; churn time [10]
+  --max-secs S            bound on the whole run; the process exits 3 at S + 30 [60]
+  --sources K             client source addresses 127.0.0.1 .. (IP_BIND_ADDRESS_NO_PORT) [50]
+  --source-offset O       first source address is 127.0.0.1 + O [0]
+  --topic-kind KIND       pattern | channel (fanout/cluster: pattern; channels/idle/churn: channel)
+  --connect-concurrency N connection attempts in flight [256]
+  --connections N         churn: connections [100]
+  --window W              churn: requests in flight per connection [32]
+  --patterns P            resync: distinct patterns [1000]
+  --per-conn N            resync: patterns per connection (<= WSGATE_MAX_SUBSCRIPTIONS) [200]
+  --restart-redis CMD     resync: shell command that stops Redis and starts it again on the
+                          same port; it should return without waiting for Redis to be ready
+  --drop-pubsub           resync: CLIENT KILL TYPE pubsub instead of a restart
+  --subscribe-timeout-secs S  bound on each connect and each socket's subscribe phase [10]
+  --settle-ms MS          after publishing, wait until counts stop growing this long [1000]
+  --read-buffer BYTES     client WebSocket read buffer [16384; idle: 4096]
+  --tick-ms MS            publisher pacing tick [1]
+  --threads N             bench runtime worker threads [number of CPUs]
+  --label TEXT            name of this run in the output
+  --check EXPR            a target on a result, e.g. p99_ms<=6, loss==0, ops_per_sec>=50000;
+                          repeatable; reported as met / not met
+
+OUTPUT: one JSON line on stdout (parameters, results, checks); a table on stderr.
+Exit status: 0 when the run completed (whether or not checks were met), 1 on error,
+2 on bad usage, 3 if the run overran --max-secs.
+";
+
+/// Which workload to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Workload {
+    Fanout,
+    Channels,
+    Cluster,
+    Idle,
+    Churn,
+    Resync,
+}
+
+impl Workload {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Workload::Fanout => "fanout",
+            Workload::Channels => "channels",
+            Workload::Cluster => "cluster",
+            Workload::Idle => "idle",
+            Workload::Churn => "churn",
+            Workload::Resync => "resync",
+        }
+    }
+}
+
+/// Exact channel (`SUBSCRIBE`) or glob pattern (`PSUBSCRIBE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TopicKind {
+    Pattern,
+    Channel,
+}
+
+impl TopicKind {
+    pub(crate) fn field(self) -> &'static str {
+        match self {
+            TopicKind::Pattern => "pattern",
+            TopicKind::Channel => "channel",
+        }
+    }
+}
+
+/// A target on one result: `name op value`.
+#[derive(Clone, Debug)]
+pub(crate) struct Check {
+    pub(crate) text: String,
+    pub(crate) name: String,
+    pub(crate) op: &'static str,
+    pub(crate) value: f64,
+}
+
+impl Check {
+    fn parse(s: &str) -> Result<Check, String> {
+        for op in ["<=", ">=", "==", "<", ">"] {
+            if let Some((name, value)) = s.split_once(op) {
+                let value: f64 = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("--check {s:?}: {value:?} is not a number"))?;
+                let name = name.trim();
+                if name.is_empty() {
+                    break;
+                }
+                return Ok(Check {
+                    text: s.to_owned(),
+                    name: name.to_owned(),
+                    op,
+                    value,
+                });
+            }
+        }
+        Err(format!(
+            "--check {s:?}: expected NAME<=N, NAME>=N, NAME==N, NAME<N or NAME>N"
+        ))
+    }
+
+    /// Whether `v` meets the target.
+    pub(crate) fn met(&self, v: f64) -> bool {
+        match self.op {
+            "<=" => v <= self.value,
+            ">=" => v >= self.value,
+            "<" => v < self.value,
+            ">" => v > self.value,
+            _ => (v - self.value).abs() < 1e-9,
+        }
+    }
+}
+
+/// Everything a run needs.
+#[derive(Clone, Debug)]
+pub(crate) struct Opts {
+    pub(crate) workload: Workload,
+    pub(crate) urls: Vec<String>,
+    pub(crate) pids: Vec<u32>,
+    pub(crate) redis: Option<String>,
+    pub(crate) subscribers: usize,
+    pub(crate) rate: u64,
+    pub(crate) messages: u64,
+    pub(crate) payload_bytes: usize,
+    pub(crate) duration_secs: f64,
+    pub(crate) max_secs: f64,
+    pub(crate) sources: u32,
+    pub(crate) source_offset: u32,
+    pub(crate) topic_kind: TopicKind,
+    pub(crate) connect_concurrency: usize,
+    pub(crate) connections: usize,
+    pub(crate) window: usize,
+    pub(crate) patterns: usize,
+    pub(crate) per_conn: usize,
+    pub(crate) restart_redis: Option<String>,
+    pub(crate) drop_pubsub: bool,
+    pub(crate) settle_ms: u64,
+    pub(crate) subscribe_timeout_secs: f64,
+    pub(crate) read_buffer: usize,
+    pub(crate) tick_ms: u64,
+    pub(crate) threads: usize,
+    pub(crate) label: String,
+    pub(crate) checks: Vec<Check>,
+}
+
+/// What the command line asks for.
+pub(crate) enum Command {
+    Help,
+    Table(String),
+    Run(Box<Opts>),
+}
+
+/// A usage error, printed with a pointer to `--help`.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (see --help)", self.0)
+    }
+}
+
+fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, UsageError> {
+    v.parse()
+        .map_err(|_| UsageError(format!("{flag} {v:?}: not a valid number")))
+}
+
+/// Parses the arguments after the program name.
+pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
+    let Some(first) = args.first() else {
+        return Err(UsageError("missing workload".into()));
+    };
+    if args.iter().any(|a| a == "--help" || a == "-h") || first == "help" {
+        return Ok(Command::Help);
+    }
+    let workload = match first.as_str() {
+        "fanout" => Workload::Fanout,
+        "channels" => Workload::Channels,
+        "cluster" => Workload::Cluster,
+        "idle" => Workload::Idle,
+        "churn" => Workload::Churn,
+        "resync" => Workload::Resync,
+        "table" => {
+            return match args.get(1..) {
+                Some([path]) => Ok(Command::Table(path.clone())),
+                _ => Err(UsageError("table takes exactly one file".into())),
+            }
+        }
+        other => return Err(UsageError(format!("unknown workload {other:?}"))),
+    };
+    let mut urls = Vec::new();
+    let mut pids = Vec::new();
+    let mut redis = None;
+    let mut subscribers = 1000usize;
+    let mut rate = 100u64;
+    let mut messages = None;
+    let mut payload_bytes = 100usize;
+    let mut duration_secs = 10.0f64;
+    let mut max_secs = 60.0f64;
+    let mut sources = 50u32;
+    let mut source_offset = 0u32;
+    let mut topic_kind = None;
+    let mut connect_concurrency = 256usize;
+    let mut connections = 100usize;
+    let mut window = 32usize;
+    let mut patterns = 1000usize;
+    let mut per_conn = 200usize;
+    let mut restart_redis = None;
+    let mut drop_pubsub = false;
+    let mut settle_ms = 1000u64;
+    let mut subscribe_timeout_secs = 10.0f64;
+    let mut read_buffer = None;
+    let mut tick_ms = 1u64;
+    let mut threads = super::sys::nproc();
+    let mut label = None;
+    let mut checks = Vec::new();
+
+    let mut it = args[1..].iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        if flag == "--drop-pubsub" {
+            drop_pubsub = true;
+            continue;
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => it
+                .next()
+                .cloned()
+                .ok_or_else(|| UsageError(format!("{flag} needs a value")))?,
+        };
+        let v = value.as_str();
+        match flag {
+            "--url" => urls.push(value.clone()),
+            "--pid" => pids.push(num(flag, v)?),
+            "--redis" => redis = Some(value.clone()),
+            "--subscribers" => subscribers = num(flag, v)?,
+            "--rate" => rate = num(flag, v)?,
+            "--messages" => messages = Some(num(flag, v)?),
+            "--payload-bytes" => payload_bytes = num(flag, v)?,
+            "--duration-secs" => duration_secs = num(flag, v)?,
+            "--max-secs" => max_secs = num(flag, v)?,
+            "--sources" => sources = num(flag, v)?,
+            "--source-offset" => source_offset = num(flag, v)?,
+            "--topic-kind" => {
+                topic_kind = Some(match v {
+                    "pattern" => TopicKind::Pattern,
+                    "channel" => TopicKind::Channel,
+                    _ => {
+                        return Err(UsageError(format!(
+                            "--topic-kind {v:?}: pattern or channel"
+                        )))
+                    }
+                })
+            }
+            "--connect-concurrency" => connect_concurrency = num(flag, v)?,
+            "--connections" => connections = num(flag, v)?,
+            "--window" => window = num(flag, v)?,
+            "--patterns" => patterns = num(flag, v)?,
+            "--per-conn" => per_conn = num(flag, v)?,
+            "--restart-redis" => restart_redis = Some(value.clone()),
+            "--settle-ms" => settle_ms = num(flag, v)?,
+            "--subscribe-timeout-secs" => subscribe_timeout_secs = num(flag, v)?,
+            "--read-buffer" => read_buffer = Some(num(flag, v)?),
+            "--tick-ms" => tick_ms = num(flag, v)?,
+            "--threads" => threads = num(flag, v)?,
+            "--label" => label = Some(value.clone()),
+            "--check" => checks.push(Check::parse(v).map_err(UsageError)?),
+            _ => return Err(UsageError(format!("unknown option {flag:?}"))),
+        }
+    }
+
+    let bad = |m: &str| Err(UsageError(m.to_owned()));
+    if urls.is_empty() {
+        return bad("at least one --url is required");
+    }
+    if !pids.is_empty() && pids.len() != urls.len() {
+        return bad("give one --pid per --url (same order), or none");
+    }
+    if redis.is_none() && workload != Workload::Idle {
+        return bad("--redis is required");
+    }
+    if workload == Workload::Cluster && urls.len() < 2 {
+        return bad("cluster needs two or more --url");
+    }
+    if workload == Workload::Resync && restart_redis.is_some() == drop_pubsub {
+        return bad("resync needs exactly one of --restart-redis CMD or --drop-pubsub");
+    }
+    if sources == 0 || u64::from(sources) + u64::from(source_offset) >= (1 << 24) - 2 {
+        return bad("--sources must be >= 1 and stay inside 127.0.0.0/8 with --source-offset");
+    }
+    // Bounded so that every Duration built from them is valid.
+    let within = |v: f64, low: f64| v.is_finite() && v >= low && v <= 86_400.0;
+    if !within(max_secs, 0.001)
+        || !within(subscribe_timeout_secs, 0.001)
+        || !within(duration_secs, 0.0)
+    {
+        return bad(
+            "--max-secs and --subscribe-timeout-secs must be in (0, 86400], --duration-secs in [0, 86400]",
+        );
+    }
+    if subscribers == 0 || rate == 0 || connections == 0 || window == 0 || patterns == 0 {
+        return bad("--subscribers, --rate, --connections, --window, --patterns must be >= 1");
+    }
+    if per_conn == 0 || connect_concurrency == 0 || threads == 0 || tick_ms == 0 {
+        return bad("--per-conn, --connect-concurrency, --threads, --tick-ms must be >= 1");
+    }
+    let messages = messages.unwrap_or(((rate as f64) * duration_secs).round().max(1.0) as u64);
+    let topic_kind = topic_kind.unwrap_or(match workload {
+        Workload::Fanout | Workload::Cluster | Workload::Resync => TopicKind::Pattern,
+        Workload::Channels | Workload::Idle | Workload::Churn => TopicKind::Channel,
+    });
+    let read_buffer = read_buffer.unwrap_or(match workload {
+        Workload::Idle | Workload::Resync | Workload::Churn => 4096,
+        _ => 16384,
+    });
+    let label = label.unwrap_or_else(|| workload.name().to_owned());
+    Ok(Command::Run(Box::new(Opts {
+        workload,
+        urls,
+        pids,
+        redis,
+        subscribers,
+        rate,
+        messages,
+        payload_bytes,
+        duration_secs,
+        max_secs,
+        sources,
+        source_offset,
+        topic_kind,
+        connect_concurrency,
+        connections,
+        window,
+        patterns,
+        per_conn,
+        restart_redis,
+        drop_pubsub,
+        settle_ms,
+        subscribe_timeout_secs,
+        read_buffer,
+        tick_ms,
+        threads,
+        label,
+        checks,
+    })))
+}

@@ -1,0 +1,249 @@
+//! Sockets: WebSocket clients bound to spread loopback sources, a tiny HTTP
+//! GET for `/metrics`, and byte scans of the gateway's frames.
+
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// A client WebSocket over a plain TCP stream.
+pub(crate) type Ws = WebSocketStream<TcpStream>;
+
+/// One gateway: its WebSocket URL, socket address and (optional) pid.
+#[derive(Clone, Debug)]
+pub(crate) struct Gateway {
+    pub(crate) url: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) pid: Option<u32>,
+}
+
+impl Gateway {
+    /// Parses `ws://host:port/path`.
+    pub(crate) fn parse(url: &str, pid: Option<u32>) -> Result<Gateway, String> {
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let addr = hostport
+            .to_socket_addrs()
+            .map_err(|e| format!("{url}: {e}"))?
+            .find(SocketAddr::is_ipv4)
+            .ok_or_else(|| format!("{url}: no IPv4 address (give host:port)"))?;
+        Ok(Gateway {
+            url: url.to_owned(),
+            addr,
+            pid,
+        })
+    }
+}
+
+/// Source address number `i`: 127.0.0.1 + offset + (i mod sources).
+pub(crate) fn source(i: usize, sources: u32, offset: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x7F00_0001u32 + offset + (i as u64 % u64::from(sources)) as u32)
+}
+
+/// Opens a WebSocket to `gw` from `src` (port chosen at connect time, thanks
+/// to `IP_BIND_ADDRESS_NO_PORT`, so sources are not limited to one port range each).
+pub(crate) async fn connect(gw: &Gateway, src: Ipv4Addr, read_buffer: usize) -> Result<Ws, String> {
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the right length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "IP_BIND_ADDRESS_NO_PORT: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    socket
+        .bind(SocketAddr::new(src.into(), 0))
+        .map_err(|e| format!("bind {src}: {e}"))?;
+    let stream = socket
+        .connect(gw.addr)
+        .await
+        .map_err(|e| format!("connect {} from {src}: {e}", gw.addr))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
+    let config = WebSocketConfig::default().read_buffer_size(read_buffer);
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(gw.url.as_str(), stream, Some(config))
+            .await
+            .map_err(|e| format!("handshake {}: {e}", gw.url))?;
+    Ok(ws)
+}
+
+/// A native-protocol request frame.
+pub(crate) fn request(action: &str, field: &str, name: &str) -> Message {
+    Message::Text(format!("{{\"action\":\"{action}\",\"{field}\":\"{name}\"}}").into())
+}
+
+/// Sends `frames` in one flush, then reads until as many subscribe/unsubscribe
+/// replies arrived. Returns (succeeded, refusals with their first error).
+pub(crate) async fn request_all(
+    ws: &mut Ws,
+    frames: Vec<Message>,
+    timeout: Duration,
+) -> Result<(usize, usize, Option<String>), String> {
+    let want = frames.len();
+    for f in frames {
+        ws.feed(f).await.map_err(|e| format!("send: {e}"))?;
+    }
+    ws.flush().await.map_err(|e| format!("send: {e}"))?;
+    let (mut ok, mut refused, mut first_error) = (0, 0, None);
+    let replies = async {
+        while ok + refused < want {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let b = t.as_bytes();
+                    if !(b.starts_with(b"{\"action\":\"subscribe\"")
+                        || b.starts_with(b"{\"action\":\"unsubscribe\""))
+                    {
+                        continue;
+                    }
+                    if find(b, b"\"status\":true").is_some() {
+                        ok += 1;
+                    } else {
+                        refused += 1;
+                        if first_error.is_none() {
+                            first_error = Some(t.as_str().to_owned());
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(f))) => return Err(format!("closed by the gateway: {f:?}")),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("read: {e}")),
+                None => return Err("connection ended".to_owned()),
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, replies)
+        .await
+        .map_err(|_| format!("no reply to {want} requests within {timeout:?}"))??;
+    Ok((ok, refused, first_error))
+}
+
+/// Position of `needle` in `hay`.
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let first = *needle.first()?;
+    let last_start = hay.len().checked_sub(needle.len())?;
+    let mut i = 0;
+    while i <= last_start {
+        match hay[i..=last_start].iter().position(|&b| b == first) {
+            None => return None,
+            Some(p) => {
+                i += p;
+                if hay[i..].starts_with(needle) {
+                    return Some(i);
+                }
+                i += 1;
+            }
+        }
+    }
+    None
+}
+
+/// The send time carried by a bench payload (`"t":<unix nanos>`), if any.
+pub(crate) fn sent_nanos(frame: &[u8]) -> Option<u64> {
+    let at = find(frame, b"\"t\":")? + 4;
+    let mut v: u64 = 0;
+    let mut digits = 0;
+    for &b in frame.get(at..)? {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        digits += 1;
+    }
+    (digits > 0).then_some(v)
+}
+
+/// GET `path` over a fresh HTTP/1.1 connection; the body of a 200 answer.
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let attempt = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("status {:?}", head.lines().next()));
+        }
+        Ok(body.to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| format!("GET http://{addr}{path}: {e}"))
+}
+
+/// Sum of every sample of metric `name` (any labels) in Prometheus text.
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if rest.starts_with('{') {
+                rest.rsplit_once(' ')?.1
+            } else {
+                rest.strip_prefix(' ')?
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// Sums metric `name` over every gateway (0 where a gateway does not answer).
+pub(crate) async fn metric_sum(gws: &[Gateway], names: &[&str]) -> Vec<f64> {
+    let mut out = vec![0.0; names.len()];
+    for gw in gws {
+        if let Ok(text) = http_get(gw.addr, "/metrics").await {
+            for (o, n) in out.iter_mut().zip(names) {
+                *o += metric(&text, n);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scans() {
+        let f = br#"{"action":"message","pattern":"b.*","channel":"b.x","payload":{"t":1712345678901234567,"s":3,"p":"xx"}}"#;
+        assert_eq!(sent_nanos(f), Some(1_712_345_678_901_234_567));
+        assert_eq!(sent_nanos(b"{\"action\":\"resumed\"}"), None);
+        assert_eq!(find(b"abcabd", b"abd"), Some(3));
+        assert_eq!(find(b"ab", b"abc"), None);
+        let m = "# HELP x\nwsgate_a 3\nwsgate_ab 5\nwsgate_a{k=\"1\"} 4\n";
+        assert_eq!(metric(m, "wsgate_a"), 7.0);
+        assert_eq!(source(0, 50, 0), Ipv4Addr::new(127, 0, 0, 1));
+        assert_eq!(source(51, 50, 0), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(source(300, 1000, 0), Ipv4Addr::new(127, 0, 1, 45));
+    }
+}

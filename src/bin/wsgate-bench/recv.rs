@@ -1,0 +1,380 @@
+//! Subscriber sockets: one task each. A task connects (bounded concurrency),
+//! sends its subscribe requests in one flush, waits for every reply, then
+//! reads until told to stop, counting bench messages (latency from the
+//! payload's `"t":` into its own histogram) and gap notices.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::hist::{Hist, Sharded};
+use crate::net::{self, Gateway};
+use crate::sys::unix_nanos;
+
+/// Per-socket counters the main task reads while sockets run (one cache line
+/// each, one writer each).
+#[repr(align(64))]
+#[derive(Default)]
+pub(crate) struct Slot {
+    /// Bench messages received.
+    pub(crate) count: AtomicU64,
+    /// Unix nanos of the last `resumed` notice.
+    pub(crate) resumed_ns: AtomicU64,
+    /// The socket's task has finished (closed, failed or stopped).
+    pub(crate) ended: AtomicBool,
+}
+
+/// Counters shared by every socket of a pool.
+#[derive(Default)]
+struct Shared {
+    /// Sockets that finished their subscribe phase.
+    ready: AtomicUsize,
+    /// Sockets that could not connect or subscribe.
+    failed: AtomicUsize,
+    /// Subscriptions confirmed with `status:true`.
+    subscribed: AtomicUsize,
+    /// Subscriptions refused.
+    refused: AtomicUsize,
+    /// The first few errors, for the report.
+    errors: Mutex<Vec<String>>,
+    /// Latency of every bench message, µs.
+    hist: Option<Sharded>,
+}
+
+impl Shared {
+    fn note(&self, e: String) {
+        if let Ok(mut v) = self.errors.lock() {
+            if v.len() < 5 {
+                v.push(e);
+            }
+        }
+    }
+}
+
+/// What one socket saw, returned when its task ends.
+#[derive(Default)]
+struct RecvOut {
+    count: u64,
+    first_ns: u64,
+    last_ns: u64,
+    interrupted: u64,
+    resumed: u64,
+    other: u64,
+    close: Option<u16>,
+    error: bool,
+}
+
+/// Everything the pool's sockets saw.
+#[derive(Default)]
+pub(crate) struct Outcome {
+    /// Latency of every bench message, µs.
+    pub(crate) hist: Hist,
+    /// Bench messages received.
+    pub(crate) delivered: u64,
+    /// Earliest and latest receipt, unix nanos (0 if none).
+    pub(crate) first_ns: u64,
+    pub(crate) last_ns: u64,
+    /// Gap notices received.
+    pub(crate) interrupted: u64,
+    pub(crate) resumed: u64,
+    /// Other text frames (not bench messages, not notices).
+    pub(crate) other: u64,
+    /// Close codes sent by the gateway, with counts.
+    pub(crate) closes: BTreeMap<u16, u64>,
+    /// Sockets that ended with a read error or without a close frame.
+    pub(crate) broken: u64,
+    /// Tasks that did not stop in time (aborted).
+    pub(crate) stuck: u64,
+}
+
+/// A set of subscriber sockets.
+pub(crate) struct Pool {
+    slots: Vec<Arc<Slot>>,
+    handles: Vec<JoinHandle<RecvOut>>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+}
+
+/// How to open the pool's sockets.
+pub(crate) struct Spec {
+    pub(crate) gateways: Vec<Gateway>,
+    pub(crate) sources: u32,
+    pub(crate) source_offset: u32,
+    pub(crate) read_buffer: usize,
+    pub(crate) concurrency: usize,
+    /// Bound on each connect and on each subscribe phase.
+    pub(crate) timeout: Duration,
+}
+
+impl Pool {
+    /// Starts one task per entry of `subscriptions` (the frames it sends), on
+    /// gateway `i mod gateways`, from source address number `i`.
+    pub(crate) fn spawn(spec: &Spec, subscriptions: Vec<Vec<Message>>) -> Pool {
+        let shared = Arc::new(Shared {
+            hist: Some(Sharded::new()),
+            ..Shared::default()
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let sem = Arc::new(Semaphore::new(spec.concurrency));
+        let mut slots = Vec::with_capacity(subscriptions.len());
+        let mut handles = Vec::with_capacity(subscriptions.len());
+        for (i, frames) in subscriptions.into_iter().enumerate() {
+            let slot = Arc::new(Slot::default());
+            slots.push(slot.clone());
+            let gw = spec.gateways[i % spec.gateways.len()].clone();
+            let src = net::source(i, spec.sources, spec.source_offset);
+            let task = Task {
+                gw,
+                src,
+                frames,
+                read_buffer: spec.read_buffer,
+                timeout: spec.timeout,
+                sem: sem.clone(),
+                shared: shared.clone(),
+                slot,
+                stop: stop_rx.clone(),
+            };
+            handles.push(tokio::spawn(task.run()));
+        }
+        Pool {
+            slots,
+            handles,
+            shared,
+            stop,
+        }
+    }
+
+    /// Sockets in the pool.
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Waits until every socket is subscribed or failed, or `deadline`.
+    /// Returns the number ready.
+    pub(crate) async fn wait_ready(&self, deadline: Instant) -> usize {
+        loop {
+            let ready = self.ready();
+            if ready + self.failed() >= self.len() || Instant::now() >= deadline {
+                return ready;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub(crate) fn ready(&self) -> usize {
+        self.shared.ready.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn failed(&self) -> usize {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn subscribed(&self) -> usize {
+        self.shared.subscribed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn refused(&self) -> usize {
+        self.shared.refused.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn errors(&self) -> Vec<String> {
+        self.shared
+            .errors
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+
+    /// Bench messages received so far, over all sockets.
+    pub(crate) fn delivered(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| s.count.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Sockets whose task has ended.
+    pub(crate) fn ended(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.ended.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// Per-socket `resumed` times (unix nanos, 0 = none yet).
+    pub(crate) fn resumed_ns(&self) -> Vec<u64> {
+        self.slots
+            .iter()
+            .map(|s| s.resumed_ns.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// After the traffic: waits until the delivered count reaches `expected`
+    /// or stops growing for `settle`, or `deadline`. Returns true on timeout.
+    pub(crate) async fn drain(&self, expected: u64, settle: Duration, deadline: Instant) -> bool {
+        let mut last = self.delivered();
+        let mut still_since = Instant::now();
+        loop {
+            let now = Instant::now();
+            let got = self.delivered();
+            if got >= expected {
+                return false;
+            }
+            if got != last {
+                last = got;
+                still_since = now;
+            } else if now - still_since >= settle {
+                return false;
+            }
+            if now >= deadline {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops every socket and merges what they saw.
+    pub(crate) async fn finish(self, timeout: Duration) -> Outcome {
+        let _ = self.stop.send(true);
+        let mut out = Outcome::default();
+        let hist = self.shared.hist.as_ref();
+        let until = Instant::now() + timeout;
+        for h in self.handles {
+            let abort = h.abort_handle();
+            let r = match tokio::time::timeout_at(until.into(), h).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => {
+                    out.stuck += 1;
+                    continue;
+                }
+                Err(_) => {
+                    abort.abort();
+                    out.stuck += 1;
+                    continue;
+                }
+            };
+            out.delivered += r.count;
+            if r.count > 0 {
+                out.first_ns = if out.first_ns == 0 {
+                    r.first_ns
+                } else {
+                    out.first_ns.min(r.first_ns)
+                };
+                out.last_ns = out.last_ns.max(r.last_ns);
+            }
+            out.interrupted += r.interrupted;
+            out.resumed += r.resumed;
+            out.other += r.other;
+            if let Some(code) = r.close {
+                *out.closes.entry(code).or_default() += 1;
+            }
+            out.broken += u64::from(r.error);
+        }
+        if let Some(h) = hist {
+            out.hist = h.merged();
+        }
+        out
+    }
+}
+
+/// One socket's task.
+struct Task {
+    gw: Gateway,
+    src: std::net::Ipv4Addr,
+    frames: Vec<Message>,
+    read_buffer: usize,
+    timeout: Duration,
+    sem: Arc<Semaphore>,
+    shared: Arc<Shared>,
+    slot: Arc<Slot>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Task {
+    async fn run(mut self) -> RecvOut {
+        let mut out = RecvOut::default();
+        let permit = self.sem.clone().acquire_owned().await.ok();
+        let connected = tokio::time::timeout(
+            self.timeout,
+            net::connect(&self.gw, self.src, self.read_buffer),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("connect to {} timed out", self.gw.addr)));
+        let mut ws = match connected {
+            Ok(ws) => ws,
+            Err(e) => return self.failed(e, out),
+        };
+        let frames = std::mem::take(&mut self.frames);
+        match net::request_all(&mut ws, frames, self.timeout).await {
+            Ok((ok, refused, error)) => {
+                self.shared.subscribed.fetch_add(ok, Ordering::AcqRel);
+                if refused > 0 {
+                    self.shared.refused.fetch_add(refused, Ordering::AcqRel);
+                    self.shared
+                        .note(format!("refused: {}", error.unwrap_or_default()));
+                }
+            }
+            Err(e) => return self.failed(e, out),
+        }
+        drop(permit);
+        self.shared.ready.fetch_add(1, Ordering::AcqRel);
+
+        let mut stop = self.stop.clone();
+        let stopped = stop.wait_for(|s| *s);
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                biased;
+                m = ws.next() => match m {
+                    Some(Ok(Message::Text(t))) => {
+                        let b = t.as_bytes();
+                        if let Some(sent) = net::sent_nanos(b) {
+                            let now = unix_nanos();
+                            if let Some(h) = &self.shared.hist {
+                                h.record(now.saturating_sub(sent) / 1000);
+                            }
+                            out.count += 1;
+                            if out.first_ns == 0 {
+                                out.first_ns = now;
+                            }
+                            out.last_ns = now;
+                            self.slot.count.store(out.count, Ordering::Relaxed);
+                        } else if b.starts_with(b"{\"action\":\"interrupted\"") {
+                            out.interrupted += 1;
+                        } else if b.starts_with(b"{\"action\":\"resumed\"") {
+                            out.resumed += 1;
+                            self.slot.resumed_ns.store(unix_nanos(), Ordering::Relaxed);
+                        } else {
+                            out.other += 1;
+                        }
+                    }
+                    Some(Ok(Message::Close(f))) => {
+                        out.close = Some(f.map(|f| u16::from(f.code)).unwrap_or(1005));
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => {
+                        out.error = true;
+                        break;
+                    }
+                },
+                _ = &mut stopped => break,
+            }
+        }
+        self.slot.ended.store(true, Ordering::Relaxed);
+        out
+    }
+
+    fn failed(&self, e: String, out: RecvOut) -> RecvOut {
+        self.shared.failed.fetch_add(1, Ordering::AcqRel);
+        self.shared.note(e);
+        self.slot.ended.store(true, Ordering::Relaxed);
+        out
+    }
+}
