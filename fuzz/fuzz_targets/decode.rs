@@ -1,0 +1,137 @@
+//! Fuzzes `Native::decode` on arbitrary frames, and the replies built from
+//! its answer.
+//!
+//! Checks: decode never panics; it agrees with an independent reading of
+//! the rules in docs/protocol.md (`action` subscribe/unsubscribe/ping, an
+//! optional string `id`, exactly one string `pattern` or `channel`, extra
+//! fields ignored, the `id` echoed in a rejection when it could be read);
+//! binary and control frames are rejected; and every reply rendered from
+//! the result (`ack`, `pong`, `reject`) is valid JSON echoing the request.
+//!
+//! Input: the bytes, as a text frame (invalid UTF-8 replaced by U+FFFD).
+
+#![no_main]
+
+use bytes::Bytes;
+use libfuzzer_sys::fuzz_target;
+use serde_json::{Map, Value};
+use tokio_tungstenite::tungstenite::Message;
+use wsgate::broker::Topic;
+use wsgate::protocol::native::Native;
+use wsgate::protocol::{Ack, AckKind, Dialect, Frame, Request};
+
+/// The request the docs say `text` is, or `Err(id echoed in the error)`.
+fn expected(text: &str) -> Result<Request, Option<String>> {
+    let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(text) else {
+        return Err(None);
+    };
+    let id = match obj.get("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(None),
+    };
+    let action = match obj.get("action") {
+        Some(Value::String(a)) => a.as_str(),
+        _ => return Err(id),
+    };
+    let topic = |obj: &Map<String, Value>| -> Result<Topic, Option<String>> {
+        let field = |name: &str| match obj.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(Bytes::copy_from_slice(s.as_bytes()))),
+            Some(_) => Err(id.clone()),
+        };
+        match (field("pattern")?, field("channel")?) {
+            (Some(p), None) => Ok(Topic::Pattern(p)),
+            (None, Some(c)) => Ok(Topic::Channel(c)),
+            _ => Err(id.clone()),
+        }
+    };
+    match action {
+        "subscribe" => Ok(Request::Subscribe {
+            topic: topic(&obj)?,
+            id,
+        }),
+        "unsubscribe" => Ok(Request::Unsubscribe {
+            topic: topic(&obj)?,
+            id,
+        }),
+        "ping" => Ok(Request::Ping { id }),
+        _ => Err(id),
+    }
+}
+
+/// Parses a reply frame, which must be a JSON object in a text frame.
+fn reply(frame: Frame) -> Map<String, Value> {
+    let Message::Text(text) = frame else {
+        panic!("reply is not a text frame: {frame:?}");
+    };
+    match serde_json::from_str::<Value>(text.as_str()) {
+        Ok(Value::Object(obj)) => obj,
+        other => panic!("reply is not a JSON object ({other:?}): {text:?}"),
+    }
+}
+
+fn id_value(id: Option<&str>) -> Option<Value> {
+    id.map(Value::from)
+}
+
+fuzz_target!(|data: &[u8]| {
+    // Binary and control frames are always rejected, without an id.
+    for frame in [
+        Message::Binary(Bytes::copy_from_slice(data)),
+        Message::Ping(Bytes::copy_from_slice(data)),
+        Message::Pong(Bytes::copy_from_slice(data)),
+        Message::Close(None),
+    ] {
+        let rejection = Native.decode(&frame).expect_err("non-text frame accepted");
+        assert_eq!(rejection.id, None);
+    }
+
+    let text = String::from_utf8_lossy(data).into_owned();
+    let got = Native.decode(&Message::Text(text.clone().into()));
+    match (&got, expected(&text)) {
+        (Ok(req), Ok(want)) => assert_eq!(req, &want, "input {text:?}"),
+        (Err(rej), Err(want_id)) => assert_eq!(rej.id, want_id, "input {text:?}"),
+        (got, want) => panic!("input {text:?}: decoded {got:?}, expected {want:?}"),
+    }
+
+    // Replies rendered from the outcome are valid JSON and echo the request.
+    match got {
+        Ok(Request::Subscribe { topic, id } | Request::Unsubscribe { topic, id }) => {
+            for error in [None, Some("refused \"\u{0}\u{ffff}")] {
+                let obj = reply(Native.ack(&Ack {
+                    kind: AckKind::Subscribe,
+                    topic: &topic,
+                    id: id.as_deref(),
+                    error,
+                }));
+                let name = Value::from(String::from_utf8_lossy(topic.name()).into_owned());
+                assert_eq!(obj.get(topic.kind()), Some(&name), "ack {obj:?}");
+                assert_eq!(
+                    obj.get("id").cloned(),
+                    id_value(id.as_deref()),
+                    "ack {obj:?}"
+                );
+                assert_eq!(obj.get("status"), Some(&Value::Bool(error.is_none())));
+            }
+        }
+        Ok(Request::Ping { id }) => {
+            let obj = reply(Native.pong(id.as_deref()));
+            assert_eq!(obj.get("action"), Some(&Value::from("pong")));
+            assert_eq!(
+                obj.get("id").cloned(),
+                id_value(id.as_deref()),
+                "pong {obj:?}"
+            );
+        }
+        Err(rejection) => {
+            let obj = reply(Native.reject(&rejection));
+            assert_eq!(obj.get("action"), Some(&Value::from("error")));
+            assert_eq!(
+                obj.get("error"),
+                Some(&Value::from(rejection.error.as_str()))
+            );
+            assert_eq!(obj.get("id").cloned(), id_value(rejection.id.as_deref()));
+        }
+    }
+});
