@@ -92,9 +92,14 @@ impl Outbox {
             return Pushed::Overflowed;
         }
         inner.bytes += len;
+        let was_empty = inner.frames.is_empty();
         inner.frames.push_back(frame);
         drop(inner);
-        self.ready.notify_one();
+        // Only the first frame of a batch needs to wake the writer: it takes
+        // everything queued when it runs, and checks again after each write.
+        if was_empty {
+            self.ready.notify_one();
+        }
         Pushed::Queued
     }
 

@@ -322,6 +322,11 @@ impl Actor {
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // When the outstanding PING was sent; `None` when none is outstanding.
         let mut pinged: Option<Instant> = None;
+        // When Redis last sent anything. A busy Redis (e.g. working through a
+        // large PSUBSCRIBE batch, which costs O(patterns held) per pattern
+        // before Redis 7.2) answers our PING late but is alive: any byte read
+        // since the PING counts as a sign of life.
+        let mut last_read = Instant::now();
         let write_timeout = self.options.probe_timeout;
         let exit = loop {
             tokio::select! {
@@ -343,6 +348,7 @@ impl Actor {
                     }
                 }
                 read = read_some(&mut rd, &mut buf) => {
+                    last_read = Instant::now();
                     if let Err(cause) = read {
                         break Exit::Lost(cause);
                     }
@@ -359,7 +365,7 @@ impl Actor {
                     // tick: detection within interval + timeout, not one more interval.
                     let now = tick.into_std();
                     match pinged {
-                        Some(at) if now.duration_since(at) >= self.options.probe_timeout => {
+                        Some(at) if now.duration_since(at.max(last_read)) >= self.options.probe_timeout => {
                             break Exit::Lost(format!("no PING reply within {:?}", self.options.probe_timeout));
                         }
                         Some(_) => {}
