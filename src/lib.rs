@@ -13,6 +13,7 @@
 //! - [`server`]: listener, accept loop, shutdown sequence.
 //! - [`shutdown`]: the process stop signal (Ctrl-C or SIGTERM).
 //! - [`http`]: warp routes: WebSocket upgrade, publish, health, metrics.
+//! - [`acl`]: the allow rule for channels and patterns (token claim, `WSGATE_ALLOW`).
 //! - [`session`]: one WebSocket connection; its byte-bounded outbox.
 //! - [`protocol`]: the `Dialect` trait and the native JSON dialect.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
@@ -24,9 +25,12 @@
 //!
 //! It stores nothing: Redis pub/sub is at-most-once, and so is wsgate (no
 //! history, no replay). It does not speak Redis Cluster's sharded pub/sub,
-//! TLS to Redis, or HTTP/2 WebSockets. Authentication and the other dialects
-//! (Bayeux, RoadRunner, realizehit, SocketStream) are not built yet.
+//! TLS to Redis, or HTTP/2 WebSockets, and does not terminate TLS itself (put
+//! it behind a TLS proxy). The other dialects (Bayeux, RoadRunner,
+//! realizehit, SocketStream) are not built yet. Security (tokens, ACLs, the
+//! callback, limits) is described in `docs/security.md`.
 
+pub mod acl;
 pub mod broker;
 pub mod config;
 pub mod http;
