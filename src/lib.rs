@@ -13,6 +13,7 @@
 //! - [`server`]: listener, accept loop, shutdown sequence.
 //! - [`shutdown`]: the process stop signal (Ctrl-C or SIGTERM).
 //! - [`http`]: warp routes: WebSocket upgrade, publish, health, metrics.
+//! - [`auth`]: JWT verification into an `Identity`; the API key comparison.
 //! - [`acl`]: the allow rule for channels and patterns (token claim, `WSGATE_ALLOW`).
 //! - [`session`]: one WebSocket connection; its byte-bounded outbox.
 //! - [`protocol`]: the `Dialect` trait and the native JSON dialect.
@@ -31,6 +32,7 @@
 //! callback, limits) is described in `docs/security.md`.
 
 pub mod acl;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod http;
