@@ -15,6 +15,7 @@
 //! - [`http`]: warp routes: WebSocket upgrade, publish, health, metrics.
 //! - [`auth`]: JWT verification into an `Identity`; the API key comparison.
 //! - [`acl`]: the allow rule for channels and patterns (token claim, `WSGATE_ALLOW`).
+//! - [`authz`]: the subscribe authorisation callback and its bounded cache.
 //! - [`session`]: one WebSocket connection; its byte-bounded outbox.
 //! - [`protocol`]: the `Dialect` trait and the native JSON dialect.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
@@ -33,6 +34,7 @@
 
 pub mod acl;
 pub mod auth;
+pub mod authz;
 pub mod broker;
 pub mod config;
 pub mod http;
