@@ -16,6 +16,8 @@
 //! - [`auth`]: JWT verification into an `Identity`; the API key comparison.
 //! - [`acl`]: the allow rule for channels and patterns (token claim, `WSGATE_ALLOW`).
 //! - [`authz`]: the subscribe authorisation callback and its bounded cache.
+//! - [`forwarded`]: the client's address, through trusted proxies' `X-Forwarded-For`.
+//! - [`limits`]: per-address connection count and connection rate.
 //! - [`session`]: one WebSocket connection; its byte-bounded outbox.
 //! - [`protocol`]: the `Dialect` trait and the native JSON dialect.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
@@ -37,8 +39,10 @@ pub mod auth;
 pub mod authz;
 pub mod broker;
 pub mod config;
+pub mod forwarded;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod pattern;
 pub mod protocol;
