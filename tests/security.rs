@@ -417,6 +417,41 @@ async fn a_wide_token_does_not_widen_another_client() {
     assert_eq!(wide.recv().await["channel"], "news.sport");
 }
 
+/// The ACL sees exactly the name the subscription is made with: JSON escapes
+/// are decoded first, and a key given twice resolves once, for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_level_tricks_are_decoded_before_the_acl() {
+    let redis = Redis::start().await;
+    let gw = Gateway::start(jwt_config(Some(redis.url()))).await;
+    let mut client = connect_with(&gw, &token("u", &["news.*"])).await;
+    for (raw, reply) in [
+        (
+            r#"{"action":"subscribe","pattern":"\u002a"}"#,
+            json!({"action":"subscribe","pattern":"*","status":false,"error":"not allowed"}),
+        ),
+        (
+            r#"{"action":"subscribe","pattern":"news.sport","pattern":"*"}"#,
+            json!({"action":"subscribe","pattern":"*","status":false,"error":"not allowed"}),
+        ),
+        (
+            r#"{"action":"subscribe","pattern":"news\u002e*"}"#,
+            json!({"action":"subscribe","pattern":"news.*","status":true}),
+        ),
+        (
+            r#"{"action":"subscribe","channel":"news.a","pattern":"*"}"#,
+            json!({"action":"error","error":"give either \"pattern\" or \"channel\", not both"}),
+        ),
+        (
+            r#"{"action":"subscribe","pattern":["*"]}"#,
+            json!({"action":"error","error":"\"pattern\" must be a string"}),
+        ),
+    ] {
+        client.send_text(raw).await;
+        assert_eq!(client.recv().await, reply, "{raw}");
+    }
+    assert_eq!(redis.numpat().await, 1);
+}
+
 // ---------------------------------------------------------------- tokens
 
 /// A refused upgrade: what, path, headers, expected `error`.
@@ -488,6 +523,12 @@ async fn bad_tokens_are_refused_before_the_upgrade() {
         r#"{{"sub":"u","sub":"admin","exp":{exp},"aud":"{AUDIENCE}","iss":"{ISSUER}"}}"#
     ));
     let bearer = |t: &str| format!("Bearer {t}");
+    let overlong = format!(
+        "{}.{}.{}",
+        "a".repeat(20_000),
+        "b".repeat(20_000),
+        "c".repeat(20_000)
+    );
     let cases: Vec<BadToken> = vec![
         ("no token", "/ws".into(), vec![], "missing token"),
         (
@@ -500,6 +541,12 @@ async fn bad_tokens_are_refused_before_the_upgrade() {
             "not a JWT",
             "/ws".into(),
             vec![("authorization", bearer("garbage"))],
+            "invalid token: malformed",
+        ),
+        (
+            "overlong",
+            "/ws".into(),
+            vec![("authorization", bearer(&overlong))],
             "invalid token: malformed",
         ),
         (
