@@ -568,6 +568,17 @@ mod tests {
     }
 
     #[test]
+    fn far_future_expiry_does_not_overflow() {
+        for exp in [json!(u64::MAX), json!(1e300), json!(9_999_999_999_999u64)] {
+            let t = sign(&json!({"sub":"u","exp":exp}));
+            // Refused or accepted, never a panic.
+            if let Ok(id) = verifier().verify(&t) {
+                assert!(id.remaining() > Duration::from_secs(1));
+            }
+        }
+    }
+
+    #[test]
     fn leeway_extends_expiry() {
         let key = JwtKey::secret(SECRET).unwrap();
         let v = Verifier::new(&key, &[], &[], Duration::from_secs(30));

@@ -65,6 +65,11 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Largest `WSGATE_JWT_LEEWAY_SECS`: clock skew is seconds, not hours, and an
+/// unbounded value would overflow the `now - leeway` arithmetic of token
+/// validation.
+pub const MAX_JWT_LEEWAY_SECS: u64 = 3600;
+
 /// Shortest `WSGATE_API_KEY` accepted, in bytes: long enough that guessing
 /// over the network is hopeless.
 pub const MIN_API_KEY_BYTES: usize = 16;
@@ -137,7 +142,7 @@ pub struct Config {
     /// must be one of them. Default: unset, `iss` not checked.
     pub jwt_issuers: Vec<String>,
     /// `WSGATE_JWT_LEEWAY_SECS`: clock skew tolerated on `exp` and `nbf`, in
-    /// seconds; a connection is closed at `exp` plus this. Default 0.
+    /// seconds, at most 3600; a connection is closed at `exp` plus this. Default 0.
     pub jwt_leeway: Duration,
     /// `WSGATE_ALLOW`: comma-separated channels and patterns every connection is
     /// limited to (the ACL rule of `docs/security.md`), on top of any token
@@ -333,8 +338,13 @@ impl Config {
                 raw.jwt_leeway_secs,
                 d.jwt_leeway,
                 "WSGATE_JWT_LEEWAY_SECS",
-                |v| v.parse::<u64>().ok().map(Duration::from_secs),
-                "a whole number of seconds",
+                |v| {
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|s| *s <= MAX_JWT_LEEWAY_SECS)
+                        .map(Duration::from_secs)
+                },
+                "a whole number of seconds, at most 3600",
             )?,
             allow: match raw.allow {
                 None => None,
@@ -772,6 +782,11 @@ mod tests {
             ("WSGATE_AUTH_URL", "https://x/a", "http://"),
             ("WSGATE_AUTH_URL", "/relative", "http://"),
             ("WSGATE_API_KEY", "short", "16 bytes"),
+            (
+                "WSGATE_JWT_LEEWAY_SECS",
+                "18446744073709551615",
+                "at most 3600",
+            ),
             ("WSGATE_ALLOWED_ORIGINS", "", "origins"),
             ("WSGATE_REQUIRE_ORIGIN", "yes", "true or false"),
             ("WSGATE_MAX_CONNECTIONS_PER_IP", "0", "greater than 0"),

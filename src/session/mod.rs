@@ -409,8 +409,11 @@ impl Session {
         None
     }
 
+    /// Takes `identity` and arms the expiry timer. An `exp` too far ahead to
+    /// be represented as an instant (centuries) arms none, rather than
+    /// overflowing.
     fn set_identity(&mut self, identity: Identity) {
-        self.expires_at = Some(tokio::time::Instant::now() + identity.remaining());
+        self.expires_at = tokio::time::Instant::now().checked_add(identity.remaining());
         self.identity = Some(identity);
     }
 
