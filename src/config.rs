@@ -394,7 +394,12 @@ impl Config {
                         "WSGATE_ALLOWED_ORIGINS",
                         "a comma-separated list of origins such as https://app.example, or *",
                     )?;
-                    // `*` anywhere means any origin: the same as unset.
+                    // `*` anywhere means any origin: the same as unset. A
+                    // trailing `/` is dropped: browsers never send one.
+                    let origins: Vec<String> = origins
+                        .into_iter()
+                        .map(|o| o.trim_end_matches('/').to_owned())
+                        .collect();
                     (!origins.iter().any(|o| o == "*")).then_some(origins)
                 }
             },
@@ -837,7 +842,7 @@ mod tests {
             ("WSGATE_AUTH_CACHE_TTL_MS", "0"),
             (
                 "WSGATE_ALLOWED_ORIGINS",
-                "https://a.example,https://b.example",
+                "https://a.example,https://b.example/",
             ),
             ("WSGATE_MAX_CONNECTIONS_PER_IP", "10"),
             ("WSGATE_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8"),
@@ -852,7 +857,10 @@ mod tests {
         );
         assert_eq!(c.auth_url.unwrap().port_u16(), Some(9));
         assert_eq!(c.auth_cache_ttl, Duration::ZERO);
-        assert_eq!(c.allowed_origins.unwrap().len(), 2);
+        assert_eq!(
+            c.allowed_origins.unwrap(),
+            ["https://a.example", "https://b.example"]
+        );
         assert_eq!(c.max_connections_per_ip.unwrap().get(), 10);
         assert_eq!(c.trusted_proxies.len(), 2);
         let star = vars(&[("WSGATE_ALLOWED_ORIGINS", "*")]).unwrap();
