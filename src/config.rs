@@ -6,11 +6,16 @@
 //! prints it and exits with code 2). Nothing else in the crate reads the
 //! environment; defaults live in [`Config::default`] and nowhere else.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use hyper::http::Uri;
 use serde::Deserialize;
+
+use crate::auth::JwtKey;
+use crate::forwarded::Network;
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +46,33 @@ pub enum LogFormat {
     /// One JSON object per line, for log shippers.
     Json,
 }
+
+/// A credential from the environment: compared, never printed (its `Debug`
+/// is redacted, so logging the config cannot leak it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret's bytes, for comparison.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// Largest `WSGATE_JWT_LEEWAY_SECS`: clock skew is seconds, not hours, and an
+/// unbounded value would overflow the `now - leeway` arithmetic of token
+/// validation.
+pub const MAX_JWT_LEEWAY_SECS: u64 = 3600;
+
+/// Shortest `WSGATE_API_KEY` accepted, in bytes: long enough that guessing
+/// over the network is hopeless.
+pub const MIN_API_KEY_BYTES: usize = 16;
 
 /// The whole gateway configuration, validated.
 #[derive(Debug, Clone)]
@@ -98,6 +130,57 @@ pub struct Config {
     /// `WSGATE_REDIS_BACKOFF_MAX_MS`: cap of the reconnect backoff (exponential from
     /// 50 ms, with jitter; retries never stop). Default 1000 ms.
     pub redis_backoff_max: Duration,
+    /// `WSGATE_JWT_SECRET` (HS256, at least 32 bytes, used as its UTF-8 bytes) or
+    /// `WSGATE_JWT_PUBLIC_KEY` (a PEM public key, or the path of a PEM file: RSA
+    /// for RS256, P-256 for ES256). Setting either switches JWT authentication
+    /// on; both at once is refused. Default: unset, no authentication.
+    pub jwt_key: Option<JwtKey>,
+    /// `WSGATE_JWT_AUDIENCE`: comma-separated audiences; when set, a token's
+    /// `aud` must name one of them. Default: unset, `aud` not checked.
+    pub jwt_audiences: Vec<String>,
+    /// `WSGATE_JWT_ISSUER`: comma-separated issuers; when set, a token's `iss`
+    /// must be one of them. Default: unset, `iss` not checked.
+    pub jwt_issuers: Vec<String>,
+    /// `WSGATE_JWT_LEEWAY_SECS`: clock skew tolerated on `exp` and `nbf`, in
+    /// seconds, at most 3600; a connection is closed at `exp` plus this. Default 0.
+    pub jwt_leeway: Duration,
+    /// `WSGATE_ALLOW`: comma-separated channels and patterns every connection is
+    /// limited to (the ACL rule of `docs/security.md`), on top of any token
+    /// ACL. Default: unset, no server-wide restriction.
+    pub allow: Option<Vec<String>>,
+    /// `WSGATE_AUTH_URL`: `http://` URL of the subscribe authorisation callback.
+    /// Default: unset, no callback.
+    pub auth_url: Option<Uri>,
+    /// `WSGATE_AUTH_TIMEOUT_MS`: how long a callback may take before the
+    /// subscribe is refused with `authorisation unavailable`. Default 2000 ms.
+    pub auth_timeout: Duration,
+    /// `WSGATE_AUTH_CACHE_TTL_MS`: how long a callback decision is reused for
+    /// the same subject and topic; 0 disables caching. Default 30000 ms.
+    pub auth_cache_ttl: Duration,
+    /// `WSGATE_AUTH_CACHE_ENTRIES`: most decisions cached (oldest evicted).
+    /// Default 10000.
+    pub auth_cache_entries: NonZeroUsize,
+    /// `WSGATE_API_KEY`: when set (at least 16 bytes), `POST /publish` needs
+    /// `Authorization: Bearer <key>`. Default: unset, publishing is open.
+    pub api_key: Option<Secret>,
+    /// `WSGATE_ALLOWED_ORIGINS`: comma-separated origins (`https://app.example`)
+    /// whose browsers may connect, or `*`. Default: unset, any origin.
+    pub allowed_origins: Option<Vec<String>>,
+    /// `WSGATE_REQUIRE_ORIGIN`: `true` refuses upgrades without an `Origin`
+    /// header (non-browser clients). Default `false`.
+    pub require_origin: bool,
+    /// `WSGATE_MAX_CONNECTIONS_PER_IP`: open WebSocket connections per client
+    /// address (IPv6: per /64). Default: unset, no limit.
+    pub max_connections_per_ip: Option<NonZeroUsize>,
+    /// `WSGATE_NEW_CONNECTIONS_PER_IP_PER_SEC`: upgrade attempts per second per
+    /// client address (token bucket, same burst). Default: unset, no limit.
+    pub new_connections_per_ip_per_sec: Option<NonZeroUsize>,
+    /// `WSGATE_TRUSTED_PROXIES`: comma-separated addresses or CIDR blocks whose
+    /// `X-Forwarded-For` is believed. Default: none.
+    pub trusted_proxies: Vec<Network>,
+    /// `WSGATE_MAX_TRACKED_IPS`: addresses the per-address limits track at once;
+    /// when full, new addresses are refused. Default 100000.
+    pub max_tracked_ips: NonZeroUsize,
     /// `WSGATE_LOG`: tracing filter, e.g. `info` or `wsgate=debug`. Default `info`.
     pub log: String,
     /// `WSGATE_LOG_FORMAT`: `text` or `json`. Default `text`.
@@ -125,6 +208,22 @@ impl Default for Config {
             redis_probe_interval: Duration::from_millis(1000),
             redis_probe_timeout: Duration::from_millis(3000),
             redis_backoff_max: Duration::from_millis(1000),
+            jwt_key: None,
+            jwt_audiences: Vec::new(),
+            jwt_issuers: Vec::new(),
+            jwt_leeway: Duration::ZERO,
+            allow: None,
+            auth_url: None,
+            auth_timeout: Duration::from_millis(2000),
+            auth_cache_ttl: Duration::from_millis(30_000),
+            auth_cache_entries: nz(10_000),
+            api_key: None,
+            allowed_origins: None,
+            require_origin: false,
+            max_connections_per_ip: None,
+            new_connections_per_ip_per_sec: None,
+            trusted_proxies: Vec::new(),
+            max_tracked_ips: nz(100_000),
             log: "info".to_owned(),
             log_format: LogFormat::Text,
         }
@@ -161,6 +260,23 @@ struct RawConfig {
     redis_probe_interval_ms: Option<String>,
     redis_probe_timeout_ms: Option<String>,
     redis_backoff_max_ms: Option<String>,
+    jwt_secret: Option<String>,
+    jwt_public_key: Option<String>,
+    jwt_audience: Option<String>,
+    jwt_issuer: Option<String>,
+    jwt_leeway_secs: Option<String>,
+    allow: Option<String>,
+    auth_url: Option<String>,
+    auth_timeout_ms: Option<String>,
+    auth_cache_ttl_ms: Option<String>,
+    auth_cache_entries: Option<String>,
+    api_key: Option<String>,
+    allowed_origins: Option<String>,
+    require_origin: Option<String>,
+    max_connections_per_ip: Option<String>,
+    new_connections_per_ip_per_sec: Option<String>,
+    trusted_proxies: Option<String>,
+    max_tracked_ips: Option<String>,
     log: Option<String>,
     log_format: Option<String>,
 }
@@ -199,7 +315,135 @@ impl Config {
 
     fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
         let d = Config::default();
+        let jwt_key = jwt_key(raw.jwt_secret, raw.jwt_public_key)?;
+        let jwt_audiences = list(raw.jwt_audience);
+        let jwt_issuers = list(raw.jwt_issuer);
+        if jwt_key.is_none() && !(jwt_audiences.is_empty() && jwt_issuers.is_empty()) {
+            let (var, value) = if jwt_audiences.is_empty() {
+                ("WSGATE_JWT_ISSUER", jwt_issuers.join(","))
+            } else {
+                ("WSGATE_JWT_AUDIENCE", jwt_audiences.join(","))
+            };
+            return Err(invalid(
+                var,
+                value,
+                "to be set only together with WSGATE_JWT_SECRET or WSGATE_JWT_PUBLIC_KEY",
+            ));
+        }
         Ok(Config {
+            jwt_key,
+            jwt_audiences,
+            jwt_issuers,
+            jwt_leeway: parse_or(
+                raw.jwt_leeway_secs,
+                d.jwt_leeway,
+                "WSGATE_JWT_LEEWAY_SECS",
+                |v| {
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|s| *s <= MAX_JWT_LEEWAY_SECS)
+                        .map(Duration::from_secs)
+                },
+                "a whole number of seconds, at most 3600",
+            )?,
+            allow: match raw.allow {
+                None => None,
+                Some(v) => Some(non_empty_list(
+                    v,
+                    "WSGATE_ALLOW",
+                    "a comma-separated list of channels and patterns (unset for no restriction)",
+                )?),
+            },
+            auth_url: match raw.auth_url {
+                None => None,
+                Some(v) => Some(http_url(v)?),
+            },
+            auth_timeout: millis_or(
+                raw.auth_timeout_ms,
+                d.auth_timeout,
+                "WSGATE_AUTH_TIMEOUT_MS",
+            )?,
+            auth_cache_ttl: parse_or(
+                raw.auth_cache_ttl_ms,
+                d.auth_cache_ttl,
+                "WSGATE_AUTH_CACHE_TTL_MS",
+                |v| v.parse::<u64>().ok().map(Duration::from_millis),
+                "a whole number of milliseconds (0 disables the cache)",
+            )?,
+            auth_cache_entries: bytes_or(
+                raw.auth_cache_entries,
+                d.auth_cache_entries,
+                "WSGATE_AUTH_CACHE_ENTRIES",
+            )?,
+            api_key: match raw.api_key {
+                None => None,
+                Some(v) if v.len() >= MIN_API_KEY_BYTES => Some(Secret(v)),
+                Some(_) => {
+                    return Err(invalid(
+                        "WSGATE_API_KEY",
+                        REDACTED.to_owned(),
+                        "a key of at least 16 bytes (unset for an open publish API)",
+                    ))
+                }
+            },
+            allowed_origins: match raw.allowed_origins {
+                None => None,
+                Some(v) => {
+                    let origins = non_empty_list(
+                        v,
+                        "WSGATE_ALLOWED_ORIGINS",
+                        "a comma-separated list of origins such as https://app.example, or *",
+                    )?;
+                    // `*` anywhere means any origin: the same as unset. A
+                    // trailing `/` is dropped: browsers never send one.
+                    let origins: Vec<String> = origins
+                        .into_iter()
+                        .map(|o| o.trim_end_matches('/').to_owned())
+                        .collect();
+                    (!origins.iter().any(|o| o == "*")).then_some(origins)
+                }
+            },
+            require_origin: parse_or(
+                raw.require_origin,
+                d.require_origin,
+                "WSGATE_REQUIRE_ORIGIN",
+                |v| match v {
+                    "true" | "1" => Some(true),
+                    "false" | "0" => Some(false),
+                    _ => None,
+                },
+                "true or false",
+            )?,
+            max_connections_per_ip: optional_count(
+                raw.max_connections_per_ip,
+                "WSGATE_MAX_CONNECTIONS_PER_IP",
+            )?,
+            new_connections_per_ip_per_sec: optional_count(
+                raw.new_connections_per_ip_per_sec,
+                "WSGATE_NEW_CONNECTIONS_PER_IP_PER_SEC",
+            )?,
+            trusted_proxies: match raw.trusted_proxies {
+                None => Vec::new(),
+                Some(v) => {
+                    let mut nets = Vec::new();
+                    for item in list(Some(v.clone())) {
+                        match Network::parse(&item) {
+                            Some(n) => nets.push(n),
+                            None => return Err(invalid(
+                                "WSGATE_TRUSTED_PROXIES",
+                                v,
+                                "comma-separated IP addresses or CIDR blocks such as 10.0.0.0/8",
+                            )),
+                        }
+                    }
+                    nets
+                }
+            },
+            max_tracked_ips: bytes_or(
+                raw.max_tracked_ips,
+                d.max_tracked_ips,
+                "WSGATE_MAX_TRACKED_IPS",
+            )?,
             listen: parse_or(
                 raw.listen,
                 d.listen,
@@ -328,6 +572,101 @@ impl Config {
     }
 }
 
+/// Shown instead of a secret's value in an error.
+const REDACTED: &str = "[redacted]";
+
+/// The JWT key from `WSGATE_JWT_SECRET` or `WSGATE_JWT_PUBLIC_KEY` (not both).
+/// Unlike other variables, a set but empty value is an error, not "unset":
+/// a templating slip must not switch authentication off.
+fn jwt_key(
+    secret: Option<String>,
+    public_key: Option<String>,
+) -> Result<Option<JwtKey>, ConfigError> {
+    match (secret, public_key) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(invalid(
+            "WSGATE_JWT_PUBLIC_KEY",
+            "(set)".to_owned(),
+            "to be unset when WSGATE_JWT_SECRET is set: configure one key",
+        )),
+        (Some(secret), None) => JwtKey::secret(&secret)
+            .map(Some)
+            .map_err(|accepted| invalid("WSGATE_JWT_SECRET", REDACTED.to_owned(), accepted)),
+        (None, Some(value)) => {
+            let pem = if value.trim_start().starts_with("-----BEGIN") {
+                // Environments that cannot hold newlines often pass `\n`.
+                Ok(value.replace("\\n", "\n").into_bytes())
+            } else {
+                std::fs::read(value.trim())
+            };
+            pem.ok()
+                .and_then(|pem| JwtKey::public_pem(&pem).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    let shown = if value.len() > 60 { "(PEM text)".to_owned() } else { value };
+                    invalid(
+                        "WSGATE_JWT_PUBLIC_KEY",
+                        shown,
+                        "a PEM public key (RSA for RS256, or P-256 EC for ES256), or the path of a file holding one",
+                    )
+                })
+        }
+    }
+}
+
+/// Comma-separated items, trimmed, empty ones dropped.
+fn list(raw: Option<String>) -> Vec<String> {
+    raw.iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A list that must have at least one item once set.
+fn non_empty_list(
+    raw: String,
+    var: &'static str,
+    accepted: &'static str,
+) -> Result<Vec<String>, ConfigError> {
+    let items = list(Some(raw.clone()));
+    if items.is_empty() {
+        return Err(invalid(var, raw, accepted));
+    }
+    Ok(items)
+}
+
+/// A limit that is off when unset.
+fn optional_count(
+    raw: Option<String>,
+    var: &'static str,
+) -> Result<Option<NonZeroUsize>, ConfigError> {
+    match raw {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| invalid(var, v, "a whole number greater than 0 (unset for no limit)")),
+    }
+}
+
+/// `WSGATE_AUTH_URL`: plain `http://` with a host (hyper's client, no TLS).
+fn http_url(raw: String) -> Result<Uri, ConfigError> {
+    raw.trim()
+        .parse::<Uri>()
+        .ok()
+        .filter(|u| u.scheme_str() == Some("http") && u.host().is_some())
+        .ok_or_else(|| {
+            invalid(
+                "WSGATE_AUTH_URL",
+                raw,
+                "an http:// URL such as http://127.0.0.1:9000/authorise (https is not supported)",
+            )
+        })
+}
+
 fn invalid(var: &'static str, value: String, accepted: &'static str) -> ConfigError {
     ConfigError::Invalid {
         var,
@@ -431,11 +770,108 @@ mod tests {
             ("WSGATE_REDIS_URL", "http://x", "redis://"),
             ("WSGATE_WS_PATH", "ws", "absolute path"),
             ("WSGATE_LOG", "[[[", "tracing filter"),
+            ("WSGATE_JWT_SECRET", "short", "32 bytes"),
+            ("WSGATE_JWT_SECRET", "", "32 bytes"),
+            (
+                "WSGATE_JWT_PUBLIC_KEY",
+                "/nonexistent.pem",
+                "PEM public key",
+            ),
+            (
+                "WSGATE_JWT_PUBLIC_KEY",
+                "-----BEGIN PUBLIC KEY-----\nxx",
+                "PEM public key",
+            ),
+            ("WSGATE_JWT_AUDIENCE", "gw", "only together"),
+            ("WSGATE_ALLOW", " , ", "comma-separated"),
+            ("WSGATE_AUTH_URL", "https://x/a", "http://"),
+            ("WSGATE_AUTH_URL", "/relative", "http://"),
+            ("WSGATE_API_KEY", "short", "16 bytes"),
+            (
+                "WSGATE_JWT_LEEWAY_SECS",
+                "18446744073709551615",
+                "at most 3600",
+            ),
+            ("WSGATE_ALLOWED_ORIGINS", "", "origins"),
+            ("WSGATE_REQUIRE_ORIGIN", "yes", "true or false"),
+            ("WSGATE_MAX_CONNECTIONS_PER_IP", "0", "greater than 0"),
+            (
+                "WSGATE_NEW_CONNECTIONS_PER_IP_PER_SEC",
+                "",
+                "greater than 0",
+            ),
+            ("WSGATE_TRUSTED_PROXIES", "10.0.0.0/8,proxy", "CIDR"),
         ] {
             let err = vars(&[(var, value)]).unwrap_err().to_string();
             assert!(err.starts_with(var), "{err}");
             assert!(err.contains(expect), "{err}");
             assert!(!err.contains('\n'), "{err}");
         }
+    }
+
+    #[test]
+    fn secrets_never_appear_in_errors_or_debug() {
+        let err = vars(&[("WSGATE_API_KEY", "hunter2")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = vars(&[("WSGATE_JWT_SECRET", "tooshort-secret")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("tooshort"), "{err}");
+        let c = vars(&[
+            ("WSGATE_API_KEY", "0123456789abcdef-key"),
+            ("WSGATE_JWT_SECRET", "0123456789abcdef0123456789abcdef-jwt"),
+        ])
+        .unwrap();
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("-key") && !debug.contains("-jwt"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn security_values_are_parsed() {
+        let c = vars(&[
+            ("WSGATE_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+            ("WSGATE_JWT_AUDIENCE", "gw, gw2"),
+            ("WSGATE_JWT_LEEWAY_SECS", "5"),
+            ("WSGATE_ALLOW", "news.*, alerts"),
+            ("WSGATE_AUTH_URL", "http://127.0.0.1:9/auth"),
+            ("WSGATE_AUTH_CACHE_TTL_MS", "0"),
+            (
+                "WSGATE_ALLOWED_ORIGINS",
+                "https://a.example,https://b.example/",
+            ),
+            ("WSGATE_MAX_CONNECTIONS_PER_IP", "10"),
+            ("WSGATE_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8"),
+        ])
+        .unwrap();
+        assert!(c.jwt_key.is_some());
+        assert_eq!(c.jwt_audiences, ["gw", "gw2"]);
+        assert_eq!(c.jwt_leeway, Duration::from_secs(5));
+        assert_eq!(
+            c.allow.as_deref(),
+            Some(&["news.*".to_owned(), "alerts".to_owned()][..])
+        );
+        assert_eq!(c.auth_url.unwrap().port_u16(), Some(9));
+        assert_eq!(c.auth_cache_ttl, Duration::ZERO);
+        assert_eq!(
+            c.allowed_origins.unwrap(),
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(c.max_connections_per_ip.unwrap().get(), 10);
+        assert_eq!(c.trusted_proxies.len(), 2);
+        let star = vars(&[("WSGATE_ALLOWED_ORIGINS", "*")]).unwrap();
+        assert_eq!(star.allowed_origins, None);
+        let both = vars(&[
+            ("WSGATE_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+            ("WSGATE_JWT_PUBLIC_KEY", "/x.pem"),
+        ]);
+        assert!(both.unwrap_err().to_string().contains("one key"));
+        let d = vars(&[]).unwrap();
+        assert!(d.jwt_key.is_none() && d.allow.is_none() && d.api_key.is_none());
+        assert!(d.allowed_origins.is_none() && d.max_connections_per_ip.is_none());
     }
 }

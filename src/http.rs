@@ -4,13 +4,19 @@
 //!   ourselves (from hyper's upgrade handle) instead of using warp's `ws()`
 //!   filter, because that filter fixes tungstenite's 128 KiB per-socket read
 //!   buffer; ours comes from the config (see `docs/design.md`).
-//! - `POST /publish`: publish one message or a batch through the broker.
+//!   Before the upgrade, in this order: the `Origin` (403), draining (503),
+//!   the client address's connection rate (429), the token (401), the
+//!   address's open connections (429), the node's connections (503). Rate
+//!   comes before the token so that guessing tokens is throttled too.
+//! - `POST /publish`: publish one message or a batch through the broker;
+//!   with `WSGATE_API_KEY`, only with `Authorization: Bearer <key>` (401
+//!   before the body is read).
 //! - `GET /healthz` (process alive), `GET /readyz` (broker connected and
 //!   synced), `GET /metrics` (Prometheus text).
 //!
 //! Every refusal is a JSON body `{"error": "..."}` with a fitting status.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,8 +32,13 @@ use tracing::{debug, Instrument};
 use warp::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use warp::{Filter, Rejection};
 
+use crate::acl::Acl;
+use crate::auth::{self, AuthError, Identity, Verifier};
+use crate::authz::Authz;
 use crate::config::Config;
+use crate::forwarded;
 use crate::hub::Hub;
+use crate::limits::{IpLimits, IpRefusal, IpSlot};
 use crate::metrics::Metrics;
 use crate::protocol::{native::Native, Dialect};
 use crate::session::{self, SessionContext};
@@ -46,6 +57,14 @@ pub struct App {
     /// Live sessions. A watch (not an atomic) so shutdown can wait for zero;
     /// changed once per connect and disconnect, never per message.
     pub sessions: watch::Sender<usize>,
+    /// Token verification, when a JWT key is configured.
+    pub verifier: Option<Arc<Verifier>>,
+    /// `WSGATE_ALLOW`, when set.
+    pub allow: Option<Arc<Acl>>,
+    /// The subscribe authorisation callback, when configured.
+    pub authz: Option<Arc<Authz>>,
+    /// Per-address connection limits.
+    pub ip_limits: IpLimits,
 }
 
 /// Holds one of the `WSGATE_MAX_CONNECTIONS` places; gives it back on drop.
@@ -62,12 +81,41 @@ impl Drop for SessionSlot {
 impl App {
     /// Shared state for a freshly started server.
     pub fn new(hub: Hub, metrics: Metrics, config: Config) -> App {
+        let verifier = config.jwt_key.as_ref().map(|key| {
+            Arc::new(Verifier::new(
+                key,
+                &config.jwt_audiences,
+                &config.jwt_issuers,
+                config.jwt_leeway,
+            ))
+        });
+        let allow = config
+            .allow
+            .as_ref()
+            .map(|entries| Arc::new(Acl::new(entries)));
+        let authz = config.auth_url.as_ref().map(|url| {
+            Arc::new(Authz::new(
+                url.clone(),
+                config.auth_timeout,
+                config.auth_cache_ttl,
+                config.auth_cache_entries.get(),
+            ))
+        });
+        let ip_limits = IpLimits::new(
+            config.max_connections_per_ip,
+            config.new_connections_per_ip_per_sec,
+            config.max_tracked_ips,
+        );
         App {
             hub,
             metrics,
             config,
             phase: watch::Sender::new(Phase::Running),
             sessions: watch::Sender::new(0),
+            verifier,
+            allow,
+            authz,
+            ip_limits,
         }
     }
 
@@ -86,8 +134,20 @@ impl App {
         })
     }
 
-    fn session_context(&self, slot: SessionSlot) -> SessionContext {
+    fn session_context(
+        &self,
+        slot: SessionSlot,
+        ip_slot: IpSlot,
+        client_ip: IpAddr,
+        identity: Option<Identity>,
+    ) -> SessionContext {
         SessionContext {
+            ip_slot,
+            client_ip,
+            identity,
+            verifier: self.verifier.clone(),
+            allow: self.allow.clone(),
+            authz: self.authz.clone(),
             hub: self.hub.clone(),
             metrics: self.metrics.clone(),
             phase: self.phase.subscribe(),
@@ -138,16 +198,26 @@ pub fn routes(
             }
         })
         .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::ext::optional::<OnUpgrade>())
         .map(
-            move |app: Arc<App>, headers: HeaderMap, upgrade: Option<OnUpgrade>| {
-                upgrade_ws(app, &headers, upgrade, peer)
+            move |app: Arc<App>, headers: HeaderMap, query: String, upgrade: Option<OnUpgrade>| {
+                upgrade_ws(app, &headers, &query, upgrade, peer)
             },
         );
     let publish = warp::post()
         .and(warp::path("publish"))
         .and(warp::path::end())
         .and(with_app.clone())
+        .and(warp::header::headers_cloned())
+        .and_then(|app: Arc<App>, headers: HeaderMap| async move {
+            if publish_authorised(&app, &headers) {
+                Ok(app)
+            } else {
+                app.metrics.refused.with_label_values(&["api_key"]).inc();
+                Err(warp::reject::custom(Unauthorised))
+            }
+        })
         .and(warp::body::content_length_limit(
             app.config.max_message_bytes.get() as u64,
         ))
@@ -211,11 +281,61 @@ fn json_error(status: StatusCode, error: &str) -> warp::reply::Response {
     json(status, serde_json::json!({ "error": error }).to_string())
 }
 
+/// A 401 with the RFC 6750 challenge header.
+fn unauthorised(error: &str, challenge: &'static str) -> warp::reply::Response {
+    let mut res = json_error(StatusCode::UNAUTHORIZED, error);
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    res
+}
+
+/// A publish without the right API key.
+#[derive(Debug)]
+struct Unauthorised;
+
+impl warp::reject::Reject for Unauthorised {}
+
+/// Does this publish carry `Authorization: Bearer <WSGATE_API_KEY>`? Always
+/// true when no key is configured.
+fn publish_authorised(app: &App, headers: &HeaderMap) -> bool {
+    let Some(key) = &app.config.api_key else {
+        return true;
+    };
+    match auth::bearer(headers) {
+        Ok(Some(given)) => auth::secrets_equal(given.as_bytes(), key.expose()),
+        _ => false,
+    }
+}
+
+/// Is the request's `Origin` acceptable? Only one `Origin` header is; a
+/// missing one is unless `WSGATE_REQUIRE_ORIGIN` (non-browser clients send
+/// none, and a browser always sends one on a WebSocket).
+fn origin_allowed(config: &Config, headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::ORIGIN).iter();
+    let (origin, repeated) = (values.next(), values.next().is_some());
+    match (origin, repeated) {
+        (_, true) => false,
+        (None, false) => !config.require_origin,
+        (Some(origin), false) => config.allowed_origins.as_ref().is_none_or(|allowed| {
+            origin
+                .to_str()
+                .is_ok_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o)))
+        }),
+    }
+}
+
 async fn recover(
     rejection: Rejection,
     limit: u64,
 ) -> Result<warp::reply::Response, std::convert::Infallible> {
-    Ok(if rejection.is_not_found() {
+    Ok(if rejection.find::<Unauthorised>().is_some() {
+        unauthorised(
+            "a valid API key is required: Authorization: Bearer <key>",
+            "Bearer realm=\"wsgate\"",
+        )
+    } else if rejection.is_not_found() {
         json_error(StatusCode::NOT_FOUND, "not found")
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         json_error(
@@ -240,6 +360,7 @@ async fn recover(
 fn upgrade_ws(
     app: Arc<App>,
     headers: &HeaderMap,
+    query: &str,
     upgrade: Option<OnUpgrade>,
     peer: SocketAddr,
 ) -> warp::reply::Response {
@@ -276,6 +397,12 @@ fn upgrade_ws(
     let Some(upgrade) = upgrade else {
         return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
+    let client_ip = forwarded::client_ip(peer.ip(), headers, &app.config.trusted_proxies);
+    if !origin_allowed(&app.config, headers) {
+        app.metrics.refused.with_label_values(&["origin"]).inc();
+        debug!(%client_ip, "upgrade refused: origin");
+        return json_error(StatusCode::FORBIDDEN, "origin not allowed");
+    }
     if *app.phase.borrow() != Phase::Running {
         app.metrics.refused.with_label_values(&["draining"]).inc();
         return json_error(
@@ -283,6 +410,34 @@ fn upgrade_ws(
             "server is shutting down: connect to another node",
         );
     }
+    if let Err(refusal) = app.ip_limits.attempt(client_ip) {
+        return too_many(&app, client_ip, refusal);
+    }
+    let identity = match &app.verifier {
+        None => None,
+        Some(verifier) => {
+            match auth::request_token(headers, query).and_then(|t| verifier.verify(&t)) {
+                Ok(identity) => Some(identity),
+                Err(e) => {
+                    app.metrics
+                        .refused
+                        .with_label_values(&["unauthorized"])
+                        .inc();
+                    debug!(%client_ip, cause = %e, "upgrade refused: token");
+                    let challenge = if e == AuthError::Missing {
+                        "Bearer realm=\"wsgate\""
+                    } else {
+                        "Bearer realm=\"wsgate\", error=\"invalid_token\""
+                    };
+                    return unauthorised(&e.to_string(), challenge);
+                }
+            }
+        }
+    };
+    let ip_slot = match app.ip_limits.admit(client_ip) {
+        Ok(slot) => slot,
+        Err(refusal) => return too_many(&app, client_ip, refusal),
+    };
     let Some(slot) = app.admit() else {
         app.metrics
             .refused
@@ -295,9 +450,10 @@ fn upgrade_ws(
     };
     let accept = derive_accept_key(key.as_bytes());
     let dialect: Arc<dyn Dialect> = Arc::new(Native);
-    let ctx = app.session_context(slot);
+    let ctx = app.session_context(slot, ip_slot, client_ip, identity);
     let config = app.ws_config();
-    let span = tracing::info_span!("conn", peer = %peer, dialect = dialect.name());
+    let span =
+        tracing::info_span!("conn", peer = %peer, client = %client_ip, dialect = dialect.name());
     tokio::spawn(
         async move {
             match upgrade.await {
@@ -323,6 +479,19 @@ fn upgrade_ws(
     if let Ok(v) = HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
+    res
+}
+
+/// A 429 for a per-address limit, with `Retry-After`.
+fn too_many(app: &App, client_ip: IpAddr, refusal: IpRefusal) -> warp::reply::Response {
+    app.metrics
+        .refused
+        .with_label_values(&[refusal.metric_reason()])
+        .inc();
+    debug!(%client_ip, cause = %refusal, "upgrade refused: per-address limit");
+    let mut res = json_error(StatusCode::TOO_MANY_REQUESTS, &refusal.to_string());
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     res
 }
 

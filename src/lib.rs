@@ -13,6 +13,11 @@
 //! - [`server`]: listener, accept loop, shutdown sequence.
 //! - [`shutdown`]: the process stop signal (Ctrl-C or SIGTERM).
 //! - [`http`]: warp routes: WebSocket upgrade, publish, health, metrics.
+//! - [`auth`]: JWT verification into an `Identity`; the API key comparison.
+//! - [`acl`]: the allow rule for channels and patterns (token claim, `WSGATE_ALLOW`).
+//! - [`authz`]: the subscribe authorisation callback and its bounded cache.
+//! - [`forwarded`]: the client's address, through trusted proxies' `X-Forwarded-For`.
+//! - [`limits`]: per-address connection count and connection rate.
 //! - [`session`]: one WebSocket connection; its byte-bounded outbox.
 //! - [`protocol`]: the `Dialect` trait and the native JSON dialect.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
@@ -25,14 +30,21 @@
 //!
 //! It stores nothing: Redis pub/sub is at-most-once, and so is wsgate (no
 //! history, no replay). It does not speak Redis Cluster's sharded pub/sub,
-//! TLS to Redis, or HTTP/2 WebSockets. Authentication and the other dialects
-//! (Bayeux, RoadRunner, realizehit, SocketStream) are not built yet.
+//! TLS to Redis, or HTTP/2 WebSockets, and does not terminate TLS itself (put
+//! it behind a TLS proxy). The other dialects (Bayeux, RoadRunner,
+//! realizehit, SocketStream) are not built yet. Security (tokens, ACLs, the
+//! callback, limits) is described in `docs/security.md`.
 
+pub mod acl;
+pub mod auth;
+pub mod authz;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod forwarded;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod pattern;
 pub mod protocol;

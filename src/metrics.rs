@@ -10,6 +10,29 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// Every `reason` of `wsgate_refused_total`, exported at 0 from the start so
+/// dashboards and alerts see the series before the first refusal:
+/// `max_connections`, `draining` (upgrade 503), `rate_limited` (subscribe),
+/// `unauthorized` (upgrade 401), `origin` (upgrade 403), `ip_rate`,
+/// `ip_connections`, `ip_table_full` (upgrade 429), `not_allowed` (subscribe
+/// outside the ACLs), `authz_denied`, `authz_unavailable` (callback),
+/// `api_key` (publish 401), `token_expired` (connection closed with 4001).
+pub const REFUSAL_REASONS: [&str; 13] = [
+    "max_connections",
+    "draining",
+    "rate_limited",
+    "unauthorized",
+    "origin",
+    "ip_rate",
+    "ip_connections",
+    "ip_table_full",
+    "not_allowed",
+    "authz_denied",
+    "authz_unavailable",
+    "api_key",
+    "token_expired",
+];
+
 /// Every metric the gateway exports. Names are documented in the README.
 #[derive(Clone)]
 pub struct Metrics {
@@ -48,8 +71,8 @@ pub struct Metrics {
     pub gap_notices: IntCounter,
     /// `wsgate_subscribes_held`: subscribe requests waiting for the broker.
     pub subscribes_held: IntGauge,
-    /// `wsgate_refused_total{reason}`: requests refused by a limit
-    /// (`max_connections`, `draining`, `rate_limited`).
+    /// `wsgate_refused_total{reason}`: requests refused by a limit or a
+    /// security check; the reasons are [`REFUSAL_REASONS`].
     pub refused: IntCounterVec,
 }
 
@@ -139,7 +162,10 @@ impl Metrics {
             )
             .unwrap_or_else(never),
             refused: IntCounterVec::new(
-                Opts::new("wsgate_refused_total", "Requests refused by a limit"),
+                Opts::new(
+                    "wsgate_refused_total",
+                    "Requests refused by a limit or a security check",
+                ),
                 &["reason"],
             )
             .unwrap_or_else(never),
@@ -176,7 +202,7 @@ impl Metrics {
             self.local_subscriptions.with_label_values(&[kind]).set(0);
             self.broker_subscriptions.with_label_values(&[kind]).set(0);
         }
-        for reason in ["max_connections", "draining", "rate_limited"] {
+        for reason in REFUSAL_REASONS {
             self.refused.with_label_values(&[reason]).inc_by(0);
         }
     }

@@ -40,6 +40,13 @@ pub enum Request {
         /// Client-chosen correlation id, echoed in the reply.
         id: Option<String>,
     },
+    /// A fresh token for the same subject, before the current one expires.
+    Refresh {
+        /// The new JWT.
+        token: String,
+        /// Client-chosen correlation id, echoed in the reply.
+        id: Option<String>,
+    },
 }
 
 /// A frame that is not a valid request. The client gets an error reply built
@@ -113,4 +120,9 @@ pub trait Dialect: Send + Sync + 'static {
     fn delivery(&self, message: &BrokerMessage) -> Frame;
     /// Renders a gap notice for one member.
     fn notice(&self, notice: &Notice<'_>) -> Frame;
+    /// Renders the answer to a refresh: `None` when the new token was taken.
+    fn refreshed(&self, id: Option<&str>, error: Option<&str>) -> Frame;
+    /// Renders the notice that the server ended a subscription the client
+    /// held (its refreshed token no longer allows it), with the reason.
+    fn revoked(&self, topic: &Topic, reason: &str) -> Frame;
 }

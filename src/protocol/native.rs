@@ -44,6 +44,28 @@ struct NoticeFrame<'a> {
     channels: Vec<std::borrow::Cow<'a, str>>,
 }
 
+/// The reply to `refresh`.
+#[derive(Serialize)]
+struct RefreshFrame<'a> {
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    status: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+/// The server ended a subscription: `unsubscribed`, with the reason.
+#[derive(Serialize)]
+struct RevokedFrame<'a> {
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pattern: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    reason: &'a str,
+}
+
 /// `pong` and `error` replies.
 #[derive(Serialize)]
 struct PlainFrame<'a> {
@@ -91,9 +113,18 @@ impl Dialect for Native {
                 topic(&obj, id.as_deref()).map(|topic| Request::Unsubscribe { topic, id })
             }
             "ping" => Ok(Request::Ping { id }),
+            "refresh" => match obj.get("token") {
+                Some(Value::String(token)) => Ok(Request::Refresh {
+                    token: token.clone(),
+                    id,
+                }),
+                None | Some(Value::Null) => Err(reject(id, "missing field \"token\"")),
+                Some(_) => Err(reject(id, "\"token\" must be a string")),
+            },
             other => {
-                let msg =
-                    format!("unknown action {other:?}: expected subscribe, unsubscribe or ping");
+                let msg = format!(
+                    "unknown action {other:?}: expected subscribe, unsubscribe, ping or refresh"
+                );
                 Err(reject(id, &msg))
             }
         }
@@ -151,6 +182,29 @@ impl Dialect for Native {
             reason: notice.reason,
             patterns: names(true),
             channels: names(false),
+        })
+    }
+
+    fn refreshed(&self, id: Option<&str>, error: Option<&str>) -> Frame {
+        json_frame(&RefreshFrame {
+            action: "refresh",
+            id,
+            status: error.is_none(),
+            error,
+        })
+    }
+
+    fn revoked(&self, topic: &Topic, reason: &str) -> Frame {
+        let name = String::from_utf8_lossy(topic.name());
+        let (pattern, channel) = match topic {
+            Topic::Pattern(_) => (Some(&*name), None),
+            Topic::Channel(_) => (None, Some(&*name)),
+        };
+        json_frame(&RevokedFrame {
+            action: "unsubscribed",
+            pattern,
+            channel,
+            reason,
         })
     }
 
@@ -364,6 +418,40 @@ mod tests {
             Ok(Request::Ping {
                 id: Some("c3".into())
             })
+        );
+        assert_eq!(
+            decode(r#"{"action":"refresh","token":"a.b.c","id":"r"}"#),
+            Ok(Request::Refresh {
+                token: "a.b.c".into(),
+                id: Some("r".into())
+            })
+        );
+        assert!(decode(r#"{"action":"refresh"}"#)
+            .unwrap_err()
+            .error
+            .contains("token"));
+        assert!(decode(r#"{"action":"refresh","token":1}"#)
+            .unwrap_err()
+            .error
+            .contains("must be a string"));
+    }
+
+    #[test]
+    fn renders_refresh_replies_and_revocations() {
+        assert_eq!(
+            text(Native.refreshed(Some("r"), None)),
+            r#"{"action":"refresh","id":"r","status":true}"#
+        );
+        assert_eq!(
+            text(Native.refreshed(None, Some("token expired"))),
+            r#"{"action":"refresh","status":false,"error":"token expired"}"#
+        );
+        assert_eq!(
+            text(Native.revoked(
+                &Topic::Pattern(Bytes::from_static(b"news.*")),
+                "not allowed"
+            )),
+            r#"{"action":"unsubscribed","pattern":"news.*","reason":"not allowed"}"#
         );
     }
 

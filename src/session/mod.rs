@@ -7,8 +7,16 @@
 //! when the server drains (close 1012, at this session's moment in the drain
 //! window) or stops (close 1001), or when the client shows no sign of life
 //! for `WSGATE_PONG_TIMEOUT_MS` (close 4009; the server pings every
-//! `WSGATE_PING_INTERVAL_MS`). Whatever the reason, it leaves every topic it
-//! held, so the hub's refcounts stay exact.
+//! `WSGATE_PING_INTERVAL_MS`), or when its token expires (close 4001, unless
+//! a `refresh` brought a new one). Whatever the reason, it leaves every topic
+//! it held, so the hub's refcounts stay exact.
+//!
+//! A subscribe passes, in order: name validation, the per-connection limits,
+//! the ACLs ([`crate::acl`]: `WSGATE_ALLOW`, then the token's `subscribe`
+//! claim; refused with `not allowed`), then the authorisation callback
+//! ([`crate::authz`]) when configured, whose answer is awaited beside the
+//! other requests (the subscribe is answered when decided), and finally the
+//! broker.
 //!
 //! The session is generic over the socket's `Stream + Sink` so dialects can be
 //! exercised over channels; production passes a tokio-tungstenite stream.
@@ -17,6 +25,7 @@ pub mod outbox;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,11 +37,15 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::acl::Acl;
+use crate::auth::{Identity, Verifier};
+use crate::authz::{Authz, AuthzError, Decision, Question};
 use crate::broker::{BrokerError, Topic};
 use crate::http::SessionSlot;
 use crate::hub::{Hub, Member, Removed};
+use crate::limits::IpSlot;
 use crate::metrics::Metrics;
 use crate::protocol::{Ack, AckKind, Dialect, Frame, Request};
 use crate::shutdown::{stopping, Phase};
@@ -45,6 +58,15 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 pub const CLOSE_KEEPALIVE: u16 = 4009;
 /// Close code while draining: "service restart", reconnect (elsewhere).
 pub const CLOSE_RESTART: u16 = 1012;
+/// Close code when the connection's token expired without a `refresh`:
+/// reconnect with a new token.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+
+/// The refusal of a subscribe outside the ACLs. Deliberately the same
+/// whichever list refused it, and whether or not the name exists.
+pub const NOT_ALLOWED: &str = "not allowed";
+/// The refusal when the authorisation callback gave no decision.
+pub const AUTHZ_UNAVAILABLE: &str = "authorisation unavailable";
 
 /// How long a closing handshake may take before the socket is just dropped:
 /// a client that stopped reading gets this long to drain what is in flight
@@ -75,10 +97,26 @@ pub struct SessionContext {
     pub ping_interval: Duration,
     /// Silence after which the client counts as dead.
     pub pong_timeout: Duration,
+    /// This connection's place among its address's connections; freed on drop.
+    pub ip_slot: IpSlot,
+    /// The client's address (after trusted proxies), for the callback.
+    pub client_ip: IpAddr,
+    /// Who connected, when JWT authentication is on; the session takes it
+    /// and replaces it on `refresh`.
+    pub identity: Option<Identity>,
+    /// Token verification for `refresh`; `None` when authentication is off.
+    pub verifier: Option<Arc<Verifier>>,
+    /// `WSGATE_ALLOW`, when set.
+    pub allow: Option<Arc<Acl>>,
+    /// The authorisation callback, when configured.
+    pub authz: Option<Arc<Authz>>,
 }
 
 /// A subscribe waiting for the broker: resolves to (topic, seq, outcome).
 type Waiting = Pin<Box<dyn Future<Output = (Topic, u64, Result<(), BrokerError>)> + Send>>;
+
+/// A subscribe waiting for the authorisation callback.
+type Authorising = Pin<Box<dyn Future<Output = (Topic, u64, Result<Decision, AuthzError>)> + Send>>;
 
 /// One subscription the client holds, as the session tracks it.
 struct Held {
@@ -86,8 +124,20 @@ struct Held {
     seq: u64,
     /// The subscribe's id, for a late refusal.
     id: Option<String>,
-    /// Still waiting for the broker.
-    pending: bool,
+    /// How far the subscribe has got.
+    stage: Stage,
+}
+
+/// Where a held subscription is. Every stage counts against the limit and
+/// makes a second subscribe `already subscribed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Waiting for the authorisation callback; the hub knows nothing yet.
+    Authorising,
+    /// Joined in the hub, waiting for the broker.
+    Pending,
+    /// Receiving deliveries.
+    Active,
 }
 
 /// Why the session loop stopped, and how to close the socket.
@@ -99,7 +149,7 @@ enum End {
 }
 
 /// Runs a session over an upgraded WebSocket until it ends.
-pub async fn run<S>(mut ws: S, dialect: Arc<dyn Dialect>, ctx: SessionContext)
+pub async fn run<S>(mut ws: S, dialect: Arc<dyn Dialect>, mut ctx: SessionContext)
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
@@ -113,9 +163,15 @@ where
         member: member.clone(),
         held: HashMap::new(),
         waiting: None,
+        authorising: None,
         seq: 0,
         bucket: TokenBucket::new(ctx.subscribe_rate),
+        expires_at: None,
+        identity: None,
     };
+    if let Some(identity) = ctx.identity.take() {
+        session.set_identity(identity);
+    }
     let mut batch = VecDeque::new();
     let mut phase = ctx.phase.clone();
     let mut close_at = phase.borrow().close_at(member.id);
@@ -132,6 +188,13 @@ where
                 None => std::future::pending().await,
             }
         };
+        let expires_at = session.expires_at;
+        let expiry = async {
+            match expires_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             changed = phase.changed() => {
@@ -142,16 +205,26 @@ where
                 close_at = current.close_at(member.id);
             }
             _ = drain => break End::Close(CLOSE_RESTART, "service restart"),
+            _ = expiry => {
+                ctx.metrics.refused.with_label_values(&["token_expired"]).inc();
+                break End::Close(CLOSE_TOKEN_EXPIRED, "token expired");
+            }
             _ = member.outbox.overflowed() => break End::Close(CLOSE_SLOW_CONSUMER, "slow consumer"),
             _ = member.outbox.ready() => {
                 if let Some(end) = write_queued(&mut ws, &member.outbox, &mut batch, &ctx, &mut phase).await {
                     break end;
                 }
             }
-            Some((topic, seq, outcome)) = next_confirmation(&mut session.waiting) => {
+            Some((topic, seq, outcome)) = next_done(&mut session.waiting) => {
                 session.confirmed(&ctx, topic, seq, outcome);
                 if session.waiting.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     session.waiting = None; // give its allocation back while idle
+                }
+            }
+            Some((topic, seq, outcome)) = next_done(&mut session.authorising) => {
+                session.authorised(&ctx, topic, seq, outcome);
+                if session.authorising.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    session.authorising = None;
                 }
             }
             frame = ws.next() => {
@@ -229,13 +302,11 @@ where
     }
 }
 
-/// The next finished wait for the broker; `None` at once when nothing waits
-/// (which disables that `select!` branch for the iteration).
-async fn next_confirmation(
-    waiting: &mut Option<FuturesUnordered<Waiting>>,
-) -> Option<(Topic, u64, Result<(), BrokerError>)> {
-    match waiting {
-        Some(w) => w.next().await,
+/// The next finished wait in a lazily allocated set; `None` at once when
+/// nothing waits (which disables that `select!` branch for the iteration).
+async fn next_done<F: Future + Unpin>(set: &mut Option<FuturesUnordered<F>>) -> Option<F::Output> {
+    match set {
+        Some(s) => s.next().await,
         None => None,
     }
 }
@@ -267,8 +338,14 @@ struct Session {
     /// Subscribes waiting for the broker; allocated only while there are some
     /// (an idle socket should cost as little memory as possible).
     waiting: Option<FuturesUnordered<Waiting>>,
+    /// Subscribes waiting for the authorisation callback; likewise lazy.
+    authorising: Option<FuturesUnordered<Authorising>>,
     seq: u64,
     bucket: TokenBucket,
+    /// The verified token, when authentication is on.
+    identity: Option<Identity>,
+    /// When the token expires: the socket is closed with 4001 then.
+    expires_at: Option<tokio::time::Instant>,
 }
 
 /// Subscribe rate limit: `rate` tokens per second, holding at most `rate`.
@@ -322,6 +399,7 @@ impl Session {
             Ok(Request::Subscribe { topic, id }) => self.subscribe(ctx, topic, id),
             Ok(Request::Unsubscribe { topic, id }) => self.unsubscribe(ctx, topic, id),
             Ok(Request::Ping { id }) => self.reply(self.member.dialect.pong(id.as_deref())),
+            Ok(Request::Refresh { token, id }) => self.refresh(ctx, &token, id.as_deref()),
             Err(rejection) => {
                 ctx.metrics.malformed_frames.inc();
                 self.reply(self.member.dialect.reject(&rejection));
@@ -353,25 +431,132 @@ impl Session {
         None
     }
 
+    /// Takes `identity` and arms the expiry timer. An `exp` too far ahead to
+    /// be represented as an instant (centuries) arms none, rather than
+    /// overflowing.
+    fn set_identity(&mut self, identity: Identity) {
+        self.expires_at = tokio::time::Instant::now().checked_add(identity.remaining());
+        self.identity = Some(identity);
+    }
+
+    /// May this connection hold `topic` at all? Both `WSGATE_ALLOW` and, when
+    /// authentication is on, the token's ACL must allow it.
+    fn permitted(&self, ctx: &SessionContext, topic: &Topic) -> bool {
+        let server = ctx.allow.as_ref().is_none_or(|acl| acl.allows(topic));
+        let token = ctx.verifier.is_none()
+            || self
+                .identity
+                .as_ref()
+                .is_some_and(|id| id.acl.allows(topic));
+        server && token
+    }
+
+    fn refuse(
+        &self,
+        ctx: &SessionContext,
+        reason: &str,
+        topic: &Topic,
+        id: Option<&str>,
+        error: &str,
+    ) {
+        ctx.metrics.refused.with_label_values(&[reason]).inc();
+        self.ack(AckKind::Subscribe, topic, id, Some(error));
+    }
+
     fn subscribe(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>) {
         if let Some(error) = self.refusal(ctx, &topic) {
             return self.ack(AckKind::Subscribe, &topic, id.as_deref(), Some(&error));
         }
+        if !self.permitted(ctx, &topic) {
+            return self.refuse(ctx, "not_allowed", &topic, id.as_deref(), NOT_ALLOWED);
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        if let Some(authz) = &ctx.authz {
+            let question = Question {
+                subject: self.identity.as_ref().map(|i| i.subject.as_str()),
+                claims: self.identity.as_ref().map(|i| &i.claims),
+                topic: &topic,
+                remote_addr: ctx.client_ip,
+            };
+            match authz.cached(&question) {
+                Some(Decision::Allow) => {}
+                Some(Decision::Deny(reason)) => {
+                    return self.refuse(ctx, "authz_denied", &topic, id.as_deref(), &reason);
+                }
+                None => {
+                    let answer = authz.ask(&question);
+                    self.held.insert(
+                        topic.clone(),
+                        Held {
+                            seq,
+                            id,
+                            stage: Stage::Authorising,
+                        },
+                    );
+                    self.authorising
+                        .get_or_insert_with(FuturesUnordered::new)
+                        .push(Box::pin(async move { (topic, seq, answer.await) }));
+                    return;
+                }
+            }
+        }
+        self.join(ctx, topic, id, seq);
+    }
+
+    /// The callback answered a subscribe (unless it was withdrawn meanwhile).
+    fn authorised(
+        &mut self,
+        ctx: &SessionContext,
+        topic: Topic,
+        seq: u64,
+        outcome: Result<Decision, AuthzError>,
+    ) {
+        let current = self
+            .held
+            .get(&topic)
+            .is_some_and(|h| h.seq == seq && h.stage == Stage::Authorising);
+        if !current {
+            return; // unsubscribed or revoked meanwhile, and already answered
+        }
+        let id = self.held.remove(&topic).and_then(|h| h.id);
+        match outcome {
+            Ok(Decision::Allow) => self.join(ctx, topic, id, seq),
+            Ok(Decision::Deny(reason)) => {
+                self.refuse(ctx, "authz_denied", &topic, id.as_deref(), &reason)
+            }
+            Err(e) => {
+                warn!(cause = %e, "authorisation callback failed");
+                self.refuse(
+                    ctx,
+                    "authz_unavailable",
+                    &topic,
+                    id.as_deref(),
+                    AUTHZ_UNAVAILABLE,
+                );
+            }
+        }
+    }
+
+    /// Joins the topic in the hub: an authorised subscribe.
+    fn join(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>, seq: u64) {
         let ack = self.member.dialect.ack(&Ack {
             kind: AckKind::Subscribe,
             topic: &topic,
             id: id.as_deref(),
             error: None,
         });
-        self.seq += 1;
-        let seq = self.seq;
         let pending = ctx.hub.subscribe(&self.member, topic.clone(), ack);
         self.held.insert(
             topic.clone(),
             Held {
                 seq,
                 id,
-                pending: pending.is_some(),
+                stage: if pending.is_some() {
+                    Stage::Pending
+                } else {
+                    Stage::Active
+                },
             },
         );
         if let Some(confirmation) = pending {
@@ -399,17 +584,17 @@ impl Session {
         let Some(held) = self
             .held
             .get_mut(&topic)
-            .filter(|h| h.seq == seq && h.pending)
+            .filter(|h| h.seq == seq && h.stage == Stage::Pending)
         else {
             return; // unsubscribed meanwhile, and already answered
         };
         if outcome.is_ok() {
-            held.pending = false;
+            held.stage = Stage::Active;
             return;
         }
         // Timed out: withdraw, unless the hub activated it in the meantime.
         if !ctx.hub.cancel_pending(self.member.id, &topic) {
-            held.pending = false;
+            held.stage = Stage::Active;
             return;
         }
         let id = self.held.remove(&topic).and_then(|h| h.id);
@@ -430,7 +615,9 @@ impl Session {
                 Some("not subscribed"),
             );
         };
-        if ctx.hub.unsubscribe(self.member.id, &topic) == Removed::Pending {
+        if held.stage == Stage::Authorising
+            || ctx.hub.unsubscribe(self.member.id, &topic) == Removed::Pending
+        {
             // The subscribe never completed: answer it before the unsubscribe.
             self.ack(
                 AckKind::Subscribe,
@@ -442,10 +629,76 @@ impl Session {
         self.ack(AckKind::Unsubscribe, &topic, id.as_deref(), None);
     }
 
+    /// Takes a fresh token: same subject required. The new token's ACL
+    /// replaces the old one; subscriptions it does not allow are ended, each
+    /// with an `unsubscribed` notice (or, if not yet answered, a `not allowed`
+    /// refusal), after the refresh reply.
+    fn refresh(&mut self, ctx: &SessionContext, token: &str, id: Option<&str>) {
+        let dialect = self.member.dialect.clone();
+        let Some(verifier) = &ctx.verifier else {
+            return self.reply(dialect.refreshed(id, Some("authentication is not enabled")));
+        };
+        if !self.bucket.take() {
+            ctx.metrics
+                .refused
+                .with_label_values(&["rate_limited"])
+                .inc();
+            return self.reply(dialect.refreshed(id, Some("rate limited")));
+        }
+        let identity = match verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(e) => return self.reply(dialect.refreshed(id, Some(&e.to_string()))),
+        };
+        let same_subject = self
+            .identity
+            .as_ref()
+            .is_some_and(|current| current.subject == identity.subject);
+        if !same_subject {
+            return self.reply(dialect.refreshed(id, Some("token is for another subject")));
+        }
+        self.set_identity(identity);
+        self.reply(dialect.refreshed(id, None));
+        let mut revoked: Vec<Topic> = self
+            .held
+            .keys()
+            .filter(|t| !self.permitted(ctx, t))
+            .cloned()
+            .collect();
+        revoked.sort();
+        for topic in revoked {
+            self.revoke(ctx, topic);
+        }
+    }
+
+    /// Ends a held subscription the client may no longer have.
+    fn revoke(&mut self, ctx: &SessionContext, topic: Topic) {
+        let Some(held) = self.held.remove(&topic) else {
+            return;
+        };
+        ctx.metrics
+            .refused
+            .with_label_values(&["not_allowed"])
+            .inc();
+        let answered = held.stage != Stage::Authorising
+            && ctx.hub.unsubscribe(self.member.id, &topic) == Removed::Active;
+        if answered {
+            self.reply(self.member.dialect.revoked(&topic, NOT_ALLOWED));
+        } else {
+            self.ack(
+                AckKind::Subscribe,
+                &topic,
+                held.id.as_deref(),
+                Some(NOT_ALLOWED),
+            );
+        }
+    }
+
     /// Leaves every topic: the connection is ending.
     fn leave(&mut self, ctx: &SessionContext) {
-        for topic in self.held.keys() {
-            ctx.hub.unsubscribe(self.member.id, topic);
+        for (topic, held) in &self.held {
+            if held.stage != Stage::Authorising {
+                ctx.hub.unsubscribe(self.member.id, topic);
+            }
         }
         self.held.clear();
     }

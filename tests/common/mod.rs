@@ -434,11 +434,26 @@ pub fn signal(pid: u32, name: &str) {
 /// One HTTP/1.1 request over a fresh connection: (status, body). Status 0
 /// means nothing answered.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http_with(addr, method, path, &[], body).await
+}
+
+/// [`http`] with extra request headers.
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String) {
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await.ok()?;
         let body = body.unwrap_or("");
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(req.as_bytes()).await.ok()?;
@@ -466,7 +481,62 @@ pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
 
+/// An upgrade the server refused: its status, headers and body.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub headers: tokio_tungstenite::tungstenite::http::HeaderMap,
+    pub body: String,
+}
+
+impl Refused {
+    /// The body's `error` field.
+    pub fn error(&self) -> String {
+        serde_json::from_str::<Value>(&self.body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("refusal without a JSON error: {}", self.body))
+    }
+}
+
 impl Client {
+    /// Connects with extra request headers (`Authorization`, `Origin`,
+    /// `X-Forwarded-For`...); a refused upgrade is returned, not a panic.
+    pub async fn try_connect(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, Refused> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+        use tokio_tungstenite::tungstenite::Error;
+        let mut request = format!("ws://{addr}{path}")
+            .into_client_request()
+            .expect("request");
+        for (k, v) in headers {
+            request.headers_mut().append(
+                HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                HeaderValue::from_str(v).expect("header value"),
+            );
+        }
+        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("connect timed out")
+        {
+            Ok((ws, _)) => Ok(Client { ws }),
+            Err(Error::Http(response)) => Err(Refused {
+                status: response.status().as_u16(),
+                headers: response.headers().clone(),
+                body: response
+                    .body()
+                    .as_deref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+            }),
+            Err(e) => panic!("connect failed: {e}"),
+        }
+    }
+
     pub async fn connect(addr: SocketAddr, path: &str) -> Client {
         let url = format!("ws://{addr}{path}");
         let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
