@@ -113,12 +113,7 @@ impl Hub {
             removed
         };
         if removed != Removed::NotFound {
-            self.shared
-                .metrics
-                .local_subscriptions
-                .with_label_values(&[topic.kind()])
-                .dec();
-            self.shared.dirty.notify_one();
+            self.left(topic);
         }
         removed
     }
@@ -133,14 +128,19 @@ impl Hub {
             cancelled
         };
         if cancelled {
-            self.shared
-                .metrics
-                .local_subscriptions
-                .with_label_values(&[topic.kind()])
-                .dec();
-            self.shared.dirty.notify_one();
+            self.left(topic);
         }
         cancelled
+    }
+
+    /// A member left `topic`: count it, and let the reconciler look.
+    fn left(&self, topic: &Topic) {
+        self.shared
+            .metrics
+            .local_subscriptions
+            .with_label_values(&[topic.kind()])
+            .dec();
+        self.shared.dirty.notify_one();
     }
 
     /// Publishes through the broker; returns the receiver count it reports.
