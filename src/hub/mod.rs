@@ -92,7 +92,12 @@ impl Hub {
         ack: Frame,
     ) -> Option<Confirmation> {
         let kind = topic.kind();
-        let pending = self.shared.lock().subscribe(member.clone(), topic, ack);
+        let pending = {
+            let mut registry = self.shared.lock();
+            let pending = registry.subscribe(member.clone(), topic, ack);
+            self.shared.update_gauges(&registry);
+            pending
+        };
         self.shared
             .metrics
             .local_subscriptions
