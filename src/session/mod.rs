@@ -174,7 +174,15 @@ where
     }
     let mut batch = VecDeque::new();
     let mut phase = ctx.phase.clone();
-    let mut close_at = phase.borrow().close_at(member.id);
+    // Timers for closing on our own (drain slot, token expiry): armed once and
+    // reset only when their deadline changes, never re-created per wake-up.
+    let mut drain = None;
+    arm(
+        &mut drain,
+        phase.borrow().close_at(member.id).map(Into::into),
+    );
+    let mut expiry = None;
+    let mut armed_expiry = None;
     let mut keepalive = tokio::time::interval_at(
         (Instant::now() + ctx.ping_interval).into(),
         ctx.ping_interval,
@@ -182,19 +190,10 @@ where
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
     let end = loop {
-        let drain = async {
-            match close_at {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        let expires_at = session.expires_at;
-        let expiry = async {
-            match expires_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        if session.expires_at != armed_expiry {
+            armed_expiry = session.expires_at;
+            arm(&mut expiry, armed_expiry);
+        }
         tokio::select! {
             biased;
             changed = phase.changed() => {
@@ -202,10 +201,10 @@ where
                 if changed.is_err() || current == Phase::Stopping {
                     break End::Close(1001, "server shutting down");
                 }
-                close_at = current.close_at(member.id);
+                arm(&mut drain, current.close_at(member.id).map(Into::into));
             }
-            _ = drain => break End::Close(CLOSE_RESTART, "service restart"),
-            _ = expiry => {
+            _ = fire(&mut drain) => break End::Close(CLOSE_RESTART, "service restart"),
+            _ = fire(&mut expiry) => {
                 ctx.metrics.refused.with_label_values(&["token_expired"]).inc();
                 break End::Close(CLOSE_TOKEN_EXPIRED, "token expired");
             }
@@ -299,6 +298,26 @@ where
             _ = outbox.overflowed() => return Some(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer")),
             _ = stopping(phase) => return Some(End::Close(1001, "server shutting down")),
         }
+    }
+}
+
+/// An optional timer: allocated only when a deadline exists.
+type Timer = Option<Pin<Box<tokio::time::Sleep>>>;
+
+/// Sets `timer` to fire at `at` (reusing its allocation), or disarms it.
+fn arm(timer: &mut Timer, at: Option<tokio::time::Instant>) {
+    match (timer.as_mut(), at) {
+        (Some(t), Some(at)) => t.as_mut().reset(at),
+        (None, Some(at)) => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
+        (_, None) => *timer = None,
+    }
+}
+
+/// Resolves when `timer` fires; never when it is disarmed.
+async fn fire(timer: &mut Timer) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
