@@ -102,6 +102,15 @@ async fn metric(addr: SocketAddr, name: &str) -> Option<i64> {
         .map(|v| v as i64)
 }
 
+/// Waits (bounded by `SETTLE`) until the nodes' connection counts add up to
+/// every client.
+async fn wait_all_connected(nodes: &[Node], what: &str) {
+    wait_until(what, SETTLE, || async move {
+        clients_per_node(nodes).await.iter().flatten().sum::<i64>() == CLIENTS as i64
+    })
+    .await;
+}
+
 async fn clients_per_node(nodes: &[Node]) -> Vec<Option<i64>> {
     let mut out = Vec::new();
     for n in nodes {
@@ -484,20 +493,7 @@ async fn scenario() {
         "connect: {CLIENTS} clients subscribed through haproxy in {:?}",
         t_connect.elapsed()
     );
-    let nodes_ref = &nodes;
-    wait_until(
-        "per-node connections to add up to 200",
-        SETTLE,
-        || async move {
-            clients_per_node(nodes_ref)
-                .await
-                .iter()
-                .flatten()
-                .sum::<i64>()
-                == CLIENTS as i64
-        },
-    )
-    .await;
+    wait_all_connected(&nodes, "per-node connections to add up to 200").await;
     let counts = clients_per_node(&nodes).await;
     println!("clients per node at start: {}", show(&nodes, &counts));
     for (n, c) in nodes.iter().zip(&counts) {
@@ -541,16 +537,7 @@ async fn scenario() {
          all {CLIENTS} subscribed {reconnect:?} after the kill",
         nodes[victim].name
     );
-    let nodes_ref = &nodes;
-    wait_until("survivors to hold all 200 clients", SETTLE, || async move {
-        clients_per_node(nodes_ref)
-            .await
-            .iter()
-            .flatten()
-            .sum::<i64>()
-            == CLIENTS as i64
-    })
-    .await;
+    wait_all_connected(&nodes, "survivors to hold all 200 clients").await;
     println!(
         "clients per node after the kill: {}",
         show(&nodes, &clients_per_node(&nodes).await)
@@ -599,20 +586,7 @@ async fn scenario() {
         };
         nodes[i].start(&redis.url()).await;
         lb.wait_status(name, "UP").await;
-        let nodes_ref = &nodes;
-        wait_until(
-            "per-node connections to add up to 200",
-            SETTLE,
-            || async move {
-                clients_per_node(nodes_ref)
-                    .await
-                    .iter()
-                    .flatten()
-                    .sum::<i64>()
-                    == CLIENTS as i64
-            },
-        )
-        .await;
+        wait_all_connected(&nodes, "per-node connections to add up to 200").await;
         let counts = clients_per_node(&nodes).await;
         println!(
             "rolling: {name} SIGTERM -> exit 0 in {drained_in:?}, its {had} clients resubscribed \

@@ -10,6 +10,7 @@
 // failed test); clippy's allow-expect-in-tests only covers test fns.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
+use tokio::task::JoinHandle;
 
 use std::ffi::OsStr;
 use std::net::SocketAddr;
@@ -88,6 +89,22 @@ fn run_to_exit<K: AsRef<OsStr>, V: AsRef<OsStr>>(env: &[(K, V)]) -> (ExitStatus,
 /// Reads every frame until the connection ends, so the close handshake is
 /// answered (tungstenite replies to a close frame on the next read). Returns
 /// the server's close code and reason, if one arrived.
+/// One task per client, each reading until its connection closes.
+fn spawn_readers(clients: Vec<Client>) -> Vec<JoinHandle<Option<(u16, String)>>> {
+    clients
+        .into_iter()
+        .map(|c| tokio::spawn(read_until_closed(c)))
+        .collect()
+}
+
+/// The close (code, reason) a reader task saw, within `WAIT`.
+async fn joined(reader: JoinHandle<Option<(u16, String)>>) -> Option<(u16, String)> {
+    tokio::time::timeout(WAIT, reader)
+        .await
+        .expect("reader hung")
+        .expect("reader")
+}
+
 async fn read_until_closed(mut c: Client) -> Option<(u16, String)> {
     let mut close = None;
     loop {
@@ -145,20 +162,14 @@ async fn sigterm_drains_every_client_with_1012_and_exits_0() {
             json!({"action":"message","pattern":"term.*","channel":"term.0","payload":"hi"})
         );
     }
-    let readers: Vec<_> = clients
-        .into_iter()
-        .map(|c| tokio::spawn(read_until_closed(c)))
-        .collect();
+    let readers: Vec<_> = spawn_readers(clients);
 
     let t = Instant::now();
     let status = gw.terminate().await;
     let took = t.elapsed();
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     for (i, r) in readers.into_iter().enumerate() {
-        let close = tokio::time::timeout(WAIT, r)
-            .await
-            .expect("reader hung")
-            .expect("reader");
+        let close = joined(r).await;
         assert_eq!(
             close,
             Some((1012, "service restart".to_owned())),
@@ -188,19 +199,13 @@ async fn sigint_closes_every_client_with_1001_at_once_and_exits_0() {
         c.subscribe(&format!("int.{i}")).await;
         clients.push(c);
     }
-    let readers: Vec<_> = clients
-        .into_iter()
-        .map(|c| tokio::spawn(read_until_closed(c)))
-        .collect();
+    let readers: Vec<_> = spawn_readers(clients);
     let t = Instant::now();
     let status = gw.interrupt().await;
     let took = t.elapsed();
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     for (i, r) in readers.into_iter().enumerate() {
-        let close = tokio::time::timeout(WAIT, r)
-            .await
-            .expect("reader hung")
-            .expect("reader");
+        let close = joined(r).await;
         assert_eq!(
             close,
             Some((1001, "server shutting down".to_owned())),
@@ -262,10 +267,7 @@ async fn sigterm_with_redis_exits_0_and_leaves_redis_clean() {
     let status = gw.terminate().await;
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     assert_eq!(
-        tokio::time::timeout(WAIT, reader)
-            .await
-            .expect("reader hung")
-            .expect("reader"),
+        joined(reader).await,
         Some((1012, "service restart".to_owned()))
     );
     wait_until("the pub/sub connection closed", WAIT, || async {
@@ -407,12 +409,5 @@ async fn default_setup_works_without_redis() {
     // Ctrl-C: the default drain window (10 s) does not apply; close now.
     let reader = tokio::spawn(read_until_closed(c));
     assert_eq!(gw.interrupt().await.code(), Some(0));
-    assert_eq!(
-        tokio::time::timeout(WAIT, reader)
-            .await
-            .expect("reader hung")
-            .expect("reader")
-            .map(|c| c.0),
-        Some(1001)
-    );
+    assert_eq!(joined(reader).await.map(|c| c.0), Some(1001));
 }
