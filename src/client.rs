@@ -23,11 +23,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+
+use crate::backoff::backoff;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -542,34 +543,11 @@ impl<'a> Connection<'a> {
     }
 }
 
-/// The delay before the next attempt after `failures` consecutive failures:
-/// `min × 2^failures`, capped at `max`, then jittered down by up to half, so
-/// clients dropped together do not come back together.
-fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
-    let base = min.saturating_mul(1 << failures.min(16)).min(max);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(failures);
-    let jitter = (h.finish() % 1000) as f64 / 1000.0; // 0.0 .. 1.0
-    base.mul_f64(1.0 - jitter / 2.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
     use tokio::sync::oneshot;
-
-    #[test]
-    fn backoff_doubles_from_min_and_stays_within_the_cap() {
-        let (min, max) = (Duration::from_millis(50), Duration::from_secs(2));
-        for failures in 0..40 {
-            let d = backoff(failures, min, max);
-            assert!(d >= min / 2 && d <= max, "{failures}: {d:?}");
-        }
-        assert!(backoff(0, min, max) <= min);
-        assert!(backoff(3, min, max) >= Duration::from_millis(200));
-        assert!(backoff(30, min, max) >= max / 2);
-    }
 
     #[test]
     fn requests_name_the_kind_and_carry_the_id() {

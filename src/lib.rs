@@ -25,6 +25,7 @@
 //! - [`pattern`]: Redis's glob matcher, for the in-memory broker.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`client`]: a reconnecting native-protocol client (tests, load, services).
+//! - [`backoff`]: jittered exponential reconnect delays (broker and client).
 //!
 //! # What it does not do
 //!
@@ -38,6 +39,7 @@
 pub mod acl;
 pub mod auth;
 pub mod authz;
+pub mod backoff;
 pub mod broker;
 pub mod client;
 pub mod config;

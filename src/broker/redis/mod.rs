@@ -17,7 +17,6 @@
 mod resp;
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -29,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
 use super::{Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, HubGone, Topic};
+use crate::backoff::backoff;
 use crate::metrics::Metrics;
 use resp::Value;
 
@@ -243,7 +243,7 @@ impl Actor {
                     }
                 }
             }
-            let pause = backoff(failures, self.options.backoff_max);
+            let pause = backoff(failures, BACKOFF_MIN, self.options.backoff_max);
             if self.refuse_while(tokio::time::sleep(pause)).await.is_none() {
                 return;
             }
@@ -538,16 +538,6 @@ fn encode_changes(out: &mut BytesMut, changes: &Changes) -> usize {
     expected
 }
 
-/// Exponential backoff from [`BACKOFF_MIN`] capped at `max`, with ±50%
-/// jitter (still capped) so that many nodes do not reconnect in lockstep.
-fn backoff(failures: u32, max: Duration) -> Duration {
-    let base = BACKOFF_MIN.saturating_mul(1 << failures.min(10)).min(max);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(failures);
-    let jitter = (h.finish() % 1000) as f64 / 1000.0; // 0.0 .. 1.0
-    base.mul_f64(0.5 + jitter).min(max)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,16 +558,5 @@ mod tests {
             &out[..],
             &b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$1\r\nd\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n*3\r\n$10\r\nPSUBSCRIBE\r\n$2\r\na*\r\n$2\r\nb?\r\n"[..]
         );
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let max = Duration::from_secs(1);
-        for failures in 0..40 {
-            let d = backoff(failures, max);
-            assert!(d >= BACKOFF_MIN / 2 && d <= max, "{failures}: {d:?}");
-        }
-        assert!(backoff(1, max) < Duration::from_millis(200));
-        assert!(backoff(30, max) >= max / 2);
     }
 }
