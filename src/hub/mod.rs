@@ -162,11 +162,6 @@ impl Hub {
         self.shared.lock().is_ready()
     }
 
-    /// Topics with at least one local member (tests compare this with Redis).
-    pub fn wanted_topics(&self) -> Vec<Topic> {
-        self.shared.lock().wanted_topics()
-    }
-
     /// Stops both tasks; the broker is dropped with the last handle.
     pub fn close(&self) {
         self.shared.closing.send_replace(true);

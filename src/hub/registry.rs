@@ -502,13 +502,4 @@ impl Registry {
     pub fn held(&self) -> HeldCounts {
         self.held
     }
-
-    /// Topics wanted locally (at least one member), for tests and diagnostics.
-    pub fn wanted_topics(&self) -> Vec<Topic> {
-        self.entries
-            .iter()
-            .filter(|(_, e)| e.wanted())
-            .map(|(t, _)| t.clone())
-            .collect()
-    }
 }
