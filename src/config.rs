@@ -94,6 +94,11 @@ pub struct Config {
     /// `WSGATE_CLIENT_QUEUE_BYTES`: outbound bytes a connection may have queued before
     /// it is closed as a slow consumer (code 4008). Default 1048576 (1 MiB).
     pub client_queue_bytes: NonZeroUsize,
+    /// `WSGATE_MAX_DELIVERY_BYTES`: largest delivery frame. Default 1048576 (1 MiB),
+    /// and never more than `WSGATE_CLIENT_QUEUE_BYTES` (the smaller one applies). A
+    /// larger broker message is delivered to nobody; its subscribers get a gap
+    /// notice with reason `message too large` instead of a 4008 close.
+    pub max_delivery_bytes: NonZeroUsize,
     /// `WSGATE_WS_READ_BUFFER_BYTES`: read buffer per WebSocket, in bytes. Default 1024.
     /// It is allocated (and zero-filled) per socket, so it dominates idle memory
     /// (measured: ~5.3 KB per subscribed socket plus this); clients send small
@@ -197,6 +202,7 @@ impl Default for Config {
             max_subscriptions: nz(256),
             max_pattern_bytes: nz(256),
             client_queue_bytes: nz(1024 * 1024),
+            max_delivery_bytes: nz(1024 * 1024),
             ws_read_buffer_bytes: nz(1024),
             subscribe_timeout: Duration::from_millis(5000),
             shutdown_timeout: Duration::from_millis(5000),
@@ -249,6 +255,7 @@ struct RawConfig {
     max_subscriptions: Option<String>,
     max_pattern_bytes: Option<String>,
     client_queue_bytes: Option<String>,
+    max_delivery_bytes: Option<String>,
     ws_read_buffer_bytes: Option<String>,
     subscribe_timeout_ms: Option<String>,
     shutdown_timeout_ms: Option<String>,
@@ -488,6 +495,11 @@ impl Config {
                 raw.client_queue_bytes,
                 d.client_queue_bytes,
                 "WSGATE_CLIENT_QUEUE_BYTES",
+            )?,
+            max_delivery_bytes: bytes_or(
+                raw.max_delivery_bytes,
+                d.max_delivery_bytes,
+                "WSGATE_MAX_DELIVERY_BYTES",
             )?,
             ws_read_buffer_bytes: bytes_or(
                 raw.ws_read_buffer_bytes,

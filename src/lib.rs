@@ -18,7 +18,8 @@
 //! - [`authz`]: the subscribe authorisation callback and its bounded cache.
 //! - [`forwarded`]: the client's address, through trusted proxies' `X-Forwarded-For`.
 //! - [`limits`]: per-address connection count and connection rate.
-//! - [`session`]: one WebSocket connection; its byte-bounded outbox.
+//! - [`session`]: one WebSocket connection, from upgrade to close.
+//! - [`outbox`]: a connection's byte-bounded queue of shared frames and gap marks.
 //! - [`protocol`]: the `Dialect` trait and the native JSON dialect.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
 //! - [`broker`]: the `Broker` trait; Redis and in-memory implementations.
@@ -48,6 +49,7 @@ pub mod http;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+pub mod outbox;
 pub mod pattern;
 pub mod protocol;
 pub mod server;

@@ -6,8 +6,8 @@
 //! batch, never per subscriber.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every `reason` of `wsgate_refused_total`, exported at 0 from the start so
@@ -74,6 +74,17 @@ pub struct Metrics {
     /// `wsgate_refused_total{reason}`: requests refused by a limit or a
     /// security check; the reasons are [`REFUSAL_REASONS`].
     pub refused: IntCounterVec,
+    /// `wsgate_hub_lock_hold_seconds`: how long each hold of the hub's
+    /// registry lock lasted (nothing under it may grow with member counts).
+    pub hub_lock_hold: Histogram,
+    /// `wsgate_hub_lock_hold_max_seconds`: the longest such hold since start.
+    pub hub_lock_hold_max: Gauge,
+    /// `wsgate_broker_refusals_total`: subscriptions the broker refused (e.g.
+    /// a Redis ACL); their subscribers are told, everyone else is unaffected.
+    pub broker_refusals: IntCounter,
+    /// `wsgate_deliveries_too_large_total`: broker messages not delivered
+    /// because their frame exceeded `WSGATE_MAX_DELIVERY_BYTES`.
+    pub deliveries_too_large: IntCounter,
 }
 
 impl Metrics {
@@ -169,6 +180,31 @@ impl Metrics {
                 &["reason"],
             )
             .unwrap_or_else(never),
+            hub_lock_hold: Histogram::with_opts(
+                HistogramOpts::new(
+                    "wsgate_hub_lock_hold_seconds",
+                    "How long each hold of the hub's registry lock lasted",
+                )
+                .buckets(vec![
+                    1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1,
+                ]),
+            )
+            .unwrap_or_else(never),
+            hub_lock_hold_max: Gauge::new(
+                "wsgate_hub_lock_hold_max_seconds",
+                "Longest hold of the hub's registry lock since start",
+            )
+            .unwrap_or_else(never),
+            broker_refusals: IntCounter::new(
+                "wsgate_broker_refusals_total",
+                "Subscriptions the broker refused",
+            )
+            .unwrap_or_else(never),
+            deliveries_too_large: IntCounter::new(
+                "wsgate_deliveries_too_large_total",
+                "Broker messages not delivered because they exceed WSGATE_MAX_DELIVERY_BYTES",
+            )
+            .unwrap_or_else(never),
             registry,
         };
         m.register_all();
@@ -176,7 +212,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
             Box::new(self.connections.clone()),
             Box::new(self.local_subscriptions.clone()),
             Box::new(self.broker_subscriptions.clone()),
@@ -193,6 +229,10 @@ impl Metrics {
             Box::new(self.gap_notices.clone()),
             Box::new(self.subscribes_held.clone()),
             Box::new(self.refused.clone()),
+            Box::new(self.hub_lock_hold.clone()),
+            Box::new(self.hub_lock_hold_max.clone()),
+            Box::new(self.broker_refusals.clone()),
+            Box::new(self.deliveries_too_large.clone()),
         ];
         for c in collectors {
             // Names are distinct constants on a fresh registry: this cannot fail.

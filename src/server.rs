@@ -31,7 +31,7 @@ use crate::broker::redis::{RedisBroker, RedisConfigError, RedisOptions};
 use crate::broker::{Broker, EVENT_CAPACITY};
 use crate::config::Config;
 use crate::http::{self, App};
-use crate::hub::Hub;
+use crate::hub::{Hub, HubOptions};
 use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Stop};
 
@@ -79,6 +79,7 @@ pub async fn run(
                 probe_interval: config.redis_probe_interval,
                 probe_timeout: config.redis_probe_timeout,
                 backoff_max: config.redis_backoff_max,
+                client_name: Some("wsgate:pubsub".to_owned()),
             };
             Arc::new(RedisBroker::start(
                 url,
@@ -90,7 +91,13 @@ pub async fn run(
         None => Arc::new(MemoryBroker::new(events_tx, metrics.clone())),
     };
     info!(addr = %listener.local_addr()?, broker = broker.name(), "listening");
-    let hub = Hub::start(broker, events_rx, metrics.clone());
+    let hub_options = HubOptions {
+        max_delivery_bytes: config
+            .max_delivery_bytes
+            .get()
+            .min(config.client_queue_bytes.get()),
+    };
+    let hub = Hub::start(broker, events_rx, metrics.clone(), hub_options);
     let app = Arc::new(App::new(hub.clone(), metrics, config));
 
     let mut accepting = Box::pin(accept_loop(&listener, &app));

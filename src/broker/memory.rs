@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::future::{self, BoxFuture, FutureExt};
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, Topic};
+use super::{Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, Topic};
 use crate::metrics::Metrics;
 use crate::pattern;
 
@@ -78,7 +78,7 @@ impl Broker for MemoryBroker {
         &self,
         _generation: u64,
         changes: Changes,
-    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+    ) -> BoxFuture<'static, Result<Applied, BrokerError>> {
         let mut subs = self.lock();
         for t in changes.unsubscribe {
             match t {
@@ -92,7 +92,7 @@ impl Broker for MemoryBroker {
                 Topic::Pattern(n) => subs.patterns.insert(n),
             };
         }
-        future::ready(Ok(())).boxed()
+        future::ready(Ok(Applied::default())).boxed()
     }
 
     fn publish(

@@ -201,6 +201,14 @@ pub struct Changes {
 /// single command's reply time short.
 pub const MAX_BATCH: usize = 512;
 
+/// What the broker did with a batch of [`Changes`] it answered.
+#[derive(Debug, Default, Clone)]
+pub struct Applied {
+    /// Subscribes the broker refused (e.g. a Redis ACL), each with the reason
+    /// its subscribers are given. Everything else in the batch was applied.
+    pub refused: Vec<(Topic, String)>,
+}
+
 /// Why a broker operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
@@ -223,14 +231,14 @@ pub enum BrokerError {
 pub trait Broker: Send + Sync + 'static {
     /// Applies subscription changes on connection `generation` (from the last
     /// [`BrokerEvent::Up`] the hub processed), resolving once the broker
-    /// confirmed all of them: after `Ok`, a message published to a subscribed
-    /// topic is delivered. On any other connection it fails with `Unavailable`
-    /// and sends nothing.
+    /// answered all of them: after `Ok`, a message published to a subscribed
+    /// topic is delivered, except for the topics listed as refused. On any
+    /// other connection it fails with `Unavailable` and sends nothing.
     fn apply(
         &self,
         generation: u64,
         changes: Changes,
-    ) -> BoxFuture<'static, Result<(), BrokerError>>;
+    ) -> BoxFuture<'static, Result<Applied, BrokerError>>;
 
     /// Publishes one message; returns how many subscriptions (across all nodes)
     /// received it, as Redis's `PUBLISH` does.

@@ -4,26 +4,33 @@
 //! the members of each topic, and a single *reconciler* task brings the broker
 //! in line with it (first member: subscribe; last one gone: unsubscribe) in
 //! batches of up to [`MAX_BATCH`] topics. A *dispatcher* task consumes the
-//! broker's events in order: each message is rendered once per dialect and the
-//! same frame is pushed into every member's outbox, never waiting on any of
-//! them. The hub never knows which dialect a member speaks; it only holds the
-//! [`crate::protocol::Dialect`] trait object to render with.
+//! broker's events in order: each message is rendered once per render key
+//! (today: per dialect) and the same frame is pushed into every member's
+//! outbox, never waiting on any of them. The hub never knows which dialect a
+//! member speaks; it only holds the [`crate::protocol::Dialect`] trait object
+//! to render with.
+//!
+//! Nothing under the registry lock grows with the number of members of a
+//! topic (see [`registry`]); how long the lock is held is measured
+//! (`wsgate_hub_lock_hold_seconds`). Broker outages reach sessions as marks
+//! in their queues ([`crate::outbox`]): one push per session.
 
 pub mod registry;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{Broker, BrokerEvent, BrokerMessage, Topic, MAX_BATCH};
 use crate::metrics::Metrics;
-use crate::protocol::{Frame, Notice, NoticeKind};
-use crate::session::outbox::Pushed;
-pub use registry::{Confirmation, LinkState, Member, Removed};
-use registry::{Notices, Registry};
+use crate::outbox::{Outbox, Pushed};
+use crate::protocol::{Dialect, Frame, Notice, NoticeKind};
+use registry::Registry;
+pub use registry::{Confirmation, Joined, LinkState, Member, Removed, Sub};
 
 /// Pause after a failed broker apply before trying again, so that a broker
 /// that refuses at once (disconnected) does not spin the reconciler; the
@@ -34,6 +41,25 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// and lock costs over a burst while keeping each step short.
 const DISPATCH_BATCH: usize = 256;
 
+/// Reason given to subscribers of a message too large to deliver.
+pub const TOO_LARGE: &str = "message too large";
+
+/// Limits the hub applies to deliveries (from [`crate::Config`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HubOptions {
+    /// Largest delivery frame; a larger message is not delivered and its
+    /// subscribers get a gap notice instead of being closed as slow.
+    pub max_delivery_bytes: usize,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        HubOptions {
+            max_delivery_bytes: 1 << 20,
+        }
+    }
+}
+
 /// Cheap, clonable handle to the node's hub.
 #[derive(Clone)]
 pub struct Hub {
@@ -42,16 +68,58 @@ pub struct Hub {
 
 struct Shared {
     /// Registry behind a plain mutex: every critical section is a map update
-    /// or a snapshot clone, never an await (clippy's `await_holding_lock` is
-    /// denied crate-wide).
+    /// or a reference-count clone, never an await (clippy's
+    /// `await_holding_lock` is denied crate-wide).
     registry: Mutex<Registry>,
+    /// Every open session, for outage marks (O(1) per join and leave).
+    sessions: Mutex<HashMap<u64, Arc<Member>>>,
     broker: Arc<dyn Broker>,
     /// Wakes the reconciler when a topic became dirty.
     dirty: Notify,
     /// Flips to `true` once, when the hub closes; both tasks watch it.
     closing: watch::Sender<bool>,
     next_member: AtomicU64,
+    /// Longest registry lock hold seen, in nanoseconds.
+    longest_hold: AtomicU64,
     metrics: Metrics,
+    options: HubOptions,
+}
+
+/// The registry, locked; measures how long it is held.
+struct Locked<'a> {
+    guard: MutexGuard<'a, Registry>,
+    since: Instant,
+    shared: &'a Shared,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Registry;
+    fn deref(&self) -> &Registry {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Registry {
+        &mut self.guard
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let held = self.since.elapsed();
+        let nanos = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+        if self.shared.longest_hold.fetch_max(nanos, Ordering::Relaxed) < nanos {
+            self.shared
+                .metrics
+                .hub_lock_hold_max
+                .set(held.as_secs_f64());
+        }
+        self.shared
+            .metrics
+            .hub_lock_hold
+            .observe(held.as_secs_f64());
+    }
 }
 
 impl Hub {
@@ -61,14 +129,18 @@ impl Hub {
         broker: Arc<dyn Broker>,
         events: mpsc::Receiver<BrokerEvent>,
         metrics: Metrics,
+        options: HubOptions,
     ) -> Hub {
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
+            sessions: Mutex::new(HashMap::new()),
             broker,
             dirty: Notify::new(),
             closing: watch::Sender::new(false),
             next_member: AtomicU64::new(1),
+            longest_hold: AtomicU64::new(0),
             metrics,
+            options,
         });
         tokio::spawn(reconcile(shared.clone()).instrument(tracing::info_span!("reconciler")));
         tokio::spawn(
@@ -77,39 +149,63 @@ impl Hub {
         Hub { shared }
     }
 
-    /// A fresh member id for a new session.
-    pub fn next_member_id(&self) -> u64 {
-        self.shared.next_member.fetch_add(1, Ordering::Relaxed)
+    /// A new session's place in the hub, until [`Hub::leave_node`].
+    pub fn join_node(&self, outbox: Arc<Outbox>, dialect: Arc<dyn Dialect>) -> Arc<Member> {
+        let member = Arc::new(Member {
+            id: self.shared.next_member.fetch_add(1, Ordering::Relaxed),
+            outbox,
+            dialect,
+        });
+        self.shared.sessions().insert(member.id, member.clone());
+        member
     }
 
-    /// Adds `member` to `topic`. `ack` is the success reply, queued by the hub
-    /// at the moment the member becomes active so that it precedes every
-    /// delivery. `None`: active already; otherwise wait on the confirmation.
-    pub fn subscribe(
-        &self,
-        member: &Arc<Member>,
-        topic: Topic,
-        ack: Frame,
-    ) -> Option<Confirmation> {
+    /// The session ended (after leaving every topic).
+    pub fn leave_node(&self, member_id: u64) {
+        self.shared.sessions().remove(&member_id);
+    }
+
+    /// Adds `member` to `topic`. On [`Joined::Active`] the caller queues its
+    /// reply and then starts the subscription; on [`Joined::Pending`] it
+    /// waits, then calls [`Hub::activate`].
+    pub fn subscribe(&self, member: &Arc<Member>, topic: Topic) -> Joined {
         let kind = topic.kind();
-        let pending = {
+        let sub = Sub::new(member.clone());
+        let joined = {
             let mut registry = self.shared.lock();
-            let pending = registry.subscribe(member.clone(), topic, ack);
+            let joined = registry.subscribe(sub, topic);
             self.shared.update_gauges(&registry);
-            pending
+            joined
         };
         self.shared
             .metrics
             .local_subscriptions
             .with_label_values(&[kind])
             .inc();
-        if pending.is_some() {
+        if matches!(joined, Joined::Pending(_)) {
             self.shared.dirty.notify_one();
         }
-        pending
+        joined
     }
 
-    /// Removes `member_id` from `topic`.
+    /// A pending subscribe was confirmed: become active (or wait again if the
+    /// link dropped meanwhile). `None` if it is no longer waiting.
+    pub fn activate(&self, member: &Arc<Member>, topic: &Topic) -> Option<Joined> {
+        let sub = Sub::new(member.clone());
+        let joined = {
+            let mut registry = self.shared.lock();
+            let joined = registry.activate(sub, topic);
+            self.shared.update_gauges(&registry);
+            joined
+        };
+        if matches!(joined, Some(Joined::Pending(_))) {
+            self.shared.dirty.notify_one();
+        }
+        joined
+    }
+
+    /// Removes `member_id` from `topic`. (An active subscription's [`Sub`]
+    /// is stopped by the caller first.)
     pub fn unsubscribe(&self, member_id: u64, topic: &Topic) -> Removed {
         let removed = {
             let mut registry = self.shared.lock();
@@ -124,7 +220,7 @@ impl Hub {
     }
 
     /// Withdraws a subscribe that is still waiting for the broker (its wait
-    /// timed out); `false` if it became active meanwhile and must be kept.
+    /// timed out); `false` if it was confirmed meanwhile (then activate it).
     pub fn cancel_pending(&self, member_id: u64, topic: &Topic) -> bool {
         let cancelled = {
             let mut registry = self.shared.lock();
@@ -169,10 +265,19 @@ impl Hub {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Registry> {
+    fn lock(&self) -> Locked<'_> {
         // Registry methods leave it consistent between statements that can
         // panic only on allocation failure; reuse it rather than cascade.
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+        let guard = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        Locked {
+            guard,
+            since: Instant::now(),
+            shared: self,
+        }
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<u64, Arc<Member>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Mirrors the registry's counts and link state into gauges (a few
@@ -192,16 +297,35 @@ impl Shared {
         }
     }
 
-    /// Sends one gap notice per member (rendered per member: rare, not hot).
-    fn notify(&self, notices: Notices, kind: NoticeKind, reason: Option<&str>) {
-        for (member, topics) in notices {
-            let frame = member.dialect.notice(&Notice {
-                kind,
-                topics: &topics,
-                reason,
-            });
+    /// Places an outage mark in every session's queue; each session renders
+    /// its notice from its own subscriptions.
+    fn mark_all(&self, kind: NoticeKind) {
+        let members: Vec<Arc<Member>> = self.sessions().values().cloned().collect();
+        for member in members {
+            member.outbox.mark(kind);
+        }
+    }
+
+    /// Tells the live members of one topic about a gap: the notice names one
+    /// topic, so it is rendered once per render key.
+    fn notify_topic(
+        &self,
+        topic: &Topic,
+        subs: &[Arc<Sub>],
+        kind: NoticeKind,
+        reason: Option<&str>,
+    ) {
+        let topics = std::slice::from_ref(topic);
+        let notice = Notice {
+            kind,
+            topics,
+            reason,
+        };
+        let mut rendered = Renders::default();
+        for sub in subs {
+            let frame = rendered.get(sub, |d| d.notice(&notice));
             self.metrics.gap_notices.inc();
-            if member.outbox.push(frame) == Pushed::Overflowed {
+            if sub.member.outbox.push_live(frame, sub.live()) == Pushed::Overflowed {
                 self.metrics.slow_consumer_closes.inc();
             }
         }
@@ -211,7 +335,7 @@ impl Shared {
     fn link_event(&self, event: BrokerEvent) {
         let mut registry = self.lock();
         let before = registry.link();
-        let mut interrupted = Vec::new();
+        let mut down = false;
         match event {
             BrokerEvent::Up { generation } => {
                 registry.broker_up(generation);
@@ -219,7 +343,10 @@ impl Shared {
                     self.metrics.broker_reconnects.inc();
                 }
             }
-            BrokerEvent::Down => interrupted = registry.broker_down(),
+            BrokerEvent::Down => {
+                registry.broker_down();
+                down = true;
+            }
             BrokerEvent::Reconnecting => registry.broker_reconnecting(),
             BrokerEvent::Message(_) | BrokerEvent::Gap(_) => {}
         }
@@ -236,45 +363,110 @@ impl Shared {
                 ),
             }
         }
-        self.notify(
-            interrupted,
-            NoticeKind::Interrupted,
-            Some("broker connection lost"),
-        );
+        if down {
+            self.mark_all(NoticeKind::Interrupted);
+        }
         self.dirty.notify_one();
     }
 
     /// Messages for `topics` were dropped: tell their subscribers both that
     /// delivery was interrupted and that it has resumed (it has: the drop was
     /// noticed because a later message got through).
-    fn gap(&self, topics: Option<Vec<Topic>>) {
-        let notices = self.lock().members_of(topics.as_deref());
-        let reason = Some("messages dropped: node overloaded");
-        self.notify(notices.clone(), NoticeKind::Interrupted, reason);
-        self.notify(notices, NoticeKind::Resumed, None);
+    fn gap(&self, topics: Option<Vec<Topic>>, reason: &str) {
+        let groups = self.lock().members_of(topics.as_deref());
+        if groups.len() == 1 {
+            for (topic, subs) in &groups {
+                self.notify_topic(topic, subs, NoticeKind::Interrupted, Some(reason));
+                self.notify_topic(topic, subs, NoticeKind::Resumed, None);
+            }
+            return;
+        }
+        // Several topics: one notice per member naming its topics among them.
+        let mut per_member: HashMap<u64, (Arc<Sub>, Vec<Topic>)> = HashMap::new();
+        for (topic, subs) in groups {
+            for sub in subs.iter() {
+                per_member
+                    .entry(sub.member.id)
+                    .or_insert_with(|| (sub.clone(), Vec::new()))
+                    .1
+                    .push(topic.clone());
+            }
+        }
+        for (_, (sub, mut topics)) in per_member {
+            topics.sort();
+            for (kind, why) in [
+                (NoticeKind::Interrupted, Some(reason)),
+                (NoticeKind::Resumed, None),
+            ] {
+                let frame = sub.member.dialect.notice(&Notice {
+                    kind,
+                    topics: &topics,
+                    reason: why,
+                });
+                self.metrics.gap_notices.inc();
+                if sub.member.outbox.push_live(frame, sub.live()) == Pushed::Overflowed {
+                    self.metrics.slow_consumer_closes.inc();
+                }
+            }
+        }
     }
 
-    /// Fans one message out: rendered once per dialect, cloned into each outbox.
+    /// Fans one message out: rendered once per render key, cloned into each
+    /// outbox. A frame over the delivery limit goes to nobody; its
+    /// subscribers are told instead.
     fn deliver(&self, msg: &BrokerMessage) {
-        let Some(members) = self.lock().receivers(&msg.topic) else {
+        let Some(subs) = self.lock().receivers(&msg.topic) else {
             return;
         };
-        // Snapshot is sorted by dialect: render once per run of one dialect.
-        let mut rendered: Option<(&'static str, Frame)> = None;
-        for member in members.iter() {
-            let name = member.dialect.name();
-            let frame = match &rendered {
-                Some((n, f)) if *n == name => f.clone(),
-                _ => {
-                    let f = member.dialect.delivery(msg);
-                    rendered = Some((name, f.clone()));
-                    f
-                }
-            };
-            if member.outbox.push(frame) == Pushed::Overflowed {
+        let mut rendered = Renders::default();
+        let max = self.options.max_delivery_bytes;
+        let mut too_large = false;
+        for sub in subs.iter() {
+            let frame = rendered.get(sub, |d| d.delivery(msg));
+            if frame.len() > max {
+                too_large = true;
+                continue;
+            }
+            if sub.member.outbox.push_live(frame, sub.live()) == Pushed::Overflowed {
                 self.metrics.slow_consumer_closes.inc();
             }
         }
+        if too_large {
+            self.metrics.deliveries_too_large.inc();
+            debug!(bytes = msg.payload.len(), "message too large to deliver");
+            let over: Vec<Arc<Sub>> = subs
+                .iter()
+                .filter(|s| rendered.peek(s).is_some_and(|f| f.len() > max))
+                .cloned()
+                .collect();
+            self.notify_topic(&msg.topic, &over, NoticeKind::Interrupted, Some(TOO_LARGE));
+            self.notify_topic(&msg.topic, &over, NoticeKind::Resumed, None);
+        }
+    }
+}
+
+/// Frames rendered for one message, one per render key seen so far (a
+/// handful at most: linear search beats hashing).
+#[derive(Default)]
+struct Renders {
+    frames: Vec<(&'static str, Frame)>,
+}
+
+impl Renders {
+    fn get(&mut self, sub: &Sub, render: impl FnOnce(&dyn Dialect) -> Frame) -> Frame {
+        if let Some(frame) = self.peek(sub) {
+            return frame.clone();
+        }
+        let frame = render(sub.member.dialect.as_ref());
+        self.frames.push((sub.key, frame.clone()));
+        frame
+    }
+
+    fn peek(&self, sub: &Sub) -> Option<&Frame> {
+        self.frames
+            .iter()
+            .find(|(k, _)| std::ptr::eq(*k, sub.key) || *k == sub.key)
+            .map(|(_, f)| f)
     }
 }
 
@@ -290,13 +482,13 @@ async fn reconcile(shared: Arc<Shared>) {
             step
         };
         let (generation, changes) = (step.generation, step.changes);
-        if let Some((took, resumed)) = step.resynced {
+        if let Some(took) = step.resynced {
             shared
                 .metrics
                 .broker_resync_seconds
                 .observe(took.as_secs_f64());
             info!(took_ms = took.as_millis() as u64, "broker link resynced");
-            shared.notify(resumed, NoticeKind::Resumed, None);
+            shared.mark_all(NoticeKind::Resumed);
         }
         if changes.subscribe.is_empty() && changes.unsubscribe.is_empty() {
             tokio::select! {
@@ -314,13 +506,26 @@ async fn reconcile(shared: Arc<Shared>) {
             _ = closing.wait_for(|c| *c) => return,
         };
         let failed = result.is_err();
-        if let Err(e) = &result {
-            debug!(cause = %e, "apply failed; will retry after reconnect");
+        match &result {
+            Err(e) => debug!(cause = %e, "apply failed; will retry after reconnect"),
+            Ok(applied) => {
+                for (topic, why) in &applied.refused {
+                    warn!(topic = %String::from_utf8_lossy(topic.name()), kind = topic.kind(), reason = %why, "broker refused a subscription");
+                    shared.metrics.broker_refusals.inc();
+                }
+            }
         }
-        {
+        let done = {
             let mut registry = shared.lock();
-            registry.complete(generation, &changes, result);
+            let done = registry.complete(generation, &changes, result);
             shared.update_gauges(&registry);
+            done
+        };
+        for (tx, answer) in done.answers {
+            let _ = tx.send(answer);
+        }
+        for (topic, subs, why) in done.refused_active {
+            shared.notify_topic(&topic, &subs, NoticeKind::Interrupted, Some(&why));
         }
         if failed {
             tokio::time::sleep(RETRY_PAUSE).await;
@@ -344,7 +549,7 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
         for event in batch.drain(..) {
             match event {
                 BrokerEvent::Message(msg) => shared.deliver(&msg),
-                BrokerEvent::Gap(topics) => shared.gap(topics),
+                BrokerEvent::Gap(topics) => shared.gap(topics, "messages dropped: node overloaded"),
                 state => shared.link_event(state),
             }
         }

@@ -10,20 +10,27 @@
 //! disconnects can leave Redis holding a topic nobody wants, or miss one that
 //! somebody does; a reconnect is just "every topic is dirty".
 //!
-//! The registry also holds the broker link's [`LinkState`] and who must be
-//! told about a gap in delivery: members active when the link went down are
-//! sent an `interrupted` notice, and a `resumed` one once every topic is
-//! confirmed again.
+//! Every operation under the lock is O(1) per topic touched, whatever the
+//! number of members: a join or leave updates an index and a copy-on-write
+//! member list (cloned only when the dispatcher is iterating the same list at
+//! that moment, so at most once per delivery), and a broker outage touches
+//! each topic once and no member at all (the hub then marks each session's
+//! queue; the sessions render their own notices).
+//!
+//! The registry also holds the broker link's [`LinkState`] and the progress
+//! of a resync, which is bounded: it ends when every topic wanted at the
+//! reconnect has been answered, however much churn continues meanwhile.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::broker::{BrokerError, Changes, Topic};
-use crate::protocol::{Dialect, Frame};
-use crate::session::outbox::Outbox;
+use crate::broker::{Applied, BrokerError, Changes, Topic};
+use crate::outbox::Outbox;
+use crate::protocol::Dialect;
 
 /// One session as the hub sees it: where to put frames, and how to render them.
 pub struct Member {
@@ -35,8 +42,57 @@ pub struct Member {
     pub dialect: Arc<dyn Dialect>,
 }
 
+/// One member's place in one topic: what the dispatcher iterates.
+///
+/// `live` is set by the session once its subscribe reply is queued and
+/// cleared before its unsubscribe reply is queued; deliveries check it under
+/// the outbox lock ([`Outbox::push_live`]), which is what orders deliveries
+/// and replies exactly, without the registry lock.
+pub struct Sub {
+    /// The subscriber.
+    pub member: Arc<Member>,
+    /// Members with the same key share one rendered frame per message.
+    pub key: &'static str,
+    live: AtomicBool,
+}
+
+impl Sub {
+    /// A subscription that receives nothing until [`Sub::start`].
+    pub fn new(member: Arc<Member>) -> Arc<Sub> {
+        let key = member.dialect.name();
+        Arc::new(Sub {
+            member,
+            key,
+            live: AtomicBool::new(false),
+        })
+    }
+
+    /// Deliveries may flow (call after queuing the subscribe reply).
+    pub fn start(&self) {
+        self.live.store(true, Ordering::Release);
+    }
+
+    /// No delivery may follow (call before queuing the unsubscribe reply).
+    pub fn stop(&self) {
+        self.live.store(false, Ordering::Release);
+    }
+
+    /// The flag deliveries check.
+    pub fn live(&self) -> &AtomicBool {
+        &self.live
+    }
+}
+
 /// What a pending subscriber learns when its wait ends.
 pub type Confirmation = oneshot::Receiver<Result<(), BrokerError>>;
+
+/// The outcome of joining a topic.
+pub enum Joined {
+    /// The broker holds the topic: queue the reply, then [`Sub::start`].
+    Active(Arc<Sub>),
+    /// Wait for the broker; on `Ok`, call [`super::Hub::activate`].
+    Pending(Confirmation),
+}
 
 /// What the broker holds of one topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,37 +105,41 @@ enum Held {
     Present,
     /// An unsubscribe for it is in flight.
     Unsubscribing,
+    /// The broker refused it; not asked again until a new subscriber comes
+    /// or the connection is replaced.
+    Refused,
 }
 
-/// A subscriber waiting for the broker to confirm.
+/// A subscriber waiting for the broker to confirm. `done` is taken when the
+/// broker confirmed; the waiter stays (and keeps the topic wanted) until the
+/// session activates it.
 struct Waiter {
-    member: Arc<Member>,
-    /// Pushed into the member's outbox at the moment it becomes active, so
-    /// the reply precedes every delivery it can receive.
-    ack: Frame,
-    done: oneshot::Sender<Result<(), BrokerError>>,
+    done: Option<oneshot::Sender<Result<(), BrokerError>>>,
 }
 
 struct Entry {
-    /// Members receiving deliveries, keyed by member id.
-    active: HashMap<u64, Arc<Member>>,
+    /// Members receiving deliveries; copy-on-write, so the dispatcher iterates
+    /// a clone of the `Arc` without the lock.
+    active: Members,
+    /// Member id -> position in `active` (swap-remove keeps it O(1)).
+    index: HashMap<u64, usize>,
     /// Members waiting for confirmation.
     pending: HashMap<u64, Waiter>,
-    /// Snapshot of `active` for the dispatcher: cloned (one refcount) under the
-    /// lock, iterated without it. Rebuilt on every membership change.
-    snapshot: Arc<[Arc<Member>]>,
     held: Held,
     dirty: bool,
+    /// Part of the resync in progress (wanted at the last `Up`, not answered yet).
+    resync: bool,
 }
 
 impl Entry {
     fn new() -> Entry {
         Entry {
-            active: HashMap::new(),
+            active: Arc::new(Vec::new()),
+            index: HashMap::new(),
             pending: HashMap::new(),
-            snapshot: Arc::from(Vec::new()),
             held: Held::Absent,
             dirty: false,
+            resync: false,
         }
     }
 
@@ -87,18 +147,27 @@ impl Entry {
         !self.active.is_empty() || !self.pending.is_empty()
     }
 
-    fn rebuild_snapshot(&mut self) {
-        let mut members: Vec<Arc<Member>> = self.active.values().cloned().collect();
-        // Grouping by dialect lets the dispatcher render once per dialect run.
-        members.sort_by_key(|m| m.dialect.name());
-        self.snapshot = Arc::from(members);
+    fn insert(&mut self, sub: Arc<Sub>) {
+        let id = sub.member.id;
+        if let Some(&at) = self.index.get(&id) {
+            Arc::make_mut(&mut self.active)[at] = sub;
+            return;
+        }
+        let list = Arc::make_mut(&mut self.active);
+        self.index.insert(id, list.len());
+        list.push(sub);
     }
 
-    /// Makes a waiter active: its ack goes out before any delivery can.
-    fn activate(&mut self, waiter: Waiter) {
-        waiter.member.outbox.push(waiter.ack);
-        let _ = waiter.done.send(Ok(()));
-        self.active.insert(waiter.member.id, waiter.member);
+    fn remove(&mut self, id: u64) -> bool {
+        let Some(at) = self.index.remove(&id) else {
+            return false;
+        };
+        let list = Arc::make_mut(&mut self.active);
+        list.swap_remove(at);
+        if let Some(moved) = list.get(at) {
+            self.index.insert(moved.member.id, at);
+        }
+        true
     }
 }
 
@@ -161,9 +230,6 @@ impl LinkState {
     }
 }
 
-/// Members to notify, each with the topics concerned.
-pub type Notices = Vec<(Arc<Member>, Vec<Topic>)>;
-
 /// What the reconciler gets from [`Registry::take_changes`].
 #[derive(Default)]
 pub struct Step {
@@ -171,9 +237,28 @@ pub struct Step {
     pub generation: u64,
     /// What to send to the broker (possibly nothing).
     pub changes: Changes,
-    /// Set when this call finished a resync: how long it took, and who must
-    /// be told that delivery resumed.
-    pub resynced: Option<(Duration, Notices)>,
+    /// Set when this call finished a resync: how long it took.
+    pub resynced: Option<Duration>,
+}
+
+/// A topic's active members, as the dispatcher iterates them.
+pub type Members = Arc<Vec<Arc<Sub>>>;
+
+/// A confirmation to send, and what it says.
+pub type Answer = (
+    oneshot::Sender<Result<(), BrokerError>>,
+    Result<(), BrokerError>,
+);
+
+/// What [`Registry::complete`] leaves for the hub to do outside the lock.
+#[derive(Default)]
+pub struct Completed {
+    /// Confirmations to send (waiters whose topic the broker now holds, or
+    /// refused).
+    pub answers: Vec<Answer>,
+    /// Topics the broker refused that still had active members, with those
+    /// members and the reason: they are told delivery is interrupted.
+    pub refused_active: Vec<(Topic, Members, String)>,
 }
 
 /// All topics of one node; see the module docs.
@@ -184,8 +269,8 @@ pub struct Registry {
     link: LinkState,
     /// When the current resync started (the last `Up`).
     resync_started: Option<Instant>,
-    /// Members told `interrupted` and not yet `resumed`, with their topics.
-    interrupted: HashMap<u64, (Arc<Member>, Vec<Topic>)>,
+    /// Entries with `resync` set.
+    resync_left: usize,
     /// Subscribers waiting for confirmation (the held-requests gauge).
     waiting: usize,
     /// The broker connection the registry's `held` states describe (from the
@@ -197,27 +282,49 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Adds `member` to `topic`. Returns `None` when the broker already holds
-    /// the topic (the member is active and `ack` already queued), or a
-    /// [`Confirmation`] to wait for.
-    pub fn subscribe(
-        &mut self,
-        member: Arc<Member>,
-        topic: Topic,
-        ack: Frame,
-    ) -> Option<Confirmation> {
+    /// Adds `member` to `topic`: active at once when the broker holds it
+    /// (`sub` is then the member's place), otherwise waiting.
+    pub fn subscribe(&mut self, sub: Arc<Sub>, topic: Topic) -> Joined {
         let entry = self.entries.entry(topic.clone()).or_insert_with(Entry::new);
-        let (done, confirmation) = oneshot::channel();
-        let waiter = Waiter { member, ack, done };
         if entry.held == Held::Present {
-            entry.activate(waiter);
-            entry.rebuild_snapshot();
-            return None;
+            entry.insert(sub.clone());
+            return Joined::Active(sub);
         }
-        entry.pending.insert(waiter.member.id, waiter);
-        self.waiting += 1;
+        let (done, confirmation) = oneshot::channel();
+        let id = sub.member.id;
+        let waiter = Waiter { done: Some(done) };
+        if entry.pending.insert(id, waiter).is_none() {
+            self.waiting += 1;
+        }
+        if entry.held == Held::Refused {
+            // A new subscriber asks again (the broker's rules may have changed);
+            // one command per subscribe, which the per-connection rate bounds.
+            self.set_held(&topic, Held::Absent);
+        }
         self.mark_dirty(&topic);
-        Some(confirmation)
+        Joined::Pending(confirmation)
+    }
+
+    /// A waiter's confirmation arrived: makes it active if the broker still
+    /// holds the topic, or makes it wait again (the link dropped meanwhile).
+    /// `None` if it is no longer waiting (unsubscribed meanwhile).
+    pub fn activate(&mut self, sub: Arc<Sub>, topic: &Topic) -> Option<Joined> {
+        let entry = self.entries.get_mut(topic)?;
+        let id = sub.member.id;
+        let waiter = entry.pending.get_mut(&id)?;
+        if entry.held == Held::Present {
+            entry.pending.remove(&id);
+            self.waiting -= 1;
+            entry.insert(sub.clone());
+            return Some(Joined::Active(sub));
+        }
+        let (done, confirmation) = oneshot::channel();
+        waiter.done = Some(done);
+        if entry.held == Held::Refused {
+            self.set_held(topic, Held::Absent);
+        }
+        self.mark_dirty(topic);
+        Some(Joined::Pending(confirmation))
     }
 
     /// Removes `member_id` from `topic`.
@@ -228,8 +335,7 @@ impl Registry {
         let removed = if entry.pending.remove(&member_id).is_some() {
             self.waiting -= 1;
             Removed::Pending
-        } else if entry.active.remove(&member_id).is_some() {
-            entry.rebuild_snapshot();
+        } else if entry.remove(member_id) {
             Removed::Active
         } else {
             Removed::NotFound
@@ -241,14 +347,17 @@ impl Registry {
     }
 
     /// Withdraws `member_id`'s subscribe to `topic` only if it is still
-    /// waiting; `false` if it was activated meanwhile (its ack is queued).
+    /// waiting for the broker; `false` if the broker confirmed it meanwhile
+    /// (the session then activates it).
     pub fn cancel_pending(&mut self, member_id: u64, topic: &Topic) -> bool {
         let Some(entry) = self.entries.get_mut(topic) else {
             return false;
         };
-        if entry.pending.remove(&member_id).is_none() {
-            return false;
+        match entry.pending.get(&member_id) {
+            Some(w) if w.done.is_some() => {}
+            _ => return false,
         }
+        entry.pending.remove(&member_id);
         self.waiting -= 1;
         if !entry.wanted() {
             self.mark_dirty(topic);
@@ -265,14 +374,14 @@ impl Registry {
         }
     }
 
-    /// The members to deliver a message for `topic` to.
-    pub fn receivers(&self, topic: &Topic) -> Option<Arc<[Arc<Member>]>> {
-        self.entries.get(topic).map(|e| e.snapshot.clone())
+    /// The members to deliver a message for `topic` to (a reference count).
+    pub fn receivers(&self, topic: &Topic) -> Option<Members> {
+        self.entries.get(topic).map(|e| e.active.clone())
     }
 
     /// Takes up to `max` dirty topics whose broker state differs from what is
     /// wanted, and marks them in flight. Empty when the broker is down or
-    /// nothing differs (then the node counts as synced).
+    /// nothing differs.
     pub fn take_changes(&mut self, max: usize) -> Step {
         let mut changes = Changes::default();
         if !self.link.is_up() {
@@ -299,23 +408,20 @@ impl Registry {
                     self.set_held(&topic, Held::Unsubscribing);
                     changes.unsubscribe.push(topic);
                 }
-                (false, Held::Absent) => {
-                    self.entries.remove(&topic);
-                }
-                _ => {}
+                (false, Held::Absent | Held::Refused) => self.remove_entry(&topic),
+                // Settled, or in flight (its answer re-checks it).
+                _ => self.resync_answered(&topic),
             }
         }
         let mut resynced = None;
-        let idle =
-            changes.subscribe.is_empty() && changes.unsubscribe.is_empty() && self.dirty.is_empty();
-        if idle && self.link == LinkState::Resyncing {
+        if self.link == LinkState::Resyncing && self.resync_left == 0 {
             self.link = LinkState::Connected;
-            let took = self
-                .resync_started
-                .take()
-                .map(|t| t.elapsed())
-                .unwrap_or_default();
-            resynced = Some((took, self.take_resumed()));
+            resynced = Some(
+                self.resync_started
+                    .take()
+                    .map(|t| t.elapsed())
+                    .unwrap_or_default(),
+            );
         }
         Step {
             generation: self.generation,
@@ -324,23 +430,23 @@ impl Registry {
         }
     }
 
-    /// Everyone told `interrupted`, with the topics they still hold.
-    fn take_resumed(&mut self) -> Notices {
-        let mut out = Vec::new();
-        for (id, (member, topics)) in self.interrupted.drain() {
-            let held: Vec<Topic> = topics
-                .into_iter()
-                .filter(|t| {
-                    self.entries
-                        .get(t)
-                        .is_some_and(|e| e.active.contains_key(&id))
-                })
-                .collect();
-            if !held.is_empty() {
-                out.push((member, held));
+    /// `topic` no longer holds up the resync (answered, settled or gone).
+    fn resync_answered(&mut self, topic: &Topic) {
+        if let Some(entry) = self.entries.get_mut(topic) {
+            if entry.resync && !matches!(entry.held, Held::Subscribing | Held::Unsubscribing) {
+                entry.resync = false;
+                self.resync_left -= 1;
             }
         }
-        out
+    }
+
+    fn remove_entry(&mut self, topic: &Topic) {
+        if let Some(entry) = self.entries.remove(topic) {
+            if entry.resync {
+                self.resync_left -= 1;
+            }
+            self.waiting -= entry.pending.len();
+        }
     }
 
     /// Records the broker's answer to changes from [`Registry::take_changes`].
@@ -348,43 +454,75 @@ impl Registry {
         &mut self,
         generation: u64,
         changes: &Changes,
-        result: Result<(), BrokerError>,
-    ) {
+        result: Result<Applied, BrokerError>,
+    ) -> Completed {
+        let mut out = Completed::default();
         let result = match result {
-            Ok(()) if generation != self.generation => Err(BrokerError::ConnectionLost),
+            Ok(_) if generation != self.generation => Err(BrokerError::ConnectionLost),
             other => other,
+        };
+        let refused: HashMap<&Topic, &str> = match &result {
+            Ok(applied) => applied
+                .refused
+                .iter()
+                .map(|(t, why)| (t, why.as_str()))
+                .collect(),
+            Err(_) => HashMap::new(),
         };
         for topic in changes.subscribe.iter().chain(&changes.unsubscribe) {
             let Some(entry) = self.entries.get_mut(topic) else {
                 continue;
             };
             let next = match (&result, entry.held) {
-                (Ok(()), Held::Subscribing) => Held::Present,
-                (Ok(()), Held::Unsubscribing) => Held::Absent,
+                (Ok(_), Held::Subscribing) if refused.contains_key(topic) => Held::Refused,
+                (Ok(_), Held::Subscribing) => Held::Present,
+                (Ok(_), Held::Unsubscribing) => Held::Absent,
                 // In doubt (failed or connection lost): assume nothing is
                 // held; the next `Up` resubscribes everything wanted anyway.
                 (Err(_), _) => Held::Absent,
                 (_, other) => other,
             };
             self.set_held(topic, next);
-            let entry = match self.entries.get_mut(topic) {
-                Some(e) => e,
-                None => continue,
+            let Some(entry) = self.entries.get_mut(topic) else {
+                continue;
             };
-            if entry.held == Held::Present && !entry.pending.is_empty() {
-                self.waiting -= entry.pending.len();
-                for (_, waiter) in entry.pending.drain().collect::<Vec<_>>() {
-                    entry.activate(waiter);
+            match next {
+                Held::Present => {
+                    for waiter in entry.pending.values_mut() {
+                        if let Some(done) = waiter.done.take() {
+                            out.answers.push((done, Ok(())));
+                        }
+                    }
                 }
-                entry.rebuild_snapshot();
+                Held::Refused => {
+                    let why = refused.get(topic).copied().unwrap_or("refused").to_owned();
+                    self.waiting -= entry.pending.len();
+                    for (_, waiter) in entry.pending.drain() {
+                        if let Some(done) = waiter.done {
+                            out.answers
+                                .push((done, Err(BrokerError::Refused(why.clone()))));
+                        }
+                    }
+                    if !entry.active.is_empty() {
+                        out.refused_active
+                            .push((topic.clone(), entry.active.clone(), why));
+                    }
+                }
+                _ => {}
             }
-            let settled = entry.wanted() == (entry.held == Held::Present);
+            let settled = matches!(
+                (entry.wanted(), entry.held),
+                (true, Held::Present | Held::Refused) | (false, Held::Absent)
+            );
             if !settled {
                 self.mark_dirty(topic);
             } else if !entry.wanted() && !entry.dirty {
-                self.entries.remove(topic);
+                self.remove_entry(topic);
+                continue;
             }
+            self.resync_answered(topic);
         }
+        out
     }
 
     fn set_held(&mut self, topic: &Topic, next: Held) {
@@ -405,46 +543,37 @@ impl Registry {
         }
     }
 
-    /// The broker connected with nothing held: everything wanted is dirty.
+    /// The broker connected with nothing held: everything wanted is dirty,
+    /// and the resync lasts until each of those topics is answered.
     pub fn broker_up(&mut self, generation: u64) {
         self.link = LinkState::Resyncing;
         self.resync_started = Some(Instant::now());
         self.generation = generation;
+        self.resync_left = 0;
         let topics: Vec<Topic> = self.entries.keys().cloned().collect();
         for topic in topics {
             self.set_held(&topic, Held::Absent);
+            if let Some(entry) = self.entries.get_mut(&topic) {
+                entry.resync = true;
+                self.resync_left += 1;
+            }
             self.mark_dirty(&topic);
         }
     }
 
-    /// The broker connection is gone, and with it everything it held.
-    /// Returns the members to tell `interrupted`: every active member, with
-    /// the topics it has not already been told about.
-    pub fn broker_down(&mut self) -> Notices {
+    /// The broker connection is gone, and with it everything it held. O(topics):
+    /// the hub tells the sessions through their queues.
+    pub fn broker_down(&mut self) {
         self.link = LinkState::Down;
         self.resync_started = None;
+        self.resync_left = 0;
         let topics: Vec<Topic> = self.entries.keys().cloned().collect();
         for topic in &topics {
             self.set_held(topic, Held::Absent);
-        }
-        let mut fresh: HashMap<u64, (Arc<Member>, Vec<Topic>)> = HashMap::new();
-        for (topic, entry) in &self.entries {
-            for (id, member) in &entry.active {
-                let told = self
-                    .interrupted
-                    .entry(*id)
-                    .or_insert_with(|| (member.clone(), Vec::new()));
-                if !told.1.contains(topic) {
-                    told.1.push(topic.clone());
-                    fresh
-                        .entry(*id)
-                        .or_insert_with(|| (member.clone(), Vec::new()))
-                        .1
-                        .push(topic.clone());
-                }
+            if let Some(entry) = self.entries.get_mut(topic) {
+                entry.resync = false;
             }
         }
-        fresh.into_values().collect()
     }
 
     /// The broker is trying to connect again.
@@ -454,33 +583,20 @@ impl Registry {
         }
     }
 
-    /// Active members of `topics` (`None`: of every topic), each with its
-    /// topics among them: who lost messages to an overflow.
-    pub fn members_of(&self, topics: Option<&[Topic]>) -> Notices {
-        let mut out: HashMap<u64, (Arc<Member>, Vec<Topic>)> = HashMap::new();
-        let mut add = |topic: &Topic, entry: &Entry| {
-            for (id, member) in &entry.active {
-                out.entry(*id)
-                    .or_insert_with(|| (member.clone(), Vec::new()))
-                    .1
-                    .push(topic.clone());
-            }
-        };
+    /// The active members of each of `topics` (`None`: of every topic): who
+    /// lost messages to an overflow. One reference count per topic.
+    pub fn members_of(&self, topics: Option<&[Topic]>) -> Vec<(Topic, Members)> {
         match topics {
-            Some(list) => {
-                for t in list {
-                    if let Some(e) = self.entries.get(t) {
-                        add(t, e);
-                    }
-                }
-            }
-            None => {
-                for (t, e) in &self.entries {
-                    add(t, e);
-                }
-            }
+            Some(list) => list
+                .iter()
+                .filter_map(|t| self.entries.get(t).map(|e| (t.clone(), e.active.clone())))
+                .collect(),
+            None => self
+                .entries
+                .iter()
+                .map(|(t, e)| (t.clone(), e.active.clone()))
+                .collect(),
         }
-        out.into_values().collect()
     }
 
     /// Connected and caught up: what `/readyz` reports.
@@ -501,5 +617,120 @@ impl Registry {
     /// How many distinct topics the broker holds, by kind.
     pub fn held(&self) -> HeldCounts {
         self.held
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::native::Native;
+    use bytes::Bytes;
+
+    fn member(id: u64) -> Arc<Member> {
+        Arc::new(Member {
+            id,
+            outbox: Arc::new(Outbox::new(1 << 20)),
+            dialect: Arc::new(Native),
+        })
+    }
+
+    fn held_channel(r: &mut Registry, t: &Topic) {
+        r.broker_up(1);
+        let sub = Sub::new(member(0));
+        let _ = r.subscribe(sub, t.clone());
+        let step = r.take_changes(10);
+        r.complete(1, &step.changes, Ok(Applied::default()));
+        assert!(r.activate(Sub::new(member(0)), t).is_some());
+    }
+
+    /// Regression (issue 16, point 4): a join or leave used to rebuild and
+    /// sort the whole member snapshot. Now the list is modified in place
+    /// unless the dispatcher holds it, and then copied once, not per join.
+    #[test]
+    fn joins_do_not_copy_the_member_list() {
+        let mut r = Registry::default();
+        let t = Topic::Channel(Bytes::from_static(b"c"));
+        held_channel(&mut r, &t);
+        let before = Arc::as_ptr(&r.receivers(&t).unwrap_or_default());
+        for id in 1..1000 {
+            assert!(matches!(
+                r.subscribe(Sub::new(member(id)), t.clone()),
+                Joined::Active(_)
+            ));
+        }
+        let list = r.receivers(&t).unwrap_or_default();
+        assert_eq!(list.len(), 1000);
+        assert_eq!(Arc::as_ptr(&list), before, "the list was rebuilt");
+        // While the dispatcher holds `list`, a join copies it once.
+        r.subscribe(Sub::new(member(5000)), t.clone());
+        let after_one = Arc::as_ptr(&r.receivers(&t).unwrap_or_default());
+        assert_ne!(after_one, before);
+        drop(list);
+        for id in 1000..1100 {
+            assert_eq!(r.unsubscribe(id - 999, &t), Removed::Active);
+        }
+        assert_eq!(Arc::as_ptr(&r.receivers(&t).unwrap_or_default()), after_one);
+        let ids: std::collections::HashSet<u64> = r
+            .receivers(&t)
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.member.id)
+            .collect();
+        assert_eq!(ids.len(), 901);
+        assert!(!ids.contains(&1) && ids.contains(&101) && ids.contains(&5000));
+    }
+
+    /// The resync ends once every topic wanted at the reconnect is answered,
+    /// even while new topics keep becoming dirty.
+    #[test]
+    fn resync_is_bounded_under_churn() {
+        let mut r = Registry::default();
+        let topics: Vec<Topic> = (0..10)
+            .map(|i| Topic::Channel(Bytes::from(format!("t{i}"))))
+            .collect();
+        for t in &topics {
+            let _ = r.subscribe(Sub::new(member(1)), t.clone());
+        }
+        r.broker_up(1);
+        let mut churn = 100;
+        let mut done = false;
+        for _ in 0..50 {
+            // Steady churn: a new topic dirty before every step.
+            churn += 1;
+            let _ = r.subscribe(
+                Sub::new(member(churn)),
+                Topic::Channel(Bytes::from(format!("churn{churn}"))),
+            );
+            let step = r.take_changes(4);
+            if step.resynced.is_some() {
+                done = true;
+                break;
+            }
+            r.complete(1, &step.changes, Ok(Applied::default()));
+        }
+        assert!(done, "resync never finished under churn");
+        assert!(r.is_ready());
+    }
+
+    #[test]
+    fn a_refused_topic_refuses_its_waiters_and_is_not_retried() {
+        let mut r = Registry::default();
+        r.broker_up(1);
+        let t = Topic::Channel(Bytes::from_static(b"secret"));
+        let Joined::Pending(mut conf) = r.subscribe(Sub::new(member(1)), t.clone()) else {
+            panic!("expected pending");
+        };
+        let step = r.take_changes(10);
+        let applied = Applied {
+            refused: vec![(t.clone(), "not permitted by Redis".to_owned())],
+        };
+        let done = r.complete(1, &step.changes, Ok(applied));
+        assert_eq!(done.answers.len(), 1);
+        for (tx, res) in done.answers {
+            let _ = tx.send(res);
+        }
+        assert!(matches!(conf.try_recv(), Ok(Err(BrokerError::Refused(_)))));
+        assert!(r.take_changes(10).changes.subscribe.is_empty());
+        assert_eq!(r.waiting(), 0);
     }
 }

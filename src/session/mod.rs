@@ -21,13 +21,13 @@
 //! The session is generic over the socket's `Stream + Sink` so dialects can be
 //! exercised over channels; production passes a tokio-tungstenite stream.
 
-pub mod outbox;
-
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
@@ -44,12 +44,12 @@ use crate::auth::{Identity, Verifier};
 use crate::authz::{Authz, AuthzError, Decision, Question};
 use crate::broker::{BrokerError, Topic};
 use crate::http::SessionSlot;
-use crate::hub::{Hub, Member, Removed};
+use crate::hub::{Hub, Joined, Member, Removed, Sub};
 use crate::limits::IpSlot;
 use crate::metrics::Metrics;
-use crate::protocol::{Ack, AckKind, Dialect, Frame, Request};
-use crate::shutdown::{stopping, Phase};
-use outbox::{Outbox, State};
+use crate::outbox::{Item, Outbox, State};
+use crate::protocol::{Ack, AckKind, Dialect, Frame, Notice, NoticeKind, Request};
+use crate::shutdown::Phase;
 
 /// Close code for a client whose queue overflowed (Centrifugo's convention
 /// of 4xxx application codes; documented in `docs/protocol.md`).
@@ -126,26 +126,39 @@ struct Held {
     id: Option<String>,
     /// How far the subscribe has got.
     stage: Stage,
+    /// Told `interrupted` and not yet `resumed`.
+    told: bool,
 }
 
 /// Where a held subscription is. Every stage counts against the limit and
 /// makes a second subscribe `already subscribed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// Waiting for the authorisation callback; the hub knows nothing yet.
     Authorising,
     /// Joined in the hub, waiting for the broker.
     Pending,
-    /// Receiving deliveries.
-    Active,
+    /// Receiving deliveries through this place in the hub.
+    Active(Arc<Sub>),
+}
+
+impl Stage {
+    fn is_authorising(&self) -> bool {
+        matches!(self, Stage::Authorising)
+    }
+
+    fn is_pending(&self) -> bool {
+        matches!(self, Stage::Pending)
+    }
 }
 
 /// Why the session loop stopped, and how to close the socket.
 enum End {
-    /// The client closed or the socket failed: nothing more to send.
+    /// The socket failed or ended: nothing more to send.
     Gone,
+    /// The client sent a close frame: answer it (same code) and end.
+    ClientClosed,
     /// Close with this code and reason.
-    Close(u16, &'static str),
+    Close(u16, Cow<'static, str>),
 }
 
 /// Runs a session over an upgraded WebSocket until it ends.
@@ -153,11 +166,9 @@ pub async fn run<S>(mut ws: S, dialect: Arc<dyn Dialect>, mut ctx: SessionContex
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    let member = Arc::new(Member {
-        id: ctx.hub.next_member_id(),
-        outbox: Arc::new(Outbox::new(ctx.queue_bytes)),
-        dialect,
-    });
+    let member = ctx
+        .hub
+        .join_node(Arc::new(Outbox::new(ctx.queue_bytes)), dialect);
     ctx.metrics.connections.inc();
     let mut session = Session {
         member: member.clone(),
@@ -172,7 +183,8 @@ where
     if let Some(identity) = ctx.identity.take() {
         session.set_identity(identity);
     }
-    let mut batch = VecDeque::new();
+    let mut writer = Writer::default();
+    let mut items = VecDeque::new();
     let mut phase = ctx.phase.clone();
     // Timers for closing on our own (drain slot, token expiry): armed once and
     // reset only when their deadline changes, never re-created per wake-up.
@@ -189,6 +201,10 @@ where
     );
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
+    // Every branch stays live while a write is blocked on a client that does
+    // not read: the socket is driven by one `poll_io` that makes write
+    // progress and reads in the same poll, so timers, the reader and the
+    // subscribe waits never wait for the write.
     let end = loop {
         if session.expires_at != armed_expiry {
             armed_expiry = session.expires_at;
@@ -199,18 +215,46 @@ where
             changed = phase.changed() => {
                 let current = *phase.borrow_and_update();
                 if changed.is_err() || current == Phase::Stopping {
-                    break End::Close(1001, "server shutting down");
+                    break End::Close(1001, "server shutting down".into());
                 }
                 arm(&mut drain, current.close_at(member.id).map(Into::into));
             }
-            _ = fire(&mut drain) => break End::Close(CLOSE_RESTART, "service restart"),
+            _ = fire(&mut drain) => break End::Close(CLOSE_RESTART, "service restart".into()),
             _ = fire(&mut expiry) => {
                 ctx.metrics.refused.with_label_values(&["token_expired"]).inc();
-                break End::Close(CLOSE_TOKEN_EXPIRED, "token expired");
+                break End::Close(CLOSE_TOKEN_EXPIRED, "token expired".into());
             }
-            _ = member.outbox.overflowed() => break End::Close(CLOSE_SLOW_CONSUMER, "slow consumer"),
-            _ = member.outbox.ready() => {
-                if let Some(end) = write_queued(&mut ws, &member.outbox, &mut batch, &ctx, &mut phase).await {
+            _ = member.outbox.overflowed() => break End::Close(CLOSE_SLOW_CONSUMER, "slow consumer".into()),
+            _ = keepalive.tick() => {
+                if last_seen.elapsed() >= ctx.pong_timeout {
+                    break End::Close(CLOSE_KEEPALIVE, "keepalive timeout".into());
+                }
+                session.reply(Message::Ping(bytes::Bytes::new()));
+            }
+            io = poll_fn(|cx| poll_io(&mut ws, &mut writer, cx)) => match io {
+                Io::Wrote(n) => {
+                    ctx.metrics.frames_out.inc_by(n);
+                    if let Some(end) = session.refill(&ctx.metrics, &mut writer, &mut items) {
+                        break end;
+                    }
+                }
+                Io::WriteFailed(e) => {
+                    debug!(cause = %e, "write failed");
+                    break End::Gone;
+                }
+                Io::Read(frame) => {
+                    last_seen = Instant::now();
+                    match frame {
+                        None => break End::Gone,
+                        Some(Ok(Message::Close(_))) => break End::ClientClosed,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                        Some(Ok(frame)) => session.handle(&ctx, &frame),
+                        Some(Err(e)) => break read_error(e),
+                    }
+                }
+            },
+            _ = member.outbox.ready(), if !writer.busy() => {
+                if let Some(end) = session.refill(&ctx.metrics, &mut writer, &mut items) {
                     break end;
                 }
             }
@@ -226,79 +270,152 @@ where
                     session.authorising = None;
                 }
             }
-            frame = ws.next() => {
-                last_seen = Instant::now();
-                match frame {
-                    None => break End::Gone,
-                    Some(Ok(Message::Close(_))) => break End::Gone,
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                    Some(Ok(frame)) => session.handle(&ctx, &frame),
-                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                        break End::Close(1009, "message too big");
-                    }
-                    Some(Err(e)) => {
-                        debug!(cause = %e, "read failed");
-                        break End::Gone;
-                    }
-                }
-            }
-            _ = keepalive.tick() => {
-                if last_seen.elapsed() >= ctx.pong_timeout {
-                    break End::Close(CLOSE_KEEPALIVE, "keepalive timeout");
-                }
-                session.reply(Message::Ping(bytes::Bytes::new()));
-            }
         }
     };
     session.leave(&ctx);
-    member.outbox.close();
+    ctx.hub.leave_node(member.id);
     ctx.metrics.connections.dec();
-    if let End::Close(code, reason) = end {
-        close(&mut ws, code, reason).await;
+    finish(&mut ws, writer, &member.outbox, end).await;
+    member.outbox.close();
+}
+
+/// How a failed read ends the session: protocol errors get the close code
+/// RFC 6455 gives them (1002, 1007 for invalid UTF-8, 1009 for too big), so
+/// the client learns why instead of seeing the connection vanish.
+fn read_error(e: WsError) -> End {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            End::Close(1009, "message too big".into())
+        }
+        WsError::Capacity(e) => End::Close(1009, e.to_string().into()),
+        WsError::Utf8(_) => End::Close(1007, "invalid UTF-8 in a text message".into()),
+        WsError::Protocol(p) => End::Close(1002, close_reason(p.to_string()).into()),
+        e => {
+            debug!(cause = %e, "read failed");
+            End::Gone
+        }
     }
 }
 
-/// Writes everything queued, as one batch per flush, until the outbox is
-/// empty. Stops early (returning how to end) on overflow or shutdown, even
-/// mid-write to a client that does not read.
-async fn write_queued<S>(
-    ws: &mut S,
-    outbox: &Outbox,
-    batch: &mut VecDeque<Frame>,
-    ctx: &SessionContext,
-    phase: &mut watch::Receiver<Phase>,
-) -> Option<End>
+/// A close reason fits in a control frame: at most 123 bytes.
+fn close_reason(mut text: String) -> String {
+    if text.len() > 123 {
+        let mut cut = 123;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
+/// What [`poll_io`] made happen.
+enum Io {
+    /// The batch in progress was written and flushed: this many frames.
+    Wrote(u64),
+    /// Writing failed: the socket is gone.
+    WriteFailed(WsError),
+    /// The client sent something (or the stream ended).
+    Read(Option<Result<Message, WsError>>),
+}
+
+/// The batch being written to the socket, fed frame by frame as the sink
+/// accepts them and then flushed; it lives across `select!` iterations so a
+/// blocked write never blocks anything else.
+#[derive(Default)]
+struct Writer {
+    batch: VecDeque<Frame>,
+    fed: u64,
+    flushing: bool,
+}
+
+impl Writer {
+    /// A batch is in progress (no new one is taken until it is flushed).
+    fn busy(&self) -> bool {
+        self.flushing
+    }
+}
+
+/// Makes write progress, then reads: whichever completes first is returned.
+fn poll_io<S>(ws: &mut S, w: &mut Writer, cx: &mut Context<'_>) -> Poll<Io>
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    if w.flushing {
+        match poll_write(ws, w, cx) {
+            Poll::Ready(Ok(n)) => return Poll::Ready(Io::Wrote(n)),
+            Poll::Ready(Err(e)) => return Poll::Ready(Io::WriteFailed(e)),
+            Poll::Pending => {}
+        }
+    }
+    ws.poll_next_unpin(cx).map(Io::Read)
+}
+
+fn poll_write<S>(ws: &mut S, w: &mut Writer, cx: &mut Context<'_>) -> Poll<Result<u64, WsError>>
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
-    loop {
-        match outbox.take(batch) {
-            State::Open => {}
-            State::Overflowed => return Some(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer")),
-            State::Closed => return Some(End::Gone),
-        }
-        if batch.is_empty() {
-            return None;
-        }
-        let n = batch.len() as u64;
-        let write = async {
-            for frame in batch.drain(..) {
-                ws.feed(frame).await?;
-            }
-            ws.flush().await
-        };
-        tokio::select! {
-            r = write => {
-                if let Err(e) = r {
-                    debug!(cause = %e, "write failed");
-                    return Some(End::Gone);
-                }
-                ctx.metrics.frames_out.inc_by(n);
-            }
-            _ = outbox.overflowed() => return Some(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer")),
-            _ = stopping(phase) => return Some(End::Close(1001, "server shutting down")),
+    while !w.batch.is_empty() {
+        ready!(ws.poll_ready_unpin(cx))?;
+        if let Some(frame) = w.batch.pop_front() {
+            ws.start_send_unpin(frame)?;
+            w.fed += 1;
         }
     }
+    ready!(ws.poll_flush_unpin(cx))?;
+    w.flushing = false;
+    Poll::Ready(Ok(std::mem::take(&mut w.fed)))
+}
+
+/// Ends the socket as `end` says: a client's close is answered (tungstenite
+/// queued the echo; it only needs flushing), a close of ours goes out after
+/// what is queued (unless the client is too slow to be worth waiting for),
+/// and either takes at most [`CLOSE_GRACE`].
+async fn finish<S>(ws: &mut S, mut writer: Writer, outbox: &Outbox, end: End)
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let (code, reason) = match end {
+        End::Gone => return,
+        End::ClientClosed => {
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                ws.flush().await?;
+                while let Some(msg) = ws.next().await {
+                    msg?;
+                }
+                Ok::<(), WsError>(())
+            })
+            .await;
+            return;
+        }
+        End::Close(code, reason) => (code, reason),
+    };
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into_owned().into(),
+    };
+    let slow = code == CLOSE_SLOW_CONSUMER;
+    let handshake = async {
+        if !slow {
+            let mut items = VecDeque::new();
+            outbox.take(&mut items);
+            writer
+                .batch
+                .extend(items.into_iter().filter_map(|i| match i {
+                    Item::Frame(f) => Some(f),
+                    Item::Mark(_) => None,
+                }));
+            for frame in writer.batch.drain(..) {
+                ws.feed(frame).await?;
+            }
+        }
+        ws.send(Message::Close(Some(frame))).await?;
+        while let Some(msg) = ws.next().await {
+            msg?;
+        }
+        Ok::<(), WsError>(())
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, handshake).await;
 }
 
 /// An optional timer: allocated only when a deadline exists.
@@ -328,26 +445,6 @@ async fn next_done<F: Future + Unpin>(set: &mut Option<FuturesUnordered<F>>) -> 
         Some(s) => s.next().await,
         None => None,
     }
-}
-
-/// Sends a close frame (after whatever is already buffered) and waits briefly
-/// for the client's answer, so the TCP connection ends cleanly.
-async fn close<S>(ws: &mut S, code: u16, reason: &'static str)
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    };
-    let handshake = async {
-        ws.send(Message::Close(Some(frame))).await?;
-        while let Some(msg) = ws.next().await {
-            msg?;
-        }
-        Ok::<(), WsError>(())
-    };
-    let _ = tokio::time::timeout(CLOSE_GRACE, handshake).await;
 }
 
 /// Per-connection request handling state.
@@ -511,6 +608,7 @@ impl Session {
                             seq,
                             id,
                             stage: Stage::Authorising,
+                            told: false,
                         },
                     );
                     self.authorising
@@ -534,7 +632,7 @@ impl Session {
         let current = self
             .held
             .get(&topic)
-            .is_some_and(|h| h.seq == seq && h.stage == Stage::Authorising);
+            .is_some_and(|h| h.seq == seq && h.stage.is_authorising());
         if !current {
             return; // unsubscribed or revoked meanwhile, and already answered
         }
@@ -559,40 +657,53 @@ impl Session {
 
     /// Joins the topic in the hub: an authorised subscribe.
     fn join(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>, seq: u64) {
-        let ack = self.member.dialect.ack(&Ack {
-            kind: AckKind::Subscribe,
-            topic: &topic,
-            id: id.as_deref(),
-            error: None,
-        });
-        let pending = ctx.hub.subscribe(&self.member, topic.clone(), ack);
+        let joined = ctx.hub.subscribe(&self.member, topic.clone());
         self.held.insert(
             topic.clone(),
             Held {
                 seq,
                 id,
-                stage: if pending.is_some() {
-                    Stage::Pending
-                } else {
-                    Stage::Active
-                },
+                stage: Stage::Pending,
+                told: false,
             },
         );
-        if let Some(confirmation) = pending {
-            let timeout = ctx.subscribe_timeout;
-            self.waiting
-                .get_or_insert_with(FuturesUnordered::new)
-                .push(Box::pin(async move {
-                    let outcome = match tokio::time::timeout(timeout, confirmation).await {
-                        Ok(Ok(outcome)) => outcome,
-                        Ok(Err(_)) | Err(_) => Err(BrokerError::Unavailable),
-                    };
-                    (topic, seq, outcome)
-                }));
+        self.joined(ctx, topic, seq, joined);
+    }
+
+    /// Follows up a hub join: an active one is answered and started (reply
+    /// first, so it precedes every delivery), a pending one waits.
+    fn joined(&mut self, ctx: &SessionContext, topic: Topic, seq: u64, joined: Joined) {
+        match joined {
+            Joined::Active(sub) => {
+                let Some(held) = self.held.get_mut(&topic) else {
+                    return;
+                };
+                let ack = self.member.dialect.ack(&Ack {
+                    kind: AckKind::Subscribe,
+                    topic: &topic,
+                    id: held.id.as_deref(),
+                    error: None,
+                });
+                self.member.outbox.push(ack);
+                sub.start();
+                held.stage = Stage::Active(sub);
+            }
+            Joined::Pending(confirmation) => {
+                let timeout = ctx.subscribe_timeout;
+                self.waiting
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(Box::pin(async move {
+                        let outcome = match tokio::time::timeout(timeout, confirmation).await {
+                            Ok(Ok(outcome)) => outcome,
+                            Ok(Err(_)) | Err(_) => Err(BrokerError::Unavailable),
+                        };
+                        (topic, seq, outcome)
+                    }));
+            }
         }
     }
 
-    /// A wait for the broker ended. On success the hub already queued the ack.
+    /// A wait for the broker ended.
     fn confirmed(
         &mut self,
         ctx: &SessionContext,
@@ -600,29 +711,109 @@ impl Session {
         seq: u64,
         outcome: Result<(), BrokerError>,
     ) {
-        let Some(held) = self
+        let current = self
             .held
-            .get_mut(&topic)
-            .filter(|h| h.seq == seq && h.stage == Stage::Pending)
-        else {
+            .get(&topic)
+            .is_some_and(|h| h.seq == seq && h.stage.is_pending());
+        if !current {
             return; // unsubscribed meanwhile, and already answered
+        }
+        let error = match outcome {
+            Ok(()) => None,
+            // The broker refused this topic (e.g. a Redis ACL): the hub has
+            // already withdrawn it; nobody else is affected.
+            Err(BrokerError::Refused(why)) => {
+                ctx.metrics
+                    .refused
+                    .with_label_values(&["broker_refused"])
+                    .inc();
+                Some(why)
+            }
+            // Timed out: withdraw, unless confirmed in the meantime.
+            Err(_) if ctx.hub.cancel_pending(self.member.id, &topic) => {
+                Some("broker unavailable".to_owned())
+            }
+            Err(_) => None,
         };
-        if outcome.is_ok() {
-            held.stage = Stage::Active;
-            return;
+        if let Some(error) = error {
+            let id = self.held.remove(&topic).and_then(|h| h.id);
+            return self.ack(AckKind::Subscribe, &topic, id.as_deref(), Some(&error));
         }
-        // Timed out: withdraw, unless the hub activated it in the meantime.
-        if !ctx.hub.cancel_pending(self.member.id, &topic) {
-            held.stage = Stage::Active;
-            return;
+        match ctx.hub.activate(&self.member, &topic) {
+            Some(joined) => self.joined(ctx, topic, seq, joined),
+            None => {
+                let id = self.held.remove(&topic).and_then(|h| h.id);
+                self.ack(
+                    AckKind::Subscribe,
+                    &topic,
+                    id.as_deref(),
+                    Some("broker unavailable"),
+                );
+            }
         }
-        let id = self.held.remove(&topic).and_then(|h| h.id);
-        self.ack(
-            AckKind::Subscribe,
-            &topic,
-            id.as_deref(),
-            Some("broker unavailable"),
-        );
+    }
+
+    /// Moves the next queued items into the writer, rendering gap marks from
+    /// this session's own subscriptions. `Some` when the session must end.
+    fn refill(
+        &mut self,
+        metrics: &Metrics,
+        writer: &mut Writer,
+        items: &mut VecDeque<Item>,
+    ) -> Option<End> {
+        match self.member.outbox.take(items) {
+            State::Open => {}
+            State::Overflowed => {
+                return Some(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer".into()))
+            }
+            State::Closed => return Some(End::Gone),
+        }
+        for item in items.drain(..) {
+            match item {
+                Item::Frame(frame) => writer.batch.push_back(frame),
+                Item::Mark(kind) => {
+                    if let Some(frame) = self.render_mark(kind) {
+                        metrics.gap_notices.inc();
+                        writer.batch.push_back(frame);
+                    }
+                }
+            }
+        }
+        writer.flushing = !writer.batch.is_empty();
+        None
+    }
+
+    /// The gap notice a mark stands for: `interrupted` names the active
+    /// subscriptions not yet told, `resumed` those told and still held.
+    fn render_mark(&mut self, kind: NoticeKind) -> Option<Frame> {
+        let mut topics: Vec<Topic> = Vec::new();
+        for (topic, held) in self.held.iter_mut() {
+            let concerned = match kind {
+                NoticeKind::Interrupted => {
+                    matches!(held.stage, Stage::Active(_))
+                        && !std::mem::replace(&mut held.told, true)
+                }
+                NoticeKind::Resumed => {
+                    std::mem::take(&mut held.told) && matches!(held.stage, Stage::Active(_))
+                }
+            };
+            if concerned {
+                topics.push(topic.clone());
+            }
+        }
+        if topics.is_empty() {
+            return None;
+        }
+        topics.sort();
+        let reason = match kind {
+            NoticeKind::Interrupted => Some("broker connection lost"),
+            NoticeKind::Resumed => None,
+        };
+        Some(self.member.dialect.notice(&Notice {
+            kind,
+            topics: &topics,
+            reason,
+        }))
     }
 
     fn unsubscribe(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>) {
@@ -634,7 +825,10 @@ impl Session {
                 Some("not subscribed"),
             );
         };
-        if held.stage == Stage::Authorising
+        if let Stage::Active(sub) = &held.stage {
+            sub.stop();
+        }
+        if held.stage.is_authorising()
             || ctx.hub.unsubscribe(self.member.id, &topic) == Removed::Pending
         {
             // The subscribe never completed: answer it before the unsubscribe.
@@ -698,7 +892,10 @@ impl Session {
             .refused
             .with_label_values(&["not_allowed"])
             .inc();
-        let answered = held.stage != Stage::Authorising
+        if let Stage::Active(sub) = &held.stage {
+            sub.stop();
+        }
+        let answered = !held.stage.is_authorising()
             && ctx.hub.unsubscribe(self.member.id, &topic) == Removed::Active;
         if answered {
             self.reply(self.member.dialect.revoked(&topic, NOT_ALLOWED));
@@ -715,7 +912,10 @@ impl Session {
     /// Leaves every topic: the connection is ending.
     fn leave(&mut self, ctx: &SessionContext) {
         for (topic, held) in &self.held {
-            if held.stage != Stage::Authorising {
+            if let Stage::Active(sub) = &held.stage {
+                sub.stop();
+            }
+            if !held.stage.is_authorising() {
                 ctx.hub.unsubscribe(self.member.id, topic);
             }
         }

@@ -27,7 +27,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
-use super::{Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, HubGone, Topic};
+use super::{
+    Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, HubGone, Topic,
+};
 use crate::backoff::backoff;
 use crate::metrics::Metrics;
 use resp::Value;
@@ -39,6 +41,12 @@ const REQUEST_CAPACITY: usize = 16;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Bytes read from the socket per read call (the buffer grows for larger messages).
 const READ_CHUNK: usize = 64 * 1024;
+/// A connection that lived less than this counts as a failure for the
+/// reconnect backoff: one that dies right after connecting (a refused
+/// command, a proxy that drops us) must not retry at the minimum pace forever.
+const STABLE_AFTER: Duration = Duration::from_secs(2);
+/// What subscribers of a topic refused by a Redis ACL are told.
+pub const NOT_PERMITTED: &str = "not permitted by Redis";
 
 /// Why the Redis URL cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +60,7 @@ pub enum RedisConfigError {
 }
 
 /// Timing of the pub/sub connection (from [`crate::Config`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RedisOptions {
     /// How often the connection is probed with PING.
     pub probe_interval: Duration,
@@ -61,6 +69,9 @@ pub struct RedisOptions {
     pub probe_timeout: Duration,
     /// Reconnect backoff cap (an outage costs at most this much extra).
     pub backoff_max: Duration,
+    /// `CLIENT SETNAME` for the pub/sub connection, so operators can find it
+    /// in `CLIENT LIST` (`wsgate:<node>:pubsub`).
+    pub client_name: Option<String>,
 }
 
 /// Handle to the Redis broker actor; dropping every handle stops it.
@@ -72,7 +83,7 @@ pub struct RedisBroker {
 struct Request {
     generation: u64,
     changes: Changes,
-    done: oneshot::Sender<Result<(), BrokerError>>,
+    done: oneshot::Sender<Result<Applied, BrokerError>>,
 }
 
 impl RedisBroker {
@@ -125,7 +136,7 @@ impl Broker for RedisBroker {
         &self,
         generation: u64,
         changes: Changes,
-    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+    ) -> BoxFuture<'static, Result<Applied, BrokerError>> {
         let requests = self.requests.clone();
         async move {
             let (done, confirmed) = oneshot::channel();
@@ -198,11 +209,113 @@ struct Actor {
     options: RedisOptions,
 }
 
-/// A request written to Redis whose confirmations have not all arrived.
-struct InFlight {
-    /// One confirmation per topic argument; Redis sends them in order.
+/// One command written to Redis whose replies have not all arrived. Redis
+/// answers commands in order: one confirmation per topic, or one error for
+/// the whole command (an ACL refuses a SUBSCRIBE if any of its channels is
+/// not permitted), so the front command is always the one answered.
+struct Cmd {
+    /// The request it belongs to.
+    req: u64,
+    /// Its topics, in argument order.
+    topics: Vec<Topic>,
+    /// (P)SUBSCRIBE rather than (P)UNSUBSCRIBE.
+    subscribe: bool,
+    /// Confirmations still expected.
     remaining: usize,
-    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+/// A request from the hub, answered when all its commands are.
+struct Open {
+    seq: u64,
+    /// Commands of this request still in flight.
+    commands: usize,
+    refused: Vec<(Topic, String)>,
+    done: Option<oneshot::Sender<Result<Applied, BrokerError>>>,
+}
+
+/// Everything in flight on one connection.
+#[derive(Default)]
+struct InFlight {
+    cmds: VecDeque<Cmd>,
+    open: VecDeque<Open>,
+    next_seq: u64,
+    /// Topics of a refused multi-topic SUBSCRIBE, to send again one per
+    /// command so that exactly the refused ones are known.
+    resend: Vec<(u64, Topic)>,
+}
+
+impl InFlight {
+    /// The front command got one confirmation (or, with `refused`, its error).
+    fn answer(&mut self, refused: Option<String>) -> Result<(), Exit> {
+        let Some(cmd) = self.cmds.front_mut() else {
+            return Err(Exit::Lost("reply with nothing in flight".to_owned()));
+        };
+        match refused {
+            None => {
+                cmd.remaining -= 1;
+                if cmd.remaining > 0 {
+                    return Ok(());
+                }
+            }
+            Some(why) => {
+                if !cmd.subscribe {
+                    // Redis's state after a refused unsubscribe is unknown: start over.
+                    return Err(Exit::Lost(format!("redis refused an unsubscribe: {why}")));
+                }
+                let reason = if why.starts_with("NOPERM") {
+                    NOT_PERMITTED.to_owned()
+                } else {
+                    format!("refused by Redis: {why}")
+                };
+                let req = cmd.req;
+                if cmd.topics.len() == 1 {
+                    let topic = cmd.topics[0].clone();
+                    if let Some(open) = self.open.iter_mut().find(|o| o.seq == req) {
+                        open.refused.push((topic, reason));
+                    }
+                } else {
+                    let n = cmd.topics.len();
+                    for topic in cmd.topics.drain(..) {
+                        self.resend.push((req, topic));
+                    }
+                    if let Some(open) = self.open.iter_mut().find(|o| o.seq == req) {
+                        open.commands += n;
+                    }
+                }
+            }
+        }
+        let Some(cmd) = self.cmds.pop_front() else {
+            return Ok(());
+        };
+        self.command_done(cmd.req);
+        Ok(())
+    }
+
+    fn command_done(&mut self, req: u64) {
+        let Some(at) = self.open.iter().position(|o| o.seq == req) else {
+            return;
+        };
+        let open = &mut self.open[at];
+        open.commands -= 1;
+        if open.commands == 0 {
+            if let Some(open) = self.open.remove(at) {
+                if let Some(done) = open.done {
+                    let _ = done.send(Ok(Applied {
+                        refused: open.refused,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// The connection ended: nothing in flight will be answered.
+    fn fail(self) {
+        for open in self.open {
+            if let Some(done) = open.done {
+                let _ = done.send(Err(BrokerError::ConnectionLost));
+            }
+        }
+    }
 }
 
 impl Actor {
@@ -212,7 +325,7 @@ impl Actor {
         loop {
             match self.connect().await {
                 Ok(Some(stream)) => {
-                    failures = 0;
+                    let connected_at = Instant::now();
                     generation += 1;
                     info!(generation, "connected");
                     if self
@@ -226,6 +339,12 @@ impl Actor {
                     self.metrics.broker_up.set(1);
                     let exit = self.serve(stream, generation).await;
                     self.metrics.broker_up.set(0);
+                    // Only a connection that lasted resets the backoff.
+                    if connected_at.elapsed() >= STABLE_AFTER {
+                        failures = 0;
+                    } else {
+                        failures = failures.saturating_add(1);
+                    }
                     // Tell the hub before anything else: every subscription is gone.
                     if self.events.state(BrokerEvent::Down).await.is_err() {
                         return;
@@ -275,6 +394,7 @@ impl Actor {
     async fn connect(&mut self) -> Result<Option<TcpStream>, String> {
         let addr = (self.host.clone(), self.port);
         let auth = self.auth.clone();
+        let name = self.options.client_name.clone();
         let attempt = async move {
             let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
             stream.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -285,10 +405,14 @@ impl Actor {
                 args.push(password.as_bytes());
                 resp::encode_command(&mut cmd, args.into_iter());
             }
+            if let Some(name) = &name {
+                let args: [&[u8]; 3] = [b"CLIENT", b"SETNAME", name.as_bytes()];
+                resp::encode_command(&mut cmd, args.into_iter());
+            }
             resp::encode_command(&mut cmd, [&b"PING"[..]].into_iter());
             stream.write_all(&cmd).await.map_err(|e| e.to_string())?;
             let mut buf = BytesMut::with_capacity(256);
-            let mut replies = if auth.is_some() { 2 } else { 1 };
+            let mut replies = 1 + usize::from(auth.is_some()) + usize::from(name.is_some());
             while replies > 0 {
                 if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
                     return Err("connection closed during handshake".to_owned());
@@ -317,7 +441,7 @@ impl Actor {
         let (mut rd, mut wr) = stream.into_split();
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut out = BytesMut::new();
-        let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        let mut inflight = InFlight::default();
         let mut probe = tokio::time::interval(self.options.probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // When the outstanding PING was sent; `None` when none is outstanding.
@@ -337,12 +461,18 @@ impl Actor {
                         continue;
                     }
                     out.clear();
-                    let expected = encode_changes(&mut out, &req.changes);
-                    if expected == 0 {
-                        let _ = req.done.send(Ok(()));
+                    let cmds = encode_changes(&mut out, &req.changes);
+                    if cmds.is_empty() {
+                        let _ = req.done.send(Ok(Applied::default()));
                         continue;
                     }
-                    inflight.push_back(InFlight { remaining: expected, done: req.done });
+                    let seq = inflight.next_seq;
+                    inflight.next_seq += 1;
+                    inflight.open.push_back(Open { seq, commands: cmds.len(), refused: Vec::new(), done: Some(req.done) });
+                    for (topics, subscribe) in cmds {
+                        let remaining = topics.len();
+                        inflight.cmds.push_back(Cmd { req: seq, topics, subscribe, remaining });
+                    }
                     if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
                         break Exit::Lost(cause);
                     }
@@ -354,6 +484,17 @@ impl Actor {
                     }
                     if let Err(exit) = self.drain(&mut buf, &mut inflight, &mut pinged) {
                         break exit;
+                    }
+                    if !inflight.resend.is_empty() {
+                        out.clear();
+                        for (req, topic) in inflight.resend.drain(..) {
+                            let args: [&[u8]; 2] = [subscribe_command(&topic), topic.name()];
+                            resp::encode_command(&mut out, args.into_iter());
+                            inflight.cmds.push_back(Cmd { req, topics: vec![topic], subscribe: true, remaining: 1 });
+                        }
+                        if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
+                            break Exit::Lost(cause);
+                        }
                     }
                 }
                 tick = probe.tick() => {
@@ -381,9 +522,7 @@ impl Actor {
                 }
             }
         };
-        for req in inflight {
-            let _ = req.done.send(Err(BrokerError::ConnectionLost));
-        }
+        inflight.fail();
         exit
     }
 
@@ -391,7 +530,7 @@ impl Actor {
     fn drain(
         &mut self,
         buf: &mut BytesMut,
-        inflight: &mut VecDeque<InFlight>,
+        inflight: &mut InFlight,
         pinged: &mut Option<Instant>,
     ) -> Result<(), Exit> {
         while let Some(value) = resp::parse(buf).map_err(|e| Exit::Lost(e.to_string()))? {
@@ -403,7 +542,7 @@ impl Actor {
     fn handle(
         &mut self,
         value: Value,
-        inflight: &mut VecDeque<InFlight>,
+        inflight: &mut InFlight,
         pinged: &mut Option<Instant>,
     ) -> Result<(), Exit> {
         let items = match value {
@@ -414,13 +553,12 @@ impl Actor {
                 return Ok(());
             }
             Value::Error(e) => {
-                // A refused (P)SUBSCRIBE leaves Redis's state unknown to us; a
-                // fresh connection makes it known (empty) again and the hub resyncs.
+                // A refused (P)SUBSCRIBE: Redis applied none of its topics.
+                // Only those topics' subscribers are told; the connection and
+                // everyone else's delivery carry on.
                 let msg = String::from_utf8_lossy(&e).into_owned();
-                if let Some(req) = inflight.pop_front() {
-                    let _ = req.done.send(Err(BrokerError::Refused(msg.clone())));
-                }
-                return Err(Exit::Lost(format!("redis refused a command: {msg}")));
+                debug!(reason = %msg, "redis refused a command");
+                return inflight.answer(Some(msg));
             }
             other => return Err(Exit::Lost(format!("unexpected reply {other:?}"))),
         };
@@ -452,15 +590,7 @@ impl Actor {
                 })
             }
             (b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe", _, _, _) => {
-                if let Some(front) = inflight.front_mut() {
-                    front.remaining -= 1;
-                    if front.remaining == 0 {
-                        if let Some(req) = inflight.pop_front() {
-                            let _ = req.done.send(Ok(()));
-                        }
-                    }
-                }
-                Ok(())
+                inflight.answer(None)
             }
             (b"pong", _, _, _) => {
                 *pinged = None;
@@ -507,35 +637,40 @@ async fn read_some(
     }
 }
 
-/// Encodes `changes` as up to four commands; returns the number of
-/// confirmations Redis will send (one per topic).
-fn encode_changes(out: &mut BytesMut, changes: &Changes) -> usize {
-    let groups: [(&[u8], &Vec<Topic>, bool); 4] = [
-        (b"UNSUBSCRIBE", &changes.unsubscribe, false),
-        (b"PUNSUBSCRIBE", &changes.unsubscribe, true),
-        (b"SUBSCRIBE", &changes.subscribe, false),
-        (b"PSUBSCRIBE", &changes.subscribe, true),
+/// The command that subscribes `topic`.
+fn subscribe_command(topic: &Topic) -> &'static [u8] {
+    match topic {
+        Topic::Channel(_) => b"SUBSCRIBE",
+        Topic::Pattern(_) => b"PSUBSCRIBE",
+    }
+}
+
+/// Encodes `changes` as up to four commands; returns each command's topics
+/// (Redis confirms each one) and whether it subscribes.
+fn encode_changes(out: &mut BytesMut, changes: &Changes) -> Vec<(Vec<Topic>, bool)> {
+    let groups: [(&[u8], &Vec<Topic>, bool, bool); 4] = [
+        (b"UNSUBSCRIBE", &changes.unsubscribe, false, false),
+        (b"PUNSUBSCRIBE", &changes.unsubscribe, true, false),
+        (b"SUBSCRIBE", &changes.subscribe, false, true),
+        (b"PSUBSCRIBE", &changes.subscribe, true, true),
     ];
-    let mut expected = 0;
-    for (command, topics, patterns) in groups {
-        let names: Vec<&[u8]> = topics
+    let mut cmds = Vec::new();
+    for (command, topics, patterns, subscribe) in groups {
+        let topics: Vec<Topic> = topics
             .iter()
             .filter(|t| matches!(t, Topic::Pattern(_)) == patterns)
-            .map(|t| &t.name()[..])
+            .cloned()
             .collect();
-        if names.is_empty() {
+        if topics.is_empty() {
             continue;
         }
-        expected += names.len();
-        resp::encode_command(
-            out,
-            std::iter::once(command)
-                .chain(names)
-                .collect::<Vec<_>>()
-                .into_iter(),
-        );
+        let args: Vec<&[u8]> = std::iter::once(command)
+            .chain(topics.iter().map(|t| &t.name()[..]))
+            .collect();
+        resp::encode_command(out, args.into_iter());
+        cmds.push((topics, subscribe));
     }
-    expected
+    cmds
 }
 
 #[cfg(test)]
@@ -553,7 +688,9 @@ mod tests {
             ],
             unsubscribe: vec![Topic::Channel(Bytes::from_static(b"d"))],
         };
-        assert_eq!(encode_changes(&mut out, &changes), 4);
+        let cmds = encode_changes(&mut out, &changes);
+        let counts: Vec<(usize, bool)> = cmds.iter().map(|(t, s)| (t.len(), *s)).collect();
+        assert_eq!(counts, [(1, false), (1, true), (2, true)]);
         assert_eq!(
             &out[..],
             &b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$1\r\nd\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n*3\r\n$10\r\nPSUBSCRIBE\r\n$2\r\na*\r\n$2\r\nb?\r\n"[..]

@@ -2,9 +2,10 @@
 //!
 //! The pub/sub connection only ever sends (P)(UN)SUBSCRIBE, PING and AUTH, and
 //! only ever receives arrays of bulk strings and integers, simple strings and
-//! errors. Parsing is zero-copy: a complete frame is split off the read buffer
-//! and frozen, and every bulk string is a [`Bytes`] slice of it, so a message
-//! payload reaches the fan-out without being copied.
+//! errors. A large frame is split off the read buffer and frozen, and every
+//! bulk string is a [`Bytes`] slice of it, so a large payload reaches the
+//! fan-out without being copied; a small one is copied once, so that it does
+//! not pin the read buffer's block (see [`parse`]).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -40,9 +41,22 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Value>, ProtocolError> 
     let Some(len) = frame_len(buf, 0, 0)? else {
         return Ok(None);
     };
-    let mut frame = buf.split_to(len).freeze();
+    let mut frame = if len <= COPY_BELOW {
+        // A small frame is copied out, so the read buffer stays the sole
+        // owner of its block and the next read reuses it: a slice would pin
+        // the whole 64 KiB block for as long as the payload lives.
+        let frame = Bytes::copy_from_slice(&buf[..len]);
+        buf.advance(len);
+        frame
+    } else {
+        buf.split_to(len).freeze()
+    };
     decode(&mut frame).map(Some)
 }
+
+/// Frames up to this size are copied out of the read buffer (see [`parse`]);
+/// larger ones are sliced, their bytes being most of what they pin anyway.
+pub(crate) const COPY_BELOW: usize = 16 * 1024;
 
 /// Length of the complete frame starting at `at`, or `None` if incomplete.
 fn frame_len(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, ProtocolError> {
@@ -173,6 +187,44 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    /// Regression (issue 16, point 5): each small message read on its own
+    /// used to pin a fresh 64 KiB block while its payload lived. Now the read
+    /// buffer keeps reusing one block however many payloads are alive.
+    #[test]
+    fn small_payloads_do_not_pin_the_read_buffer() {
+        let frame = b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$5\r\nhello\r\n";
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut alive = Vec::new();
+        let mut blocks = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            buf.reserve(64 * 1024);
+            blocks.insert(buf.as_ptr() as usize);
+            buf.extend_from_slice(frame);
+            alive.push(parse(&mut buf).unwrap().unwrap());
+        }
+        assert_eq!(alive.len(), 1000);
+        assert_eq!(blocks.len(), 1, "a new block per read: {}", blocks.len());
+    }
+
+    #[test]
+    fn large_payloads_are_sliced_not_copied() {
+        let payload = vec![b'x'; COPY_BELOW * 2];
+        let mut input =
+            format!("*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n${}\r\n", payload.len()).into_bytes();
+        input.extend_from_slice(&payload);
+        input.extend_from_slice(b"\r\n");
+        let mut buf = BytesMut::from(&input[..]);
+        let start = buf.as_ptr() as usize;
+        let Some(Value::Array(items)) = parse(&mut buf).unwrap() else {
+            panic!("expected an array");
+        };
+        let Value::Bulk(body) = &items[2] else {
+            panic!("expected a bulk string");
+        };
+        let at = body.as_ptr() as usize;
+        assert!(at > start && at < start + input.len(), "payload was copied");
     }
 
     #[test]

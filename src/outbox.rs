@@ -6,13 +6,40 @@
 //! one syscall per frame. When a push would pass the byte limit, the outbox
 //! drops its contents, refuses all further pushes and wakes the session, which
 //! closes the socket as a slow consumer: one slow client never delays another.
+//!
+//! Besides frames, the queue carries *marks*: "delivery was interrupted here"
+//! and "delivery resumed here". The hub places one in every session's queue
+//! in O(1) when the broker link drops or comes back; the session renders the
+//! notice itself, from its own subscriptions, when its writer reaches the
+//! mark. So an outage costs the hub one push per session, not one rendered
+//! notice per subscription, and the notice still sits exactly where the gap
+//! is in that client's stream.
+//!
+//! Deliveries are pushed with [`Outbox::push_live`], which checks the
+//! subscription's live flag under the queue's lock: a session that clears the
+//! flag and then queues its unsubscribe reply can never see a delivery of that
+//! topic after the reply, whatever the dispatcher was doing meanwhile.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use crate::protocol::Frame;
+use crate::protocol::{Frame, NoticeKind};
+
+/// Most marks queued and not yet taken; more outages than this between two
+/// writer wake-ups collapse (the session renders from its own state anyway).
+const MAX_MARKS: usize = 8;
+
+/// One queued item: a frame to write, or a place where a gap notice belongs.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// Bytes ready for the socket.
+    Frame(Frame),
+    /// The session renders a gap notice of this kind here.
+    Mark(NoticeKind),
+}
 
 /// See the module docs.
 pub struct Outbox {
@@ -28,8 +55,10 @@ pub struct Outbox {
 }
 
 struct Inner {
-    frames: VecDeque<Frame>,
+    frames: VecDeque<Item>,
     bytes: usize,
+    /// Marks among `frames`.
+    marks: usize,
     state: State,
 }
 
@@ -62,6 +91,7 @@ impl Outbox {
             inner: Mutex::new(Inner {
                 frames: VecDeque::new(),
                 bytes: 0,
+                marks: 0,
                 state: State::Open,
             }),
             ready: Notify::new(),
@@ -78,8 +108,22 @@ impl Outbox {
 
     /// Queues `frame` without waiting.
     pub fn push(&self, frame: Frame) -> Pushed {
+        let inner = self.lock();
+        self.push_locked(inner, frame)
+    }
+
+    /// Queues a delivery, unless `live` is false when the queue's lock is held
+    /// (the subscription ended, or has not started yet): see the module docs.
+    pub fn push_live(&self, frame: Frame, live: &AtomicBool) -> Pushed {
+        let inner = self.lock();
+        if !live.load(Ordering::Acquire) {
+            return Pushed::Refused;
+        }
+        self.push_locked(inner, frame)
+    }
+
+    fn push_locked(&self, mut inner: std::sync::MutexGuard<'_, Inner>, frame: Frame) -> Pushed {
         let len = frame.len();
-        let mut inner = self.lock();
         if inner.state != State::Open {
             return Pushed::Refused;
         }
@@ -87,13 +131,14 @@ impl Outbox {
             inner.state = State::Overflowed;
             inner.frames = VecDeque::new();
             inner.bytes = 0;
+            inner.marks = 0;
             drop(inner);
             self.overflow.notify_one();
             return Pushed::Overflowed;
         }
         inner.bytes += len;
         let was_empty = inner.frames.is_empty();
-        inner.frames.push_back(frame);
+        inner.frames.push_back(Item::Frame(frame));
         drop(inner);
         // Only the first frame of a batch needs to wake the writer: it takes
         // everything queued when it runs, and checks again after each write.
@@ -103,8 +148,27 @@ impl Outbox {
         Pushed::Queued
     }
 
-    /// Moves every queued frame into `batch` (appending) and returns the state.
-    pub fn take(&self, batch: &mut VecDeque<Frame>) -> State {
+    /// Places a gap mark (costs no bytes; at most [`MAX_MARKS`] wait at once,
+    /// and one of a kind right after another of the same kind is redundant).
+    pub fn mark(&self, kind: NoticeKind) {
+        let mut inner = self.lock();
+        if inner.state != State::Open || inner.marks >= MAX_MARKS {
+            return;
+        }
+        if matches!(inner.frames.back(), Some(Item::Mark(k)) if *k == kind) {
+            return;
+        }
+        inner.marks += 1;
+        let was_empty = inner.frames.is_empty();
+        inner.frames.push_back(Item::Mark(kind));
+        drop(inner);
+        if was_empty {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Moves every queued item into `batch` (appending) and returns the state.
+    pub fn take(&self, batch: &mut VecDeque<Item>) -> State {
         let mut inner = self.lock();
         if batch.is_empty() {
             std::mem::swap(&mut inner.frames, batch);
@@ -112,6 +176,7 @@ impl Outbox {
             batch.append(&mut inner.frames);
         }
         inner.bytes = 0;
+        inner.marks = 0;
         inner.state
     }
 
@@ -121,6 +186,7 @@ impl Outbox {
         inner.state = State::Closed;
         inner.frames = VecDeque::new();
         inner.bytes = 0;
+        inner.marks = 0;
     }
 
     /// Resolves when a frame may have been queued since the last [`Outbox::take`].
@@ -162,11 +228,48 @@ mod tests {
         out.push(frame(5));
         let mut batch = VecDeque::new();
         assert_eq!(out.take(&mut batch), State::Open);
-        assert_eq!(batch.iter().map(|f| f.len()).collect::<Vec<_>>(), [5, 5]);
+        let lens: Vec<usize> = batch
+            .iter()
+            .map(|i| match i {
+                Item::Frame(f) => f.len(),
+                Item::Mark(_) => 0,
+            })
+            .collect();
+        assert_eq!(lens, [5, 5]);
         out.push(frame(1));
         out.take(&mut batch);
         assert_eq!(batch.len(), 3);
         assert_eq!(out.push(frame(10)), Pushed::Queued);
+    }
+
+    #[test]
+    fn a_dead_subscription_gets_nothing() {
+        let out = Outbox::new(10);
+        let live = AtomicBool::new(false);
+        assert_eq!(out.push_live(frame(1), &live), Pushed::Refused);
+        live.store(true, Ordering::Release);
+        assert_eq!(out.push_live(frame(1), &live), Pushed::Queued);
+    }
+
+    #[test]
+    fn marks_keep_their_place_and_are_bounded() {
+        let out = Outbox::new(10);
+        out.push(frame(1));
+        out.mark(NoticeKind::Interrupted);
+        out.mark(NoticeKind::Interrupted);
+        out.push(frame(2));
+        out.mark(NoticeKind::Resumed);
+        for _ in 0..20 {
+            out.mark(NoticeKind::Interrupted);
+            out.mark(NoticeKind::Resumed);
+        }
+        let mut batch = VecDeque::new();
+        out.take(&mut batch);
+        assert!(matches!(batch[0], Item::Frame(_)));
+        assert!(matches!(batch[1], Item::Mark(NoticeKind::Interrupted)));
+        assert!(matches!(batch[2], Item::Frame(_)));
+        assert!(matches!(batch[3], Item::Mark(NoticeKind::Resumed)));
+        assert_eq!(batch.len(), 2 + MAX_MARKS);
     }
 
     #[test]
