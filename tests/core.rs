@@ -29,7 +29,15 @@ async fn limited_redis() -> (Redis, String) {
     let redis = Redis::start().await;
     redis
         .cmd(&[
-            "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&ok.*", "~*", "+@all",
+            "ACL",
+            "SETUSER",
+            "limited",
+            "on",
+            ">pw",
+            "resetchannels",
+            "&ok.*",
+            "~*",
+            "+@all",
         ])
         .await;
     let url = format!("redis://limited:pw@127.0.0.1:{}", redis.port);
@@ -58,7 +66,11 @@ async fn a_topic_refused_by_redis_affects_only_its_subscribers() {
         reply,
         json!({"action":"subscribe","channel":"secret","id":"s","status":false,"error":"not permitted by Redis"})
     );
-    assert!(asked.elapsed() < Duration::from_secs(2), "refused only after {:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "refused only after {:?}",
+        asked.elapsed()
+    );
     let reply = b
         .request(json!({"action":"subscribe","pattern":"ok.a*","id":"p"}))
         .await;
@@ -76,7 +88,12 @@ async fn a_topic_refused_by_redis_affects_only_its_subscribers() {
     replies.sort_by_key(|v| v["id"].as_str().unwrap_or("").to_owned());
     let statuses: Vec<(String, bool)> = replies
         .iter()
-        .map(|r| (r["channel"].as_str().unwrap_or("").to_owned(), r["status"] == true))
+        .map(|r| {
+            (
+                r["channel"].as_str().unwrap_or("").to_owned(),
+                r["status"] == true,
+            )
+        })
         .collect();
     assert_eq!(
         statuses,
@@ -102,13 +119,29 @@ async fn a_topic_refused_by_redis_affects_only_its_subscribers() {
         json!({"action":"message","channel":"ok.b","payload":1})
     );
     assert_eq!(http(gw.addr, "GET", "/readyz", None).await.0, 200);
-    assert_eq!(metric_value(gw.addr, "wsgate_broker_reconnects_total").await, Some(0.0));
-    assert_eq!(metric_value(gw.addr, "wsgate_broker_refusals_total").await, Some(4.0));
+    assert_eq!(
+        metric_value(gw.addr, "wsgate_broker_reconnects_total").await,
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_value(gw.addr, "wsgate_broker_refusals_total").await,
+        Some(4.0)
+    );
     assert_eq!(
         metric_value(gw.addr, "wsgate_refused_total{reason=\"broker_refused\"}").await,
         Some(4.0)
     );
-    assert_eq!(metric_value(gw.addr, "wsgate_gap_notices_total").await, Some(0.0));
+    assert_eq!(
+        metric_value(gw.addr, "wsgate_gap_notices_total").await,
+        Some(0.0)
+    );
+    let local = |kind: &str| format!("wsgate_local_subscriptions{{kind=\"{kind}\"}}");
+    assert_eq!(metric_value(gw.addr, &local("channel")).await, Some(3.0));
+    assert_eq!(metric_value(gw.addr, &local("pattern")).await, Some(0.0));
+    assert_eq!(
+        metric_value(gw.addr, "wsgate_subscribes_held").await,
+        Some(0.0)
+    );
     // Redis holds exactly the permitted ones, on the one pub/sub connection.
     assert_eq!(redis.pubsub_clients().await, vec![(3, 0)]);
     gw.stop().await;
@@ -151,7 +184,9 @@ async fn a_blocked_write_keeps_the_session_live() {
     let gw = Gateway::start(config).await;
     let mut stuck = stuck_client(gw.addr).await;
     stuck
-        .send(Message::Text(r#"{"action":"subscribe","channel":"big"}"#.into()))
+        .send(Message::Text(
+            r#"{"action":"subscribe","channel":"big"}"#.into(),
+        ))
         .await
         .expect("send");
     assert_eq!(recv_json(&mut stuck).await["status"], true);
@@ -178,27 +213,38 @@ async fn a_blocked_write_keeps_the_session_live() {
     }
     // The write is now blocked; the reader must still be live.
     stuck
-        .send(Message::Text(r#"{"action":"unsubscribe","channel":"big"}"#.into()))
+        .send(Message::Text(
+            r#"{"action":"unsubscribe","channel":"big"}"#.into(),
+        ))
         .await
         .expect("send");
     let since = Instant::now();
-    wait_until("the stuck client's unsubscribe to be read", Duration::from_secs(2), || async {
-        metric_value(gw.addr, series).await == Some(1.0)
-    })
+    wait_until(
+        "the stuck client's unsubscribe to be read",
+        Duration::from_secs(2),
+        || async { metric_value(gw.addr, series).await == Some(1.0) },
+    )
     .await;
     println!("unsubscribe read after {:?}", since.elapsed());
     assert_eq!(metric_value(gw.addr, "wsgate_connections").await, Some(2.0));
     // Keepalive: the stuck client answers no ping, so it is closed within
     // about the pong timeout, while the control client (which reads) stays.
-    wait_until("the stuck client to be closed", Duration::from_secs(5), || async {
-        metric_value(gw.addr, "wsgate_connections").await == Some(1.0)
-    })
+    wait_until(
+        "the stuck client to be closed",
+        Duration::from_secs(5),
+        || async { metric_value(gw.addr, "wsgate_connections").await == Some(1.0) },
+    )
     .await;
     println!("stuck client closed after {:?}", since.elapsed());
     let (status, _) = gw.publish(json!({"channel":"small","payload":1})).await;
     assert_eq!(status, 200);
-    let got = tokio::time::timeout(WAIT, control_rx.recv()).await.expect("in time");
-    assert_eq!(got.as_deref(), Some(r#"{"action":"message","channel":"small","payload":1}"#));
+    let got = tokio::time::timeout(WAIT, control_rx.recv())
+        .await
+        .expect("in time");
+    assert_eq!(
+        got.as_deref(),
+        Some(r#"{"action":"message","channel":"small","payload":1}"#)
+    );
     assert_eq!(metric_value(gw.addr, "wsgate_connections").await, Some(1.0));
     reader.abort();
     drop(stuck);
@@ -296,7 +342,10 @@ async fn no_delivery_after_the_unsubscribe_reply() {
     }
     println!("{cycles} cycles, {published} messages published");
     assert!(cycles >= 100, "only {cycles} cycles ran");
-    assert_eq!(late, 0, "deliveries between an unsubscribe reply and the next subscribe reply");
+    assert_eq!(
+        late, 0,
+        "deliveries between an unsubscribe reply and the next subscribe reply"
+    );
     gw.stop().await;
 }
 
@@ -327,7 +376,9 @@ async fn a_client_close_is_answered_with_its_code() {
     .expect("close reply in time");
     assert_eq!(got.map(|f| u16::from(f.code)), Some(1000));
     // Then the stream ends without an error: a clean close.
-    let end = tokio::time::timeout(WAIT, c.ws.next()).await.expect("end in time");
+    let end = tokio::time::timeout(WAIT, c.ws.next())
+        .await
+        .expect("end in time");
     assert!(end.is_none(), "{end:?}");
     wait_until("the session to end", WAIT, || async {
         metric_value(gw.addr, "wsgate_connections").await == Some(0.0)
@@ -350,7 +401,11 @@ async fn raw_ws(addr: std::net::SocketAddr) -> TcpStream {
         s.read_exact(&mut byte).await.expect("read");
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -397,7 +452,9 @@ async fn read_close_code(s: &mut TcpStream) -> Option<u16> {
             }
         }
     };
-    tokio::time::timeout(WAIT, read).await.expect("close within WAIT")
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("close within WAIT")
 }
 
 /// Issue 10 point 3: protocol errors used to get a bare EOF. Now each gets a
@@ -406,8 +463,16 @@ async fn read_close_code(s: &mut TcpStream) -> Option<u16> {
 async fn protocol_errors_get_a_close_code() {
     let gw = Gateway::start(test_config(None)).await;
     let cases: [(&str, Vec<u8>, u16); 6] = [
-        ("invalid UTF-8 text", client_frame(0x81, &[0xff, 0xfe], true), 1007),
-        ("unmasked client frame", client_frame(0x81, b"{}", false), 1002),
+        (
+            "invalid UTF-8 text",
+            client_frame(0x81, &[0xff, 0xfe], true),
+            1007,
+        ),
+        (
+            "unmasked client frame",
+            client_frame(0x81, b"{}", false),
+            1002,
+        ),
         ("RSV bits", client_frame(0x81 | 0x40, b"{}", true), 1002),
         ("reserved opcode", client_frame(0x83, b"{}", true), 1002),
         ("oversize ping", client_frame(0x89, &[0u8; 200], true), 1002),
@@ -450,9 +515,15 @@ async fn an_oversize_message_is_a_gap_not_a_slow_consumer() {
         exact.recv().await,
         json!({"action":"message","channel":"big","payload":1})
     );
-    assert_eq!(metric_value(gw.addr, "wsgate_slow_consumer_closes_total").await, Some(0.0));
+    assert_eq!(
+        metric_value(gw.addr, "wsgate_slow_consumer_closes_total").await,
+        Some(0.0)
+    );
     // One PUBLISH, two Redis deliveries to this node (the channel and `*`).
-    assert_eq!(metric_value(gw.addr, "wsgate_deliveries_too_large_total").await, Some(2.0));
+    assert_eq!(
+        metric_value(gw.addr, "wsgate_deliveries_too_large_total").await,
+        Some(2.0)
+    );
     gw.stop().await;
 }
 

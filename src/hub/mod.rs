@@ -524,6 +524,13 @@ async fn reconcile(shared: Arc<Shared>) {
         for (tx, answer) in done.answers {
             let _ = tx.send(answer);
         }
+        for kind in done.refused_waiters {
+            shared
+                .metrics
+                .local_subscriptions
+                .with_label_values(&[kind])
+                .dec();
+        }
         for (topic, subs, why) in done.refused_active {
             shared.notify_topic(&topic, &subs, NoticeKind::Interrupted, Some(&why));
         }

@@ -259,6 +259,8 @@ pub struct Completed {
     /// Topics the broker refused that still had active members, with those
     /// members and the reason: they are told delivery is interrupted.
     pub refused_active: Vec<(Topic, Members, String)>,
+    /// The kind of each refused waiter's topic: those subscriptions are gone.
+    pub refused_waiters: Vec<&'static str>,
 }
 
 /// All topics of one node; see the module docs.
@@ -498,6 +500,7 @@ impl Registry {
                     let why = refused.get(topic).copied().unwrap_or("refused").to_owned();
                     self.waiting -= entry.pending.len();
                     for (_, waiter) in entry.pending.drain() {
+                        out.refused_waiters.push(topic.kind());
                         if let Some(done) = waiter.done {
                             out.answers
                                 .push((done, Err(BrokerError::Refused(why.clone()))));
