@@ -79,6 +79,8 @@ pub async fn run(
                 probe_interval: config.redis_probe_interval,
                 probe_timeout: config.redis_probe_timeout,
                 backoff_max: config.redis_backoff_max,
+                node_id: config.node_id.clone(),
+                idempotency_ttl: config.idempotency_ttl,
             };
             Arc::new(RedisBroker::start(
                 url,
@@ -87,7 +89,11 @@ pub async fn run(
                 options,
             )?)
         }
-        None => Arc::new(MemoryBroker::new(events_tx, metrics.clone())),
+        None => Arc::new(MemoryBroker::new(
+            events_tx,
+            metrics.clone(),
+            config.idempotency_ttl,
+        )),
     };
     info!(addr = %listener.local_addr()?, broker = broker.name(), "listening");
     let hub = Hub::start(broker, events_rx, metrics.clone());

@@ -151,10 +151,17 @@ impl Hub {
     /// Publishes through the broker; returns the receiver count it reports.
     pub async fn publish(
         &self,
-        channel: bytes::Bytes,
-        payload: bytes::Bytes,
-    ) -> Result<u64, crate::broker::BrokerError> {
-        self.shared.broker.publish(channel, payload).await
+        message: crate::broker::Publication,
+    ) -> Result<u64, crate::broker::PublishError> {
+        self.shared.broker.publish(message).await
+    }
+
+    /// Publishes in order, in one broker round trip; one result per message.
+    pub async fn publish_batch(
+        &self,
+        messages: Vec<crate::broker::Publication>,
+    ) -> Vec<Result<u64, crate::broker::PublishError>> {
+        self.shared.broker.publish_batch(messages).await
     }
 
     /// Broker connected and every wanted topic confirmed since: `/readyz`.
