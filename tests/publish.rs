@@ -407,6 +407,7 @@ async fn payload_is_published_as_its_json_text_and_payload_text_as_raw_text() {
             "batch {fields}"
         );
     }
+    drop(ws);
     gw.stop().await;
 }
 
@@ -425,6 +426,7 @@ async fn payload_rule_holds_with_the_embedded_broker() {
         );
         assert_eq!(recv_text(&mut ws).await, delivery_text(payload), "{body}");
     }
+    drop(ws);
     gw.stop().await;
 }
 
@@ -477,6 +479,7 @@ async fn a_reset_after_the_publish_was_sent_does_not_publish_twice() {
         (200, json!({"receivers":2}))
     );
     raw.expect(&[b"2"]).await;
+    drop(ws);
     gw.stop().await;
 }
 
@@ -620,6 +623,7 @@ async fn a_retry_with_the_same_idempotency_key_is_not_published_again() {
         redis.cmd(&["GET", "wsgate:idempotency:1:r:k1"]).await,
         redis::Value::BulkString(b"2".to_vec())
     );
+    drop(ws);
     gw.stop().await;
 }
 
@@ -709,6 +713,7 @@ async fn idempotency_keys_with_the_embedded_broker() {
             format!(r#"{{"action":"message","channel":"m","payload":{n}}}"#)
         );
     }
+    drop(ws);
     gw.stop().await;
 }
 
