@@ -186,6 +186,16 @@ pub struct Config {
     /// `WSGATE_MAX_TRACKED_IPS`: addresses the per-address limits track at once;
     /// when full, new addresses are refused. Default 100000.
     pub max_tracked_ips: NonZeroUsize,
+    /// `WSGATE_NODE_ID`: this node's name in Redis `CLIENT LIST`
+    /// (`wsgate:<node>:publish`, `wsgate:<node>:pubsub`), 1 to 64 of `A-Z a-z
+    /// 0-9 . _ -`. Default: the hostname and the process id (`web-1-4242`), or
+    /// random hex when the hostname is unknown.
+    pub node_id: String,
+    /// `WSGATE_IDEMPOTENCY_TTL_MS`: how long a `POST /publish` idempotency key
+    /// is remembered (in Redis, or in memory with the embedded broker), so a
+    /// retry with the same key within it is not published again. Default
+    /// 300000 ms (5 minutes, as Centrifugo).
+    pub idempotency_ttl: Duration,
     /// `WSGATE_LOG`: tracing filter, e.g. `info` or `wsgate=debug`. Default `info`.
     pub log: String,
     /// `WSGATE_LOG_FORMAT`: `text` or `json`. Default `text`.
@@ -230,6 +240,8 @@ impl Default for Config {
             new_connections_per_ip_per_sec: None,
             trusted_proxies: Vec::new(),
             max_tracked_ips: nz(100_000),
+            node_id: default_node_id(),
+            idempotency_ttl: Duration::from_millis(300_000),
             log: "info".to_owned(),
             log_format: LogFormat::Text,
         }
@@ -284,6 +296,8 @@ struct RawConfig {
     new_connections_per_ip_per_sec: Option<String>,
     trusted_proxies: Option<String>,
     max_tracked_ips: Option<String>,
+    node_id: Option<String>,
+    idempotency_ttl_ms: Option<String>,
     log: Option<String>,
     log_format: Option<String>,
 }
@@ -558,6 +572,18 @@ impl Config {
                 d.redis_backoff_max,
                 "WSGATE_REDIS_BACKOFF_MAX_MS",
             )?,
+            node_id: parse_or(
+                raw.node_id,
+                d.node_id,
+                "WSGATE_NODE_ID",
+                |v| valid_node_id(v).then(|| v.to_owned()),
+                "1 to 64 characters of A-Z a-z 0-9 . _ - (unset: hostname-pid)",
+            )?,
+            idempotency_ttl: millis_or(
+                raw.idempotency_ttl_ms,
+                d.idempotency_ttl,
+                "WSGATE_IDEMPOTENCY_TTL_MS",
+            )?,
             log: parse_or(
                 raw.log,
                 d.log,
@@ -581,6 +607,46 @@ impl Config {
                 "text or json",
             )?,
         })
+    }
+}
+
+/// Longest `WSGATE_NODE_ID`: it goes into Redis client names.
+const MAX_NODE_ID_BYTES: usize = 64;
+
+/// Can `id` name a node? Redis refuses spaces and newlines in client names;
+/// we keep to characters that need no quoting anywhere.
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_NODE_ID_BYTES
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The default node id: `<hostname>-<pid>` (hostname cut to what
+/// [`valid_node_id`] accepts), or 16 random hex digits without a hostname.
+fn default_node_id() -> String {
+    let pid = std::process::id();
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                .take(MAX_NODE_ID_BYTES - 11)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty());
+    match host {
+        Some(host) => format!("{host}-{pid}"),
+        None => {
+            use std::hash::{BuildHasher, Hasher};
+            // A fresh RandomState is seeded randomly: no RNG crate needed.
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(pid);
+            format!("{:016x}", h.finish())
+        }
     }
 }
 
@@ -774,6 +840,7 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_the_variable_and_the_accepted_values() {
+        let long_node_id = "n".repeat(65);
         for (var, value, expect) in [
             ("WSGATE_LISTEN", "nowhere", "socket address"),
             ("WSGATE_MAX_MESSAGE_BYTES", "0", "greater than 0"),
@@ -813,12 +880,34 @@ mod tests {
                 "greater than 0",
             ),
             ("WSGATE_TRUSTED_PROXIES", "10.0.0.0/8,proxy", "CIDR"),
+            ("WSGATE_NODE_ID", "web 1", "A-Z a-z 0-9"),
+            ("WSGATE_NODE_ID", long_node_id.as_str(), "1 to 64"),
+            ("WSGATE_IDEMPOTENCY_TTL_MS", "0", "greater than 0"),
         ] {
             let err = vars(&[(var, value)]).unwrap_err().to_string();
             assert!(err.starts_with(var), "{err}");
             assert!(err.contains(expect), "{err}");
             assert!(!err.contains('\n'), "{err}");
         }
+    }
+
+    #[test]
+    fn node_id_and_idempotency_ttl() {
+        let d = vars(&[]).unwrap();
+        assert!(valid_node_id(&d.node_id), "{}", d.node_id);
+        assert!(
+            d.node_id.ends_with(&format!("-{}", std::process::id())) || d.node_id.len() == 16,
+            "{}",
+            d.node_id
+        );
+        assert_eq!(d.idempotency_ttl, Duration::from_secs(300));
+        let c = vars(&[
+            ("WSGATE_NODE_ID", "web-1.eu_west"),
+            ("WSGATE_IDEMPOTENCY_TTL_MS", "1500"),
+        ])
+        .unwrap();
+        assert_eq!(c.node_id, "web-1.eu_west");
+        assert_eq!(c.idempotency_ttl, Duration::from_millis(1500));
     }
 
     #[test]

@@ -35,6 +35,7 @@ use warp::{Filter, Rejection};
 use crate::acl::Acl;
 use crate::auth::{self, AuthError, Identity, Verifier};
 use crate::authz::Authz;
+use crate::broker::Publication;
 use crate::config::Config;
 use crate::forwarded;
 use crate::hub::Hub;
@@ -495,12 +496,24 @@ fn too_many(app: &App, client_ip: IpAddr, refusal: IpRefusal) -> warp::reply::Re
     res
 }
 
+/// Longest `idempotency_key`, in bytes.
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+/// What a malformed publish body is told it should look like.
+const PUBLISH_USAGE: &str = r#"expected {"channel": string, "payload": any JSON} (or "payload_text": string instead of "payload"; optional "idempotency_key": string), or {"messages": [such objects, ...]}"#;
+
 /// One message of a publish request.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishOne {
     channel: String,
-    payload: Box<RawValue>,
+    // `null` is a payload like any other: only a missing field is `None`.
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
+    payload_text: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    idempotency_key: Option<String>,
 }
 
 /// The body of `POST /publish`: one message, or a batch. (A flat struct
@@ -510,15 +523,21 @@ struct PublishOne {
 #[serde(deny_unknown_fields)]
 struct PublishBody {
     channel: Option<String>,
-    // `null` is a payload like any other: only a missing field is `None`.
     #[serde(default, deserialize_with = "present")]
     payload: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
+    payload_text: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    idempotency_key: Option<String>,
     messages: Option<Vec<PublishOne>>,
 }
 
-/// Deserialises a field that is present, whatever its value (even `null`).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(d).map(Some)
+/// Deserialises a field that is present, whatever its value: `payload: null`
+/// is a payload, and `payload_text: null` is an error (not a missing field).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 async fn publish(app: Arc<App>, body: Bytes) -> warp::reply::Response {
@@ -530,54 +549,125 @@ async fn publish(app: Arc<App>, body: Bytes) -> warp::reply::Response {
             &format!("body larger than {limit} bytes"),
         );
     }
-    let parsed = serde_json::from_slice::<PublishBody>(&body).ok();
-    let (messages, batch) = match parsed.map(|b| (b.channel, b.payload, b.messages)) {
-        Some((Some(channel), Some(payload), None)) => {
-            (vec![PublishOne { channel, payload }], false)
-        }
-        Some((None, None, Some(messages))) if !messages.is_empty() => (messages, true),
-        _ => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                r#"expected {"channel": string, "payload": any} or {"messages": [{"channel": string, "payload": any}, ...]}"#,
-            );
-        }
+    let (messages, batch) = match parse_publish(&app.config, &body) {
+        Ok(parsed) => parsed,
+        Err(error) => return json_error(StatusCode::BAD_REQUEST, &error),
     };
-    let mut prepared = Vec::with_capacity(messages.len());
-    for m in messages {
-        if m.channel.is_empty() || m.channel.len() > app.config.max_pattern_bytes.get() {
-            let max = app.config.max_pattern_bytes.get();
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                &format!("channel must be 1 to {max} bytes"),
-            );
-        }
-        prepared.push((Bytes::from(m.channel), payload_bytes(&m.payload)));
-    }
-    let mut receivers = Vec::with_capacity(prepared.len());
-    for (channel, payload) in prepared {
-        match app.hub.publish(channel, payload).await {
-            Ok(n) => receivers.push(n),
-            Err(e) => {
-                let body =
-                    serde_json::json!({ "error": e.to_string(), "published": receivers.len() });
-                return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
-            }
-        }
-    }
-    let body = if batch {
-        serde_json::json!({ "receivers": receivers })
+    let results = if batch {
+        app.hub.publish_batch(messages).await
     } else {
-        serde_json::json!({ "receivers": receivers.first() })
+        let mut messages = messages;
+        match messages.pop() {
+            Some(message) => vec![app.hub.publish(message).await],
+            None => Vec::new(),
+        }
     };
-    json(StatusCode::OK, body.to_string())
+    let receivers: Vec<Option<u64>> = results.iter().map(|r| r.as_ref().ok().copied()).collect();
+    let failed = results
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| r.as_ref().err().map(|e| (i, e)));
+    let Some((index, first)) = failed else {
+        let body = if batch {
+            serde_json::json!({ "receivers": receivers })
+        } else {
+            serde_json::json!({ "receivers": receivers.first().copied().flatten() })
+        };
+        return json(StatusCode::OK, body.to_string());
+    };
+    // Anything not confirmed: say what was published, and whether what was
+    // not may have been anyway (then only a retry with the same
+    // idempotency_key is safe).
+    let published = receivers.iter().filter(|r| r.is_some()).count();
+    let maybe = results
+        .iter()
+        .any(|r| r.as_ref().is_err_and(|e| e.maybe_published()));
+    let body = if batch {
+        serde_json::json!({
+            "error": format!("messages[{index}]: {first}"),
+            "receivers": receivers,
+            "published": published,
+            "maybe_published": maybe,
+        })
+    } else {
+        serde_json::json!({
+            "error": first.to_string(),
+            "published": published,
+            "maybe_published": maybe,
+        })
+    };
+    json(StatusCode::SERVICE_UNAVAILABLE, body.to_string())
 }
 
-/// A JSON string payload is published as its text; anything else as the JSON
-/// text the client sent (byte for byte, key order kept).
-fn payload_bytes(raw: &RawValue) -> Bytes {
-    match serde_json::from_str::<String>(raw.get()) {
-        Ok(text) => Bytes::from(text),
-        Err(_) => Bytes::copy_from_slice(raw.get().as_bytes()),
+/// The messages of a publish body (and whether it was the batch form), or a
+/// reason to refuse it. Nothing is published unless every message is valid.
+fn parse_publish(config: &Config, body: &[u8]) -> Result<(Vec<Publication>, bool), String> {
+    let parsed = serde_json::from_slice::<PublishBody>(body)
+        .map_err(|e| format!("invalid publish body ({e}): {PUBLISH_USAGE}"))?;
+    match parsed {
+        PublishBody {
+            channel: Some(channel),
+            payload,
+            payload_text,
+            idempotency_key,
+            messages: None,
+        } => {
+            let one = PublishOne {
+                channel,
+                payload,
+                payload_text,
+                idempotency_key,
+            };
+            Ok((vec![publication(config, one)?], false))
+        }
+        PublishBody {
+            channel: None,
+            payload: None,
+            payload_text: None,
+            idempotency_key: None,
+            messages: Some(messages),
+        } => {
+            if messages.is_empty() {
+                return Err(r#""messages" must not be empty"#.to_owned());
+            }
+            let all = messages
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| publication(config, m).map_err(|e| format!("messages[{i}]: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((all, true))
+        }
+        _ => Err(PUBLISH_USAGE.to_owned()),
     }
+}
+
+/// One validated message. `payload` is published as the JSON text sent, byte
+/// for byte (a string with its quotes: every subscriber gets back the value
+/// that was published); `payload_text` as its raw text.
+fn publication(config: &Config, m: PublishOne) -> Result<Publication, String> {
+    let max = config.max_pattern_bytes.get();
+    if m.channel.is_empty() || m.channel.len() > max {
+        return Err(format!("channel must be 1 to {max} bytes"));
+    }
+    let payload = match (m.payload, m.payload_text) {
+        (Some(raw), None) => Bytes::copy_from_slice(raw.get().as_bytes()),
+        (None, Some(text)) => Bytes::from(text),
+        (Some(_), Some(_)) => {
+            return Err(r#"give either "payload" or "payload_text", not both"#.to_owned())
+        }
+        (None, None) => return Err(r#"missing "payload" (or "payload_text")"#.to_owned()),
+    };
+    let idempotency_key = match m.idempotency_key {
+        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES => {
+            return Err(format!(
+                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+            ))
+        }
+        k => k.map(Bytes::from),
+    };
+    Ok(Publication {
+        channel: Bytes::from(m.channel),
+        payload,
+        idempotency_key,
+    })
 }

@@ -16,12 +16,14 @@
 //! is in that client's stream.
 //!
 //! Deliveries are pushed with [`Outbox::push_live`], which checks the
-//! subscription's live flag under the queue's lock: a session that clears the
-//! flag and then queues its unsubscribe reply can never see a delivery of that
-//! topic after the reply, whatever the dispatcher was doing meanwhile.
+//! subscription's start mark under the queue's lock: a session that stops the
+//! subscription and then queues its unsubscribe reply can never see a delivery
+//! of that topic after the reply, whatever the dispatcher was doing meanwhile,
+//! and a subscription started after its reply receives only messages the node
+//! received after that.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -112,11 +114,13 @@ impl Outbox {
         self.push_locked(inner, frame)
     }
 
-    /// Queues a delivery, unless `live` is false when the queue's lock is held
-    /// (the subscription ended, or has not started yet): see the module docs.
-    pub fn push_live(&self, frame: Frame, live: &AtomicBool) -> Pushed {
+    /// Queues delivery number `seq` unless, when the queue's lock is held,
+    /// the subscription's `since` says it is not for it (not started, ended,
+    /// or started after the node received this message): see the module docs.
+    /// Gap notices pass `seq` [`u64::MAX`] - 1: for any live subscription.
+    pub fn push_live(&self, frame: Frame, since: &AtomicU64, seq: u64) -> Pushed {
         let inner = self.lock();
-        if !live.load(Ordering::Acquire) {
+        if seq <= since.load(Ordering::Acquire) {
             return Pushed::Refused;
         }
         self.push_locked(inner, frame)
@@ -245,10 +249,15 @@ mod tests {
     #[test]
     fn a_dead_subscription_gets_nothing() {
         let out = Outbox::new(10);
-        let live = AtomicBool::new(false);
-        assert_eq!(out.push_live(frame(1), &live), Pushed::Refused);
-        live.store(true, Ordering::Release);
-        assert_eq!(out.push_live(frame(1), &live), Pushed::Queued);
+        let since = AtomicU64::new(u64::MAX);
+        assert_eq!(out.push_live(frame(1), &since, 5), Pushed::Refused);
+        since.store(5, Ordering::Release);
+        assert_eq!(
+            out.push_live(frame(1), &since, 5),
+            Pushed::Refused,
+            "received before the start"
+        );
+        assert_eq!(out.push_live(frame(1), &since, 6), Pushed::Queued);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisConfigError, RedisOptions};
-use crate::broker::{Broker, EVENT_CAPACITY};
+use crate::broker::{Broker, EventSink, EVENT_CAPACITY};
 use crate::config::Config;
 use crate::http::{self, App};
 use crate::hub::{Hub, HubOptions};
@@ -73,13 +73,16 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let metrics = Metrics::new();
     let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
+    let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let events_tx = EventSink::new(events_tx, metrics.clone(), queued.clone());
     let broker: Arc<dyn Broker> = match &config.redis_url {
         Some(url) => {
             let options = RedisOptions {
                 probe_interval: config.redis_probe_interval,
                 probe_timeout: config.redis_probe_timeout,
                 backoff_max: config.redis_backoff_max,
-                client_name: Some("wsgate:pubsub".to_owned()),
+                node_id: config.node_id.clone(),
+                idempotency_ttl: config.idempotency_ttl,
             };
             Arc::new(RedisBroker::start(
                 url,
@@ -88,7 +91,11 @@ pub async fn run(
                 options,
             )?)
         }
-        None => Arc::new(MemoryBroker::new(events_tx, metrics.clone())),
+        None => Arc::new(MemoryBroker::new(
+            events_tx,
+            metrics.clone(),
+            config.idempotency_ttl,
+        )),
     };
     info!(addr = %listener.local_addr()?, broker = broker.name(), "listening");
     let hub_options = HubOptions {
@@ -97,7 +104,7 @@ pub async fn run(
             .get()
             .min(config.client_queue_bytes.get()),
     };
-    let hub = Hub::start(broker, events_rx, metrics.clone(), hub_options);
+    let hub = Hub::start(broker, events_rx, queued, metrics.clone(), hub_options);
     let app = Arc::new(App::new(hub.clone(), metrics, config));
 
     let mut accepting = Box::pin(accept_loop(&listener, &app));

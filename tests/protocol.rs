@@ -97,13 +97,7 @@ impl Env {
             None => {
                 let items: Vec<String> = messages
                     .iter()
-                    .map(|(c, p)| {
-                        format!(
-                            r#"{{"channel":{},"payload":{}}}"#,
-                            json!(c),
-                            http_payload(p)
-                        )
-                    })
+                    .map(|(c, p)| format!(r#"{{"channel":{},{}}}"#, json!(c), http_payload(p)))
                     .collect();
                 let (body, single) = if items.len() == 1 {
                     (items[0].clone(), true)
@@ -152,18 +146,17 @@ impl Env {
     }
 }
 
-/// How `text` is written as the `payload` of an HTTP publish so that the
-/// gateway publishes exactly `text`: a JSON value other than a string is sent
-/// as is (the gateway publishes the JSON text byte for byte), anything else
-/// (plain text, a JSON string literal, the empty string) as a JSON string
-/// holding `text` (the gateway publishes a string's raw contents).
+/// The field of an HTTP publish that makes the gateway publish exactly
+/// `text`: JSON text (a string literal included) goes in `payload` as is (the
+/// gateway publishes a payload's JSON text byte for byte), anything else
+/// (plain text, the empty string) in `payload_text` as a JSON string (the
+/// gateway publishes its raw contents).
 fn http_payload(text: &str) -> String {
-    let raw_json = text.trim() == text
-        && matches!(serde_json::from_str::<Value>(text), Ok(v) if !v.is_string());
+    let raw_json = text.trim() == text && serde_json::from_str::<Value>(text).is_ok();
     if raw_json {
-        text.to_owned()
+        format!(r#""payload":{text}"#)
     } else {
-        Value::String(text.to_owned()).to_string()
+        format!(r#""payload_text":{}"#, Value::String(text.to_owned()))
     }
 }
 
@@ -950,11 +943,21 @@ async fn http_publish(b: Backend) {
         delivery(Some("h.*"), "h.one", object.clone())
     );
 
-    // A string is published as its text: a string holding JSON text therefore
-    // arrives as that JSON (documented in the README).
+    // A string payload is published as its JSON text, quotes included: a
+    // string holding JSON text arrives as that string (docs/protocol.md);
+    // `payload_text` publishes raw text, which is JSON here.
     let r = env
         .gw
         .publish(json!({"channel":"h.two","payload":"{\"a\":1}"}))
+        .await;
+    assert_eq!(r, (200, json!({"receivers":1})));
+    assert_eq!(
+        all.recv().await,
+        delivery(Some("h.*"), "h.two", json!("{\"a\":1}"))
+    );
+    let r = env
+        .gw
+        .publish(json!({"channel":"h.two","payload_text":"{\"a\":1}"}))
         .await;
     assert_eq!(r, (200, json!({"receivers":1})));
     assert_eq!(
@@ -1022,6 +1025,13 @@ async fn http_publish(b: Backend) {
         r#"{"channel":"h.one","payload":1,"messages":[{"channel":"h.one","payload":1}]}"#,
         r#"{"messages":[{"channel":"h.one","payload":"partial"},{"channel":"","payload":2}]}"#,
         r#"{"channel":"h.one","payload":1} trailing"#,
+        r#"{"channel":"h.one","payload":1,"payload_text":"1"}"#,
+        r#"{"channel":"h.one","payload_text":1}"#,
+        r#"{"channel":"h.one","payload_text":null}"#,
+        r#"{"channel":"h.one","payload":1,"idempotency_key":""}"#,
+        r#"{"channel":"h.one","payload":1,"idempotency_key":7}"#,
+        r#"{"idempotency_key":"k","messages":[{"channel":"h.one","payload":1}]}"#,
+        r#"{"messages":[{"channel":"h.one","payload":1},{"channel":"h.one","payload":2,"payload_text":"2"}]}"#,
     ] {
         let (status, text) = env.post_publish(body).await;
         assert_eq!(status, 400, "{body:?}: {text}");

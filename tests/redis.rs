@@ -813,7 +813,10 @@ async fn redis_loss_and_return() {
     let took = t.elapsed();
     assert_eq!(
         (status, body),
-        (503, json!({"error":"broker unavailable","published":0}))
+        (
+            503,
+            json!({"error":"broker unavailable","published":0,"maybe_published":false})
+        )
     );
     assert!(
         took < Duration::from_secs(5),

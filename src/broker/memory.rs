@@ -5,20 +5,32 @@
 //! publish, matches the channel exactly as Redis would (see [`crate::pattern`]),
 //! reporting one [`BrokerMessage`] per matching subscription. It serves one node
 //! only: there is nothing to share between processes.
+//!
+//! Idempotency keys live in a map bounded in time (the TTL) and in entries
+//! ([`MAX_IDEMPOTENCY_KEYS`], oldest evicted first), the in-process
+//! counterpart of the keys the Redis broker keeps in Redis.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::{self, BoxFuture, FutureExt};
-use tokio::sync::mpsc;
 
-use super::{Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, Topic};
+use super::{
+    Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, Publication,
+    PublishError, Topic,
+};
 use crate::metrics::Metrics;
 use crate::pattern;
 
 /// The embedded broker never reconnects: it has one generation.
 const GENERATION: u64 = 1;
+
+/// Most idempotency keys remembered at once. When full, the oldest key is
+/// forgotten before its TTL (a retry with it would publish again): at most
+/// channel + key bytes (512 by the HTTP limits) plus ~100 bytes each.
+pub const MAX_IDEMPOTENCY_KEYS: usize = 65_536;
 
 /// In-process broker; see the module docs.
 pub struct MemoryBroker {
@@ -28,6 +40,56 @@ pub struct MemoryBroker {
     /// Behind its own mutex because publishes arrive from many HTTP tasks;
     /// held only for non-blocking `try_send`s.
     events: Mutex<EventSink>,
+    /// Recent idempotency keys. Held across a whole publish (check, deliver,
+    /// remember) so two publishes with the same key cannot both go out; never
+    /// across an await.
+    idempotency: Mutex<Idempotency>,
+}
+
+/// Idempotency keys (per channel) seen within the TTL, with the receiver
+/// count of their first publish.
+struct Idempotency {
+    ttl: Duration,
+    max: usize,
+    results: HashMap<(Bytes, Bytes), u64>,
+    /// Insertion order, which is also expiry order (one TTL for all); each
+    /// key of `results` appears here exactly once.
+    order: VecDeque<(Instant, (Bytes, Bytes))>,
+}
+
+impl Idempotency {
+    fn new(ttl: Duration, max: usize) -> Idempotency {
+        Idempotency {
+            ttl,
+            max,
+            results: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// The first result for `key`, if it is still remembered at `now`.
+    fn get(&mut self, key: &(Bytes, Bytes), now: Instant) -> Option<u64> {
+        while let Some((expires, _)) = self.order.front() {
+            if *expires > now {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
+                self.results.remove(&old);
+            }
+        }
+        self.results.get(key).copied()
+    }
+
+    /// Remembers `key` (not present: [`Idempotency::get`] just said so).
+    fn insert(&mut self, key: (Bytes, Bytes), receivers: u64, now: Instant) {
+        while self.order.len() >= self.max {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.results.remove(&old);
+            }
+        }
+        self.results.insert(key.clone(), receivers);
+        self.order.push_back((now + self.ttl, key));
+    }
 }
 
 #[derive(Default)]
@@ -37,17 +99,19 @@ struct Subscriptions {
 }
 
 impl MemoryBroker {
-    /// Creates the broker and reports it up at once: there is no connection to wait for.
-    pub fn new(events: mpsc::Sender<BrokerEvent>, metrics: Metrics) -> MemoryBroker {
+    /// Creates the broker and reports it up at once: there is no connection to
+    /// wait for. Idempotency keys are remembered for `idempotency_ttl`.
+    pub fn new(mut events: EventSink, metrics: Metrics, idempotency_ttl: Duration) -> MemoryBroker {
         // The channel is new and empty, so this cannot find it full; if the
         // receiver is already gone there is nobody to tell.
-        let _ = events.try_send(BrokerEvent::Up {
+        let _ = events.try_state(BrokerEvent::Up {
             generation: GENERATION,
         });
         metrics.broker_up.set(1);
         MemoryBroker {
             subscriptions: Mutex::new(Subscriptions::default()),
-            events: Mutex::new(EventSink::new(events, metrics)),
+            events: Mutex::new(events),
+            idempotency: Mutex::new(Idempotency::new(idempotency_ttl, MAX_IDEMPOTENCY_KEYS)),
         }
     }
 
@@ -55,6 +119,23 @@ impl MemoryBroker {
         // A panic while holding this lock cannot leave the sets half-updated in
         // a way that matters (each operation is one insert/remove), so recover.
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands one message to every matching subscription; returns how many.
+    fn deliver(&self, channel: Bytes, payload: Bytes) -> u64 {
+        let topics = self.matching(&channel);
+        let receivers = topics.len() as u64;
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        for topic in topics {
+            let msg = BrokerMessage {
+                topic,
+                channel: channel.clone(),
+                payload: payload.clone(),
+            };
+            // Only fails when the hub is gone (shutting down): nobody to deliver to.
+            let _ = events.message(msg);
+        }
+        receivers
     }
 
     /// Every subscription `channel` reaches, as Redis would report them.
@@ -95,28 +176,77 @@ impl Broker for MemoryBroker {
         future::ready(Ok(Applied::default())).boxed()
     }
 
-    fn publish(
+    fn publish_batch(
         &self,
-        channel: Bytes,
-        payload: Bytes,
-    ) -> BoxFuture<'static, Result<u64, BrokerError>> {
-        let topics = self.matching(&channel);
-        let receivers = topics.len() as u64;
-        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        for topic in topics {
-            let msg = BrokerMessage {
-                topic,
-                channel: channel.clone(),
-                payload: payload.clone(),
-            };
-            // Only fails when the hub is gone (shutting down): nobody to deliver to.
-            let _ = events.message(msg);
-        }
-        drop(events);
-        future::ready(Ok(receivers)).boxed()
+        messages: Vec<Publication>,
+    ) -> BoxFuture<'static, Vec<Result<u64, PublishError>>> {
+        let mut idempotency = self.idempotency.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let results = messages
+            .into_iter()
+            .map(|m| {
+                let Some(key) = m.idempotency_key else {
+                    return Ok(self.deliver(m.channel, m.payload));
+                };
+                let key = (m.channel, key);
+                if let Some(first) = idempotency.get(&key, now) {
+                    return Ok(first);
+                }
+                let receivers = self.deliver(key.0.clone(), m.payload);
+                idempotency.insert(key, receivers, now);
+                Ok(receivers)
+            })
+            .collect();
+        drop(idempotency);
+        future::ready(results).boxed()
     }
 
     fn name(&self) -> &'static str {
         "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &'static str) -> (Bytes, Bytes) {
+        (Bytes::from_static(b"c"), Bytes::from_static(k.as_bytes()))
+    }
+
+    #[test]
+    fn idempotency_keys_expire_after_the_ttl() {
+        let ttl = Duration::from_secs(10);
+        let mut map = Idempotency::new(ttl, 100);
+        let t0 = Instant::now();
+        assert_eq!(map.get(&key("a"), t0), None);
+        map.insert(key("a"), 3, t0);
+        assert_eq!(map.get(&key("a"), t0 + ttl / 2), Some(3));
+        // Another channel, same key: another entry.
+        assert_eq!(
+            map.get(&(Bytes::from_static(b"d"), Bytes::from_static(b"a")), t0),
+            None
+        );
+        assert_eq!(map.get(&key("a"), t0 + ttl), None);
+        assert!(map.results.is_empty() && map.order.is_empty());
+        // Reinserted after expiry: remembered again, once.
+        map.insert(key("a"), 4, t0 + ttl);
+        assert_eq!(map.get(&key("a"), t0 + ttl), Some(4));
+        assert_eq!(map.order.len(), 1);
+    }
+
+    #[test]
+    fn idempotency_keys_are_bounded_in_number_oldest_first() {
+        let mut map = Idempotency::new(Duration::from_secs(60), 3);
+        let t0 = Instant::now();
+        for (i, k) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            assert_eq!(map.get(&key(k), t0), None);
+            map.insert(key(k), i as u64, t0);
+        }
+        assert_eq!(map.results.len(), 3);
+        assert_eq!(map.order.len(), 3);
+        assert_eq!(map.get(&key("a"), t0), None, "the oldest was evicted");
+        assert_eq!(map.get(&key("b"), t0), Some(1));
+        assert_eq!(map.get(&key("d"), t0), Some(3));
     }
 }

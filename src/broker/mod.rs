@@ -9,9 +9,11 @@
 //! no Redis).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
@@ -90,6 +92,11 @@ pub enum BrokerEvent {
 /// fits, so no loss is silent. State events wait for room.
 pub struct EventSink {
     tx: mpsc::Sender<BrokerEvent>,
+    /// Messages handed over so far (dropped ones excluded), shared with the
+    /// hub: a subscription started when this read `n` receives only messages
+    /// the dispatcher dequeues after its `n`-th, i.e. those that reached the
+    /// node after the subscribe reply was queued.
+    queued: Arc<AtomicU64>,
     /// Topics that lost messages since the last `Gap` was sent; `None` once
     /// more than [`MAX_GAP_TOPICS`] distinct ones (then: all).
     dropped: Option<HashSet<Topic>>,
@@ -106,10 +113,16 @@ const MAX_GAP_TOPICS: usize = 4096;
 pub struct HubGone;
 
 impl EventSink {
-    /// Wraps the sending side of the hub's event channel.
-    pub fn new(tx: mpsc::Sender<BrokerEvent>, metrics: Metrics) -> EventSink {
+    /// Wraps the sending side of the hub's event channel; `queued` counts
+    /// the messages handed over (see the field's docs).
+    pub fn new(
+        tx: mpsc::Sender<BrokerEvent>,
+        metrics: Metrics,
+        queued: Arc<AtomicU64>,
+    ) -> EventSink {
         EventSink {
             tx,
+            queued,
             dropped: Some(HashSet::new()),
             pending_gap: false,
             metrics,
@@ -126,7 +139,10 @@ impl EventSink {
             return Ok(());
         }
         match self.tx.try_send(BrokerEvent::Message(msg)) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::Release);
+                Ok(())
+            }
             Err(mpsc::error::TrySendError::Full(BrokerEvent::Message(msg))) => {
                 self.drop_message(msg.topic);
                 Ok(())
@@ -166,6 +182,12 @@ impl EventSink {
             Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(HubGone),
         }
+    }
+
+    /// Sends a state event without waiting (a fresh channel has room); `false`
+    /// if it could not be sent.
+    pub fn try_state(&mut self, event: BrokerEvent) -> bool {
+        self.tx.try_send(event).is_ok()
     }
 
     /// Sends a state event, waiting for room. `Down` supersedes any pending
@@ -223,6 +245,48 @@ pub enum BrokerError {
     Refused(String),
 }
 
+/// One message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    /// The channel it is published to.
+    pub channel: Bytes,
+    /// The bytes subscribers receive, untouched.
+    pub payload: Bytes,
+    /// With a key, a publication on the same channel with the same key within
+    /// `WSGATE_IDEMPOTENCY_TTL_MS` of the first is not published again and
+    /// returns the first one's receiver count, so a client may retry a
+    /// publish whose outcome it does not know.
+    pub idempotency_key: Option<Bytes>,
+}
+
+/// Why a publication was not confirmed. The HTTP API tells the caller which
+/// of these may nevertheless have reached subscribers
+/// ([`PublishError::maybe_published`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// Nothing was sent: surely not published.
+    #[error("broker unavailable")]
+    Unavailable,
+    /// The connection failed after the message was sent: it may have been
+    /// published (Redis may have run it and lost only the reply).
+    #[error("broker connection lost after the message was sent: it may have been published")]
+    Lost,
+    /// Sent, but no reply came within the timeout: it may have been published.
+    #[error("broker did not answer in time: the message may have been published")]
+    TimedOut,
+    /// The broker answered with an error: not published.
+    #[error("broker refused the message: {0}")]
+    Refused(String),
+}
+
+impl PublishError {
+    /// True when the message may have reached subscribers although it was not
+    /// confirmed: retry it only with an idempotency key.
+    pub fn maybe_published(&self) -> bool {
+        matches!(self, PublishError::Lost | PublishError::TimedOut)
+    }
+}
+
 /// A node's link to the message broker.
 ///
 /// Object-safe so the server picks the implementation at start-up; the futures
@@ -242,11 +306,26 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Publishes one message; returns how many subscriptions (across all nodes)
     /// received it, as Redis's `PUBLISH` does.
-    fn publish(
+    fn publish(&self, message: Publication) -> BoxFuture<'static, Result<u64, PublishError>> {
+        let batch = self.publish_batch(vec![message]);
+        async move {
+            batch
+                .await
+                .into_iter()
+                .next()
+                .unwrap_or(Err(PublishError::Unavailable))
+        }
+        .boxed()
+    }
+
+    /// Publishes `messages` in order, in one round trip where the broker can
+    /// (Redis: one pipeline); returns one result per message, in the same
+    /// order. Only what surely did not reach the broker is retried, so no
+    /// message is published twice by the gateway itself.
+    fn publish_batch(
         &self,
-        channel: Bytes,
-        payload: Bytes,
-    ) -> BoxFuture<'static, Result<u64, BrokerError>>;
+        messages: Vec<Publication>,
+    ) -> BoxFuture<'static, Vec<Result<u64, PublishError>>>;
 
     /// A short name for logs and metrics: `redis` or `memory`.
     fn name(&self) -> &'static str;

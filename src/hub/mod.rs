@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::{Dialect, Frame, Notice, NoticeKind};
 use registry::Registry;
-pub use registry::{Confirmation, Joined, LinkState, Member, Removed, Sub};
+pub use registry::{Confirmation, Joined, LinkState, Member, Removed, Sub, NOT_LIVE};
 
 /// Pause after a failed broker apply before trying again, so that a broker
 /// that refuses at once (disconnected) does not spin the reconciler; the
@@ -40,6 +40,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Most broker events the dispatcher takes per wake-up: amortises the channel
 /// and lock costs over a burst while keeping each step short.
 const DISPATCH_BATCH: usize = 256;
+
+/// The `seq` of a gap notice: for every live subscription.
+const ANY: u64 = NOT_LIVE - 1;
 
 /// Reason given to subscribers of a message too large to deliver.
 pub const TOO_LARGE: &str = "message too large";
@@ -79,6 +82,10 @@ struct Shared {
     /// Flips to `true` once, when the hub closes; both tasks watch it.
     closing: watch::Sender<bool>,
     next_member: AtomicU64,
+    /// Messages the broker has queued to the dispatcher (see [`Sub`]).
+    queued: Arc<AtomicU64>,
+    /// Messages the dispatcher has taken, in the same order.
+    dispatched: AtomicU64,
     /// Longest registry lock hold seen, in nanoseconds.
     longest_hold: AtomicU64,
     metrics: Metrics,
@@ -124,10 +131,13 @@ impl Drop for Locked<'_> {
 
 impl Hub {
     /// Starts the hub's reconciler and dispatcher over `broker`, whose events
-    /// arrive on `events`. Both tasks end on [`Hub::close`].
+    /// arrive on `events`; `queued` is the broker's count of messages queued
+    /// there (from its [`crate::broker::EventSink`]). Both tasks end on
+    /// [`Hub::close`].
     pub fn start(
         broker: Arc<dyn Broker>,
         events: mpsc::Receiver<BrokerEvent>,
+        queued: Arc<AtomicU64>,
         metrics: Metrics,
         options: HubOptions,
     ) -> Hub {
@@ -138,6 +148,8 @@ impl Hub {
             dirty: Notify::new(),
             closing: watch::Sender::new(false),
             next_member: AtomicU64::new(1),
+            queued,
+            dispatched: AtomicU64::new(0),
             longest_hold: AtomicU64::new(0),
             metrics,
             options,
@@ -170,7 +182,7 @@ impl Hub {
     /// waits, then calls [`Hub::activate`].
     pub fn subscribe(&self, member: &Arc<Member>, topic: Topic) -> Joined {
         let kind = topic.kind();
-        let sub = Sub::new(member.clone());
+        let sub = Sub::new(member.clone(), self.shared.queued.clone());
         let joined = {
             let mut registry = self.shared.lock();
             let joined = registry.subscribe(sub, topic);
@@ -191,7 +203,7 @@ impl Hub {
     /// A pending subscribe was confirmed: become active (or wait again if the
     /// link dropped meanwhile). `None` if it is no longer waiting.
     pub fn activate(&self, member: &Arc<Member>, topic: &Topic) -> Option<Joined> {
-        let sub = Sub::new(member.clone());
+        let sub = Sub::new(member.clone(), self.shared.queued.clone());
         let joined = {
             let mut registry = self.shared.lock();
             let joined = registry.activate(sub, topic);
@@ -247,10 +259,17 @@ impl Hub {
     /// Publishes through the broker; returns the receiver count it reports.
     pub async fn publish(
         &self,
-        channel: bytes::Bytes,
-        payload: bytes::Bytes,
-    ) -> Result<u64, crate::broker::BrokerError> {
-        self.shared.broker.publish(channel, payload).await
+        message: crate::broker::Publication,
+    ) -> Result<u64, crate::broker::PublishError> {
+        self.shared.broker.publish(message).await
+    }
+
+    /// Publishes in order, in one broker round trip; one result per message.
+    pub async fn publish_batch(
+        &self,
+        messages: Vec<crate::broker::Publication>,
+    ) -> Vec<Result<u64, crate::broker::PublishError>> {
+        self.shared.broker.publish_batch(messages).await
     }
 
     /// Broker connected and every wanted topic confirmed since: `/readyz`.
@@ -325,7 +344,7 @@ impl Shared {
         for sub in subs {
             let frame = rendered.get(sub, |d| d.notice(&notice));
             self.metrics.gap_notices.inc();
-            if sub.member.outbox.push_live(frame, sub.live()) == Pushed::Overflowed {
+            if sub.member.outbox.push_live(frame, sub.since(), ANY) == Pushed::Overflowed {
                 self.metrics.slow_consumer_closes.inc();
             }
         }
@@ -404,7 +423,7 @@ impl Shared {
                     reason: why,
                 });
                 self.metrics.gap_notices.inc();
-                if sub.member.outbox.push_live(frame, sub.live()) == Pushed::Overflowed {
+                if sub.member.outbox.push_live(frame, sub.since(), ANY) == Pushed::Overflowed {
                     self.metrics.slow_consumer_closes.inc();
                 }
             }
@@ -415,6 +434,8 @@ impl Shared {
     /// outbox. A frame over the delivery limit goes to nobody; its
     /// subscribers are told instead.
     fn deliver(&self, msg: &BrokerMessage) {
+        // This message's number in the broker's queue order (see [`Sub`]).
+        let seq = self.dispatched.fetch_add(1, Ordering::Relaxed) + 1;
         let Some(subs) = self.lock().receivers(&msg.topic) else {
             return;
         };
@@ -427,7 +448,7 @@ impl Shared {
                 too_large = true;
                 continue;
             }
-            if sub.member.outbox.push_live(frame, sub.live()) == Pushed::Overflowed {
+            if sub.member.outbox.push_live(frame, sub.since(), seq) == Pushed::Overflowed {
                 self.metrics.slow_consumer_closes.inc();
             }
         }

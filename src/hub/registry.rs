@@ -22,7 +22,7 @@
 //! reconnect has been answered, however much churn continues meanwhile.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,42 +44,54 @@ pub struct Member {
 
 /// One member's place in one topic: what the dispatcher iterates.
 ///
-/// `live` is set by the session once its subscribe reply is queued and
-/// cleared before its unsubscribe reply is queued; deliveries check it under
-/// the outbox lock ([`Outbox::push_live`]), which is what orders deliveries
-/// and replies exactly, without the registry lock.
+/// `since` says which messages it receives: none ([`NOT_LIVE`]) until the
+/// session has queued its subscribe reply, then every message the node
+/// received after that moment (the dispatcher numbers messages in the order
+/// the broker queued them), until it is stopped again before the unsubscribe
+/// reply is queued. Deliveries check it under the outbox lock
+/// ([`Outbox::push_live`]), which orders deliveries and replies exactly,
+/// without the registry lock.
 pub struct Sub {
     /// The subscriber.
     pub member: Arc<Member>,
     /// Members with the same key share one rendered frame per message.
     pub key: &'static str,
-    live: AtomicBool,
+    since: AtomicU64,
+    /// The broker's count of queued messages, read when starting.
+    queued: Arc<AtomicU64>,
 }
+
+/// `Sub::since` of a subscription that receives nothing.
+pub const NOT_LIVE: u64 = u64::MAX;
 
 impl Sub {
     /// A subscription that receives nothing until [`Sub::start`].
-    pub fn new(member: Arc<Member>) -> Arc<Sub> {
+    pub fn new(member: Arc<Member>, queued: Arc<AtomicU64>) -> Arc<Sub> {
         let key = member.dialect.name();
         Arc::new(Sub {
             member,
             key,
-            live: AtomicBool::new(false),
+            since: AtomicU64::new(NOT_LIVE),
+            queued,
         })
     }
 
-    /// Deliveries may flow (call after queuing the subscribe reply).
+    /// Deliveries may flow, for messages the node receives from now on (call
+    /// after queuing the subscribe reply).
     pub fn start(&self) {
-        self.live.store(true, Ordering::Release);
+        let now = self.queued.load(Ordering::Acquire);
+        self.since.store(now, Ordering::Release);
     }
 
     /// No delivery may follow (call before queuing the unsubscribe reply).
     pub fn stop(&self) {
-        self.live.store(false, Ordering::Release);
+        self.since.store(NOT_LIVE, Ordering::Release);
     }
 
-    /// The flag deliveries check.
-    pub fn live(&self) -> &AtomicBool {
-        &self.live
+    /// What deliveries check: message number `seq` is for this subscription
+    /// only if `seq > since`.
+    pub fn since(&self) -> &AtomicU64 {
+        &self.since
     }
 }
 
@@ -629,6 +641,10 @@ mod tests {
     use crate::protocol::native::Native;
     use bytes::Bytes;
 
+    fn new_sub(id: u64) -> Arc<Sub> {
+        Sub::new(member(id), Arc::default())
+    }
+
     fn member(id: u64) -> Arc<Member> {
         Arc::new(Member {
             id,
@@ -639,11 +655,11 @@ mod tests {
 
     fn held_channel(r: &mut Registry, t: &Topic) {
         r.broker_up(1);
-        let sub = Sub::new(member(0));
+        let sub = new_sub(0);
         let _ = r.subscribe(sub, t.clone());
         let step = r.take_changes(10);
         r.complete(1, &step.changes, Ok(Applied::default()));
-        assert!(r.activate(Sub::new(member(0)), t).is_some());
+        assert!(r.activate(new_sub(0), t).is_some());
     }
 
     /// Regression (issue 16, point 4): a join or leave used to rebuild and
@@ -657,7 +673,7 @@ mod tests {
         let before = Arc::as_ptr(&r.receivers(&t).unwrap_or_default());
         for id in 1..1000 {
             assert!(matches!(
-                r.subscribe(Sub::new(member(id)), t.clone()),
+                r.subscribe(new_sub(id), t.clone()),
                 Joined::Active(_)
             ));
         }
@@ -665,7 +681,7 @@ mod tests {
         assert_eq!(list.len(), 1000);
         assert_eq!(Arc::as_ptr(&list), before, "the list was rebuilt");
         // While the dispatcher holds `list`, a join copies it once.
-        r.subscribe(Sub::new(member(5000)), t.clone());
+        r.subscribe(new_sub(5000), t.clone());
         let after_one = Arc::as_ptr(&r.receivers(&t).unwrap_or_default());
         assert_ne!(after_one, before);
         drop(list);
@@ -692,7 +708,7 @@ mod tests {
             .map(|i| Topic::Channel(Bytes::from(format!("t{i}"))))
             .collect();
         for t in &topics {
-            let _ = r.subscribe(Sub::new(member(1)), t.clone());
+            let _ = r.subscribe(new_sub(1), t.clone());
         }
         r.broker_up(1);
         let mut churn = 100;
@@ -701,7 +717,7 @@ mod tests {
             // Steady churn: a new topic dirty before every step.
             churn += 1;
             let _ = r.subscribe(
-                Sub::new(member(churn)),
+                new_sub(churn),
                 Topic::Channel(Bytes::from(format!("churn{churn}"))),
             );
             let step = r.take_changes(4);
@@ -720,7 +736,7 @@ mod tests {
         let mut r = Registry::default();
         r.broker_up(1);
         let t = Topic::Channel(Bytes::from_static(b"secret"));
-        let Joined::Pending(mut conf) = r.subscribe(Sub::new(member(1)), t.clone()) else {
+        let Joined::Pending(mut conf) = r.subscribe(new_sub(1), t.clone()) else {
             panic!("expected pending");
         };
         let step = r.take_changes(10);

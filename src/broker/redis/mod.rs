@@ -11,24 +11,26 @@
 //!
 //! We speak RESP2 ourselves on this connection (see [`resp`]) rather than use
 //! redis-rs's pub/sub types: those either do not reconnect or buffer pushes in
-//! an unbounded channel, and they copy every payload. Publishing uses an
-//! ordinary redis-rs [`ConnectionManager`].
+//! an unbounded channel, and they copy every payload. Publishing has its own
+//! connection and task ([`publish`]), which knows whether a failed publish
+//! reached Redis.
 
+mod publish;
 mod resp;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::future::{BoxFuture, FutureExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
 use super::{
-    Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, HubGone, Topic,
+    Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, HubGone,
+    Publication, PublishError, Topic,
 };
 use crate::backoff::backoff;
 use crate::metrics::Metrics;
@@ -59,7 +61,7 @@ pub enum RedisConfigError {
     Unsupported,
 }
 
-/// Timing of the pub/sub connection (from [`crate::Config`]).
+/// Timing and naming of the node's Redis connections (from [`crate::Config`]).
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
     /// How often the connection is probed with PING.
@@ -69,15 +71,16 @@ pub struct RedisOptions {
     pub probe_timeout: Duration,
     /// Reconnect backoff cap (an outage costs at most this much extra).
     pub backoff_max: Duration,
-    /// `CLIENT SETNAME` for the pub/sub connection, so operators can find it
-    /// in `CLIENT LIST` (`wsgate:<node>:pubsub`).
-    pub client_name: Option<String>,
+    /// `WSGATE_NODE_ID`: connections are named `wsgate:<node_id>:<role>`.
+    pub node_id: String,
+    /// How long publish idempotency keys live in Redis.
+    pub idempotency_ttl: Duration,
 }
 
 /// Handle to the Redis broker actor; dropping every handle stops it.
 pub struct RedisBroker {
     requests: mpsc::Sender<Request>,
-    publisher: ConnectionManager,
+    publisher: publish::Publisher,
 }
 
 struct Request {
@@ -90,7 +93,7 @@ impl RedisBroker {
     /// Parses `url` and starts the pub/sub actor; it connects in the background.
     pub fn start(
         url: &str,
-        events: mpsc::Sender<BrokerEvent>,
+        events: EventSink,
         metrics: Metrics,
         options: RedisOptions,
     ) -> Result<RedisBroker, RedisConfigError> {
@@ -104,20 +107,22 @@ impl RedisBroker {
             let user = info.redis_settings().username().map(str::to_owned);
             (user, password.to_owned())
         });
-        let publisher = ConnectionManager::new_lazy_with_config(
-            client,
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(options.probe_timeout))
-                .set_response_timeout(Some(options.probe_timeout))
-                .set_number_of_retries(1),
-        )?;
+        let publisher = publish::Publisher::start(publish::Settings {
+            host: host.clone(),
+            port,
+            auth: auth.clone(),
+            db: info.redis_settings().db(),
+            client_name: format!("wsgate:{}:publish", options.node_id),
+            timeout: options.probe_timeout,
+            idempotency_ttl: options.idempotency_ttl,
+        });
         let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
         let actor = Actor {
             host,
             port,
             auth,
             requests: rx,
-            events: EventSink::new(events, metrics.clone()),
+            events,
             metrics,
             options,
         };
@@ -153,36 +158,12 @@ impl Broker for RedisBroker {
         .boxed()
     }
 
-    fn publish(
+    fn publish_batch(
         &self,
-        channel: Bytes,
-        payload: Bytes,
-    ) -> BoxFuture<'static, Result<u64, BrokerError>> {
-        let mut conn = self.publisher.clone();
-        async move {
-            // The connection manager notices a dead connection only when a
-            // command fails on it, then reconnects: one retry makes the first
-            // publish after an outage succeed instead of failing for nothing.
-            let mut last = None;
-            for _ in 0..2 {
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(&channel[..]).arg(&payload[..]);
-                match cmd.query_async::<u64>(&mut conn).await {
-                    Ok(n) => return Ok(n),
-                    // A timeout may have published already: never repeat it.
-                    Err(e) if e.is_timeout() => {
-                        last = Some(e);
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            if let Some(e) = last {
-                debug!(cause = %e, "publish failed");
-            }
-            Err(BrokerError::Unavailable)
-        }
-        .boxed()
+        messages: Vec<Publication>,
+    ) -> BoxFuture<'static, Vec<Result<u64, PublishError>>> {
+        let publisher = self.publisher.clone();
+        async move { publisher.publish(messages).await }.boxed()
     }
 
     fn name(&self) -> &'static str {
@@ -394,7 +375,7 @@ impl Actor {
     async fn connect(&mut self) -> Result<Option<TcpStream>, String> {
         let addr = (self.host.clone(), self.port);
         let auth = self.auth.clone();
-        let name = self.options.client_name.clone();
+        let name = Some(format!("wsgate:{}:pubsub", self.options.node_id));
         let attempt = async move {
             let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
             stream.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -676,6 +657,7 @@ fn encode_changes(out: &mut BytesMut, changes: &Changes) -> Vec<(Vec<Topic>, boo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn changes_become_batched_commands() {
