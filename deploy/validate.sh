@@ -87,7 +87,7 @@ echo "== tools"
 echo "kubernetes-validate $("$L/kubernetes-validate" --version)"
 "$L/check-jsonschema" --version
 "$C/docker-compose" version --short | sed 's/^/docker-compose /'
-haproxy -v | head -n 1
+haproxy -v | sed -n 1p  # sed reads it all: head would SIGPIPE haproxy under pipefail
 
 echo "== yamllint (strict)"
 "$L/yamllint" --strict docker-compose.yml deploy/k8s .yamllint.yaml
