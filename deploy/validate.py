@@ -10,11 +10,19 @@ deploy/validate.sh with the tools venv's Python (PyYAML comes with yamllint).
    (LB_RESOLVE is optional: used inside an .if defined() block).
 4. The Deployment's terminationGracePeriodSeconds covers the ConfigMap's drain
    window plus shutdown timeout, and compose's stop_grace_period does too.
+5. The Deployment sets enableServiceLinks: false (no WSGATE_SERVICE_* and
+   WSGATE_PORT* variables injected for the Service named wsgate), and its
+   readiness probe has failureThreshold > 1 (a Redis blip must not pull every
+   pod out of the Service at once).
+6. When deploy/haproxy.cfg adds X-Forwarded-For (option forwardfor), every
+   compose wsgate service sets WSGATE_TRUSTED_PROXIES, and HAProxy's fixed
+   address in compose is inside it.
 
 Usage: validate.py <path to the wsgate binary>
 """
 
 import glob
+import ipaddress
 import json
 import os
 import re
@@ -159,11 +167,7 @@ def seconds(duration):
 
 
 def check_grace(compose):
-    docs = {}
-    for f in glob.glob("deploy/k8s/*.yaml"):
-        for doc in yaml.safe_load_all(open(f, encoding="utf-8")):
-            if doc:
-                docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    docs = k8s_docs()
     cm = docs[("ConfigMap", "wsgate")]["data"]
     need = (int(cm["WSGATE_DRAIN_WINDOW_MS"]) + int(cm["WSGATE_SHUTDOWN_TIMEOUT_MS"])) / 1000
     grace = docs[("Deployment", "wsgate")]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
@@ -183,6 +187,64 @@ def check_grace(compose):
             ok(f"compose {name}: stop_grace_period {grace} s covers drain + shutdown ({need} s)")
 
 
+def k8s_docs():
+    docs = {}
+    for f in glob.glob("deploy/k8s/*.yaml"):
+        for doc in yaml.safe_load_all(open(f, encoding="utf-8")):
+            if doc:
+                docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return docs
+
+
+def check_pod_spec():
+    pod = k8s_docs()[("Deployment", "wsgate")]["spec"]["template"]["spec"]
+    if pod.get("enableServiceLinks") is not False:
+        fail("deploy/k8s/deployment.yaml: set enableServiceLinks: false (service links inject WSGATE_SERVICE_*/WSGATE_PORT*)")
+    else:
+        ok("Deployment: enableServiceLinks: false")
+    for c in pod["containers"]:
+        probe = c.get("readinessProbe")
+        if probe is None:
+            fail(f"Deployment container {c['name']}: no readinessProbe")
+            continue
+        threshold = probe.get("failureThreshold", 3)
+        period = probe.get("periodSeconds", 10)
+        if threshold <= 1:
+            fail(f"Deployment container {c['name']}: readinessProbe failureThreshold {threshold} must be > 1 "
+                 "(a Redis blip would pull every pod at once)")
+        else:
+            ok(f"Deployment container {c['name']}: readiness failureThreshold {threshold} "
+               f"(a blip under ~{threshold * period} s keeps pods in the Service)")
+
+
+def check_trusted_proxies(compose):
+    cfg = open("deploy/haproxy.cfg", encoding="utf-8").read()
+    if not re.search(r"^\s*option\s+forwardfor\b", cfg, re.M):
+        ok("haproxy.cfg adds no X-Forwarded-For: no WSGATE_TRUSTED_PROXIES needed")
+        return
+    nets = compose["services"]["haproxy"].get("networks", {})
+    addrs = [n.get("ipv4_address") for n in nets.values() if isinstance(n, dict)] if isinstance(nets, dict) else []
+    addrs = [a for a in addrs if a]
+    if not addrs:
+        fail("docker-compose.yml: haproxy has no fixed ipv4_address for the nodes to trust")
+        return
+    for name, svc in compose["services"].items():
+        env = svc.get("environment", {})
+        if not any(str(k).startswith("WSGATE_") for k in env):
+            continue
+        raw = env.get("WSGATE_TRUSTED_PROXIES")
+        if not raw:
+            fail(f"compose {name}: haproxy adds X-Forwarded-For but WSGATE_TRUSTED_PROXIES is unset")
+            continue
+        trusted = [ipaddress.ip_network(t.strip(), strict=False) for t in str(raw).split(",") if t.strip()]
+        for a in addrs:
+            if not any(ipaddress.ip_address(a) in n for n in trusted):
+                fail(f"compose {name}: WSGATE_TRUSTED_PROXIES={raw} does not cover haproxy's address {a}")
+                break
+        else:
+            ok(f"compose {name}: WSGATE_TRUSTED_PROXIES={raw} covers haproxy ({', '.join(addrs)})")
+
+
 def main():
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
@@ -191,6 +253,8 @@ def main():
     check_variables()
     check_haproxy_variables(compose)
     check_grace(compose)
+    check_pod_spec()
+    check_trusted_proxies(compose)
     if failures:
         raise SystemExit(f"{len(failures)} check(s) failed")
 

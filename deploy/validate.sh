@@ -11,7 +11,9 @@
 #   check-jsonschema    docker-compose.yml against the compose-spec schema  PyPI check-jsonschema (schema vendored)
 #   haproxy -c          deploy/haproxy.cfg, with and without LB_RESOLVE     Debian haproxy
 #   deploy/validate.py  Grafana dashboard metric names against a running node's /metrics; WSGATE_* names;
-#                       haproxy variables set by compose; grace periods cover drain window + shutdown timeout
+#                       haproxy variables set by compose; grace periods cover drain window + shutdown timeout;
+#                       enableServiceLinks: false; readiness failureThreshold > 1; compose trusts haproxy's
+#                       X-Forwarded-For (WSGATE_TRUSTED_PROXIES covers its fixed address)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -85,7 +87,7 @@ echo "== tools"
 echo "kubernetes-validate $("$L/kubernetes-validate" --version)"
 "$L/check-jsonschema" --version
 "$C/docker-compose" version --short | sed 's/^/docker-compose /'
-haproxy -v | head -n 1
+haproxy -v | sed -n 1p  # sed reads it all: head would SIGPIPE haproxy under pipefail
 
 echo "== yamllint (strict)"
 "$L/yamllint" --strict docker-compose.yml deploy/k8s .yamllint.yaml

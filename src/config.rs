@@ -4,7 +4,17 @@
 //! with envy as plain strings and validates each into a typed value, so a bad
 //! value produces one line naming the variable and what it accepts (`main`
 //! prints it and exits with code 2). Nothing else in the crate reads the
-//! environment; defaults live in [`Config::default`] and nowhere else.
+//! environment; defaults live in [`Config::default`] (the `--help` table
+//! repeats them as text, and a unit test holds the two equal).
+//!
+//! The known names are the fields of `RawConfig`, read from serde's derive
+//! ([`raw_fields`]): a `WSGATE_*` variable that is not one of them stops
+//! start-up with the nearest known name ("did you mean WSGATE_JWT_SECRET?"),
+//! because a misspelt `WSGATE_JWT_SECRETS` would otherwise start an open
+//! node. Kubernetes' service-link variables (`WSGATE_SERVICE_*`,
+//! `WSGATE_PORT*`) are let through. Adding a variable is: a `RawConfig`
+//! field, its parsing in `from_raw`, a `Config` field, a `HELP` row and a
+//! README row; the unit tests fail until the last two exist.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -33,6 +43,15 @@ pub enum ConfigError {
     /// A variable's value is not valid unicode.
     #[error("{0}={1:?} is invalid: expected UTF-8 text")]
     NotUnicode(String, String),
+    /// A `WSGATE_*` variable that no setting reads: most likely a misspelling,
+    /// which must not silently leave a protection off.
+    #[error("{var} is not a wsgate variable: {hint}")]
+    Unknown {
+        /// The variable as set, e.g. `WSGATE_JWT_SECRETS`.
+        var: String,
+        /// `did you mean WSGATE_JWT_SECRET?`, or where the names are listed.
+        hint: String,
+    },
     /// envy could not map the variables (not expected: every field is a string).
     #[error("cannot read WSGATE_* environment: {0}")]
     Env(#[from] envy::Error),
@@ -84,9 +103,12 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// `WSGATE_WS_PATH`: path of the WebSocket endpoint. Default `/ws`.
     pub ws_path: String,
-    /// `WSGATE_MAX_MESSAGE_BYTES`: largest client frame and largest HTTP publish body,
-    /// in bytes. Default 65536. Larger frames close the socket with 1009.
+    /// `WSGATE_MAX_MESSAGE_BYTES`: largest client frame, in bytes. Default 65536.
+    /// Larger frames close the socket with 1009.
     pub max_message_bytes: NonZeroUsize,
+    /// `WSGATE_MAX_PUBLISH_BYTES`: largest `POST /publish` body, in bytes (a
+    /// batch carries many messages, so it has its own bound). Default 1048576.
+    pub max_publish_bytes: NonZeroUsize,
     /// `WSGATE_MAX_SUBSCRIPTIONS`: subscriptions one connection may hold. Default 256.
     pub max_subscriptions: NonZeroUsize,
     /// `WSGATE_MAX_PATTERN_BYTES`: longest pattern or channel name, in bytes. Default 256.
@@ -115,8 +137,27 @@ pub struct Config {
     /// evenly over this window so clients do not reconnect as a herd. Default 10000 ms.
     pub drain_window: Duration,
     /// `WSGATE_MAX_CONNECTIONS`: WebSocket connections per node; further upgrades
-    /// are refused with 503. Default 20000.
+    /// are refused with 503. Default 20000, lowered at start-up to what the
+    /// file-descriptor limit holds (see [`crate::fdlimit`]).
     pub max_connections: NonZeroUsize,
+    /// Whether `WSGATE_MAX_CONNECTIONS` was set (not a variable): an explicit
+    /// value that the fd limit cannot hold stops start-up instead of being
+    /// lowered.
+    pub max_connections_set: bool,
+    /// `WSGATE_MAX_PENDING_CONNECTIONS`: HTTP connections not (yet) upgraded
+    /// that the node holds at once (requests being read, keep-alive between
+    /// requests); further ones are refused as they are accepted. Default 1024.
+    pub max_pending_connections: NonZeroUsize,
+    /// Whether `WSGATE_MAX_PENDING_CONNECTIONS` was set (not a variable).
+    pub max_pending_connections_set: bool,
+    /// `WSGATE_HTTP_HEADER_TIMEOUT_MS`: how long a connection may take to send
+    /// a complete request head, counted from the moment the server waits for
+    /// one (so it also bounds a silent new connection and an idle keep-alive
+    /// connection between requests). Default 10000 ms.
+    pub http_header_timeout: Duration,
+    /// `WSGATE_HTTP_BODY_TIMEOUT_MS`: how long a `POST /publish` body may take
+    /// to arrive in full once its head is read. Default 10000 ms.
+    pub http_body_timeout: Duration,
     /// `WSGATE_SUBSCRIBE_RATE`: subscribes per second per connection (token bucket,
     /// burst of the same size); excess gets `rate limited`. Default 100.
     pub subscribe_rate: NonZeroUsize,
@@ -209,6 +250,7 @@ impl Default for Config {
             redis_url: None,
             ws_path: "/ws".to_owned(),
             max_message_bytes: nz(65536),
+            max_publish_bytes: nz(1024 * 1024),
             max_subscriptions: nz(256),
             max_pattern_bytes: nz(256),
             client_queue_bytes: nz(1024 * 1024),
@@ -218,6 +260,11 @@ impl Default for Config {
             shutdown_timeout: Duration::from_millis(5000),
             drain_window: Duration::from_millis(10_000),
             max_connections: nz(20_000),
+            max_connections_set: false,
+            max_pending_connections: nz(1024),
+            max_pending_connections_set: false,
+            http_header_timeout: Duration::from_millis(10_000),
+            http_body_timeout: Duration::from_millis(10_000),
             subscribe_rate: nz(100),
             ping_interval: Duration::from_millis(25_000),
             pong_timeout: Duration::from_millis(60_000),
@@ -264,6 +311,7 @@ struct RawConfig {
     redis_url: Option<String>,
     ws_path: Option<String>,
     max_message_bytes: Option<String>,
+    max_publish_bytes: Option<String>,
     max_subscriptions: Option<String>,
     max_pattern_bytes: Option<String>,
     client_queue_bytes: Option<String>,
@@ -273,6 +321,9 @@ struct RawConfig {
     shutdown_timeout_ms: Option<String>,
     drain_window_ms: Option<String>,
     max_connections: Option<String>,
+    max_pending_connections: Option<String>,
+    http_header_timeout_ms: Option<String>,
+    http_body_timeout_ms: Option<String>,
     subscribe_rate: Option<String>,
     ping_interval_ms: Option<String>,
     pong_timeout_ms: Option<String>,
@@ -331,6 +382,13 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        // Sorted, so that with several unknown names the error is stable.
+        let mut names: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
+        for name in names {
+            check_known(name)?;
+        }
         Self::from_raw(envy::prefixed("WSGATE_").from_iter::<_, RawConfig>(vars)?)
     }
 
@@ -495,6 +553,11 @@ impl Config {
                 d.max_message_bytes,
                 "WSGATE_MAX_MESSAGE_BYTES",
             )?,
+            max_publish_bytes: bytes_or(
+                raw.max_publish_bytes,
+                d.max_publish_bytes,
+                "WSGATE_MAX_PUBLISH_BYTES",
+            )?,
             max_subscriptions: bytes_or(
                 raw.max_subscriptions,
                 d.max_subscriptions,
@@ -537,10 +600,30 @@ impl Config {
                 |v| v.parse::<u64>().ok().map(Duration::from_millis),
                 "a whole number of milliseconds (0 closes every socket at once)",
             )?,
+            max_connections_set: raw.max_connections.as_ref().is_some_and(|v| !v.is_empty()),
             max_connections: bytes_or(
                 raw.max_connections,
                 d.max_connections,
                 "WSGATE_MAX_CONNECTIONS",
+            )?,
+            max_pending_connections_set: raw
+                .max_pending_connections
+                .as_ref()
+                .is_some_and(|v| !v.is_empty()),
+            max_pending_connections: bytes_or(
+                raw.max_pending_connections,
+                d.max_pending_connections,
+                "WSGATE_MAX_PENDING_CONNECTIONS",
+            )?,
+            http_header_timeout: millis_or(
+                raw.http_header_timeout_ms,
+                d.http_header_timeout,
+                "WSGATE_HTTP_HEADER_TIMEOUT_MS",
+            )?,
+            http_body_timeout: millis_or(
+                raw.http_body_timeout_ms,
+                d.http_body_timeout,
+                "WSGATE_HTTP_BODY_TIMEOUT_MS",
             )?,
             subscribe_rate: bytes_or(
                 raw.subscribe_rate,
@@ -648,6 +731,336 @@ fn default_node_id() -> String {
             format!("{:016x}", h.finish())
         }
     }
+}
+
+/// Every field of [`RawConfig`], as serde's derive lists them: the one source
+/// of the known variable names (`WSGATE_` + the field in capitals), so a
+/// variable added to `RawConfig` is known to the unknown-name check without
+/// any other list to update.
+pub fn raw_fields() -> &'static [&'static str] {
+    let mut probe = FieldNames(None);
+    // The probe refuses every call; only the field list it saw matters.
+    let _ = RawConfig::deserialize(&mut probe);
+    probe.0.unwrap_or(&[])
+}
+
+/// Every known `WSGATE_*` variable name, in declaration order.
+pub fn known_variables() -> Vec<String> {
+    raw_fields()
+        .iter()
+        .map(|f| format!("WSGATE_{}", f.to_ascii_uppercase()))
+        .collect()
+}
+
+/// A serde deserializer that only records the field list a derived struct
+/// passes to `deserialize_struct`.
+struct FieldNames(Option<&'static [&'static str]>);
+
+impl<'de> serde::Deserializer<'de> for &mut FieldNames {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("field names only"))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0 = Some(fields);
+        Err(serde::de::Error::custom("field names only"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map enum identifier ignored_any
+    }
+}
+
+/// Refuses a `WSGATE_*` name no setting reads. Kubernetes injects
+/// `WSGATE_SERVICE_*` and `WSGATE_PORT*` for a Service named `wsgate`
+/// (service links): those are not ours and are let through.
+fn check_known(var: &str) -> Result<(), ConfigError> {
+    let Some(field) = var.strip_prefix("WSGATE_") else {
+        return Ok(());
+    };
+    let field = field.to_ascii_lowercase();
+    let fields = raw_fields();
+    if fields.contains(&field.as_str()) {
+        return Ok(());
+    }
+    if var.starts_with("WSGATE_SERVICE_") || var == "WSGATE_PORT" || var.starts_with("WSGATE_PORT_")
+    {
+        return Ok(());
+    }
+    let nearest = fields
+        .iter()
+        .map(|f| (edit_distance(&field, f), *f))
+        .min_by_key(|(d, _)| *d)
+        // Close enough to be a slip: a few edits, fewer than a third of the name.
+        .filter(|(d, f)| *d <= 3.max(f.len() / 3));
+    let hint = match nearest {
+        Some((_, f)) => format!("did you mean WSGATE_{}?", f.to_ascii_uppercase()),
+        None => "wsgate --help lists the variables".to_owned(),
+    };
+    Err(ConfigError::Unknown {
+        var: var.to_owned(),
+        hint,
+    })
+}
+
+/// Levenshtein distance over bytes (names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// One row of `wsgate --help`: a [`RawConfig`] field, its default as one
+/// would write it in the environment (empty: unset), and what it does.
+/// Unit tests check that every field has a row and that each default, set
+/// explicitly, gives [`Config::default`].
+struct Help {
+    field: &'static str,
+    default: &'static str,
+    meaning: &'static str,
+}
+
+const fn help(field: &'static str, default: &'static str, meaning: &'static str) -> Help {
+    Help {
+        field,
+        default,
+        meaning,
+    }
+}
+
+/// The rows of `wsgate --help`, in the order printed.
+const HELP: &[Help] = &[
+    help(
+        "listen",
+        "0.0.0.0:8080",
+        "address to bind (HTTP and WebSocket)",
+    ),
+    help(
+        "redis_url",
+        "",
+        "redis://[user:password@]host[:port][/db]; unset: embedded in-process broker (one node)",
+    ),
+    help("ws_path", "/ws", "WebSocket endpoint path"),
+    help(
+        "max_message_bytes",
+        "65536",
+        "largest client frame (larger: close 1009)",
+    ),
+    help(
+        "max_publish_bytes",
+        "1048576",
+        "largest POST /publish body (larger: 413)",
+    ),
+    help("max_subscriptions", "256", "subscriptions per connection"),
+    help(
+        "max_pattern_bytes",
+        "256",
+        "longest pattern or channel name",
+    ),
+    help(
+        "client_queue_bytes",
+        "1048576",
+        "outbound bytes queued per connection before it is closed with 4008",
+    ),
+    help(
+        "node_id",
+        "",
+        "this node's name in Redis CLIENT LIST (wsgate:<id>:pubsub|publish); unset: hostname-pid",
+    ),
+    help(
+        "idempotency_ttl_ms",
+        "300000",
+        "how long a publish idempotency_key is remembered",
+    ),
+    help(
+        "max_delivery_bytes",
+        "1048576",
+        "largest delivery frame (never above client_queue_bytes); larger: a 'message too large' gap notice",
+    ),
+    help(
+        "ws_read_buffer_bytes",
+        "1024",
+        "read buffer per socket (dominates idle memory)",
+    ),
+    help(
+        "subscribe_timeout_ms",
+        "5000",
+        "how long a subscribe waits for the broker",
+    ),
+    help(
+        "shutdown_timeout_ms",
+        "5000",
+        "grace after the drain window for sockets to close",
+    ),
+    help(
+        "drain_window_ms",
+        "10000",
+        "on SIGTERM, sockets close with 1012 spread over this window",
+    ),
+    help(
+        "max_connections",
+        "20000",
+        "WebSocket connections per node (lowered to fit the fd limit unless set)",
+    ),
+    help(
+        "max_pending_connections",
+        "1024",
+        "HTTP connections not yet upgraded, per node; further ones are refused",
+    ),
+    help(
+        "http_header_timeout_ms",
+        "10000",
+        "deadline for a request head; also bounds silent and idle keep-alive connections",
+    ),
+    help(
+        "http_body_timeout_ms",
+        "10000",
+        "deadline for a POST /publish body once its head is read",
+    ),
+    help(
+        "subscribe_rate",
+        "100",
+        "subscribes per second per connection",
+    ),
+    help("ping_interval_ms", "25000", "server ping to every socket"),
+    help(
+        "pong_timeout_ms",
+        "60000",
+        "a socket silent this long is closed with 4009",
+    ),
+    help(
+        "redis_probe_interval_ms",
+        "1000",
+        "PING on the pub/sub connection",
+    ),
+    help(
+        "redis_probe_timeout_ms",
+        "3000",
+        "unanswered PING this long: the connection is replaced",
+    ),
+    help("redis_backoff_max_ms", "1000", "reconnect backoff cap"),
+    help(
+        "jwt_secret",
+        "",
+        "HS256 secret (at least 32 bytes); turns JWT auth on",
+    ),
+    help(
+        "jwt_public_key",
+        "",
+        "PEM public key, text or file path (RS256, ES256); turns JWT auth on",
+    ),
+    help("jwt_audience", "", "comma-separated accepted audiences"),
+    help("jwt_issuer", "", "comma-separated accepted issuers"),
+    help(
+        "jwt_leeway_secs",
+        "0",
+        "clock skew allowed on exp/nbf, seconds (at most 3600)",
+    ),
+    help(
+        "allow",
+        "",
+        "comma-separated channels and patterns every connection is limited to",
+    ),
+    help("auth_url", "", "http:// subscribe authorisation callback"),
+    help("auth_timeout_ms", "2000", "callback deadline"),
+    help(
+        "auth_cache_ttl_ms",
+        "30000",
+        "how long a callback decision is reused (0: never)",
+    ),
+    help(
+        "auth_cache_entries",
+        "10000",
+        "most cached callback decisions",
+    ),
+    help(
+        "api_key",
+        "",
+        "at least 16 bytes; POST /publish then needs Authorization: Bearer <key>",
+    ),
+    help(
+        "allowed_origins",
+        "",
+        "comma-separated origins allowed to open sockets, or *",
+    ),
+    help(
+        "require_origin",
+        "false",
+        "true also refuses upgrades without Origin",
+    ),
+    help(
+        "max_connections_per_ip",
+        "",
+        "open connections per client address (IPv6: per /64)",
+    ),
+    help(
+        "new_connections_per_ip_per_sec",
+        "",
+        "upgrade attempts per second per client address",
+    ),
+    help(
+        "trusted_proxies",
+        "",
+        "comma-separated addresses or CIDR blocks whose X-Forwarded-For is believed",
+    ),
+    help(
+        "max_tracked_ips",
+        "100000",
+        "addresses the per-address limits track at once",
+    ),
+    help(
+        "log",
+        "info",
+        "tracing filter, e.g. debug or wsgate=debug,warn",
+    ),
+    help("log_format", "text", "text or json"),
+];
+
+/// The text of `wsgate --help`: usage, then every variable with its default.
+/// Built from [`raw_fields`], so a variable without a [`HELP`] row is still
+/// listed (and a unit test fails until it gets one).
+pub fn help_text() -> String {
+    let mut out = format!(
+        "wsgate {}: {}\n\n\
+         Usage: wsgate [--help | --version]\n\n\
+         Configured by environment variables only (README.md, \"Configuration\");\n\
+         an unknown WSGATE_* variable or a bad value stops start-up with exit code 2.\n\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("CARGO_PKG_DESCRIPTION"),
+    );
+    out.push_str(&format!(
+        "  {:<40} {:<14} {}\n",
+        "variable", "default", "meaning"
+    ));
+    for field in raw_fields() {
+        let row = HELP.iter().find(|h| h.field == *field);
+        let (default, meaning) = match row {
+            Some(h) if h.default.is_empty() => ("unset", h.meaning),
+            Some(h) => (h.default, h.meaning),
+            None => ("", "(see README.md)"),
+        };
+        let name = format!("WSGATE_{}", field.to_ascii_uppercase());
+        out.push_str(&format!("  {name:<40} {default:<14} {meaning}\n"));
+    }
+    out
 }
 
 /// Shown instead of a secret's value in an error.
@@ -974,5 +1387,163 @@ mod tests {
         let d = vars(&[]).unwrap();
         assert!(d.jwt_key.is_none() && d.allow.is_none() && d.api_key.is_none());
         assert!(d.allowed_origins.is_none() && d.max_connections_per_ip.is_none());
+    }
+
+    #[test]
+    fn unknown_variables_are_refused_with_the_nearest_name() {
+        for (var, expect) in [
+            ("WSGATE_JWT_SECRETS", "did you mean WSGATE_JWT_SECRET?"),
+            ("WSGATE_APIKEY", "did you mean WSGATE_API_KEY?"),
+            (
+                "WSGATE_MAX_CONECTIONS",
+                "did you mean WSGATE_MAX_CONNECTIONS?",
+            ),
+            (
+                "WSGATE_ALLOWED_ORIGIN",
+                "did you mean WSGATE_ALLOWED_ORIGINS?",
+            ),
+            (
+                "WSGATE_HTTP_HEADER_TIMEOUT",
+                "did you mean WSGATE_HTTP_HEADER_TIMEOUT_MS?",
+            ),
+            (
+                "WSGATE_COMPLETELY_DIFFERENT",
+                "wsgate --help lists the variables",
+            ),
+        ] {
+            let err = vars(&[(var, "5")]).unwrap_err().to_string();
+            assert_eq!(err, format!("{var} is not a wsgate variable: {expect}"));
+        }
+        // Lower case is what envy maps too: known, not refused.
+        assert_eq!(
+            vars(&[("WSGATE_max_subscriptions", "3")])
+                .unwrap()
+                .max_subscriptions
+                .get(),
+            3
+        );
+    }
+
+    #[test]
+    fn kubernetes_service_link_variables_are_ignored() {
+        let c = vars(&[
+            ("WSGATE_SERVICE_HOST", "10.96.0.12"),
+            ("WSGATE_SERVICE_PORT", "80"),
+            ("WSGATE_SERVICE_PORT_HTTP", "80"),
+            ("WSGATE_PORT", "tcp://10.96.0.12:80"),
+            ("WSGATE_PORT_80_TCP", "tcp://10.96.0.12:80"),
+            ("WSGATE_PORT_80_TCP_PROTO", "tcp"),
+            ("WSGATE_PORT_80_TCP_PORT", "80"),
+            ("WSGATE_PORT_80_TCP_ADDR", "10.96.0.12"),
+        ])
+        .unwrap();
+        assert_eq!(format!("{c:?}"), format!("{:?}", Config::default()));
+        // Only those prefixes: a near miss of them is still refused.
+        assert!(vars(&[("WSGATE_PORTS", "1")]).is_err());
+    }
+
+    #[test]
+    fn the_known_names_come_from_the_raw_config() {
+        let fields = raw_fields();
+        assert!(fields.len() >= 40, "{fields:?}");
+        for f in [
+            "listen",
+            "jwt_secret",
+            "api_key",
+            "max_connections",
+            "log_format",
+        ] {
+            assert!(fields.contains(&f), "{f}");
+        }
+        assert!(known_variables().contains(&"WSGATE_HTTP_HEADER_TIMEOUT_MS".to_owned()));
+    }
+
+    #[test]
+    fn every_variable_has_exactly_one_help_row() {
+        let fields = raw_fields();
+        for f in fields {
+            let rows = HELP.iter().filter(|h| h.field == *f).count();
+            assert_eq!(
+                rows,
+                1,
+                "WSGATE_{}: add one row to HELP",
+                f.to_ascii_uppercase()
+            );
+        }
+        for h in HELP {
+            assert!(
+                fields.contains(&h.field),
+                "HELP row {} is not a variable",
+                h.field
+            );
+        }
+        let text = help_text();
+        for name in known_variables() {
+            assert!(text.contains(&name), "{name} missing from --help");
+        }
+        assert!(!text.contains("(see README.md)"), "{text}");
+    }
+
+    #[test]
+    fn every_help_default_is_the_real_default() {
+        let normal = |mut c: Config| {
+            c.max_connections_set = false;
+            c.max_pending_connections_set = false;
+            format!("{c:?}")
+        };
+        let default = normal(Config::default());
+        for h in HELP.iter().filter(|h| !h.default.is_empty()) {
+            let var = format!("WSGATE_{}", h.field.to_ascii_uppercase());
+            let c = vars(&[(&var, h.default)]).unwrap_or_else(|e| panic!("{var}: {e}"));
+            assert_eq!(normal(c), default, "{var}={} is not the default", h.default);
+        }
+    }
+
+    #[test]
+    fn the_readme_documents_every_variable() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("## Configuration")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .unwrap_or_default();
+        let mut documented: Vec<String> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `WSGATE_"))
+            .filter_map(|l| l.split('`').next())
+            .map(|n| format!("WSGATE_{n}"))
+            .collect();
+        documented.sort();
+        let mut known = known_variables();
+        known.sort();
+        assert_eq!(documented, known, "README's Configuration table");
+    }
+
+    #[test]
+    fn http_hardening_values_are_parsed() {
+        let c = vars(&[
+            ("WSGATE_HTTP_HEADER_TIMEOUT_MS", "250"),
+            ("WSGATE_HTTP_BODY_TIMEOUT_MS", "300"),
+            ("WSGATE_MAX_PENDING_CONNECTIONS", "7"),
+            ("WSGATE_MAX_PUBLISH_BYTES", "99"),
+            ("WSGATE_MAX_CONNECTIONS", "20000"),
+        ])
+        .unwrap();
+        assert_eq!(c.http_header_timeout, Duration::from_millis(250));
+        assert_eq!(c.http_body_timeout, Duration::from_millis(300));
+        assert_eq!(c.max_pending_connections.get(), 7);
+        assert!(c.max_pending_connections_set);
+        assert_eq!(c.max_publish_bytes.get(), 99);
+        assert!(c.max_connections_set);
+        let d = vars(&[]).unwrap();
+        assert!(!d.max_connections_set && !d.max_pending_connections_set);
+        assert_eq!(d.max_publish_bytes.get(), 1 << 20);
+        assert_eq!(d.http_header_timeout, Duration::from_secs(10));
+        for var in [
+            "WSGATE_HTTP_HEADER_TIMEOUT_MS",
+            "WSGATE_MAX_PENDING_CONNECTIONS",
+        ] {
+            assert!(vars(&[(var, "0")]).is_err(), "{var}");
+        }
     }
 }

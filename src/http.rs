@@ -16,10 +16,13 @@
 //!
 //! Every refusal is a JSON body `{"error": "..."}` with a fitting status.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
+use base64::Engine as _;
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::StreamExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -41,6 +44,7 @@ use crate::forwarded;
 use crate::hub::Hub;
 use crate::limits::{IpLimits, IpRefusal, IpSlot};
 use crate::metrics::Metrics;
+use crate::pending::{Pending, PendingSlot};
 use crate::protocol::{native::Native, Dialect};
 use crate::session::{self, SessionContext};
 use crate::shutdown::Phase;
@@ -66,6 +70,8 @@ pub struct App {
     pub authz: Option<Arc<Authz>>,
     /// Per-address connection limits.
     pub ip_limits: IpLimits,
+    /// Connections not (yet) upgraded, and their node-wide cap.
+    pub pending: Pending,
 }
 
 /// Holds one of the `WSGATE_MAX_CONNECTIONS` places; gives it back on drop.
@@ -107,7 +113,15 @@ impl App {
             config.new_connections_per_ip_per_sec,
             config.max_tracked_ips,
         );
+        let pending = Pending::new(
+            config.max_pending_connections.get(),
+            metrics.pending_connections.clone(),
+        );
+        metrics
+            .max_connections
+            .set(i64::try_from(config.max_connections.get()).unwrap_or(i64::MAX));
         App {
+            pending,
             hub,
             metrics,
             config,
@@ -179,79 +193,102 @@ impl App {
 /// only allocated on sockets that actually receive traffic.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
-/// All routes, for a connection from `peer`.
+/// All routes, for one connection (`conn`: its peer and pending place).
+///
+/// Each route matches its path first and then answers everything on that
+/// path itself (its own `recover`): a known path with another method gets
+/// 405 with `Allow`, a refused publish its own status, and only a path no
+/// route knows reaches the final 404. `HEAD` is served wherever `GET` is
+/// (hyper sends the headers without the body), except on the WebSocket path.
 pub fn routes(
     app: Arc<App>,
-    peer: SocketAddr,
+    conn: Arc<PendingSlot>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible> + Clone {
     let with_app = {
         let app = app.clone();
         warp::any().map(move || app.clone())
     };
-    let ws = warp::get()
-        .and(warp::path::full())
+    let on_ws_path = warp::path::full()
         .and(with_app.clone())
         .and_then(|path: warp::path::FullPath, app: Arc<App>| async move {
             if path.as_str() == app.config.ws_path {
-                Ok(app)
+                Ok(())
             } else {
                 Err(warp::reject::not_found())
             }
         })
-        .and(warp::header::headers_cloned())
-        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .and(warp::ext::optional::<OnUpgrade>())
-        .map(
-            move |app: Arc<App>, headers: HeaderMap, query: String, upgrade: Option<OnUpgrade>| {
-                upgrade_ws(app, &headers, &query, upgrade, peer)
-            },
-        );
-    let publish = warp::post()
-        .and(warp::path("publish"))
-        .and(warp::path::end())
-        .and(with_app.clone())
-        .and(warp::header::headers_cloned())
-        .and_then(|app: Arc<App>, headers: HeaderMap| async move {
-            if publish_authorised(&app, &headers) {
-                Ok(app)
-            } else {
-                app.metrics.refused.with_label_values(&["api_key"]).inc();
-                Err(warp::reject::custom(Unauthorised))
-            }
-        })
-        .and(warp::body::content_length_limit(
-            app.config.max_message_bytes.get() as u64,
-        ))
-        .and(warp::body::bytes())
-        .then(publish);
-    let healthz = warp::get()
-        .and(warp::path("healthz"))
-        .and(warp::path::end())
-        .map(|| json(StatusCode::OK, r#"{"status":"ok"}"#));
-    let readyz = warp::get()
-        .and(warp::path("readyz"))
-        .and(warp::path::end())
-        .and(with_app.clone())
-        .map(|app: Arc<App>| {
-            if app.hub.is_ready() && *app.phase.borrow() == Phase::Running {
-                json(StatusCode::OK, r#"{"ready":true}"#)
-            } else {
-                json(StatusCode::SERVICE_UNAVAILABLE, r#"{"ready":false}"#)
-            }
-        });
-    let metrics = warp::get()
-        .and(warp::path("metrics"))
-        .and(warp::path::end())
-        .and(with_app.clone())
-        .map(|app: Arc<App>| {
-            let mut res = Response::new(app.metrics.render().into());
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            res
-        });
-    let limit = app.config.max_message_bytes.get() as u64;
+        .untuple_one();
+    let ws = on_ws_path.and(
+        warp::get()
+            .and(with_app.clone())
+            .and(warp::header::headers_cloned())
+            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+            .and(warp::ext::optional::<OnUpgrade>())
+            .map(
+                move |app: Arc<App>,
+                      headers: HeaderMap,
+                      query: String,
+                      upgrade: Option<OnUpgrade>| {
+                    upgrade_ws(app, &headers, &query, upgrade, &conn)
+                },
+            )
+            .recover(recover_on("GET", app.clone()))
+            .unify(),
+    );
+    let publish = warp::path("publish").and(warp::path::end()).and(
+        warp::post()
+            .and(with_app.clone())
+            .and(warp::header::headers_cloned())
+            .and_then(|app: Arc<App>, headers: HeaderMap| async move {
+                if publish_authorised(&app, &headers) {
+                    Ok(app)
+                } else {
+                    app.metrics.refused.with_label_values(&["api_key"]).inc();
+                    Err(warp::reject::custom(Unauthorised))
+                }
+            })
+            .and(body_within(
+                app.config.max_publish_bytes.get() as u64,
+                app.config.http_body_timeout,
+            ))
+            .then(publish)
+            .recover(recover_on("POST", app.clone()))
+            .unify(),
+    );
+    let get_or_head = || warp::get().or(warp::head()).unify();
+    let healthz = warp::path("healthz").and(warp::path::end()).and(
+        get_or_head()
+            .map(|| json(StatusCode::OK, r#"{"status":"ok"}"#))
+            .recover(recover_on("GET, HEAD", app.clone()))
+            .unify(),
+    );
+    let readyz = warp::path("readyz").and(warp::path::end()).and(
+        get_or_head()
+            .and(with_app.clone())
+            .map(|app: Arc<App>| {
+                if app.hub.is_ready() && *app.phase.borrow() == Phase::Running {
+                    json(StatusCode::OK, r#"{"ready":true}"#)
+                } else {
+                    json(StatusCode::SERVICE_UNAVAILABLE, r#"{"ready":false}"#)
+                }
+            })
+            .recover(recover_on("GET, HEAD", app.clone()))
+            .unify(),
+    );
+    let metrics = warp::path("metrics").and(warp::path::end()).and(
+        get_or_head()
+            .and(with_app.clone())
+            .map(|app: Arc<App>| {
+                let mut res = Response::new(app.metrics.render().into());
+                res.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                res
+            })
+            .recover(recover_on("GET, HEAD", app.clone()))
+            .unify(),
+    );
     warp::any()
         .and(
             ws.or(publish)
@@ -263,8 +300,131 @@ pub fn routes(
                 .or(metrics)
                 .unify(),
         )
-        .recover(move |rejection| recover(rejection, limit))
+        .recover(|rejection: Rejection| async move {
+            // Every route answers for its own path: what is left is a path
+            // nobody serves.
+            if !rejection.is_not_found() {
+                debug!(?rejection, "unhandled rejection");
+            }
+            Ok::<_, std::convert::Infallible>(json_error(StatusCode::NOT_FOUND, "not found"))
+        })
         .unify()
+}
+
+/// The body of a request, at most `limit` bytes (by `Content-Length`, which
+/// is required), read in full within `deadline` of the head: a client that
+/// announces a body and sends it slowly, or not at all, gets 408 and its
+/// connection closed instead of holding it open.
+fn body_within(
+    limit: u64,
+    deadline: Duration,
+) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    warp::body::content_length_limit(limit)
+        .and(warp::body::stream())
+        .and_then(move |stream| read_body(stream, limit, deadline))
+}
+
+/// Gathers a body stream, at most `limit` bytes, within `deadline`.
+async fn read_body<S, B>(stream: S, limit: u64, deadline: Duration) -> Result<Bytes, Rejection>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let read = async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut body = BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            let mut chunk = chunk.map_err(|_| warp::reject::custom(BodyUnreadable))?;
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                let n = part.len();
+                if body.len() + n > limit {
+                    return Err(warp::reject::custom(BodyUnreadable));
+                }
+                body.extend_from_slice(part);
+                chunk.advance(n);
+            }
+        }
+        Ok(body.freeze())
+    };
+    match tokio::time::timeout(deadline, read).await {
+        Ok(result) => result,
+        Err(_) => Err(warp::reject::custom(BodyTimeout)),
+    }
+}
+
+/// A request body that did not arrive within `WSGATE_HTTP_BODY_TIMEOUT_MS`.
+#[derive(Debug)]
+struct BodyTimeout;
+
+impl warp::reject::Reject for BodyTimeout {}
+
+/// A request body that broke off, or outgrew its `Content-Length`.
+#[derive(Debug)]
+struct BodyUnreadable;
+
+impl warp::reject::Reject for BodyUnreadable {}
+
+/// The `recover` of one route: its rejections as responses; `allow` lists
+/// the methods the route serves (for 405).
+fn recover_on(
+    allow: &'static str,
+    app: Arc<App>,
+) -> impl Fn(Rejection) -> std::future::Ready<Result<warp::reply::Response, std::convert::Infallible>>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    move |rejection| std::future::ready(Ok(refusal(&rejection, allow, &app)))
+}
+
+/// The response for a rejection on a known path.
+fn refusal(rejection: &Rejection, allow: &'static str, app: &App) -> warp::reply::Response {
+    if rejection.find::<Unauthorised>().is_some() {
+        unauthorised(
+            "a valid API key is required: Authorization: Bearer <key>",
+            "Bearer realm=\"wsgate\"",
+        )
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        let limit = app.config.max_publish_bytes.get();
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body larger than {limit} bytes"),
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        json_error(
+            StatusCode::LENGTH_REQUIRED,
+            "a Content-Length header is required",
+        )
+    } else if rejection.find::<BodyTimeout>().is_some() {
+        app.metrics.http_timeouts.with_label_values(&["body"]).inc();
+        let timeout = app.config.http_body_timeout.as_millis();
+        let mut res = json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("request body not received within {timeout} ms"),
+        );
+        // The rest of the body may still come: never read it as a request.
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        res
+    } else if rejection.find::<BodyUnreadable>().is_some() {
+        let mut res = json_error(StatusCode::BAD_REQUEST, "request body could not be read");
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        res
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        let mut res = json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("method not allowed: use {allow}"),
+        );
+        res.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
+        res
+    } else {
+        debug!(?rejection, "unhandled rejection");
+        json_error(StatusCode::BAD_REQUEST, "bad request")
+    }
 }
 
 /// A response with a JSON body.
@@ -327,50 +487,31 @@ fn origin_allowed(config: &Config, headers: &HeaderMap) -> bool {
     }
 }
 
-async fn recover(
-    rejection: Rejection,
-    limit: u64,
-) -> Result<warp::reply::Response, std::convert::Infallible> {
-    Ok(if rejection.find::<Unauthorised>().is_some() {
-        unauthorised(
-            "a valid API key is required: Authorization: Bearer <key>",
-            "Bearer realm=\"wsgate\"",
-        )
-    } else if rejection.is_not_found() {
-        json_error(StatusCode::NOT_FOUND, "not found")
-    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        json_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("body larger than {limit} bytes"),
-        )
-    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
-        json_error(
-            StatusCode::LENGTH_REQUIRED,
-            "a Content-Length header is required",
-        )
-    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-    } else {
-        debug!(?rejection, "unhandled rejection");
-        json_error(StatusCode::BAD_REQUEST, "bad request")
-    })
-}
-
 /// Answers the WebSocket handshake and starts the session once hyper hands
 /// over the connection.
+///
+/// The handshake is checked strictly first (RFC 6455 section 4.2.1), each
+/// failure a 400 saying what is wrong: a `Host`, `Connection: Upgrade` and
+/// `Upgrade: websocket`, `Sec-WebSocket-Version: 13` (else also answered
+/// with the version we speak), and one `Sec-WebSocket-Key` that is the
+/// base64 of 16 bytes.
 fn upgrade_ws(
     app: Arc<App>,
     headers: &HeaderMap,
     query: &str,
     upgrade: Option<OnUpgrade>,
-    peer: SocketAddr,
+    conn: &PendingSlot,
 ) -> warp::reply::Response {
+    let peer = conn.peer();
     let has = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
             v.to_str()
                 .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
+    if headers.get(header::HOST).is_none_or(|h| h.is_empty()) {
+        return json_error(StatusCode::BAD_REQUEST, "missing Host header");
+    }
     if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -392,9 +533,19 @@ fn upgrade_ws(
         );
         return res;
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let Some(key) = keys.next() else {
         return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
+    let nonce_ok = base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .is_ok_and(|nonce| nonce.len() == 16);
+    if keys.next().is_some() || !nonce_ok {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid Sec-WebSocket-Key: expected one, the base64 of 16 random bytes",
+        );
+    }
     let Some(upgrade) = upgrade else {
         return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
@@ -435,9 +586,18 @@ fn upgrade_ws(
             }
         }
     };
-    let ip_slot = match app.ip_limits.admit(client_ip) {
-        Ok(slot) => slot,
-        Err(refusal) => return too_many(&app, client_ip, refusal),
+    // A connection counted per address since it was accepted hands that
+    // place to its session; one from a trusted proxy is counted now, by the
+    // client address the proxy reported. Either way the place is taken only
+    // once the session is certain, so a refused upgrade leaves the (still
+    // pending) connection its place.
+    let fresh_ip_slot = if conn.has_ip_slot() {
+        None
+    } else {
+        match app.ip_limits.admit(client_ip) {
+            Ok(slot) => Some(slot),
+            Err(refusal) => return too_many(&app, client_ip, refusal),
+        }
     };
     let Some(slot) = app.admit() else {
         app.metrics
@@ -449,6 +609,13 @@ fn upgrade_ws(
             "too many connections on this node",
         );
     };
+    let Some(ip_slot) = fresh_ip_slot.or_else(|| conn.take_ip_slot()) else {
+        // Unreachable: the connection held a place a moment ago and only
+        // this upgrade takes it; refuse rather than run uncounted.
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "try again");
+    };
+    // From here the connection is a session, no longer pending.
+    conn.promote();
     let accept = derive_accept_key(key.as_bytes());
     let dialect: Arc<dyn Dialect> = Arc::new(Native);
     let ctx = app.session_context(slot, ip_slot, client_ip, identity);
@@ -499,7 +666,7 @@ fn too_many(app: &App, client_ip: IpAddr, refusal: IpRefusal) -> warp::reply::Re
 /// Longest `idempotency_key`, in bytes.
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
-/// What a malformed publish body is told it should look like.
+/// The accepted shapes, for error messages.
 const PUBLISH_USAGE: &str = r#"expected {"channel": string, "payload": any JSON} (or "payload_text": string instead of "payload"; optional "idempotency_key": string), or {"messages": [such objects, ...]}"#;
 
 /// One message of a publish request.
@@ -519,9 +686,12 @@ struct PublishOne {
 /// The body of `POST /publish`: one message, or a batch. (A flat struct
 /// rather than an untagged enum: `RawValue` cannot pass through serde's
 /// buffering of untagged content.)
+///
+/// The batch entries stay raw text here and are parsed one by one, so an
+/// entry's error can name its index.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PublishBody {
+struct PublishBody<'a> {
     channel: Option<String>,
     #[serde(default, deserialize_with = "present")]
     payload: Option<Box<RawValue>>,
@@ -529,7 +699,8 @@ struct PublishBody {
     payload_text: Option<String>,
     #[serde(default, deserialize_with = "present")]
     idempotency_key: Option<String>,
-    messages: Option<Vec<PublishOne>>,
+    #[serde(borrow)]
+    messages: Option<Vec<&'a RawValue>>,
 }
 
 /// Deserialises a field that is present, whatever its value: `payload: null`
@@ -542,7 +713,7 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
 
 async fn publish(app: Arc<App>, body: Bytes) -> warp::reply::Response {
     app.metrics.publish_requests.inc();
-    let limit = app.config.max_message_bytes.get();
+    let limit = app.config.max_publish_bytes.get();
     if body.len() > limit {
         return json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -601,9 +772,12 @@ async fn publish(app: Arc<App>, body: Bytes) -> warp::reply::Response {
 
 /// The messages of a publish body (and whether it was the batch form), or a
 /// reason to refuse it. Nothing is published unless every message is valid.
+/// Errors say what is wrong and where: serde's message (which names an
+/// unknown field and the expected ones) with the line and column in the
+/// body, and for a batch entry its index (`messages[2]: ...`).
 fn parse_publish(config: &Config, body: &[u8]) -> Result<(Vec<Publication>, bool), String> {
-    let parsed = serde_json::from_slice::<PublishBody>(body)
-        .map_err(|e| format!("invalid publish body ({e}): {PUBLISH_USAGE}"))?;
+    let parsed = serde_json::from_slice::<PublishBody<'_>>(body)
+        .map_err(|e| format!("invalid publish body: {e}; {PUBLISH_USAGE}"))?;
     match parsed {
         PublishBody {
             channel: Some(channel),
@@ -625,19 +799,27 @@ fn parse_publish(config: &Config, body: &[u8]) -> Result<(Vec<Publication>, bool
             payload: None,
             payload_text: None,
             idempotency_key: None,
-            messages: Some(messages),
+            messages: Some(entries),
         } => {
-            if messages.is_empty() {
-                return Err(r#""messages" must not be empty"#.to_owned());
+            if entries.is_empty() {
+                return Err(r#""messages" must hold at least one message"#.to_owned());
             }
-            let all = messages
-                .into_iter()
-                .enumerate()
-                .map(|(i, m)| publication(config, m).map_err(|e| format!("messages[{i}]: {e}")))
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut all = Vec::with_capacity(entries.len());
+            for (i, raw) in entries.into_iter().enumerate() {
+                let one = serde_json::from_str::<PublishOne>(raw.get())
+                    .map_err(|e| format!("messages[{i}]: {}", relocate(&e, body, raw.get())))?;
+                all.push(publication(config, one).map_err(|e| format!("messages[{i}]: {e}"))?);
+            }
             Ok((all, true))
         }
-        _ => Err(PUBLISH_USAGE.to_owned()),
+        PublishBody {
+            channel: None,
+            messages: None,
+            ..
+        } => Err(format!(r#"missing field "channel": {PUBLISH_USAGE}"#)),
+        _ => Err(format!(
+            r#""messages" cannot be combined with other fields: {PUBLISH_USAGE}"#
+        )),
     }
 }
 
@@ -655,7 +837,7 @@ fn publication(config: &Config, m: PublishOne) -> Result<Publication, String> {
         (Some(_), Some(_)) => {
             return Err(r#"give either "payload" or "payload_text", not both"#.to_owned())
         }
-        (None, None) => return Err(r#"missing "payload" (or "payload_text")"#.to_owned()),
+        (None, None) => return Err(r#"missing field "payload" (or "payload_text")"#.to_owned()),
     };
     let idempotency_key = match m.idempotency_key {
         Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES => {
@@ -670,4 +852,30 @@ fn publication(config: &Config, m: PublishOne) -> Result<Publication, String> {
         payload,
         idempotency_key,
     })
+}
+
+/// serde's error for a part of `body` (a borrowed slice of it), with the
+/// position moved from the part to the whole body.
+fn relocate(e: &serde_json::Error, body: &[u8], part: &str) -> String {
+    let text = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let Some(message) = text.strip_suffix(&suffix) else {
+        return text;
+    };
+    let offset = (part.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+    let Some(before) = body.get(..offset) else {
+        return text;
+    };
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let column = offset
+        - before
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+    let (line, column) = if e.line() <= 1 {
+        (line, column + e.column())
+    } else {
+        (line + e.line() - 1, e.column())
+    };
+    format!("{message} at line {line} column {column}")
 }

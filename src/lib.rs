@@ -18,6 +18,8 @@
 //! - [`authz`]: the subscribe authorisation callback and its bounded cache.
 //! - [`forwarded`]: the client's address, through trusted proxies' `X-Forwarded-For`.
 //! - [`limits`]: per-address connection count and connection rate.
+//! - [`pending`]: connections not yet upgraded: their node-wide cap and refusals.
+//! - [`fdlimit`]: raising the open-file limit and fitting the connection caps in it.
 //! - [`session`]: one WebSocket connection, from upgrade to close.
 //! - [`outbox`]: a connection's byte-bounded queue of shared frames and gap marks.
 //! - [`protocol`]: the `Dialect` trait and the native JSON dialect.
@@ -44,6 +46,7 @@ pub mod backoff;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod fdlimit;
 pub mod forwarded;
 pub mod http;
 pub mod hub;
@@ -51,6 +54,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod pattern;
+pub mod pending;
 pub mod protocol;
 pub mod server;
 pub mod session;

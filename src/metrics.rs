@@ -16,8 +16,10 @@ use prometheus::{
 /// `unauthorized` (upgrade 401), `origin` (upgrade 403), `ip_rate`,
 /// `ip_connections`, `ip_table_full` (upgrade 429), `not_allowed` (subscribe
 /// outside the ACLs), `authz_denied`, `authz_unavailable` (callback),
-/// `api_key` (publish 401), `token_expired` (connection closed with 4001).
-pub const REFUSAL_REASONS: [&str; 13] = [
+/// `api_key` (publish 401), `token_expired` (connection closed with 4001),
+/// `max_pending` (a connection accepted beyond `WSGATE_MAX_PENDING_CONNECTIONS`,
+/// answered 503 and closed).
+pub const REFUSAL_REASONS: [&str; 14] = [
     "max_connections",
     "draining",
     "rate_limited",
@@ -31,7 +33,14 @@ pub const REFUSAL_REASONS: [&str; 13] = [
     "authz_unavailable",
     "api_key",
     "token_expired",
+    "max_pending",
 ];
+
+/// Every `phase` of `wsgate_http_timeouts_total`: `headers` (a request head
+/// not complete within `WSGATE_HTTP_HEADER_TIMEOUT_MS`, including a silent
+/// or idle kept-alive connection) and `body` (a publish body not complete
+/// within `WSGATE_HTTP_BODY_TIMEOUT_MS`).
+pub const HTTP_TIMEOUT_PHASES: [&str; 2] = ["headers", "body"];
 
 /// Every metric the gateway exports. Names are documented in the README.
 #[derive(Clone)]
@@ -85,6 +94,15 @@ pub struct Metrics {
     /// `wsgate_deliveries_too_large_total`: broker messages not delivered
     /// because their frame exceeded `WSGATE_MAX_DELIVERY_BYTES`.
     pub deliveries_too_large: IntCounter,
+    /// `wsgate_pending_connections`: accepted connections not (yet)
+    /// upgraded: requests being read, keep-alive between requests.
+    pub pending_connections: IntGauge,
+    /// `wsgate_max_connections`: the WebSocket connection cap in force
+    /// (`WSGATE_MAX_CONNECTIONS`, or lower when the fd limit cannot hold it).
+    pub max_connections: IntGauge,
+    /// `wsgate_http_timeouts_total{phase}`: connections closed by a
+    /// pre-session deadline; the phases are [`HTTP_TIMEOUT_PHASES`].
+    pub http_timeouts: IntCounterVec,
 }
 
 impl Metrics {
@@ -205,6 +223,24 @@ impl Metrics {
                 "Broker messages not delivered because they exceed WSGATE_MAX_DELIVERY_BYTES",
             )
             .unwrap_or_else(never),
+            pending_connections: IntGauge::new(
+                "wsgate_pending_connections",
+                "Accepted connections not (yet) upgraded to a WebSocket",
+            )
+            .unwrap_or_else(never),
+            max_connections: IntGauge::new(
+                "wsgate_max_connections",
+                "WebSocket connection cap in force on this node",
+            )
+            .unwrap_or_else(never),
+            http_timeouts: IntCounterVec::new(
+                Opts::new(
+                    "wsgate_http_timeouts_total",
+                    "Connections closed by a deadline before becoming a session",
+                ),
+                &["phase"],
+            )
+            .unwrap_or_else(never),
             registry,
         };
         m.register_all();
@@ -212,7 +248,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
             Box::new(self.connections.clone()),
             Box::new(self.local_subscriptions.clone()),
             Box::new(self.broker_subscriptions.clone()),
@@ -233,6 +269,9 @@ impl Metrics {
             Box::new(self.hub_lock_hold_max.clone()),
             Box::new(self.broker_refusals.clone()),
             Box::new(self.deliveries_too_large.clone()),
+            Box::new(self.pending_connections.clone()),
+            Box::new(self.max_connections.clone()),
+            Box::new(self.http_timeouts.clone()),
         ];
         for c in collectors {
             // Names are distinct constants on a fresh registry: this cannot fail.
@@ -244,6 +283,9 @@ impl Metrics {
         }
         for reason in REFUSAL_REASONS {
             self.refused.with_label_values(&[reason]).inc_by(0);
+        }
+        for phase in HTTP_TIMEOUT_PHASES {
+            self.http_timeouts.with_label_values(&[phase]).inc_by(0);
         }
     }
 

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -39,6 +39,11 @@ use crate::shutdown::{Phase, Stop};
 const BACKLOG: i32 = 4096;
 /// Longest pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Largest read buffer hyper keeps per connection, so the largest request
+/// head: ample for tokens and cookies, and it bounds what a connection that
+/// never finishes its headers can make us hold (hyper's default is ~400 KB;
+/// 1024 pending connections x 64 KiB = 64 MiB at worst).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +103,7 @@ pub async fn run(
         )),
     };
     info!(addr = %listener.local_addr()?, broker = broker.name(), "listening");
+    info!("{}", protections(&config));
     let hub_options = HubOptions {
         max_delivery_bytes: config
             .max_delivery_bytes
@@ -170,12 +176,106 @@ async fn accept_loop(listener: &TcpListener, app: &Arc<App>) {
     }
 }
 
+/// One line saying which protections are on, logged at start-up: an
+/// operator sees at once whether this node is open (no token, open publish).
+pub fn protections(c: &Config) -> String {
+    let auth = match &c.jwt_key {
+        Some(key) => format!("jwt {:?}", key.algorithm()),
+        None => "none (anyone may connect)".to_owned(),
+    };
+    let or_off = |v: Option<std::num::NonZeroUsize>| v.map_or("off".to_owned(), |n| n.to_string());
+    format!(
+        "protections: auth={auth} api_key={} origins={} require_origin={} acl={} authz={} \
+         max_connections={} max_pending_connections={} max_connections_per_ip={} \
+         new_connections_per_ip_per_sec={} trusted_proxies={} http_header_timeout_ms={} \
+         http_body_timeout_ms={}",
+        if c.api_key.is_some() {
+            "on"
+        } else {
+            "off (publish is open)"
+        },
+        c.allowed_origins
+            .as_ref()
+            .map_or("any".to_owned(), |o| o.join(",")),
+        c.require_origin,
+        c.allow.as_ref().map_or("off".to_owned(), |a| format!(
+            "WSGATE_ALLOW={}",
+            a.join(",")
+        )),
+        c.auth_url
+            .as_ref()
+            .map_or("off".to_owned(), |u| u.to_string()),
+        c.max_connections,
+        c.max_pending_connections,
+        or_off(c.max_connections_per_ip),
+        or_off(c.new_connections_per_ip_per_sec),
+        c.trusted_proxies.len(),
+        c.http_header_timeout.as_millis(),
+        c.http_body_timeout.as_millis(),
+    )
+}
+
 /// Serves HTTP on one connection until it ends, is upgraded, or shutdown.
+///
+/// First the connection is admitted as pending (see [`crate::pending`]): it
+/// takes a place of its address (unless it comes from a trusted proxy) and
+/// a node-wide pending place, or is answered 429/503 and closed. hyper then
+/// reads requests under `WSGATE_HTTP_HEADER_TIMEOUT_MS`, which runs whenever
+/// it waits for a request head: on a new connection, mid-headers, and
+/// between keep-alive requests.
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, app: Arc<App>) {
     let _ = stream.set_nodelay(true);
+    let proxy = app
+        .config
+        .trusted_proxies
+        .iter()
+        .any(|n| n.contains(peer.ip()));
+    let ip_slot = if proxy {
+        None
+    } else {
+        match app.ip_limits.admit(peer.ip()) {
+            Ok(slot) => Some(slot),
+            Err(refusal) => {
+                app.metrics
+                    .refused
+                    .with_label_values(&[refusal.metric_reason()])
+                    .inc();
+                debug!(%peer, cause = %refusal, "connection refused: per-address limit");
+                let error = refusal.to_string();
+                app.pending
+                    .refuse(stream, "429 Too Many Requests", &error, true)
+                    .await;
+                return;
+            }
+        }
+    };
+    let Some(slot) = app.pending.admit(peer, ip_slot) else {
+        app.metrics
+            .refused
+            .with_label_values(&["max_pending"])
+            .inc();
+        debug!(%peer, "connection refused: too many pending connections");
+        app.pending
+            .refuse(
+                stream,
+                "503 Service Unavailable",
+                "too many connections being set up on this node: try again",
+                true,
+            )
+            .await;
+        return;
+    };
+    let slot = Arc::new(slot);
     let mut phase = app.phase.subscribe();
-    let service = TowerToHyperService::new(warp::service(http::routes(app, peer)));
-    let conn = hyper::server::conn::http1::Builder::new()
+    let header_timeout = app.config.http_header_timeout;
+    let metrics = app.metrics.clone();
+    let service = TowerToHyperService::new(warp::service(http::routes(app, slot)));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let conn = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -187,6 +287,9 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, app: Arc<App>) {
         }
     };
     if let Err(e) = result {
+        if e.is_timeout() {
+            metrics.http_timeouts.with_label_values(&["headers"]).inc();
+        }
         debug!(%peer, cause = %e, "http connection ended with error");
     }
 }

@@ -57,7 +57,12 @@ async fn spawn(env: &[(&str, String)]) -> GatewayProcess {
 /// Runs the binary to completion: (status, stdout, stderr). Killed (and the
 /// test failed) if it is still running after 10 s.
 fn run_to_exit<K: AsRef<OsStr>, V: AsRef<OsStr>>(env: &[(K, V)]) -> (ExitStatus, String, String) {
-    let mut child = command(env)
+    run_cmd_to_exit(command(env))
+}
+
+/// [`run_to_exit`] of a prepared command (arguments, limits).
+fn run_cmd_to_exit(mut cmd: Command) -> (ExitStatus, String, String) {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -410,4 +415,345 @@ async fn default_setup_works_without_redis() {
     let reader = tokio::spawn(read_until_closed(c));
     assert_eq!(gw.interrupt().await.code(), Some(0));
     assert_eq!(joined(reader).await.map(|c| c.0), Some(1001));
+}
+
+// ---------------------------------------------------------------- issue 10: start-up hardening
+
+/// Sets the child's open-file limits to (`soft`, `hard`) before it starts.
+fn with_nofile(cmd: &mut Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls setrlimit, which
+    // is async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Waits for `/readyz` of a child started by hand; panics (with its stderr)
+/// if it exits first.
+async fn wait_ready_or_exit(gw: &mut GatewayProcess) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = gw.child.try_wait().expect("try_wait") {
+            let mut stderr = String::new();
+            if let Some(mut e) = gw.child.stderr.take() {
+                use std::io::Read as _;
+                let _ = e.read_to_string(&mut stderr);
+            }
+            panic!("wsgate exited with {status:?}: {stderr}");
+        }
+        if http(gw.addr, "GET", "/readyz", None).await.0 == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no /readyz within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A misspelt variable stops start-up with exit 2 and the nearest known
+/// name; before, `WSGATE_JWT_SECRETS` started an open node.
+#[test]
+fn a_misspelt_variable_exits_2_with_the_nearest_name() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    for (var, value, nearest) in [
+        (
+            "WSGATE_JWT_SECRETS",
+            "0123456789abcdef0123456789abcdef",
+            "WSGATE_JWT_SECRET",
+        ),
+        ("WSGATE_APIKEY", "0123456789abcdef-key", "WSGATE_API_KEY"),
+        ("WSGATE_MAX_CONECTIONS", "5", "WSGATE_MAX_CONNECTIONS"),
+    ] {
+        // A valid listen address: a wrongly accepted variable would start a
+        // server, and run_to_exit's 10 s guard would fail the test.
+        let (status, stdout, stderr) =
+            run_to_exit(&[("WSGATE_LISTEN", listen.as_str()), (var, value)]);
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "{var}: {status:?}, stderr {stderr:?}"
+        );
+        assert_eq!(stdout, "", "{var}");
+        assert_eq!(
+            stderr,
+            format!("wsgate: {var} is not a wsgate variable: did you mean {nearest}?\n")
+        );
+        // The value never appears: it may be a secret.
+        assert!(!stderr.contains(value), "{stderr}");
+    }
+}
+
+/// The variables Kubernetes injects for a Service named `wsgate` do not
+/// stop start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_service_link_variables_do_not_stop_start_up() {
+    let mut gw = spawn(&[
+        ("WSGATE_SERVICE_HOST", "10.96.0.12".to_owned()),
+        ("WSGATE_SERVICE_PORT", "80".to_owned()),
+        ("WSGATE_SERVICE_PORT_HTTP", "80".to_owned()),
+        ("WSGATE_PORT", "tcp://10.96.0.12:80".to_owned()),
+        ("WSGATE_PORT_80_TCP", "tcp://10.96.0.12:80".to_owned()),
+        ("WSGATE_PORT_80_TCP_PROTO", "tcp".to_owned()),
+        ("WSGATE_PORT_80_TCP_PORT", "80".to_owned()),
+        ("WSGATE_PORT_80_TCP_ADDR", "10.96.0.12".to_owned()),
+    ])
+    .await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+/// `--help` lists every variable with its default and `--version` prints
+/// the version: exit 0, without listening (the port is held by the test, so
+/// an attempt to listen would fail with exit 1, and serving would not exit).
+/// Both work even with a bad configuration in the environment.
+#[test]
+fn help_and_version_exit_0_without_listening() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap().to_string();
+    let env = [
+        ("WSGATE_LISTEN", listen.as_str()),
+        ("WSGATE_LOG_FORMAT", "xml"),
+    ];
+    for flag in ["--help", "-h"] {
+        let mut cmd = command(&env);
+        cmd.arg(flag);
+        let (status, stdout, stderr) = run_cmd_to_exit(cmd);
+        assert_eq!(status.code(), Some(0), "{flag}: {stderr}");
+        assert_eq!(stderr, "", "{flag}");
+        assert!(stdout.starts_with("wsgate "), "{stdout}");
+        for name in wsgate::config::known_variables() {
+            assert!(
+                stdout.contains(&format!("  {name} ")),
+                "{flag}: {name} missing"
+            );
+        }
+        let default_of = |name: &str| {
+            stdout
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            default_of("WSGATE_MAX_CONNECTIONS").as_deref(),
+            Some("20000")
+        );
+        assert_eq!(default_of("WSGATE_LISTEN").as_deref(), Some("0.0.0.0:8080"));
+        assert_eq!(
+            default_of("WSGATE_HTTP_HEADER_TIMEOUT_MS").as_deref(),
+            Some("10000")
+        );
+        assert_eq!(default_of("WSGATE_JWT_SECRET").as_deref(), Some("unset"));
+    }
+    for flag in ["--version", "-V"] {
+        let mut cmd = command(&env);
+        cmd.arg(flag);
+        let (status, stdout, stderr) = run_cmd_to_exit(cmd);
+        assert_eq!(status.code(), Some(0), "{flag}: {stderr}");
+        assert_eq!(stdout, format!("wsgate {}\n", env!("CARGO_PKG_VERSION")));
+        assert_eq!(stderr, "");
+    }
+    drop(held);
+}
+
+/// Any other argument: exit 2 and one line naming it.
+#[test]
+fn an_unknown_argument_exits_2() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    for args in [
+        &["--port", "9"][..],
+        &["serve"],
+        &["--help", "extra"],
+        &["-x"],
+    ] {
+        let mut cmd = command(&[("WSGATE_LISTEN", listen.as_str())]);
+        cmd.args(args);
+        let (status, stdout, stderr) = run_cmd_to_exit(cmd);
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stdout, "");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        let named = if args[0] == "--help" {
+            args[1]
+        } else {
+            args[0]
+        };
+        assert!(stderr.contains(&format!("{named:?}")), "{args:?}: {stderr}");
+    }
+}
+
+/// Under a soft limit of 100 and a hard limit of 400 the node raises its
+/// soft limit to 400 and lowers its default caps to fit: 400 - 256 headroom
+/// = 144 descriptors, a quarter (36) for pending connections, 108 for
+/// WebSockets. 108 clients connect; the 109th is refused with 503, never by
+/// running out of descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_fd_limit_is_raised_and_the_default_caps_fit_in_it() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = command(&[("WSGATE_LISTEN", addr.to_string())]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    with_nofile(&mut cmd, 100, 400);
+    let mut gw = GatewayProcess {
+        child: cmd.spawn().expect("spawn wsgate"),
+        addr,
+    };
+    wait_ready_or_exit(&mut gw).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.pid())).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(&files[3..5], &["400", "400"], "{limits}");
+    assert_eq!(
+        metric_value(addr, "wsgate_max_connections").await,
+        Some(108.0)
+    );
+    let mut clients = Vec::new();
+    for _ in 0..108 {
+        clients.push(gw.client().await);
+    }
+    let refused = Client::try_connect(addr, "/ws", &[]).await.err().unwrap();
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.error(), "too many connections on this node");
+    // Every client is still served.
+    let mut last = clients.pop().unwrap();
+    assert_eq!(
+        last.request(json!({"action":"ping"})).await["action"],
+        json!("pong")
+    );
+    drop((last, clients));
+    assert_eq!(gw.interrupt().await.code(), Some(0));
+}
+
+/// An explicit `WSGATE_MAX_CONNECTIONS` the limit cannot hold is refused
+/// (exit 2, saying what fits) rather than lowered; one that fits is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_cap_beyond_the_fd_limit_exits_2() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = command(&[
+        ("WSGATE_LISTEN", listen.as_str()),
+        ("WSGATE_MAX_CONNECTIONS", "1000"),
+    ]);
+    with_nofile(&mut cmd, 400, 400);
+    let (status, stdout, stderr) = run_cmd_to_exit(cmd);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr,
+        "wsgate: WSGATE_MAX_CONNECTIONS=1000 does not fit in the open-file limit of 400 \
+         (needs WSGATE_MAX_CONNECTIONS + WSGATE_MAX_PENDING_CONNECTIONS + 256 descriptors; \
+         at most 108 fits): lower it, or raise the hard limit (ulimit -Hn, systemd \
+         LimitNOFILE=, docker --ulimit nofile=)\n"
+    );
+
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = command(&[
+        ("WSGATE_LISTEN", addr.to_string()),
+        ("WSGATE_MAX_CONNECTIONS", "100".to_owned()),
+    ]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    with_nofile(&mut cmd, 400, 400);
+    let mut gw = GatewayProcess {
+        child: cmd.spawn().expect("spawn wsgate"),
+        addr,
+    };
+    wait_ready_or_exit(&mut gw).await;
+    assert_eq!(
+        metric_value(addr, "wsgate_max_connections").await,
+        Some(100.0)
+    );
+    assert_eq!(gw.interrupt().await.code(), Some(0));
+}
+
+/// With the defaults, the node starts under this machine's own limit (20,000
+/// here: `cargo run --release` must keep working) with the cap that fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_defaults_start_under_this_machines_fd_limit() {
+    // The children inherit the hard limit; the soft one they raise themselves.
+    let hard = wsgate::fdlimit::raise().unwrap().hard;
+    let defaults = wsgate::Config::default();
+    let want = wsgate::fdlimit::fit(
+        hard,
+        wsgate::fdlimit::Caps {
+            connections: defaults.max_connections.get(),
+            connections_set: false,
+            pending: defaults.max_pending_connections.get(),
+            pending_set: false,
+        },
+    )
+    .unwrap();
+    let mut gw = spawn(&[]).await;
+    assert_eq!(
+        metric_value(gw.addr, "wsgate_max_connections").await,
+        Some(want.connections as f64)
+    );
+    assert_eq!(gw.interrupt().await.code(), Some(0));
+}
+
+/// Start-up logs one line saying which protections are on.
+#[test]
+fn start_up_logs_one_line_of_protections() {
+    use std::io::BufRead as _;
+    let protections = |env: &[(&str, &str)]| -> String {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut all = vec![("WSGATE_LISTEN", listen.as_str()), ("WSGATE_LOG", "info")];
+        all.extend_from_slice(env);
+        let mut child = command(&all)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn wsgate");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("protections:") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx.recv_timeout(WAIT);
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = line.expect("no protections line within WAIT");
+        line.split_once("protections: ").unwrap().1.to_owned()
+    };
+    let open = protections(&[]);
+    assert!(
+        open.starts_with(
+            "auth=none (anyone may connect) api_key=off (publish is open) origins=any \
+             require_origin=false acl=off authz=off max_connections="
+        ),
+        "{open}"
+    );
+    assert!(open.contains(" max_connections_per_ip=off "), "{open}");
+    let closed = protections(&[
+        ("WSGATE_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        ("WSGATE_API_KEY", "0123456789abcdef-key"),
+        ("WSGATE_ALLOWED_ORIGINS", "https://app.example"),
+        ("WSGATE_ALLOW", "news.*"),
+        ("WSGATE_MAX_CONNECTIONS_PER_IP", "5"),
+        ("WSGATE_MAX_CONNECTIONS", "1000"),
+    ]);
+    assert_eq!(
+        closed,
+        "auth=jwt HS256 api_key=on origins=https://app.example require_origin=false \
+         acl=WSGATE_ALLOW=news.* authz=off max_connections=1000 max_pending_connections=1024 \
+         max_connections_per_ip=5 new_connections_per_ip_per_sec=off trusted_proxies=0 \
+         http_header_timeout_ms=10000 http_body_timeout_ms=10000"
+    );
+    assert!(!closed.contains("0123456789abcdef"), "secrets never logged");
 }

@@ -899,7 +899,7 @@ async fn http_publish(b: Backend) {
     const LIMIT: usize = 4096;
     let env = b
         .start_with(|c| Config {
-            max_message_bytes: nz(LIMIT),
+            max_publish_bytes: nz(LIMIT),
             ..c
         })
         .await;
