@@ -777,7 +777,7 @@ async fn publish(app: Arc<App>, body: Bytes) -> warp::reply::Response {
 /// body, and for a batch entry its index (`messages[2]: ...`).
 fn parse_publish(config: &Config, body: &[u8]) -> Result<(Vec<Publication>, bool), String> {
     let parsed = serde_json::from_slice::<PublishBody<'_>>(body)
-        .map_err(|e| format!("invalid publish body: {e}; {PUBLISH_USAGE}"))?;
+        .map_err(|e| format!("invalid body: {e}"))?;
     match parsed {
         PublishBody {
             channel: Some(channel),
@@ -837,7 +837,7 @@ fn publication(config: &Config, m: PublishOne) -> Result<Publication, String> {
         (Some(_), Some(_)) => {
             return Err(r#"give either "payload" or "payload_text", not both"#.to_owned())
         }
-        (None, None) => return Err(r#"missing field "payload" (or "payload_text")"#.to_owned()),
+        (None, None) => return Err(format!(r#"missing field "payload": {PUBLISH_USAGE}"#)),
     };
     let idempotency_key = match m.idempotency_key {
         Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES => {

@@ -448,11 +448,11 @@ async fn publish_errors_name_the_field_the_position_and_the_batch_index() {
     let gw = Gateway::start(test_config(None)).await;
     let mut all = gw.client().await;
     all.psubscribe("*").await;
-    let shapes = r#"expected {"channel": string, "payload": any} or {"messages": [{"channel": string, "payload": any}, ...]}"#;
+    let shapes = r#"expected {"channel": string, "payload": any JSON} (or "payload_text": string instead of "payload"; optional "idempotency_key": string), or {"messages": [such objects, ...]}"#;
     for (body, error) in [
         (
             r#"{"channel":"a","payload":1,"extra":true}"#.to_owned(),
-            "invalid body: unknown field `extra`, expected one of `channel`, `payload`, `messages` at line 1 column 34".to_owned(),
+            "invalid body: unknown field `extra`, expected one of `channel`, `payload`, `payload_text`, `idempotency_key`, `messages` at line 1 column 34".to_owned(),
         ),
         (
             "not json".to_owned(),
@@ -468,12 +468,12 @@ async fn publish_errors_name_the_field_the_position_and_the_batch_index() {
         ),
         (
             r#"{"messages":[{"channel":"a","payload":1},{"channel":"b"}]}"#.to_owned(),
-            "messages[1]: missing field `payload` at line 1 column 56".to_owned(),
+            format!(r#"messages[1]: missing field "payload": {shapes}"#),
         ),
         (
             "{\"messages\": [\n  {\"channel\": \"a\", \"payload\": 1},\n  {\"channel\": \"b\", \"payload\": 2, \"id\": 7}\n]}"
                 .to_owned(),
-            "messages[1]: unknown field `id`, expected `channel` or `payload` at line 3 column 37"
+            "messages[1]: unknown field `id`, expected one of `channel`, `payload`, `payload_text`, `idempotency_key` at line 3 column 37"
                 .to_owned(),
         ),
         (
@@ -498,9 +498,9 @@ async fn publish_errors_name_the_field_the_position_and_the_batch_index() {
         ),
         (
             r#"{"channel":"a","payload":1,"messages":[{"channel":"a","payload":1}]}"#.to_owned(),
-            format!(r#""messages" cannot be combined with "channel" or "payload": {shapes}"#),
+            format!(r#""messages" cannot be combined with other fields: {shapes}"#),
         ),
-        ("{}".to_owned(), shapes.to_owned()),
+        ("{}".to_owned(), format!(r#"missing field "channel": {shapes}"#)),
         (
             r#"{"channel":"","payload":1}"#.to_owned(),
             "channel must be 1 to 256 bytes".to_owned(),
