@@ -247,7 +247,7 @@ pub struct Script {
 
 impl Script {
     /// Starts `tests/js/<script>` with `args` (installing the packages first
-    /// if needed).
+    /// if needed). Call it inside a Tokio runtime: a task collects stderr.
     pub fn spawn(script: &str, args: &[&str]) -> Script {
         let tools = tools();
         let dir = js_dir();
