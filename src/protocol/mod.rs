@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::broker::{BrokerMessage, Topic};
 
+pub mod bayeux;
 pub mod native;
 
 /// An encoded WebSocket message, ready to be queued to any number of sockets:

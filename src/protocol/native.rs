@@ -276,7 +276,7 @@ fn push_json_str(out: &mut String, bytes: &[u8]) {
 /// Appends the payload: raw JSON if it is JSON, a string if UTF-8, else base64.
 fn push_payload(out: &mut String, payload: &[u8]) {
     match std::str::from_utf8(payload) {
-        Ok(text) if StrictJson::check(text) => out.push_str(text),
+        Ok(text) if is_strict_json(text, MAX_PAYLOAD_DEPTH) => out.push_str(text),
         Ok(text) => {
             if let Ok(quoted) = serde_json::to_string(text) {
                 out.push_str(&quoted);
@@ -297,27 +297,38 @@ fn push_payload(out: &mut String, payload: &[u8]) {
 /// since the frame wraps the payload in one more object, the payload may nest
 /// one level less than serde_json's limit of 128, or the frame would be
 /// unreadable by strict clients (found by `cargo fuzz run delivery`).
+#[derive(Clone, Copy)]
 struct StrictJson {
     depth: usize,
+    max: usize,
 }
 
 /// Deepest payload nesting embedded as JSON (serde_json's limit is 128 levels,
 /// and the frame adds one); deeper payloads are delivered as strings.
 const MAX_PAYLOAD_DEPTH: usize = 126;
 
-impl StrictJson {
-    fn check(text: &str) -> bool {
-        let mut de = serde_json::Deserializer::from_str(text);
-        serde::de::DeserializeSeed::deserialize(StrictJson { depth: 0 }, &mut de).is_ok()
-            && de.end().is_ok()
-    }
+/// Is `text` exactly one JSON document that serde_json reads back as a
+/// value, nesting at most `max_depth` arrays/objects deep? Every dialect
+/// that embeds foreign JSON in its own frames asks this (the native one for
+/// Redis payloads, Bayeux for payloads and for what its clients send), so
+/// that what it renders is always readable by a strict client.
+pub(crate) fn is_strict_json(text: &str, max_depth: usize) -> bool {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let seed = StrictJson {
+        depth: 0,
+        max: max_depth,
+    };
+    serde::de::DeserializeSeed::deserialize(seed, &mut de).is_ok() && de.end().is_ok()
+}
 
+impl StrictJson {
     fn nested<E: serde::de::Error>(&self) -> Result<StrictJson, E> {
-        if self.depth >= MAX_PAYLOAD_DEPTH {
+        if self.depth >= self.max {
             return Err(E::custom("payload nested too deep to embed"));
         }
         Ok(StrictJson {
             depth: self.depth + 1,
+            max: self.max,
         })
     }
 }
@@ -356,19 +367,13 @@ impl<'de> serde::de::Visitor<'de> for StrictJson {
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let inner = self.nested()?;
-        while seq
-            .next_element_seed(StrictJson { depth: inner.depth })?
-            .is_some()
-        {}
+        while seq.next_element_seed(inner)?.is_some() {}
         Ok(())
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let inner = self.nested()?;
-        while map
-            .next_key_seed(StrictJson { depth: inner.depth })?
-            .is_some()
-        {
-            map.next_value_seed(StrictJson { depth: inner.depth })?;
+        while map.next_key_seed(inner)?.is_some() {
+            map.next_value_seed(inner)?;
         }
         Ok(())
     }

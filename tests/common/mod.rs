@@ -26,6 +26,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsgate::Config;
 
+pub mod node;
+
 /// Default bound on any single wait in tests.
 pub const WAIT: Duration = Duration::from_secs(10);
 

@@ -1,0 +1,128 @@
+// The npm `faye` client (Node) against a Bayeux endpoint, driven by the
+// line protocol of harness.js. Faye always handshakes over HTTP
+// (long-polling) and then, unless --transport long-polling disables it,
+// switches to a WebSocket; the {"event":"connect"} lines say which
+// connection type each /meta/connect used.
+//
+// Events: handshake {clientId, successful, error?}; connect {connectionType};
+// subscribed / subscribe_failed {subscription, error?}; ready;
+// message {subscription, channel, data} (one per matching subscription, as
+// faye dispatches); delivery {channel, data, message} (one per message on
+// the wire); meta {message} (every /meta reply as received); ack {message}
+// (every publish acknowledgement as received); published {ref, ok, error?};
+// unsubscribed {subscription, successful}; disconnected; error {error}.
+
+import faye from "faye";
+import { commands, emit, exit, guard, parseArgs, readiness } from "./harness.js";
+
+const opts = parseArgs(process.argv.slice(2));
+guard(opts.maxMs);
+
+const client = new faye.Client(opts.url, { timeout: 30, retry: 1 });
+if (opts.transport === "long-polling") client.disable("websocket");
+
+let lastType = null;
+client.addExtension({
+    outgoing(message, callback) {
+        if (message.channel === "/meta/handshake" && opts.token) {
+            message.ext = Object.assign({}, message.ext, { token: opts.token });
+        }
+        if (message.channel === "/meta/connect" && message.connectionType !== lastType) {
+            lastType = message.connectionType;
+            emit({ event: "connect", connectionType: lastType });
+        }
+        callback(message);
+    },
+    incoming(message, callback) {
+        const channel = message.channel || "";
+        if (channel.startsWith("/meta/")) {
+            emit({ event: "meta", message });
+            if (channel === "/meta/handshake") {
+                emit({
+                    event: "handshake",
+                    clientId: message.clientId || null,
+                    successful: !!message.successful,
+                    error: message.error,
+                });
+            }
+            if (channel === "/meta/unsubscribe") {
+                emit({
+                    event: "unsubscribed",
+                    subscription: message.subscription,
+                    successful: !!message.successful,
+                });
+            }
+        } else if (message.data !== undefined) {
+            emit({ event: "delivery", channel, data: message.data, message });
+        } else {
+            emit({ event: "ack", message });
+        }
+        callback(message);
+    },
+});
+
+const subscriptions = new Map();
+const ready = readiness(opts.subscribe);
+
+function subscribe(channel) {
+    const sub = client.subscribe(channel);
+    sub.withChannel((ch, data) => emit({ event: "message", subscription: channel, channel: ch, data }));
+    subscriptions.set(channel, sub);
+    sub.then(
+        () => {
+            emit({ event: "subscribed", subscription: channel });
+            ready(channel);
+        },
+        (error) => {
+            emit({ event: "subscribe_failed", subscription: channel, error: String(error) });
+            subscriptions.delete(channel);
+            ready(channel);
+        },
+    );
+}
+
+for (const channel of opts.subscribe) subscribe(channel);
+
+let disconnecting = false;
+function disconnect() {
+    if (disconnecting) return;
+    disconnecting = true;
+    const done = (ok, error) => {
+        emit({ event: "disconnected", ok, error });
+        exit(ok ? 0 : 1);
+    };
+    const promise = client.disconnect();
+    if (!promise) return done(false, "client was not connected");
+    setTimeout(() => done(false, "no disconnect reply within 5000 ms"), 5000).unref();
+    promise.then(() => done(true), (error) => done(false, String(error)));
+}
+
+commands((cmd) => {
+    switch (cmd.cmd) {
+        case "publish":
+            client.publish(cmd.channel, cmd.data).then(
+                () => emit({ event: "published", ref: cmd.ref, ok: true }),
+                (error) => emit({ event: "published", ref: cmd.ref, ok: false, error: String(error) }),
+            );
+            break;
+        case "subscribe":
+            subscribe(cmd.channel);
+            break;
+        case "unsubscribe": {
+            const sub = subscriptions.get(cmd.channel);
+            if (!sub) {
+                emit({ event: "error", error: `not subscribed to ${cmd.channel}` });
+                break;
+            }
+            subscriptions.delete(cmd.channel);
+            sub.cancel();
+            break;
+        }
+        case "disconnect":
+        case "eof":
+            disconnect();
+            break;
+        default:
+            emit({ event: "error", error: `unknown command ${JSON.stringify(cmd)}` });
+    }
+});
