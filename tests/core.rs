@@ -390,6 +390,25 @@ async fn a_client_close_is_answered_with_its_code() {
     gw.stop().await;
 }
 
+/// The same with a real client, node's `ws` (issue 10 names it): before,
+/// it reported `1006 wasClean false` after `ws.close(1000, 'bye')`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ws_sees_a_clean_close() {
+    let gw = Gateway::start(test_config(None)).await;
+    let url = format!("ws://{}/ws", gw.addr);
+    let (status, events) = common::node::run("ws_close.js", &[&url], &[], WAIT).await;
+    assert!(status.success(), "{status}: {events:?}");
+    let close = events
+        .iter()
+        .find(|e| e["event"] == "close")
+        .unwrap_or_else(|| panic!("no close event: {events:?}"));
+    assert_eq!(
+        close,
+        &json!({"event":"close","code":1000,"reason":"bye","wasClean":true})
+    );
+    gw.stop().await;
+}
+
 /// Opens a WebSocket by hand and returns the raw stream after the 101.
 async fn raw_ws(addr: std::net::SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.expect("connect");
