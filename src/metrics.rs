@@ -17,6 +17,7 @@ use prometheus::{
 /// `ip_connections`, `ip_table_full` (upgrade 429), `not_allowed` (subscribe
 /// outside the ACLs), `authz_denied`, `authz_unavailable` (callback),
 /// `api_key` (publish 401), `token_expired` (connection closed with 4001).
+/// The pattern cost limits add theirs ([`crate::pattern_cost::REASONS`]).
 pub const REFUSAL_REASONS: [&str; 13] = [
     "max_connections",
     "draining",
@@ -74,6 +75,15 @@ pub struct Metrics {
     /// `wsgate_refused_total{reason}`: requests refused by a limit or a
     /// security check; the reasons are [`REFUSAL_REASONS`].
     pub refused: IntCounterVec,
+    /// `wsgate_redis_numpat`: `PUBSUB NUMPAT` as Redis last reported it
+    /// (distinct patterns over every client of that Redis, not just this
+    /// node), polled every `WSGATE_REDIS_PROBE_INTERVAL_MS`; with the
+    /// embedded broker, the patterns it holds.
+    pub redis_numpat: IntGauge,
+    /// `wsgate_redis_patterns`: patterns this node holds in Redis after
+    /// coalescing (at most `WSGATE_MAX_REDIS_PATTERNS`, plus any being
+    /// replaced by a wider one at that moment).
+    pub redis_patterns: IntGauge,
 }
 
 impl Metrics {
@@ -169,6 +179,16 @@ impl Metrics {
                 &["reason"],
             )
             .unwrap_or_else(never),
+            redis_numpat: IntGauge::new(
+                "wsgate_redis_numpat",
+                "PUBSUB NUMPAT as Redis last reported it",
+            )
+            .unwrap_or_else(never),
+            redis_patterns: IntGauge::new(
+                "wsgate_redis_patterns",
+                "Patterns this node holds in Redis after coalescing",
+            )
+            .unwrap_or_else(never),
             registry,
         };
         m.register_all();
@@ -176,7 +196,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(self.connections.clone()),
             Box::new(self.local_subscriptions.clone()),
             Box::new(self.broker_subscriptions.clone()),
@@ -193,6 +213,8 @@ impl Metrics {
             Box::new(self.gap_notices.clone()),
             Box::new(self.subscribes_held.clone()),
             Box::new(self.refused.clone()),
+            Box::new(self.redis_numpat.clone()),
+            Box::new(self.redis_patterns.clone()),
         ];
         for c in collectors {
             // Names are distinct constants on a fresh registry: this cannot fail.
@@ -202,7 +224,7 @@ impl Metrics {
             self.local_subscriptions.with_label_values(&[kind]).set(0);
             self.broker_subscriptions.with_label_values(&[kind]).set(0);
         }
-        for reason in REFUSAL_REASONS {
+        for reason in REFUSAL_REASONS.iter().chain(&crate::pattern_cost::REASONS) {
             self.refused.with_label_values(&[reason]).inc_by(0);
         }
     }

@@ -202,7 +202,9 @@ fn is_glob(b: u8) -> bool {
 #[must_use]
 pub fn literal_prefix(pattern: &[u8]) -> &[u8] {
     let end = pattern.iter().position(|&b| is_glob(b));
-    pattern.get(..end.unwrap_or(pattern.len())).unwrap_or(pattern)
+    pattern
+        .get(..end.unwrap_or(pattern.len()))
+        .unwrap_or(pattern)
 }
 
 /// Is `pattern` cheap for Redis to match against every publish? A literal
@@ -212,7 +214,9 @@ pub fn literal_prefix(pattern: &[u8]) -> &[u8] {
 /// walk the whole channel, and is coalesced instead.
 #[must_use]
 pub fn is_cheap(pattern: &[u8]) -> bool {
-    let rest = pattern.get(literal_prefix(pattern).len()..).unwrap_or_default();
+    let rest = pattern
+        .get(literal_prefix(pattern).len()..)
+        .unwrap_or_default();
     rest.iter().all(|&b| b == b'*')
 }
 
@@ -244,7 +248,11 @@ mod tests {
         assert_eq!(s(b"a\\"), (0, 0, false), "a trailing \\ is a literal");
         assert_eq!(s(b"[ab]"), (0, 1, false));
         assert_eq!(s(b"[^a-z]?"), (1, 1, false));
-        assert_eq!(s(b"[*?]"), (0, 1, false), "syntax inside a class is a member");
+        assert_eq!(
+            s(b"[*?]"),
+            (0, 1, false),
+            "syntax inside a class is a member"
+        );
         assert_eq!(s(b"[]a]"), (0, 1, false), "[] is an empty class, then a]");
         assert_eq!(s(b"[\\]]"), (0, 1, false), "an escaped ] does not close");
         assert_eq!(s(b"[a-"), (0, 1, true));
@@ -324,11 +332,7 @@ mod tests {
                 .collect();
             patterns.extend(longer);
         }
-        let channels: Vec<Vec<u8>> = patterns
-            .iter()
-            .filter(|c| c.len() <= 3)
-            .cloned()
-            .collect();
+        let channels: Vec<Vec<u8>> = patterns.iter().filter(|c| c.len() <= 3).cloned().collect();
         for p in patterns.iter().filter(|p| !p.is_empty()) {
             let prefix = literal_prefix(p);
             let mut cover = prefix.to_vec();

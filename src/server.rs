@@ -79,6 +79,7 @@ pub async fn run(
                 probe_interval: config.redis_probe_interval,
                 probe_timeout: config.redis_probe_timeout,
                 backoff_max: config.redis_backoff_max,
+                max_redis_patterns: config.max_redis_patterns.get(),
             };
             Arc::new(RedisBroker::start(
                 url,
@@ -91,6 +92,7 @@ pub async fn run(
     };
     info!(addr = %listener.local_addr()?, broker = broker.name(), "listening");
     let hub = Hub::start(broker, events_rx, metrics.clone());
+    hub.set_max_patterns(config.max_patterns.get());
     let app = Arc::new(App::new(hub.clone(), metrics, config));
 
     let mut accepting = Box::pin(accept_loop(&listener, &app));

@@ -28,6 +28,8 @@ pub struct MemoryBroker {
     /// Behind its own mutex because publishes arrive from many HTTP tasks;
     /// held only for non-blocking `try_send`s.
     events: Mutex<EventSink>,
+    /// `wsgate_redis_numpat`: here, the patterns this broker holds.
+    numpat: prometheus::IntGauge,
 }
 
 #[derive(Default)]
@@ -47,6 +49,7 @@ impl MemoryBroker {
         metrics.broker_up.set(1);
         MemoryBroker {
             subscriptions: Mutex::new(Subscriptions::default()),
+            numpat: metrics.redis_numpat.clone(),
             events: Mutex::new(EventSink::new(events, metrics)),
         }
     }
@@ -92,6 +95,7 @@ impl Broker for MemoryBroker {
                 Topic::Pattern(n) => subs.patterns.insert(n),
             };
         }
+        self.numpat.set(subs.patterns.len() as i64);
         future::ready(Ok(())).boxed()
     }
 

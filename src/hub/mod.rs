@@ -18,8 +18,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::broker::{Broker, BrokerEvent, BrokerMessage, Topic, MAX_BATCH};
+use crate::broker::{Broker, BrokerEvent, BrokerMessage, CoveredMessage, Topic, MAX_BATCH};
 use crate::metrics::Metrics;
+use crate::pattern_cost::Refusal;
 use crate::protocol::{Frame, Notice, NoticeKind};
 use crate::session::outbox::Pushed;
 pub use registry::{Confirmation, LinkState, Member, Removed};
@@ -85,16 +86,18 @@ impl Hub {
     /// Adds `member` to `topic`. `ack` is the success reply, queued by the hub
     /// at the moment the member becomes active so that it precedes every
     /// delivery. `None`: active already; otherwise wait on the confirmation.
+    /// Refused (nothing changes) for a pattern new to a node that holds
+    /// `WSGATE_MAX_PATTERNS` patterns already.
     pub fn subscribe(
         &self,
         member: &Arc<Member>,
         topic: Topic,
         ack: Frame,
-    ) -> Option<Confirmation> {
+    ) -> Result<Option<Confirmation>, Refusal> {
         let kind = topic.kind();
         let pending = {
             let mut registry = self.shared.lock();
-            let pending = registry.subscribe(member.clone(), topic, ack);
+            let pending = registry.subscribe(member.clone(), topic, ack)?;
             self.shared.update_gauges(&registry);
             pending
         };
@@ -106,7 +109,13 @@ impl Hub {
         if pending.is_some() {
             self.shared.dirty.notify_one();
         }
-        pending
+        Ok(pending)
+    }
+
+    /// Caps the distinct patterns this node holds (`WSGATE_MAX_PATTERNS`);
+    /// set once at start-up, before any session.
+    pub fn set_max_patterns(&self, max: usize) {
+        self.shared.lock().set_max_patterns(max);
     }
 
     /// Removes `member_id` from `topic`.
@@ -221,7 +230,7 @@ impl Shared {
             }
             BrokerEvent::Down => interrupted = registry.broker_down(),
             BrokerEvent::Reconnecting => registry.broker_reconnecting(),
-            BrokerEvent::Message(_) | BrokerEvent::Gap(_) => {}
+            BrokerEvent::Message(_) | BrokerEvent::Covered(_) | BrokerEvent::Gap(_) => {}
         }
         self.update_gauges(&registry);
         let after = registry.link();
@@ -273,6 +282,25 @@ impl Shared {
             };
             if member.outbox.push(frame) == Pushed::Overflowed {
                 self.metrics.slow_consumer_closes.inc();
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// A message that came through a Redis pattern standing for several
+    /// client patterns: delivered to each that matches, as Redis itself
+    /// would have decided (`crate::pattern` is its matcher byte for byte).
+    /// Each matching pattern is one subscription, rendered once per dialect,
+    /// exactly as if Redis had sent one `pmessage` per pattern.
+    fn deliver_covered(&self, msg: &CoveredMessage) {
+        for pattern in msg.patterns.iter() {
+            if *pattern == msg.via || crate::pattern::matches(pattern, &msg.channel) {
+                self.deliver(&BrokerMessage {
+                    topic: Topic::Pattern(pattern.clone()),
+                    channel: msg.channel.clone(),
+                    payload: msg.payload.clone(),
+                });
             }
         }
     }
@@ -344,6 +372,7 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
         for event in batch.drain(..) {
             match event {
                 BrokerEvent::Message(msg) => shared.deliver(&msg),
+                BrokerEvent::Covered(msg) => shared.deliver_covered(&msg),
                 BrokerEvent::Gap(topics) => shared.gap(topics),
                 state => shared.link_event(state),
             }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::broker::{BrokerError, Changes, Topic};
+use crate::pattern_cost::{self, Refusal};
 use crate::protocol::{Dialect, Frame};
 use crate::session::outbox::Outbox;
 
@@ -194,30 +195,76 @@ pub struct Registry {
     /// `Down`/`Up` events cannot leave a stale state behind.
     generation: u64,
     held: HeldCounts,
+    /// `WSGATE_MAX_PATTERNS` and the count it bounds; see [`PatternCap`].
+    patterns: PatternCap,
+}
+
+/// The node-wide cap on distinct patterns: how many patterns have at least
+/// one member (active or pending), and how many may. Kept apart from the rest
+/// of the registry on purpose: it only ever refuses a subscribe.
+#[derive(Default)]
+struct PatternCap {
+    wanted: usize,
+    /// `None`: no cap (the registry's default, for unit tests).
+    max: Option<usize>,
+}
+
+impl PatternCap {
+    /// Why a subscribe to `topic`, whose entry is `wanted` already or not,
+    /// must be refused, if it must: only a pattern new to the node counts.
+    fn refusal(&self, topic: &Topic, wanted: bool) -> Option<Refusal> {
+        let max = self.max?;
+        (matches!(topic, Topic::Pattern(_)) && !wanted && self.wanted >= max)
+            .then(|| pattern_cost::node_refusal(max))
+    }
+
+    /// A pattern entry became wanted (`true`) or stopped being wanted.
+    fn changed(&mut self, topic: &Topic, wanted: bool) {
+        if matches!(topic, Topic::Pattern(_)) {
+            if wanted {
+                self.wanted += 1;
+            } else {
+                self.wanted = self.wanted.saturating_sub(1);
+            }
+        }
+    }
 }
 
 impl Registry {
+    /// Caps the distinct patterns the node holds (`WSGATE_MAX_PATTERNS`).
+    pub fn set_max_patterns(&mut self, max: usize) {
+        self.patterns.max = Some(max);
+    }
+
     /// Adds `member` to `topic`. Returns `None` when the broker already holds
     /// the topic (the member is active and `ack` already queued), or a
-    /// [`Confirmation`] to wait for.
+    /// [`Confirmation`] to wait for; refuses a pattern new to the node when
+    /// the node holds `WSGATE_MAX_PATTERNS` already.
     pub fn subscribe(
         &mut self,
         member: Arc<Member>,
         topic: Topic,
         ack: Frame,
-    ) -> Option<Confirmation> {
+    ) -> Result<Option<Confirmation>, Refusal> {
+        let wanted = self.entries.get(&topic).is_some_and(Entry::wanted);
+        if let Some(refusal) = self.patterns.refusal(&topic, wanted) {
+            return Err(refusal);
+        }
+        if !wanted {
+            self.patterns.changed(&topic, true);
+        }
         let entry = self.entries.entry(topic.clone()).or_insert_with(Entry::new);
         let (done, confirmation) = oneshot::channel();
         let waiter = Waiter { member, ack, done };
         if entry.held == Held::Present {
             entry.activate(waiter);
             entry.rebuild_snapshot();
-            return None;
+            return Ok(None);
         }
         entry.pending.insert(waiter.member.id, waiter);
         self.waiting += 1;
         self.mark_dirty(&topic);
-        Some(confirmation)
+        Ok(Some(confirmation))
     }
 
     /// Removes `member_id` from `topic`.
@@ -235,6 +282,9 @@ impl Registry {
             Removed::NotFound
         };
         if !entry.wanted() {
+            if removed != Removed::NotFound {
+                self.patterns.changed(topic, false);
+            }
             self.mark_dirty(topic);
         }
         removed
@@ -251,6 +301,7 @@ impl Registry {
         }
         self.waiting -= 1;
         if !entry.wanted() {
+            self.patterns.changed(topic, false);
             self.mark_dirty(topic);
         }
         true

@@ -47,6 +47,7 @@ use crate::http::SessionSlot;
 use crate::hub::{Hub, Member, Removed};
 use crate::limits::IpSlot;
 use crate::metrics::Metrics;
+use crate::pattern_cost::{self, PatternLimits};
 use crate::protocol::{Ack, AckKind, Dialect, Frame, Request};
 use crate::shutdown::{stopping, Phase};
 use outbox::{Outbox, State};
@@ -87,6 +88,8 @@ pub struct SessionContext {
     pub max_subscriptions: usize,
     /// Longest channel or pattern, in bytes.
     pub max_pattern_bytes: usize,
+    /// What one pattern may contain, and how many one connection may hold.
+    pub pattern_limits: PatternLimits,
     /// Outbound bytes queued before the client counts as slow.
     pub queue_bytes: usize,
     /// How long a subscribe waits for the broker.
@@ -440,6 +443,12 @@ impl Session {
                 ctx.max_subscriptions
             ));
         }
+        if let Some(r) =
+            pattern_cost::connection_refusal(&ctx.pattern_limits, topic, self.held.keys())
+        {
+            ctx.metrics.refused.with_label_values(&[r.reason]).inc();
+            return Some(r.message);
+        }
         if !self.bucket.take() {
             ctx.metrics
                 .refused
@@ -565,7 +574,10 @@ impl Session {
             id: id.as_deref(),
             error: None,
         });
-        let pending = ctx.hub.subscribe(&self.member, topic.clone(), ack);
+        let pending = match ctx.hub.subscribe(&self.member, topic.clone(), ack) {
+            Ok(pending) => pending,
+            Err(r) => return self.refuse(ctx, r.reason, &topic, id.as_deref(), &r.message),
+        };
         self.held.insert(
             topic.clone(),
             Held {

@@ -12,8 +12,16 @@
 //! We speak RESP2 ourselves on this connection (see [`resp`]) rather than use
 //! redis-rs's pub/sub types: those either do not reconnect or buffer pushes in
 //! an unbounded channel, and they copy every payload. Publishing uses an
-//! ordinary redis-rs [`ConnectionManager`].
+//! ordinary redis-rs [`ConnectionManager`], which also polls `PUBSUB NUMPAT`
+//! for the `wsgate_redis_numpat` gauge (the pub/sub connection, in RESP2
+//! subscribed mode, cannot run it).
+//!
+//! Client patterns are not subscribed one for one: [`cover`] decides which
+//! cheap Redis patterns stand for them (at most `WSGATE_MAX_REDIS_PATTERNS`),
+//! so that the cost every `PUBLISH` pays in Redis stays small whatever the
+//! clients ask for.
 
+mod cover;
 mod resp;
 
 use std::collections::VecDeque;
@@ -27,9 +35,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
-use super::{Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, HubGone, Topic};
+use super::{
+    Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, CoveredMessage, EventSink, HubGone,
+    Topic,
+};
 use crate::backoff::backoff;
 use crate::metrics::Metrics;
+use cover::{Commands, Covers, Route};
 use resp::Value;
 
 /// Requests waiting for the actor. Only the hub's reconciler sends, one batch
@@ -61,6 +73,9 @@ pub struct RedisOptions {
     pub probe_timeout: Duration,
     /// Reconnect backoff cap (an outage costs at most this much extra).
     pub backoff_max: Duration,
+    /// `WSGATE_MAX_REDIS_PATTERNS`: patterns this node may hold in Redis;
+    /// client patterns beyond are coalesced (see [`cover`]).
+    pub max_redis_patterns: usize,
 }
 
 /// Handle to the Redis broker actor; dropping every handle stops it.
@@ -101,6 +116,15 @@ impl RedisBroker {
                 .set_number_of_retries(1),
         )?;
         let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
+        tokio::spawn(
+            poll_numpat(
+                publisher.clone(),
+                tx.downgrade(),
+                metrics.clone(),
+                options.probe_interval,
+            )
+            .instrument(tracing::info_span!("redis_numpat")),
+        );
         let actor = Actor {
             host,
             port,
@@ -109,6 +133,8 @@ impl RedisBroker {
             events: EventSink::new(events, metrics.clone()),
             metrics,
             options,
+            covers: Covers::new(options.max_redis_patterns),
+            follow_up: BytesMut::new(),
         };
         let span =
             tracing::info_span!("redis_pubsub", addr = %format!("{}:{}", actor.host, actor.port));
@@ -196,13 +222,20 @@ struct Actor {
     events: EventSink,
     metrics: Metrics,
     options: RedisOptions,
+    /// Which Redis patterns stand for which client patterns, on the current
+    /// connection (empty again on every new one).
+    covers: Covers,
+    /// Commands the coalescing decided on while reading (letting go of
+    /// patterns a wider one replaced), written once the read is handled.
+    follow_up: BytesMut,
 }
 
 /// A request written to Redis whose confirmations have not all arrived.
 struct InFlight {
     /// One confirmation per topic argument; Redis sends them in order.
     remaining: usize,
-    done: oneshot::Sender<Result<(), BrokerError>>,
+    /// `None` for the node's own follow-up commands: nobody waits on them.
+    done: Option<oneshot::Sender<Result<(), BrokerError>>>,
 }
 
 impl Actor {
@@ -314,6 +347,8 @@ impl Actor {
 
     /// Serves one connected period until the connection fails or shutdown.
     async fn serve(&mut self, stream: TcpStream, generation: u64) -> Exit {
+        self.covers = Covers::new(self.options.max_redis_patterns);
+        self.follow_up.clear();
         let (mut rd, mut wr) = stream.into_split();
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut out = BytesMut::new();
@@ -337,12 +372,13 @@ impl Actor {
                         continue;
                     }
                     out.clear();
-                    let expected = encode_changes(&mut out, &req.changes);
+                    let expected = encode_changes(&mut out, &req.changes, &mut self.covers);
+                    self.metrics.redis_patterns.set(self.covers.redis_patterns() as i64);
                     if expected == 0 {
                         let _ = req.done.send(Ok(()));
                         continue;
                     }
-                    inflight.push_back(InFlight { remaining: expected, done: req.done });
+                    inflight.push_back(InFlight { remaining: expected, done: Some(req.done) });
                     if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
                         break Exit::Lost(cause);
                     }
@@ -354,6 +390,14 @@ impl Actor {
                     }
                     if let Err(exit) = self.drain(&mut buf, &mut inflight, &mut pinged) {
                         break exit;
+                    }
+                    if !self.follow_up.is_empty() {
+                        self.metrics.redis_patterns.set(self.covers.redis_patterns() as i64);
+                        let written = write_within(&mut wr, &self.follow_up, write_timeout).await;
+                        self.follow_up.clear();
+                        if let Err(cause) = written {
+                            break Exit::Lost(cause);
+                        }
                     }
                 }
                 tick = probe.tick() => {
@@ -382,8 +426,11 @@ impl Actor {
             }
         };
         for req in inflight {
-            let _ = req.done.send(Err(BrokerError::ConnectionLost));
+            if let Some(done) = req.done {
+                let _ = done.send(Err(BrokerError::ConnectionLost));
+            }
         }
+        self.metrics.redis_patterns.set(0);
         exit
     }
 
@@ -417,8 +464,8 @@ impl Actor {
                 // A refused (P)SUBSCRIBE leaves Redis's state unknown to us; a
                 // fresh connection makes it known (empty) again and the hub resyncs.
                 let msg = String::from_utf8_lossy(&e).into_owned();
-                if let Some(req) = inflight.pop_front() {
-                    let _ = req.done.send(Err(BrokerError::Refused(msg.clone())));
+                if let Some(done) = inflight.pop_front().and_then(|req| req.done) {
+                    let _ = done.send(Err(BrokerError::Refused(msg.clone())));
                 }
                 return Err(Exit::Lost(format!("redis refused a command: {msg}")));
             }
@@ -443,20 +490,42 @@ impl Actor {
                 Some(Value::Bulk(pattern)),
                 Some(Value::Bulk(channel)),
                 Some(Value::Bulk(payload)),
-            ) => {
-                let topic = Topic::Pattern(pattern);
-                self.deliver(BrokerMessage {
-                    topic,
+            ) => match self.covers.route(&pattern) {
+                Route::Nobody => Ok(()),
+                Route::Itself => self.deliver(BrokerMessage {
+                    topic: Topic::Pattern(pattern),
                     channel,
                     payload,
-                })
-            }
-            (b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe", _, _, _) => {
+                }),
+                Route::Covered(patterns) => self
+                    .events
+                    .covered(CoveredMessage {
+                        via: pattern,
+                        patterns,
+                        channel,
+                        payload,
+                    })
+                    .map_err(|HubGone| Exit::Shutdown),
+            },
+            (b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe", topic, _, _) => {
+                if let (b"psubscribe", Some(Value::Bulk(pattern))) = (&kind[..], &topic) {
+                    let mut follow = Commands::default();
+                    self.covers
+                        .confirmed(pattern, &mut follow)
+                        .map_err(Exit::Lost)?;
+                    if !follow.punsubscribe.is_empty() {
+                        inflight.push_back(InFlight {
+                            remaining: follow.punsubscribe.len(),
+                            done: None,
+                        });
+                        encode(&mut self.follow_up, b"PUNSUBSCRIBE", &follow.punsubscribe);
+                    }
+                }
                 if let Some(front) = inflight.front_mut() {
                     front.remaining -= 1;
                     if front.remaining == 0 {
-                        if let Some(req) = inflight.pop_front() {
-                            let _ = req.done.send(Ok(()));
+                        if let Some(done) = inflight.pop_front().and_then(|req| req.done) {
+                            let _ = done.send(Ok(()));
                         }
                     }
                 }
@@ -508,40 +577,91 @@ async fn read_some(
 }
 
 /// Encodes `changes` as up to four commands; returns the number of
-/// confirmations Redis will send (one per topic).
-fn encode_changes(out: &mut BytesMut, changes: &Changes) -> usize {
-    let groups: [(&[u8], &Vec<Topic>, bool); 4] = [
-        (b"UNSUBSCRIBE", &changes.unsubscribe, false),
-        (b"PUNSUBSCRIBE", &changes.unsubscribe, true),
-        (b"SUBSCRIBE", &changes.subscribe, false),
-        (b"PSUBSCRIBE", &changes.subscribe, true),
+/// confirmations Redis will send (one per argument). Channels are sent as
+/// they are; patterns go through `covers`, which decides what Redis holds
+/// for them (every removal is decided before any addition, so that a
+/// `PUNSUBSCRIBE` never follows a `PSUBSCRIBE` of the same batch).
+fn encode_changes(out: &mut BytesMut, changes: &Changes, covers: &mut Covers) -> usize {
+    let channels = |topics: &[Topic]| -> Vec<Bytes> {
+        topics
+            .iter()
+            .filter_map(|t| match t {
+                Topic::Channel(n) => Some(n.clone()),
+                Topic::Pattern(_) => None,
+            })
+            .collect()
+    };
+    let mut patterns = Commands::default();
+    for t in &changes.unsubscribe {
+        if let Topic::Pattern(p) = t {
+            covers.remove(p, &mut patterns);
+        }
+    }
+    for t in &changes.subscribe {
+        if let Topic::Pattern(p) = t {
+            covers.add(p.clone(), &mut patterns);
+        }
+    }
+    let groups: [(&[u8], Vec<Bytes>); 4] = [
+        (b"UNSUBSCRIBE", channels(&changes.unsubscribe)),
+        (b"PUNSUBSCRIBE", patterns.punsubscribe),
+        (b"SUBSCRIBE", channels(&changes.subscribe)),
+        (b"PSUBSCRIBE", patterns.psubscribe),
     ];
     let mut expected = 0;
-    for (command, topics, patterns) in groups {
-        let names: Vec<&[u8]> = topics
-            .iter()
-            .filter(|t| matches!(t, Topic::Pattern(_)) == patterns)
-            .map(|t| &t.name()[..])
-            .collect();
-        if names.is_empty() {
-            continue;
-        }
+    for (command, names) in groups {
         expected += names.len();
-        resp::encode_command(
-            out,
-            std::iter::once(command)
-                .chain(names)
-                .collect::<Vec<_>>()
-                .into_iter(),
-        );
+        encode(out, command, &names);
     }
     expected
+}
+
+/// Appends `command names...` to `out`, unless there are no names.
+fn encode(out: &mut BytesMut, command: &[u8], names: &[Bytes]) {
+    if names.is_empty() {
+        return;
+    }
+    resp::encode_command(
+        out,
+        std::iter::once(command)
+            .chain(names.iter().map(|n| &n[..]))
+            .collect::<Vec<_>>()
+            .into_iter(),
+    );
+}
+
+/// Keeps `wsgate_redis_numpat` at what Redis reports, polling `PUBSUB
+/// NUMPAT` (O(1) in Redis) every `interval` on the publishing connection,
+/// until the broker is dropped. A failed poll leaves the last value.
+async fn poll_numpat(
+    mut conn: ConnectionManager,
+    alive: mpsc::WeakSender<Request>,
+    metrics: Metrics,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if alive.upgrade().is_none() {
+            return;
+        }
+        match redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query_async::<i64>(&mut conn)
+            .await
+        {
+            Ok(n) => metrics.redis_numpat.set(n),
+            Err(e) => debug!(cause = %e, "PUBSUB NUMPAT failed"),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// `b?` is not cheap for Redis: it is held as the cover `b*`.
     #[test]
     fn changes_become_batched_commands() {
         let mut out = BytesMut::new();
@@ -553,10 +673,10 @@ mod tests {
             ],
             unsubscribe: vec![Topic::Channel(Bytes::from_static(b"d"))],
         };
-        assert_eq!(encode_changes(&mut out, &changes), 4);
+        assert_eq!(encode_changes(&mut out, &changes, &mut Covers::new(64)), 4);
         assert_eq!(
             &out[..],
-            &b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$1\r\nd\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n*3\r\n$10\r\nPSUBSCRIBE\r\n$2\r\na*\r\n$2\r\nb?\r\n"[..]
+            &b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$1\r\nd\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n*3\r\n$10\r\nPSUBSCRIBE\r\n$2\r\na*\r\n$2\r\nb*\r\n"[..]
         );
     }
 }
