@@ -183,7 +183,12 @@ fi
 
 # ------------------------------------------------------------------ fanout
 
-start_gateway fanout
+# Pattern caps are set explicitly wherever a run holds many patterns (the
+# defaults of WSGATE_MAX_PATTERNS_PER_CONNECTION, WSGATE_MAX_PATTERNS and
+# WSGATE_MAX_REDIS_PATTERNS would refuse or coalesce them; docs/security.md):
+# channels-pattern holds 1,000 distinct patterns, one per socket, and measures
+# them held in Redis as themselves.
+start_gateway fanout WSGATE_MAX_REDIS_PATTERNS=100000
 FAN_PID=$GW_PID FAN_PORT=$GW_PORT
 COMMON=(--url "ws://127.0.0.1:$FAN_PORT/ws" --pid "$FAN_PID" --redis "$REDIS_URL")
 bench fanout-100k fanout "${COMMON[@]}" --subscribers 1000 --rate 100 --duration-secs $D \
@@ -355,7 +360,8 @@ fi
 
 # ------------------------------------------------------------------ churn
 
-start_gateway churn WSGATE_SUBSCRIBE_RATE=1000000
+start_gateway churn WSGATE_SUBSCRIBE_RATE=1000000 WSGATE_MAX_PATTERNS_PER_CONNECTION=100000 \
+    WSGATE_MAX_PATTERNS=1000000 WSGATE_MAX_REDIS_PATTERNS=1000000
 CHURN=(--url "ws://127.0.0.1:$GW_PORT/ws" --pid "$GW_PID" --redis "$REDIS_URL")
 bench churn-channels churn "${CHURN[@]}" --connections 100 --window 32 --duration-secs $CHURN_D \
     --topic-kind channel --check 'ops_per_sec>=50000'
@@ -365,7 +371,8 @@ stop_gateway "$GW_PID"
 
 # ------------------------------------------------------------------ resync
 
-start_gateway resync WSGATE_SUBSCRIBE_RATE=1000000 WSGATE_SUBSCRIBE_TIMEOUT_MS=600000
+start_gateway resync WSGATE_SUBSCRIBE_RATE=1000000 WSGATE_SUBSCRIBE_TIMEOUT_MS=600000 \
+    WSGATE_MAX_PATTERNS_PER_CONNECTION=100000 WSGATE_MAX_PATTERNS=1000000 WSGATE_MAX_REDIS_PATTERNS=1000000
 RS=(--url "ws://127.0.0.1:$GW_PORT/ws" --pid "$GW_PID" --redis "$REDIS_URL")
 bench resync-1k resync "${RS[@]}" --patterns 1000 --restart-redis "$RESTART_REDIS" --check 'resync_ms<=1000'
 bench resync-100k-channels resync "${RS[@]}" --patterns $RESYNC_BIG --topic-kind channel \

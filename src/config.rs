@@ -113,6 +113,23 @@ pub struct Config {
     pub max_subscriptions: NonZeroUsize,
     /// `WSGATE_MAX_PATTERN_BYTES`: longest pattern or channel name, in bytes. Default 256.
     pub max_pattern_bytes: NonZeroUsize,
+    /// `WSGATE_MAX_PATTERNS`: distinct patterns one node holds for all its
+    /// clients; a pattern nobody on the node holds yet is refused beyond it.
+    /// Bounds the node's own matching work (`docs/security.md`). Default 4096.
+    pub max_patterns: NonZeroUsize,
+    /// `WSGATE_MAX_PATTERNS_PER_CONNECTION`: patterns one connection may hold
+    /// (channels do not count), so that a few sockets cannot use up the
+    /// node's `WSGATE_MAX_PATTERNS`. Default 32.
+    pub max_patterns_per_connection: NonZeroUsize,
+    /// `WSGATE_MAX_PATTERN_WILDCARDS`: `?`s plus runs of `*` in one pattern. Default 4.
+    pub max_pattern_wildcards: usize,
+    /// `WSGATE_MAX_PATTERN_CLASSES`: `[...]` classes in one pattern. Default 2.
+    pub max_pattern_classes: usize,
+    /// `WSGATE_MAX_REDIS_PATTERNS`: patterns one node holds in Redis. Redis
+    /// matches every publish against every pattern it holds, so more client
+    /// patterns than this are coalesced under shared literal prefixes and
+    /// matched exactly on the node. Default 64.
+    pub max_redis_patterns: NonZeroUsize,
     /// `WSGATE_CLIENT_QUEUE_BYTES`: outbound bytes a connection may have queued before
     /// it is closed as a slow consumer (code 4008). Default 1048576 (1 MiB).
     pub client_queue_bytes: NonZeroUsize,
@@ -253,6 +270,11 @@ impl Default for Config {
             max_publish_bytes: nz(1024 * 1024),
             max_subscriptions: nz(256),
             max_pattern_bytes: nz(256),
+            max_patterns: nz(4096),
+            max_patterns_per_connection: nz(32),
+            max_pattern_wildcards: 4,
+            max_pattern_classes: 2,
+            max_redis_patterns: nz(64),
             client_queue_bytes: nz(1024 * 1024),
             max_delivery_bytes: nz(1024 * 1024),
             ws_read_buffer_bytes: nz(1024),
@@ -314,6 +336,11 @@ struct RawConfig {
     max_publish_bytes: Option<String>,
     max_subscriptions: Option<String>,
     max_pattern_bytes: Option<String>,
+    max_patterns: Option<String>,
+    max_patterns_per_connection: Option<String>,
+    max_pattern_wildcards: Option<String>,
+    max_pattern_classes: Option<String>,
+    max_redis_patterns: Option<String>,
     client_queue_bytes: Option<String>,
     max_delivery_bytes: Option<String>,
     ws_read_buffer_bytes: Option<String>,
@@ -567,6 +594,27 @@ impl Config {
                 raw.max_pattern_bytes,
                 d.max_pattern_bytes,
                 "WSGATE_MAX_PATTERN_BYTES",
+            )?,
+            max_patterns: bytes_or(raw.max_patterns, d.max_patterns, "WSGATE_MAX_PATTERNS")?,
+            max_patterns_per_connection: bytes_or(
+                raw.max_patterns_per_connection,
+                d.max_patterns_per_connection,
+                "WSGATE_MAX_PATTERNS_PER_CONNECTION",
+            )?,
+            max_pattern_wildcards: count_or(
+                raw.max_pattern_wildcards,
+                d.max_pattern_wildcards,
+                "WSGATE_MAX_PATTERN_WILDCARDS",
+            )?,
+            max_pattern_classes: count_or(
+                raw.max_pattern_classes,
+                d.max_pattern_classes,
+                "WSGATE_MAX_PATTERN_CLASSES",
+            )?,
+            max_redis_patterns: bytes_or(
+                raw.max_redis_patterns,
+                d.max_redis_patterns,
+                "WSGATE_MAX_REDIS_PATTERNS",
             )?,
             client_queue_bytes: bytes_or(
                 raw.client_queue_bytes,
@@ -879,6 +927,31 @@ const HELP: &[Help] = &[
         "client_queue_bytes",
         "1048576",
         "outbound bytes queued per connection before it is closed with 4008",
+    ),
+    help(
+        "max_patterns_per_connection",
+        "32",
+        "patterns per connection (channels do not count)",
+    ),
+    help(
+        "max_patterns",
+        "4096",
+        "distinct patterns per node; a pattern new to the node is refused beyond it",
+    ),
+    help(
+        "max_pattern_wildcards",
+        "4",
+        "? plus runs of * in one pattern",
+    ),
+    help(
+        "max_pattern_classes",
+        "2",
+        "[...] classes in one pattern (an unterminated [ is always refused)",
+    ),
+    help(
+        "max_redis_patterns",
+        "64",
+        "patterns one node holds in Redis; client patterns are coalesced beyond",
     ),
     help(
         "node_id",
@@ -1194,6 +1267,17 @@ fn bytes_or(
     )
 }
 
+/// A count where 0 is meaningful (0 wildcards: literal patterns only).
+fn count_or(raw: Option<String>, default: usize, var: &'static str) -> Result<usize, ConfigError> {
+    parse_or(
+        raw,
+        default,
+        var,
+        |v| v.parse().ok(),
+        "a whole number (0 or more)",
+    )
+}
+
 fn millis_or(
     raw: Option<String>,
     default: Duration,
@@ -1232,6 +1316,11 @@ mod tests {
         assert_eq!(c.max_pattern_bytes.get(), 256);
         assert_eq!(c.client_queue_bytes.get(), 1 << 20);
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.max_patterns.get(), 4096);
+        assert_eq!(c.max_patterns_per_connection.get(), 32);
+        assert_eq!(c.max_pattern_wildcards, 4);
+        assert_eq!(c.max_pattern_classes, 2);
+        assert_eq!(c.max_redis_patterns.get(), 64);
     }
 
     #[test]
@@ -1249,6 +1338,19 @@ mod tests {
         assert_eq!(c.max_subscriptions.get(), 3);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.subscribe_timeout, Duration::from_millis(250));
+        let c = vars(&[
+            ("WSGATE_MAX_PATTERNS", "10"),
+            ("WSGATE_MAX_PATTERNS_PER_CONNECTION", "3"),
+            ("WSGATE_MAX_PATTERN_WILDCARDS", "0"),
+            ("WSGATE_MAX_PATTERN_CLASSES", "7"),
+            ("WSGATE_MAX_REDIS_PATTERNS", "5"),
+        ])
+        .unwrap();
+        assert_eq!(c.max_patterns.get(), 10);
+        assert_eq!(c.max_patterns_per_connection.get(), 3);
+        assert_eq!(c.max_pattern_wildcards, 0);
+        assert_eq!(c.max_pattern_classes, 7);
+        assert_eq!(c.max_redis_patterns.get(), 5);
     }
 
     #[test]
@@ -1296,6 +1398,11 @@ mod tests {
             ("WSGATE_NODE_ID", "web 1", "A-Z a-z 0-9"),
             ("WSGATE_NODE_ID", long_node_id.as_str(), "1 to 64"),
             ("WSGATE_IDEMPOTENCY_TTL_MS", "0", "greater than 0"),
+            ("WSGATE_MAX_PATTERNS", "0", "greater than 0"),
+            ("WSGATE_MAX_PATTERNS_PER_CONNECTION", "x", "greater than 0"),
+            ("WSGATE_MAX_PATTERN_WILDCARDS", "-1", "0 or more"),
+            ("WSGATE_MAX_PATTERN_CLASSES", "two", "0 or more"),
+            ("WSGATE_MAX_REDIS_PATTERNS", "0", "greater than 0"),
         ] {
             let err = vars(&[(var, value)]).unwrap_err().to_string();
             assert!(err.starts_with(var), "{err}");

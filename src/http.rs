@@ -169,6 +169,11 @@ impl App {
             slot,
             max_subscriptions: self.config.max_subscriptions.get(),
             max_pattern_bytes: self.config.max_pattern_bytes.get(),
+            pattern_limits: crate::pattern_cost::PatternLimits {
+                max_wildcards: self.config.max_pattern_wildcards,
+                max_classes: self.config.max_pattern_classes,
+                max_per_connection: self.config.max_patterns_per_connection.get(),
+            },
             queue_bytes: self.config.client_queue_bytes.get(),
             subscribe_timeout: self.config.subscribe_timeout,
             subscribe_rate: self.config.subscribe_rate.get(),

@@ -26,6 +26,7 @@
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
 //! - [`broker`]: the `Broker` trait; Redis and in-memory implementations.
 //! - [`pattern`]: Redis's glob matcher, for the in-memory broker.
+//! - [`pattern_cost`]: pattern shape and count limits; what Redis may hold cheaply.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`client`]: a reconnecting native-protocol client (tests, load, services).
 //! - [`backoff`]: jittered exponential reconnect delays (broker and client).
@@ -54,6 +55,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod pattern;
+pub mod pattern_cost;
 pub mod pending;
 pub mod protocol;
 pub mod server;

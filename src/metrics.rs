@@ -18,7 +18,8 @@ use prometheus::{
 /// outside the ACLs), `authz_denied`, `authz_unavailable` (callback),
 /// `api_key` (publish 401), `token_expired` (connection closed with 4001),
 /// `max_pending` (a connection accepted beyond `WSGATE_MAX_PENDING_CONNECTIONS`,
-/// answered 503 and closed).
+/// answered 503 and closed). The pattern cost limits add theirs
+/// ([`crate::pattern_cost::REASONS`]).
 pub const REFUSAL_REASONS: [&str; 14] = [
     "max_connections",
     "draining",
@@ -103,6 +104,15 @@ pub struct Metrics {
     /// `wsgate_http_timeouts_total{phase}`: connections closed by a
     /// pre-session deadline; the phases are [`HTTP_TIMEOUT_PHASES`].
     pub http_timeouts: IntCounterVec,
+    /// `wsgate_redis_numpat`: `PUBSUB NUMPAT` as Redis last reported it
+    /// (distinct patterns over every client of that Redis, not just this
+    /// node), polled every `WSGATE_REDIS_PROBE_INTERVAL_MS`; with the
+    /// embedded broker, the patterns it holds.
+    pub redis_numpat: IntGauge,
+    /// `wsgate_redis_patterns`: patterns this node holds in Redis after
+    /// coalescing (at most `WSGATE_MAX_REDIS_PATTERNS`, plus any being
+    /// replaced by a wider one at that moment).
+    pub redis_patterns: IntGauge,
 }
 
 impl Metrics {
@@ -241,6 +251,16 @@ impl Metrics {
                 &["phase"],
             )
             .unwrap_or_else(never),
+            redis_numpat: IntGauge::new(
+                "wsgate_redis_numpat",
+                "PUBSUB NUMPAT as Redis last reported it",
+            )
+            .unwrap_or_else(never),
+            redis_patterns: IntGauge::new(
+                "wsgate_redis_patterns",
+                "Patterns this node holds in Redis after coalescing",
+            )
+            .unwrap_or_else(never),
             registry,
         };
         m.register_all();
@@ -248,7 +268,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 25] = [
             Box::new(self.connections.clone()),
             Box::new(self.local_subscriptions.clone()),
             Box::new(self.broker_subscriptions.clone()),
@@ -272,6 +292,8 @@ impl Metrics {
             Box::new(self.pending_connections.clone()),
             Box::new(self.max_connections.clone()),
             Box::new(self.http_timeouts.clone()),
+            Box::new(self.redis_numpat.clone()),
+            Box::new(self.redis_patterns.clone()),
         ];
         for c in collectors {
             // Names are distinct constants on a fresh registry: this cannot fail.
@@ -281,7 +303,7 @@ impl Metrics {
             self.local_subscriptions.with_label_values(&[kind]).set(0);
             self.broker_subscriptions.with_label_values(&[kind]).set(0);
         }
-        for reason in REFUSAL_REASONS {
+        for reason in REFUSAL_REASONS.iter().chain(&crate::pattern_cost::REASONS) {
             self.refused.with_label_values(&[reason]).inc_by(0);
         }
         for phase in HTTP_TIMEOUT_PHASES {

@@ -88,6 +88,7 @@ pub async fn run(
                 backoff_max: config.redis_backoff_max,
                 node_id: config.node_id.clone(),
                 idempotency_ttl: config.idempotency_ttl,
+                max_redis_patterns: config.max_redis_patterns.get(),
             };
             Arc::new(RedisBroker::start(
                 url,
@@ -111,6 +112,7 @@ pub async fn run(
             .min(config.client_queue_bytes.get()),
     };
     let hub = Hub::start(broker, events_rx, queued, metrics.clone(), hub_options);
+    hub.set_max_patterns(config.max_patterns.get());
     let app = Arc::new(App::new(hub.clone(), metrics, config));
 
     let mut accepting = Box::pin(accept_loop(&listener, &app));

@@ -1345,9 +1345,16 @@ async fn thousand_patterns_resync_after_redis_restart() {
     const CLIENTS: usize = 10;
     const PER_CLIENT: usize = 100;
     let mut redis = Redis::start().await;
+    // The pattern caps this test needs, explicitly: 100 per connection, and
+    // all 1,000 held in Redis as themselves (no coalescing).
     let node = Node::spawn(&[
         ("WSGATE_REDIS_URL", redis.url()),
         ("WSGATE_SUBSCRIBE_RATE", "1000".to_owned()),
+        ("WSGATE_MAX_PATTERNS_PER_CONNECTION", PER_CLIENT.to_string()),
+        (
+            "WSGATE_MAX_REDIS_PATTERNS",
+            (CLIENTS * PER_CLIENT).to_string(),
+        ),
     ])
     .await;
     let patterns: Vec<Vec<String>> = (0..CLIENTS)

@@ -300,9 +300,19 @@ async fn pattern_delivery_of_every_payload_kind(b: Backend) {
         reply,
         json!({"action":"subscribe","pattern":"log.[ab]?","status":true})
     );
-    assert_eq!(env.publish("log.cx", "\"no: class\"").await, 0);
-    assert_eq!(env.publish("log.a", "\"no: ? needs one byte\"").await, 0);
-    assert_eq!(env.publish("log.axy", "\"no: too long\"").await, 0);
+    // Redis holds `log.[ab]?` as the cover `log.*` (docs/security.md,
+    // pattern cost), so its receiver count includes the cover; the node
+    // matches the exact pattern and delivers none of these.
+    let covered = match b {
+        Backend::Memory => 0,
+        Backend::Redis => 1,
+    };
+    assert_eq!(env.publish("log.cx", "\"no: class\"").await, covered);
+    assert_eq!(
+        env.publish("log.a", "\"no: ? needs one byte\"").await,
+        covered
+    );
+    assert_eq!(env.publish("log.axy", "\"no: too long\"").await, covered);
     assert_eq!(env.publish("news", "\"no: news.* needs the dot\"").await, 0);
     assert_eq!(env.publish("log.bz", "{\"marker\":1}").await, 1);
     assert_eq!(

@@ -40,6 +40,8 @@ pub struct MemoryBroker {
     /// Behind its own mutex because publishes arrive from many HTTP tasks;
     /// held only for non-blocking `try_send`s.
     events: Mutex<EventSink>,
+    /// `wsgate_redis_numpat`: here, the patterns this broker holds.
+    numpat: prometheus::IntGauge,
     /// Recent idempotency keys. Held across a whole publish (check, deliver,
     /// remember) so two publishes with the same key cannot both go out; never
     /// across an await.
@@ -110,6 +112,7 @@ impl MemoryBroker {
         metrics.broker_up.set(1);
         MemoryBroker {
             subscriptions: Mutex::new(Subscriptions::default()),
+            numpat: metrics.redis_numpat.clone(),
             events: Mutex::new(events),
             idempotency: Mutex::new(Idempotency::new(idempotency_ttl, MAX_IDEMPOTENCY_KEYS)),
         }
@@ -173,6 +176,7 @@ impl Broker for MemoryBroker {
                 Topic::Pattern(n) => subs.patterns.insert(n),
             };
         }
+        self.numpat.set(subs.patterns.len() as i64);
         future::ready(Ok(Applied::default())).boxed()
     }
 

@@ -65,11 +65,29 @@ pub struct BrokerMessage {
     pub payload: Bytes,
 }
 
+/// One message Redis delivered through a pattern that stands for several
+/// client patterns (a *cover*, see `src/broker/redis/cover.rs`): the hub
+/// delivers it to each of `patterns` that matches `channel`.
+#[derive(Debug, Clone)]
+pub struct CoveredMessage {
+    /// The Redis pattern it arrived through; a client pattern of the same
+    /// text needs no matching (Redis matched it).
+    pub via: Bytes,
+    /// The client patterns routed through `via` when it arrived (sorted).
+    pub patterns: Arc<[Bytes]>,
+    /// The channel the message was published to.
+    pub channel: Bytes,
+    /// The payload, untouched.
+    pub payload: Bytes,
+}
+
 /// What a broker reports to the hub, in order, on one bounded channel.
 #[derive(Debug)]
 pub enum BrokerEvent {
     /// A message for one of the subscriptions.
     Message(BrokerMessage),
+    /// A message for whichever of several client patterns match it.
+    Covered(CoveredMessage),
     /// The broker is connected and holds no subscriptions: everything the
     /// hub wants must be applied again, on this connection `generation`.
     Up {
@@ -152,8 +170,44 @@ impl EventSink {
         }
     }
 
+    /// Hands over one message that stands for several client patterns,
+    /// without waiting, like [`EventSink::message`]. When it is dropped,
+    /// every pattern it could have reached is told about the gap: matching
+    /// here would slow the reader down exactly when the node is overloaded.
+    pub fn covered(&mut self, msg: CoveredMessage) -> Result<(), HubGone> {
+        self.metrics.broker_messages.inc();
+        self.flush_gap()?;
+        if self.pending_gap {
+            self.drop_covered(&msg);
+            return Ok(());
+        }
+        match self.tx.try_send(BrokerEvent::Covered(msg)) {
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::Release);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(BrokerEvent::Covered(msg))) => {
+                self.drop_covered(&msg);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(HubGone),
+        }
+    }
+
+    fn drop_covered(&mut self, msg: &CoveredMessage) {
+        self.metrics.broker_messages_dropped.inc();
+        for pattern in msg.patterns.iter() {
+            self.remember_dropped(Topic::Pattern(pattern.clone()));
+        }
+    }
+
     fn drop_message(&mut self, topic: Topic) {
         self.metrics.broker_messages_dropped.inc();
+        self.remember_dropped(topic);
+    }
+
+    fn remember_dropped(&mut self, topic: Topic) {
         self.pending_gap = true;
         if let Some(set) = &mut self.dropped {
             set.insert(topic);

@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::broker::{Broker, BrokerEvent, BrokerMessage, Topic, MAX_BATCH};
+use crate::broker::{Broker, BrokerEvent, BrokerMessage, CoveredMessage, Topic, MAX_BATCH};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
+use crate::pattern_cost::Refusal;
 use crate::protocol::{Dialect, Frame, Notice, NoticeKind};
 use registry::Registry;
 pub use registry::{Confirmation, Joined, LinkState, Member, Removed, Sub, NOT_LIVE};
@@ -180,12 +181,14 @@ impl Hub {
     /// Adds `member` to `topic`. On [`Joined::Active`] the caller queues its
     /// reply and then starts the subscription; on [`Joined::Pending`] it
     /// waits, then calls [`Hub::activate`].
-    pub fn subscribe(&self, member: &Arc<Member>, topic: Topic) -> Joined {
+    /// Refused (nothing changes) for a pattern new to a node that holds
+    /// `WSGATE_MAX_PATTERNS` patterns already.
+    pub fn subscribe(&self, member: &Arc<Member>, topic: Topic) -> Result<Joined, Refusal> {
         let kind = topic.kind();
         let sub = Sub::new(member.clone(), self.shared.queued.clone());
         let joined = {
             let mut registry = self.shared.lock();
-            let joined = registry.subscribe(sub, topic);
+            let joined = registry.subscribe(sub, topic)?;
             self.shared.update_gauges(&registry);
             joined
         };
@@ -197,7 +200,13 @@ impl Hub {
         if matches!(joined, Joined::Pending(_)) {
             self.shared.dirty.notify_one();
         }
-        joined
+        Ok(joined)
+    }
+
+    /// Caps the distinct patterns this node holds (`WSGATE_MAX_PATTERNS`);
+    /// set once at start-up, before any session.
+    pub fn set_max_patterns(&self, max: usize) {
+        self.shared.lock().set_max_patterns(max);
     }
 
     /// A pending subscribe was confirmed: become active (or wait again if the
@@ -295,6 +304,12 @@ impl Shared {
         }
     }
 
+    /// The number of the message event just taken, in the broker's queue
+    /// order (see [`Sub`]).
+    fn next_seq(&self) -> u64 {
+        self.dispatched.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     fn sessions(&self) -> MutexGuard<'_, HashMap<u64, Arc<Member>>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -367,7 +382,7 @@ impl Shared {
                 down = true;
             }
             BrokerEvent::Reconnecting => registry.broker_reconnecting(),
-            BrokerEvent::Message(_) | BrokerEvent::Gap(_) => {}
+            BrokerEvent::Message(_) | BrokerEvent::Covered(_) | BrokerEvent::Gap(_) => {}
         }
         self.update_gauges(&registry);
         let after = registry.link();
@@ -433,9 +448,7 @@ impl Shared {
     /// Fans one message out: rendered once per render key, cloned into each
     /// outbox. A frame over the delivery limit goes to nobody; its
     /// subscribers are told instead.
-    fn deliver(&self, msg: &BrokerMessage) {
-        // This message's number in the broker's queue order (see [`Sub`]).
-        let seq = self.dispatched.fetch_add(1, Ordering::Relaxed) + 1;
+    fn deliver(&self, msg: &BrokerMessage, seq: u64) {
         let Some(subs) = self.lock().receivers(&msg.topic) else {
             return;
         };
@@ -488,6 +501,26 @@ impl Renders {
             .iter()
             .find(|(k, _)| std::ptr::eq(*k, sub.key) || *k == sub.key)
             .map(|(_, f)| f)
+    }
+}
+
+impl Shared {
+    /// A message that came through a Redis pattern standing for several
+    /// client patterns: delivered to each that matches, as Redis itself
+    /// would have decided (`crate::pattern` is its matcher byte for byte).
+    /// Each matching pattern is one subscription, rendered once per dialect,
+    /// exactly as if Redis had sent one `pmessage` per pattern.
+    fn deliver_covered(&self, msg: &CoveredMessage, seq: u64) {
+        for pattern in msg.patterns.iter() {
+            if *pattern == msg.via || crate::pattern::matches(pattern, &msg.channel) {
+                let one = BrokerMessage {
+                    topic: Topic::Pattern(pattern.clone()),
+                    channel: msg.channel.clone(),
+                    payload: msg.payload.clone(),
+                };
+                self.deliver(&one, seq);
+            }
+        }
     }
 }
 
@@ -576,7 +609,8 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
         }
         for event in batch.drain(..) {
             match event {
-                BrokerEvent::Message(msg) => shared.deliver(&msg),
+                BrokerEvent::Message(msg) => shared.deliver(&msg, shared.next_seq()),
+                BrokerEvent::Covered(msg) => shared.deliver_covered(&msg, shared.next_seq()),
                 BrokerEvent::Gap(topics) => shared.gap(topics, "messages dropped: node overloaded"),
                 state => shared.link_event(state),
             }

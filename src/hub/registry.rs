@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 
 use crate::broker::{Applied, BrokerError, Changes, Topic};
 use crate::outbox::Outbox;
+use crate::pattern_cost::{self, Refusal};
 use crate::protocol::Dialect;
 
 /// One session as the hub sees it: where to put frames, and how to render them.
@@ -293,16 +294,63 @@ pub struct Registry {
     /// `Down`/`Up` events cannot leave a stale state behind.
     generation: u64,
     held: HeldCounts,
+    /// `WSGATE_MAX_PATTERNS` and the count it bounds; see [`PatternCap`].
+    patterns: PatternCap,
+}
+
+/// The node-wide cap on distinct patterns: how many patterns have at least
+/// one member (active or pending), and how many may. Kept apart from the rest
+/// of the registry on purpose: it only ever refuses a subscribe.
+#[derive(Default)]
+struct PatternCap {
+    wanted: usize,
+    /// `None`: no cap (the registry's default, for unit tests).
+    max: Option<usize>,
+}
+
+impl PatternCap {
+    /// Why a subscribe to `topic`, whose entry is `wanted` already or not,
+    /// must be refused, if it must: only a pattern new to the node counts.
+    fn refusal(&self, topic: &Topic, wanted: bool) -> Option<Refusal> {
+        let max = self.max?;
+        (matches!(topic, Topic::Pattern(_)) && !wanted && self.wanted >= max)
+            .then(|| pattern_cost::node_refusal(max))
+    }
+
+    /// A pattern entry became wanted (`true`) or stopped being wanted.
+    fn changed(&mut self, topic: &Topic, wanted: bool) {
+        if matches!(topic, Topic::Pattern(_)) {
+            if wanted {
+                self.wanted += 1;
+            } else {
+                self.wanted = self.wanted.saturating_sub(1);
+            }
+        }
+    }
 }
 
 impl Registry {
+    /// Caps the distinct patterns the node holds (`WSGATE_MAX_PATTERNS`).
+    pub fn set_max_patterns(&mut self, max: usize) {
+        self.patterns.max = Some(max);
+    }
+
     /// Adds `member` to `topic`: active at once when the broker holds it
-    /// (`sub` is then the member's place), otherwise waiting.
-    pub fn subscribe(&mut self, sub: Arc<Sub>, topic: Topic) -> Joined {
+    /// (`sub` is then the member's place), otherwise waiting; refuses a
+    /// pattern new to the node when the node holds `WSGATE_MAX_PATTERNS`
+    /// already.
+    pub fn subscribe(&mut self, sub: Arc<Sub>, topic: Topic) -> Result<Joined, Refusal> {
+        let wanted = self.entries.get(&topic).is_some_and(Entry::wanted);
+        if let Some(refusal) = self.patterns.refusal(&topic, wanted) {
+            return Err(refusal);
+        }
+        if !wanted {
+            self.patterns.changed(&topic, true);
+        }
         let entry = self.entries.entry(topic.clone()).or_insert_with(Entry::new);
         if entry.held == Held::Present {
             entry.insert(sub.clone());
-            return Joined::Active(sub);
+            return Ok(Joined::Active(sub));
         }
         let (done, confirmation) = oneshot::channel();
         let id = sub.member.id;
@@ -316,7 +364,7 @@ impl Registry {
             self.set_held(&topic, Held::Absent);
         }
         self.mark_dirty(&topic);
-        Joined::Pending(confirmation)
+        Ok(Joined::Pending(confirmation))
     }
 
     /// A waiter's confirmation arrived: makes it active if the broker still
@@ -355,6 +403,9 @@ impl Registry {
             Removed::NotFound
         };
         if !entry.wanted() {
+            if removed != Removed::NotFound {
+                self.patterns.changed(topic, false);
+            }
             self.mark_dirty(topic);
         }
         removed
@@ -374,6 +425,7 @@ impl Registry {
         entry.pending.remove(&member_id);
         self.waiting -= 1;
         if !entry.wanted() {
+            self.patterns.changed(topic, false);
             self.mark_dirty(topic);
         }
         true
@@ -521,6 +573,8 @@ impl Registry {
                     if !entry.active.is_empty() {
                         out.refused_active
                             .push((topic.clone(), entry.active.clone(), why));
+                    } else {
+                        self.patterns.changed(topic, false);
                     }
                 }
                 _ => {}
@@ -674,14 +728,14 @@ mod tests {
         for id in 1..1000 {
             assert!(matches!(
                 r.subscribe(new_sub(id), t.clone()),
-                Joined::Active(_)
+                Ok(Joined::Active(_))
             ));
         }
         let list = r.receivers(&t).unwrap_or_default();
         assert_eq!(list.len(), 1000);
         assert_eq!(Arc::as_ptr(&list), before, "the list was rebuilt");
         // While the dispatcher holds `list`, a join copies it once.
-        r.subscribe(new_sub(5000), t.clone());
+        let _ = r.subscribe(new_sub(5000), t.clone());
         let after_one = Arc::as_ptr(&r.receivers(&t).unwrap_or_default());
         assert_ne!(after_one, before);
         drop(list);
@@ -736,7 +790,7 @@ mod tests {
         let mut r = Registry::default();
         r.broker_up(1);
         let t = Topic::Channel(Bytes::from_static(b"secret"));
-        let Joined::Pending(mut conf) = r.subscribe(new_sub(1), t.clone()) else {
+        let Ok(Joined::Pending(mut conf)) = r.subscribe(new_sub(1), t.clone()) else {
             panic!("expected pending");
         };
         let step = r.take_changes(10);

@@ -48,6 +48,7 @@ use crate::hub::{Hub, Joined, Member, Removed, Sub};
 use crate::limits::IpSlot;
 use crate::metrics::Metrics;
 use crate::outbox::{Item, Outbox, State};
+use crate::pattern_cost::{self, PatternLimits};
 use crate::protocol::{Ack, AckKind, Dialect, Frame, Notice, NoticeKind, Request};
 use crate::shutdown::Phase;
 
@@ -87,6 +88,8 @@ pub struct SessionContext {
     pub max_subscriptions: usize,
     /// Longest channel or pattern, in bytes.
     pub max_pattern_bytes: usize,
+    /// What one pattern may contain, and how many one connection may hold.
+    pub pattern_limits: PatternLimits,
     /// Outbound bytes queued before the client counts as slow.
     pub queue_bytes: usize,
     /// How long a subscribe waits for the broker.
@@ -537,6 +540,12 @@ impl Session {
                 ctx.max_subscriptions
             ));
         }
+        if let Some(r) =
+            pattern_cost::connection_refusal(&ctx.pattern_limits, topic, self.held.keys())
+        {
+            ctx.metrics.refused.with_label_values(&[r.reason]).inc();
+            return Some(r.message);
+        }
         if !self.bucket.take() {
             ctx.metrics
                 .refused
@@ -657,7 +666,10 @@ impl Session {
 
     /// Joins the topic in the hub: an authorised subscribe.
     fn join(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>, seq: u64) {
-        let joined = ctx.hub.subscribe(&self.member, topic.clone());
+        let joined = match ctx.hub.subscribe(&self.member, topic.clone()) {
+            Ok(joined) => joined,
+            Err(r) => return self.refuse(ctx, r.reason, &topic, id.as_deref(), &r.message),
+        };
         self.held.insert(
             topic.clone(),
             Held {

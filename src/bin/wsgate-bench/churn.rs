@@ -290,7 +290,8 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     run.float("elapsed_secs", elapsed, 3);
     if refused > 0 || !errors.is_empty() {
         run.notes.push(format!(
-            "{refused} refused (raise WSGATE_SUBSCRIBE_RATE for churn runs); errors: {errors:?}"
+            "{refused} refused (raise WSGATE_SUBSCRIBE_RATE for churn runs, and for patterns \
+             WSGATE_MAX_PATTERNS_PER_CONNECTION and WSGATE_MAX_PATTERNS); errors: {errors:?}"
         ));
     }
     if leftover > 0 {

@@ -42,7 +42,9 @@ OPTIONS:
   --connections N         churn: connections [100]
   --window W              churn: requests in flight per connection [32]
   --patterns P            resync: distinct patterns [1000]
-  --per-conn N            resync: patterns per connection (<= WSGATE_MAX_SUBSCRIPTIONS) [200]
+  --per-conn N            resync: patterns per connection (<= WSGATE_MAX_SUBSCRIPTIONS and
+                          WSGATE_MAX_PATTERNS_PER_CONNECTION; the gateway also needs
+                          WSGATE_MAX_PATTERNS and WSGATE_MAX_REDIS_PATTERNS >= P) [200]
   --restart-redis CMD     resync: shell command that stops Redis and starts it again on the
                           same port; it should return without waiting for Redis to be ready
   --drop-pubsub           resync: CLIENT KILL TYPE pubsub instead of a restart

@@ -68,8 +68,9 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
         pool.finish(Duration::from_secs(2)).await;
         return Err(format!(
             "only {subscribed} of {total} subscriptions confirmed ({refused} refused, {ready} of \
-             {conns} connections ready; raise WSGATE_SUBSCRIBE_RATE and keep --per-conn <= \
-             WSGATE_MAX_SUBSCRIPTIONS): {errors:?}"
+             {conns} connections ready; raise WSGATE_SUBSCRIBE_RATE, keep --per-conn <= \
+             WSGATE_MAX_SUBSCRIPTIONS and WSGATE_MAX_PATTERNS_PER_CONNECTION, and \
+             WSGATE_MAX_PATTERNS >= --patterns): {errors:?}"
         ));
     }
     loop {
@@ -77,7 +78,11 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
             break;
         }
         if Instant::now() >= deadline {
-            return Err("Redis never held every topic before the restart".into());
+            return Err(
+                "Redis never held every topic before the restart (patterns: set \
+                 WSGATE_MAX_REDIS_PATTERNS >= --patterns, or they are coalesced)"
+                    .into(),
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -15,13 +15,14 @@
 //! connection and task ([`publish`]), which knows whether a failed publish
 //! reached Redis.
 
+mod cover;
 mod publish;
 mod resp;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,11 +30,12 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
 use super::{
-    Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, HubGone,
-    Publication, PublishError, Topic,
+    Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, CoveredMessage, EventSink,
+    HubGone, Publication, PublishError, Topic,
 };
 use crate::backoff::backoff;
 use crate::metrics::Metrics;
+use cover::{Commands, Covers, Route};
 use resp::Value;
 
 /// Requests waiting for the actor. Only the hub's reconciler sends, one batch
@@ -75,6 +77,9 @@ pub struct RedisOptions {
     pub node_id: String,
     /// How long publish idempotency keys live in Redis.
     pub idempotency_ttl: Duration,
+    /// `WSGATE_MAX_REDIS_PATTERNS`: patterns this node may hold in Redis;
+    /// client patterns beyond are coalesced (see [`cover`]).
+    pub max_redis_patterns: usize,
 }
 
 /// Handle to the Redis broker actor; dropping every handle stops it.
@@ -117,6 +122,16 @@ impl RedisBroker {
             idempotency_ttl: options.idempotency_ttl,
         });
         let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
+        tokio::spawn(
+            poll_numpat(
+                client,
+                tx.downgrade(),
+                metrics.clone(),
+                options.probe_interval,
+            )
+            .instrument(tracing::info_span!("redis_numpat")),
+        );
+        let covers = Covers::new(options.max_redis_patterns);
         let actor = Actor {
             host,
             port,
@@ -125,6 +140,8 @@ impl RedisBroker {
             events,
             metrics,
             options,
+            covers,
+            follow_up: BytesMut::new(),
         };
         let span =
             tracing::info_span!("redis_pubsub", addr = %format!("{}:{}", actor.host, actor.port));
@@ -188,7 +205,16 @@ struct Actor {
     events: EventSink,
     metrics: Metrics,
     options: RedisOptions,
+    /// Which Redis patterns stand for which client patterns, on the current
+    /// connection (empty again on every new one).
+    covers: Covers,
+    /// Commands the coalescing decided on while reading (letting go of
+    /// patterns a wider one replaced), written once the read is handled.
+    follow_up: BytesMut,
 }
+
+/// The `req` of the node's own follow-up commands: nobody waits on them.
+const FOLLOW_UP: u64 = u64::MAX;
 
 /// One command written to Redis whose replies have not all arrived. Redis
 /// answers commands in order: one confirmation per topic, or one error for
@@ -201,6 +227,10 @@ struct Cmd {
     topics: Vec<Topic>,
     /// (P)SUBSCRIBE rather than (P)UNSUBSCRIBE.
     subscribe: bool,
+    /// A single-pattern `PSUBSCRIBE` of a Redis pattern chosen by the
+    /// coalescing ([`cover`]): its topic is the Redis pattern, and a refusal
+    /// refuses the client patterns waiting for it.
+    cover: bool,
     /// Confirmations still expected.
     remaining: usize,
 }
@@ -226,8 +256,18 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// The front command got one confirmation (or, with `refused`, its error).
-    fn answer(&mut self, refused: Option<String>) -> Result<(), Exit> {
+    /// The Redis pattern of the front command, if it is a coalesced `PSUBSCRIBE`.
+    fn front_cover(&self) -> Option<bytes::Bytes> {
+        self.cmds
+            .front()
+            .filter(|c| c.cover)
+            .and_then(|c| c.topics.first())
+            .map(|t| t.name().clone())
+    }
+
+    /// The front command got one confirmation (or, with `refused`, its error;
+    /// `clients`: for a coalesced `PSUBSCRIBE`, the client patterns refused).
+    fn answer(&mut self, refused: Option<String>, clients: Vec<bytes::Bytes>) -> Result<(), Exit> {
         let Some(cmd) = self.cmds.front_mut() else {
             return Err(Exit::Lost("reply with nothing in flight".to_owned()));
         };
@@ -249,7 +289,13 @@ impl InFlight {
                     format!("refused by Redis: {why}")
                 };
                 let req = cmd.req;
-                if cmd.topics.len() == 1 {
+                if cmd.cover {
+                    if let Some(open) = self.open.iter_mut().find(|o| o.seq == req) {
+                        for c in clients {
+                            open.refused.push((Topic::Pattern(c), reason.clone()));
+                        }
+                    }
+                } else if cmd.topics.len() == 1 {
                     let topic = cmd.topics[0].clone();
                     if let Some(open) = self.open.iter_mut().find(|o| o.seq == req) {
                         open.refused.push((topic, reason));
@@ -418,7 +464,32 @@ impl Actor {
     }
 
     /// Serves one connected period until the connection fails or shutdown.
+    /// Queues the coalescing's own `PUNSUBSCRIBE`s, written after the read
+    /// that decided them; nobody waits for their confirmations.
+    fn follow_ups(&mut self, follow: Commands, inflight: &mut InFlight) {
+        if follow.punsubscribe.is_empty() {
+            return;
+        }
+        encode(&mut self.follow_up, b"PUNSUBSCRIBE", &follow.punsubscribe);
+        inflight.cmds.push_back(Cmd {
+            req: FOLLOW_UP,
+            topics: follow
+                .punsubscribe
+                .into_iter()
+                .map(Topic::Pattern)
+                .collect(),
+            subscribe: false,
+            cover: false,
+            remaining: 0,
+        });
+        if let Some(cmd) = inflight.cmds.back_mut() {
+            cmd.remaining = cmd.topics.len();
+        }
+    }
+
     async fn serve(&mut self, stream: TcpStream, generation: u64) -> Exit {
+        self.covers = Covers::new(self.options.max_redis_patterns);
+        self.follow_up.clear();
         let (mut rd, mut wr) = stream.into_split();
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut out = BytesMut::new();
@@ -442,7 +513,8 @@ impl Actor {
                         continue;
                     }
                     out.clear();
-                    let cmds = encode_changes(&mut out, &req.changes);
+                    let cmds = encode_changes(&mut out, &req.changes, &mut self.covers);
+                    self.metrics.redis_patterns.set(self.covers.redis_patterns() as i64);
                     if cmds.is_empty() {
                         let _ = req.done.send(Ok(Applied::default()));
                         continue;
@@ -450,9 +522,9 @@ impl Actor {
                     let seq = inflight.next_seq;
                     inflight.next_seq += 1;
                     inflight.open.push_back(Open { seq, commands: cmds.len(), refused: Vec::new(), done: Some(req.done) });
-                    for (topics, subscribe) in cmds {
+                    for (topics, subscribe, cover) in cmds {
                         let remaining = topics.len();
-                        inflight.cmds.push_back(Cmd { req: seq, topics, subscribe, remaining });
+                        inflight.cmds.push_back(Cmd { req: seq, topics, subscribe, cover, remaining });
                     }
                     if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
                         break Exit::Lost(cause);
@@ -466,12 +538,20 @@ impl Actor {
                     if let Err(exit) = self.drain(&mut buf, &mut inflight, &mut pinged) {
                         break exit;
                     }
+                    if !self.follow_up.is_empty() {
+                        self.metrics.redis_patterns.set(self.covers.redis_patterns() as i64);
+                        let written = write_within(&mut wr, &self.follow_up, write_timeout).await;
+                        self.follow_up.clear();
+                        if let Err(cause) = written {
+                            break Exit::Lost(cause);
+                        }
+                    }
                     if !inflight.resend.is_empty() {
                         out.clear();
                         for (req, topic) in inflight.resend.drain(..) {
                             let args: [&[u8]; 2] = [subscribe_command(&topic), topic.name()];
                             resp::encode_command(&mut out, args.into_iter());
-                            inflight.cmds.push_back(Cmd { req, topics: vec![topic], subscribe: true, remaining: 1 });
+                            inflight.cmds.push_back(Cmd { req, topics: vec![topic], subscribe: true, cover: false, remaining: 1 });
                         }
                         if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
                             break Exit::Lost(cause);
@@ -504,6 +584,7 @@ impl Actor {
             }
         };
         inflight.fail();
+        self.metrics.redis_patterns.set(0);
         exit
     }
 
@@ -539,7 +620,16 @@ impl Actor {
                 // everyone else's delivery carry on.
                 let msg = String::from_utf8_lossy(&e).into_owned();
                 debug!(reason = %msg, "redis refused a command");
-                return inflight.answer(Some(msg));
+                let clients = match inflight.front_cover() {
+                    Some(pattern) => {
+                        let mut follow = Commands::default();
+                        let clients = self.covers.refused(&pattern, &mut follow);
+                        self.follow_ups(follow, inflight);
+                        clients
+                    }
+                    None => Vec::new(),
+                };
+                return inflight.answer(Some(msg), clients);
             }
             other => return Err(Exit::Lost(format!("unexpected reply {other:?}"))),
         };
@@ -562,16 +652,32 @@ impl Actor {
                 Some(Value::Bulk(pattern)),
                 Some(Value::Bulk(channel)),
                 Some(Value::Bulk(payload)),
-            ) => {
-                let topic = Topic::Pattern(pattern);
-                self.deliver(BrokerMessage {
-                    topic,
+            ) => match self.covers.route(&pattern) {
+                Route::Nobody => Ok(()),
+                Route::Itself => self.deliver(BrokerMessage {
+                    topic: Topic::Pattern(pattern),
                     channel,
                     payload,
-                })
-            }
-            (b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe", _, _, _) => {
-                inflight.answer(None)
+                }),
+                Route::Covered(patterns) => self
+                    .events
+                    .covered(CoveredMessage {
+                        via: pattern,
+                        patterns,
+                        channel,
+                        payload,
+                    })
+                    .map_err(|HubGone| Exit::Shutdown),
+            },
+            (b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe", topic, _, _) => {
+                if let (b"psubscribe", Some(Value::Bulk(pattern))) = (&kind[..], &topic) {
+                    let mut follow = Commands::default();
+                    self.covers
+                        .confirmed(pattern, &mut follow)
+                        .map_err(Exit::Lost)?;
+                    self.follow_ups(follow, inflight);
+                }
+                inflight.answer(None, Vec::new())
             }
             (b"pong", _, _, _) => {
                 *pinged = None;
@@ -626,39 +732,131 @@ fn subscribe_command(topic: &Topic) -> &'static [u8] {
     }
 }
 
-/// Encodes `changes` as up to four commands; returns each command's topics
-/// (Redis confirms each one) and whether it subscribes.
-fn encode_changes(out: &mut BytesMut, changes: &Changes) -> Vec<(Vec<Topic>, bool)> {
-    let groups: [(&[u8], &Vec<Topic>, bool, bool); 4] = [
-        (b"UNSUBSCRIBE", &changes.unsubscribe, false, false),
-        (b"PUNSUBSCRIBE", &changes.unsubscribe, true, false),
-        (b"SUBSCRIBE", &changes.subscribe, false, true),
-        (b"PSUBSCRIBE", &changes.subscribe, true, true),
-    ];
-    let mut cmds = Vec::new();
-    for (command, topics, patterns, subscribe) in groups {
-        let topics: Vec<Topic> = topics
+/// Encodes `changes`: channels as up to two batched commands; patterns go
+/// through `covers`, which decides what Redis holds for them (every removal
+/// before any addition, so a `PUNSUBSCRIBE` never follows a `PSUBSCRIBE` of
+/// the same batch), each `PSUBSCRIBE` alone so that a refusal names exactly
+/// one Redis pattern. Returns each command's topics (Redis confirms each
+/// one), whether it subscribes, and whether it is a coalesced `PSUBSCRIBE`.
+fn encode_changes(
+    out: &mut BytesMut,
+    changes: &Changes,
+    covers: &mut Covers,
+) -> Vec<(Vec<Topic>, bool, bool)> {
+    let channels = |topics: &[Topic]| -> Vec<Bytes> {
+        topics
             .iter()
-            .filter(|t| matches!(t, Topic::Pattern(_)) == patterns)
-            .cloned()
-            .collect();
-        if topics.is_empty() {
-            continue;
+            .filter_map(|t| match t {
+                Topic::Channel(n) => Some(n.clone()),
+                Topic::Pattern(_) => None,
+            })
+            .collect()
+    };
+    let mut patterns = Commands::default();
+    for t in &changes.unsubscribe {
+        if let Topic::Pattern(p) = t {
+            covers.remove(p, &mut patterns);
         }
-        let args: Vec<&[u8]> = std::iter::once(command)
-            .chain(topics.iter().map(|t| &t.name()[..]))
-            .collect();
-        resp::encode_command(out, args.into_iter());
-        cmds.push((topics, subscribe));
+    }
+    for t in &changes.subscribe {
+        if let Topic::Pattern(p) = t {
+            covers.add(p.clone(), &mut patterns);
+        }
+    }
+    let mut cmds = Vec::new();
+    let unsubscribe = channels(&changes.unsubscribe);
+    if !unsubscribe.is_empty() {
+        encode(out, b"UNSUBSCRIBE", &unsubscribe);
+        cmds.push((
+            unsubscribe.into_iter().map(Topic::Channel).collect(),
+            false,
+            false,
+        ));
+    }
+    if !patterns.punsubscribe.is_empty() {
+        encode(out, b"PUNSUBSCRIBE", &patterns.punsubscribe);
+        cmds.push((
+            patterns
+                .punsubscribe
+                .into_iter()
+                .map(Topic::Pattern)
+                .collect(),
+            false,
+            false,
+        ));
+    }
+    let subscribe = channels(&changes.subscribe);
+    if !subscribe.is_empty() {
+        encode(out, b"SUBSCRIBE", &subscribe);
+        cmds.push((
+            subscribe.into_iter().map(Topic::Channel).collect(),
+            true,
+            false,
+        ));
+    }
+    for p in patterns.psubscribe {
+        encode(out, b"PSUBSCRIBE", std::slice::from_ref(&p));
+        cmds.push((vec![Topic::Pattern(p)], true, true));
     }
     cmds
+}
+
+/// Appends `command names...` to `out`, unless there are no names.
+fn encode(out: &mut BytesMut, command: &[u8], names: &[Bytes]) {
+    if names.is_empty() {
+        return;
+    }
+    let args: Vec<&[u8]> = std::iter::once(command)
+        .chain(names.iter().map(|n| &n[..]))
+        .collect();
+    resp::encode_command(out, args.into_iter());
+}
+
+/// Keeps `wsgate_redis_numpat` at what Redis reports, polling `PUBSUB
+/// NUMPAT` (O(1) in Redis) every `interval` on a connection of its own
+/// (the pub/sub one, in RESP2 subscribed mode, cannot run it), until the
+/// broker is dropped. A failed poll leaves the last value and reconnects.
+async fn poll_numpat(
+    client: redis::Client,
+    alive: mpsc::WeakSender<Request>,
+    metrics: Metrics,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn = None;
+    loop {
+        tick.tick().await;
+        if alive.upgrade().is_none() {
+            return;
+        }
+        if conn.is_none() {
+            let connect = client.get_multiplexed_async_connection();
+            conn = match tokio::time::timeout(interval, connect).await {
+                Ok(Ok(c)) => Some(c),
+                _ => continue,
+            };
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let mut cmd = redis::cmd("PUBSUB");
+        cmd.arg("NUMPAT");
+        let asked = cmd.query_async::<i64>(c);
+        match tokio::time::timeout(interval, asked).await {
+            Ok(Ok(n)) => metrics.redis_numpat.set(n),
+            other => {
+                debug!(outcome = ?other.map(|r| r.map_err(|e| e.to_string())), "PUBSUB NUMPAT failed");
+                conn = None;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
+    /// Channels are batched; each pattern is its own `PSUBSCRIBE` (so a
+    /// refusal names one), and `b?`, not cheap for Redis, is held as `b*`.
     #[test]
     fn changes_become_batched_commands() {
         let mut out = BytesMut::new();
@@ -670,12 +868,21 @@ mod tests {
             ],
             unsubscribe: vec![Topic::Channel(Bytes::from_static(b"d"))],
         };
-        let cmds = encode_changes(&mut out, &changes);
-        let counts: Vec<(usize, bool)> = cmds.iter().map(|(t, s)| (t.len(), *s)).collect();
-        assert_eq!(counts, [(1, false), (1, true), (2, true)]);
+        let cmds = encode_changes(&mut out, &changes, &mut Covers::new(64));
+        let counts: Vec<(usize, bool, bool)> =
+            cmds.iter().map(|(t, s, c)| (t.len(), *s, *c)).collect();
+        assert_eq!(
+            counts,
+            [
+                (1, false, false),
+                (1, true, false),
+                (1, true, true),
+                (1, true, true)
+            ]
+        );
         assert_eq!(
             &out[..],
-            &b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$1\r\nd\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n*3\r\n$10\r\nPSUBSCRIBE\r\n$2\r\na*\r\n$2\r\nb?\r\n"[..]
+            &b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$1\r\nd\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n*2\r\n$10\r\nPSUBSCRIBE\r\n$2\r\na*\r\n*2\r\n$10\r\nPSUBSCRIBE\r\n$2\r\nb*\r\n"[..]
         );
     }
 }
