@@ -176,10 +176,13 @@ start_redis
 log "redis-server on $RPORT (work dir $WORK)"
 
 if [[ $QUICK == 1 ]]; then
-    D=3; CH_D=2; IDLE_PAIRS=2; IDLE_PER=2000; CHURN_D=3; RESYNC_BIG=10000; PROF_D=3
+    D=3; CH_D=2; IDLE_PAIRS=2; IDLE_PER=2000; CHURN_D=3; RESYNC_BIG=10000; PROF_D=3; STORM=2000
 else
-    D=10; CH_D=5; IDLE_PAIRS=6; IDLE_PER=17000; CHURN_D=10; RESYNC_BIG=100000; PROF_D=8
+    D=10; CH_D=5; IDLE_PAIRS=6; IDLE_PER=17000; CHURN_D=10; RESYNC_BIG=100000; PROF_D=8; STORM=10000
 fi
+# 10,000 sockets on one gateway (joinstorm, outage) and 17,000 per idle pair need
+# the soft fd limit at the hard limit (20,000 here); gateways inherit it.
+ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
 
 # ------------------------------------------------------------------ fanout
 
@@ -379,6 +382,24 @@ bench resync-100k-channels resync "${RS[@]}" --patterns $RESYNC_BIG --topic-kind
     --restart-redis "$RESTART_REDIS" --check 'resync_ms<=1000'
 bench resync-100k-patterns resync "${RS[@]}" --patterns $RESYNC_BIG --restart-redis "$RESTART_REDIS" \
     --subscribe-timeout-secs 240 --max-secs 300 --check 'resync_ms<=1000'
+stop_gateway "$GW_PID"
+
+# ------------------------------------------------------------------ join storm, outage
+
+# Each on a freshly started gateway: wsgate_hub_lock_hold_max_seconds is the
+# longest hold since start, so it covers the connect phase too; the bench also
+# reports the holds of the measured phase alone (histogram delta).
+start_gateway joinstorm WSGATE_SUBSCRIBE_RATE=1000000
+bench joinstorm-10k joinstorm --url "ws://127.0.0.1:$GW_PORT/ws" --pid "$GW_PID" --redis "$REDIS_URL" \
+    --subscribers $STORM --sources 100 --max-secs 120 \
+    --check "acks>=$STORM" --check 'total_secs<=0.2' --check 'lock_hold_max_us<=50'
+stop_gateway "$GW_PID"
+start_gateway outage WSGATE_SUBSCRIBE_RATE=1000000 WSGATE_MAX_SUBSCRIPTIONS=256 \
+    WSGATE_SUBSCRIBE_TIMEOUT_MS=600000
+bench outage-10k-256 outage --url "ws://127.0.0.1:$GW_PORT/ws" --pid "$GW_PID" --redis "$REDIS_URL" \
+    --subscribers $STORM --topics 256 --sources 100 --subscribe-timeout-secs 240 --max-secs 300 \
+    --check 'interrupted_max_ms<=100' --check 'phase_holds_over_1ms==0' \
+    --check "resumed_clients>=$STORM"
 stop_gateway "$GW_PID"
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)

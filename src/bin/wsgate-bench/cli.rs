@@ -24,12 +24,19 @@ WORKLOADS:
   resync    P distinct patterns over P/per-conn connections; Redis restarted
             (--restart-redis CMD) or its pub/sub clients killed (--drop-pubsub):
             time from Redis accepting connections until PUBSUB NUMPAT == P again
+  joinstorm C sockets opened first (all of them), then each sends one subscribe to the
+            same channel at once: time from the first send to the last ack; the
+            gateway's longest registry lock hold (wsgate_hub_lock_hold_*; n/a if absent)
+  outage    C sockets each subscribed to the same T channels (--topics); CLIENT KILL
+            TYPE pubsub: time from the kill to each client's `interrupted` (p50/p99/max),
+            clients later `resumed`, lock holds during the outage. The gateway needs
+            WSGATE_MAX_SUBSCRIPTIONS >= T and a high WSGATE_SUBSCRIBE_RATE
 
 OPTIONS:
   --url URL               gateway WebSocket URL; repeatable (sockets spread round-robin)
   --pid PID               gateway process id for CPU/RSS; repeatable, same order as --url
   --redis URL             Redis the gateways use (redis://127.0.0.1:PORT)
-  --subscribers C         sockets for fanout/channels/cluster/idle [1000]
+  --subscribers C         sockets for fanout/channels/cluster/idle/joinstorm/outage [1000]
   --rate R                messages per second published [100]
   --messages M            messages to publish [R x duration]
   --payload-bytes N       published payload size, at least ~45 [100]
@@ -45,9 +52,12 @@ OPTIONS:
   --per-conn N            resync: patterns per connection (<= WSGATE_MAX_SUBSCRIPTIONS and
                           WSGATE_MAX_PATTERNS_PER_CONNECTION; the gateway also needs
                           WSGATE_MAX_PATTERNS and WSGATE_MAX_REDIS_PATTERNS >= P) [200]
+  --topics T              outage: topics every socket subscribes [256]
   --restart-redis CMD     resync: shell command that stops Redis and starts it again on the
                           same port; it should return without waiting for Redis to be ready
   --drop-pubsub           resync: CLIENT KILL TYPE pubsub instead of a restart
+  --before-phase CMD      joinstorm/outage: shell command run (and waited for) right before
+                          the measured phase, e.g. to start a profiler on the gateway
   --subscribe-timeout-secs S  bound on each connect and each socket's subscribe phase [10]
   --settle-ms MS          after publishing, wait until counts stop growing this long [1000]
   --read-buffer BYTES     client WebSocket read buffer [16384; idle: 4096]
@@ -71,6 +81,8 @@ pub(crate) enum Workload {
     Idle,
     Churn,
     Resync,
+    JoinStorm,
+    Outage,
 }
 
 impl Workload {
@@ -82,6 +94,8 @@ impl Workload {
             Workload::Idle => "idle",
             Workload::Churn => "churn",
             Workload::Resync => "resync",
+            Workload::JoinStorm => "joinstorm",
+            Workload::Outage => "outage",
         }
     }
 }
@@ -169,8 +183,10 @@ pub(crate) struct Opts {
     pub(crate) window: usize,
     pub(crate) patterns: usize,
     pub(crate) per_conn: usize,
+    pub(crate) topics: usize,
     pub(crate) restart_redis: Option<String>,
     pub(crate) drop_pubsub: bool,
+    pub(crate) before_phase: Option<String>,
     pub(crate) settle_ms: u64,
     pub(crate) subscribe_timeout_secs: f64,
     pub(crate) read_buffer: usize,
@@ -217,6 +233,8 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         "idle" => Workload::Idle,
         "churn" => Workload::Churn,
         "resync" => Workload::Resync,
+        "joinstorm" => Workload::JoinStorm,
+        "outage" => Workload::Outage,
         "table" => {
             return match args.get(1..) {
                 Some([path]) => Ok(Command::Table(path.clone())),
@@ -242,8 +260,10 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut window = 32usize;
     let mut patterns = 1000usize;
     let mut per_conn = 200usize;
+    let mut topics = 256usize;
     let mut restart_redis = None;
     let mut drop_pubsub = false;
+    let mut before_phase = None;
     let mut settle_ms = 1000u64;
     let mut subscribe_timeout_secs = 10.0f64;
     let mut read_buffer = None;
@@ -298,7 +318,9 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
             "--window" => window = num(flag, v)?,
             "--patterns" => patterns = num(flag, v)?,
             "--per-conn" => per_conn = num(flag, v)?,
+            "--topics" => topics = num(flag, v)?,
             "--restart-redis" => restart_redis = Some(value.clone()),
+            "--before-phase" => before_phase = Some(value.clone()),
             "--settle-ms" => settle_ms = num(flag, v)?,
             "--subscribe-timeout-secs" => subscribe_timeout_secs = num(flag, v)?,
             "--read-buffer" => read_buffer = Some(num(flag, v)?),
@@ -317,7 +339,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     if !pids.is_empty() && pids.len() != urls.len() {
         return bad("give one --pid per --url (same order), or none");
     }
-    if redis.is_none() && workload != Workload::Idle {
+    if redis.is_none() && !matches!(workload, Workload::Idle | Workload::JoinStorm) {
         return bad("--redis is required");
     }
     if workload == Workload::Cluster && urls.len() < 2 {
@@ -342,16 +364,26 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     if subscribers == 0 || rate == 0 || connections == 0 || window == 0 || patterns == 0 {
         return bad("--subscribers, --rate, --connections, --window, --patterns must be >= 1");
     }
-    if per_conn == 0 || connect_concurrency == 0 || threads == 0 || tick_ms == 0 {
-        return bad("--per-conn, --connect-concurrency, --threads, --tick-ms must be >= 1");
+    if per_conn == 0 || topics == 0 || connect_concurrency == 0 || threads == 0 || tick_ms == 0 {
+        return bad(
+            "--per-conn, --topics, --connect-concurrency, --threads, --tick-ms must be >= 1",
+        );
     }
     let messages = messages.unwrap_or(((rate as f64) * duration_secs).round().max(1.0) as u64);
     let topic_kind = topic_kind.unwrap_or(match workload {
         Workload::Fanout | Workload::Cluster | Workload::Resync => TopicKind::Pattern,
-        Workload::Channels | Workload::Idle | Workload::Churn => TopicKind::Channel,
+        Workload::Channels
+        | Workload::Idle
+        | Workload::Churn
+        | Workload::JoinStorm
+        | Workload::Outage => TopicKind::Channel,
     });
     let read_buffer = read_buffer.unwrap_or(match workload {
-        Workload::Idle | Workload::Resync | Workload::Churn => 4096,
+        Workload::Idle
+        | Workload::Resync
+        | Workload::Churn
+        | Workload::JoinStorm
+        | Workload::Outage => 4096,
         _ => 16384,
     });
     let label = label.unwrap_or_else(|| workload.name().to_owned());
@@ -374,8 +406,10 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         window,
         patterns,
         per_conn,
+        topics,
         restart_redis,
         drop_pubsub,
+        before_phase,
         settle_ms,
         subscribe_timeout_secs,
         read_buffer,

@@ -14,7 +14,9 @@ mod cli;
 mod fanout;
 mod hist;
 mod idle;
+mod joinstorm;
 mod net;
+mod outage;
 mod rds;
 mod recv;
 mod report;
@@ -118,6 +120,8 @@ fn run(opts: &Opts) -> Result<(), String> {
             Workload::Idle => idle::run(opts, &gateways, deadline).await,
             Workload::Churn => churn::run(opts, &gateways, deadline).await,
             Workload::Resync => resync::run(opts, &gateways, deadline).await,
+            Workload::JoinStorm => joinstorm::run(opts, &gateways, deadline).await,
+            Workload::Outage => outage::run(opts, &gateways, deadline).await,
         }
     });
     // Sockets still open are simply dropped.

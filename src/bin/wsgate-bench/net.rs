@@ -229,6 +229,139 @@ pub(crate) async fn metric_sum(gws: &[Gateway], names: &[&str]) -> Vec<f64> {
     out
 }
 
+/// The hub's registry-lock metrics of the gateways, at one moment:
+/// `wsgate_hub_lock_hold_max_seconds` (longest hold since start, max over
+/// gateways) and the `wsgate_hub_lock_hold_seconds` histogram (cumulative
+/// bucket counts, summed over gateways).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LockHolds {
+    /// Longest hold since start, seconds (None: no gateway exports it).
+    pub(crate) max_secs: Option<f64>,
+    /// (upper bound `le` in seconds, cumulative count), ascending; `+Inf` last.
+    pub(crate) buckets: Vec<(f64, f64)>,
+}
+
+impl LockHolds {
+    /// Reads every gateway's `/metrics`.
+    pub(crate) async fn read(gws: &[Gateway]) -> LockHolds {
+        let mut out = LockHolds::default();
+        for gw in gws {
+            if let Ok(text) = http_get(gw.addr, "/metrics").await {
+                out.add(&text);
+            }
+        }
+        out
+    }
+
+    fn add(&mut self, text: &str) {
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            if let Some(v) = l.strip_prefix("wsgate_hub_lock_hold_max_seconds ") {
+                if let Ok(v) = v.trim().parse::<f64>() {
+                    self.max_secs = Some(self.max_secs.map_or(v, |m: f64| m.max(v)));
+                }
+            } else if let Some(rest) = l.strip_prefix("wsgate_hub_lock_hold_seconds_bucket{") {
+                let Some(le) = rest
+                    .split_once("le=\"")
+                    .and_then(|(_, r)| r.split_once('"'))
+                    .map(|(le, _)| le)
+                else {
+                    continue;
+                };
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    match le.parse::<f64>() {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    }
+                };
+                let Some(n) = rest.rsplit_once(' ').and_then(|(_, n)| n.trim().parse().ok())
+                else {
+                    continue;
+                };
+                match self.buckets.iter_mut().find(|(b, _)| *b == le) {
+                    Some(b) => b.1 += n,
+                    None => self.buckets.push((le, n)),
+                }
+            }
+        }
+        self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+
+    /// Whether the gateways export the histogram at all.
+    pub(crate) fn exported(&self) -> bool {
+        !self.buckets.is_empty()
+    }
+
+    /// What happened between `before` and `self`: (holds, holds longer than
+    /// `secs` (counted from the smallest bucket bound >= `secs`), upper bound
+    /// of the bucket holding the longest hold (None: no hold; infinite: over
+    /// the last finite bound)).
+    pub(crate) fn since(&self, before: &LockHolds, secs: f64) -> (f64, f64, Option<f64>) {
+        let at = |h: &LockHolds, le: f64| {
+            h.buckets
+                .iter()
+                .find(|(b, _)| *b == le)
+                .map_or(0.0, |b| b.1)
+        };
+        let total = at(self, f64::INFINITY) - at(before, f64::INFINITY);
+        let bound = self
+            .buckets
+            .iter()
+            .map(|b| b.0)
+            .find(|&le| le >= secs)
+            .unwrap_or(f64::INFINITY);
+        let over = total - (at(self, bound) - at(before, bound));
+        let longest = (total > 0.0).then(|| {
+            self.buckets
+                .iter()
+                .map(|b| b.0)
+                .find(|&le| at(self, le) - at(before, le) >= total)
+                .unwrap_or(f64::INFINITY)
+        });
+        (total, over, longest)
+    }
+}
+
+/// Records the lock-hold figures of one measured phase: the gauge read after
+/// it (`lock_hold_max_us`, which includes every earlier phase since the
+/// gateway started), the holds of the phase itself from the histogram
+/// (`phase_lock_holds`, `phase_holds_over_<limit>`), and the bucket bound the
+/// phase's longest hold falls under (`phase_lock_hold_bound_us`). All null
+/// when the gateway does not export them (older builds).
+pub(crate) fn report_lock_holds(
+    run: &mut crate::report::Run,
+    before: &LockHolds,
+    after: &LockHolds,
+    limit_secs: f64,
+    over_name: &'static str,
+) {
+    use serde_json::Value;
+    let us = |v: f64| (v * 1e7).round() / 10.0;
+    match after.max_secs {
+        Some(m) => run.result("lock_hold_max_us", us(m)),
+        None => run.result("lock_hold_max_us", Value::Null),
+    }
+    if after.exported() {
+        let (total, over, longest) = after.since(before, limit_secs);
+        run.result("phase_lock_holds", total as u64);
+        run.result(over_name, over as u64);
+        match longest {
+            Some(le) if le.is_finite() => run.result("phase_lock_hold_bound_us", us(le)),
+            Some(_) => run.result("phase_lock_hold_bound_us", "over the last bucket"),
+            None => run.result("phase_lock_hold_bound_us", Value::Null),
+        }
+    } else {
+        run.result("phase_lock_holds", Value::Null);
+        run.result(over_name, Value::Null);
+        run.result("phase_lock_hold_bound_us", Value::Null);
+        run.notes.push(
+            "the gateway exports no wsgate_hub_lock_hold_* metrics (older build): lock holds n/a"
+                .into(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +378,33 @@ mod tests {
         assert_eq!(source(0, 50, 0), Ipv4Addr::new(127, 0, 0, 1));
         assert_eq!(source(51, 50, 0), Ipv4Addr::new(127, 0, 0, 2));
         assert_eq!(source(300, 1000, 0), Ipv4Addr::new(127, 0, 1, 45));
+    }
+
+    #[test]
+    fn lock_holds() {
+        let m = |b: [u64; 4], max: &str| {
+            format!(
+                "# TYPE x\nwsgate_hub_lock_hold_max_seconds {max}\n\
+                 wsgate_hub_lock_hold_seconds_bucket{{le=\"0.00001\"}} {}\n\
+                 wsgate_hub_lock_hold_seconds_bucket{{le=\"0.00005\"}} {}\n\
+                 wsgate_hub_lock_hold_seconds_bucket{{le=\"0.001\"}} {}\n\
+                 wsgate_hub_lock_hold_seconds_bucket{{le=\"+Inf\"}} {}\n\
+                 wsgate_hub_lock_hold_seconds_count {}\n",
+                b[0], b[1], b[2], b[3], b[3]
+            )
+        };
+        let mut before = LockHolds::default();
+        before.add(&m([5, 6, 7, 7], "0.0002"));
+        let mut after = LockHolds::default();
+        after.add(&m([8, 10, 12, 12], "0.0003"));
+        assert_eq!(after.max_secs, Some(0.0003));
+        // 5 holds in the phase: 3 under 10 µs, 1 more under 50 µs, 1 under 1 ms.
+        assert_eq!(after.since(&before, 50e-6), (5.0, 1.0, Some(0.001)));
+        assert_eq!(after.since(&before, 1e-3), (5.0, 0.0, Some(0.001)));
+        assert_eq!(before.since(&before, 1e-3), (0.0, 0.0, None));
+        let mut inf = LockHolds::default();
+        inf.add(&m([8, 10, 12, 13], "0.5"));
+        assert_eq!(inf.since(&before, 1e-3), (6.0, 1.0, Some(f64::INFINITY)));
+        assert!(!LockHolds::default().exported());
     }
 }

@@ -1,7 +1,9 @@
 //! Subscriber sockets: one task each. A task connects (bounded concurrency),
 //! sends its subscribe requests in one flush, waits for every reply, then
 //! reads until told to stop, counting bench messages (latency from the
-//! payload's `"t":` into its own histogram) and gap notices.
+//! payload's `"t":` into its own histogram) and gap notices. A gated pool
+//! (`Pool::spawn_gated`) connects every socket first and holds the subscribes
+//! until `Pool::go`, so a join storm starts from sockets already open.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -26,6 +28,12 @@ pub(crate) struct Slot {
     pub(crate) count: AtomicU64,
     /// Unix nanos of the last `resumed` notice.
     pub(crate) resumed_ns: AtomicU64,
+    /// Unix nanos of the first `interrupted` notice.
+    pub(crate) interrupted_ns: AtomicU64,
+    /// Unix nanos just before the subscribe requests were sent.
+    pub(crate) sent_ns: AtomicU64,
+    /// Unix nanos when the last subscribe reply arrived.
+    pub(crate) acked_ns: AtomicU64,
     /// The socket's task has finished (closed, failed or stopped).
     pub(crate) ended: AtomicBool,
 }
@@ -33,6 +41,8 @@ pub(crate) struct Slot {
 /// Counters shared by every socket of a pool.
 #[derive(Default)]
 struct Shared {
+    /// Sockets whose WebSocket handshake completed.
+    connected: AtomicUsize,
     /// Sockets that finished their subscribe phase.
     ready: AtomicUsize,
     /// Sockets that could not connect or subscribe.
@@ -99,6 +109,8 @@ pub(crate) struct Pool {
     handles: Vec<JoinHandle<RecvOut>>,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
+    /// Gated pools: opened by `go`.
+    gate: Option<watch::Sender<bool>>,
 }
 
 /// How to open the pool's sockets.
@@ -116,6 +128,22 @@ impl Pool {
     /// Starts one task per entry of `subscriptions` (the frames it sends), on
     /// gateway `i mod gateways`, from source address number `i`.
     pub(crate) fn spawn(spec: &Spec, subscriptions: Vec<Vec<Message>>) -> Pool {
+        Pool::start(spec, subscriptions, false)
+    }
+
+    /// Like `spawn`, but each socket, once connected, waits for `go` before
+    /// sending its requests (wait for `wait_connected` first).
+    pub(crate) fn spawn_gated(spec: &Spec, subscriptions: Vec<Vec<Message>>) -> Pool {
+        Pool::start(spec, subscriptions, true)
+    }
+
+    fn start(spec: &Spec, subscriptions: Vec<Vec<Message>>, gated: bool) -> Pool {
+        let (gate, gate_rx) = if gated {
+            let (tx, rx) = watch::channel(false);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let shared = Arc::new(Shared {
             hist: Some(Sharded::new()),
             ..Shared::default()
@@ -139,6 +167,7 @@ impl Pool {
                 shared: shared.clone(),
                 slot,
                 stop: stop_rx.clone(),
+                gate: gate_rx.clone(),
             };
             handles.push(tokio::spawn(task.run()));
         }
@@ -147,6 +176,26 @@ impl Pool {
             handles,
             shared,
             stop,
+            gate,
+        }
+    }
+
+    /// Waits until every socket is connected or failed, or `deadline`.
+    /// Returns the number connected.
+    pub(crate) async fn wait_connected(&self, deadline: Instant) -> usize {
+        loop {
+            let connected = self.shared.connected.load(Ordering::Acquire);
+            if connected + self.failed() >= self.len() || Instant::now() >= deadline {
+                return connected;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Gated pools: lets every connected socket send its requests.
+    pub(crate) fn go(&self) {
+        if let Some(g) = &self.gate {
+            let _ = g.send(true);
         }
     }
 
@@ -209,9 +258,31 @@ impl Pool {
 
     /// Per-socket `resumed` times (unix nanos, 0 = none yet).
     pub(crate) fn resumed_ns(&self) -> Vec<u64> {
+        self.times(|s| &s.resumed_ns)
+    }
+
+    /// Per-socket times of the first `interrupted` notice (unix nanos, 0 = none yet).
+    pub(crate) fn interrupted_ns(&self) -> Vec<u64> {
+        self.times(|s| &s.interrupted_ns)
+    }
+
+    /// Per-socket (requests sent, last reply received) times (unix nanos, 0 = not yet).
+    pub(crate) fn request_ns(&self) -> Vec<(u64, u64)> {
         self.slots
             .iter()
-            .map(|s| s.resumed_ns.load(Ordering::Relaxed))
+            .map(|s| {
+                (
+                    s.sent_ns.load(Ordering::Acquire),
+                    s.acked_ns.load(Ordering::Acquire),
+                )
+            })
+            .collect()
+    }
+
+    fn times(&self, field: impl Fn(&Slot) -> &AtomicU64) -> Vec<u64> {
+        self.slots
+            .iter()
+            .map(|s| field(s).load(Ordering::Relaxed))
             .collect()
     }
 
@@ -294,6 +365,7 @@ struct Task {
     shared: Arc<Shared>,
     slot: Arc<Slot>,
     stop: watch::Receiver<bool>,
+    gate: Option<watch::Receiver<bool>>,
 }
 
 impl Task {
@@ -310,8 +382,27 @@ impl Task {
             Ok(ws) => ws,
             Err(e) => return self.failed(e, out),
         };
+        self.shared.connected.fetch_add(1, Ordering::AcqRel);
+        let mut permit = permit;
+        if let Some(mut gate) = self.gate.take() {
+            // Connected: free the slot for the next connect, then wait for
+            // `go` (or the stop, or the gate's sender gone).
+            drop(permit.take());
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                r = gate.wait_for(|g| *g) => if r.is_err() {
+                    return self.failed("gate dropped".into(), out);
+                },
+                _ = stop.wait_for(|s| *s) => {
+                    return self.failed("stopped before go".into(), out);
+                }
+            }
+        }
         let frames = std::mem::take(&mut self.frames);
-        match net::request_all(&mut ws, frames, self.timeout).await {
+        self.slot.sent_ns.store(unix_nanos(), Ordering::Release);
+        let replies = net::request_all(&mut ws, frames, self.timeout).await;
+        self.slot.acked_ns.store(unix_nanos(), Ordering::Release);
+        match replies {
             Ok((ok, refused, error)) => {
                 self.shared.subscribed.fetch_add(ok, Ordering::AcqRel);
                 if refused > 0 {
@@ -347,6 +438,9 @@ impl Task {
                             self.slot.count.store(out.count, Ordering::Relaxed);
                         } else if b.starts_with(b"{\"action\":\"interrupted\"") {
                             out.interrupted += 1;
+                            if out.interrupted == 1 {
+                                self.slot.interrupted_ns.store(unix_nanos(), Ordering::Relaxed);
+                            }
                         } else if b.starts_with(b"{\"action\":\"resumed\"") {
                             out.resumed += 1;
                             self.slot.resumed_ns.store(unix_nanos(), Ordering::Relaxed);

@@ -22,7 +22,7 @@ const METRICS: [&str; 3] = [
 /// Distinct channels or patterns Redis holds now, over all clients
 /// (`INFO stats`: `pubsub_channels` / `pubsub_patterns`, both O(1) in Redis,
 /// so polling does not slow the resync it measures).
-async fn held(
+pub(crate) async fn held(
     conn: &mut redis::aio::MultiplexedConnection,
     kind: TopicKind,
 ) -> Result<i64, String> {

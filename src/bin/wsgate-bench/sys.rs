@@ -98,6 +98,26 @@ pub(crate) fn unix_nanos() -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs `--before-phase`'s shell command and waits for it (a profiler it
+/// starts in the background keeps running).
+pub(crate) async fn before_phase(cmd: Option<&str>) -> Result<(), String> {
+    let Some(cmd) = cmd else {
+        return Ok(());
+    };
+    let cmd = cmd.to_owned();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh").arg("-c").arg(&cmd).status()
+    })
+    .await
+    .map_err(|e| format!("--before-phase: {e}"))?
+    .map_err(|e| format!("--before-phase: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("--before-phase command failed: {status}"))
+    }
+}
+
 /// CPU and memory of the gateway processes, this process and Redis at one moment.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Snapshot {
