@@ -89,6 +89,10 @@ pub struct Metrics {
     pub hub_lock_hold: Histogram,
     /// `wsgate_hub_lock_hold_max_seconds`: the longest such hold since start.
     pub hub_lock_hold_max: Gauge,
+    /// `wsgate_gap_marks_seconds`: time to place an `interrupted` (or
+    /// `resumed`) mark in every session's queue when the broker link drops
+    /// (or the resync ends): the moment every notice has its place.
+    pub gap_marks_seconds: Histogram,
     /// `wsgate_broker_refusals_total`: subscriptions the broker refused (e.g.
     /// a Redis ACL); their subscribers are told, everyone else is unaffected.
     pub broker_refusals: IntCounter,
@@ -223,6 +227,14 @@ impl Metrics {
                 "Longest hold of the hub's registry lock since start",
             )
             .unwrap_or_else(never),
+            gap_marks_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "wsgate_gap_marks_seconds",
+                    "Time to place an outage mark in every session's queue",
+                )
+                .buckets(vec![1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0]),
+            )
+            .unwrap_or_else(never),
             broker_refusals: IntCounter::new(
                 "wsgate_broker_refusals_total",
                 "Subscriptions the broker refused",
@@ -268,7 +280,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 25] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 26] = [
             Box::new(self.connections.clone()),
             Box::new(self.local_subscriptions.clone()),
             Box::new(self.broker_subscriptions.clone()),
@@ -287,6 +299,7 @@ impl Metrics {
             Box::new(self.refused.clone()),
             Box::new(self.hub_lock_hold.clone()),
             Box::new(self.hub_lock_hold_max.clone()),
+            Box::new(self.gap_marks_seconds.clone()),
             Box::new(self.broker_refusals.clone()),
             Box::new(self.deliveries_too_large.clone()),
             Box::new(self.pending_connections.clone()),

@@ -334,10 +334,19 @@ impl Shared {
     /// Places an outage mark in every session's queue; each session renders
     /// its notice from its own subscriptions.
     fn mark_all(&self, kind: NoticeKind) {
+        let started = Instant::now();
         let members: Vec<Arc<Member>> = self.sessions().values().cloned().collect();
-        for member in members {
+        for member in &members {
             member.outbox.mark(kind);
         }
+        let took = started.elapsed();
+        self.metrics.gap_marks_seconds.observe(took.as_secs_f64());
+        debug!(
+            sessions = members.len(),
+            took_us = took.as_micros() as u64,
+            ?kind,
+            "gap marks placed"
+        );
     }
 
     /// Tells the live members of one topic about a gap: the notice names one
@@ -575,16 +584,17 @@ async fn reconcile(shared: Arc<Shared>) {
             shared.update_gauges(&registry);
             done
         };
-        for (tx, answer) in done.answers {
-            let _ = tx.send(answer);
+        for (round, answer) in done.answers {
+            round.send_replace(Some(answer));
         }
-        for kind in done.refused_waiters {
+        for (kind, n) in done.refused_waiters {
             shared
                 .metrics
                 .local_subscriptions
                 .with_label_values(&[kind])
-                .dec();
+                .sub(n as i64);
         }
+        drop(done.dropped);
         for (topic, subs, why) in done.refused_active {
             shared.notify_topic(&topic, &subs, NoticeKind::Interrupted, Some(&why));
         }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 use crate::broker::{Applied, BrokerError, Changes, Topic};
 use crate::outbox::Outbox;
@@ -97,7 +97,14 @@ impl Sub {
 }
 
 /// What a pending subscriber learns when its wait ends.
-pub type Confirmation = oneshot::Receiver<Result<(), BrokerError>>;
+///
+/// Every waiter of one topic shares one round: a `watch` answered once, in
+/// O(1) under the lock (the answer is sent after the lock is released), so a
+/// confirmation costs the same for one waiter as for ten thousand.
+pub type Confirmation = watch::Receiver<Option<Result<(), BrokerError>>>;
+
+/// The sending side of a confirmation round.
+type Round = watch::Sender<Option<Result<(), BrokerError>>>;
 
 /// The outcome of joining a topic.
 pub enum Joined {
@@ -123,11 +130,11 @@ enum Held {
     Refused,
 }
 
-/// A subscriber waiting for the broker to confirm. `done` is taken when the
-/// broker confirmed; the waiter stays (and keeps the topic wanted) until the
-/// session activates it.
-struct Waiter {
-    done: Option<oneshot::Sender<Result<(), BrokerError>>>,
+/// A subscriber waiting for the broker to confirm: the round it waits in.
+/// It stays (and keeps the topic wanted) after its round is answered, until
+/// the session activates it.
+pub struct Waiter {
+    round: u64,
 }
 
 struct Entry {
@@ -138,6 +145,11 @@ struct Entry {
     index: HashMap<u64, usize>,
     /// Members waiting for confirmation.
     pending: HashMap<u64, Waiter>,
+    /// The round new waiters join, until it is answered.
+    round: Option<Round>,
+    /// Number of the current (or next) round; rounds up to `answered` are over.
+    round_no: u64,
+    answered: u64,
     held: Held,
     dirty: bool,
     /// Part of the resync in progress (wanted at the last `Up`, not answered yet).
@@ -150,10 +162,27 @@ impl Entry {
             active: Arc::new(Vec::new()),
             index: HashMap::new(),
             pending: HashMap::new(),
+            round: None,
+            round_no: 1,
+            answered: 0,
             held: Held::Absent,
             dirty: false,
             resync: false,
         }
+    }
+
+    /// A receiver of the open round (opening one if needed), and its number.
+    fn join_round(&mut self) -> (u64, Confirmation) {
+        let round = self.round.get_or_insert_with(|| watch::Sender::new(None));
+        (self.round_no, round.subscribe())
+    }
+
+    /// Closes the open round: its sender, to answer outside the lock.
+    fn end_round(&mut self) -> Option<Round> {
+        let round = self.round.take()?;
+        self.answered = self.round_no;
+        self.round_no += 1;
+        Some(round)
     }
 
     fn wanted(&self) -> bool {
@@ -257,11 +286,8 @@ pub struct Step {
 /// A topic's active members, as the dispatcher iterates them.
 pub type Members = Arc<Vec<Arc<Sub>>>;
 
-/// A confirmation to send, and what it says.
-pub type Answer = (
-    oneshot::Sender<Result<(), BrokerError>>,
-    Result<(), BrokerError>,
-);
+/// A round to answer, and what it says.
+pub type Answer = (Round, Result<(), BrokerError>);
 
 /// What [`Registry::complete`] leaves for the hub to do outside the lock.
 #[derive(Default)]
@@ -272,8 +298,10 @@ pub struct Completed {
     /// Topics the broker refused that still had active members, with those
     /// members and the reason: they are told delivery is interrupted.
     pub refused_active: Vec<(Topic, Members, String)>,
-    /// The kind of each refused waiter's topic: those subscriptions are gone.
-    pub refused_waiters: Vec<&'static str>,
+    /// Refused waiters, counted by their topic's kind: those subscriptions are gone.
+    pub refused_waiters: Vec<(&'static str, usize)>,
+    /// Their entries, dropped by the hub after the lock is released.
+    pub dropped: Vec<HashMap<u64, Waiter>>,
 }
 
 /// All topics of one node; see the module docs.
@@ -352,10 +380,9 @@ impl Registry {
             entry.insert(sub.clone());
             return Ok(Joined::Active(sub));
         }
-        let (done, confirmation) = oneshot::channel();
+        let (round, confirmation) = entry.join_round();
         let id = sub.member.id;
-        let waiter = Waiter { done: Some(done) };
-        if entry.pending.insert(id, waiter).is_none() {
+        if entry.pending.insert(id, Waiter { round }).is_none() {
             self.waiting += 1;
         }
         if entry.held == Held::Refused {
@@ -373,15 +400,19 @@ impl Registry {
     pub fn activate(&mut self, sub: Arc<Sub>, topic: &Topic) -> Option<Joined> {
         let entry = self.entries.get_mut(topic)?;
         let id = sub.member.id;
-        let waiter = entry.pending.get_mut(&id)?;
+        if !entry.pending.contains_key(&id) {
+            return None;
+        }
         if entry.held == Held::Present {
             entry.pending.remove(&id);
             self.waiting -= 1;
             entry.insert(sub.clone());
             return Some(Joined::Active(sub));
         }
-        let (done, confirmation) = oneshot::channel();
-        waiter.done = Some(done);
+        let (round, confirmation) = entry.join_round();
+        if let Some(w) = entry.pending.get_mut(&id) {
+            w.round = round;
+        }
         if entry.held == Held::Refused {
             self.set_held(topic, Held::Absent);
         }
@@ -419,7 +450,7 @@ impl Registry {
             return false;
         };
         match entry.pending.get(&member_id) {
-            Some(w) if w.done.is_some() => {}
+            Some(w) if w.round > entry.answered => {}
             _ => return false,
         }
         entry.pending.remove(&member_id);
@@ -554,21 +585,20 @@ impl Registry {
             };
             match next {
                 Held::Present => {
-                    for waiter in entry.pending.values_mut() {
-                        if let Some(done) = waiter.done.take() {
-                            out.answers.push((done, Ok(())));
-                        }
+                    if let Some(round) = entry.end_round() {
+                        out.answers.push((round, Ok(())));
                     }
                 }
                 Held::Refused => {
                     let why = refused.get(topic).copied().unwrap_or("refused").to_owned();
                     self.waiting -= entry.pending.len();
-                    for (_, waiter) in entry.pending.drain() {
-                        out.refused_waiters.push(topic.kind());
-                        if let Some(done) = waiter.done {
-                            out.answers
-                                .push((done, Err(BrokerError::Refused(why.clone()))));
-                        }
+                    // Dropped outside the lock (the map may be large).
+                    let gone = std::mem::take(&mut entry.pending);
+                    out.refused_waiters.push((topic.kind(), gone.len()));
+                    out.dropped.push(gone);
+                    if let Some(round) = entry.end_round() {
+                        out.answers
+                            .push((round, Err(BrokerError::Refused(why.clone()))));
                     }
                     if !entry.active.is_empty() {
                         out.refused_active
@@ -785,6 +815,35 @@ mod tests {
         assert!(r.is_ready());
     }
 
+    /// A confirmation is one answer per topic, however many wait: the lock
+    /// does not hold O(waiters) work (every waiter's `watch` sees it).
+    #[test]
+    fn ten_thousand_waiters_are_one_answer() {
+        let mut r = Registry::default();
+        r.broker_up(1);
+        let t = Topic::Channel(Bytes::from_static(b"storm"));
+        let mut waits = Vec::new();
+        for id in 0..10_000 {
+            let Ok(Joined::Pending(c)) = r.subscribe(new_sub(id), t.clone()) else {
+                panic!("expected pending");
+            };
+            waits.push(c);
+        }
+        let step = r.take_changes(10);
+        let done = r.complete(1, &step.changes, Ok(Applied::default()));
+        assert_eq!(done.answers.len(), 1);
+        for (tx, res) in done.answers {
+            tx.send_replace(Some(res));
+        }
+        assert!(waits.iter().all(|w| matches!(*w.borrow(), Some(Ok(())))));
+        // Confirmed, not yet activated: a timeout now must not withdraw it.
+        assert!(!r.cancel_pending(7, &t));
+        assert!(matches!(
+            r.activate(new_sub(7), &t),
+            Some(Joined::Active(_))
+        ));
+    }
+
     #[test]
     fn a_refused_topic_refuses_its_waiters_and_is_not_retried() {
         let mut r = Registry::default();
@@ -800,9 +859,10 @@ mod tests {
         let done = r.complete(1, &step.changes, Ok(applied));
         assert_eq!(done.answers.len(), 1);
         for (tx, res) in done.answers {
-            let _ = tx.send(res);
+            tx.send_replace(Some(res));
         }
-        assert!(matches!(conf.try_recv(), Ok(Err(BrokerError::Refused(_)))));
+        let answer = conf.borrow_and_update().clone();
+        assert!(matches!(answer, Some(Err(BrokerError::Refused(_)))));
         assert!(r.take_changes(10).changes.subscribe.is_empty());
         assert_eq!(r.waiting(), 0);
     }

@@ -116,7 +116,11 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
             0,
         );
     }
-    run.float("bench_cpu_ms", (cpu1.bench_cpu - cpu0.bench_cpu) * 1000.0, 0);
+    run.float(
+        "bench_cpu_ms",
+        (cpu1.bench_cpu - cpu0.bench_cpu) * 1000.0,
+        0,
+    );
     if ready < c || subscribed < c {
         run.notes.push(format!(
             "only {subscribed} of {c} subscribes acknowledged ({refused} refused, {failed} \

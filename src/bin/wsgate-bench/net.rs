@@ -275,7 +275,9 @@ impl LockHolds {
                         Err(_) => continue,
                     }
                 };
-                let Some(n) = rest.rsplit_once(' ').and_then(|(_, n)| n.trim().parse().ok())
+                let Some(n) = rest
+                    .rsplit_once(' ')
+                    .and_then(|(_, n)| n.trim().parse().ok())
                 else {
                     continue;
                 };

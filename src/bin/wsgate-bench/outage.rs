@@ -117,11 +117,19 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     run.result("clients_killed", killed);
     run.float("kill_command_ms", command_ms, 2);
     run.result("interrupted_clients", intr.len());
-    run.float("interrupted_first_ms", ms(intr.first().copied().unwrap_or(0)), 2);
+    run.float(
+        "interrupted_first_ms",
+        ms(intr.first().copied().unwrap_or(0)),
+        2,
+    );
     run.float("interrupted_p50_ms", ms(pct(&intr, 0.5)), 2);
     run.float("interrupted_p90_ms", ms(pct(&intr, 0.9)), 2);
     run.float("interrupted_p99_ms", ms(pct(&intr, 0.99)), 2);
-    run.float("interrupted_max_ms", ms(intr.last().copied().unwrap_or(0)), 2);
+    run.float(
+        "interrupted_max_ms",
+        ms(intr.last().copied().unwrap_or(0)),
+        2,
+    );
     run.result("resumed_clients", resm.len());
     run.float("resumed_max_ms", ms(resm.last().copied().unwrap_or(0)), 1);
     run.result("interrupted_notices", out.interrupted);
@@ -136,7 +144,11 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
             0,
         );
     }
-    run.float("bench_cpu_ms", (cpu1.bench_cpu - cpu0.bench_cpu) * 1000.0, 0);
+    run.float(
+        "bench_cpu_ms",
+        (cpu1.bench_cpu - cpu0.bench_cpu) * 1000.0,
+        0,
+    );
     if intr.len() < c {
         run.notes.push(format!(
             "only {} of {c} clients got `interrupted` within 30 s",

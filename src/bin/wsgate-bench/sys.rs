@@ -106,7 +106,10 @@ pub(crate) async fn before_phase(cmd: Option<&str>) -> Result<(), String> {
     };
     let cmd = cmd.to_owned();
     let status = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("sh").arg("-c").arg(&cmd).status()
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .status()
     })
     .await
     .map_err(|e| format!("--before-phase: {e}"))?
