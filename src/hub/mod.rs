@@ -227,10 +227,10 @@ impl Hub {
 
     /// Removes `member_id` from `topic`. (An active subscription's [`Sub`]
     /// is stopped by the caller first.)
-    pub fn unsubscribe(&self, member_id: u64, topic: &Topic) -> Removed {
+    pub fn unsubscribe(&self, member_id: u64, topic: &Topic, active: Option<&Sub>) -> Removed {
         let removed = {
             let mut registry = self.shared.lock();
-            let removed = registry.unsubscribe(member_id, topic);
+            let removed = registry.unsubscribe(member_id, topic, active);
             self.shared.update_gauges(&registry);
             removed
         };

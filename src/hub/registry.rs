@@ -22,7 +22,7 @@
 //! reconnect has been answered, however much churn continues meanwhile.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,9 @@ pub struct Sub {
     /// Members with the same key share one rendered frame per message.
     pub key: &'static str,
     since: AtomicU64,
+    /// Its position in its topic's member list (written under the registry
+    /// lock only): removal is a swap-remove with no index map to grow.
+    pos: AtomicUsize,
     /// The broker's count of queued messages, read when starting.
     queued: Arc<AtomicU64>,
 }
@@ -73,6 +76,7 @@ impl Sub {
             member,
             key,
             since: AtomicU64::new(NOT_LIVE),
+            pos: AtomicUsize::new(usize::MAX),
             queued,
         })
     }
@@ -141,8 +145,6 @@ struct Entry {
     /// Members receiving deliveries; copy-on-write, so the dispatcher iterates
     /// a clone of the `Arc` without the lock.
     active: Members,
-    /// Member id -> position in `active` (swap-remove keeps it O(1)).
-    index: HashMap<u64, usize>,
     /// Members waiting for confirmation.
     pending: HashMap<u64, Waiter>,
     /// The round new waiters join, until it is answered.
@@ -160,7 +162,6 @@ impl Entry {
     fn new() -> Entry {
         Entry {
             active: Arc::new(Vec::new()),
-            index: HashMap::new(),
             pending: HashMap::new(),
             round: None,
             round_no: 1,
@@ -189,26 +190,27 @@ impl Entry {
         !self.active.is_empty() || !self.pending.is_empty()
     }
 
+    /// Adds a member (a session holds a topic once: it refuses a second
+    /// subscribe itself). No hash map: an index that grows rehashes all of
+    /// it under the lock, which a join storm measured as its longest holds.
     fn insert(&mut self, sub: Arc<Sub>) {
-        let id = sub.member.id;
-        if let Some(&at) = self.index.get(&id) {
-            Arc::make_mut(&mut self.active)[at] = sub;
-            return;
-        }
         let list = Arc::make_mut(&mut self.active);
-        self.index.insert(id, list.len());
+        sub.pos.store(list.len(), Ordering::Relaxed);
         list.push(sub);
     }
 
-    fn remove(&mut self, id: u64) -> bool {
-        let Some(at) = self.index.remove(&id) else {
+    /// Removes `sub` if it is in this list (its position says where).
+    fn remove(&mut self, sub: &Sub) -> bool {
+        let at = sub.pos.load(Ordering::Relaxed);
+        if !self.active.get(at).is_some_and(|s| std::ptr::eq(&**s, sub)) {
             return false;
-        };
+        }
         let list = Arc::make_mut(&mut self.active);
         list.swap_remove(at);
         if let Some(moved) = list.get(at) {
-            self.index.insert(moved.member.id, at);
+            moved.pos.store(at, Ordering::Relaxed);
         }
+        sub.pos.store(usize::MAX, Ordering::Relaxed);
         true
     }
 }
@@ -420,15 +422,15 @@ impl Registry {
         Some(Joined::Pending(confirmation))
     }
 
-    /// Removes `member_id` from `topic`.
-    pub fn unsubscribe(&mut self, member_id: u64, topic: &Topic) -> Removed {
+    /// Removes `member_id` from `topic`: its waiter, or `active`, its place.
+    pub fn unsubscribe(&mut self, member_id: u64, topic: &Topic, active: Option<&Sub>) -> Removed {
         let Some(entry) = self.entries.get_mut(topic) else {
             return Removed::NotFound;
         };
         let removed = if entry.pending.remove(&member_id).is_some() {
             self.waiting -= 1;
             Removed::Pending
-        } else if entry.remove(member_id) {
+        } else if active.is_some_and(|sub| entry.remove(sub)) {
             Removed::Active
         } else {
             Removed::NotFound
@@ -755,11 +757,12 @@ mod tests {
         let t = Topic::Channel(Bytes::from_static(b"c"));
         held_channel(&mut r, &t);
         let before = Arc::as_ptr(&r.receivers(&t).unwrap_or_default());
+        let mut subs = std::collections::HashMap::new();
         for id in 1..1000 {
-            assert!(matches!(
-                r.subscribe(new_sub(id), t.clone()),
-                Ok(Joined::Active(_))
-            ));
+            let Ok(Joined::Active(sub)) = r.subscribe(new_sub(id), t.clone()) else {
+                panic!("expected active");
+            };
+            subs.insert(id, sub);
         }
         let list = r.receivers(&t).unwrap_or_default();
         assert_eq!(list.len(), 1000);
@@ -770,7 +773,13 @@ mod tests {
         assert_ne!(after_one, before);
         drop(list);
         for id in 1000..1100 {
-            assert_eq!(r.unsubscribe(id - 999, &t), Removed::Active);
+            let sub = subs.get(&(id - 999)).cloned();
+            assert_eq!(r.unsubscribe(id - 999, &t, sub.as_deref()), Removed::Active);
+            // Gone means gone: a second removal finds nothing.
+            assert_eq!(
+                r.unsubscribe(id - 999, &t, sub.as_deref()),
+                Removed::NotFound
+            );
         }
         assert_eq!(Arc::as_ptr(&r.receivers(&t).unwrap_or_default()), after_one);
         let ids: std::collections::HashSet<u64> = r

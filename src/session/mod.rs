@@ -152,6 +152,14 @@ impl Stage {
     fn is_pending(&self) -> bool {
         matches!(self, Stage::Pending)
     }
+
+    /// Its place in the hub, when active.
+    fn sub(&self) -> Option<&Sub> {
+        match self {
+            Stage::Active(sub) => Some(sub),
+            _ => None,
+        }
+    }
 }
 
 /// Why the session loop stopped, and how to close the socket.
@@ -849,7 +857,10 @@ impl Session {
             sub.stop();
         }
         if held.stage.is_authorising()
-            || ctx.hub.unsubscribe(self.member.id, &topic) == Removed::Pending
+            || ctx
+                .hub
+                .unsubscribe(self.member.id, &topic, held.stage.sub())
+                == Removed::Pending
         {
             // The subscribe never completed: answer it before the unsubscribe.
             self.ack(
@@ -916,7 +927,10 @@ impl Session {
             sub.stop();
         }
         let answered = !held.stage.is_authorising()
-            && ctx.hub.unsubscribe(self.member.id, &topic) == Removed::Active;
+            && ctx
+                .hub
+                .unsubscribe(self.member.id, &topic, held.stage.sub())
+                == Removed::Active;
         if answered {
             self.reply(self.member.dialect.revoked(&topic, NOT_ALLOWED));
         } else {
@@ -936,7 +950,7 @@ impl Session {
                 sub.stop();
             }
             if !held.stage.is_authorising() {
-                ctx.hub.unsubscribe(self.member.id, topic);
+                ctx.hub.unsubscribe(self.member.id, topic, held.stage.sub());
             }
         }
         self.held.clear();
