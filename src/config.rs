@@ -125,6 +125,12 @@ pub struct Config {
     pub max_pattern_wildcards: usize,
     /// `WSGATE_MAX_PATTERN_CLASSES`: `[...]` classes in one pattern. Default 2.
     pub max_pattern_classes: usize,
+    /// `WSGATE_MIN_PATTERN_PREFIX_BYTES`: literal bytes a pattern must start
+    /// with, unless it is a literal followed by `*`s (`*` alone included).
+    /// Default 1; 0 allows `*x*`. A pattern with no literal prefix is held in
+    /// Redis as `*`, so the node receives (and matches) every publish: 40
+    /// sockets of `*{k}x{i}*z*` took Redis to 0.38x of its clean rate.
+    pub min_pattern_prefix_bytes: usize,
     /// `WSGATE_MAX_REDIS_PATTERNS`: patterns one node holds in Redis. Redis
     /// matches every publish against every pattern it holds, so more client
     /// patterns than this are coalesced under shared literal prefixes and
@@ -274,6 +280,7 @@ impl Default for Config {
             max_patterns_per_connection: nz(32),
             max_pattern_wildcards: 4,
             max_pattern_classes: 2,
+            min_pattern_prefix_bytes: 1,
             max_redis_patterns: nz(64),
             client_queue_bytes: nz(1024 * 1024),
             max_delivery_bytes: nz(1024 * 1024),
@@ -340,6 +347,7 @@ struct RawConfig {
     max_patterns_per_connection: Option<String>,
     max_pattern_wildcards: Option<String>,
     max_pattern_classes: Option<String>,
+    min_pattern_prefix_bytes: Option<String>,
     max_redis_patterns: Option<String>,
     client_queue_bytes: Option<String>,
     max_delivery_bytes: Option<String>,
@@ -610,6 +618,11 @@ impl Config {
                 raw.max_pattern_classes,
                 d.max_pattern_classes,
                 "WSGATE_MAX_PATTERN_CLASSES",
+            )?,
+            min_pattern_prefix_bytes: count_or(
+                raw.min_pattern_prefix_bytes,
+                d.min_pattern_prefix_bytes,
+                "WSGATE_MIN_PATTERN_PREFIX_BYTES",
             )?,
             max_redis_patterns: bytes_or(
                 raw.max_redis_patterns,
@@ -942,6 +955,11 @@ const HELP: &[Help] = &[
         "max_pattern_wildcards",
         "4",
         "? plus runs of * in one pattern",
+    ),
+    help(
+        "min_pattern_prefix_bytes",
+        "1",
+        "literal bytes a pattern must start with, unless it is a literal followed by * (0: any)",
     ),
     help(
         "max_pattern_classes",

@@ -173,6 +173,7 @@ impl App {
                 max_wildcards: self.config.max_pattern_wildcards,
                 max_classes: self.config.max_pattern_classes,
                 max_per_connection: self.config.max_patterns_per_connection.get(),
+                min_prefix: self.config.min_pattern_prefix_bytes,
             },
             queue_bytes: self.config.client_queue_bytes.get(),
             subscribe_timeout: self.config.subscribe_timeout,

@@ -36,14 +36,17 @@ pub const REASON_WILDCARDS: &str = "pattern_wildcards";
 pub const REASON_CLASSES: &str = "pattern_classes";
 /// Counter label of a pattern with an unterminated `[` class.
 pub const REASON_SYNTAX: &str = "pattern_syntax";
+/// Counter label of a pattern under `WSGATE_MIN_PATTERN_PREFIX_BYTES`.
+pub const REASON_PREFIX: &str = "pattern_prefix";
 
 /// Every refusal label this module produces, for the metrics' zero series.
-pub const REASONS: [&str; 5] = [
+pub const REASONS: [&str; 6] = [
     REASON_NODE,
     REASON_CONNECTION,
     REASON_WILDCARDS,
     REASON_CLASSES,
     REASON_SYNTAX,
+    REASON_PREFIX,
 ];
 
 /// A subscribe refused for its pattern's cost: what to tell the client, and
@@ -65,6 +68,9 @@ pub struct PatternLimits {
     pub max_classes: usize,
     /// `WSGATE_MAX_PATTERNS_PER_CONNECTION`: patterns one socket may hold.
     pub max_per_connection: usize,
+    /// `WSGATE_MIN_PATTERN_PREFIX_BYTES`: literal bytes before the first
+    /// wildcard, required of every pattern that is not cheap.
+    pub min_prefix: usize,
 }
 
 /// What one pattern is made of, counted the way Redis reads it.
@@ -132,6 +138,16 @@ impl PatternLimits {
             return Err(Refusal {
                 reason: REASON_SYNTAX,
                 message: "invalid pattern: unterminated [ class".to_owned(),
+            });
+        }
+        if !is_cheap(pattern) && literal_prefix(pattern).len() < self.min_prefix {
+            // Its cover would be `*`: the node would receive every publish.
+            return Err(Refusal {
+                reason: REASON_PREFIX,
+                message: format!(
+                    "pattern must start with at least {} literal byte(s) before its first wildcard (or be a literal followed by *)",
+                    self.min_prefix
+                ),
             });
         }
         if s.wildcards > self.max_wildcards {
@@ -229,7 +245,27 @@ mod tests {
         max_wildcards: 4,
         max_classes: 2,
         max_per_connection: 2,
+        min_prefix: 0,
     };
+
+    /// Issue 10: `*{k}x{i}*z*` has no literal prefix, so its cover is `*`
+    /// (the node receives every publish): refused by default; cheap
+    /// patterns (`*` alone, `news.*`) and anchored ones are fine.
+    #[test]
+    fn unanchored_patterns_need_a_literal_prefix() {
+        let limits = PatternLimits {
+            min_prefix: 1,
+            ..LIMITS
+        };
+        for ok in [&b"*"[..], b"news.*", b"a*x*", b"n?ws", b"news.[ab]"] {
+            assert_eq!(limits.check(ok), Ok(()), "{}", String::from_utf8_lossy(ok));
+        }
+        for bad in [&b"*x*"[..], b"*0x1*z*", b"?a", b"[ab]c", b"*.error"] {
+            let refusal = limits.check(bad).expect_err("refused");
+            assert_eq!(refusal.reason, REASON_PREFIX);
+        }
+        assert_eq!(LIMITS.check(b"*x*"), Ok(()), "0 allows them");
+    }
 
     fn s(p: &[u8]) -> (usize, usize, bool) {
         let s = shape(p);

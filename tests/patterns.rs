@@ -58,6 +58,38 @@ async fn until_marker(c: &mut Client, marker: &str) -> Vec<(String, String)> {
     }
 }
 
+/// Issue 10: with the default `WSGATE_MIN_PATTERN_PREFIX_BYTES` (1), a
+/// pattern that is not cheap and has no literal prefix (its cover in Redis
+/// would be `*`: the node would receive every publish) is refused with the
+/// reason and counted; `*` alone, `news.*` and anchored patterns are not.
+#[tokio::test]
+async fn unanchored_patterns_are_refused_by_default() {
+    let redis = Redis::start().await;
+    let gw = Gateway::start(Config {
+        min_pattern_prefix_bytes: Config::default().min_pattern_prefix_bytes,
+        ..test_config(Some(redis.url()))
+    })
+    .await;
+    let mut c = gw.client().await;
+    let error = "pattern must start with at least 1 literal byte(s) before its first wildcard (or be a literal followed by *)";
+    for pattern in ["*0x1*z*", "*.error", "?x", "[ab]*"] {
+        let reply = c
+            .request(json!({"action":"subscribe","pattern":pattern}))
+            .await;
+        assert_eq!(reply, refused(pattern, error));
+    }
+    for pattern in ["*", "news.*", "a*0x1*z*"] {
+        c.psubscribe(pattern).await;
+    }
+    assert_eq!(
+        metric_value(gw.addr, "wsgate_refused_total{reason=\"pattern_prefix\"}").await,
+        Some(4.0)
+    );
+    assert_eq!(redis.numpat().await, 3);
+    drop(c);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn shape_limits_refuse_with_the_reason_and_count_it() {
     let redis = Redis::start().await;

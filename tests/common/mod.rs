@@ -272,11 +272,15 @@ pub struct Gateway {
     task: Option<JoinHandle<()>>,
 }
 
-/// A config for tests: loopback, the given broker, everything else default.
+/// A config for tests: loopback, the given broker, everything else default,
+/// except that patterns need no literal prefix (`WSGATE_MIN_PATTERN_PREFIX_BYTES`
+/// 0): most tests exercise Redis's glob semantics with patterns such as
+/// `*x*`; `tests/patterns.rs` checks the default of 1 on its own.
 pub fn test_config(redis_url: Option<String>) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         redis_url,
+        min_pattern_prefix_bytes: 0,
         ..Config::default()
     }
 }
