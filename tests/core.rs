@@ -571,3 +571,75 @@ async fn the_pubsub_connection_is_named() {
     );
     gw.stop().await;
 }
+
+/// Point 1, second half: the reconnect pause used to be reset after every
+/// successful connect, so a connection that dies straight after connecting
+/// was retried every 25-50 ms forever. Through a proxy that drops every
+/// connection 150 ms after it opens, the gateway now backs off: over 4 s its
+/// pub/sub connection connects about seven times (the backoff doubles
+/// towards its 1 s cap), not twenty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_dies_at_once_does_not_reset_the_backoff() {
+    use std::sync::atomic::AtomicUsize;
+    let redis = Redis::start().await;
+    let upstream: std::net::SocketAddr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let first = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let (count, at) = (accepted.clone(), first.clone());
+    let task = tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (count, at) = (count.clone(), at.clone());
+            tokio::spawn(async move {
+                let Ok(mut server) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                // Count the pub/sub connections only (it names itself first
+                // thing; the publish and NUMPAT connections go through too).
+                let mut head = vec![0u8; 4096];
+                let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(2), client.read(&mut head)).await
+                else {
+                    return;
+                };
+                if head[..n].windows(7).any(|w| w == b":pubsub") {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    at.lock().unwrap().get_or_insert_with(Instant::now);
+                }
+                if server.write_all(&head[..n]).await.is_err() {
+                    return;
+                }
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(150),
+                    tokio::io::copy_bidirectional(&mut client, &mut server),
+                )
+                .await;
+            });
+        }
+    });
+    let mut config = test_config(Some(format!("redis://{proxy}")));
+    config.redis_backoff_max = Duration::from_secs(1);
+    let listener = wsgate::server::bind(config.listen).expect("bind");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let gw = tokio::spawn(async move {
+        let _ = wsgate::server::run(listener, config, async {
+            let _ = stopped.await;
+            wsgate::shutdown::Stop::Immediate
+        })
+        .await;
+    });
+    wait_until("a first connection", WAIT, || async {
+        accepted.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let since = first.lock().unwrap().unwrap_or_else(Instant::now);
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(since.elapsed())).await;
+    let n = accepted.load(Ordering::SeqCst);
+    println!("{n} connections in 4 s");
+    assert!(n >= 3, "it must keep trying: {n}");
+    assert!(n <= 10, "{n} connections in 4 s: the backoff was reset");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(WAIT, gw).await;
+    task.abort();
+}
