@@ -149,25 +149,7 @@ impl EventSink {
 
     /// Hands over one message without waiting (see the type docs).
     pub fn message(&mut self, msg: BrokerMessage) -> Result<(), HubGone> {
-        self.metrics.broker_messages.inc();
-        self.flush_gap()?;
-        if self.pending_gap {
-            // The gap notice did not fit: this message would overtake it.
-            self.drop_message(msg.topic);
-            return Ok(());
-        }
-        match self.tx.try_send(BrokerEvent::Message(msg)) {
-            Ok(()) => {
-                self.queued.fetch_add(1, Ordering::Release);
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(BrokerEvent::Message(msg))) => {
-                self.drop_message(msg.topic);
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(HubGone),
-        }
+        self.hand_over(BrokerEvent::Message(msg))
     }
 
     /// Hands over one message that stands for several client patterns,
@@ -175,23 +157,37 @@ impl EventSink {
     /// every pattern it could have reached is told about the gap: matching
     /// here would slow the reader down exactly when the node is overloaded.
     pub fn covered(&mut self, msg: CoveredMessage) -> Result<(), HubGone> {
+        self.hand_over(BrokerEvent::Covered(msg))
+    }
+
+    /// Queues a message event, or drops it (counted, its topics remembered
+    /// for the gap notice) when the channel is full or a gap is pending.
+    fn hand_over(&mut self, event: BrokerEvent) -> Result<(), HubGone> {
         self.metrics.broker_messages.inc();
         self.flush_gap()?;
         if self.pending_gap {
-            self.drop_covered(&msg);
+            // The gap notice did not fit: this message would overtake it.
+            self.drop_event(&event);
             return Ok(());
         }
-        match self.tx.try_send(BrokerEvent::Covered(msg)) {
+        match self.tx.try_send(event) {
             Ok(()) => {
                 self.queued.fetch_add(1, Ordering::Release);
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Full(BrokerEvent::Covered(msg))) => {
-                self.drop_covered(&msg);
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                self.drop_event(&event);
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(HubGone),
+        }
+    }
+
+    fn drop_event(&mut self, event: &BrokerEvent) {
+        match event {
+            BrokerEvent::Message(msg) => self.drop_message(msg.topic.clone()),
+            BrokerEvent::Covered(msg) => self.drop_covered(msg),
+            _ => {}
         }
     }
 
