@@ -149,9 +149,8 @@ struct Entry {
     pending: HashMap<u64, Waiter>,
     /// The round new waiters join, until it is answered.
     round: Option<Round>,
-    /// Number of the current (or next) round; rounds up to `answered` are over.
+    /// Number of the current (or next) round; every round before it is over.
     round_no: u64,
-    answered: u64,
     held: Held,
     dirty: bool,
     /// Part of the resync in progress (wanted at the last `Up`, not answered yet).
@@ -165,7 +164,6 @@ impl Entry {
             pending: HashMap::new(),
             round: None,
             round_no: 1,
-            answered: 0,
             held: Held::Absent,
             dirty: false,
             resync: false,
@@ -181,7 +179,6 @@ impl Entry {
     /// Closes the open round: its sender, to answer outside the lock.
     fn end_round(&mut self) -> Option<Round> {
         let round = self.round.take()?;
-        self.answered = self.round_no;
         self.round_no += 1;
         Some(round)
     }
@@ -452,7 +449,7 @@ impl Registry {
             return false;
         };
         match entry.pending.get(&member_id) {
-            Some(w) if w.round > entry.answered => {}
+            Some(w) if w.round == entry.round_no => {}
             _ => return false,
         }
         entry.pending.remove(&member_id);

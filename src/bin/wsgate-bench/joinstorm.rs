@@ -109,18 +109,7 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     run.float("own_reply_p50_ms", ms(pct(&own, 0.5)), 2);
     run.float("own_reply_max_ms", ms(own.last().copied().unwrap_or(0)), 2);
     net::report_lock_holds(&mut run, &before, &after, 50e-6, "phase_holds_over_50us");
-    if !pids.is_empty() {
-        run.float(
-            "gateway_cpu_ms",
-            (cpu1.gateway_cpu() - cpu0.gateway_cpu()) * 1000.0,
-            0,
-        );
-    }
-    run.float(
-        "bench_cpu_ms",
-        (cpu1.bench_cpu - cpu0.bench_cpu) * 1000.0,
-        0,
-    );
+    sys::report_cpu(&mut run, &cpu0, &cpu1, !pids.is_empty());
     if ready < c || subscribed < c {
         run.notes.push(format!(
             "only {subscribed} of {c} subscribes acknowledged ({refused} refused, {failed} \

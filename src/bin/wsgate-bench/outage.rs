@@ -67,13 +67,7 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     // The outage.
     let trigger_ns = unix_nanos();
     let t_trigger = Instant::now();
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut admin)
-        .await
-        .map_err(|e| format!("CLIENT KILL: {e}"))?;
+    let killed = rds::kill_pubsub(&mut admin).await?;
     let command_ms = t_trigger.elapsed().as_secs_f64() * 1000.0;
 
     // Every client told `interrupted`, then `resumed` (each bounded).
@@ -137,18 +131,7 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     run.result("client_closes", serde_json::json!(out.closes));
     net::report_lock_holds(&mut run, &before, &after, 1e-3, "phase_holds_over_1ms");
     // CPU from the kill until the last `interrupted` (or the 30 s bound).
-    if !pids.is_empty() {
-        run.float(
-            "gateway_cpu_ms",
-            (cpu1.gateway_cpu() - cpu0.gateway_cpu()) * 1000.0,
-            0,
-        );
-    }
-    run.float(
-        "bench_cpu_ms",
-        (cpu1.bench_cpu - cpu0.bench_cpu) * 1000.0,
-        0,
-    );
+    sys::report_cpu(&mut run, &cpu0, &cpu1, !pids.is_empty());
     if intr.len() < c {
         run.notes.push(format!(
             "only {} of {c} clients got `interrupted` within 30 s",

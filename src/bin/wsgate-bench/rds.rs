@@ -21,6 +21,18 @@ pub(crate) async fn connect(url: &str, timeout: Duration) -> Result<MultiplexedC
 }
 
 /// `INFO section` as text.
+/// `CLIENT KILL TYPE pubsub`: cuts every pub/sub connection (the gateways'
+/// broker links); returns how many Redis closed.
+pub(crate) async fn kill_pubsub(conn: &mut MultiplexedConnection) -> Result<i64, String> {
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("CLIENT KILL: {e}"))
+}
+
 pub(crate) async fn info(
     conn: &mut MultiplexedConnection,
     section: &str,

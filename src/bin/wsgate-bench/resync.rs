@@ -98,28 +98,9 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     let t_trigger = Instant::now();
     let mut killed = None;
     if let Some(cmd) = &opts.restart_redis {
-        let cmd = cmd.clone();
-        let status = tokio::task::spawn_blocking(move || {
-            std::process::Command::new("sh")
-                .arg("-c")
-                .arg(&cmd)
-                .status()
-        })
-        .await
-        .map_err(|e| format!("restart command: {e}"))?
-        .map_err(|e| format!("restart command: {e}"))?;
-        if !status.success() {
-            return Err(format!("restart command failed: {status}"));
-        }
+        crate::sys::shell(cmd, "restart").await?;
     } else {
-        let n: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("pubsub")
-            .query_async(&mut admin)
-            .await
-            .map_err(|e| format!("CLIENT KILL: {e}"))?;
-        killed = Some(n);
+        killed = Some(rds::kill_pubsub(&mut admin).await?);
     }
     let command_secs = t_trigger.elapsed().as_secs_f64();
 

@@ -101,9 +101,15 @@ pub(crate) fn unix_nanos() -> u64 {
 /// Runs `--before-phase`'s shell command and waits for it (a profiler it
 /// starts in the background keeps running).
 pub(crate) async fn before_phase(cmd: Option<&str>) -> Result<(), String> {
-    let Some(cmd) = cmd else {
-        return Ok(());
-    };
+    match cmd {
+        Some(cmd) => shell(cmd, "--before-phase").await,
+        None => Ok(()),
+    }
+}
+
+/// Runs `cmd` with `sh -c` off the runtime's threads and waits for it; an
+/// error names it as `what`.
+pub(crate) async fn shell(cmd: &str, what: &str) -> Result<(), String> {
     let cmd = cmd.to_owned();
     let status = tokio::task::spawn_blocking(move || {
         std::process::Command::new("sh")
@@ -112,13 +118,30 @@ pub(crate) async fn before_phase(cmd: Option<&str>) -> Result<(), String> {
             .status()
     })
     .await
-    .map_err(|e| format!("--before-phase: {e}"))?
-    .map_err(|e| format!("--before-phase: {e}"))?;
+    .map_err(|e| format!("{what}: {e}"))?
+    .map_err(|e| format!("{what}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!("--before-phase command failed: {status}"))
+        Err(format!("{what} command failed: {status}"))
     }
+}
+
+/// Records the gateways' and this process's CPU between two snapshots.
+pub(crate) fn report_cpu(
+    run: &mut crate::report::Run,
+    from: &Snapshot,
+    to: &Snapshot,
+    gateways: bool,
+) {
+    if gateways {
+        run.float(
+            "gateway_cpu_ms",
+            (to.gateway_cpu() - from.gateway_cpu()) * 1000.0,
+            0,
+        );
+    }
+    run.float("bench_cpu_ms", (to.bench_cpu - from.bench_cpu) * 1000.0, 0);
 }
 
 /// CPU and memory of the gateway processes, this process and Redis at one moment.
