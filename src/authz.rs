@@ -2,7 +2,8 @@
 //!
 //! When configured, every subscribe that passed the ACLs is also put to an
 //! HTTP service: the gateway POSTs
-//! `{"subject":..,"claims":{..},"pattern"|"channel":..,"remote_addr":".."}`
+//! `{"subject":..,"claims":{..},"pattern"|"channel":..,"remote_addr":"..","ext"?:{..}}`
+//! (`ext`: what a Bayeux client sent with its subscribe, when it sent one)
 //! (`subject` and `claims` are `null` when JWT auth is off). A 200 allows, a
 //! 403 refuses with the reply's reason (`{"reason":".."}`, or a short text
 //! body); anything else, an error, or no answer within
@@ -31,6 +32,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::broker::Topic;
@@ -91,6 +93,9 @@ pub struct Question<'a> {
     pub topic: &'a Topic,
     /// The client's address (after trusted proxies).
     pub remote_addr: IpAddr,
+    /// What the client sent beside the subscribe, for the callback: a
+    /// Bayeux `ext` object (per-subscription tokens live there), as JSON.
+    pub ext: Option<&'a str>,
 }
 
 impl Question<'_> {
@@ -99,7 +104,7 @@ impl Question<'_> {
             Some(s) => Asker::Subject(s.to_owned()),
             None => Asker::Anonymous(self.remote_addr),
         };
-        (asker, self.topic.clone())
+        (asker, self.topic.clone(), self.ext.map(str::to_owned))
     }
 
     fn body(&self) -> Bytes {
@@ -114,6 +119,9 @@ impl Question<'_> {
             pattern,
             channel,
             remote_addr: self.remote_addr.to_string(),
+            ext: self
+                .ext
+                .and_then(|e| serde_json::from_str::<&RawValue>(e).ok()),
         };
         // Strings, maps of JSON values and an address: cannot fail.
         Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
@@ -130,9 +138,12 @@ struct Body<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     channel: Option<Cow<'a, str>>,
     remote_addr: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ext: Option<&'a RawValue>,
 }
 
-type CacheKey = (Asker, Topic);
+/// A decision depends on who asks, for what, and what they sent with it.
+type CacheKey = (Asker, Topic, Option<String>);
 
 /// The callback client and its decision cache; one per node, shared.
 pub struct Authz {
@@ -292,6 +303,7 @@ mod tests {
         (
             Asker::Subject("u".into()),
             Topic::Channel(Bytes::copy_from_slice(s.as_bytes())),
+            None,
         )
     }
 
@@ -363,6 +375,7 @@ mod tests {
             claims: Some(&claims),
             topic: &topic,
             remote_addr: "10.0.0.1".parse().unwrap(),
+            ext: None,
         };
         let v: Value = serde_json::from_slice(&q.body()).unwrap();
         assert_eq!(

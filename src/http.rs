@@ -45,8 +45,8 @@ use crate::hub::Hub;
 use crate::limits::{IpLimits, IpRefusal, IpSlot};
 use crate::metrics::Metrics;
 use crate::pending::{Pending, PendingSlot};
-use crate::protocol::{native::Native, Dialect};
-use crate::session::{self, SessionContext};
+use crate::protocol::native::NativeConversation;
+use crate::session::{self, Clients, Link, SessionContext, SessionSlot};
 use crate::shutdown::Phase;
 
 /// What every route needs, shared by all connections.
@@ -72,17 +72,8 @@ pub struct App {
     pub ip_limits: IpLimits,
     /// Connections not (yet) upgraded, and their node-wide cap.
     pub pending: Pending,
-}
-
-/// Holds one of the `WSGATE_MAX_CONNECTIONS` places; gives it back on drop.
-pub struct SessionSlot {
-    sessions: watch::Sender<usize>,
-}
-
-impl Drop for SessionSlot {
-    fn drop(&mut self) {
-        self.sessions.send_modify(|n| *n = n.saturating_sub(1));
-    }
+    /// Sessions that outlive their links (Bayeux), by key.
+    pub clients: Clients,
 }
 
 impl App {
@@ -131,22 +122,13 @@ impl App {
             allow,
             authz,
             ip_limits,
+            clients: Clients::default(),
         }
     }
 
     /// Takes a session place, unless the node is full.
     fn admit(&self) -> Option<SessionSlot> {
-        let max = self.config.max_connections.get();
-        let admitted = self.sessions.send_if_modified(|n| {
-            if *n >= max {
-                return false;
-            }
-            *n += 1;
-            true
-        });
-        admitted.then(|| SessionSlot {
-            sessions: self.sessions.clone(),
-        })
+        SessionSlot::take(&self.sessions, self.config.max_connections.get())
     }
 
     fn session_context(
@@ -163,6 +145,7 @@ impl App {
             verifier: self.verifier.clone(),
             allow: self.allow.clone(),
             authz: self.authz.clone(),
+            clients: self.clients.clone(),
             hub: self.hub.clone(),
             metrics: self.metrics.clone(),
             phase: self.phase.subscribe(),
@@ -623,11 +606,9 @@ fn upgrade_ws(
     // From here the connection is a session, no longer pending.
     conn.promote();
     let accept = derive_accept_key(key.as_bytes());
-    let dialect: Arc<dyn Dialect> = Arc::new(Native);
     let ctx = app.session_context(slot, ip_slot, client_ip, identity);
     let config = app.ws_config();
-    let span =
-        tracing::info_span!("conn", peer = %peer, client = %client_ip, dialect = dialect.name());
+    let span = tracing::info_span!("conn", peer = %peer, client = %client_ip, dialect = "native");
     tokio::spawn(
         async move {
             match upgrade.await {
@@ -638,7 +619,8 @@ fn upgrade_ws(
                         Some(config),
                     )
                     .await;
-                    session::run(ws, dialect, ctx).await;
+                    let conv = Box::new(NativeConversation);
+                    session::run(Link::Socket(Box::new(ws)), conv, ctx).await;
                 }
                 Err(e) => debug!(cause = %e, "upgrade failed"),
             }

@@ -20,9 +20,11 @@
 //! - [`limits`]: per-address connection count and connection rate.
 //! - [`pending`]: connections not yet upgraded: their node-wide cap and refusals.
 //! - [`fdlimit`]: raising the open-file limit and fitting the connection caps in it.
-//! - [`session`]: one WebSocket connection, from upgrade to close.
+//! - [`session`]: one client session over its links (a WebSocket, long-polls),
+//!   dialect-blind: limits, ACLs, the callback, hub calls.
 //! - [`outbox`]: a connection's byte-bounded queue of shared frames and gap marks.
-//! - [`protocol`]: the `Dialect` trait and the native JSON dialect.
+//! - [`protocol`]: the dialect contract (`Conversation`, `Render`, requests and
+//!   answers), the native JSON dialect and Bayeux.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
 //! - [`broker`]: the `Broker` trait; Redis and in-memory implementations.
 //! - [`pattern`]: Redis's glob matcher, for the in-memory broker.

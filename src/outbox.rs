@@ -108,6 +108,11 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether nothing is queued (frames or marks).
+    pub fn is_empty(&self) -> bool {
+        self.lock().frames.is_empty()
+    }
+
     /// Queues `frame` without waiting.
     pub fn push(&self, frame: Frame) -> Pushed {
         let inner = self.lock();
@@ -207,10 +212,9 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_tungstenite::tungstenite::Message;
 
     fn frame(n: usize) -> Frame {
-        Message::Text("x".repeat(n).into())
+        Frame::text("x".repeat(n))
     }
 
     #[test]

@@ -16,10 +16,9 @@ use base64::Engine as _;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::Message;
 use wsgate::broker::{BrokerMessage, Topic};
 use wsgate::protocol::native::Native;
-use wsgate::protocol::Dialect;
+use wsgate::protocol::Frame;
 
 /// Splits `n` bytes off the front of `data` (fewer if it is shorter).
 fn take<'a>(data: &mut &'a [u8], n: usize) -> &'a [u8] {
@@ -56,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
         payload: Bytes::copy_from_slice(payload),
     };
     let frame = Native.delivery(&msg);
-    let Message::Text(text) = frame else {
+    let Frame::Text(text) = frame else {
         panic!("delivery is not a text frame: {frame:?}");
     };
     let text: &str = text.as_str();

@@ -5,10 +5,9 @@
 //! in line with it (first member: subscribe; last one gone: unsubscribe) in
 //! batches of up to [`MAX_BATCH`] topics. A *dispatcher* task consumes the
 //! broker's events in order: each message is rendered once per render key
-//! (today: per dialect) and the same frame is pushed into every member's
-//! outbox, never waiting on any of them. The hub never knows which dialect a
-//! member speaks; it only holds the [`crate::protocol::Dialect`] trait object
-//! to render with.
+//! and the same frame is pushed into every member's outbox, never waiting on
+//! any of them. The hub never knows which dialect a member speaks; it only
+//! holds the [`crate::protocol::Render`] trait object to render with.
 //!
 //! Nothing under the registry lock grows with the number of members of a
 //! topic (see [`registry`]); how long the lock is held is measured
@@ -29,7 +28,7 @@ use crate::broker::{Broker, BrokerEvent, BrokerMessage, CoveredMessage, Topic, M
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
 use crate::pattern_cost::Refusal;
-use crate::protocol::{Dialect, Frame, Notice, NoticeKind};
+use crate::protocol::{Frame, Notice, NoticeKind, Render};
 use registry::Registry;
 pub use registry::{Confirmation, Joined, LinkState, Member, Removed, Sub, NOT_LIVE};
 
@@ -163,11 +162,11 @@ impl Hub {
     }
 
     /// A new session's place in the hub, until [`Hub::leave_node`].
-    pub fn join_node(&self, outbox: Arc<Outbox>, dialect: Arc<dyn Dialect>) -> Arc<Member> {
+    pub fn join_node(&self, outbox: Arc<Outbox>, render: Arc<dyn Render>) -> Arc<Member> {
         let member = Arc::new(Member {
             id: self.shared.next_member.fetch_add(1, Ordering::Relaxed),
             outbox,
-            dialect,
+            render,
         });
         self.shared.sessions().insert(member.id, member.clone());
         member
@@ -366,7 +365,9 @@ impl Shared {
         };
         let mut rendered = Renders::default();
         for sub in subs {
-            let frame = rendered.get(sub, |d| d.notice(&notice));
+            let Some(frame) = rendered.get(sub, |r| r.notice(&notice)) else {
+                continue;
+            };
             self.metrics.gap_notices.inc();
             if sub.member.outbox.push_live(frame, sub.since(), ANY) == Pushed::Overflowed {
                 self.metrics.slow_consumer_closes.inc();
@@ -441,11 +442,13 @@ impl Shared {
                 (NoticeKind::Interrupted, Some(reason)),
                 (NoticeKind::Resumed, None),
             ] {
-                let frame = sub.member.dialect.notice(&Notice {
+                let Some(frame) = sub.member.render.notice(&Notice {
                     kind,
                     topics: &topics,
                     reason: why,
-                });
+                }) else {
+                    continue;
+                };
                 self.metrics.gap_notices.inc();
                 if sub.member.outbox.push_live(frame, sub.since(), ANY) == Pushed::Overflowed {
                     self.metrics.slow_consumer_closes.inc();
@@ -465,7 +468,9 @@ impl Shared {
         let max = self.options.max_delivery_bytes;
         let mut too_large = false;
         for sub in subs.iter() {
-            let frame = rendered.get(sub, |d| d.delivery(msg));
+            let Some(frame) = rendered.get(sub, |r| r.delivery(msg)) else {
+                continue;
+            };
             if frame.len() > max {
                 too_large = true;
                 continue;
@@ -479,7 +484,11 @@ impl Shared {
             debug!(bytes = msg.payload.len(), "message too large to deliver");
             let over: Vec<Arc<Sub>> = subs
                 .iter()
-                .filter(|s| rendered.peek(s).is_some_and(|f| f.len() > max))
+                .filter(|s| {
+                    rendered
+                        .peek(s)
+                        .is_some_and(|f| f.as_ref().is_some_and(|f| f.len() > max))
+                })
                 .cloned()
                 .collect();
             self.notify_topic(&msg.topic, &over, NoticeKind::Interrupted, Some(TOO_LARGE));
@@ -489,23 +498,28 @@ impl Shared {
 }
 
 /// Frames rendered for one message, one per render key seen so far (a
-/// handful at most: linear search beats hashing).
+/// handful at most: linear search beats hashing). `None` is remembered too:
+/// a key that does not take the message is asked once.
 #[derive(Default)]
 struct Renders {
-    frames: Vec<(&'static str, Frame)>,
+    frames: Vec<(&'static str, Option<Frame>)>,
 }
 
 impl Renders {
-    fn get(&mut self, sub: &Sub, render: impl FnOnce(&dyn Dialect) -> Frame) -> Frame {
+    fn get(
+        &mut self,
+        sub: &Sub,
+        render: impl FnOnce(&dyn Render) -> Option<Frame>,
+    ) -> Option<Frame> {
         if let Some(frame) = self.peek(sub) {
             return frame.clone();
         }
-        let frame = render(sub.member.dialect.as_ref());
+        let frame = render(sub.member.render.as_ref());
         self.frames.push((sub.key, frame.clone()));
         frame
     }
 
-    fn peek(&self, sub: &Sub) -> Option<&Frame> {
+    fn peek(&self, sub: &Sub) -> Option<&Option<Frame>> {
         self.frames
             .iter()
             .find(|(k, _)| std::ptr::eq(*k, sub.key) || *k == sub.key)

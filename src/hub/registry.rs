@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use crate::broker::{Applied, BrokerError, Changes, Topic};
 use crate::outbox::Outbox;
 use crate::pattern_cost::{self, Refusal};
-use crate::protocol::Dialect;
+use crate::protocol::Render;
 
 /// One session as the hub sees it: where to put frames, and how to render them.
 pub struct Member {
@@ -40,7 +40,7 @@ pub struct Member {
     /// The session's outbound queue.
     pub outbox: Arc<Outbox>,
     /// Renders deliveries for this session.
-    pub dialect: Arc<dyn Dialect>,
+    pub render: Arc<dyn Render>,
 }
 
 /// One member's place in one topic: what the dispatcher iterates.
@@ -71,7 +71,7 @@ pub const NOT_LIVE: u64 = u64::MAX;
 impl Sub {
     /// A subscription that receives nothing until [`Sub::start`].
     pub fn new(member: Arc<Member>, queued: Arc<AtomicU64>) -> Arc<Sub> {
-        let key = member.dialect.name();
+        let key = member.render.key();
         Arc::new(Sub {
             member,
             key,
@@ -732,7 +732,7 @@ mod tests {
         Arc::new(Member {
             id,
             outbox: Arc::new(Outbox::new(1 << 20)),
-            dialect: Arc::new(Native),
+            render: Arc::new(Native),
         })
     }
 

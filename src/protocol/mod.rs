@@ -1,63 +1,152 @@
 //! Wire dialects: how clients of one kind phrase requests and expect replies.
 //!
-//! A [`Dialect`] turns one WebSocket frame into a [`Request`] and renders
-//! replies and deliveries back into frames. The session and the hub only see
-//! requests, topics and encoded frames, never a dialect's shapes, so adding
-//! Bayeux or RoadRunner later is a new file here and a route, nothing more.
+//! This module is the contract between the dialects and the rest:
 //!
-//! Deliveries are rendered once per message per dialect ([`Dialect::delivery`])
-//! and the same [`Frame`] is cloned (a reference count) into every queue.
+//! - a [`Conversation`] is one connection's dialect: it owns that
+//!   connection's protocol state (a Bayeux clientId, a held connect), turns
+//!   each inbound message into [`Step`]s (requests for the session, replies
+//!   of its own, several per message when the wire batches them) and renders
+//!   the session's [`Answer`]s its own way;
+//! - a [`Render`] is what the hub holds for a member: it renders a broker
+//!   message once per render key ([`Render::key`]) and the same [`Frame`] is
+//!   cloned (a reference count) into every queue with that key.
+//!
+//! The session sees requests and answers, never a dialect's shapes, and the
+//! hub sees only `Render`; so a dialect is a module here plus a route.
 
-use tokio_tungstenite::tungstenite::Message;
+use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::auth::Identity;
 use crate::broker::{BrokerMessage, Topic};
 
 pub mod bayeux;
 pub mod native;
 
-/// An encoded WebSocket message, ready to be queued to any number of sockets:
-/// cloning it clones a reference to the shared bytes, never the bytes.
-pub type Frame = Message;
+/// An encoded message, ready to be queued to any number of connections:
+/// cloning it clones a reference to the shared bytes, never the bytes. The
+/// transport decides how it goes on the wire (a WebSocket frame, or a piece
+/// of a long-poll body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// UTF-8 text (every dialect's replies and deliveries).
+    Text(Utf8Bytes),
+    /// Bytes.
+    Binary(Bytes),
+    /// A WebSocket ping (keepalive); nothing on other transports.
+    Ping,
+}
 
-/// What a client asked for, independent of how it phrased it.
+impl Frame {
+    /// A text frame owning `text`.
+    pub fn text(text: String) -> Frame {
+        Frame::Text(text.into())
+    }
+
+    /// Bytes it costs in a queue.
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Text(t) => t.len(),
+            Frame::Binary(b) => b.len(),
+            Frame::Ping => 0,
+        }
+    }
+
+    /// Whether it carries no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The text, for a text frame.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Frame::Text(t) => Some(t.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// One message from a client, as the transport received it.
+#[derive(Debug, Clone, Copy)]
+pub enum Inbound<'a> {
+    /// A text frame, or a POST body that was UTF-8.
+    Text(&'a str),
+    /// A binary frame, or a body that was not UTF-8.
+    Binary(&'a [u8]),
+}
+
+/// What a client asked the session for, independent of how it phrased it.
+/// `id` is the dialect's own correlation token, opaque to the session and
+/// handed back in the [`Answer`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Start receiving messages for a channel or pattern.
     Subscribe {
         /// What to subscribe to.
         topic: Topic,
-        /// Client-chosen correlation id, echoed in the reply.
+        /// Correlation, echoed in the answer.
         id: Option<String>,
+        /// Extra fields for the authorisation callback: Bayeux's `ext`, as
+        /// the JSON text the client sent (an object).
+        ext: Option<String>,
     },
     /// Stop receiving messages for a channel or pattern.
     Unsubscribe {
         /// What to unsubscribe from.
         topic: Topic,
-        /// Client-chosen correlation id, echoed in the reply.
+        /// Correlation, echoed in the answer.
+        id: Option<String>,
+    },
+    /// Publish to a channel (needs `WSGATE_CLIENT_PUBLISH`).
+    Publish {
+        /// The Redis channel.
+        channel: Bytes,
+        /// The Redis payload (the JSON text the client sent).
+        payload: Bytes,
+        /// Correlation, echoed in the answer.
         id: Option<String>,
     },
     /// Application-level liveness check; answered at once.
     Ping {
-        /// Client-chosen correlation id, echoed in the reply.
+        /// Correlation, echoed in the answer.
         id: Option<String>,
     },
     /// A fresh token for the same subject, before the current one expires.
     Refresh {
         /// The new JWT.
         token: String,
-        /// Client-chosen correlation id, echoed in the reply.
+        /// Correlation, echoed in the answer.
         id: Option<String>,
     },
 }
 
-/// A frame that is not a valid request. The client gets an error reply built
-/// from it; the connection stays open.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    /// The request's id, when one could be read.
-    pub id: Option<String>,
-    /// What was wrong, for a human.
-    pub error: String,
+/// What a [`Conversation`] makes of an inbound message, in order.
+#[derive(Debug)]
+pub enum Step {
+    /// Ask the session.
+    Request(Request),
+    /// Queue this reply (the dialect answered by itself).
+    Reply(Frame),
+    /// Queue this error reply to a malformed message (counted in
+    /// `wsgate_malformed_frames_total`).
+    Malformed(Frame),
+    /// The client authenticated (a Bayeux handshake's token): the session
+    /// takes this identity, as if it had come with the upgrade.
+    Authenticated(Identity),
+    /// The client's session is known on this node by this key from now on
+    /// (a Bayeux handshake): later links may find it.
+    Bind(String),
+    /// The message belongs to another session of this node, known by this
+    /// key: hand the link over to it, with the whole message.
+    Route(String),
+    /// Hold the answer of a connect this long, then ask
+    /// [`Conversation::release`] for it; deliveries flow meanwhile.
+    Hold(Duration),
+    /// The client said goodbye: end the session after the replies.
+    End,
 }
 
 /// Which request an [`Ack`] answers.
@@ -79,7 +168,91 @@ pub struct Ack<'a> {
     /// The request's id, if it had one.
     pub id: Option<&'a str>,
     /// `None` when done; the reason when refused.
-    pub error: Option<&'a str>,
+    pub error: Option<&'a Refusal>,
+}
+
+/// Why the session refused a request: a closed set, so each dialect can
+/// phrase each refusal its own way (Bayeux maps them to error codes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Outside the ACLs, or a publish without the permission.
+    NotAllowed,
+    /// The authorisation callback denied it, with its reason.
+    Denied(String),
+    /// A subscribe for a topic already held (or being subscribed).
+    AlreadySubscribed,
+    /// An unsubscribe for a topic not held.
+    NotSubscribed,
+    /// The subscribe was withdrawn by an unsubscribe before it completed.
+    Cancelled,
+    /// Too many requests per second.
+    RateLimited,
+    /// The broker (or the callback) could not answer in time.
+    Unavailable(String),
+    /// Anything else the session or the broker refused, for a human.
+    Other(String),
+}
+
+impl Refusal {
+    /// The text the native protocol (and logs) use.
+    pub fn message(&self) -> &str {
+        match self {
+            Refusal::NotAllowed => "not allowed",
+            Refusal::AlreadySubscribed => "already subscribed",
+            Refusal::NotSubscribed => "not subscribed",
+            Refusal::Cancelled => "cancelled by unsubscribe",
+            Refusal::RateLimited => "rate limited",
+            Refusal::Denied(s) | Refusal::Unavailable(s) | Refusal::Other(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// What the session answers, for the dialect to render.
+#[derive(Debug, Clone, Copy)]
+pub enum Answer<'a> {
+    /// A subscribe or unsubscribe was done or refused.
+    Ack(Ack<'a>),
+    /// The answer to a ping.
+    Pong {
+        /// The ping's id.
+        id: Option<&'a str>,
+    },
+    /// The answer to a refresh: `None` when the new token was taken.
+    Refreshed {
+        /// The refresh's id.
+        id: Option<&'a str>,
+        /// Why not, when refused.
+        error: Option<&'a str>,
+    },
+    /// The server ended a subscription the client held (its refreshed token
+    /// no longer allows it).
+    Revoked {
+        /// The subscription.
+        topic: &'a Topic,
+        /// Why.
+        reason: &'a str,
+    },
+    /// A publish was done (`error` `None`) or refused.
+    Published {
+        /// The channel.
+        channel: &'a [u8],
+        /// The publish's id.
+        id: Option<&'a str>,
+        /// Why not, when refused.
+        error: Option<&'a Refusal>,
+    },
+    /// The message named a client no session on this node holds (after a
+    /// [`Step::Route`] that found nobody): answer it as unknown.
+    UnknownClient {
+        /// The key that was routed.
+        key: &'a str,
+    },
 }
 
 /// Which gap notice: delivery stopped, or resumed.
@@ -104,26 +277,44 @@ pub struct Notice<'a> {
     pub reason: Option<&'a str>,
 }
 
-/// One client wire format. Implementations are stateless and shared.
-pub trait Dialect: Send + Sync + 'static {
-    /// Short name, used in logs (`dialect` span field).
+/// What the hub holds for a member: how its deliveries and notices look.
+/// Shared by every connection of a dialect; never per connection.
+pub trait Render: Send + Sync + 'static {
+    /// Members with the same key share one rendering per message.
+    fn key(&self) -> &'static str;
+    /// Renders a broker message for delivery, once per message per key;
+    /// `None` when it is not for members of this key (a Bayeux `/foo/*`
+    /// does not take `/foo/a/b`, which the Redis glob lets through).
+    fn delivery(&self, message: &BrokerMessage) -> Option<Frame>;
+    /// Renders a gap notice.
+    fn notice(&self, notice: &Notice<'_>) -> Option<Frame>;
+    /// Whether a member receives a published message once even when several
+    /// of its subscriptions match it (Bayeux), rather than once per
+    /// subscription (the native protocol names the pattern that matched).
+    fn once_per_publish(&self) -> bool {
+        false
+    }
+}
+
+/// One connection's dialect: see the module docs. Owned by the session
+/// task, so it needs no locks.
+pub trait Conversation: Send + 'static {
+    /// Short name, used in logs.
     fn name(&self) -> &'static str;
-    /// Parses one client frame.
-    fn decode(&self, frame: &Message) -> Result<Request, Rejection>;
-    /// Renders the answer to a subscribe or unsubscribe.
-    fn ack(&self, ack: &Ack<'_>) -> Frame;
-    /// Renders the answer to a ping.
-    fn pong(&self, id: Option<&str>) -> Frame;
-    /// Renders the error reply for a frame that was not a valid request.
-    fn reject(&self, rejection: &Rejection) -> Frame;
-    /// Renders a broker message for delivery; called once per message, not
-    /// once per subscriber.
-    fn delivery(&self, message: &BrokerMessage) -> Frame;
-    /// Renders a gap notice for one member.
-    fn notice(&self, notice: &Notice<'_>) -> Frame;
-    /// Renders the answer to a refresh: `None` when the new token was taken.
-    fn refreshed(&self, id: Option<&str>, error: Option<&str>) -> Frame;
-    /// Renders the notice that the server ended a subscription the client
-    /// held (its refreshed token no longer allows it), with the reason.
-    fn revoked(&self, topic: &Topic, reason: &str) -> Frame;
+    /// How this connection's deliveries are rendered.
+    fn render(&self) -> Arc<dyn Render>;
+    /// Reads one inbound message into steps.
+    fn decode(&mut self, inbound: Inbound<'_>, steps: &mut Vec<Step>);
+    /// Renders the session's answer (`None`: nothing to send).
+    fn answer(&mut self, answer: Answer<'_>) -> Option<Frame>;
+    /// The answer of the connect held by [`Step::Hold`], now due.
+    fn release(&mut self) -> Option<Frame> {
+        None
+    }
+    /// How long the session outlives its link waiting for the client to come
+    /// back (a Bayeux clientId without `/meta/disconnect`); `None`: it ends
+    /// with its link.
+    fn linger(&self) -> Option<Duration> {
+        None
+    }
 }

@@ -10,14 +10,33 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::Message;
+use std::sync::{Arc, OnceLock};
 
-use super::{Ack, AckKind, Dialect, Frame, Notice, NoticeKind, Rejection, Request};
+use super::{
+    Ack, AckKind, Answer, Conversation, Frame, Inbound, Notice, NoticeKind, Refusal, Render,
+    Request, Step,
+};
 use crate::broker::{BrokerMessage, Topic};
 
-/// The native JSON dialect; see the module docs.
+/// The native JSON dialect's rendering, shared by every native connection;
+/// see the module docs.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Native;
+
+/// One native connection. The protocol is stateless, so this is zero-sized:
+/// a native socket allocates nothing for its dialect.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NativeConversation;
+
+/// A frame that is not a valid request. The client gets an error reply built
+/// from it; the connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The request's id, when one could be read.
+    pub id: Option<String>,
+    /// What was wrong, for a human.
+    pub error: String,
+}
 
 /// The reply to subscribe/unsubscribe, in the field order of the docs.
 #[derive(Serialize)]
@@ -76,21 +95,60 @@ struct PlainFrame<'a> {
     error: Option<&'a str>,
 }
 
-impl Dialect for Native {
+impl Conversation for NativeConversation {
     fn name(&self) -> &'static str {
         "native"
     }
 
-    fn decode(&self, frame: &Message) -> Result<Request, Rejection> {
-        let text = match frame {
-            Message::Text(text) => text.as_str(),
-            Message::Binary(_) => {
+    fn render(&self) -> Arc<dyn Render> {
+        static NATIVE: OnceLock<Arc<dyn Render>> = OnceLock::new();
+        NATIVE.get_or_init(|| Arc::new(Native)).clone()
+    }
+
+    fn decode(&mut self, inbound: Inbound<'_>, steps: &mut Vec<Step>) {
+        steps.push(match Native.decode(inbound) {
+            Ok(request) => Step::Request(request),
+            Err(rejection) => Step::Malformed(Native.reject(&rejection)),
+        });
+    }
+
+    fn answer(&mut self, answer: Answer<'_>) -> Option<Frame> {
+        Some(match answer {
+            Answer::Ack(ack) => Native.ack(&ack),
+            Answer::Pong { id } => Native.pong(id),
+            Answer::Refreshed { id, error } => Native.refreshed(id, error),
+            Answer::Revoked { topic, reason } => Native.revoked(topic, reason),
+            Answer::Published { channel, id, error } => Native.published(channel, id, error),
+            Answer::UnknownClient { .. } => return None,
+        })
+    }
+}
+
+impl Render for Native {
+    fn key(&self) -> &'static str {
+        "native"
+    }
+
+    fn delivery(&self, message: &BrokerMessage) -> Option<Frame> {
+        Some(Native::delivery(self, message))
+    }
+
+    fn notice(&self, notice: &Notice<'_>) -> Option<Frame> {
+        Some(Native::notice(self, notice))
+    }
+}
+
+impl Native {
+    /// Parses one client frame.
+    pub fn decode(&self, inbound: Inbound<'_>) -> Result<Request, Rejection> {
+        let text = match inbound {
+            Inbound::Text(text) => text,
+            Inbound::Binary(_) => {
                 return Err(reject(
                     None,
                     "binary frames are not supported: send JSON text frames",
                 ))
             }
-            _ => return Err(reject(None, "unsupported frame type")),
         };
         let value: Value =
             serde_json::from_str(text).map_err(|e| reject(None, &format!("invalid JSON: {e}")))?;
@@ -108,7 +166,11 @@ impl Dialect for Native {
             Some(_) => return Err(reject(id, "\"action\" must be a string")),
         };
         match action {
-            "subscribe" => topic(&obj, id.as_deref()).map(|topic| Request::Subscribe { topic, id }),
+            "subscribe" => topic(&obj, id.as_deref()).map(|topic| Request::Subscribe {
+                topic,
+                id,
+                ext: None,
+            }),
             "unsubscribe" => {
                 topic(&obj, id.as_deref()).map(|topic| Request::Unsubscribe { topic, id })
             }
@@ -130,7 +192,8 @@ impl Dialect for Native {
         }
     }
 
-    fn ack(&self, ack: &Ack<'_>) -> Frame {
+    /// See [`super::Answer`].
+    pub fn ack(&self, ack: &Ack<'_>) -> Frame {
         let name = String::from_utf8_lossy(ack.topic.name());
         let (pattern, channel) = match ack.topic {
             Topic::Pattern(_) => (Some(&*name), None),
@@ -145,11 +208,12 @@ impl Dialect for Native {
             channel,
             id: ack.id,
             status: ack.error.is_none(),
-            error: ack.error,
+            error: ack.error.map(Refusal::message),
         })
     }
 
-    fn pong(&self, id: Option<&str>) -> Frame {
+    /// See [`super::Answer`].
+    pub fn pong(&self, id: Option<&str>) -> Frame {
         json_frame(&PlainFrame {
             action: "pong",
             id,
@@ -157,7 +221,8 @@ impl Dialect for Native {
         })
     }
 
-    fn reject(&self, rejection: &Rejection) -> Frame {
+    /// See [`super::Answer`].
+    pub fn reject(&self, rejection: &Rejection) -> Frame {
         json_frame(&PlainFrame {
             action: "error",
             id: rejection.id.as_deref(),
@@ -165,7 +230,8 @@ impl Dialect for Native {
         })
     }
 
-    fn notice(&self, notice: &Notice<'_>) -> Frame {
+    /// See [`super::Answer`].
+    pub fn notice(&self, notice: &Notice<'_>) -> Frame {
         let names = |pattern: bool| {
             notice
                 .topics
@@ -185,7 +251,8 @@ impl Dialect for Native {
         })
     }
 
-    fn refreshed(&self, id: Option<&str>, error: Option<&str>) -> Frame {
+    /// See [`super::Answer`].
+    pub fn refreshed(&self, id: Option<&str>, error: Option<&str>) -> Frame {
         json_frame(&RefreshFrame {
             action: "refresh",
             id,
@@ -194,7 +261,8 @@ impl Dialect for Native {
         })
     }
 
-    fn revoked(&self, topic: &Topic, reason: &str) -> Frame {
+    /// See [`super::Answer`].
+    pub fn revoked(&self, topic: &Topic, reason: &str) -> Frame {
         let name = String::from_utf8_lossy(topic.name());
         let (pattern, channel) = match topic {
             Topic::Pattern(_) => (Some(&*name), None),
@@ -208,7 +276,22 @@ impl Dialect for Native {
         })
     }
 
-    fn delivery(&self, msg: &BrokerMessage) -> Frame {
+    /// The answer to a publish: `{"action":"publish","channel":..,"id":..,
+    /// "status":true}`, or `status` false with the `error`.
+    pub fn published(&self, channel: &[u8], id: Option<&str>, error: Option<&Refusal>) -> Frame {
+        let channel = String::from_utf8_lossy(channel);
+        json_frame(&AckFrame {
+            action: "publish",
+            pattern: None,
+            channel: Some(&channel),
+            id,
+            status: error.is_none(),
+            error: error.map(Refusal::message),
+        })
+    }
+
+    /// See [`super::Answer`].
+    pub fn delivery(&self, msg: &BrokerMessage) -> Frame {
         let mut out = String::with_capacity(64 + msg.channel.len() + msg.payload.len() * 4 / 3);
         out.push_str("{\"action\":\"message\",");
         if let Topic::Pattern(p) = &msg.topic {
@@ -221,7 +304,7 @@ impl Dialect for Native {
         out.push_str(",\"payload\":");
         push_payload(&mut out, &msg.payload);
         out.push('}');
-        Message::Text(out.into())
+        Frame::text(out)
     }
 }
 
@@ -261,7 +344,7 @@ fn topic(obj: &serde_json::Map<String, Value>, id: Option<&str>) -> Result<Topic
 fn json_frame<T: Serialize>(value: &T) -> Frame {
     let text = serde_json::to_string(value)
         .unwrap_or_else(|_| "{\"action\":\"error\",\"error\":\"internal error\"}".to_owned());
-    Message::Text(text.into())
+    Frame::text(text)
 }
 
 /// Appends `bytes` as a JSON string (invalid UTF-8 replaced, see docs).
@@ -384,12 +467,12 @@ mod tests {
     use super::*;
 
     fn decode(text: &str) -> Result<Request, Rejection> {
-        Native.decode(&Message::Text(text.into()))
+        Native.decode(Inbound::Text(text))
     }
 
     fn text(frame: Frame) -> String {
         match frame {
-            Message::Text(t) => t.as_str().to_owned(),
+            Frame::Text(t) => t.as_str().to_owned(),
             other => panic!("not text: {other:?}"),
         }
     }
@@ -408,7 +491,8 @@ mod tests {
             decode(r#"{"action":"subscribe","pattern":"news.*","id":"c1"}"#),
             Ok(Request::Subscribe {
                 topic: Topic::Pattern(Bytes::from_static(b"news.*")),
-                id: Some("c1".into())
+                id: Some("c1".into()),
+                ext: None,
             })
         );
         assert_eq!(
@@ -493,9 +577,7 @@ mod tests {
             assert!(r.error.contains(expect), "{input}: {}", r.error);
             assert_eq!(r.id.as_deref(), id, "{input}");
         }
-        let r = Native
-            .decode(&Message::Binary(Bytes::from_static(b"{}")))
-            .unwrap_err();
+        let r = Native.decode(Inbound::Binary(b"{}")).unwrap_err();
         assert!(r.error.contains("binary"));
     }
 
@@ -517,7 +599,7 @@ mod tests {
             kind: AckKind::Unsubscribe,
             topic: &c,
             id: None,
-            error: Some("not subscribed"),
+            error: Some(&Refusal::NotSubscribed),
         };
         assert_eq!(
             text(Native.ack(&ack)),

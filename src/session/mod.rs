@@ -1,56 +1,64 @@
-//! One WebSocket connection, from upgrade to close.
+//! One client session, from admission to its end, whatever its dialect and
+//! transport.
 //!
-//! A session is one task. It reads frames, asks its [`Dialect`] what they
-//! mean, and turns requests into hub calls; it writes whatever its [`Outbox`]
-//! holds, a whole batch per flush. It ends when the client leaves, on a fatal
-//! protocol error, when the outbox overflows (close 4008, slow consumer), or
-//! when the server drains (close 1012, at this session's moment in the drain
-//! window) or stops (close 1001), or when the client shows no sign of life
-//! for `WSGATE_PONG_TIMEOUT_MS` (close 4009; the server pings every
-//! `WSGATE_PING_INTERVAL_MS`), or when its token expires (close 4001, unless
-//! a `refresh` brought a new one). Whatever the reason, it leaves every topic
-//! it held, so the hub's refcounts stay exact.
+//! A session is one task. It owns the client's [`Conversation`] (its
+//! dialect's state), its [`Session`] (the dialect-blind requests: limits,
+//! ACLs, the callback, hub calls) and its outbox, and drives its link:
 //!
-//! A subscribe passes, in order: name validation, the per-connection limits,
-//! the ACLs ([`crate::acl`]: `WSGATE_ALLOW`, then the token's `subscribe`
-//! claim; refused with `not allowed`), then the authorisation callback
-//! ([`crate::authz`]) when configured, whose answer is awaited beside the
-//! other requests (the subscribe is answered when decided), and finally the
-//! broker.
+//! - a WebSocket: it reads frames and writes whatever the outbox holds, a
+//!   whole batch per flush, making write progress and reading in one poll so
+//!   that a client that does not read never blocks the timers, the reader or
+//!   the broker waits;
+//! - long-polls ([`link::Poll`]): each is answered with what the outbox
+//!   holds once the requests it carried are answered; a held connect
+//!   ([`crate::protocol::Step::Hold`]) is answered when something is queued
+//!   or its time is up.
 //!
-//! The session is generic over the socket's `Stream + Sink` so dialects can be
-//! exercised over channels; production passes a tokio-tungstenite stream.
+//! A session whose dialect lingers ([`Conversation::linger`], a Bayeux
+//! clientId) outlives its link: it is found by key in [`Clients`] and takes
+//! the next WebSocket or poll as an [`Attach`]; it ends when none comes in
+//! time. Otherwise it ends with its link.
+//!
+//! It ends when the client leaves, on a fatal protocol error, when the outbox
+//! overflows (close 4008, slow consumer), when the server drains (close 1012,
+//! at this session's moment in the drain window) or stops (close 1001), when
+//! the client shows no sign of life for `WSGATE_PONG_TIMEOUT_MS` (close 4009;
+//! the server pings every `WSGATE_PING_INTERVAL_MS`), or when its token
+//! expires (close 4001, unless a `refresh` brought a new one). Whatever the
+//! reason, it leaves every topic it held, so the hub's refcounts stay exact.
 
-use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
-use std::future::{poll_fn, Future};
+use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::Poll as TaskPoll;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::FuturesUnordered;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::acl::Acl;
 use crate::auth::{Identity, Verifier};
-use crate::authz::{Authz, AuthzError, Decision, Question};
-use crate::broker::{BrokerError, Topic};
-use crate::http::SessionSlot;
-use crate::hub::{Hub, Joined, Member, Removed, Sub};
+use crate::authz::Authz;
+use crate::hub::Hub;
 use crate::limits::IpSlot;
 use crate::metrics::Metrics;
-use crate::outbox::{Item, Outbox, State};
-use crate::pattern_cost::{self, PatternLimits};
-use crate::protocol::{Ack, AckKind, Dialect, Frame, Notice, NoticeKind, Request};
+use crate::outbox::{Outbox, State};
+use crate::pattern_cost::PatternLimits;
+use crate::protocol::{Answer, Conversation, Frame, Inbound, Step};
 use crate::shutdown::Phase;
+
+pub mod clients;
+pub mod link;
+mod requests;
+
+pub use clients::Clients;
+pub use link::{Attach, BoxSocket, Poll};
+pub use requests::Session;
+
+use link::{End, Io, Writer};
 
 /// Close code for a client whose queue overflowed (Centrifugo's convention
 /// of 4xxx application codes; documented in `docs/protocol.md`).
@@ -68,11 +76,35 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 pub const NOT_ALLOWED: &str = "not allowed";
 /// The refusal when the authorisation callback gave no decision.
 pub const AUTHZ_UNAVAILABLE: &str = "authorisation unavailable";
+/// The refusal when the broker gave no answer in time.
+pub const BROKER_UNAVAILABLE: &str = "broker unavailable";
 
-/// How long a closing handshake may take before the socket is just dropped:
-/// a client that stopped reading gets this long to drain what is in flight
-/// and see the close frame.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Holds one of the `WSGATE_MAX_CONNECTIONS` places; gives it back on drop.
+pub struct SessionSlot {
+    sessions: watch::Sender<usize>,
+}
+
+impl SessionSlot {
+    /// Takes a place among `max`, unless all are taken.
+    pub fn take(sessions: &watch::Sender<usize>, max: usize) -> Option<SessionSlot> {
+        let admitted = sessions.send_if_modified(|n| {
+            if *n >= max {
+                return false;
+            }
+            *n += 1;
+            true
+        });
+        admitted.then(|| SessionSlot {
+            sessions: sessions.clone(),
+        })
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.sessions.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
 
 /// Limits and collaborators of one session.
 pub struct SessionContext {
@@ -113,91 +145,68 @@ pub struct SessionContext {
     pub allow: Option<Arc<Acl>>,
     /// The authorisation callback, when configured.
     pub authz: Option<Arc<Authz>>,
+    /// Where sessions that outlive their links are found by key.
+    pub clients: Clients,
 }
 
-/// A subscribe waiting for the broker: resolves to (topic, seq, outcome).
-type Waiting = Pin<Box<dyn Future<Output = (Topic, u64, Result<(), BrokerError>)> + Send>>;
-
-/// A subscribe waiting for the authorisation callback.
-type Authorising = Pin<Box<dyn Future<Output = (Topic, u64, Result<Decision, AuthzError>)> + Send>>;
-
-/// One subscription the client holds, as the session tracks it.
-struct Held {
-    /// Distinguishes this subscribe from an earlier one of the same topic.
-    seq: u64,
-    /// The subscribe's id, for a late refusal.
-    id: Option<String>,
-    /// How far the subscribe has got.
-    stage: Stage,
-    /// Told `interrupted` and not yet `resumed`.
-    told: bool,
+/// The link a session starts with.
+pub enum Link {
+    /// An upgraded WebSocket.
+    Socket(BoxSocket),
+    /// A long-poll (a Bayeux handshake over HTTP).
+    Poll(Poll),
 }
 
-/// Where a held subscription is. Every stage counts against the limit and
-/// makes a second subscribe `already subscribed`.
-enum Stage {
-    /// Waiting for the authorisation callback; the hub knows nothing yet.
-    Authorising,
-    /// Joined in the hub, waiting for the broker.
-    Pending,
-    /// Receiving deliveries through this place in the hub.
-    Active(Arc<Sub>),
+/// A connect being held: answered by [`Conversation::release`] at `until`,
+/// or earlier when something is queued for a long-polling client.
+struct Holding {
+    /// The long-poll it came in; `None` over a WebSocket.
+    poll: Option<oneshot::Sender<Vec<Frame>>>,
+    until: tokio::time::Instant,
 }
 
-impl Stage {
-    fn is_authorising(&self) -> bool {
-        matches!(self, Stage::Authorising)
-    }
-
-    fn is_pending(&self) -> bool {
-        matches!(self, Stage::Pending)
-    }
-
-    /// Its place in the hub, when active.
-    fn sub(&self) -> Option<&Sub> {
-        match self {
-            Stage::Active(sub) => Some(sub),
-            _ => None,
-        }
-    }
+/// What serving one inbound message asks of the loop.
+#[derive(Default)]
+struct Effects {
+    hold: Option<Duration>,
+    route: Option<String>,
+    bind: Option<String>,
+    end: bool,
 }
 
-/// Why the session loop stopped, and how to close the socket.
-enum End {
-    /// The socket failed or ended: nothing more to send.
-    Gone,
-    /// The client sent a close frame: answer it (same code) and end.
-    ClientClosed,
-    /// Close with this code and reason.
-    Close(u16, Cow<'static, str>),
-}
+/// The most long-polls waiting for their requests' answers; one more is
+/// answered at once with what is queued (its answers follow in a later one).
+const MAX_POLLS: usize = 4;
 
-/// Runs a session over an upgraded WebSocket until it ends.
-pub async fn run<S>(mut ws: S, dialect: Arc<dyn Dialect>, mut ctx: SessionContext)
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
+/// Runs a session until it ends.
+pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionContext) {
     let member = ctx
         .hub
-        .join_node(Arc::new(Outbox::new(ctx.queue_bytes)), dialect);
+        .join_node(Arc::new(Outbox::new(ctx.queue_bytes)), conv.render());
     ctx.metrics.connections.inc();
-    let mut session = Session {
-        member: member.clone(),
-        held: HashMap::new(),
-        waiting: None,
-        authorising: None,
-        seq: 0,
-        bucket: TokenBucket::new(ctx.subscribe_rate),
-        expires_at: None,
-        identity: None,
-    };
+    let mut session = Session::new(member.clone(), ctx.subscribe_rate);
     if let Some(identity) = ctx.identity.take() {
         session.set_identity(identity);
     }
-    let mut writer = Writer::default();
+    let mut steps = Vec::new();
     let mut items = VecDeque::new();
+    let mut socket: Option<BoxSocket> = None;
+    let mut writer = Writer::default();
+    let mut polls: VecDeque<oneshot::Sender<Vec<Frame>>> = VecDeque::new();
+    let mut holding: Option<Holding> = None;
+    let mut attach: Option<mpsc::Receiver<Attach>> = None;
+    let mut binding = None;
+    let mut first_text = None;
+    match first {
+        Link::Socket(s) => socket = Some(s),
+        Link::Poll(poll) => {
+            first_text = Some(poll.text);
+            polls.push_back(poll.respond);
+        }
+    }
     let mut phase = ctx.phase.clone();
-    // Timers for closing on our own (drain slot, token expiry): armed once and
+    // Timers for closing on our own (drain slot, token expiry, a lingering
+    // session nobody came back to) and for a held connect: armed once and
     // reset only when their deadline changes, never re-created per wake-up.
     let mut drain = None;
     arm(
@@ -206,20 +215,73 @@ where
     );
     let mut expiry = None;
     let mut armed_expiry = None;
+    let mut hold_timer = None;
+    let mut armed_hold = None;
+    let mut linger = None;
+    let mut armed_linger = None;
+    let mut detached_at = None;
     let mut keepalive = tokio::time::interval_at(
         (Instant::now() + ctx.ping_interval).into(),
         ctx.ping_interval,
     );
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
-    // Every branch stays live while a write is blocked on a client that does
-    // not read: the socket is driven by one `poll_io` that makes write
-    // progress and reads in the same poll, so timers, the reader and the
-    // subscribe waits never wait for the write.
-    let end = loop {
-        if session.expires_at != armed_expiry {
-            armed_expiry = session.expires_at;
+    let mut pending_text = first_text;
+    let end = 'run: loop {
+        // An inbound message waiting to be served (the first poll's, or one
+        // handed over with a socket).
+        if let Some(text) = pending_text.take() {
+            let fx = serve(
+                &ctx,
+                &mut session,
+                conv.as_mut(),
+                &mut steps,
+                Inbound::Text(&text),
+            );
+            match act(
+                &ctx,
+                &mut session,
+                conv.as_mut(),
+                fx,
+                Inbound::Text(&text),
+                &mut socket,
+                &mut polls,
+                &mut holding,
+                &mut attach,
+                &mut binding,
+            ) {
+                Acted::Continue => {}
+                Acted::End(end) => break 'run end,
+            }
+        }
+        complete_polls(&ctx, &mut session, &mut items, &mut polls);
+        if polls.is_empty() && socket.is_none() {
+            release_if_queued(&ctx, &mut session, conv.as_mut(), &mut items, &mut holding);
+        }
+        // Deadlines that follow the state.
+        if session.expires_at() != armed_expiry {
+            armed_expiry = session.expires_at();
             arm(&mut expiry, armed_expiry);
+        }
+        let hold_at = holding.as_ref().map(|h| h.until);
+        if hold_at != armed_hold {
+            armed_hold = hold_at;
+            arm(&mut hold_timer, hold_at);
+        }
+        let detached = socket.is_none() && holding.is_none() && polls.is_empty();
+        if !detached {
+            detached_at = None;
+        } else if detached_at.is_none() {
+            detached_at = Some(tokio::time::Instant::now());
+        }
+        let linger_at = match (detached_at, conv.linger()) {
+            (Some(at), Some(wait)) => Some(at + wait),
+            (Some(at), None) => Some(at),
+            (None, _) => None,
+        };
+        if linger_at != armed_linger {
+            armed_linger = linger_at;
+            arm(&mut linger, linger_at);
         }
         tokio::select! {
             biased;
@@ -236,197 +298,325 @@ where
                 break End::Close(CLOSE_TOKEN_EXPIRED, "token expired".into());
             }
             _ = member.outbox.overflowed() => break End::Close(CLOSE_SLOW_CONSUMER, "slow consumer".into()),
-            _ = keepalive.tick() => {
+            _ = fire(&mut linger) => {
+                debug!("session not resumed in time");
+                break End::Gone;
+            }
+            _ = fire(&mut hold_timer) => {
+                if let Some(h) = holding.take() {
+                    release(&ctx, &mut session, conv.as_mut(), &mut items, h);
+                }
+            }
+            _ = keepalive.tick(), if socket.is_some() => {
                 if last_seen.elapsed() >= ctx.pong_timeout {
                     break End::Close(CLOSE_KEEPALIVE, "keepalive timeout".into());
                 }
-                session.reply(Message::Ping(bytes::Bytes::new()));
+                session.reply(Frame::Ping);
             }
-            io = poll_fn(|cx| poll_io(&mut ws, &mut writer, cx)) => match io {
+            io = poll_fn(|cx| match socket.as_mut() {
+                Some(s) => link::poll_io(s, &mut writer, cx),
+                None => TaskPoll::Pending,
+            }), if socket.is_some() => match io {
                 Io::Wrote(n) => {
                     ctx.metrics.frames_out.inc_by(n);
-                    if let Some(end) = session.refill(&ctx.metrics, &mut writer, &mut items) {
+                    if let Some(end) = refill(&ctx, &mut session, &mut items, &mut writer) {
                         break end;
                     }
                 }
                 Io::WriteFailed(e) => {
                     debug!(cause = %e, "write failed");
-                    break End::Gone;
+                    if let Some(end) = lost(conv.as_ref(), &mut socket, End::Gone) {
+                        break end;
+                    }
                 }
                 Io::Read(frame) => {
                     last_seen = Instant::now();
-                    match frame {
-                        None => break End::Gone,
-                        Some(Ok(Message::Close(_))) => break End::ClientClosed,
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                        Some(Ok(frame)) => session.handle(&ctx, &frame),
-                        Some(Err(e)) => break read_error(e),
+                    let ended = match frame {
+                        None => Err(End::Gone),
+                        Some(Ok(Message::Close(_))) => Err(End::ClientClosed),
+                        Some(Ok(m)) => Ok(m),
+                        Some(Err(e)) => Err(link::read_error(e)),
+                    };
+                    let frame = match ended {
+                        Ok(frame) => frame,
+                        Err(end) => match lost(conv.as_ref(), &mut socket, end) {
+                            Some(end) => break end,
+                            None => continue,
+                        },
+                    };
+                    let inbound = match &frame {
+                        Message::Text(t) => Inbound::Text(t.as_str()),
+                        Message::Binary(b) => Inbound::Binary(b),
+                        _ => continue, // pings and pongs: only signs of life
+                    };
+                    let fx = serve(&ctx, &mut session, conv.as_mut(), &mut steps, inbound);
+                    match act(
+                        &ctx, &mut session, conv.as_mut(), fx, inbound, &mut socket,
+                        &mut polls, &mut holding, &mut attach, &mut binding,
+                    ) {
+                        Acted::Continue => {}
+                        Acted::End(end) => break end,
                     }
                 }
             },
-            _ = member.outbox.ready(), if !writer.busy() => {
-                if let Some(end) = session.refill(&ctx.metrics, &mut writer, &mut items) {
-                    break end;
+            _ = member.outbox.ready(), if socket.is_none() || !writer.busy() => {
+                if socket.is_some() {
+                    if let Some(end) = refill(&ctx, &mut session, &mut items, &mut writer) {
+                        break end;
+                    }
                 }
             }
-            Some((topic, seq, outcome)) = next_done(&mut session.waiting) => {
-                session.confirmed(&ctx, topic, seq, outcome);
-                if session.waiting.as_ref().is_some_and(FuturesUnordered::is_empty) {
-                    session.waiting = None; // give its allocation back while idle
+            Some(attached) = recv(&mut attach) => {
+                match attached {
+                    Attach::Socket(s, text) => {
+                        // Faye moves from long-polling to a WebSocket: a
+                        // connect held over HTTP is answered now.
+                        if let Some(h) = holding.take() {
+                            release(&ctx, &mut session, conv.as_mut(), &mut items, h);
+                        }
+                        socket = Some(s);
+                        writer.start();
+                        last_seen = Instant::now();
+                        pending_text = Some(text);
+                    }
+                    Attach::Poll(poll) => {
+                        polls.push_back(poll.respond);
+                        pending_text = Some(poll.text);
+                    }
                 }
             }
-            Some((topic, seq, outcome)) = next_done(&mut session.authorising) => {
-                session.authorised(&ctx, topic, seq, outcome);
-                if session.authorising.as_ref().is_some_and(FuturesUnordered::is_empty) {
-                    session.authorising = None;
-                }
-            }
+            outcome = session.next_outcome() => session.outcome(&ctx, conv.as_mut(), outcome),
         }
     };
     session.leave(&ctx);
     ctx.hub.leave_node(member.id);
     ctx.metrics.connections.dec();
-    finish(&mut ws, writer, &member.outbox, end).await;
+    let mut rest = VecDeque::new();
+    if session.drain(&ctx.metrics, &mut items, &mut rest) != State::Open {
+        rest.clear();
+    }
+    if let Some(h) = holding.take() {
+        if let Some(frame) = conv.release() {
+            rest.push_back(frame);
+        }
+        if let Some(poll) = h.poll {
+            let _ = poll.send(std::mem::take(&mut rest).into());
+        }
+    }
+    for poll in polls.drain(..) {
+        let _ = poll.send(std::mem::take(&mut rest).into());
+    }
+    if let Some(mut s) = socket.take() {
+        link::finish(&mut s, writer, rest, end).await;
+    }
     member.outbox.close();
+    drop(binding);
 }
 
-/// How a failed read ends the session: protocol errors get the close code
-/// RFC 6455 gives them (1002, 1007 for invalid UTF-8, 1009 for too big), so
-/// the client learns why instead of seeing the connection vanish.
-fn read_error(e: WsError) -> End {
-    match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            End::Close(1009, "message too big".into())
-        }
-        WsError::Capacity(e) => End::Close(1009, e.to_string().into()),
-        WsError::Utf8(_) => End::Close(1007, "invalid UTF-8 in a text message".into()),
-        WsError::Protocol(p) => End::Close(1002, close_reason(p.to_string()).into()),
-        e => {
-            debug!(cause = %e, "read failed");
-            End::Gone
-        }
+/// The socket ended with `end`: the session ends too, unless its dialect
+/// lingers for the client to come back.
+fn lost(conv: &dyn Conversation, socket: &mut Option<BoxSocket>, end: End) -> Option<End> {
+    if conv.linger().is_some() {
+        *socket = None;
+        return None;
     }
+    Some(end)
 }
 
-/// A close reason fits in a control frame: at most 123 bytes.
-fn close_reason(mut text: String) -> String {
-    if text.len() > 123 {
-        let mut cut = 123;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
+/// Moves what is queued into the writer. `Some` when the session must end.
+fn refill(
+    ctx: &SessionContext,
+    session: &mut Session,
+    items: &mut VecDeque<crate::outbox::Item>,
+    writer: &mut Writer,
+) -> Option<End> {
+    match session.drain(&ctx.metrics, items, &mut writer.batch) {
+        State::Open => {}
+        State::Overflowed => return Some(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer".into())),
+        State::Closed => return Some(End::Gone),
     }
-    text
+    writer.start();
+    None
 }
 
-/// What [`poll_io`] made happen.
-enum Io {
-    /// The batch in progress was written and flushed: this many frames.
-    Wrote(u64),
-    /// Writing failed: the socket is gone.
-    WriteFailed(WsError),
-    /// The client sent something (or the stream ended).
-    Read(Option<Result<Message, WsError>>),
-}
-
-/// The batch being written to the socket, fed frame by frame as the sink
-/// accepts them and then flushed; it lives across `select!` iterations so a
-/// blocked write never blocks anything else.
-#[derive(Default)]
-struct Writer {
-    batch: VecDeque<Frame>,
-    fed: u64,
-    flushing: bool,
-}
-
-impl Writer {
-    /// A batch is in progress (no new one is taken until it is flushed).
-    fn busy(&self) -> bool {
-        self.flushing
-    }
-}
-
-/// Makes write progress, then reads: whichever completes first is returned.
-fn poll_io<S>(ws: &mut S, w: &mut Writer, cx: &mut Context<'_>) -> Poll<Io>
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
-    if w.flushing {
-        match poll_write(ws, w, cx) {
-            Poll::Ready(Ok(n)) => return Poll::Ready(Io::Wrote(n)),
-            Poll::Ready(Err(e)) => return Poll::Ready(Io::WriteFailed(e)),
-            Poll::Pending => {}
+/// Serves one inbound message: each step of it, in order.
+fn serve(
+    ctx: &SessionContext,
+    session: &mut Session,
+    conv: &mut dyn Conversation,
+    steps: &mut Vec<Step>,
+    inbound: Inbound<'_>,
+) -> Effects {
+    conv.decode(inbound, steps);
+    let mut fx = Effects::default();
+    for step in steps.drain(..) {
+        match step {
+            Step::Request(request) => session.handle(ctx, conv, request),
+            Step::Reply(frame) => session.reply(frame),
+            Step::Malformed(frame) => {
+                ctx.metrics.malformed_frames.inc();
+                session.reply(frame);
+            }
+            Step::Authenticated(identity) => session.set_identity(identity),
+            Step::Bind(key) => fx.bind = Some(key),
+            Step::Route(key) => {
+                fx.route = Some(key);
+                break;
+            }
+            Step::Hold(wait) => fx.hold = Some(wait),
+            Step::End => fx.end = true,
         }
     }
-    ws.poll_next_unpin(cx).map(Io::Read)
+    // Anything after a route (dropped with the drain) is for the other
+    // session, which serves the whole message again.
+    fx
 }
 
-fn poll_write<S>(ws: &mut S, w: &mut Writer, cx: &mut Context<'_>) -> Poll<Result<u64, WsError>>
-where
-    S: Sink<Message, Error = WsError> + Unpin,
-{
-    while !w.batch.is_empty() {
-        ready!(ws.poll_ready_unpin(cx))?;
-        if let Some(frame) = w.batch.pop_front() {
-            ws.start_send_unpin(frame)?;
-            w.fed += 1;
+/// What [`act`] decided.
+enum Acted {
+    Continue,
+    End(End),
+}
+
+/// Carries out what serving a message asked of the loop.
+#[allow(clippy::too_many_arguments)]
+fn act(
+    ctx: &SessionContext,
+    session: &mut Session,
+    conv: &mut dyn Conversation,
+    fx: Effects,
+    inbound: Inbound<'_>,
+    socket: &mut Option<BoxSocket>,
+    polls: &mut VecDeque<oneshot::Sender<Vec<Frame>>>,
+    holding: &mut Option<Holding>,
+    attach: &mut Option<mpsc::Receiver<Attach>>,
+    binding: &mut Option<clients::Binding>,
+) -> Acted {
+    if let Some(key) = fx.bind {
+        let (tx, rx) = mpsc::channel(clients::ATTACH_CAPACITY);
+        if let Some(b) = ctx.clients.bind(key, tx) {
+            *binding = Some(b);
+            *attach = Some(rx);
         }
     }
-    ready!(ws.poll_flush_unpin(cx))?;
-    w.flushing = false;
-    Poll::Ready(Ok(std::mem::take(&mut w.fed)))
-}
-
-/// Ends the socket as `end` says: a client's close is answered (tungstenite
-/// queued the echo; it only needs flushing), a close of ours goes out after
-/// what is queued (unless the client is too slow to be worth waiting for),
-/// and either takes at most [`CLOSE_GRACE`].
-async fn finish<S>(ws: &mut S, mut writer: Writer, outbox: &Outbox, end: End)
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
-    let (code, reason) = match end {
-        End::Gone => return,
-        End::ClientClosed => {
-            let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                ws.flush().await?;
-                while let Some(msg) = ws.next().await {
-                    msg?;
+    if let Some(key) = fx.route {
+        let raw = match inbound {
+            Inbound::Text(t) => Some(t),
+            Inbound::Binary(_) => None,
+        };
+        let to = ctx.clients.get(&key).zip(raw);
+        if let (Some((to, raw)), Some(s)) = (to, socket.take()) {
+            match to.try_send(Attach::Socket(s, raw.to_owned())) {
+                Ok(()) => return Acted::End(End::Gone),
+                Err(mpsc::error::TrySendError::Full(Attach::Socket(s, _)))
+                | Err(mpsc::error::TrySendError::Closed(Attach::Socket(s, _))) => {
+                    *socket = Some(s);
                 }
-                Ok::<(), WsError>(())
-            })
-            .await;
-            return;
-        }
-        End::Close(code, reason) => (code, reason),
-    };
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into_owned().into(),
-    };
-    let slow = code == CLOSE_SLOW_CONSUMER;
-    let handshake = async {
-        if !slow {
-            let mut items = VecDeque::new();
-            outbox.take(&mut items);
-            writer
-                .batch
-                .extend(items.into_iter().filter_map(|i| match i {
-                    Item::Frame(f) => Some(f),
-                    Item::Mark(_) => None,
-                }));
-            for frame in writer.batch.drain(..) {
-                ws.feed(frame).await?;
+                Err(_) => {}
             }
         }
-        ws.send(Message::Close(Some(frame))).await?;
-        while let Some(msg) = ws.next().await {
-            msg?;
+        if let Some(frame) = conv.answer(Answer::UnknownClient { key: &key }) {
+            session.reply(frame);
         }
-        Ok::<(), WsError>(())
-    };
-    let _ = tokio::time::timeout(CLOSE_GRACE, handshake).await;
+    }
+    if let Some(wait) = fx.hold {
+        if let Some(h) = holding.take() {
+            let mut items = VecDeque::new();
+            release(ctx, session, conv, &mut items, h);
+        }
+        // A connect over a poll is held by that poll; over a WebSocket, by
+        // the socket.
+        let poll = if socket.is_none() {
+            polls.pop_back()
+        } else {
+            None
+        };
+        *holding = Some(Holding {
+            poll,
+            until: tokio::time::Instant::now() + wait,
+        });
+    }
+    if polls.len() > MAX_POLLS {
+        if let Some(oldest) = polls.pop_front() {
+            let mut items = VecDeque::new();
+            let mut frames = VecDeque::new();
+            session.drain(&ctx.metrics, &mut items, &mut frames);
+            let _ = oldest.send(frames.into());
+        }
+    }
+    if fx.end {
+        return Acted::End(End::Close(1000, "disconnected".into()));
+    }
+    Acted::Continue
+}
+
+/// Answers the long-polls whose requests are all answered: with everything
+/// queued (the first of them; any others get an empty answer).
+fn complete_polls(
+    ctx: &SessionContext,
+    session: &mut Session,
+    items: &mut VecDeque<crate::outbox::Item>,
+    polls: &mut VecDeque<oneshot::Sender<Vec<Frame>>>,
+) {
+    if polls.is_empty() || session.busy() {
+        return;
+    }
+    let mut frames = VecDeque::new();
+    session.drain(&ctx.metrics, items, &mut frames);
+    ctx.metrics.frames_out.inc_by(frames.len() as u64);
+    let mut frames: Vec<Frame> = frames.into();
+    for poll in polls.drain(..) {
+        let _ = poll.send(std::mem::take(&mut frames));
+    }
+}
+
+/// A held long-poll connect is answered as soon as something is queued.
+fn release_if_queued(
+    ctx: &SessionContext,
+    session: &mut Session,
+    conv: &mut dyn Conversation,
+    items: &mut VecDeque<crate::outbox::Item>,
+    holding: &mut Option<Holding>,
+) {
+    if holding.as_ref().is_some_and(|h| h.poll.is_some()) && !session.member.outbox.is_empty() {
+        if let Some(h) = holding.take() {
+            release(ctx, session, conv, items, h);
+        }
+    }
+}
+
+/// Answers a held connect: over a poll, with what is queued and the connect
+/// reply last; over a WebSocket, by queuing the reply.
+fn release(
+    ctx: &SessionContext,
+    session: &mut Session,
+    conv: &mut dyn Conversation,
+    items: &mut VecDeque<crate::outbox::Item>,
+    holding: Holding,
+) {
+    let reply = conv.release();
+    match holding.poll {
+        Some(poll) => {
+            let mut frames = VecDeque::new();
+            session.drain(&ctx.metrics, items, &mut frames);
+            frames.extend(reply);
+            ctx.metrics.frames_out.inc_by(frames.len() as u64);
+            let _ = poll.send(frames.into());
+        }
+        None => {
+            if let Some(reply) = reply {
+                session.reply(reply);
+            }
+        }
+    }
+}
+
+/// The next link handed over; pending forever when the session has no key.
+async fn recv(attach: &mut Option<mpsc::Receiver<Attach>>) -> Option<Attach> {
+    match attach {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// An optional timer: allocated only when a deadline exists.
@@ -447,532 +637,4 @@ async fn fire(timer: &mut Timer) {
         Some(t) => t.as_mut().await,
         None => std::future::pending().await,
     }
-}
-
-/// The next finished wait in a lazily allocated set; `None` at once when
-/// nothing waits (which disables that `select!` branch for the iteration).
-async fn next_done<F: Future + Unpin>(set: &mut Option<FuturesUnordered<F>>) -> Option<F::Output> {
-    match set {
-        Some(s) => s.next().await,
-        None => None,
-    }
-}
-
-/// Per-connection request handling state.
-struct Session {
-    member: Arc<Member>,
-    held: HashMap<Topic, Held>,
-    /// Subscribes waiting for the broker; allocated only while there are some
-    /// (an idle socket should cost as little memory as possible).
-    waiting: Option<FuturesUnordered<Waiting>>,
-    /// Subscribes waiting for the authorisation callback; likewise lazy.
-    authorising: Option<FuturesUnordered<Authorising>>,
-    seq: u64,
-    bucket: TokenBucket,
-    /// The verified token, when authentication is on.
-    identity: Option<Identity>,
-    /// When the token expires: the socket is closed with 4001 then.
-    expires_at: Option<tokio::time::Instant>,
-}
-
-/// Subscribe rate limit: `rate` tokens per second, holding at most `rate`.
-struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    refilled: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: usize) -> TokenBucket {
-        let rate = rate as f64;
-        TokenBucket {
-            rate,
-            tokens: rate,
-            refilled: Instant::now(),
-        }
-    }
-
-    /// Takes one token if there is one.
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let earned = now.duration_since(self.refilled).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + earned).min(self.rate);
-        self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-impl Session {
-    fn reply(&self, frame: Frame) {
-        self.member.outbox.push(frame);
-    }
-
-    fn ack(&self, kind: AckKind, topic: &Topic, id: Option<&str>, error: Option<&str>) {
-        self.reply(self.member.dialect.ack(&Ack {
-            kind,
-            topic,
-            id,
-            error,
-        }));
-    }
-
-    fn handle(&mut self, ctx: &SessionContext, frame: &Message) {
-        match self.member.dialect.decode(frame) {
-            Ok(Request::Subscribe { topic, id }) => self.subscribe(ctx, topic, id),
-            Ok(Request::Unsubscribe { topic, id }) => self.unsubscribe(ctx, topic, id),
-            Ok(Request::Ping { id }) => self.reply(self.member.dialect.pong(id.as_deref())),
-            Ok(Request::Refresh { token, id }) => self.refresh(ctx, &token, id.as_deref()),
-            Err(rejection) => {
-                ctx.metrics.malformed_frames.inc();
-                self.reply(self.member.dialect.reject(&rejection));
-            }
-        }
-    }
-
-    /// Why this connection may not subscribe to `topic` now, if it may not.
-    fn refusal(&mut self, ctx: &SessionContext, topic: &Topic) -> Option<String> {
-        if let Err(error) = validate(topic, ctx.max_pattern_bytes) {
-            return Some(error);
-        }
-        if self.held.contains_key(topic) {
-            return Some("already subscribed".to_owned());
-        }
-        if self.held.len() >= ctx.max_subscriptions {
-            return Some(format!(
-                "subscription limit reached ({})",
-                ctx.max_subscriptions
-            ));
-        }
-        if let Some(r) =
-            pattern_cost::connection_refusal(&ctx.pattern_limits, topic, self.held.keys())
-        {
-            ctx.metrics.refused.with_label_values(&[r.reason]).inc();
-            return Some(r.message);
-        }
-        if !self.bucket.take() {
-            ctx.metrics
-                .refused
-                .with_label_values(&["rate_limited"])
-                .inc();
-            return Some("rate limited".to_owned());
-        }
-        None
-    }
-
-    /// Takes `identity` and arms the expiry timer. An `exp` too far ahead to
-    /// be represented as an instant (centuries) arms none, rather than
-    /// overflowing.
-    fn set_identity(&mut self, identity: Identity) {
-        self.expires_at = tokio::time::Instant::now().checked_add(identity.remaining());
-        self.identity = Some(identity);
-    }
-
-    /// May this connection hold `topic` at all? Both `WSGATE_ALLOW` and, when
-    /// authentication is on, the token's ACL must allow it.
-    fn permitted(&self, ctx: &SessionContext, topic: &Topic) -> bool {
-        let server = ctx.allow.as_ref().is_none_or(|acl| acl.allows(topic));
-        let token = ctx.verifier.is_none()
-            || self
-                .identity
-                .as_ref()
-                .is_some_and(|id| id.acl.allows(topic));
-        server && token
-    }
-
-    fn refuse(
-        &self,
-        ctx: &SessionContext,
-        reason: &str,
-        topic: &Topic,
-        id: Option<&str>,
-        error: &str,
-    ) {
-        ctx.metrics.refused.with_label_values(&[reason]).inc();
-        self.ack(AckKind::Subscribe, topic, id, Some(error));
-    }
-
-    fn subscribe(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>) {
-        if let Some(error) = self.refusal(ctx, &topic) {
-            return self.ack(AckKind::Subscribe, &topic, id.as_deref(), Some(&error));
-        }
-        if !self.permitted(ctx, &topic) {
-            return self.refuse(ctx, "not_allowed", &topic, id.as_deref(), NOT_ALLOWED);
-        }
-        self.seq += 1;
-        let seq = self.seq;
-        if let Some(authz) = &ctx.authz {
-            let question = Question {
-                subject: self.identity.as_ref().map(|i| i.subject.as_str()),
-                claims: self.identity.as_ref().map(|i| &i.claims),
-                topic: &topic,
-                remote_addr: ctx.client_ip,
-            };
-            match authz.cached(&question) {
-                Some(Decision::Allow) => {}
-                Some(Decision::Deny(reason)) => {
-                    return self.refuse(ctx, "authz_denied", &topic, id.as_deref(), &reason);
-                }
-                None => {
-                    let answer = authz.ask(&question);
-                    self.held.insert(
-                        topic.clone(),
-                        Held {
-                            seq,
-                            id,
-                            stage: Stage::Authorising,
-                            told: false,
-                        },
-                    );
-                    self.authorising
-                        .get_or_insert_with(FuturesUnordered::new)
-                        .push(Box::pin(async move { (topic, seq, answer.await) }));
-                    return;
-                }
-            }
-        }
-        self.join(ctx, topic, id, seq);
-    }
-
-    /// The callback answered a subscribe (unless it was withdrawn meanwhile).
-    fn authorised(
-        &mut self,
-        ctx: &SessionContext,
-        topic: Topic,
-        seq: u64,
-        outcome: Result<Decision, AuthzError>,
-    ) {
-        let current = self
-            .held
-            .get(&topic)
-            .is_some_and(|h| h.seq == seq && h.stage.is_authorising());
-        if !current {
-            return; // unsubscribed or revoked meanwhile, and already answered
-        }
-        let id = self.held.remove(&topic).and_then(|h| h.id);
-        match outcome {
-            Ok(Decision::Allow) => self.join(ctx, topic, id, seq),
-            Ok(Decision::Deny(reason)) => {
-                self.refuse(ctx, "authz_denied", &topic, id.as_deref(), &reason)
-            }
-            Err(e) => {
-                warn!(cause = %e, "authorisation callback failed");
-                self.refuse(
-                    ctx,
-                    "authz_unavailable",
-                    &topic,
-                    id.as_deref(),
-                    AUTHZ_UNAVAILABLE,
-                );
-            }
-        }
-    }
-
-    /// Joins the topic in the hub: an authorised subscribe.
-    fn join(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>, seq: u64) {
-        let joined = match ctx.hub.subscribe(&self.member, topic.clone()) {
-            Ok(joined) => joined,
-            Err(r) => return self.refuse(ctx, r.reason, &topic, id.as_deref(), &r.message),
-        };
-        self.held.insert(
-            topic.clone(),
-            Held {
-                seq,
-                id,
-                stage: Stage::Pending,
-                told: false,
-            },
-        );
-        self.joined(ctx, topic, seq, joined);
-    }
-
-    /// Follows up a hub join: an active one is answered and started (reply
-    /// first, so it precedes every delivery), a pending one waits.
-    fn joined(&mut self, ctx: &SessionContext, topic: Topic, seq: u64, joined: Joined) {
-        match joined {
-            Joined::Active(sub) => {
-                let Some(held) = self.held.get_mut(&topic) else {
-                    return;
-                };
-                let ack = self.member.dialect.ack(&Ack {
-                    kind: AckKind::Subscribe,
-                    topic: &topic,
-                    id: held.id.as_deref(),
-                    error: None,
-                });
-                self.member.outbox.push(ack);
-                sub.start();
-                held.stage = Stage::Active(sub);
-            }
-            Joined::Pending(confirmation) => {
-                let timeout = ctx.subscribe_timeout;
-                self.waiting
-                    .get_or_insert_with(FuturesUnordered::new)
-                    .push(Box::pin(async move {
-                        let mut confirmation = confirmation;
-                        let answered = async {
-                            match confirmation.wait_for(Option::is_some).await {
-                                Ok(answer) => answer.clone(),
-                                Err(_) => None,
-                            }
-                        };
-                        let outcome = match tokio::time::timeout(timeout, answered).await {
-                            Ok(Some(outcome)) => outcome,
-                            Ok(None) | Err(_) => Err(BrokerError::Unavailable),
-                        };
-                        (topic, seq, outcome)
-                    }));
-            }
-        }
-    }
-
-    /// A wait for the broker ended.
-    fn confirmed(
-        &mut self,
-        ctx: &SessionContext,
-        topic: Topic,
-        seq: u64,
-        outcome: Result<(), BrokerError>,
-    ) {
-        let current = self
-            .held
-            .get(&topic)
-            .is_some_and(|h| h.seq == seq && h.stage.is_pending());
-        if !current {
-            return; // unsubscribed meanwhile, and already answered
-        }
-        let error = match outcome {
-            Ok(()) => None,
-            // The broker refused this topic (e.g. a Redis ACL): the hub has
-            // already withdrawn it; nobody else is affected.
-            Err(BrokerError::Refused(why)) => {
-                ctx.metrics
-                    .refused
-                    .with_label_values(&["broker_refused"])
-                    .inc();
-                Some(why)
-            }
-            // Timed out: withdraw, unless confirmed in the meantime.
-            Err(_) if ctx.hub.cancel_pending(self.member.id, &topic) => {
-                Some("broker unavailable".to_owned())
-            }
-            Err(_) => None,
-        };
-        if let Some(error) = error {
-            let id = self.held.remove(&topic).and_then(|h| h.id);
-            return self.ack(AckKind::Subscribe, &topic, id.as_deref(), Some(&error));
-        }
-        match ctx.hub.activate(&self.member, &topic) {
-            Some(joined) => self.joined(ctx, topic, seq, joined),
-            None => {
-                let id = self.held.remove(&topic).and_then(|h| h.id);
-                self.ack(
-                    AckKind::Subscribe,
-                    &topic,
-                    id.as_deref(),
-                    Some("broker unavailable"),
-                );
-            }
-        }
-    }
-
-    /// Moves the next queued items into the writer, rendering gap marks from
-    /// this session's own subscriptions. `Some` when the session must end.
-    fn refill(
-        &mut self,
-        metrics: &Metrics,
-        writer: &mut Writer,
-        items: &mut VecDeque<Item>,
-    ) -> Option<End> {
-        match self.member.outbox.take(items) {
-            State::Open => {}
-            State::Overflowed => {
-                return Some(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer".into()))
-            }
-            State::Closed => return Some(End::Gone),
-        }
-        for item in items.drain(..) {
-            match item {
-                Item::Frame(frame) => writer.batch.push_back(frame),
-                Item::Mark(kind) => {
-                    if let Some(frame) = self.render_mark(kind) {
-                        metrics.gap_notices.inc();
-                        writer.batch.push_back(frame);
-                    }
-                }
-            }
-        }
-        writer.flushing = !writer.batch.is_empty();
-        None
-    }
-
-    /// The gap notice a mark stands for: `interrupted` names the active
-    /// subscriptions not yet told, `resumed` those told and still held.
-    fn render_mark(&mut self, kind: NoticeKind) -> Option<Frame> {
-        let mut topics: Vec<Topic> = Vec::new();
-        for (topic, held) in self.held.iter_mut() {
-            let concerned = match kind {
-                NoticeKind::Interrupted => {
-                    matches!(held.stage, Stage::Active(_))
-                        && !std::mem::replace(&mut held.told, true)
-                }
-                NoticeKind::Resumed => {
-                    std::mem::take(&mut held.told) && matches!(held.stage, Stage::Active(_))
-                }
-            };
-            if concerned {
-                topics.push(topic.clone());
-            }
-        }
-        // In no particular order (as documented): sorting 256 topics per
-        // session was a third of an outage's cost.
-        if topics.is_empty() {
-            return None;
-        }
-        let reason = match kind {
-            NoticeKind::Interrupted => Some("broker connection lost"),
-            NoticeKind::Resumed => None,
-        };
-        Some(self.member.dialect.notice(&Notice {
-            kind,
-            topics: &topics,
-            reason,
-        }))
-    }
-
-    fn unsubscribe(&mut self, ctx: &SessionContext, topic: Topic, id: Option<String>) {
-        let Some(held) = self.held.remove(&topic) else {
-            return self.ack(
-                AckKind::Unsubscribe,
-                &topic,
-                id.as_deref(),
-                Some("not subscribed"),
-            );
-        };
-        if let Stage::Active(sub) = &held.stage {
-            sub.stop();
-        }
-        if held.stage.is_authorising()
-            || ctx
-                .hub
-                .unsubscribe(self.member.id, &topic, held.stage.sub())
-                == Removed::Pending
-        {
-            // The subscribe never completed: answer it before the unsubscribe.
-            self.ack(
-                AckKind::Subscribe,
-                &topic,
-                held.id.as_deref(),
-                Some("cancelled by unsubscribe"),
-            );
-        }
-        self.ack(AckKind::Unsubscribe, &topic, id.as_deref(), None);
-    }
-
-    /// Takes a fresh token: same subject required. The new token's ACL
-    /// replaces the old one; subscriptions it does not allow are ended, each
-    /// with an `unsubscribed` notice (or, if not yet answered, a `not allowed`
-    /// refusal), after the refresh reply.
-    fn refresh(&mut self, ctx: &SessionContext, token: &str, id: Option<&str>) {
-        let dialect = self.member.dialect.clone();
-        let Some(verifier) = &ctx.verifier else {
-            return self.reply(dialect.refreshed(id, Some("authentication is not enabled")));
-        };
-        if !self.bucket.take() {
-            ctx.metrics
-                .refused
-                .with_label_values(&["rate_limited"])
-                .inc();
-            return self.reply(dialect.refreshed(id, Some("rate limited")));
-        }
-        let identity = match verifier.verify(token) {
-            Ok(identity) => identity,
-            Err(e) => return self.reply(dialect.refreshed(id, Some(&e.to_string()))),
-        };
-        let same_subject = self
-            .identity
-            .as_ref()
-            .is_some_and(|current| current.subject == identity.subject);
-        if !same_subject {
-            return self.reply(dialect.refreshed(id, Some("token is for another subject")));
-        }
-        self.set_identity(identity);
-        self.reply(dialect.refreshed(id, None));
-        let mut revoked: Vec<Topic> = self
-            .held
-            .keys()
-            .filter(|t| !self.permitted(ctx, t))
-            .cloned()
-            .collect();
-        revoked.sort();
-        for topic in revoked {
-            self.revoke(ctx, topic);
-        }
-    }
-
-    /// Ends a held subscription the client may no longer have.
-    fn revoke(&mut self, ctx: &SessionContext, topic: Topic) {
-        let Some(held) = self.held.remove(&topic) else {
-            return;
-        };
-        ctx.metrics
-            .refused
-            .with_label_values(&["not_allowed"])
-            .inc();
-        if let Stage::Active(sub) = &held.stage {
-            sub.stop();
-        }
-        let answered = !held.stage.is_authorising()
-            && ctx
-                .hub
-                .unsubscribe(self.member.id, &topic, held.stage.sub())
-                == Removed::Active;
-        if answered {
-            self.reply(self.member.dialect.revoked(&topic, NOT_ALLOWED));
-        } else {
-            self.ack(
-                AckKind::Subscribe,
-                &topic,
-                held.id.as_deref(),
-                Some(NOT_ALLOWED),
-            );
-        }
-    }
-
-    /// Leaves every topic: the connection is ending.
-    fn leave(&mut self, ctx: &SessionContext) {
-        for (topic, held) in &self.held {
-            if let Stage::Active(sub) = &held.stage {
-                sub.stop();
-            }
-            if !held.stage.is_authorising() {
-                ctx.hub.unsubscribe(self.member.id, topic, held.stage.sub());
-            }
-        }
-        self.held.clear();
-    }
-}
-
-/// Checks a channel or pattern name against the server's rules.
-fn validate(topic: &Topic, max_bytes: usize) -> Result<(), String> {
-    let (name, kind) = (topic.name(), topic.kind());
-    if name.is_empty() {
-        return Err(format!("invalid {kind}: empty"));
-    }
-    if name.len() > max_bytes {
-        return Err(format!(
-            "{kind} too long ({} bytes, max {max_bytes})",
-            name.len()
-        ));
-    }
-    if name.iter().any(|b| b.is_ascii_control()) {
-        return Err(format!(
-            "invalid {kind}: control characters are not allowed"
-        ));
-    }
-    Ok(())
 }

@@ -1,0 +1,765 @@
+//! A client's requests, whatever its dialect: subscribe, unsubscribe,
+//! publish, ping, refresh.
+//!
+//! A subscribe passes, in order: name validation, the per-connection limits,
+//! the ACLs ([`crate::acl`]: `WSGATE_ALLOW`, then the token's `subscribe`
+//! claim; refused as [`Refusal::NotAllowed`]), then the authorisation callback
+//! ([`crate::authz`]) when configured, whose answer is awaited beside the
+//! other requests (the subscribe is answered when decided), and finally the
+//! broker. Answers are rendered by the connection's [`Conversation`] and
+//! queued in its outbox; nothing here knows a wire format.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use tracing::warn;
+
+use super::{SessionContext, AUTHZ_UNAVAILABLE, BROKER_UNAVAILABLE, NOT_ALLOWED};
+use crate::auth::Identity;
+use crate::authz::{AuthzError, Decision, Question};
+use crate::broker::{BrokerError, Topic};
+use crate::hub::{Joined, Member, Removed, Sub};
+use crate::metrics::Metrics;
+use crate::outbox::{Item, State};
+use crate::pattern_cost;
+use crate::protocol::{
+    Ack, AckKind, Answer, Conversation, Frame, Notice, NoticeKind, Refusal, Request,
+};
+
+/// An awaited answer, for [`Session::outcome`].
+pub enum Outcome {
+    /// The broker answered (or the wait timed out).
+    Confirmed(Topic, u64, Result<(), BrokerError>),
+    /// The authorisation callback answered.
+    Authorised(Topic, u64, Result<Decision, AuthzError>),
+}
+
+/// The next finished wait in a lazily allocated set; `None` at once when
+/// nothing waits (which disables that `select!` branch for the iteration).
+async fn next_done<F: Future + Unpin>(set: &mut Option<FuturesUnordered<F>>) -> Option<F::Output> {
+    match set {
+        Some(s) => s.next().await,
+        None => None,
+    }
+}
+
+/// A subscribe waiting for the broker: resolves to (topic, seq, outcome).
+type Waiting = Pin<Box<dyn Future<Output = (Topic, u64, Result<(), BrokerError>)> + Send>>;
+
+/// A subscribe waiting for the authorisation callback.
+type Authorising = Pin<Box<dyn Future<Output = (Topic, u64, Result<Decision, AuthzError>)> + Send>>;
+
+/// One subscription the client holds, as the session tracks it.
+struct Held {
+    /// Distinguishes this subscribe from an earlier one of the same topic.
+    seq: u64,
+    /// The subscribe's id, for a late refusal.
+    id: Option<String>,
+    /// How far the subscribe has got.
+    stage: Stage,
+    /// Told `interrupted` and not yet `resumed`.
+    told: bool,
+}
+
+/// Where a held subscription is. Every stage counts against the limit and
+/// makes a second subscribe `already subscribed`.
+enum Stage {
+    /// Waiting for the authorisation callback; the hub knows nothing yet.
+    Authorising,
+    /// Joined in the hub, waiting for the broker.
+    Pending,
+    /// Receiving deliveries through this place in the hub.
+    Active(Arc<Sub>),
+}
+
+impl Stage {
+    fn is_authorising(&self) -> bool {
+        matches!(self, Stage::Authorising)
+    }
+
+    fn is_pending(&self) -> bool {
+        matches!(self, Stage::Pending)
+    }
+
+    /// Its place in the hub, when active.
+    fn sub(&self) -> Option<&Sub> {
+        match self {
+            Stage::Active(sub) => Some(sub),
+            _ => None,
+        }
+    }
+}
+
+/// One client's requests, dialect-blind: see the module docs.
+pub struct Session {
+    /// Its place in the hub.
+    pub member: Arc<Member>,
+    held: HashMap<Topic, Held>,
+    /// Subscribes waiting for the broker; allocated only while there are some
+    /// (an idle socket should cost as little memory as possible).
+    waiting: Option<FuturesUnordered<Waiting>>,
+    /// Subscribes waiting for the authorisation callback; likewise lazy.
+    authorising: Option<FuturesUnordered<Authorising>>,
+    seq: u64,
+    bucket: TokenBucket,
+    /// The verified token, when authentication is on.
+    identity: Option<Identity>,
+    /// When the token expires: the socket is closed with 4001 then.
+    expires_at: Option<tokio::time::Instant>,
+}
+
+/// Subscribe rate limit: `rate` tokens per second, holding at most `rate`.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: usize) -> TokenBucket {
+        let rate = rate as f64;
+        TokenBucket {
+            rate,
+            tokens: rate,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Session {
+    /// A session for a member that just joined the hub.
+    pub fn new(member: Arc<Member>, subscribe_rate: usize) -> Session {
+        Session {
+            member,
+            held: HashMap::new(),
+            waiting: None,
+            authorising: None,
+            seq: 0,
+            bucket: TokenBucket::new(subscribe_rate),
+            expires_at: None,
+            identity: None,
+        }
+    }
+
+    /// When the token expires, if there is one.
+    pub fn expires_at(&self) -> Option<tokio::time::Instant> {
+        self.expires_at
+    }
+
+    /// Whether a request is still waiting for an answer (the broker or the
+    /// callback): a long-poll that asked it is answered only after.
+    pub fn busy(&self) -> bool {
+        self.waiting.as_ref().is_some_and(|w| !w.is_empty())
+            || self.authorising.as_ref().is_some_and(|a| !a.is_empty())
+    }
+
+    /// Queues a frame for the client.
+    pub fn reply(&self, frame: Frame) {
+        self.member.outbox.push(frame);
+    }
+
+    fn answer(&self, conv: &mut dyn Conversation, answer: Answer<'_>) {
+        if let Some(frame) = conv.answer(answer) {
+            self.reply(frame);
+        }
+    }
+
+    fn ack(
+        &self,
+        conv: &mut dyn Conversation,
+        kind: AckKind,
+        topic: &Topic,
+        id: Option<&str>,
+        error: Option<&Refusal>,
+    ) {
+        self.answer(
+            conv,
+            Answer::Ack(Ack {
+                kind,
+                topic,
+                id,
+                error,
+            }),
+        );
+    }
+
+    /// Serves one request; its answer is queued now or when it is decided.
+    pub fn handle(&mut self, ctx: &SessionContext, conv: &mut dyn Conversation, request: Request) {
+        match request {
+            Request::Subscribe { topic, id, ext } => self.subscribe(ctx, conv, topic, id, ext),
+            Request::Unsubscribe { topic, id } => self.unsubscribe(ctx, conv, topic, id),
+            Request::Ping { id } => self.answer(conv, Answer::Pong { id: id.as_deref() }),
+            Request::Refresh { token, id } => self.refresh(ctx, conv, &token, id.as_deref()),
+            Request::Publish { channel, id, .. } => {
+                ctx.metrics
+                    .refused
+                    .with_label_values(&["not_allowed"])
+                    .inc();
+                self.answer(
+                    conv,
+                    Answer::Published {
+                        channel: &channel,
+                        id: id.as_deref(),
+                        error: Some(&Refusal::NotAllowed),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Why this connection may not subscribe to `topic` now, if it may not.
+    fn refusal(&mut self, ctx: &SessionContext, topic: &Topic) -> Option<Refusal> {
+        if let Err(error) = validate(topic, ctx.max_pattern_bytes) {
+            return Some(Refusal::Other(error));
+        }
+        if self.held.contains_key(topic) {
+            return Some(Refusal::AlreadySubscribed);
+        }
+        if self.held.len() >= ctx.max_subscriptions {
+            return Some(Refusal::Other(format!(
+                "subscription limit reached ({})",
+                ctx.max_subscriptions
+            )));
+        }
+        if let Some(r) =
+            pattern_cost::connection_refusal(&ctx.pattern_limits, topic, self.held.keys())
+        {
+            ctx.metrics.refused.with_label_values(&[r.reason]).inc();
+            return Some(Refusal::Other(r.message));
+        }
+        if !self.bucket.take() {
+            ctx.metrics
+                .refused
+                .with_label_values(&["rate_limited"])
+                .inc();
+            return Some(Refusal::RateLimited);
+        }
+        None
+    }
+
+    /// Takes `identity` and arms the expiry timer. An `exp` too far ahead to
+    /// be represented as an instant (centuries) arms none, rather than
+    /// overflowing.
+    pub fn set_identity(&mut self, identity: Identity) {
+        self.expires_at = tokio::time::Instant::now().checked_add(identity.remaining());
+        self.identity = Some(identity);
+    }
+
+    /// May this connection hold `topic` at all? Both `WSGATE_ALLOW` and, when
+    /// authentication is on, the token's ACL must allow it.
+    fn permitted(&self, ctx: &SessionContext, topic: &Topic) -> bool {
+        let server = ctx.allow.as_ref().is_none_or(|acl| acl.allows(topic));
+        let token = ctx.verifier.is_none()
+            || self
+                .identity
+                .as_ref()
+                .is_some_and(|id| id.acl.allows(topic));
+        server && token
+    }
+
+    fn refuse(
+        &self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        reason: &str,
+        topic: &Topic,
+        id: Option<&str>,
+        error: Refusal,
+    ) {
+        ctx.metrics.refused.with_label_values(&[reason]).inc();
+        self.ack(conv, AckKind::Subscribe, topic, id, Some(&error));
+    }
+
+    fn subscribe(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        topic: Topic,
+        id: Option<String>,
+        ext: Option<String>,
+    ) {
+        if let Some(error) = self.refusal(ctx, &topic) {
+            return self.ack(
+                conv,
+                AckKind::Subscribe,
+                &topic,
+                id.as_deref(),
+                Some(&error),
+            );
+        }
+        if !self.permitted(ctx, &topic) {
+            let id = id.as_deref();
+            return self.refuse(ctx, conv, "not_allowed", &topic, id, Refusal::NotAllowed);
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        if let Some(authz) = &ctx.authz {
+            let question = Question {
+                subject: self.identity.as_ref().map(|i| i.subject.as_str()),
+                claims: self.identity.as_ref().map(|i| &i.claims),
+                topic: &topic,
+                remote_addr: ctx.client_ip,
+                ext: ext.as_deref(),
+            };
+            match authz.cached(&question) {
+                Some(Decision::Allow) => {}
+                Some(Decision::Deny(reason)) => {
+                    let id = id.as_deref();
+                    let denied = Refusal::Denied(reason);
+                    return self.refuse(ctx, conv, "authz_denied", &topic, id, denied);
+                }
+                None => {
+                    let answer = authz.ask(&question);
+                    self.held.insert(
+                        topic.clone(),
+                        Held {
+                            seq,
+                            id,
+                            stage: Stage::Authorising,
+                            told: false,
+                        },
+                    );
+                    self.authorising
+                        .get_or_insert_with(FuturesUnordered::new)
+                        .push(Box::pin(async move { (topic, seq, answer.await) }));
+                    return;
+                }
+            }
+        }
+        self.join(ctx, conv, topic, id, seq);
+    }
+
+    /// The next answer of the callback or the broker, when one is awaited;
+    /// pending forever otherwise (a `select!` branch that never fires).
+    pub async fn next_outcome(&mut self) -> Outcome {
+        tokio::select! {
+            Some((topic, seq, outcome)) = next_done(&mut self.waiting) => {
+                if self.waiting.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    self.waiting = None; // give its allocation back while idle
+                }
+                Outcome::Confirmed(topic, seq, outcome)
+            }
+            Some((topic, seq, outcome)) = next_done(&mut self.authorising) => {
+                if self.authorising.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    self.authorising = None;
+                }
+                Outcome::Authorised(topic, seq, outcome)
+            }
+            else => std::future::pending().await,
+        }
+    }
+
+    /// Acts on what [`Session::next_outcome`] returned.
+    pub fn outcome(&mut self, ctx: &SessionContext, conv: &mut dyn Conversation, outcome: Outcome) {
+        match outcome {
+            Outcome::Confirmed(topic, seq, o) => self.confirmed(ctx, conv, topic, seq, o),
+            Outcome::Authorised(topic, seq, o) => self.authorised(ctx, conv, topic, seq, o),
+        }
+    }
+
+    /// The callback answered a subscribe (unless it was withdrawn meanwhile).
+    fn authorised(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        topic: Topic,
+        seq: u64,
+        outcome: Result<Decision, AuthzError>,
+    ) {
+        let current = self
+            .held
+            .get(&topic)
+            .is_some_and(|h| h.seq == seq && h.stage.is_authorising());
+        if !current {
+            return; // unsubscribed or revoked meanwhile, and already answered
+        }
+        let id = self.held.remove(&topic).and_then(|h| h.id);
+        match outcome {
+            Ok(Decision::Allow) => self.join(ctx, conv, topic, id, seq),
+            Ok(Decision::Deny(reason)) => {
+                let denied = Refusal::Denied(reason);
+                self.refuse(ctx, conv, "authz_denied", &topic, id.as_deref(), denied)
+            }
+            Err(e) => {
+                warn!(cause = %e, "authorisation callback failed");
+                let unavailable = Refusal::Unavailable(AUTHZ_UNAVAILABLE.to_owned());
+                let id = id.as_deref();
+                self.refuse(ctx, conv, "authz_unavailable", &topic, id, unavailable);
+            }
+        }
+    }
+
+    /// Joins the topic in the hub: an authorised subscribe.
+    fn join(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        topic: Topic,
+        id: Option<String>,
+        seq: u64,
+    ) {
+        let joined = match ctx.hub.subscribe(&self.member, topic.clone()) {
+            Ok(joined) => joined,
+            Err(r) => {
+                let other = Refusal::Other(r.message);
+                return self.refuse(ctx, conv, r.reason, &topic, id.as_deref(), other);
+            }
+        };
+        self.held.insert(
+            topic.clone(),
+            Held {
+                seq,
+                id,
+                stage: Stage::Pending,
+                told: false,
+            },
+        );
+        self.joined(ctx, conv, topic, seq, joined);
+    }
+
+    /// Follows up a hub join: an active one is answered and started (reply
+    /// first, so it precedes every delivery), a pending one waits.
+    fn joined(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        topic: Topic,
+        seq: u64,
+        joined: Joined,
+    ) {
+        match joined {
+            Joined::Active(sub) => {
+                let Some(held) = self.held.get_mut(&topic) else {
+                    return;
+                };
+                let ack = conv.answer(Answer::Ack(Ack {
+                    kind: AckKind::Subscribe,
+                    topic: &topic,
+                    id: held.id.as_deref(),
+                    error: None,
+                }));
+                if let Some(ack) = ack {
+                    self.member.outbox.push(ack);
+                }
+                sub.start();
+                held.stage = Stage::Active(sub);
+            }
+            Joined::Pending(confirmation) => {
+                let timeout = ctx.subscribe_timeout;
+                self.waiting
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(Box::pin(async move {
+                        let mut confirmation = confirmation;
+                        let answered = async {
+                            match confirmation.wait_for(Option::is_some).await {
+                                Ok(answer) => answer.clone(),
+                                Err(_) => None,
+                            }
+                        };
+                        let outcome = match tokio::time::timeout(timeout, answered).await {
+                            Ok(Some(outcome)) => outcome,
+                            Ok(None) | Err(_) => Err(BrokerError::Unavailable),
+                        };
+                        (topic, seq, outcome)
+                    }));
+            }
+        }
+    }
+
+    /// A wait for the broker ended.
+    fn confirmed(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        topic: Topic,
+        seq: u64,
+        outcome: Result<(), BrokerError>,
+    ) {
+        let current = self
+            .held
+            .get(&topic)
+            .is_some_and(|h| h.seq == seq && h.stage.is_pending());
+        if !current {
+            return; // unsubscribed meanwhile, and already answered
+        }
+        let error = match outcome {
+            Ok(()) => None,
+            // The broker refused this topic (e.g. a Redis ACL): the hub has
+            // already withdrawn it; nobody else is affected.
+            Err(BrokerError::Refused(why)) => {
+                ctx.metrics
+                    .refused
+                    .with_label_values(&["broker_refused"])
+                    .inc();
+                Some(Refusal::Other(why))
+            }
+            // Timed out: withdraw, unless confirmed in the meantime.
+            Err(_) if ctx.hub.cancel_pending(self.member.id, &topic) => {
+                Some(Refusal::Unavailable(BROKER_UNAVAILABLE.to_owned()))
+            }
+            Err(_) => None,
+        };
+        if let Some(error) = error {
+            let id = self.held.remove(&topic).and_then(|h| h.id);
+            return self.ack(
+                conv,
+                AckKind::Subscribe,
+                &topic,
+                id.as_deref(),
+                Some(&error),
+            );
+        }
+        match ctx.hub.activate(&self.member, &topic) {
+            Some(joined) => self.joined(ctx, conv, topic, seq, joined),
+            None => {
+                let id = self.held.remove(&topic).and_then(|h| h.id);
+                let error = Refusal::Unavailable(BROKER_UNAVAILABLE.to_owned());
+                self.ack(
+                    conv,
+                    AckKind::Subscribe,
+                    &topic,
+                    id.as_deref(),
+                    Some(&error),
+                );
+            }
+        }
+    }
+
+    /// Takes everything queued, rendering gap marks from this session's own
+    /// subscriptions, into `out`. The outbox's state says whether to go on.
+    pub fn drain(
+        &mut self,
+        metrics: &Metrics,
+        items: &mut VecDeque<Item>,
+        out: &mut VecDeque<Frame>,
+    ) -> State {
+        let state = self.member.outbox.take(items);
+        for item in items.drain(..) {
+            match item {
+                Item::Frame(frame) => out.push_back(frame),
+                Item::Mark(kind) => {
+                    if let Some(frame) = self.render_mark(kind) {
+                        metrics.gap_notices.inc();
+                        out.push_back(frame);
+                    }
+                }
+            }
+        }
+        state
+    }
+
+    /// The gap notice a mark stands for: `interrupted` names the active
+    /// subscriptions not yet told, `resumed` those told and still held.
+    fn render_mark(&mut self, kind: NoticeKind) -> Option<Frame> {
+        let mut topics: Vec<Topic> = Vec::new();
+        for (topic, held) in self.held.iter_mut() {
+            let concerned = match kind {
+                NoticeKind::Interrupted => {
+                    matches!(held.stage, Stage::Active(_))
+                        && !std::mem::replace(&mut held.told, true)
+                }
+                NoticeKind::Resumed => {
+                    std::mem::take(&mut held.told) && matches!(held.stage, Stage::Active(_))
+                }
+            };
+            if concerned {
+                topics.push(topic.clone());
+            }
+        }
+        // In no particular order (as documented): sorting 256 topics per
+        // session was a third of an outage's cost.
+        if topics.is_empty() {
+            return None;
+        }
+        let reason = match kind {
+            NoticeKind::Interrupted => Some("broker connection lost"),
+            NoticeKind::Resumed => None,
+        };
+        self.member.render.notice(&Notice {
+            kind,
+            topics: &topics,
+            reason,
+        })
+    }
+
+    fn unsubscribe(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        topic: Topic,
+        id: Option<String>,
+    ) {
+        let Some(held) = self.held.remove(&topic) else {
+            let error = Refusal::NotSubscribed;
+            return self.ack(
+                conv,
+                AckKind::Unsubscribe,
+                &topic,
+                id.as_deref(),
+                Some(&error),
+            );
+        };
+        if let Stage::Active(sub) = &held.stage {
+            sub.stop();
+        }
+        if held.stage.is_authorising()
+            || ctx
+                .hub
+                .unsubscribe(self.member.id, &topic, held.stage.sub())
+                == Removed::Pending
+        {
+            // The subscribe never completed: answer it before the unsubscribe.
+            let error = Refusal::Cancelled;
+            self.ack(
+                conv,
+                AckKind::Subscribe,
+                &topic,
+                held.id.as_deref(),
+                Some(&error),
+            );
+        }
+        self.ack(conv, AckKind::Unsubscribe, &topic, id.as_deref(), None);
+    }
+
+    /// Takes a fresh token: same subject required. The new token's ACL
+    /// replaces the old one; subscriptions it does not allow are ended, each
+    /// with an `unsubscribed` notice (or, if not yet answered, a `not allowed`
+    /// refusal), after the refresh reply.
+    fn refresh(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        token: &str,
+        id: Option<&str>,
+    ) {
+        let refused = |s: &Session, conv: &mut dyn Conversation, error: &str| {
+            s.answer(
+                conv,
+                Answer::Refreshed {
+                    id,
+                    error: Some(error),
+                },
+            )
+        };
+        let Some(verifier) = &ctx.verifier else {
+            return refused(self, conv, "authentication is not enabled");
+        };
+        if !self.bucket.take() {
+            ctx.metrics
+                .refused
+                .with_label_values(&["rate_limited"])
+                .inc();
+            return refused(self, conv, "rate limited");
+        }
+        let identity = match verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(e) => return refused(self, conv, &e.to_string()),
+        };
+        let same_subject = self
+            .identity
+            .as_ref()
+            .is_some_and(|current| current.subject == identity.subject);
+        if !same_subject {
+            return refused(self, conv, "token is for another subject");
+        }
+        self.set_identity(identity);
+        self.answer(conv, Answer::Refreshed { id, error: None });
+        let mut revoked: Vec<Topic> = self
+            .held
+            .keys()
+            .filter(|t| !self.permitted(ctx, t))
+            .cloned()
+            .collect();
+        revoked.sort();
+        for topic in revoked {
+            self.revoke(ctx, conv, topic);
+        }
+    }
+
+    /// Ends a held subscription the client may no longer have.
+    fn revoke(&mut self, ctx: &SessionContext, conv: &mut dyn Conversation, topic: Topic) {
+        let Some(held) = self.held.remove(&topic) else {
+            return;
+        };
+        ctx.metrics
+            .refused
+            .with_label_values(&["not_allowed"])
+            .inc();
+        if let Stage::Active(sub) = &held.stage {
+            sub.stop();
+        }
+        let answered = !held.stage.is_authorising()
+            && ctx
+                .hub
+                .unsubscribe(self.member.id, &topic, held.stage.sub())
+                == Removed::Active;
+        if answered {
+            let revoked = Answer::Revoked {
+                topic: &topic,
+                reason: NOT_ALLOWED,
+            };
+            self.answer(conv, revoked);
+        } else {
+            let error = Refusal::NotAllowed;
+            self.ack(
+                conv,
+                AckKind::Subscribe,
+                &topic,
+                held.id.as_deref(),
+                Some(&error),
+            );
+        }
+    }
+
+    /// Leaves every topic: the connection is ending.
+    pub fn leave(&mut self, ctx: &SessionContext) {
+        for (topic, held) in &self.held {
+            if let Stage::Active(sub) = &held.stage {
+                sub.stop();
+            }
+            if !held.stage.is_authorising() {
+                ctx.hub.unsubscribe(self.member.id, topic, held.stage.sub());
+            }
+        }
+        self.held.clear();
+    }
+}
+
+/// Checks a channel or pattern name against the server's rules.
+fn validate(topic: &Topic, max_bytes: usize) -> Result<(), String> {
+    let (name, kind) = (topic.name(), topic.kind());
+    if name.is_empty() {
+        return Err(format!("invalid {kind}: empty"));
+    }
+    if name.len() > max_bytes {
+        return Err(format!(
+            "{kind} too long ({} bytes, max {max_bytes})",
+            name.len()
+        ));
+    }
+    if name.iter().any(|b| b.is_ascii_control()) {
+        return Err(format!(
+            "invalid {kind}: control characters are not allowed"
+        ));
+    }
+    Ok(())
+}
