@@ -103,6 +103,19 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// `WSGATE_WS_PATH`: path of the WebSocket endpoint. Default `/ws`.
     pub ws_path: String,
+    /// `WSGATE_BAYEUX_PATH`: the Bayeux endpoint (WebSocket and long-polling,
+    /// Faye and CometD). Default `/bayeux`.
+    pub bayeux_path: String,
+    /// `WSGATE_NODEFONY_PATH`: the same Bayeux engine for nodefony's client.
+    /// Default `/realtime`.
+    pub nodefony_path: String,
+    /// `WSGATE_BAYEUX_CONNECT_TIMEOUT_MS`: how long a `/meta/connect` is
+    /// held. Default 30000.
+    pub bayeux_connect_timeout: Duration,
+    /// `WSGATE_BAYEUX_SESSION_TIMEOUT_MS`: how long a Bayeux session waits
+    /// for its client to come back (after its last connect, or after its
+    /// WebSocket closed without `/meta/disconnect`). Default 60000.
+    pub bayeux_session_timeout: Duration,
     /// `WSGATE_MAX_MESSAGE_BYTES`: largest client frame, in bytes. Default 65536.
     /// Larger frames close the socket with 1009.
     pub max_message_bytes: NonZeroUsize,
@@ -272,6 +285,10 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             redis_url: None,
             ws_path: "/ws".to_owned(),
+            bayeux_path: "/bayeux".to_owned(),
+            nodefony_path: "/realtime".to_owned(),
+            bayeux_connect_timeout: Duration::from_millis(30_000),
+            bayeux_session_timeout: Duration::from_millis(60_000),
             max_message_bytes: nz(65536),
             max_publish_bytes: nz(1024 * 1024),
             max_subscriptions: nz(256),
@@ -339,6 +356,10 @@ struct RawConfig {
     listen: Option<String>,
     redis_url: Option<String>,
     ws_path: Option<String>,
+    bayeux_path: Option<String>,
+    nodefony_path: Option<String>,
+    bayeux_connect_timeout_ms: Option<String>,
+    bayeux_session_timeout_ms: Option<String>,
     max_message_bytes: Option<String>,
     max_publish_bytes: Option<String>,
     max_subscriptions: Option<String>,
@@ -577,11 +598,32 @@ impl Config {
                 raw.ws_path,
                 d.ws_path,
                 "WSGATE_WS_PATH",
-                |v| {
-                    (v.starts_with('/') && v.len() > 1 && !v.contains(['?', '#', ' ']))
-                        .then(|| v.to_owned())
-                },
+                endpoint_path,
                 "an absolute path such as /ws (not / itself, no query)",
+            )?,
+            bayeux_path: parse_or(
+                raw.bayeux_path,
+                d.bayeux_path,
+                "WSGATE_BAYEUX_PATH",
+                endpoint_path,
+                "an absolute path such as /bayeux (not / itself, no query)",
+            )?,
+            nodefony_path: parse_or(
+                raw.nodefony_path,
+                d.nodefony_path,
+                "WSGATE_NODEFONY_PATH",
+                endpoint_path,
+                "an absolute path such as /realtime (not / itself, no query)",
+            )?,
+            bayeux_connect_timeout: millis_or(
+                raw.bayeux_connect_timeout_ms,
+                d.bayeux_connect_timeout,
+                "WSGATE_BAYEUX_CONNECT_TIMEOUT_MS",
+            )?,
+            bayeux_session_timeout: millis_or(
+                raw.bayeux_session_timeout_ms,
+                d.bayeux_session_timeout,
+                "WSGATE_BAYEUX_SESSION_TIMEOUT_MS",
             )?,
             max_message_bytes: bytes_or(
                 raw.max_message_bytes,
@@ -921,6 +963,26 @@ const HELP: &[Help] = &[
     ),
     help("ws_path", "/ws", "WebSocket endpoint path"),
     help(
+        "bayeux_path",
+        "/bayeux",
+        "Bayeux endpoint (WebSocket and long-polling: Faye, CometD)",
+    ),
+    help(
+        "nodefony_path",
+        "/realtime",
+        "the Bayeux endpoint for nodefony's client",
+    ),
+    help(
+        "bayeux_connect_timeout_ms",
+        "30000",
+        "how long a Bayeux /meta/connect is held",
+    ),
+    help(
+        "bayeux_session_timeout_ms",
+        "60000",
+        "how long a Bayeux session waits for its client to come back",
+    ),
+    help(
         "max_message_bytes",
         "65536",
         "largest client frame (larger: close 1009)",
@@ -1255,6 +1317,11 @@ fn invalid(var: &'static str, value: String, accepted: &'static str) -> ConfigEr
         value,
         accepted,
     }
+}
+
+/// An endpoint path: absolute, not `/` itself, no query or fragment.
+fn endpoint_path(v: &str) -> Option<String> {
+    (v.starts_with('/') && v.len() > 1 && !v.contains(['?', '#', ' '])).then(|| v.to_owned())
 }
 
 /// An unset (or empty) variable takes the default; a set one must parse.

@@ -16,171 +16,29 @@
 //!
 //! Every refusal is a JSON body `{"error": "..."}` with a fitting status.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, Instrument};
+use tracing::debug;
 use warp::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use warp::{Filter, Rejection};
 
-use crate::acl::Acl;
-use crate::auth::{self, AuthError, Identity, Verifier};
-use crate::authz::Authz;
+use crate::app::App;
+use crate::auth;
 use crate::broker::Publication;
 use crate::config::Config;
-use crate::forwarded;
-use crate::hub::Hub;
-use crate::limits::{IpLimits, IpRefusal, IpSlot};
-use crate::metrics::Metrics;
-use crate::pending::{Pending, PendingSlot};
-use crate::protocol::native::NativeConversation;
-use crate::session::{self, Clients, Link, SessionContext, SessionSlot};
+use crate::pending::PendingSlot;
+use crate::protocol::bayeux::conversation::Endpoint;
+use crate::protocol::bayeux::message::DecodeError;
+use crate::protocol::bayeux::reply;
 use crate::shutdown::Phase;
-
-/// What every route needs, shared by all connections.
-pub struct App {
-    /// The node's hub.
-    pub hub: Hub,
-    /// Server metrics.
-    pub metrics: Metrics,
-    /// Validated configuration.
-    pub config: Config,
-    /// Running, draining or stopping; sessions and connections watch it.
-    pub phase: watch::Sender<Phase>,
-    /// Live sessions. A watch (not an atomic) so shutdown can wait for zero;
-    /// changed once per connect and disconnect, never per message.
-    pub sessions: watch::Sender<usize>,
-    /// Token verification, when a JWT key is configured.
-    pub verifier: Option<Arc<Verifier>>,
-    /// `WSGATE_ALLOW`, when set.
-    pub allow: Option<Arc<Acl>>,
-    /// The subscribe authorisation callback, when configured.
-    pub authz: Option<Arc<Authz>>,
-    /// Per-address connection limits.
-    pub ip_limits: IpLimits,
-    /// Connections not (yet) upgraded, and their node-wide cap.
-    pub pending: Pending,
-    /// Sessions that outlive their links (Bayeux), by key.
-    pub clients: Clients,
-}
-
-impl App {
-    /// Shared state for a freshly started server.
-    pub fn new(hub: Hub, metrics: Metrics, config: Config) -> App {
-        let verifier = config.jwt_key.as_ref().map(|key| {
-            Arc::new(Verifier::new(
-                key,
-                &config.jwt_audiences,
-                &config.jwt_issuers,
-                config.jwt_leeway,
-            ))
-        });
-        let allow = config
-            .allow
-            .as_ref()
-            .map(|entries| Arc::new(Acl::new(entries)));
-        let authz = config.auth_url.as_ref().map(|url| {
-            Arc::new(Authz::new(
-                url.clone(),
-                config.auth_timeout,
-                config.auth_cache_ttl,
-                config.auth_cache_entries.get(),
-            ))
-        });
-        let ip_limits = IpLimits::new(
-            config.max_connections_per_ip,
-            config.new_connections_per_ip_per_sec,
-            config.max_tracked_ips,
-        );
-        let pending = Pending::new(
-            config.max_pending_connections.get(),
-            metrics.pending_connections.clone(),
-        );
-        metrics
-            .max_connections
-            .set(i64::try_from(config.max_connections.get()).unwrap_or(i64::MAX));
-        App {
-            pending,
-            hub,
-            metrics,
-            config,
-            phase: watch::Sender::new(Phase::Running),
-            sessions: watch::Sender::new(0),
-            verifier,
-            allow,
-            authz,
-            ip_limits,
-            clients: Clients::default(),
-        }
-    }
-
-    /// Takes a session place, unless the node is full.
-    fn admit(&self) -> Option<SessionSlot> {
-        SessionSlot::take(&self.sessions, self.config.max_connections.get())
-    }
-
-    fn session_context(
-        &self,
-        slot: SessionSlot,
-        ip_slot: IpSlot,
-        client_ip: IpAddr,
-        identity: Option<Identity>,
-    ) -> SessionContext {
-        SessionContext {
-            ip_slot,
-            client_ip,
-            identity,
-            verifier: self.verifier.clone(),
-            allow: self.allow.clone(),
-            authz: self.authz.clone(),
-            clients: self.clients.clone(),
-            hub: self.hub.clone(),
-            metrics: self.metrics.clone(),
-            phase: self.phase.subscribe(),
-            slot,
-            max_subscriptions: self.config.max_subscriptions.get(),
-            max_pattern_bytes: self.config.max_pattern_bytes.get(),
-            pattern_limits: crate::pattern_cost::PatternLimits {
-                max_wildcards: self.config.max_pattern_wildcards,
-                max_classes: self.config.max_pattern_classes,
-                max_per_connection: self.config.max_patterns_per_connection.get(),
-                min_prefix: self.config.min_pattern_prefix_bytes,
-            },
-            queue_bytes: self.config.client_queue_bytes.get(),
-            subscribe_timeout: self.config.subscribe_timeout,
-            subscribe_rate: self.config.subscribe_rate.get(),
-            ping_interval: self.config.ping_interval,
-            pong_timeout: self.config.pong_timeout,
-        }
-    }
-
-    fn ws_config(&self) -> WebSocketConfig {
-        let max = self.config.max_message_bytes.get();
-        WebSocketConfig::default()
-            .read_buffer_size(self.config.ws_read_buffer_bytes.get())
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max))
-            // Frames are batched by the session and flushed once per batch.
-            .write_buffer_size(WRITE_BUFFER_BYTES)
-    }
-}
-
-/// Outbound bytes tungstenite gathers before writing to the socket within
-/// one batch: large enough that a burst goes out in few syscalls, and it is
-/// only allocated on sockets that actually receive traffic.
-const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+use crate::transport::websocket::{self, Mount};
+use crate::transport::{json, json_error, polling, unauthorised};
 
 /// All routes, for one connection (`conn`: its peer and pending place).
 ///
@@ -207,23 +65,27 @@ pub fn routes(
             }
         })
         .untuple_one();
-    let ws = on_ws_path.and(
-        warp::get()
-            .and(with_app.clone())
-            .and(warp::header::headers_cloned())
-            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-            .and(warp::ext::optional::<OnUpgrade>())
-            .map(
-                move |app: Arc<App>,
-                      headers: HeaderMap,
-                      query: String,
-                      upgrade: Option<OnUpgrade>| {
-                    upgrade_ws(app, &headers, &query, upgrade, &conn)
-                },
-            )
-            .recover(recover_on("GET", app.clone()))
-            .unify(),
-    );
+    let ws = {
+        let conn = conn.clone();
+        on_ws_path.and(
+            warp::get()
+                .and(with_app.clone())
+                .and(warp::header::headers_cloned())
+                .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+                .and(warp::ext::optional::<OnUpgrade>())
+                .map(
+                    move |app: Arc<App>,
+                          headers: HeaderMap,
+                          query: String,
+                          upgrade: Option<OnUpgrade>| {
+                        websocket::upgrade(app, Mount::Native, &headers, &query, upgrade, &conn)
+                    },
+                )
+                .recover(recover_on("GET", app.clone()))
+                .unify(),
+        )
+    };
+    let bayeux = bayeux_routes(app.clone(), conn);
     let publish = warp::path("publish").and(warp::path::end()).and(
         warp::post()
             .and(with_app.clone())
@@ -280,7 +142,9 @@ pub fn routes(
     );
     warp::any()
         .and(
-            ws.or(publish)
+            ws.or(bayeux)
+                .unify()
+                .or(publish)
                 .unify()
                 .or(healthz)
                 .unify()
@@ -298,6 +162,111 @@ pub fn routes(
             Ok::<_, std::convert::Infallible>(json_error(StatusCode::NOT_FOUND, "not found"))
         })
         .unify()
+}
+
+/// The Bayeux endpoints (`WSGATE_BAYEUX_PATH`, `WSGATE_NODEFONY_PATH`, each
+/// also with `/handshake`, `/connect`, `/subscribe`, `/unsubscribe` or
+/// `/disconnect` appended, as CometD does): a WebSocket upgrade or JSONP on
+/// `GET`, long-polling on `POST`, the CORS preflight on `OPTIONS`.
+fn bayeux_routes(
+    app: Arc<App>,
+    conn: Arc<PendingSlot>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    let with_app = {
+        let app = app.clone();
+        warp::any().map(move || app.clone())
+    };
+    let with_conn = warp::any().map(move || conn.clone());
+    let mount = warp::path::full().and(with_app.clone()).and_then(
+        |path: warp::path::FullPath, app: Arc<App>| async move {
+            let path = path.as_str();
+            let under = |base: &str| {
+                path == base
+                    || path.strip_prefix(base).is_some_and(|rest| {
+                        matches!(
+                            rest,
+                            "/handshake"
+                                | "/connect"
+                                | "/subscribe"
+                                | "/unsubscribe"
+                                | "/disconnect"
+                        )
+                    })
+            };
+            if under(&app.config.bayeux_path) {
+                Ok(app.bayeux.clone())
+            } else if under(&app.config.nodefony_path) {
+                Ok(app.nodefony.clone())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        },
+    );
+    let query = || warp::query::raw().or(warp::any().map(String::new)).unify();
+    let get = warp::get()
+        .and(with_app.clone())
+        .and(mount.clone())
+        .and(warp::header::headers_cloned())
+        .and(query())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .and(with_conn.clone())
+        .then(
+            |app: Arc<App>,
+             endpoint: Arc<Endpoint>,
+             headers: HeaderMap,
+             query: String,
+             upgrade: Option<OnUpgrade>,
+             conn: Arc<PendingSlot>| async move {
+                if headers.contains_key(header::UPGRADE) {
+                    let mount = Mount::Bayeux(endpoint);
+                    websocket::upgrade(app, mount, &headers, &query, upgrade, &conn)
+                } else {
+                    polling::jsonp(app, endpoint, headers, query, conn).await
+                }
+            },
+        );
+    let post = warp::post()
+        .and(with_app.clone())
+        .and(mount.clone())
+        .and(warp::header::headers_cloned())
+        .and(query())
+        .and(body_within(
+            app.config.max_message_bytes.get() as u64,
+            app.config.http_body_timeout,
+        ))
+        .and(with_conn)
+        .then(polling::post);
+    let options = warp::options()
+        .and(with_app.clone())
+        .and(mount.clone())
+        .and(warp::header::headers_cloned())
+        .map(|app: Arc<App>, _: Arc<Endpoint>, headers: HeaderMap| {
+            polling::preflight(&app, &headers)
+        });
+    mount.and(
+        get.or(post)
+            .unify()
+            .or(options)
+            .unify()
+            .recover(move |rejection: Rejection| {
+                let app = app.clone();
+                async move { Ok::<_, std::convert::Infallible>(bayeux_refusal(&rejection, &app)) }
+            })
+            .unify(),
+    )
+    .map(|_: Arc<Endpoint>, res: warp::reply::Response| res)
+}
+
+/// A rejection on a Bayeux path: a body over `WSGATE_MAX_MESSAGE_BYTES` is
+/// answered the Bayeux way (`400:body too large:Bad request`, status 413),
+/// anything else as on every route.
+fn bayeux_refusal(rejection: &Rejection, app: &App) -> warp::reply::Response {
+    if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        let max = app.config.max_message_bytes.get();
+        let error = DecodeError::TooLarge { size: max + 1, max };
+        return json(StatusCode::PAYLOAD_TOO_LARGE, reply::bad_body(&error));
+    }
+    refusal(rejection, "GET, POST, OPTIONS", app)
 }
 
 /// The body of a request, at most `limit` bytes (by `Content-Length`, which
@@ -416,31 +385,6 @@ fn refusal(rejection: &Rejection, allow: &'static str, app: &App) -> warp::reply
     }
 }
 
-/// A response with a JSON body.
-fn json(status: StatusCode, body: impl Into<String>) -> warp::reply::Response {
-    let mut res = Response::new(body.into().into());
-    *res.status_mut() = status;
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    res
-}
-
-fn json_error(status: StatusCode, error: &str) -> warp::reply::Response {
-    json(status, serde_json::json!({ "error": error }).to_string())
-}
-
-/// A 401 with the RFC 6750 challenge header.
-fn unauthorised(error: &str, challenge: &'static str) -> warp::reply::Response {
-    let mut res = json_error(StatusCode::UNAUTHORIZED, error);
-    res.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(challenge),
-    );
-    res
-}
-
 /// A publish without the right API key.
 #[derive(Debug)]
 struct Unauthorised;
@@ -457,198 +401,6 @@ fn publish_authorised(app: &App, headers: &HeaderMap) -> bool {
         Ok(Some(given)) => auth::secrets_equal(given.as_bytes(), key.expose()),
         _ => false,
     }
-}
-
-/// Is the request's `Origin` acceptable? Only one `Origin` header is; a
-/// missing one is unless `WSGATE_REQUIRE_ORIGIN` (non-browser clients send
-/// none, and a browser always sends one on a WebSocket).
-fn origin_allowed(config: &Config, headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(header::ORIGIN).iter();
-    let (origin, repeated) = (values.next(), values.next().is_some());
-    match (origin, repeated) {
-        (_, true) => false,
-        (None, false) => !config.require_origin,
-        (Some(origin), false) => config.allowed_origins.as_ref().is_none_or(|allowed| {
-            origin
-                .to_str()
-                .is_ok_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o)))
-        }),
-    }
-}
-
-/// Answers the WebSocket handshake and starts the session once hyper hands
-/// over the connection.
-///
-/// The handshake is checked strictly first (RFC 6455 section 4.2.1), each
-/// failure a 400 saying what is wrong: a `Host`, `Connection: Upgrade` and
-/// `Upgrade: websocket`, `Sec-WebSocket-Version: 13` (else also answered
-/// with the version we speak), and one `Sec-WebSocket-Key` that is the
-/// base64 of 16 bytes.
-fn upgrade_ws(
-    app: Arc<App>,
-    headers: &HeaderMap,
-    query: &str,
-    upgrade: Option<OnUpgrade>,
-    conn: &PendingSlot,
-) -> warp::reply::Response {
-    let peer = conn.peer();
-    let has = |name: header::HeaderName, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    if headers.get(header::HOST).is_none_or(|h| h.is_empty()) {
-        return json_error(StatusCode::BAD_REQUEST, "missing Host header");
-    }
-    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "expected a WebSocket upgrade request",
-        );
-    }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        let mut res = json_error(
-            StatusCode::BAD_REQUEST,
-            "unsupported WebSocket version: expected 13",
-        );
-        res.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return res;
-    }
-    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
-    let Some(key) = keys.next() else {
-        return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
-    };
-    let nonce_ok = base64::engine::general_purpose::STANDARD
-        .decode(key.as_bytes())
-        .is_ok_and(|nonce| nonce.len() == 16);
-    if keys.next().is_some() || !nonce_ok {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "invalid Sec-WebSocket-Key: expected one, the base64 of 16 random bytes",
-        );
-    }
-    let Some(upgrade) = upgrade else {
-        return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
-    };
-    let client_ip = forwarded::client_ip(peer.ip(), headers, &app.config.trusted_proxies);
-    if !origin_allowed(&app.config, headers) {
-        app.metrics.refused.with_label_values(&["origin"]).inc();
-        debug!(%client_ip, "upgrade refused: origin");
-        return json_error(StatusCode::FORBIDDEN, "origin not allowed");
-    }
-    if *app.phase.borrow() != Phase::Running {
-        app.metrics.refused.with_label_values(&["draining"]).inc();
-        return json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server is shutting down: connect to another node",
-        );
-    }
-    if let Err(refusal) = app.ip_limits.attempt(client_ip) {
-        return too_many(&app, client_ip, refusal);
-    }
-    let identity = match &app.verifier {
-        None => None,
-        Some(verifier) => {
-            match auth::request_token(headers, query).and_then(|t| verifier.verify(&t)) {
-                Ok(identity) => Some(identity),
-                Err(e) => {
-                    app.metrics
-                        .refused
-                        .with_label_values(&["unauthorized"])
-                        .inc();
-                    debug!(%client_ip, cause = %e, "upgrade refused: token");
-                    let challenge = if e == AuthError::Missing {
-                        "Bearer realm=\"wsgate\""
-                    } else {
-                        "Bearer realm=\"wsgate\", error=\"invalid_token\""
-                    };
-                    return unauthorised(&e.to_string(), challenge);
-                }
-            }
-        }
-    };
-    // A connection counted per address since it was accepted hands that
-    // place to its session; one from a trusted proxy is counted now, by the
-    // client address the proxy reported. Either way the place is taken only
-    // once the session is certain, so a refused upgrade leaves the (still
-    // pending) connection its place.
-    let fresh_ip_slot = if conn.has_ip_slot() {
-        None
-    } else {
-        match app.ip_limits.admit(client_ip) {
-            Ok(slot) => Some(slot),
-            Err(refusal) => return too_many(&app, client_ip, refusal),
-        }
-    };
-    let Some(slot) = app.admit() else {
-        app.metrics
-            .refused
-            .with_label_values(&["max_connections"])
-            .inc();
-        return json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many connections on this node",
-        );
-    };
-    let Some(ip_slot) = fresh_ip_slot.or_else(|| conn.take_ip_slot()) else {
-        // Unreachable: the connection held a place a moment ago and only
-        // this upgrade takes it; refuse rather than run uncounted.
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, "try again");
-    };
-    // From here the connection is a session, no longer pending.
-    conn.promote();
-    let accept = derive_accept_key(key.as_bytes());
-    let ctx = app.session_context(slot, ip_slot, client_ip, identity);
-    let config = app.ws_config();
-    let span = tracing::info_span!("conn", peer = %peer, client = %client_ip, dialect = "native");
-    tokio::spawn(
-        async move {
-            match upgrade.await {
-                Ok(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(config),
-                    )
-                    .await;
-                    let conv = Box::new(NativeConversation);
-                    session::run(Link::Socket(Box::new(ws)), conv, ctx).await;
-                }
-                Err(e) => debug!(cause = %e, "upgrade failed"),
-            }
-        }
-        .instrument(span),
-    );
-    let mut res = Response::new(Bytes::new().into());
-    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = res.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(v) = HeaderValue::from_str(&accept) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    res
-}
-
-/// A 429 for a per-address limit, with `Retry-After`.
-fn too_many(app: &App, client_ip: IpAddr, refusal: IpRefusal) -> warp::reply::Response {
-    app.metrics
-        .refused
-        .with_label_values(&[refusal.metric_reason()])
-        .inc();
-    debug!(%client_ip, cause = %refusal, "upgrade refused: per-address limit");
-    let mut res = json_error(StatusCode::TOO_MANY_REQUESTS, &refusal.to_string());
-    res.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    res
 }
 
 /// Longest `idempotency_key`, in bytes.

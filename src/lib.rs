@@ -12,7 +12,10 @@
 //! - [`config`]: the one `Config`, read from `WSGATE_*` variables.
 //! - [`server`]: listener, accept loop, shutdown sequence.
 //! - [`shutdown`]: the process stop signal (Ctrl-C or SIGTERM).
-//! - [`http`]: warp routes: WebSocket upgrade, publish, health, metrics.
+//! - [`app`]: what every route and transport shares (hub, config, gates).
+//! - [`http`]: warp routes: the endpoints, publish, health, metrics.
+//! - [`transport`]: WebSocket upgrades and Bayeux long-polling, behind one
+//!   admission.
 //! - [`auth`]: JWT verification into an `Identity`; the API key comparison.
 //! - [`acl`]: the allow rule for channels and patterns (token claim, `WSGATE_ALLOW`).
 //! - [`authz`]: the subscribe authorisation callback and its bounded cache.
@@ -43,6 +46,7 @@
 //! callback, limits) is described in `docs/security.md`.
 
 pub mod acl;
+pub mod app;
 pub mod auth;
 pub mod authz;
 pub mod backoff;
@@ -63,5 +67,6 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod transport;
 
 pub use config::Config;

@@ -26,11 +26,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use crate::app::App;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisConfigError, RedisOptions};
 use crate::broker::{Broker, EventSink, EVENT_CAPACITY};
 use crate::config::Config;
-use crate::http::{self, App};
+use crate::http;
 use crate::hub::{Hub, HubOptions};
 use crate::metrics::Metrics;
 use crate::shutdown::{Phase, Stop};

@@ -69,6 +69,11 @@ impl Id {
         Id(RawValue::from_string(json).unwrap_or_default())
     }
 
+    /// An id from its JSON text (as [`Id::json`] gave it), if that is JSON.
+    pub fn from_json(text: &str) -> Option<Id> {
+        RawValue::from_string(text.to_owned()).ok().map(Id)
+    }
+
     /// The id as JSON text, e.g. `"5"` (with the quotes) or `5`.
     pub fn json(&self) -> &RawValue {
         &self.0
@@ -341,6 +346,43 @@ pub fn decode_body(
     }
 }
 
+/// The JSON text of a POST body, read by its `Content-Type` as
+/// [`decode_body`] reads it (a form's `message` field, percent-decoded),
+/// for a transport that hands the text on to a session.
+pub fn body_text(
+    content_type: Option<&str>,
+    body: &[u8],
+    limits: &Limits,
+) -> Result<String, DecodeError> {
+    check_size(body, limits)?;
+    let media = content_type.map(|t| {
+        t.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    let form = |body: &[u8]| form_value(body, "message")?.ok_or(DecodeError::NoMessageField);
+    let json = |body: &[u8]| {
+        std::str::from_utf8(body)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::NotUtf8)
+    };
+    match media.as_deref() {
+        None | Some("application/json") | Some("text/json") => json(body),
+        Some("application/x-www-form-urlencoded") => form(body),
+        Some("text/plain") => {
+            let first = body.iter().find(|b| !b.is_ascii_whitespace());
+            if matches!(first, Some(b'[' | b'{')) {
+                json(body)
+            } else {
+                form(body)
+            }
+        }
+        Some(_) => Err(DecodeError::ContentType),
+    }
+}
+
 /// Decodes a form body (or a query string: JSONP's `GET ?message=...`) by
 /// its `message` field.
 pub fn decode_form(form: &[u8], limits: &Limits) -> Result<Vec<Decoded>, DecodeError> {
@@ -410,6 +452,12 @@ pub struct JsonpCallback(String);
 impl JsonpCallback {
     /// Longest callback name accepted.
     pub const MAX_LEN: usize = 64;
+
+    /// The callback when a request names none (`jsonpcallback`, as Faye's
+    /// server has it).
+    pub fn default_name() -> JsonpCallback {
+        JsonpCallback("jsonpcallback".to_owned())
+    }
 
     /// Accepts `[A-Za-z_$][A-Za-z0-9_$]*` segments joined by `.`; anything
     /// else could inject script into the reply and is refused (`None`).

@@ -22,5 +22,6 @@
 
 pub mod channel;
 pub mod client_id;
+pub mod conversation;
 pub mod message;
 pub mod reply;

@@ -1,0 +1,440 @@
+//! One Bayeux client's side of the protocol: its clientId, its held
+//! connects, and how its messages become session requests.
+//!
+//! The same conversation serves every transport: a WebSocket frame and a
+//! long-poll body are both a batch of messages. What differs (who holds a
+//! connect, where replies go) is the session's business.
+//!
+//! - `/meta/handshake` issues an unguessable clientId, verifies a token
+//!   (`ext.token`, else the transport's `Authorization` or `?token=`) and
+//!   binds the session to the clientId on this node.
+//! - `/meta/connect` is answered at once when it is the first, or when the
+//!   client asked `advice.timeout: 0`; otherwise it is held
+//!   ([`Step::Hold`], `WSGATE_BAYEUX_CONNECT_TIMEOUT_MS`).
+//! - `/meta/subscribe` and `/meta/unsubscribe` become one request per
+//!   channel, each answered on its own; [`GAP_CHANNEL`] is answered here.
+//! - A publish becomes a [`Request::Publish`] of the JSON text of `data`.
+//! - A message naming a clientId this conversation does not hold is routed
+//!   ([`Step::Route`]) when the conversation is fresh (Faye handshakes over
+//!   HTTP, then opens a WebSocket), and otherwise answered `402`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use super::channel::{self, Meta, Subscription, GAP_CHANNEL};
+use super::client_id::ClientId;
+use super::message::{self, Decoded, Id, Kind, Limits};
+use super::reply::{self, Advice, Batch, Error};
+use crate::auth::{AuthError, Verifier};
+use crate::broker::BrokerMessage;
+use crate::protocol::{
+    Ack, AckKind, Answer, Conversation, Frame, Inbound, Notice, Refusal, Render, Request, Step,
+};
+
+/// What every Bayeux conversation of one endpoint shares.
+pub struct Endpoint {
+    /// How deliveries look (the same for every Bayeux endpoint).
+    pub render: Arc<dyn Render>,
+    /// How long a connect is held.
+    pub connect_timeout: Duration,
+    /// How long a session waits for its client to come back.
+    pub session_timeout: Duration,
+    /// Bounds on one message batch.
+    pub limits: Limits,
+    /// Token verification, when authentication is on.
+    pub verifier: Option<Arc<Verifier>>,
+    /// nodefony's endpoint: connect replies carry `data` (its service map).
+    pub nodefony: bool,
+}
+
+/// Bayeux deliveries and gap notices: rendered once per message for every
+/// Bayeux member (see [`reply::render`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BayeuxRender;
+
+impl Render for BayeuxRender {
+    fn key(&self) -> &'static str {
+        "bayeux"
+    }
+
+    fn delivery(&self, message: &BrokerMessage) -> Option<Frame> {
+        reply::render(message).map(Frame::text)
+    }
+
+    fn notice(&self, notice: &Notice<'_>) -> Option<Frame> {
+        Some(Frame::text(reply::gap(notice)))
+    }
+
+    fn once_per_publish(&self) -> bool {
+        true
+    }
+}
+
+/// One Bayeux client: see the module docs.
+pub struct BayeuxConversation {
+    endpoint: Arc<Endpoint>,
+    client_id: Option<ClientId>,
+    /// The token the transport carried (header or query), for a handshake
+    /// without `ext.token`.
+    transport_token: Option<String>,
+    /// A connect was answered already (the first one is answered at once).
+    connected: bool,
+    /// The ids of held connects, oldest first.
+    held: Vec<Option<Id>>,
+    /// `/meta/disconnect` was received: the session ends with its link.
+    disconnected: bool,
+    /// The messages of a batch that was routed, for a `402` if nobody
+    /// took it.
+    routed: Vec<(Option<String>, Option<Id>)>,
+}
+
+impl BayeuxConversation {
+    /// A fresh conversation: no clientId yet.
+    pub fn new(endpoint: Arc<Endpoint>, transport_token: Option<String>) -> BayeuxConversation {
+        BayeuxConversation {
+            endpoint,
+            client_id: None,
+            transport_token,
+            connected: false,
+            held: Vec::new(),
+            disconnected: false,
+            routed: Vec::new(),
+        }
+    }
+
+    fn cid(&self) -> &str {
+        self.client_id.as_ref().map_or("", ClientId::as_str)
+    }
+
+    fn handshake(
+        &mut self,
+        id: Option<&Id>,
+        token: Option<String>,
+        steps: &mut Vec<Step>,
+        out: &mut Batch,
+    ) {
+        let meta = Some(Meta::Handshake.channel());
+        if let Some(cid) = &self.client_id {
+            // A second handshake on a live session: the same client.
+            let advice = Advice::retry(self.timeout_ms());
+            out.push(&reply::handshake(id, cid.as_str(), &advice));
+            return;
+        }
+        if let Some(verifier) = &self.endpoint.verifier {
+            let token = token.or_else(|| self.transport_token.take());
+            let verified = token
+                .ok_or(AuthError::Missing)
+                .and_then(|t| verifier.verify(&t));
+            match verified {
+                Ok(identity) => steps.push(Step::Authenticated(identity)),
+                Err(e) => {
+                    let message = e.to_string();
+                    let error = Error::Refused {
+                        code: 401,
+                        args: "",
+                        message: &message,
+                    };
+                    out.push(&reply::failure_with(meta, id, &error, Some(Advice::none())));
+                    return;
+                }
+            }
+        }
+        let Ok(cid) = ClientId::generate() else {
+            let error = Error::Refused {
+                code: 500,
+                args: "",
+                message: "no randomness for a clientId",
+            };
+            out.push(&reply::failure(meta, id, &error));
+            return;
+        };
+        let advice = Advice::retry(self.timeout_ms());
+        out.push(&reply::handshake(id, cid.as_str(), &advice));
+        steps.push(Step::Bind(cid.as_str().to_owned()));
+        self.client_id = Some(cid);
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        u64::try_from(self.endpoint.connect_timeout.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Serves one message of a batch that is for this conversation's client.
+    fn serve(&mut self, msg: message::Message, steps: &mut Vec<Step>, out: &mut Batch) {
+        let id = msg.id.as_ref();
+        let tag = || id.map(|i| i.json().get().to_owned());
+        match msg.kind {
+            // Served by `handshake` before a message gets here.
+            Kind::Handshake { .. } => {}
+            Kind::Connect { timeout_ms, .. } => {
+                let first = !std::mem::replace(&mut self.connected, true);
+                if first || timeout_ms == Some(0) {
+                    let advice = first.then(|| Advice::retry(self.timeout_ms()));
+                    out.push(&self.connect_reply(id, advice.as_ref()));
+                } else {
+                    // Replies queued so far go first.
+                    flush(out, steps);
+                    self.held.push(msg.id.clone());
+                    steps.push(Step::Hold(self.endpoint.connect_timeout));
+                }
+            }
+            Kind::Subscribe { subscriptions } => {
+                for name in subscriptions {
+                    match Subscription::parse(&name) {
+                        Err(e) => out.push(&reply::subscribe(
+                            id,
+                            self.cid(),
+                            &name,
+                            Some(&e.error(&name)),
+                        )),
+                        Ok(sub) => match sub.topic() {
+                            None => out.push(&reply::subscribe(id, self.cid(), GAP_CHANNEL, None)),
+                            Some(topic) => {
+                                flush(out, steps);
+                                steps.push(Step::Request(Request::Subscribe {
+                                    topic: topic.clone(),
+                                    id: tag(),
+                                    ext: msg.ext.as_ref().map(|e| e.get().to_owned()),
+                                }));
+                            }
+                        },
+                    }
+                }
+            }
+            Kind::Unsubscribe { subscriptions } => {
+                for name in subscriptions {
+                    match Subscription::parse(&name) {
+                        Err(e) => out.push(&reply::unsubscribe(
+                            id,
+                            self.cid(),
+                            &name,
+                            Some(&e.error(&name)),
+                        )),
+                        Ok(sub) => match sub.topic() {
+                            None => {
+                                out.push(&reply::unsubscribe(id, self.cid(), GAP_CHANNEL, None))
+                            }
+                            Some(topic) => {
+                                flush(out, steps);
+                                steps.push(Step::Request(Request::Unsubscribe {
+                                    topic: topic.clone(),
+                                    id: tag(),
+                                }));
+                            }
+                        },
+                    }
+                }
+            }
+            Kind::Disconnect => {
+                out.push(&reply::disconnect(id, self.cid()));
+                self.disconnected = true;
+                flush(out, steps);
+                steps.push(Step::End);
+            }
+            Kind::Publish { channel, data } => {
+                flush(out, steps);
+                steps.push(Step::Request(Request::Publish {
+                    channel: Bytes::from(channel.into_bytes()),
+                    payload: Bytes::from(String::from(Box::<str>::from(data)).into_bytes()),
+                    id: tag(),
+                }));
+            }
+            Kind::Service { channel, .. } => {
+                out.push(&reply::failure(
+                    Some(&channel),
+                    id,
+                    &Error::NoSuchService(&channel),
+                ));
+            }
+        }
+    }
+
+    fn connect_reply(&self, id: Option<&Id>, advice: Option<&Advice>) -> String {
+        let data = self
+            .endpoint
+            .nodefony
+            .then(|| serde_json::from_str::<&RawValue>("{}").ok())
+            .flatten();
+        reply::connect(id, self.cid(), advice, None, data)
+    }
+
+    /// The Bayeux error for a refusal of `name` (a subscription or a
+    /// channel), or `None` when Bayeux counts it as done (subscribing twice,
+    /// unsubscribing what is not held: both idempotent, as in CometD).
+    fn refusal<'a>(refusal: &'a Refusal, name: &'a str) -> Option<Error<'a>> {
+        let refused = |code, message| Error::Refused {
+            code,
+            args: name,
+            message,
+        };
+        Some(match refusal {
+            Refusal::AlreadySubscribed | Refusal::NotSubscribed => return None,
+            Refusal::NotAllowed => Error::Forbidden(name),
+            Refusal::Denied(reason) => refused(403, reason),
+            Refusal::RateLimited => refused(429, "Too many requests"),
+            Refusal::Cancelled => refused(409, "Cancelled by unsubscribe"),
+            Refusal::Unavailable(reason) => refused(503, reason),
+            Refusal::Other(reason) => refused(400, reason),
+        })
+    }
+}
+
+/// Moves the replies gathered so far into a step of their own, so that they
+/// keep their place before the requests that follow.
+fn flush(out: &mut Batch, steps: &mut Vec<Step>) {
+    if !out.is_empty() {
+        let batch = std::mem::take(out);
+        steps.push(Step::Reply(Frame::text(batch.finish())));
+    }
+}
+
+/// The id a request was tagged with, as an [`Id`] again.
+fn untag(tag: Option<&str>) -> Option<Id> {
+    tag.and_then(Id::from_json)
+}
+
+impl Conversation for BayeuxConversation {
+    fn name(&self) -> &'static str {
+        "bayeux"
+    }
+
+    fn render(&self) -> Arc<dyn Render> {
+        self.endpoint.render.clone()
+    }
+
+    fn decode(&mut self, inbound: Inbound<'_>, steps: &mut Vec<Step>) {
+        let decoded = match inbound {
+            Inbound::Text(text) => message::decode_json(text.as_bytes(), &self.endpoint.limits),
+            Inbound::Binary(bytes) => message::decode_json(bytes, &self.endpoint.limits),
+        };
+        let batch: Vec<Decoded> = match decoded {
+            Ok(batch) => batch,
+            Err(e) => {
+                steps.push(Step::Malformed(Frame::text(reply::bad_body(&e))));
+                return;
+            }
+        };
+        // A fresh conversation (a WebSocket whose handshake went over HTTP)
+        // given a batch for a clientId: the batch belongs to that session.
+        if self.client_id.is_none() {
+            let handshake = batch
+                .iter()
+                .any(|m| matches!(m, Ok(m) if matches!(m.kind, Kind::Handshake { .. })));
+            let theirs = batch
+                .iter()
+                .find_map(|m| m.as_ref().ok().and_then(|m| m.client_id.clone()));
+            if let (false, Some(theirs)) = (handshake, theirs) {
+                self.routed = batch
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .map(|m| (msg_channel(&m.kind).map(str::to_owned), m.id))
+                    .collect();
+                steps.push(Step::Route(theirs));
+                return;
+            }
+        }
+        let mut out = Batch::new();
+        let mut malformed = Batch::new();
+        for entry in batch {
+            let msg = match entry {
+                Ok(msg) => msg,
+                Err(e) => {
+                    malformed.push(&reply::rejected(&e));
+                    continue;
+                }
+            };
+            if let Kind::Handshake { token, .. } = msg.kind {
+                self.handshake(msg.id.as_ref(), token, steps, &mut out);
+                continue;
+            }
+            let mine = match (&self.client_id, &msg.client_id) {
+                (Some(own), Some(theirs)) => own.as_str() == theirs,
+                _ => false,
+            };
+            if !mine {
+                let channel = msg_channel(&msg.kind);
+                let error = Error::UnknownClient(msg.client_id.as_deref().unwrap_or(""));
+                out.push(&reply::failure(channel, msg.id.as_ref(), &error));
+                continue;
+            }
+            self.serve(msg, steps, &mut out);
+        }
+        if !malformed.is_empty() {
+            steps.push(Step::Malformed(Frame::text(malformed.finish())));
+        }
+        flush(&mut out, steps);
+    }
+
+    fn answer(&mut self, answer: Answer<'_>) -> Option<Frame> {
+        let text = match answer {
+            Answer::Ack(Ack {
+                kind,
+                topic,
+                id,
+                error,
+            }) => {
+                let name = channel::subscription_name(topic);
+                let id = untag(id);
+                let error = error.and_then(|r| Self::refusal(r, &name));
+                let one = match kind {
+                    AckKind::Subscribe => {
+                        reply::subscribe(id.as_ref(), self.cid(), &name, error.as_ref())
+                    }
+                    AckKind::Unsubscribe => {
+                        reply::unsubscribe(id.as_ref(), self.cid(), &name, error.as_ref())
+                    }
+                };
+                wrap(&one)
+            }
+            Answer::Published { channel, id, error } => {
+                let name = String::from_utf8_lossy(channel);
+                let id = untag(id);
+                let error = error.and_then(|r| Self::refusal(r, &name));
+                wrap(&reply::publish(id.as_ref(), &name, error.as_ref()))
+            }
+            Answer::UnknownClient { key } => {
+                let mut batch = Batch::new();
+                for (channel, id) in self.routed.drain(..) {
+                    let error = Error::UnknownClient(key);
+                    batch.push(&reply::failure(channel.as_deref(), id.as_ref(), &error));
+                }
+                batch.finish()
+            }
+            Answer::Pong { .. } | Answer::Refreshed { .. } | Answer::Revoked { .. } => return None,
+        };
+        Some(Frame::text(text))
+    }
+
+    fn release(&mut self) -> Option<Frame> {
+        if self.held.is_empty() {
+            return None;
+        }
+        let id = self.held.remove(0);
+        Some(Frame::text(wrap(&self.connect_reply(id.as_ref(), None))))
+    }
+
+    fn linger(&self) -> Option<Duration> {
+        (self.client_id.is_some() && !self.disconnected).then_some(self.endpoint.session_timeout)
+    }
+}
+
+/// The channel of a decoded message, for an error reply.
+fn msg_channel(kind: &Kind) -> Option<&str> {
+    Some(match kind {
+        Kind::Handshake { .. } => Meta::Handshake.channel(),
+        Kind::Connect { .. } => Meta::Connect.channel(),
+        Kind::Subscribe { .. } => Meta::Subscribe.channel(),
+        Kind::Unsubscribe { .. } => Meta::Unsubscribe.channel(),
+        Kind::Disconnect => Meta::Disconnect.channel(),
+        Kind::Publish { channel, .. } | Kind::Service { channel, .. } => channel,
+    })
+}
+
+/// One message as a batch.
+fn wrap(message: &str) -> String {
+    let mut batch = Batch::new();
+    batch.push(message);
+    batch.finish()
+}

@@ -1,0 +1,155 @@
+//! The WebSocket transport: the upgrade, checked strictly, then admitted,
+//! then handed to a session with the dialect its path mounts.
+//!
+//! We answer the handshake ourselves (from hyper's upgrade handle) instead
+//! of using warp's `ws()` filter, because that filter fixes tungstenite's
+//! 128 KiB per-socket read buffer; ours comes from the config (see
+//! `docs/design.md`).
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, Instrument};
+use warp::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+
+use super::admission::{admit, Carrier, Token};
+use super::json_error;
+use crate::app::App;
+use crate::auth;
+use crate::pending::PendingSlot;
+use crate::protocol::bayeux::conversation::{BayeuxConversation, Endpoint};
+use crate::protocol::native::NativeConversation;
+use crate::protocol::Conversation;
+use crate::session::{self, Link};
+
+/// Which dialect a path serves (the mount table is the config plus this).
+#[derive(Clone)]
+pub enum Mount {
+    /// The native protocol (`WSGATE_WS_PATH`).
+    Native,
+    /// Bayeux (`WSGATE_BAYEUX_PATH`, `WSGATE_NODEFONY_PATH`).
+    Bayeux(Arc<Endpoint>),
+}
+
+/// Answers the WebSocket handshake and starts the session once hyper hands
+/// over the connection.
+///
+/// The handshake is checked strictly first (RFC 6455 section 4.2.1), each
+/// failure a 400 saying what is wrong: a `Host`, `Connection: Upgrade` and
+/// `Upgrade: websocket`, `Sec-WebSocket-Version: 13` (else also answered
+/// with the version we speak), and one `Sec-WebSocket-Key` that is the
+/// base64 of 16 bytes.
+pub fn upgrade(
+    app: Arc<App>,
+    mount: Mount,
+    headers: &HeaderMap,
+    query: &str,
+    upgrade: Option<OnUpgrade>,
+    conn: &PendingSlot,
+) -> warp::reply::Response {
+    let peer = conn.peer();
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if headers.get(header::HOST).is_none_or(|h| h.is_empty()) {
+        return json_error(StatusCode::BAD_REQUEST, "missing Host header");
+    }
+    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade request",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut res = json_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported WebSocket version: expected 13",
+        );
+        res.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return res;
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let Some(key) = keys.next() else {
+        return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    let nonce_ok = base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .is_ok_and(|nonce| nonce.len() == 16);
+    if keys.next().is_some() || !nonce_ok {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid Sec-WebSocket-Key: expected one, the base64 of 16 random bytes",
+        );
+    }
+    let Some(upgrade) = upgrade else {
+        return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
+    };
+    let token = match &mount {
+        Mount::Native => Token::AtConnect,
+        Mount::Bayeux(_) => Token::ByDialect,
+    };
+    let admitted = match admit(&app, headers, query, conn, token, Carrier::Upgrade) {
+        Ok(admitted) => admitted,
+        Err(refused) => return *refused,
+    };
+    let client_ip = admitted.client_ip;
+    let accept = derive_accept_key(key.as_bytes());
+    let conv: Box<dyn Conversation> = match mount {
+        Mount::Native => Box::new(NativeConversation),
+        Mount::Bayeux(endpoint) => {
+            let token = auth::request_token(headers, query).ok();
+            Box::new(BayeuxConversation::new(endpoint, token))
+        }
+    };
+    let ctx = app.session_context(
+        admitted.slot,
+        admitted.ip_slot,
+        client_ip,
+        admitted.identity,
+    );
+    let config = app.ws_config();
+    let span =
+        tracing::info_span!("conn", peer = %peer, client = %client_ip, dialect = conv.name());
+    tokio::spawn(
+        async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
+                    session::run(Link::Socket(Box::new(ws)), conv, ctx).await;
+                }
+                Err(e) => debug!(cause = %e, "upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    let mut res = Response::new(Bytes::new().into());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    res
+}
