@@ -12,6 +12,7 @@
 //! The expected bytes come from `docs/dialects/bayeux.md` and
 //! `src/protocol/bayeux/reply.rs`, written out here by hand (not produced by
 //! the code under test).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -249,7 +250,10 @@ async fn lp_handshake(addr: SocketAddr, path: &str, timeout_ms: u64) -> String {
     assert_eq!(res.body, batch(&[handshake_reply("1", &cid, timeout_ms)]));
     let res = post(addr, path, &lp_connect("2", &cid)).await;
     assert_eq!(res.status, 200, "first connect: {res:?}");
-    assert_eq!(res.body, batch(&[first_connect_reply("2", &cid, timeout_ms)]));
+    assert_eq!(
+        res.body,
+        batch(&[first_connect_reply("2", &cid, timeout_ms)])
+    );
     cid
 }
 
@@ -421,7 +425,8 @@ async fn interop(script: &str, transport: &str, bus: Bus<'_>, gw: &Gateway) {
     let mut s = spawn_client(script, &url, transport, &[]);
     let hs = s.expect("handshake").await;
     assert_eq!(
-        hs["successful"], true,
+        hs["successful"],
+        true,
         "{who}: handshake failed: {hs}\n--- events: {:?}\n--- stderr:\n{}",
         s.history(),
         s.stderr()
@@ -432,7 +437,9 @@ async fn interop(script: &str, transport: &str, bus: Bus<'_>, gw: &Gateway) {
     let failed = events(&s, 0, |e| e["event"] == "subscribe_failed");
     assert!(failed.is_empty(), "{who}: {failed:?}");
     for sub in ["/foo/*", "/foo/bar"] {
-        let ok = events(&s, 0, |e| e["event"] == "subscribed" && e["subscription"] == sub);
+        let ok = events(&s, 0, |e| {
+            e["event"] == "subscribed" && e["subscription"] == sub
+        });
         assert_eq!(ok.len(), 1, "{who}: subscribed {sub}");
     }
     if let Bus::Redis(redis) = bus {
@@ -492,8 +499,10 @@ async fn interop(script: &str, transport: &str, bus: Bus<'_>, gw: &Gateway) {
 
     if CLIENT_PUBLISH {
         let from = s.history().len();
-        s.send(json!({"cmd": "publish", "channel": "/foo/bar", "data": {"text": "mine"}, "ref": "p1"}))
-            .await;
+        s.send(
+            json!({"cmd": "publish", "channel": "/foo/bar", "data": {"text": "mine"}, "ref": "p1"}),
+        )
+        .await;
         let published = s.expect("published").await;
         assert_eq!(published["ok"], true, "{who}: {published}");
         sentinel(&mut s, bus, gw, "/foo/end3").await;
@@ -510,7 +519,10 @@ async fn interop(script: &str, transport: &str, bus: Bus<'_>, gw: &Gateway) {
             e["event"] == "delivery" && e["channel"] == "/foo/bar"
         });
         if mine.len() != 1 {
-            failures.push(format!("{who}: own publish came {} times: {mine:?}", mine.len()));
+            failures.push(format!(
+                "{who}: own publish came {} times: {mine:?}",
+                mine.len()
+            ));
         }
         for m in mine {
             assert_eq!(m["data"], json!({"text": "mine"}));
@@ -521,7 +533,10 @@ async fn interop(script: &str, transport: &str, bus: Bus<'_>, gw: &Gateway) {
     s.send(json!({"cmd": "unsubscribe", "channel": "/foo/*"}))
         .await;
     let un = s.expect("unsubscribed").await;
-    assert_eq!(un, json!({"event": "unsubscribed", "subscription": "/foo/*", "successful": true}));
+    assert_eq!(
+        un,
+        json!({"event": "unsubscribed", "subscription": "/foo/*", "successful": true})
+    );
     if let Bus::Redis(redis) = bus {
         wait_until("NUMPAT = 0", WAIT, || async { redis.numpat().await == 0 }).await;
         assert_eq!(redis.numsub("/foo/bar").await, 1);
@@ -529,7 +544,10 @@ async fn interop(script: &str, transport: &str, bus: Bus<'_>, gw: &Gateway) {
     s.send(json!({"cmd": "unsubscribe", "channel": "/foo/bar"}))
         .await;
     let un = s.expect("unsubscribed").await;
-    assert_eq!(un, json!({"event": "unsubscribed", "subscription": "/foo/bar", "successful": true}));
+    assert_eq!(
+        un,
+        json!({"event": "unsubscribed", "subscription": "/foo/bar", "successful": true})
+    );
     bus.wait_clean(gw, "/foo/bar").await;
     s.send(json!({"cmd": "disconnect"})).await;
     let bye = s.expect("disconnected").await;
@@ -540,7 +558,11 @@ async fn interop(script: &str, transport: &str, bus: Bus<'_>, gw: &Gateway) {
         .iter()
         .map(|e| e["connectionType"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(types.last(), Some(&transport), "{script}: connects {types:?}");
+    assert_eq!(
+        types.last(),
+        Some(&transport),
+        "{script}: connects {types:?}"
+    );
     let stray = events(&s, 0, |e| e["event"] == "error");
     assert!(stray.is_empty(), "{who}: {stray:?}");
     let (status, _) = s.finish(WAIT).await;
@@ -656,7 +678,10 @@ async fn two_nodes_faye_cometd_and_native_on_one_channel() {
                 e["event"] == "delivery" && e["channel"] == room
             })
             .await;
-        assert_eq!(got["message"], json!({"channel": room, "data": {"from": "native"}}));
+        assert_eq!(
+            got["message"],
+            json!({"channel": room, "data": {"from": "native"}})
+        );
     }
     assert_eq!(
         native.recv().await,
@@ -839,9 +864,18 @@ async fn faye_handshake_on_one_node_websocket_on_another() {
             e["event"] == "delivery" && e["channel"] == "/handoff"
         })
         .await;
-    assert_eq!(got["message"], json!({"channel": "/handoff", "data": {"n": 1}}));
-    assert!(proxy.http.load(Ordering::SeqCst) >= 1, "no HTTP went to node A");
-    assert!(proxy.ws.load(Ordering::SeqCst) >= 1, "no WebSocket went to node B");
+    assert_eq!(
+        got["message"],
+        json!({"channel": "/handoff", "data": {"n": 1}})
+    );
+    assert!(
+        proxy.http.load(Ordering::SeqCst) >= 1,
+        "no HTTP went to node A"
+    );
+    assert!(
+        proxy.ws.load(Ordering::SeqCst) >= 1,
+        "no WebSocket went to node B"
+    );
     let history = faye.history().to_vec();
     let types: Vec<&str> = history
         .iter()
@@ -897,7 +931,10 @@ async fn a_long_polling_client_that_stops_polling_is_dropped() {
     wait_metric(gw.addr, "wsgate_connections", 0.0).await;
     let res = post(gw.addr, "/bayeux", &lp_connect("4", &cid)).await;
     assert_eq!(res.status, 200);
-    assert_eq!(res.body, batch(&[unknown_client("/meta/connect", "4", &cid)]));
+    assert_eq!(
+        res.body,
+        batch(&[unknown_client("/meta/connect", "4", &cid)])
+    );
     assert_eq!(redis.numpat().await, 0);
     gw.stop().await;
 }
@@ -932,7 +969,7 @@ async fn a_long_polling_slow_consumer_is_cut_off_and_a_polling_one_gets_everythi
                 let res = post(addr, "/bayeux", &lp_connect(&id, &fast)).await;
                 assert_eq!(res.status, 200, "{res:?}");
                 let reply = connect_reply(&id, &fast);
-                if res.body == batch(&[reply.clone()]) {
+                if res.body == batch(std::slice::from_ref(&reply)) {
                     continue; // the hold ran out
                 }
                 let v: Value = serde_json::from_str(&res.body).expect("JSON");
@@ -940,14 +977,15 @@ async fn a_long_polling_slow_consumer_is_cut_off_and_a_polling_one_gets_everythi
                 assert!(items.len() >= 2, "{}", res.body);
                 let expected: Vec<String> = items[..items.len() - 1]
                     .iter()
-                    .map(|m| {
-                        delivery("/x", &serde_json::to_string(&m["data"]).expect("data"))
-                    })
+                    .map(|m| delivery("/x", &serde_json::to_string(&m["data"]).expect("data")))
                     .chain([reply])
                     .collect();
                 assert_eq!(res.body, batch(&expected));
                 for m in &items[..items.len() - 1] {
-                    if tx.send(m["data"].as_str().unwrap_or("").to_owned()).is_err() {
+                    if tx
+                        .send(m["data"].as_str().unwrap_or("").to_owned())
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -969,7 +1007,10 @@ async fn a_long_polling_slow_consumer_is_cut_off_and_a_polling_one_gets_everythi
     poller.abort();
     wait_metric(addr, "wsgate_slow_consumer_closes_total", 1.0).await;
     let res = post(addr, "/bayeux", &lp_connect("5", &slow)).await;
-    assert_eq!(res.body, batch(&[unknown_client("/meta/connect", "5", &slow)]));
+    assert_eq!(
+        res.body,
+        batch(&[unknown_client("/meta/connect", "5", &slow)])
+    );
     // The polling client is still there, and still served.
     assert_eq!(redis.numsub("/x").await, 1);
     assert_eq!(
@@ -1007,7 +1048,11 @@ async fn a_disconnect_while_a_connect_is_held_is_answered_in_its_own_response() 
         .await
         .expect("the held connect was not answered")
         .expect("poll task");
-    assert_eq!(held.body, batch(&[connect_reply("4", &cid)]), "the held connect");
+    assert_eq!(
+        held.body,
+        batch(&[connect_reply("4", &cid)]),
+        "the held connect"
+    );
     assert_eq!(
         res.body,
         batch(&[format!(
@@ -1110,7 +1155,11 @@ fn bad_bodies(cid: &str) -> Vec<(&'static str, String, String)> {
     );
     vec![
         ("not JSON", "nope".to_owned(), bad_body("not JSON")),
-        ("JSON but not a message", "42".to_owned(), bad_body("not a message")),
+        (
+            "JSON but not a message",
+            "42".to_owned(),
+            bad_body("not a message"),
+        ),
         ("nesting over 64 levels", deep, bad_body("nested too deep")),
     ]
 }
@@ -1126,14 +1175,20 @@ async fn bad_input_over_post_is_answered_exactly_and_harms_nobody() {
     for (what, body, want) in bad_bodies(&cid) {
         let res = post(gw.addr, "/bayeux", &body).await;
         if (res.status, res.body.as_str()) != (400, want.as_str()) {
-            failures.push(format!("{what}: got {} {}, want 400 {want}", res.status, res.body));
+            failures.push(format!(
+                "{what}: got {} {}, want 400 {want}",
+                res.status, res.body
+            ));
         }
         watcher.still_receives(&redis, what).await;
     }
     for (what, body, want) in bad_messages(&cid) {
         let res = post(gw.addr, "/bayeux", &body).await;
         if (res.status, res.body.as_str()) != (200, want.as_str()) {
-            failures.push(format!("{what}: got {} {}, want 200 {want}", res.status, res.body));
+            failures.push(format!(
+                "{what}: got {} {}, want 200 {want}",
+                res.status, res.body
+            ));
         }
         watcher.still_receives(&redis, what).await;
     }
@@ -1145,7 +1200,10 @@ async fn bad_input_over_post_is_answered_exactly_and_harms_nobody() {
     let res = post(gw.addr, "/bayeux", &big).await;
     let want = bad_body("body too large");
     if (res.status, res.body.as_str()) != (413, want.as_str()) {
-        failures.push(format!("oversize body: got {} {}, want 413 {want}", res.status, res.body));
+        failures.push(format!(
+            "oversize body: got {} {}, want 413 {want}",
+            res.status, res.body
+        ));
     }
     watcher.still_receives(&redis, "an oversize body").await;
     // A content type Bayeux does not read.
@@ -1158,7 +1216,10 @@ async fn bad_input_over_post_is_answered_exactly_and_harms_nobody() {
     .await;
     let want = bad_body("unsupported content type");
     if (res.status, res.body.as_str()) != (400, want.as_str()) {
-        failures.push(format!("image/png: got {} {}, want 400 {want}", res.status, res.body));
+        failures.push(format!(
+            "image/png: got {} {}, want 400 {want}",
+            res.status, res.body
+        ));
     }
     watcher.still_receives(&redis, "a wrong content type").await;
 
@@ -1223,7 +1284,9 @@ async fn bad_input_over_a_websocket_is_answered_exactly_and_harms_nobody() {
         }
     };
     if close != Some(1009) {
-        failures.push(format!("oversize frame: closed with {close:?}, want Some(1009)"));
+        failures.push(format!(
+            "oversize frame: closed with {close:?}, want Some(1009)"
+        ));
     }
     watcher.still_receives(&redis, "an oversize frame").await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -1258,10 +1321,17 @@ async fn jsonp_handshake_and_bad_callback() {
         )
     );
     for bad in ["alert(1)", "a-b", "1cb", &"c".repeat(65)] {
-        let path = format!("/bayeux?message={}&jsonp={}", urlencode(&message), urlencode(bad));
+        let path = format!(
+            "/bayeux?message={}&jsonp={}",
+            urlencode(&message),
+            urlencode(bad)
+        );
         let res = request(gw.addr, "GET", &path, &[], b"", WAIT).await;
         assert_eq!(res.status, 400, "jsonp={bad}: {res:?}");
-        assert_eq!(res.body, r#"{"error":"invalid jsonp callback name"}"#, "jsonp={bad}");
+        assert_eq!(
+            res.body, r#"{"error":"invalid jsonp callback name"}"#,
+            "jsonp={bad}"
+        );
     }
     gw.stop().await;
 }
@@ -1297,7 +1367,10 @@ async fn cors_preflight_and_origins() {
     assert_eq!(res.body, "");
 
     // A handshake from the allowed origin is served, with the CORS headers.
-    let hs = format!("[{}]", handshake_msg("1", r#"["cross-origin-long-polling"]"#));
+    let hs = format!(
+        "[{}]",
+        handshake_msg("1", r#"["cross-origin-long-polling"]"#)
+    );
     let res = post_with(
         gw.addr,
         "/bayeux",
@@ -1361,7 +1434,12 @@ async fn cors_preflight_and_origins() {
 async fn nodefony_handshake_over_http_then_connect_over_websocket() {
     let redis = Redis::start().await;
     let gw = Gateway::start(test_config(Some(redis.url()))).await;
-    let res = post(gw.addr, "/realtime", &handshake_msg("1", r#"["websocket"]"#)).await;
+    let res = post(
+        gw.addr,
+        "/realtime",
+        &handshake_msg("1", r#"["websocket"]"#),
+    )
+    .await;
     assert_eq!(res.status, 200, "{res:?}");
     let cid = client_id_of(&res.body);
     assert_eq!(
