@@ -133,35 +133,52 @@ async fn request(
     body: &[u8],
     timeout: Duration,
 ) -> Resp {
-    let attempt = async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        stream.write_all(head.as_bytes()).await.expect("write head");
-        stream.write_all(body).await.expect("write body");
-        let mut raw = Vec::new();
-        // A server may close without reading an oversize body: what was read is the answer.
-        let _ = stream.read_to_end(&mut raw).await;
-        raw
-    };
-    let raw = tokio::time::timeout(timeout, attempt)
+    let what = format!("{method} {path}");
+    let stream = tokio::time::timeout(timeout, send_request(addr, method, path, headers, body))
         .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no answer within {timeout:?}"));
+        .unwrap_or_else(|_| panic!("{what}: not sent within {timeout:?}"));
+    read_response(stream, &what, timeout).await
+}
+
+/// Connects and writes a request (see [`request`]); the response is left to
+/// [`read_response`].
+async fn send_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    // A server may answer (413) without reading an oversize body.
+    let _ = stream.write_all(body).await;
+    stream
+}
+
+/// Reads the response to the request sent on `stream`, within `timeout`.
+async fn read_response(mut stream: TcpStream, what: &str, timeout: Duration) -> Resp {
+    let mut raw = Vec::new();
+    // A server may close without reading an oversize body: what was read is the answer.
+    let read = tokio::time::timeout(timeout, stream.read_to_end(&mut raw)).await;
+    assert!(read.is_ok(), "{what}: no answer within {timeout:?}");
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("{method} {path}: not an HTTP response: {text:?}"));
+        .unwrap_or_else(|| panic!("{what}: not an HTTP response: {text:?}"));
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{method} {path}: no status in {head:?}"));
+        .unwrap_or_else(|| panic!("{what}: no status in {head:?}"));
     let mut resp = Resp {
         status,
         head: head.to_owned(),
@@ -1029,37 +1046,50 @@ async fn a_disconnect_while_a_connect_is_held_is_answered_in_its_own_response() 
     let redis = Redis::start().await;
     let gw = Gateway::start(test_config(Some(redis.url()))).await;
     let addr = gw.addr;
-    let cid = lp_handshake(addr, "/bayeux", DEFAULT_CONNECT_TIMEOUT_MS).await;
-    lp_subscribe(addr, "/bayeux", "3", &cid, "/held").await;
-    let held = {
-        let cid = cid.clone();
-        tokio::spawn(async move { post(addr, "/bayeux", &lp_connect("4", &cid)).await })
-    };
-    // The poll is handed to its session once its connection stops counting
-    // as pending (the scrape itself is the one left).
-    wait_metric(addr, "wsgate_pending_connections", 1.0).await;
-    let res = post(
-        addr,
-        "/bayeux",
-        &format!(r#"[{{"channel":"/meta/disconnect","clientId":"{cid}","id":"5"}}]"#),
-    )
-    .await;
-    let held = tokio::time::timeout(WAIT, held)
-        .await
-        .expect("the held connect was not answered")
-        .expect("poll task");
-    assert_eq!(
-        held.body,
-        batch(&[connect_reply("4", &cid)]),
-        "the held connect"
-    );
-    assert_eq!(
-        res.body,
-        batch(&[format!(
-            r#"{{"channel":"/meta/disconnect","id":"5","successful":true,"clientId":"{cid}"}}"#
-        )]),
-        "the disconnect"
-    );
+    let disconnect =
+        |cid: &str| format!(r#"[{{"channel":"/meta/disconnect","clientId":"{cid}","id":"5"}}]"#);
+    for attempt in 1..=3 {
+        let cid = lp_handshake(addr, "/bayeux", DEFAULT_CONNECT_TIMEOUT_MS).await;
+        lp_subscribe(addr, "/bayeux", "3", &cid, "/held").await;
+        // The connect's connection is open (and its request written) before
+        // the scrapes below; its poll is with the session once that
+        // connection stops counting as pending (the scrape is the one left).
+        let stream = send_request(
+            addr,
+            "POST",
+            "/bayeux",
+            &[("Content-Type", "application/json")],
+            lp_connect("4", &cid).as_bytes(),
+        )
+        .await;
+        let held = tokio::spawn(async move { read_response(stream, "held connect", WAIT).await });
+        wait_metric(addr, "wsgate_pending_connections", 1.0).await;
+        let res = post(addr, "/bayeux", &disconnect(&cid)).await;
+        let held = tokio::time::timeout(WAIT, held)
+            .await
+            .expect("the held connect was not answered")
+            .expect("poll task");
+        if held.body == batch(&[unknown_client("/meta/connect", "4", &cid)]) {
+            // The disconnect overtook the connect after all: try again.
+            assert!(
+                attempt < 3,
+                "the connect was never held before the disconnect"
+            );
+            continue;
+        }
+        assert_eq!(
+            (held.body.as_str(), res.body.as_str()),
+            (
+                batch(&[connect_reply("4", &cid)]).as_str(),
+                batch(&[format!(
+                    r#"{{"channel":"/meta/disconnect","id":"5","successful":true,"clientId":"{cid}"}}"#
+                )])
+                .as_str()
+            ),
+            "(the held connect's response, the disconnect's response)"
+        );
+        break;
+    }
     wait_numsub(&redis, "/held", 0).await;
     gw.stop().await;
 }
@@ -1318,6 +1348,20 @@ async fn jsonp_handshake_and_bad_callback() {
         format!(
             "/**/cb({});",
             batch(&[handshake_reply("1", &cid, DEFAULT_CONNECT_TIMEOUT_MS)])
+        )
+    );
+    // The session goes on over JSONP: its first connect.
+    let connect = format!(
+        r#"[{{"channel":"/meta/connect","clientId":"{cid}","connectionType":"callback-polling","id":"2"}}]"#
+    );
+    let path = format!("/bayeux?message={}&jsonp=app.cb_2", urlencode(&connect));
+    let res = request(gw.addr, "GET", &path, &[], b"", WAIT).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(
+        res.body,
+        format!(
+            "/**/app.cb_2({});",
+            batch(&[first_connect_reply("2", &cid, DEFAULT_CONNECT_TIMEOUT_MS)])
         )
     );
     for bad in ["alert(1)", "a-b", "1cb", &"c".repeat(65)] {
