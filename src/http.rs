@@ -185,7 +185,7 @@ fn bayeux_routes(
                     || path.strip_prefix(base).is_some_and(|rest| {
                         matches!(
                             rest,
-                            "/handshake"
+                            "/" | "/handshake"
                                 | "/connect"
                                 | "/subscribe"
                                 | "/unsubscribe"
@@ -230,7 +230,7 @@ fn bayeux_routes(
         .and(mount.clone())
         .and(warp::header::headers_cloned())
         .and(query())
-        .and(body_within(
+        .and(body_upto(
             app.config.max_message_bytes.get() as u64,
             app.config.http_body_timeout,
         ))
@@ -261,7 +261,9 @@ fn bayeux_routes(
 /// answered the Bayeux way (`400:body too large:Bad request`, status 413),
 /// anything else as on every route.
 fn bayeux_refusal(rejection: &Rejection, app: &App) -> warp::reply::Response {
-    if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+    let too_large = rejection.find::<warp::reject::PayloadTooLarge>().is_some()
+        || rejection.find::<BodyTooLarge>().is_some();
+    if too_large {
         let max = app.config.max_message_bytes.get();
         let error = DecodeError::TooLarge { size: max + 1, max };
         return json(StatusCode::PAYLOAD_TOO_LARGE, reply::bad_body(&error));
@@ -298,7 +300,7 @@ where
                 let part = chunk.chunk();
                 let n = part.len();
                 if body.len() + n > limit {
-                    return Err(warp::reject::custom(BodyUnreadable));
+                    return Err(warp::reject::custom(BodyTooLarge));
                 }
                 body.extend_from_slice(part);
                 chunk.advance(n);
@@ -310,6 +312,30 @@ where
         Ok(result) => result,
         Err(_) => Err(warp::reject::custom(BodyTimeout)),
     }
+}
+
+/// A body longer than its route's limit, declared or (chunked) as it came.
+#[derive(Debug)]
+struct BodyTooLarge;
+
+impl warp::reject::Reject for BodyTooLarge {}
+
+/// A body of at most `limit` bytes, with or without `Content-Length`
+/// (CometD's Node client sends chunked bodies), read within `deadline`.
+fn body_upto(
+    limit: u64,
+    deadline: Duration,
+) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and_then(move |declared: Option<u64>| async move {
+            match declared {
+                Some(n) if n > limit => Err(warp::reject::custom(BodyTooLarge)),
+                _ => Ok(()),
+            }
+        })
+        .untuple_one()
+        .and(warp::body::stream())
+        .and_then(move |stream| read_body(stream, limit, deadline))
 }
 
 /// A request body that did not arrive within `WSGATE_HTTP_BODY_TIMEOUT_MS`.
@@ -344,7 +370,9 @@ fn refusal(rejection: &Rejection, allow: &'static str, app: &App) -> warp::reply
             "a valid API key is required: Authorization: Bearer <key>",
             "Bearer realm=\"wsgate\"",
         )
-    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some()
+        || rejection.find::<BodyTooLarge>().is_some()
+    {
         let limit = app.config.max_publish_bytes.get();
         json_error(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -62,6 +62,8 @@ struct Inner {
     /// Marks among `frames`.
     marks: usize,
     state: State,
+    /// The publish of the last message queued with `once`.
+    last_publish: u64,
 }
 
 /// Where an outbox stands.
@@ -95,6 +97,7 @@ impl Outbox {
                 bytes: 0,
                 marks: 0,
                 state: State::Open,
+                last_publish: 0,
             }),
             ready: Notify::new(),
             overflow: Notify::new(),
@@ -123,10 +126,27 @@ impl Outbox {
     /// the subscription's `since` says it is not for it (not started, ended,
     /// or started after the node received this message): see the module docs.
     /// Gap notices pass `seq` [`u64::MAX`] - 1: for any live subscription.
-    pub fn push_live(&self, frame: Frame, since: &AtomicU64, seq: u64) -> Pushed {
-        let inner = self.lock();
+    ///
+    /// `once`: the number of the publish this message belongs to, for a
+    /// connection that takes one message per publish (Bayeux: a client whose
+    /// subscriptions `/foo/bar` and `/foo/*` both match gets it once). A
+    /// second message of the same publish is refused.
+    pub fn push_live(
+        &self,
+        frame: Frame,
+        since: &AtomicU64,
+        seq: u64,
+        once: Option<u64>,
+    ) -> Pushed {
+        let mut inner = self.lock();
         if seq <= since.load(Ordering::Acquire) {
             return Pushed::Refused;
+        }
+        if let Some(publish) = once {
+            if inner.last_publish == publish {
+                return Pushed::Refused;
+            }
+            inner.last_publish = publish;
         }
         self.push_locked(inner, frame)
     }
@@ -254,14 +274,14 @@ mod tests {
     fn a_dead_subscription_gets_nothing() {
         let out = Outbox::new(10);
         let since = AtomicU64::new(u64::MAX);
-        assert_eq!(out.push_live(frame(1), &since, 5), Pushed::Refused);
+        assert_eq!(out.push_live(frame(1), &since, 5, None), Pushed::Refused);
         since.store(5, Ordering::Release);
         assert_eq!(
-            out.push_live(frame(1), &since, 5),
+            out.push_live(frame(1), &since, 5, None),
             Pushed::Refused,
             "received before the start"
         );
-        assert_eq!(out.push_live(frame(1), &since, 6), Pushed::Queued);
+        assert_eq!(out.push_live(frame(1), &since, 6, None), Pushed::Queued);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! (`wsgate_hub_lock_hold_seconds`). Broker outages reach sessions as marks
 //! in their queues ([`crate::outbox`]): one push per session.
 
+pub mod publishes;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
 use crate::pattern_cost::Refusal;
 use crate::protocol::{Frame, Notice, NoticeKind, Render};
+use publishes::Publishes;
 use registry::Registry;
 pub use registry::{Confirmation, Joined, LinkState, Member, Removed, Sub, NOT_LIVE};
 
@@ -369,7 +371,7 @@ impl Shared {
                 continue;
             };
             self.metrics.gap_notices.inc();
-            if sub.member.outbox.push_live(frame, sub.since(), ANY) == Pushed::Overflowed {
+            if sub.member.outbox.push_live(frame, sub.since(), ANY, None) == Pushed::Overflowed {
                 self.metrics.slow_consumer_closes.inc();
             }
         }
@@ -450,7 +452,8 @@ impl Shared {
                     continue;
                 };
                 self.metrics.gap_notices.inc();
-                if sub.member.outbox.push_live(frame, sub.since(), ANY) == Pushed::Overflowed {
+                if sub.member.outbox.push_live(frame, sub.since(), ANY, None) == Pushed::Overflowed
+                {
                     self.metrics.slow_consumer_closes.inc();
                 }
             }
@@ -460,7 +463,9 @@ impl Shared {
     /// Fans one message out: rendered once per render key, cloned into each
     /// outbox. A frame over the delivery limit goes to nobody; its
     /// subscribers are told instead.
-    fn deliver(&self, msg: &BrokerMessage, seq: u64) {
+    /// `publish` numbers the publish the message belongs to
+    /// ([`publishes`]): a member that takes one message per publish gets it once.
+    fn deliver(&self, msg: &BrokerMessage, seq: u64, publish: u64) {
         let Some(subs) = self.lock().receivers(&msg.topic) else {
             return;
         };
@@ -475,7 +480,8 @@ impl Shared {
                 too_large = true;
                 continue;
             }
-            if sub.member.outbox.push_live(frame, sub.since(), seq) == Pushed::Overflowed {
+            let once = sub.once.then_some(publish);
+            if sub.member.outbox.push_live(frame, sub.since(), seq, once) == Pushed::Overflowed {
                 self.metrics.slow_consumer_closes.inc();
             }
         }
@@ -533,7 +539,7 @@ impl Shared {
     /// would have decided (`crate::pattern` is its matcher byte for byte).
     /// Each matching pattern is one subscription, rendered once per dialect,
     /// exactly as if Redis had sent one `pmessage` per pattern.
-    fn deliver_covered(&self, msg: &CoveredMessage, seq: u64) {
+    fn deliver_covered(&self, msg: &CoveredMessage, seq: u64, publish: u64) {
         for pattern in msg.patterns.iter() {
             if *pattern == msg.via || crate::pattern::matches(pattern, &msg.channel) {
                 let one = BrokerMessage {
@@ -541,7 +547,7 @@ impl Shared {
                     channel: msg.channel.clone(),
                     payload: msg.payload.clone(),
                 };
-                self.deliver(&one, seq);
+                self.deliver(&one, seq, publish);
             }
         }
     }
@@ -623,6 +629,7 @@ async fn reconcile(shared: Arc<Shared>) {
 async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) {
     let mut closing = shared.closing.subscribe();
     let mut batch = Vec::with_capacity(DISPATCH_BATCH);
+    let mut publishes = Publishes::default();
     loop {
         let n = tokio::select! {
             n = events.recv_many(&mut batch, DISPATCH_BATCH) => n,
@@ -633,8 +640,18 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
         }
         for event in batch.drain(..) {
             match event {
-                BrokerEvent::Message(msg) => shared.deliver(&msg, shared.next_seq()),
-                BrokerEvent::Covered(msg) => shared.deliver_covered(&msg, shared.next_seq()),
+                BrokerEvent::Message(msg) => {
+                    let pattern = match &msg.topic {
+                        Topic::Pattern(p) => Some(p),
+                        Topic::Channel(_) => None,
+                    };
+                    let publish = publishes.number(pattern, &msg.channel, &msg.payload);
+                    shared.deliver(&msg, shared.next_seq(), publish);
+                }
+                BrokerEvent::Covered(msg) => {
+                    let publish = publishes.number(Some(&msg.via), &msg.channel, &msg.payload);
+                    shared.deliver_covered(&msg, shared.next_seq(), publish);
+                }
                 BrokerEvent::Gap(topics) => shared.gap(topics, "messages dropped: node overloaded"),
                 state => shared.link_event(state),
             }

@@ -57,6 +57,8 @@ pub struct Sub {
     pub member: Arc<Member>,
     /// Members with the same key share one rendered frame per message.
     pub key: &'static str,
+    /// The member takes one message per publish (its render says so).
+    pub once: bool,
     since: AtomicU64,
     /// Its position in its topic's member list (written under the registry
     /// lock only): removal is a swap-remove with no index map to grow.
@@ -72,9 +74,11 @@ impl Sub {
     /// A subscription that receives nothing until [`Sub::start`].
     pub fn new(member: Arc<Member>, queued: Arc<AtomicU64>) -> Arc<Sub> {
         let key = member.render.key();
+        let once = member.render.once_per_publish();
         Arc::new(Sub {
             member,
             key,
+            once,
             since: AtomicU64::new(NOT_LIVE),
             pos: AtomicUsize::new(usize::MAX),
             queued,

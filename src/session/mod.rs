@@ -395,16 +395,17 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     if session.drain(&ctx.metrics, &mut items, &mut rest) != State::Open {
         rest.clear();
     }
+    // Replies go to the polls that asked (a disconnect's to its own); a
+    // held connect gets its own reply, and what is left if nobody else
+    // could take it.
+    for poll in polls.drain(..) {
+        let _ = poll.send(std::mem::take(&mut rest).into());
+    }
     if let Some(h) = holding.take() {
-        if let Some(frame) = conv.release() {
-            rest.push_back(frame);
-        }
+        rest.extend(conv.release());
         if let Some(poll) = h.poll {
             let _ = poll.send(std::mem::take(&mut rest).into());
         }
-    }
-    for poll in polls.drain(..) {
-        let _ = poll.send(std::mem::take(&mut rest).into());
     }
     if let Some(mut s) = socket.take() {
         link::finish(&mut s, writer, rest, end).await;
