@@ -193,6 +193,34 @@ async fn read_response(mut stream: TcpStream, what: &str, timeout: Duration) -> 
     resp
 }
 
+/// `POST path` with a JSON body sent chunked (no `Content-Length`), in
+/// chunks of at most 16 KiB, as CometD's Node client sends its bodies.
+async fn post_chunked(addr: SocketAddr, path: &str, body: &str) -> Resp {
+    let send = async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.expect("write head");
+        for chunk in body.as_bytes().chunks(16 * 1024) {
+            let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+            framed.extend_from_slice(chunk);
+            framed.extend_from_slice(b"\r\n");
+            // The server may answer (413) before the whole body is in.
+            if stream.write_all(&framed).await.is_err() {
+                return stream;
+            }
+        }
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+        stream
+    };
+    let stream = tokio::time::timeout(WAIT, send)
+        .await
+        .unwrap_or_else(|_| panic!("POST {path} (chunked): not sent within {WAIT:?}"));
+    read_response(stream, &format!("POST {path} (chunked)"), POLL_TIMEOUT).await
+}
+
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
@@ -1236,6 +1264,33 @@ async fn bad_input_over_post_is_answered_exactly_and_harms_nobody() {
         ));
     }
     watcher.still_receives(&redis, "an oversize body").await;
+    // The same, chunked (no Content-Length to refuse it by).
+    let res = post_chunked(gw.addr, "/bayeux", &big).await;
+    if (res.status, res.body.as_str()) != (413, want.as_str()) {
+        failures.push(format!(
+            "oversize chunked body: got {} {}, want 413 {want}",
+            res.status, res.body
+        ));
+    }
+    watcher
+        .still_receives(&redis, "an oversize chunked body")
+        .await;
+    // A chunked body within the limit is read (CometD's Node client).
+    let res = post_chunked(
+        gw.addr,
+        "/bayeux/connect",
+        &format!(
+            r#"[{{"channel":"/meta/connect","clientId":"{cid}","connectionType":"long-polling","id":"c1","advice":{{"timeout":0}}}}]"#
+        ),
+    )
+    .await;
+    let want = batch(&[connect_reply("c1", &cid)]);
+    if (res.status, res.body.as_str()) != (200, want.as_str()) {
+        failures.push(format!(
+            "chunked connect: got {} {}, want 200 {want}",
+            res.status, res.body
+        ));
+    }
     // A content type Bayeux does not read.
     let res = post_with(
         gw.addr,
