@@ -217,6 +217,14 @@ pub struct Config {
     /// limited to (the ACL rule of `docs/security.md`), on top of any token
     /// ACL. Default: unset, no server-wide restriction.
     pub allow: Option<Vec<String>>,
+    /// `WSGATE_CLIENT_PUBLISH`: comma-separated channels and patterns (the
+    /// same entries and matching as `WSGATE_ALLOW`) that clients may publish
+    /// to over their own socket; with JWT authentication on, the token's
+    /// `publish` claim must allow the channel too. Default: empty, so no
+    /// client may publish: publishing from the internet is opted into, never
+    /// inherited. Set but empty also means none (the restrictive reading,
+    /// so a templating slip cannot open anything).
+    pub client_publish: Vec<String>,
     /// `WSGATE_AUTH_URL`: `http://` URL of the subscribe authorisation callback.
     /// Default: unset, no callback.
     pub auth_url: Option<Uri>,
@@ -305,6 +313,7 @@ impl Default for Config {
             jwt_issuers: Vec::new(),
             jwt_leeway: Duration::ZERO,
             allow: None,
+            client_publish: Vec::new(),
             auth_url: None,
             auth_timeout: Duration::from_millis(2000),
             auth_cache_ttl: Duration::from_millis(30_000),
@@ -371,6 +380,7 @@ struct RawConfig {
     jwt_issuer: Option<String>,
     jwt_leeway_secs: Option<String>,
     allow: Option<String>,
+    client_publish: Option<String>,
     auth_url: Option<String>,
     auth_timeout_ms: Option<String>,
     auth_cache_ttl_ms: Option<String>,
@@ -468,6 +478,7 @@ impl Config {
                     "a comma-separated list of channels and patterns (unset for no restriction)",
                 )?),
             },
+            client_publish: list(raw.client_publish),
             auth_url: match raw.auth_url {
                 None => None,
                 Some(v) => Some(http_url(v)?),
@@ -1070,6 +1081,11 @@ const HELP: &[Help] = &[
         "",
         "comma-separated channels and patterns every connection is limited to",
     ),
+    help(
+        "client_publish",
+        "",
+        "comma-separated channels and patterns clients may publish to over their socket (unset: none)",
+    ),
     help("auth_url", "", "http:// subscribe authorisation callback"),
     help("auth_timeout_ms", "2000", "callback deadline"),
     help(
@@ -1512,6 +1528,20 @@ mod tests {
         let d = vars(&[]).unwrap();
         assert!(d.jwt_key.is_none() && d.allow.is_none() && d.api_key.is_none());
         assert!(d.allowed_origins.is_none() && d.max_connections_per_ip.is_none());
+    }
+
+    #[test]
+    fn client_publish_is_a_list_like_allow_and_empty_means_none() {
+        let c = vars(&[("WSGATE_CLIENT_PUBLISH", " chat.*, alerts ,")]).unwrap();
+        assert_eq!(c.client_publish, ["chat.*", "alerts"]);
+        // Unset, empty or only separators: nobody may publish (never an error,
+        // since none is already the most restrictive reading).
+        for value in [None, Some(""), Some(" , ")] {
+            let pairs: Vec<(&str, &str)> = value
+                .map(|v| vec![("WSGATE_CLIENT_PUBLISH", v)])
+                .unwrap_or_default();
+            assert!(vars(&pairs).unwrap().client_publish.is_empty(), "{value:?}");
+        }
     }
 
     #[test]
