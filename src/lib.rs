@@ -14,7 +14,10 @@
 //! - [`shutdown`]: the process stop signal (Ctrl-C or SIGTERM).
 //! - [`http`]: warp routes: WebSocket upgrade, publish, health, metrics.
 //! - [`auth`]: JWT verification into an `Identity`; the API key comparison.
-//! - [`acl`]: the allow rule for channels and patterns (token claim, `WSGATE_ALLOW`).
+//! - [`acl`]: the allow rule for channels and patterns (token claims,
+//!   `WSGATE_ALLOW`, `WSGATE_CLIENT_PUBLISH`).
+//! - [`publish`]: what `POST /publish` and a client's own publish share: the
+//!   payload rule.
 //! - [`authz`]: the subscribe authorisation callback and its bounded cache.
 //! - [`forwarded`]: the client's address, through trusted proxies' `X-Forwarded-For`.
 //! - [`limits`]: per-address connection count and connection rate.
@@ -58,6 +61,7 @@ pub mod pattern;
 pub mod pattern_cost;
 pub mod pending;
 pub mod protocol;
+pub mod publish;
 pub mod server;
 pub mod session;
 pub mod shutdown;
