@@ -67,6 +67,9 @@ pub struct App {
     pub verifier: Option<Arc<Verifier>>,
     /// `WSGATE_ALLOW`, when set.
     pub allow: Option<Arc<Acl>>,
+    /// `WSGATE_CLIENT_PUBLISH`: where clients may publish over their socket
+    /// (empty: nowhere).
+    pub client_publish: Arc<Acl>,
     /// The subscribe authorisation callback, when configured.
     pub authz: Option<Arc<Authz>>,
     /// Per-address connection limits.
@@ -101,6 +104,7 @@ impl App {
             .allow
             .as_ref()
             .map(|entries| Arc::new(Acl::new(entries)));
+        let client_publish = Arc::new(Acl::new(&config.client_publish));
         let authz = config.auth_url.as_ref().map(|url| {
             Arc::new(Authz::new(
                 url.clone(),
@@ -130,6 +134,7 @@ impl App {
             sessions: watch::Sender::new(0),
             verifier,
             allow,
+            client_publish,
             authz,
             ip_limits,
         }
@@ -163,6 +168,7 @@ impl App {
             identity,
             verifier: self.verifier.clone(),
             allow: self.allow.clone(),
+            client_publish: self.client_publish.clone(),
             authz: self.authz.clone(),
             hub: self.hub.clone(),
             metrics: self.metrics.clone(),

@@ -17,7 +17,7 @@
 //! - [`acl`]: the allow rule for channels and patterns (token claims,
 //!   `WSGATE_ALLOW`, `WSGATE_CLIENT_PUBLISH`).
 //! - [`publish`]: what `POST /publish` and a client's own publish share: the
-//!   payload rule.
+//!   payload rule, who may publish over a socket, the broker path.
 //! - [`authz`]: the subscribe authorisation callback and its bounded cache.
 //! - [`forwarded`]: the client's address, through trusted proxies' `X-Forwarded-For`.
 //! - [`limits`]: per-address connection count and connection rate.

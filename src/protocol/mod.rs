@@ -8,6 +8,7 @@
 //! Deliveries are rendered once per message per dialect ([`Dialect::delivery`])
 //! and the same [`Frame`] is cloned (a reference count) into every queue.
 
+use bytes::Bytes;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::broker::{BrokerMessage, Topic};
@@ -38,6 +39,19 @@ pub enum Request {
     },
     /// Application-level liveness check; answered at once.
     Ping {
+        /// Client-chosen correlation id, echoed in the reply.
+        id: Option<String>,
+    },
+    /// Publish one message to a channel through the broker, as `POST
+    /// /publish` would; allowed only by `WSGATE_CLIENT_PUBLISH` (and the
+    /// token's `publish` claim), see [`crate::publish`].
+    Publish {
+        /// The channel, as given: a name, never expanded (a `*` in it is a
+        /// byte like any other).
+        channel: Bytes,
+        /// What Redis carries, already under the payload rule
+        /// ([`crate::publish::json_payload`]: the JSON text as sent).
+        payload: Bytes,
         /// Client-chosen correlation id, echoed in the reply.
         id: Option<String>,
     },
@@ -82,6 +96,22 @@ pub struct Ack<'a> {
     pub error: Option<&'a str>,
 }
 
+/// The answer to a client publish: once the broker answered, or at once when
+/// refused before it.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishReply<'a> {
+    /// The channel as requested.
+    pub channel: &'a [u8],
+    /// The request's id, if it had one.
+    pub id: Option<&'a str>,
+    /// `None` when the broker confirmed the publish; the reason when not.
+    pub error: Option<&'a str>,
+    /// For a broker failure only: whether the message may have been
+    /// published anyway (so a blind retry could publish it twice). `None`
+    /// when confirmed, or refused before anything was sent.
+    pub maybe_published: Option<bool>,
+}
+
 /// Which gap notice: delivery stopped, or resumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoticeKind {
@@ -112,6 +142,8 @@ pub trait Dialect: Send + Sync + 'static {
     fn decode(&self, frame: &Message) -> Result<Request, Rejection>;
     /// Renders the answer to a subscribe or unsubscribe.
     fn ack(&self, ack: &Ack<'_>) -> Frame;
+    /// Renders the answer to a publish.
+    fn published(&self, reply: &PublishReply<'_>) -> Frame;
     /// Renders the answer to a ping.
     fn pong(&self, id: Option<&str>) -> Frame;
     /// Renders the error reply for a frame that was not a valid request.

@@ -18,6 +18,11 @@
 //! other requests (the subscribe is answered when decided), and finally the
 //! broker.
 //!
+//! A publish passes name validation, the rate (shared with subscribes) and
+//! both publish lists ([`crate::publish::client_may_publish`]), then goes to
+//! the broker ([`crate::publish::client_publish`]); its reply is awaited
+//! beside the other requests, like a subscribe's confirmation.
+//!
 //! The session is generic over the socket's `Stream + Sink` so dialects can be
 //! exercised over channels; production passes a tokio-tungstenite stream.
 
@@ -42,14 +47,14 @@ use tracing::{debug, warn};
 use crate::acl::Acl;
 use crate::auth::{Identity, Verifier};
 use crate::authz::{Authz, AuthzError, Decision, Question};
-use crate::broker::{BrokerError, Topic};
+use crate::broker::{BrokerError, Publication, Topic};
 use crate::http::SessionSlot;
 use crate::hub::{Hub, Joined, Member, Removed, Sub};
 use crate::limits::IpSlot;
 use crate::metrics::Metrics;
 use crate::outbox::{Item, Outbox, State};
 use crate::pattern_cost::{self, PatternLimits};
-use crate::protocol::{Ack, AckKind, Dialect, Frame, Notice, NoticeKind, Request};
+use crate::protocol::{Ack, AckKind, Dialect, Frame, Notice, NoticeKind, PublishReply, Request};
 use crate::shutdown::Phase;
 
 /// Close code for a client whose queue overflowed (Centrifugo's convention
@@ -111,6 +116,8 @@ pub struct SessionContext {
     pub verifier: Option<Arc<Verifier>>,
     /// `WSGATE_ALLOW`, when set.
     pub allow: Option<Arc<Acl>>,
+    /// `WSGATE_CLIENT_PUBLISH` (empty: this connection may not publish).
+    pub client_publish: Arc<Acl>,
     /// The authorisation callback, when configured.
     pub authz: Option<Arc<Authz>>,
 }
@@ -120,6 +127,9 @@ type Waiting = Pin<Box<dyn Future<Output = (Topic, u64, Result<(), BrokerError>)
 
 /// A subscribe waiting for the authorisation callback.
 type Authorising = Pin<Box<dyn Future<Output = (Topic, u64, Result<Decision, AuthzError>)> + Send>>;
+
+/// A publish waiting for the broker: resolves to its reply.
+type Publishing = Pin<Box<dyn Future<Output = Frame> + Send>>;
 
 /// One subscription the client holds, as the session tracks it.
 struct Held {
@@ -186,6 +196,7 @@ where
         held: HashMap::new(),
         waiting: None,
         authorising: None,
+        publishing: None,
         seq: 0,
         bucket: TokenBucket::new(ctx.subscribe_rate),
         expires_at: None,
@@ -279,6 +290,12 @@ where
                 session.authorised(&ctx, topic, seq, outcome);
                 if session.authorising.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     session.authorising = None;
+                }
+            }
+            Some(reply) = next_done(&mut session.publishing) => {
+                session.reply(reply);
+                if session.publishing.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    session.publishing = None;
                 }
             }
         }
@@ -467,6 +484,8 @@ struct Session {
     waiting: Option<FuturesUnordered<Waiting>>,
     /// Subscribes waiting for the authorisation callback; likewise lazy.
     authorising: Option<FuturesUnordered<Authorising>>,
+    /// Publishes waiting for the broker; likewise lazy.
+    publishing: Option<FuturesUnordered<Publishing>>,
     seq: u64,
     bucket: TokenBucket,
     /// The verified token, when authentication is on.
@@ -527,6 +546,11 @@ impl Session {
             Ok(Request::Unsubscribe { topic, id }) => self.unsubscribe(ctx, topic, id),
             Ok(Request::Ping { id }) => self.reply(self.member.dialect.pong(id.as_deref())),
             Ok(Request::Refresh { token, id }) => self.refresh(ctx, &token, id.as_deref()),
+            Ok(Request::Publish {
+                channel,
+                payload,
+                id,
+            }) => self.publish(ctx, channel, payload, id),
             Err(rejection) => {
                 ctx.metrics.malformed_frames.inc();
                 self.reply(self.member.dialect.reject(&rejection));
@@ -912,6 +936,60 @@ impl Session {
         for topic in revoked {
             self.revoke(ctx, topic);
         }
+    }
+
+    /// A client publish: checked as a subscribe is (name, rate), then against
+    /// both publish lists (refused `not allowed`, counted as
+    /// `publish_not_allowed`), then sent to the broker as `POST /publish`
+    /// sends it; answered once the broker answered.
+    fn publish(
+        &mut self,
+        ctx: &SessionContext,
+        channel: bytes::Bytes,
+        payload: bytes::Bytes,
+        id: Option<String>,
+    ) {
+        let refusal =
+            if let Err(error) = validate(&Topic::Channel(channel.clone()), ctx.max_pattern_bytes) {
+                Some((None, error))
+            } else if !self.bucket.take() {
+                Some((Some("rate_limited"), "rate limited".to_owned()))
+            } else if !crate::publish::client_may_publish(
+                &ctx.client_publish,
+                self.identity.as_ref(),
+                ctx.verifier.is_some(),
+                &channel,
+            ) {
+                Some((Some("publish_not_allowed"), NOT_ALLOWED.to_owned()))
+            } else {
+                None
+            };
+        if let Some((reason, error)) = refusal {
+            if let Some(reason) = reason {
+                ctx.metrics.refused.with_label_values(&[reason]).inc();
+            }
+            return self.reply(self.member.dialect.published(&PublishReply {
+                channel: &channel,
+                id: id.as_deref(),
+                error: Some(&error),
+                maybe_published: None,
+            }));
+        }
+        let publication = Publication {
+            channel,
+            payload,
+            idempotency_key: None,
+        };
+        let sent = crate::publish::client_publish(
+            ctx.hub.clone(),
+            self.member.dialect.clone(),
+            publication,
+            id,
+            ctx.subscribe_timeout,
+        );
+        self.publishing
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(Box::pin(sent));
     }
 
     /// Ends a held subscription the client may no longer have.
