@@ -150,7 +150,8 @@ pub struct Config {
     /// requests, and larger frames still work (read in several chunks).
     pub ws_read_buffer_bytes: NonZeroUsize,
     /// `WSGATE_SUBSCRIBE_TIMEOUT_MS`: how long a subscribe waits for the broker to
-    /// confirm before it is refused with `broker unavailable`. Default 5000 ms.
+    /// confirm before it is refused with `broker unavailable`; a client publish
+    /// waits at most as long. Default 5000 ms.
     pub subscribe_timeout: Duration,
     /// `WSGATE_SHUTDOWN_TIMEOUT_MS`: grace after the drain window (or after an
     /// immediate stop) for sockets to finish closing before the process exits
@@ -182,7 +183,8 @@ pub struct Config {
     /// to arrive in full once its head is read. Default 10000 ms.
     pub http_body_timeout: Duration,
     /// `WSGATE_SUBSCRIBE_RATE`: subscribes per second per connection (token bucket,
-    /// burst of the same size); excess gets `rate limited`. Default 100.
+    /// burst of the same size), refreshes and client publishes included, since
+    /// each costs the node work; excess gets `rate limited`. Default 100.
     pub subscribe_rate: NonZeroUsize,
     /// `WSGATE_PING_INTERVAL_MS`: how often the server pings each socket. Default 25000 ms.
     pub ping_interval: Duration,
@@ -1005,7 +1007,7 @@ const HELP: &[Help] = &[
     help(
         "subscribe_timeout_ms",
         "5000",
-        "how long a subscribe waits for the broker",
+        "how long a subscribe (or a client publish) waits for the broker",
     ),
     help(
         "shutdown_timeout_ms",
@@ -1040,7 +1042,7 @@ const HELP: &[Help] = &[
     help(
         "subscribe_rate",
         "100",
-        "subscribes per second per connection",
+        "subscribes, refreshes and client publishes per second per connection",
     ),
     help("ping_interval_ms", "25000", "server ping to every socket"),
     help(
