@@ -1,8 +1,12 @@
-//! Access lists: which channels and patterns a connection may subscribe to.
+//! Access lists: which channels and patterns a connection may subscribe to,
+//! and which channels it may publish to.
 //!
 //! An [`Acl`] is a list of entries, each a Redis glob (an entry without glob
 //! syntax is simply an exact channel name). It comes from a token's
-//! `subscribe` claim or from `WSGATE_ALLOW`. The question it answers is
+//! `subscribe` claim or from `WSGATE_ALLOW` (subscribing), or from a token's
+//! `publish` claim or `WSGATE_CLIENT_PUBLISH` (publishing: a publish reaches
+//! exactly one channel, so only rule 1 below applies, see
+//! [`Acl::allows_publish`]). The question it answers for a subscription is
 //! stronger than "does this name look allowed": a subscription may be made
 //! only if **every channel it can ever receive a message from** is matched by
 //! some entry. For a channel subscription that is one channel; for a pattern
@@ -108,6 +112,15 @@ impl Acl {
         }
     }
 
+    /// May a message be published to `channel`? A publish goes to one
+    /// channel, whatever bytes it holds (Redis channels are bytes, so
+    /// `news.*` is just a name here), so this is rule 1: some entry matches
+    /// it under Redis's matcher. The same list thus means the same thing
+    /// for publishing as for subscribing to that channel.
+    pub fn allows_publish(&self, channel: &[u8]) -> bool {
+        self.allows_channel(channel)
+    }
+
     /// Rule 1: some entry matches the channel, as Redis would match it.
     fn allows_channel(&self, channel: &[u8]) -> bool {
         self.entries
@@ -206,6 +219,19 @@ mod tests {
             (&[], chan(b"x"), false),
             (&[""], chan(b"x"), false),
         ]);
+    }
+
+    #[test]
+    fn publishing_is_rule_one() {
+        let a = acl(&["chat.*", "alerts"]);
+        assert!(a.allows_publish(b"chat.room1"));
+        assert!(a.allows_publish(b"alerts"));
+        // A pattern-like channel is a name like any other: matched, not expanded.
+        assert!(a.allows_publish(b"chat.*"));
+        assert!(!a.allows_publish(b"*"));
+        assert!(!a.allows_publish(b"chat"));
+        assert!(!a.allows_publish(b"alerts.x"));
+        assert!(!Acl::nothing().allows_publish(b"alerts"));
     }
 
     #[test]

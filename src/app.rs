@@ -37,6 +37,8 @@ pub struct App {
     pub verifier: Option<Arc<Verifier>>,
     /// `WSGATE_ALLOW`, when set.
     pub allow: Option<Arc<Acl>>,
+    /// `WSGATE_CLIENT_PUBLISH` (empty: no client may publish).
+    pub client_publish: Arc<Acl>,
     /// The subscribe authorisation callback, when configured.
     pub authz: Option<Arc<Authz>>,
     /// Per-address connection limits.
@@ -66,6 +68,7 @@ impl App {
             .allow
             .as_ref()
             .map(|entries| Arc::new(Acl::new(entries)));
+        let client_publish = Arc::new(Acl::new(&config.client_publish));
         let authz = config.auth_url.as_ref().map(|url| {
             Arc::new(Authz::new(
                 url.clone(),
@@ -109,6 +112,7 @@ impl App {
             verifier,
             allow,
             authz,
+            client_publish,
             ip_limits,
             clients: Clients::default(),
         }
@@ -134,6 +138,7 @@ impl App {
             verifier: self.verifier.clone(),
             allow: self.allow.clone(),
             authz: self.authz.clone(),
+            client_publish: self.client_publish.clone(),
             clients: self.clients.clone(),
             hub: self.hub.clone(),
             metrics: self.metrics.clone(),

@@ -15,7 +15,9 @@
 //! identity), no `crit` header (we understand no extension), and no duplicate
 //! key anywhere in the claims (an issuer and a verifier that resolve
 //! `{"subscribe":[..],"subscribe":[..]}` differently would disagree on the
-//! ACL). The `subscribe` claim becomes the connection's [`Acl`].
+//! ACL). The `subscribe` claim becomes the connection's [`Acl`], and the
+//! `publish` claim (same form) the list of channels it may publish to
+//! (`docs/protocol.md`, "Publish").
 //!
 //! Also here: [`secrets_equal`], the constant-time comparison used for
 //! `WSGATE_API_KEY`.
@@ -133,7 +135,7 @@ pub enum AuthError {
     Critical,
 }
 
-/// A verified token: who, what they may subscribe to, until when.
+/// A verified token: who, what they may subscribe to and publish to, until when.
 #[derive(Debug, Clone)]
 pub struct Identity {
     /// The `sub` claim.
@@ -142,6 +144,11 @@ pub struct Identity {
     pub claims: Map<String, Value>,
     /// The `subscribe` claim; nothing when absent.
     pub acl: Acl,
+    /// The `publish` claim: the channels this token may publish to over its
+    /// socket (on top of `WSGATE_CLIENT_PUBLISH`, which must allow them too).
+    /// Nothing when absent, so a token issued before client publishing
+    /// existed never gains the right.
+    pub publish_acl: Acl,
     /// When the token stops being valid: `exp` plus the configured leeway.
     pub expires_at: SystemTime,
 }
@@ -211,20 +218,8 @@ impl Verifier {
             _ => None,
         }
         .ok_or(AuthError::Claim("exp"))?;
-        let acl = match claims.get("subscribe") {
-            None => Acl::nothing(),
-            Some(Value::Array(items)) => {
-                let mut entries = Vec::with_capacity(items.len());
-                for item in items {
-                    match item {
-                        Value::String(s) => entries.push(s.as_bytes()),
-                        _ => return Err(AuthError::Claim("subscribe")),
-                    }
-                }
-                Acl::new(entries)
-            }
-            Some(_) => return Err(AuthError::Claim("subscribe")),
-        };
+        let acl = claim_acl(&claims, "subscribe")?;
+        let publish_acl = claim_acl(&claims, "publish")?;
         let expires_at = UNIX_EPOCH
             .checked_add(Duration::from_secs(exp))
             .and_then(|t| t.checked_add(self.leeway))
@@ -233,6 +228,7 @@ impl Verifier {
             subject,
             claims,
             acl,
+            publish_acl,
             expires_at,
         };
         // The library accepts `exp == now`; a token with no time left would
@@ -241,6 +237,26 @@ impl Verifier {
             return Err(AuthError::Expired);
         }
         Ok(identity)
+    }
+}
+
+/// An ACL claim (`subscribe`, `publish`): an array of strings, each an entry
+/// of [`Acl`]; absent means nothing is allowed. Any other shape refuses the
+/// token rather than guessing what the issuer meant.
+fn claim_acl(claims: &Map<String, Value>, name: &'static str) -> Result<Acl, AuthError> {
+    match claims.get(name) {
+        None => Ok(Acl::nothing()),
+        Some(Value::Array(items)) => {
+            let mut entries = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    Value::String(s) => entries.push(s.as_bytes()),
+                    _ => return Err(AuthError::Claim(name)),
+                }
+            }
+            Ok(Acl::new(entries))
+        }
+        Some(_) => Err(AuthError::Claim(name)),
     }
 }
 
@@ -471,6 +487,7 @@ mod tests {
         let id = verifier().verify(&t).unwrap();
         assert_eq!(id.subject, "u1");
         assert_eq!(id.acl, Acl::new(["news.*"]));
+        assert_eq!(id.publish_acl, Acl::nothing(), "no publish claim: nothing");
         assert_eq!(id.expires_at, UNIX_EPOCH + Duration::from_secs(exp));
         assert!(id.remaining() > Duration::from_secs(90));
     }
@@ -504,6 +521,20 @@ mod tests {
                 AuthError::Claim("subscribe"),
             ),
             (
+                sign(&json!({"sub":"u","exp":exp,"publish":"chat.*"})),
+                AuthError::Claim("publish"),
+            ),
+            (
+                sign(&json!({"sub":"u","exp":exp,"publish":[null]})),
+                AuthError::Claim("publish"),
+            ),
+            (
+                sign_raw(&format!(
+                    r#"{{"sub":"u","exp":{exp},"publish":["a"],"publish":["*"]}}"#
+                )),
+                AuthError::Duplicate,
+            ),
+            (
                 sign_raw(&format!(
                     r#"{{"sub":"u","exp":{exp},"subscribe":["a"],"subscribe":["*"]}}"#
                 )),
@@ -535,6 +566,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.verify(&hs512).unwrap_err(), AuthError::Algorithm);
+    }
+
+    #[test]
+    fn the_publish_claim_is_its_own_acl() {
+        let t = sign(&json!({
+            "sub":"u","exp":now() + 100,"subscribe":["news.*"],"publish":["chat.*","alerts"]
+        }));
+        let id = verifier().verify(&t).unwrap();
+        assert_eq!(id.publish_acl, Acl::new(["chat.*", "alerts"]));
+        assert_eq!(id.acl, Acl::new(["news.*"]), "subscribe is not widened");
     }
 
     #[test]

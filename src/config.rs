@@ -163,7 +163,8 @@ pub struct Config {
     /// requests, and larger frames still work (read in several chunks).
     pub ws_read_buffer_bytes: NonZeroUsize,
     /// `WSGATE_SUBSCRIBE_TIMEOUT_MS`: how long a subscribe waits for the broker to
-    /// confirm before it is refused with `broker unavailable`. Default 5000 ms.
+    /// confirm before it is refused with `broker unavailable`; a client publish
+    /// waits at most as long. Default 5000 ms.
     pub subscribe_timeout: Duration,
     /// `WSGATE_SHUTDOWN_TIMEOUT_MS`: grace after the drain window (or after an
     /// immediate stop) for sockets to finish closing before the process exits
@@ -195,7 +196,8 @@ pub struct Config {
     /// to arrive in full once its head is read. Default 10000 ms.
     pub http_body_timeout: Duration,
     /// `WSGATE_SUBSCRIBE_RATE`: subscribes per second per connection (token bucket,
-    /// burst of the same size); excess gets `rate limited`. Default 100.
+    /// burst of the same size), refreshes and client publishes included, since
+    /// each costs the node work; excess gets `rate limited`. Default 100.
     pub subscribe_rate: NonZeroUsize,
     /// `WSGATE_PING_INTERVAL_MS`: how often the server pings each socket. Default 25000 ms.
     pub ping_interval: Duration,
@@ -230,6 +232,14 @@ pub struct Config {
     /// limited to (the ACL rule of `docs/security.md`), on top of any token
     /// ACL. Default: unset, no server-wide restriction.
     pub allow: Option<Vec<String>>,
+    /// `WSGATE_CLIENT_PUBLISH`: comma-separated channels and patterns (the
+    /// same entries and matching as `WSGATE_ALLOW`) that clients may publish
+    /// to over their own socket; with JWT authentication on, the token's
+    /// `publish` claim must allow the channel too. Default: empty, so no
+    /// client may publish: publishing from the internet is opted into, never
+    /// inherited. Set but empty also means none (the restrictive reading,
+    /// so a templating slip cannot open anything).
+    pub client_publish: Vec<String>,
     /// `WSGATE_AUTH_URL`: `http://` URL of the subscribe authorisation callback.
     /// Default: unset, no callback.
     pub auth_url: Option<Uri>,
@@ -322,6 +332,7 @@ impl Default for Config {
             jwt_issuers: Vec::new(),
             jwt_leeway: Duration::ZERO,
             allow: None,
+            client_publish: Vec::new(),
             auth_url: None,
             auth_timeout: Duration::from_millis(2000),
             auth_cache_ttl: Duration::from_millis(30_000),
@@ -392,6 +403,7 @@ struct RawConfig {
     jwt_issuer: Option<String>,
     jwt_leeway_secs: Option<String>,
     allow: Option<String>,
+    client_publish: Option<String>,
     auth_url: Option<String>,
     auth_timeout_ms: Option<String>,
     auth_cache_ttl_ms: Option<String>,
@@ -489,6 +501,7 @@ impl Config {
                     "a comma-separated list of channels and patterns (unset for no restriction)",
                 )?),
             },
+            client_publish: list(raw.client_publish),
             auth_url: match raw.auth_url {
                 None => None,
                 Some(v) => Some(http_url(v)?),
@@ -1056,7 +1069,7 @@ const HELP: &[Help] = &[
     help(
         "subscribe_timeout_ms",
         "5000",
-        "how long a subscribe waits for the broker",
+        "how long a subscribe (or a client publish) waits for the broker",
     ),
     help(
         "shutdown_timeout_ms",
@@ -1091,7 +1104,7 @@ const HELP: &[Help] = &[
     help(
         "subscribe_rate",
         "100",
-        "subscribes per second per connection",
+        "subscribes, refreshes and client publishes per second per connection",
     ),
     help("ping_interval_ms", "25000", "server ping to every socket"),
     help(
@@ -1131,6 +1144,11 @@ const HELP: &[Help] = &[
         "allow",
         "",
         "comma-separated channels and patterns every connection is limited to",
+    ),
+    help(
+        "client_publish",
+        "",
+        "comma-separated channels and patterns clients may publish to over their socket (unset: none)",
     ),
     help("auth_url", "", "http:// subscribe authorisation callback"),
     help("auth_timeout_ms", "2000", "callback deadline"),
@@ -1579,6 +1597,20 @@ mod tests {
         let d = vars(&[]).unwrap();
         assert!(d.jwt_key.is_none() && d.allow.is_none() && d.api_key.is_none());
         assert!(d.allowed_origins.is_none() && d.max_connections_per_ip.is_none());
+    }
+
+    #[test]
+    fn client_publish_is_a_list_like_allow_and_empty_means_none() {
+        let c = vars(&[("WSGATE_CLIENT_PUBLISH", " chat.*, alerts ,")]).unwrap();
+        assert_eq!(c.client_publish, ["chat.*", "alerts"]);
+        // Unset, empty or only separators: nobody may publish (never an error,
+        // since none is already the most restrictive reading).
+        for value in [None, Some(""), Some(" , ")] {
+            let pairs: Vec<(&str, &str)> = value
+                .map(|v| vec![("WSGATE_CLIENT_PUBLISH", v)])
+                .unwrap_or_default();
+            assert!(vars(&pairs).unwrap().client_publish.is_empty(), "{value:?}");
+        }
     }
 
     #[test]

@@ -36,6 +36,7 @@ use crate::pending::PendingSlot;
 use crate::protocol::bayeux::conversation::Endpoint;
 use crate::protocol::bayeux::message::DecodeError;
 use crate::protocol::bayeux::reply;
+use crate::publish::{json_payload, present};
 use crate::shutdown::Phase;
 use crate::transport::websocket::{self, Mount};
 use crate::transport::{json, json_error, polling, unauthorised};
@@ -471,14 +472,6 @@ struct PublishBody<'a> {
     messages: Option<Vec<&'a RawValue>>,
 }
 
-/// Deserialises a field that is present, whatever its value: `payload: null`
-/// is a payload, and `payload_text: null` is an error (not a missing field).
-fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<T>, D::Error> {
-    T::deserialize(d).map(Some)
-}
-
 async fn publish(app: Arc<App>, body: Bytes) -> warp::reply::Response {
     app.metrics.publish_requests.inc();
     let limit = app.config.max_publish_bytes.get();
@@ -600,7 +593,7 @@ fn publication(config: &Config, m: PublishOne) -> Result<Publication, String> {
         return Err(format!("channel must be 1 to {max} bytes"));
     }
     let payload = match (m.payload, m.payload_text) {
-        (Some(raw), None) => Bytes::copy_from_slice(raw.get().as_bytes()),
+        (Some(raw), None) => json_payload(&raw),
         (None, Some(text)) => Bytes::from(text),
         (Some(_), Some(_)) => {
             return Err(r#"give either "payload" or "payload_text", not both"#.to_owned())

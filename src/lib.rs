@@ -17,7 +17,10 @@
 //! - [`transport`]: WebSocket upgrades and Bayeux long-polling, behind one
 //!   admission.
 //! - [`auth`]: JWT verification into an `Identity`; the API key comparison.
-//! - [`acl`]: the allow rule for channels and patterns (token claim, `WSGATE_ALLOW`).
+//! - [`acl`]: the allow rule for channels and patterns (token claims,
+//!   `WSGATE_ALLOW`, `WSGATE_CLIENT_PUBLISH`).
+//! - [`publish`]: what `POST /publish` and a client's own publish share: the
+//!   payload rule, who may publish over a socket, the broker path.
 //! - [`authz`]: the subscribe authorisation callback and its bounded cache.
 //! - [`forwarded`]: the client's address, through trusted proxies' `X-Forwarded-For`.
 //! - [`limits`]: per-address connection count and connection rate.
@@ -64,6 +67,7 @@ pub mod pattern;
 pub mod pattern_cost;
 pub mod pending;
 pub mod protocol;
+pub mod publish;
 pub mod server;
 pub mod session;
 pub mod shutdown;

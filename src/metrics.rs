@@ -15,12 +15,15 @@ use prometheus::{
 /// `max_connections`, `draining` (upgrade 503), `rate_limited` (subscribe),
 /// `unauthorized` (upgrade 401), `origin` (upgrade 403), `ip_rate`,
 /// `ip_connections`, `ip_table_full` (upgrade 429), `not_allowed` (subscribe
-/// outside the ACLs), `authz_denied`, `authz_unavailable` (callback),
+/// outside the ACLs), `publish_not_allowed` (a client publish outside
+/// `WSGATE_CLIENT_PUBLISH` or the token's `publish` claim: its own reason, so
+/// an operator tells refused writes from refused reads), `authz_denied`,
+/// `authz_unavailable` (callback),
 /// `api_key` (publish 401), `token_expired` (connection closed with 4001),
 /// `max_pending` (a connection accepted beyond `WSGATE_MAX_PENDING_CONNECTIONS`,
 /// answered 503 and closed). The pattern cost limits add theirs
 /// ([`crate::pattern_cost::REASONS`]).
-pub const REFUSAL_REASONS: [&str; 14] = [
+pub const REFUSAL_REASONS: [&str; 15] = [
     "max_connections",
     "draining",
     "rate_limited",
@@ -30,6 +33,7 @@ pub const REFUSAL_REASONS: [&str; 14] = [
     "ip_connections",
     "ip_table_full",
     "not_allowed",
+    "publish_not_allowed",
     "authz_denied",
     "authz_unavailable",
     "api_key",

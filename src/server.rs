@@ -191,7 +191,7 @@ pub fn protections(c: &Config) -> String {
         "protections: auth={auth} api_key={} origins={} require_origin={} acl={} authz={} \
          max_connections={} max_pending_connections={} max_connections_per_ip={} \
          new_connections_per_ip_per_sec={} trusted_proxies={} http_header_timeout_ms={} \
-         http_body_timeout_ms={}",
+         http_body_timeout_ms={} client_publish={}",
         if c.api_key.is_some() {
             "on"
         } else {
@@ -215,6 +215,11 @@ pub fn protections(c: &Config) -> String {
         c.trusted_proxies.len(),
         c.http_header_timeout.as_millis(),
         c.http_body_timeout.as_millis(),
+        if c.client_publish.is_empty() {
+            "off".to_owned()
+        } else {
+            c.client_publish.join(",")
+        },
     )
 }
 

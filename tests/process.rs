@@ -747,13 +747,15 @@ fn start_up_logs_one_line_of_protections() {
         ("WSGATE_ALLOW", "news.*"),
         ("WSGATE_MAX_CONNECTIONS_PER_IP", "5"),
         ("WSGATE_MAX_CONNECTIONS", "1000"),
+        ("WSGATE_CLIENT_PUBLISH", "chat.*,alerts"),
     ]);
     assert_eq!(
         closed,
         "auth=jwt HS256 api_key=on origins=https://app.example require_origin=false \
          acl=WSGATE_ALLOW=news.* authz=off max_connections=1000 max_pending_connections=1024 \
          max_connections_per_ip=5 new_connections_per_ip_per_sec=off trusted_proxies=0 \
-         http_header_timeout_ms=10000 http_body_timeout_ms=10000"
+         http_header_timeout_ms=10000 http_body_timeout_ms=10000 client_publish=chat.*,alerts"
     );
+    assert!(open.ends_with(" client_publish=off"), "{open}");
     assert!(!closed.contains("0123456789abcdef"), "secrets never logged");
 }

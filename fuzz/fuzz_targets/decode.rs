@@ -4,9 +4,12 @@
 //! Checks: decode never panics; it agrees with an independent reading of
 //! the rules in docs/protocol.md (`action` subscribe/unsubscribe/ping, an
 //! optional string `id`, exactly one string `pattern` or `channel`, extra
-//! fields ignored, the `id` echoed in a rejection when it could be read);
-//! binary and control frames are rejected; and every reply rendered from
-//! the result (`ack`, `pong`, `reject`) is valid JSON echoing the request.
+//! fields ignored, the `id` echoed in a rejection when it could be read;
+//! `refresh` with a string `token`; `publish` with a string `channel` and
+//! exactly one `payload`, kept as the JSON text sent); binary and control
+//! frames are rejected; and every reply rendered from the result (`ack`,
+//! `pong`, `refreshed`, `published`, `reject`) is valid JSON echoing the
+//! request.
 //!
 //! Input: the bytes, as a text frame (invalid UTF-8 replaced by U+FFFD).
 
@@ -14,10 +17,36 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use wsgate::broker::Topic;
 use wsgate::protocol::native::Native;
 use wsgate::protocol::{Ack, AckKind, Frame, Inbound, Refusal, Request};
+
+/// An object's members in order, repeated keys kept, values as raw text:
+/// the independent reading of a publish's `payload`.
+struct Members(Vec<(String, Box<RawValue>)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Members, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Box<RawValue>>()? {
+                    out.push(entry);
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
 
 /// The request the docs say `text` is, or `Err(id echoed in the error)`.
 fn expected(text: &str) -> Result<Request, Option<String>> {
@@ -56,6 +85,31 @@ fn expected(text: &str) -> Result<Request, Option<String>> {
             id,
         }),
         "ping" => Ok(Request::Ping { id }),
+        "refresh" => match obj.get("token") {
+            Some(Value::String(token)) => Ok(Request::Refresh {
+                token: token.clone(),
+                id,
+            }),
+            _ => Err(id),
+        },
+        "publish" => {
+            let channel = match obj.get("channel") {
+                Some(Value::String(c)) => Bytes::copy_from_slice(c.as_bytes()),
+                _ => return Err(id),
+            };
+            let Ok(Members(members)) = serde_json::from_str::<Members>(text) else {
+                return Err(id);
+            };
+            let mut payloads = members.iter().filter(|(k, _)| k == "payload");
+            match (payloads.next(), payloads.next()) {
+                (Some((_, raw)), None) => Ok(Request::Publish {
+                    channel,
+                    payload: Bytes::copy_from_slice(raw.get().as_bytes()),
+                    id,
+                }),
+                _ => Err(id),
+            }
+        }
         _ => Err(id),
     }
 }
@@ -112,7 +166,34 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(obj.get("status"), Some(&Value::Bool(error.is_none())));
             }
         }
-        Ok(Request::Publish { .. } | Request::Refresh { .. }) => {}
+        Ok(Request::Publish {
+            channel,
+            payload,
+            id,
+        }) => {
+            // What Redis would carry is one JSON value.
+            assert!(
+                serde_json::from_slice::<Value>(&payload).is_ok(),
+                "payload {payload:?} is not JSON"
+            );
+            let refused = Refusal::Other("x\"\u{0}".to_owned());
+            for (error, maybe_published) in [(None, None), (Some(&refused), Some(true))] {
+                let obj = reply(Native.published(&channel, id.as_deref(), error, maybe_published));
+                let name = Value::from(String::from_utf8_lossy(&channel).into_owned());
+                assert_eq!(obj.get("action"), Some(&Value::from("publish")));
+                assert_eq!(obj.get("channel"), Some(&name), "published {obj:?}");
+                assert_eq!(obj.get("id").cloned(), id_value(id.as_deref()));
+                assert_eq!(obj.get("status"), Some(&Value::Bool(error.is_none())));
+            }
+        }
+        Ok(Request::Refresh { id, .. }) => {
+            for error in [None, Some("refused \"\u{0}")] {
+                let obj = reply(Native.refreshed(id.as_deref(), error));
+                assert_eq!(obj.get("action"), Some(&Value::from("refresh")));
+                assert_eq!(obj.get("id").cloned(), id_value(id.as_deref()));
+                assert_eq!(obj.get("status"), Some(&Value::Bool(error.is_none())));
+            }
+        }
         Ok(Request::Ping { id }) => {
             let obj = reply(Native.pong(id.as_deref()));
             assert_eq!(obj.get("action"), Some(&Value::from("pong")));

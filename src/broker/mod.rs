@@ -335,6 +335,23 @@ impl PublishError {
     pub fn maybe_published(&self) -> bool {
         matches!(self, PublishError::Lost | PublishError::TimedOut)
     }
+
+    /// What a client that published over its socket is told (any dialect):
+    /// `broker unavailable` whenever the broker did not confirm, beside
+    /// [`PublishError::maybe_published`] saying whether it may have gone out
+    /// anyway, and Redis's refusal when Redis refused it (`not permitted by
+    /// Redis` for an ACL's `NOPERM`), in the words a refused subscribe gets.
+    /// Shorter than the `Display` text the HTTP API gives, which spells the
+    /// uncertainty out in words.
+    pub fn client_error(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            PublishError::Unavailable | PublishError::Lost | PublishError::TimedOut => {
+                "broker unavailable".into()
+            }
+            PublishError::Refused(why) if why.starts_with("NOPERM") => redis::NOT_PERMITTED.into(),
+            PublishError::Refused(why) => format!("refused by Redis: {why}").into(),
+        }
+    }
 }
 
 /// A node's link to the message broker.

@@ -100,17 +100,21 @@ pub enum Request {
         /// Correlation, echoed in the answer.
         id: Option<String>,
     },
-    /// Publish to a channel (needs `WSGATE_CLIENT_PUBLISH`).
-    Publish {
-        /// The Redis channel.
-        channel: Bytes,
-        /// The Redis payload (the JSON text the client sent).
-        payload: Bytes,
+    /// Application-level liveness check; answered at once.
+    Ping {
         /// Correlation, echoed in the answer.
         id: Option<String>,
     },
-    /// Application-level liveness check; answered at once.
-    Ping {
+    /// Publish one message to a channel through the broker, as `POST
+    /// /publish` would; allowed only by `WSGATE_CLIENT_PUBLISH` (and the
+    /// token's `publish` claim), see [`crate::publish`].
+    Publish {
+        /// The channel, as given: a name, never expanded (a `*` in it is a
+        /// byte like any other).
+        channel: Bytes,
+        /// What Redis carries, already under the payload rule
+        /// ([`crate::publish::json_payload`]: the JSON text as sent).
+        payload: Bytes,
         /// Correlation, echoed in the answer.
         id: Option<String>,
     },
@@ -246,6 +250,9 @@ pub enum Answer<'a> {
         id: Option<&'a str>,
         /// Why not, when refused.
         error: Option<&'a Refusal>,
+        /// For a broker failure only: whether the message may have been
+        /// published anyway (so a blind retry could publish it twice).
+        maybe_published: Option<bool>,
     },
     /// The message named a client no session on this node holds (after a
     /// [`Step::Route`] that found nobody): answer it as unknown.

@@ -1,14 +1,17 @@
 //! The native protocol, v1: JSON text frames on `WSGATE_WS_PATH` (`/ws`).
 //!
 //! The shape follows the realizehit communication spec (`action`, `pattern`,
-//! `status`), extended with exact channels, ids and pings. The full reference
+//! `status`), extended with exact channels, ids, pings and client publishes
+//! (whose payload keeps its exact JSON text: the frame is read a second time
+//! for it, see [`crate::publish`]). The full reference
 //! with examples is `docs/protocol.md`. Deliveries embed the Redis payload as
 //! JSON when it is JSON, as a JSON string when it is other UTF-8 text, and as
 //! base64 with `"encoding":"base64"` when it is not UTF-8, so no byte is lost.
 
 use base64::Engine as _;
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use std::sync::{Arc, OnceLock};
 
@@ -51,6 +54,30 @@ struct AckFrame<'a> {
     status: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+}
+
+/// The reply to `publish`: the subscribe reply's shape (`status`, `error`),
+/// plus `maybe_published` when the broker failed.
+#[derive(Serialize)]
+struct PublishFrame<'a> {
+    action: &'static str,
+    channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    status: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    maybe_published: Option<bool>,
+}
+
+/// The payload of a `publish` frame, borrowed as raw JSON text from the
+/// frame (the parsed [`Value`] would have normalised it). Other fields are
+/// ignored here; they were read from the `Value`.
+#[derive(Deserialize)]
+struct PublishPayload<'a> {
+    #[serde(borrow, default, deserialize_with = "crate::publish::present")]
+    payload: Option<&'a RawValue>,
 }
 
 /// `interrupted` and `resumed` gap notices.
@@ -118,7 +145,12 @@ impl Conversation for NativeConversation {
             Answer::Pong { id } => Native.pong(id),
             Answer::Refreshed { id, error } => Native.refreshed(id, error),
             Answer::Revoked { topic, reason } => Native.revoked(topic, reason),
-            Answer::Published { channel, id, error } => Native.published(channel, id, error),
+            Answer::Published {
+                channel,
+                id,
+                error,
+                maybe_published,
+            } => Native.published(channel, id, error, maybe_published),
             Answer::UnknownClient { .. } => return None,
         })
     }
@@ -175,6 +207,7 @@ impl Native {
                 topic(&obj, id.as_deref()).map(|topic| Request::Unsubscribe { topic, id })
             }
             "ping" => Ok(Request::Ping { id }),
+            "publish" => publish(text, &obj, id),
             "refresh" => match obj.get("token") {
                 Some(Value::String(token)) => Ok(Request::Refresh {
                     token: token.clone(),
@@ -185,7 +218,7 @@ impl Native {
             },
             other => {
                 let msg = format!(
-                    "unknown action {other:?}: expected subscribe, unsubscribe, ping or refresh"
+                    "unknown action {other:?}: expected subscribe, unsubscribe, publish, ping or refresh"
                 );
                 Err(reject(id, &msg))
             }
@@ -277,16 +310,22 @@ impl Native {
     }
 
     /// The answer to a publish: `{"action":"publish","channel":..,"id":..,
-    /// "status":true}`, or `status` false with the `error`.
-    pub fn published(&self, channel: &[u8], id: Option<&str>, error: Option<&Refusal>) -> Frame {
-        let channel = String::from_utf8_lossy(channel);
-        json_frame(&AckFrame {
+    /// "status":true}`, or `status` false with the `error` (and, for a
+    /// broker failure, `maybe_published`).
+    pub fn published(
+        &self,
+        channel: &[u8],
+        id: Option<&str>,
+        error: Option<&Refusal>,
+        maybe_published: Option<bool>,
+    ) -> Frame {
+        json_frame(&PublishFrame {
             action: "publish",
-            pattern: None,
-            channel: Some(&channel),
+            channel: &String::from_utf8_lossy(channel),
             id,
             status: error.is_none(),
             error: error.map(Refusal::message),
+            maybe_published,
         })
     }
 
@@ -313,6 +352,37 @@ fn reject(id: Option<String>, error: &str) -> Rejection {
         id,
         error: error.to_owned(),
     }
+}
+
+/// Reads a `publish`: a string `channel` (a name: `pattern` is not a field
+/// of a publish) and a `payload` of any JSON, `null` included, kept as the
+/// text the client sent. `text` is the frame `obj` was parsed from.
+fn publish(
+    text: &str,
+    obj: &serde_json::Map<String, Value>,
+    id: Option<String>,
+) -> Result<Request, Rejection> {
+    let channel = match obj.get("channel") {
+        Some(Value::String(c)) => Bytes::copy_from_slice(c.as_bytes()),
+        None | Some(Value::Null) => return Err(reject(id, "missing field \"channel\"")),
+        Some(_) => return Err(reject(id, "\"channel\" must be a string")),
+    };
+    // The frame parsed as a Value a moment ago, so this fails only on what a
+    // Value forgives and a struct does not: `payload` given twice.
+    let payload = match serde_json::from_str::<PublishPayload<'_>>(text) {
+        Ok(PublishPayload {
+            payload: Some(payload),
+        }) => crate::publish::json_payload(payload),
+        Ok(PublishPayload { payload: None }) => {
+            return Err(reject(id, "missing field \"payload\""))
+        }
+        Err(e) => return Err(reject(id, &format!("invalid publish: {e}"))),
+    };
+    Ok(Request::Publish {
+        channel,
+        payload,
+        id,
+    })
 }
 
 /// Reads the `pattern` or `channel` field (exactly one of them).
@@ -523,6 +593,99 @@ mod tests {
             .unwrap_err()
             .error
             .contains("must be a string"));
+    }
+
+    #[test]
+    fn decodes_publishes_keeping_the_payload_text() {
+        for (payload, published) in [
+            (r#""42""#, r#""42""#),
+            ("42", "42"),
+            ("null", "null"),
+            (r#"{"z":1, "a":[2]}"#, r#"{"z":1, "a":[2]}"#),
+            (r#""\u0041\n""#, r#""\u0041\n""#),
+            ("1.0e0", "1.0e0"),
+        ] {
+            let frame =
+                format!(r#"{{"action":"publish","channel":"c.*","payload":{payload},"id":"p"}}"#);
+            assert_eq!(
+                decode(&frame),
+                Ok(Request::Publish {
+                    channel: Bytes::from_static(b"c.*"),
+                    payload: Bytes::copy_from_slice(published.as_bytes()),
+                    id: Some("p".into())
+                }),
+                "{frame}"
+            );
+        }
+        // Fields in any order; unknown ones ignored, as for every request.
+        assert_eq!(
+            decode(r#"{"payload":[1] ,"x":0,"channel":"c","action":"publish"}"#),
+            Ok(Request::Publish {
+                channel: Bytes::from_static(b"c"),
+                payload: Bytes::from_static(b"[1]"),
+                id: None
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_publishes_with_the_id() {
+        for (input, expect) in [
+            (
+                r#"{"action":"publish","payload":1,"id":"p"}"#,
+                "missing field \"channel\"",
+            ),
+            (
+                r#"{"action":"publish","channel":null,"payload":1,"id":"p"}"#,
+                "missing field \"channel\"",
+            ),
+            (
+                r#"{"action":"publish","channel":"c","id":"p"}"#,
+                "missing field \"payload\"",
+            ),
+            (
+                r#"{"action":"publish","pattern":"c.*","payload":1,"id":"p"}"#,
+                "missing field \"channel\"",
+            ),
+            (
+                r#"{"action":"publish","channel":7,"payload":1,"id":"p"}"#,
+                "\"channel\" must be a string",
+            ),
+            (
+                r#"{"action":"publish","channel":"c","payload":1,"payload":2,"id":"p"}"#,
+                "invalid publish: duplicate field `payload`",
+            ),
+        ] {
+            let r = decode(input).unwrap_err();
+            assert!(r.error.contains(expect), "{input}: {}", r.error);
+            assert_eq!(r.id.as_deref(), Some("p"), "{input}");
+        }
+    }
+
+    #[test]
+    fn renders_publish_replies_exactly() {
+        let reply = |error: Option<Refusal>, maybe_published| {
+            text(Native.published(b"chat.a", Some("p1"), error.as_ref(), maybe_published))
+        };
+        assert_eq!(
+            reply(None, None),
+            r#"{"action":"publish","channel":"chat.a","id":"p1","status":true}"#
+        );
+        assert_eq!(
+            reply(Some(Refusal::NotAllowed), None),
+            r#"{"action":"publish","channel":"chat.a","id":"p1","status":false,"error":"not allowed"}"#
+        );
+        assert_eq!(
+            reply(
+                Some(Refusal::Unavailable("broker unavailable".into())),
+                Some(true)
+            ),
+            r#"{"action":"publish","channel":"chat.a","id":"p1","status":false,"error":"broker unavailable","maybe_published":true}"#
+        );
+        assert_eq!(
+            text(Native.published(b"c", None, None, None)),
+            r#"{"action":"publish","channel":"c","status":true}"#
+        );
     }
 
     #[test]

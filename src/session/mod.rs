@@ -19,6 +19,11 @@
 //! the next WebSocket or poll as an [`Attach`]; it ends when none comes in
 //! time. Otherwise it ends with its link.
 //!
+//! Requests are served by [`Session`] (`requests.rs`): a subscribe passes
+//! the limits, the ACLs, the callback and the broker; a publish the name,
+//! the rate and both publish lists ([`crate::publish::client_may_publish`]),
+//! then the broker.
+//!
 //! It ends when the client leaves, on a fatal protocol error, when the outbox
 //! overflows (close 4008, slow consumer), when the server drains (close 1012,
 //! at this session's moment in the drain window) or stops (close 1001), when
@@ -143,6 +148,8 @@ pub struct SessionContext {
     pub verifier: Option<Arc<Verifier>>,
     /// `WSGATE_ALLOW`, when set.
     pub allow: Option<Arc<Acl>>,
+    /// `WSGATE_CLIENT_PUBLISH` (empty: this connection may not publish).
+    pub client_publish: Arc<Acl>,
     /// The authorisation callback, when configured.
     pub authz: Option<Arc<Authz>>,
     /// Where sessions that outlive their links are found by key.

@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use tracing::warn;
@@ -22,7 +23,7 @@ use tracing::warn;
 use super::{SessionContext, AUTHZ_UNAVAILABLE, BROKER_UNAVAILABLE, NOT_ALLOWED};
 use crate::auth::Identity;
 use crate::authz::{AuthzError, Decision, Question};
-use crate::broker::{BrokerError, Topic};
+use crate::broker::{BrokerError, Publication, PublishError, Topic};
 use crate::hub::{Joined, Member, Removed, Sub};
 use crate::metrics::Metrics;
 use crate::outbox::{Item, State};
@@ -31,8 +32,14 @@ use crate::protocol::{
     Ack, AckKind, Answer, Conversation, Frame, Notice, NoticeKind, Refusal, Request,
 };
 
+/// A publish waiting for the broker: resolves to (channel, id, outcome).
+type Publishing =
+    Pin<Box<dyn Future<Output = (Bytes, Option<String>, Result<(), PublishError>)> + Send>>;
+
 /// An awaited answer, for [`Session::outcome`].
 pub enum Outcome {
+    /// The broker answered a publish (or the wait timed out).
+    Published(Bytes, Option<String>, Result<(), PublishError>),
     /// The broker answered (or the wait timed out).
     Confirmed(Topic, u64, Result<(), BrokerError>),
     /// The authorisation callback answered.
@@ -105,6 +112,8 @@ pub struct Session {
     waiting: Option<FuturesUnordered<Waiting>>,
     /// Subscribes waiting for the authorisation callback; likewise lazy.
     authorising: Option<FuturesUnordered<Authorising>>,
+    /// Publishes waiting for the broker; likewise lazy.
+    publishing: Option<FuturesUnordered<Publishing>>,
     seq: u64,
     bucket: TokenBucket,
     /// The verified token, when authentication is on.
@@ -153,6 +162,7 @@ impl Session {
             held: HashMap::new(),
             waiting: None,
             authorising: None,
+            publishing: None,
             seq: 0,
             bucket: TokenBucket::new(subscribe_rate),
             expires_at: None,
@@ -170,6 +180,7 @@ impl Session {
     pub fn busy(&self) -> bool {
         self.waiting.as_ref().is_some_and(|w| !w.is_empty())
             || self.authorising.as_ref().is_some_and(|a| !a.is_empty())
+            || self.publishing.as_ref().is_some_and(|p| !p.is_empty())
     }
 
     /// Queues a frame for the client.
@@ -209,20 +220,11 @@ impl Session {
             Request::Unsubscribe { topic, id } => self.unsubscribe(ctx, conv, topic, id),
             Request::Ping { id } => self.answer(conv, Answer::Pong { id: id.as_deref() }),
             Request::Refresh { token, id } => self.refresh(ctx, conv, &token, id.as_deref()),
-            Request::Publish { channel, id, .. } => {
-                ctx.metrics
-                    .refused
-                    .with_label_values(&["not_allowed"])
-                    .inc();
-                self.answer(
-                    conv,
-                    Answer::Published {
-                        channel: &channel,
-                        id: id.as_deref(),
-                        error: Some(&Refusal::NotAllowed),
-                    },
-                );
-            }
+            Request::Publish {
+                channel,
+                payload,
+                id,
+            } => self.publish(ctx, conv, channel, payload, id),
         }
     }
 
@@ -364,6 +366,12 @@ impl Session {
                 }
                 Outcome::Authorised(topic, seq, outcome)
             }
+            Some((channel, id, outcome)) = next_done(&mut self.publishing) => {
+                if self.publishing.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    self.publishing = None;
+                }
+                Outcome::Published(channel, id, outcome)
+            }
             else => std::future::pending().await,
         }
     }
@@ -373,7 +381,74 @@ impl Session {
         match outcome {
             Outcome::Confirmed(topic, seq, o) => self.confirmed(ctx, conv, topic, seq, o),
             Outcome::Authorised(topic, seq, o) => self.authorised(ctx, conv, topic, seq, o),
+            Outcome::Published(channel, id, outcome) => {
+                let error = outcome.as_ref().err();
+                let refusal = error.map(|e| match e {
+                    PublishError::Refused(_) => Refusal::Other(e.client_error().into_owned()),
+                    _ => Refusal::Unavailable(e.client_error().into_owned()),
+                });
+                self.answer(
+                    conv,
+                    Answer::Published {
+                        channel: &channel,
+                        id: id.as_deref(),
+                        error: refusal.as_ref(),
+                        maybe_published: error.map(PublishError::maybe_published),
+                    },
+                );
+            }
         }
+    }
+
+    /// A client publish: checked as a subscribe is (name, rate), then against
+    /// both publish lists (refused `not allowed`, counted as
+    /// `publish_not_allowed`), then sent to the broker as `POST /publish`
+    /// sends it; answered once the broker answered.
+    fn publish(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        channel: Bytes,
+        payload: Bytes,
+        id: Option<String>,
+    ) {
+        let refusal =
+            if let Err(error) = validate(&Topic::Channel(channel.clone()), ctx.max_pattern_bytes) {
+                Some((None, Refusal::Other(error)))
+            } else if !self.bucket.take() {
+                Some((Some("rate_limited"), Refusal::RateLimited))
+            } else if !crate::publish::client_may_publish(
+                &ctx.client_publish,
+                self.identity.as_ref(),
+                ctx.verifier.is_some(),
+                &channel,
+            ) {
+                Some((Some("publish_not_allowed"), Refusal::NotAllowed))
+            } else {
+                None
+            };
+        if let Some((reason, error)) = refusal {
+            if let Some(reason) = reason {
+                ctx.metrics.refused.with_label_values(&[reason]).inc();
+            }
+            let refused = Answer::Published {
+                channel: &channel,
+                id: id.as_deref(),
+                error: Some(&error),
+                maybe_published: None,
+            };
+            return self.answer(conv, refused);
+        }
+        let publication = Publication {
+            channel: channel.clone(),
+            payload,
+            idempotency_key: None,
+        };
+        let sent =
+            crate::publish::client_publish(ctx.hub.clone(), publication, ctx.subscribe_timeout);
+        self.publishing
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(Box::pin(async move { (channel, id, sent.await) }));
     }
 
     /// The callback answered a subscribe (unless it was withdrawn meanwhile).

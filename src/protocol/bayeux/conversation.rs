@@ -388,7 +388,9 @@ impl Conversation for BayeuxConversation {
                 };
                 wrap(&one)
             }
-            Answer::Published { channel, id, error } => {
+            Answer::Published {
+                channel, id, error, ..
+            } => {
                 let name = String::from_utf8_lossy(channel);
                 let id = untag(id);
                 let error = error.and_then(|r| Self::refusal(r, &name));

@@ -1,0 +1,456 @@
+//! Client publishing over the native protocol, end to end against a real
+//! redis-server: `{"action":"publish",...}` reaches Redis and native
+//! subscribers byte for byte (the payload rule of `POST /publish`), only where
+//! `WSGATE_CLIENT_PUBLISH` and, with tokens, the `publish` claim allow it,
+//! and malformed publishes get an error while the connection stays open.
+//!
+//! "Not published" is proven with a marker published straight to Redis
+//! afterwards: the next message a plain Redis subscriber sees must be the
+//! marker. Every wait is bounded; nothing sleeps to synchronise.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::num::NonZeroUsize;
+
+use common::*;
+use futures_util::StreamExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use wsgate::auth::JwtKey;
+use wsgate::Config;
+
+const SECRET: &str = "wsgate-test-secret-0123456789abcdef";
+
+/// A plain Redis subscriber, straight to Redis: what Redis published.
+struct RawSub {
+    _sink: redis::aio::PubSubSink,
+    stream: redis::aio::PubSubStream,
+}
+
+impl RawSub {
+    async fn subscribe(redis: &Redis, channel: &str) -> RawSub {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let (mut sink, stream) = tokio::time::timeout(WAIT, client.get_async_pubsub())
+            .await
+            .expect("pubsub connect in time")
+            .expect("pubsub connect")
+            .split();
+        tokio::time::timeout(WAIT, sink.subscribe(channel))
+            .await
+            .expect("SUBSCRIBE in time")
+            .expect("SUBSCRIBE");
+        RawSub {
+            _sink: sink,
+            stream,
+        }
+    }
+
+    /// The next payload Redis delivered, as text (lossy for display only).
+    async fn next(&mut self) -> String {
+        let msg = tokio::time::timeout(WAIT, self.stream.next())
+            .await
+            .expect("a message from redis in time")
+            .expect("pub/sub stream ended");
+        String::from_utf8_lossy(msg.get_payload_bytes()).into_owned()
+    }
+}
+
+/// The next text frame, unparsed (pings and pongs skipped).
+async fn recv_text(c: &mut Client) -> String {
+    loop {
+        match c.next_message().await {
+            Some(Message::Text(t)) => return t.as_str().to_owned(),
+            Some(Message::Ping(_) | Message::Pong(_)) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+fn config(redis_url: Option<String>, client_publish: &[&str]) -> Config {
+    Config {
+        client_publish: client_publish.iter().map(|s| (*s).to_owned()).collect(),
+        ..test_config(redis_url)
+    }
+}
+
+/// A publish frame with a raw payload text (so its exact bytes are sent).
+fn publish_frame(channel: &str, payload: &str, id: &str) -> String {
+    format!(
+        r#"{{"action":"publish","channel":{},"payload":{payload},"id":"{id}"}}"#,
+        json!(channel)
+    )
+}
+
+fn published(channel: &str, id: &str) -> Value {
+    json!({"action":"publish","channel":channel,"id":id,"status":true})
+}
+
+fn refused(channel: &str, id: &str, error: &str) -> Value {
+    json!({"action":"publish","channel":channel,"id":id,"status":false,"error":error})
+}
+
+/// Sends one publish and returns the reply to it.
+async fn publish(c: &mut Client, channel: &str, payload: &str, id: &str) -> Value {
+    c.send_text(&publish_frame(channel, payload, id)).await;
+    c.recv().await
+}
+
+/// Nothing reached `raw` since the last message read: the next one is a
+/// marker published now, straight to Redis.
+async fn nothing_published(redis: &Redis, raw: &mut RawSub, channel: &str) {
+    let marker = format!("marker-{}", free_port());
+    assert!(redis.publish(channel, marker.as_bytes()).await >= 1);
+    assert_eq!(
+        raw.next().await,
+        marker,
+        "something else was published first"
+    );
+}
+
+fn refused_series(reason: &str) -> String {
+    format!("wsgate_refused_total{{reason=\"{reason}\"}}")
+}
+
+fn token(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn connect_with(gw: &Gateway, token: &str) -> Client {
+    let bearer = format!("Bearer {token}");
+    Client::try_connect(gw.addr, "/ws", &[("authorization", &bearer)])
+        .await
+        .unwrap_or_else(|r| panic!("upgrade refused: {r:?}"))
+}
+
+/// The payloads tried: each is published as exactly this text and embedded
+/// in a native delivery as is (all are JSON).
+const PAYLOADS: &[&str] = &[
+    r#""42""#,
+    "42",
+    "null",
+    r#"{"z":1, "a":[2]}"#,
+    r#""\u0041 \"q\"""#,
+    "[ true ,false]",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_publish_reaches_redis_and_native_subscribers_byte_for_byte() {
+    let redis = Redis::start().await;
+    let gw = Gateway::start(config(Some(redis.url()), &["chat.*"])).await;
+    let mut raw = RawSub::subscribe(&redis, "chat.a").await;
+    let mut sub = gw.client().await;
+    sub.subscribe("chat.a").await;
+    let mut publisher = gw.client().await;
+    for (i, payload) in PAYLOADS.iter().enumerate() {
+        let id = format!("p{i}");
+        assert_eq!(
+            publish(&mut publisher, "chat.a", payload, &id).await,
+            published("chat.a", &id)
+        );
+        assert_eq!(raw.next().await, *payload, "Redis carried the JSON text");
+        assert_eq!(
+            recv_text(&mut sub).await,
+            format!(r#"{{"action":"message","channel":"chat.a","payload":{payload}}}"#)
+        );
+    }
+    // A channel that looks like a pattern is a name like any other: `chat.*`
+    // matches it as an entry, and it reaches the channel's subscribers only.
+    let mut literal = RawSub::subscribe(&redis, "chat.*").await;
+    assert_eq!(
+        publish(&mut publisher, "chat.*", "1", "lit").await,
+        published("chat.*", "lit")
+    );
+    assert_eq!(literal.next().await, "1");
+    nothing_published(&redis, &mut raw, "chat.a").await;
+    drop((sub, publisher));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_publish_works_with_the_embedded_broker() {
+    let gw = Gateway::start(config(None, &["chat.*"])).await;
+    let mut sub = gw.client().await;
+    sub.subscribe("chat.a").await;
+    let mut publisher = gw.client().await;
+    assert_eq!(
+        publish(&mut publisher, "chat.a", r#""42""#, "p").await,
+        published("chat.a", "p")
+    );
+    assert_eq!(
+        recv_text(&mut sub).await,
+        r#"{"action":"message","channel":"chat.a","payload":"42"}"#
+    );
+    drop((sub, publisher));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_client_publish_nothing_may_be_published() {
+    let redis = Redis::start().await;
+    // Default: WSGATE_CLIENT_PUBLISH unset.
+    let gw = Gateway::start(config(Some(redis.url()), &[])).await;
+    let mut raw = RawSub::subscribe(&redis, "chat.a").await;
+    let mut c = gw.client().await;
+    assert_eq!(
+        publish(&mut c, "chat.a", "1", "p").await,
+        refused("chat.a", "p", "not allowed")
+    );
+    nothing_published(&redis, &mut raw, "chat.a").await;
+    assert_eq!(
+        metric_value(gw.addr, &refused_series("publish_not_allowed")).await,
+        Some(1.0)
+    );
+    drop(c);
+    gw.stop().await;
+
+    // Set: only the listed channels.
+    let gw = Gateway::start(config(Some(redis.url()), &["chat.*"])).await;
+    let mut raw_news = RawSub::subscribe(&redis, "news.a").await;
+    let mut c = gw.client().await;
+    for channel in ["news.a", "chat", "*"] {
+        assert_eq!(
+            publish(&mut c, channel, "1", "p").await,
+            refused(channel, "p", "not allowed")
+        );
+    }
+    nothing_published(&redis, &mut raw_news, "news.a").await;
+    assert_eq!(
+        publish(&mut c, "chat.a", "2", "ok").await,
+        published("chat.a", "ok")
+    );
+    assert_eq!(raw.next().await, "2");
+    drop(c);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tokens_the_publish_claim_must_allow_the_channel_too() {
+    let redis = Redis::start().await;
+    let gw = Gateway::start(Config {
+        jwt_key: Some(JwtKey::secret(SECRET).unwrap()),
+        ..config(Some(redis.url()), &["chat.*"])
+    })
+    .await;
+    let exp = jsonwebtoken::get_current_timestamp() + 3600;
+    let mut raw = RawSub::subscribe(&redis, "chat.a").await;
+    let mut raw_b = RawSub::subscribe(&redis, "chat.b").await;
+    let mut raw_news = RawSub::subscribe(&redis, "news.a").await;
+
+    // No `publish` claim (a token that may subscribe everywhere): nothing,
+    // although the server list allows the channel.
+    let subscriber_only = token(json!({"sub":"u1","exp":exp,"subscribe":["*"]}));
+    let mut c1 = connect_with(&gw, &subscriber_only).await;
+    assert_eq!(
+        publish(&mut c1, "chat.a", "1", "p").await,
+        refused("chat.a", "p", "not allowed")
+    );
+    nothing_published(&redis, &mut raw, "chat.a").await;
+    // A refresh brings the new token's claim, for publishes sent after it.
+    let refreshed = token(json!({"sub":"u1","exp":exp,"publish":["chat.a"]}));
+    assert_eq!(
+        c1.request(json!({"action":"refresh","token":refreshed,"id":"r"}))
+            .await,
+        json!({"action":"refresh","id":"r","status":true})
+    );
+    assert_eq!(
+        publish(&mut c1, "chat.a", "0", "after").await,
+        published("chat.a", "after")
+    );
+    assert_eq!(raw.next().await, "0");
+
+    // A narrow claim: its channel only.
+    let narrow = token(json!({"sub":"u2","exp":exp,"publish":["chat.a"]}));
+    let mut c2 = connect_with(&gw, &narrow).await;
+    assert_eq!(
+        publish(&mut c2, "chat.b", "1", "p").await,
+        refused("chat.b", "p", "not allowed")
+    );
+    nothing_published(&redis, &mut raw_b, "chat.b").await;
+    assert_eq!(
+        publish(&mut c2, "chat.a", "2", "ok").await,
+        published("chat.a", "ok")
+    );
+    assert_eq!(raw.next().await, "2");
+
+    // A wide claim does not widen the server list.
+    let wide = token(json!({"sub":"u3","exp":exp,"publish":["*"]}));
+    let mut c3 = connect_with(&gw, &wide).await;
+    assert_eq!(
+        publish(&mut c3, "news.a", "1", "p").await,
+        refused("news.a", "p", "not allowed")
+    );
+    nothing_published(&redis, &mut raw_news, "news.a").await;
+    assert_eq!(
+        metric_value(gw.addr, &refused_series("publish_not_allowed")).await,
+        Some(3.0)
+    );
+
+    // A token whose claim is not a list of strings is refused at the upgrade.
+    let bad = token(json!({"sub":"u4","exp":exp,"publish":"chat.*"}));
+    let bearer = format!("Bearer {bad}");
+    let r = Client::try_connect(gw.addr, "/ws", &[("authorization", &bearer)])
+        .await
+        .err()
+        .expect("a bad publish claim is refused");
+    assert_eq!(
+        (r.status, r.error()),
+        (
+            401,
+            "invalid token: missing or invalid claim publish".into()
+        )
+    );
+    drop((c1, c2, c3));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_publishes_get_an_error_and_the_connection_stays_open() {
+    let redis = Redis::start().await;
+    let gw = Gateway::start(Config {
+        max_pattern_bytes: NonZeroUsize::new(16).unwrap(),
+        ..config(Some(redis.url()), &["*"])
+    })
+    .await;
+    let mut raw = RawSub::subscribe(&redis, "chat.a").await;
+    let mut c = gw.client().await;
+    for (frame, error) in [
+        (
+            r#"{"action":"publish","payload":1,"id":"m1"}"#,
+            r#"missing field "channel""#,
+        ),
+        (
+            r#"{"action":"publish","channel":"chat.a","id":"m2"}"#,
+            r#"missing field "payload""#,
+        ),
+        (
+            r#"{"action":"publish","channel":5,"payload":1,"id":"m3"}"#,
+            r#""channel" must be a string"#,
+        ),
+    ] {
+        c.send_text(frame).await;
+        assert_eq!(
+            c.recv().await,
+            json!({"action":"error","id":frame_id(frame),"error":error}),
+            "{frame}"
+        );
+    }
+    // Names are checked as a subscribe's are.
+    let long = "c".repeat(17);
+    for (channel, error) in [
+        ("", "invalid channel: empty".to_owned()),
+        (
+            "chat.\u{1}",
+            "invalid channel: control characters are not allowed".to_owned(),
+        ),
+        (
+            long.as_str(),
+            "channel too long (17 bytes, max 16)".to_owned(),
+        ),
+    ] {
+        assert_eq!(
+            publish(&mut c, channel, "1", "n").await,
+            refused(channel, "n", &error)
+        );
+    }
+    nothing_published(&redis, &mut raw, "chat.a").await;
+    // Still open and serving.
+    assert_eq!(
+        c.request(json!({"action":"ping","id":"alive"})).await,
+        json!({"action":"pong","id":"alive"})
+    );
+    assert_eq!(
+        publish(&mut c, "chat.a", "3", "ok").await,
+        published("chat.a", "ok")
+    );
+    assert_eq!(raw.next().await, "3");
+    drop(c);
+    gw.stop().await;
+}
+
+fn frame_id(frame: &str) -> Value {
+    serde_json::from_str::<Value>(frame).unwrap()["id"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_share_the_subscribe_rate() {
+    let redis = Redis::start().await;
+    let gw = Gateway::start(Config {
+        subscribe_rate: NonZeroUsize::new(1).unwrap(),
+        ..config(Some(redis.url()), &["*"])
+    })
+    .await;
+    let mut raw = RawSub::subscribe(&redis, "chat.a").await;
+    let mut c = gw.client().await;
+    // Both frames at once: the bucket holds one token.
+    c.send_text(&publish_frame("chat.a", "1", "r1")).await;
+    c.send_text(&publish_frame("chat.a", "2", "r2")).await;
+    let mut replies = vec![c.recv().await, c.recv().await];
+    replies.sort_by_key(|r| r["id"].to_string());
+    assert_eq!(
+        replies,
+        [
+            published("chat.a", "r1"),
+            refused("chat.a", "r2", "rate limited")
+        ]
+    );
+    assert_eq!(raw.next().await, "1");
+    nothing_published(&redis, &mut raw, "chat.a").await;
+    drop(c);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_redis_cannot_take_is_answered_broker_unavailable() {
+    let mut redis = Redis::start().await;
+    let gw = Gateway::start(config(Some(redis.url()), &["*"])).await;
+    let mut c = gw.client().await;
+    redis.kill();
+    let mut reply = publish(&mut c, "chat.a", "1", "p").await;
+    assert_eq!(reply["maybe_published"], json!(false), "{reply}");
+    reply.as_object_mut().map(|o| o.remove("maybe_published"));
+    assert_eq!(reply, refused("chat.a", "p", "broker unavailable"));
+    drop(c);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_a_redis_acl_refuses_is_answered_as_a_subscribe_would_be() {
+    let redis = Redis::start().await;
+    // The gateway's Redis user may use channels `ok.*` only.
+    redis
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "limited",
+            "on",
+            ">pw",
+            "resetchannels",
+            "&ok.*",
+            "~*",
+            "+@all",
+        ])
+        .await;
+    let url = format!("redis://limited:pw@127.0.0.1:{}", redis.port);
+    let gw = Gateway::start(config(Some(url), &["*"])).await;
+    let mut raw = RawSub::subscribe(&redis, "secret").await;
+    let mut c = gw.client().await;
+    let mut reply = publish(&mut c, "secret", "1", "p").await;
+    assert_eq!(reply["maybe_published"], json!(false), "{reply}");
+    reply.as_object_mut().map(|o| o.remove("maybe_published"));
+    assert_eq!(reply, refused("secret", "p", "not permitted by Redis"));
+    nothing_published(&redis, &mut raw, "secret").await;
+    assert_eq!(
+        publish(&mut c, "ok.a", "1", "ok").await,
+        published("ok.a", "ok")
+    );
+    drop(c);
+    gw.stop().await;
+}
