@@ -32,18 +32,12 @@ use wsgate::Config;
 
 // ------------------------------------------------------------ client publish
 
-/// TODO(client_publish): `WSGATE_CLIENT_PUBLISH` (config field
-/// `client_publish: Vec<String>`, being built on branch `cpub`) is not on
-/// main yet, so every Bayeux publish is refused `403:<channel>:Forbidden`
-/// today. When it lands: set this to `true` and un-comment the assignment in
-/// [`allow_client_publish`]; the client-publish steps of the interop and
-/// cluster tests then run.
-const CLIENT_PUBLISH: bool = false;
+/// The client-publish steps of the interop and cluster tests run.
+const CLIENT_PUBLISH: bool = true;
 
-/// Lets clients publish to `/foo/*` and `/chat/*` (once the field exists).
+/// Lets clients publish to `/foo/*` and `/chat/*`.
 fn allow_client_publish(config: &mut Config) {
-    let _ = config;
-    // TODO(client_publish): config.client_publish = vec!["/foo/*".into(), "/chat/*".into()];
+    config.client_publish = vec!["/foo/*".into(), "/chat/*".into()];
 }
 
 // ------------------------------------------------------------ expected bytes

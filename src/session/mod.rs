@@ -422,13 +422,19 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
 }
 
 /// The socket ended with `end`: the session ends too, unless its dialect
-/// lingers for the client to come back.
+/// lingers for the client to come back; then the socket alone is closed as
+/// `end` says (a 1009 for a frame too big is still sent), on its own task
+/// so that the session is not held up by it.
 fn lost(conv: &dyn Conversation, socket: &mut Option<BoxSocket>, end: End) -> Option<End> {
-    if conv.linger().is_some() {
-        *socket = None;
-        return None;
+    if conv.linger().is_none() {
+        return Some(end);
     }
-    Some(end)
+    if let Some(mut s) = socket.take() {
+        tokio::spawn(async move {
+            link::finish(&mut s, Writer::default(), VecDeque::new(), end).await;
+        });
+    }
+    None
 }
 
 /// Moves what is queued into the writer. `Some` when the session must end.
@@ -513,14 +519,16 @@ fn act(
             Inbound::Binary(_) => None,
         };
         let to = ctx.clients.get(&key).zip(raw);
-        if let (Some((to, raw)), Some(s)) = (to, socket.take()) {
-            match to.try_send(Attach::Socket(s, raw.to_owned())) {
-                Ok(()) => return Acted::End(End::Gone),
-                Err(mpsc::error::TrySendError::Full(Attach::Socket(s, _)))
-                | Err(mpsc::error::TrySendError::Closed(Attach::Socket(s, _))) => {
-                    *socket = Some(s);
+        if let Some((to, raw)) = to {
+            if let Some(s) = socket.take() {
+                match to.try_send(Attach::Socket(s, raw.to_owned())) {
+                    Ok(()) => return Acted::End(End::Gone),
+                    Err(mpsc::error::TrySendError::Full(Attach::Socket(s, _)))
+                    | Err(mpsc::error::TrySendError::Closed(Attach::Socket(s, _))) => {
+                        *socket = Some(s);
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => {}
             }
         }
         if let Some(frame) = conv.answer(Answer::UnknownClient { key: &key }) {

@@ -53,7 +53,7 @@ pub async fn post(
 ) -> warp::reply::Response {
     if !origin_allowed(&app.config, &headers) {
         app.metrics.refused.with_label_values(&["origin"]).inc();
-        return cors(&headers, forbidden_origin());
+        return forbidden_origin();
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -222,11 +222,19 @@ async fn serve(
     respond(StatusCode::OK, body(&frames), &wrap)
 }
 
-/// Every message of `batch` answered `402 Unknown client`.
+/// Every message of `batch` answered `402 Unknown client` (a malformed one
+/// with its own error).
 fn unknown(batch: &[message::Decoded], client_id: Option<&str>) -> String {
     let mut out = Batch::new();
     let error = Error::UnknownClient(client_id.unwrap_or(""));
-    for m in batch.iter().flatten() {
+    for entry in batch {
+        let m = match entry {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(&reply::rejected(e));
+                continue;
+            }
+        };
         let channel = match &m.kind {
             Kind::Publish { channel, .. } | Kind::Service { channel, .. } => channel.as_str(),
             Kind::Connect { .. } => "/meta/connect",
