@@ -1559,3 +1559,60 @@ async fn nodefony_handshake_over_http_then_connect_over_websocket() {
     );
     gw.stop().await;
 }
+
+// ------------------------------------------------------------ gap notices
+
+/// Redis goes away and comes back: a faye client over a WebSocket and a
+/// cometd client over long-polling each get `/wsgate/gap` `interrupted`,
+/// then `resumed`, naming their subscriptions as they wrote them, and
+/// receive again afterwards. Never silent, and no connect loop broken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_told_to_faye_and_cometd_on_wsgate_gap() {
+    let mut redis = Redis::start().await;
+    let gw = Gateway::start(test_config(Some(redis.url()))).await;
+    let url = format!("http://{}/bayeux", gw.addr);
+    let mut clients = [
+        spawn_client("faye_client.js", &url, "websocket", &[]),
+        spawn_client("cometd_client.js", &url, "long-polling", &[]),
+    ];
+    for c in clients.iter_mut() {
+        c.expect("ready").await;
+    }
+    redis.kill();
+    for state in ["interrupted", "resumed"] {
+        if state == "resumed" {
+            redis.restart().await;
+        }
+        for c in clients.iter_mut() {
+            let gap = c
+                .expect_where(&format!("/wsgate/gap {state}"), move |e| {
+                    e["event"] == "delivery"
+                        && e["channel"] == "/wsgate/gap"
+                        && e["data"]["state"] == state
+                })
+                .await;
+            let mut subs: Vec<&str> = gap["data"]["subscriptions"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            subs.sort_unstable();
+            assert_eq!(subs, ["/foo/*", "/foo/bar"], "{gap}");
+            if state == "interrupted" {
+                assert_eq!(gap["data"]["reason"], "broker connection lost", "{gap}");
+            }
+        }
+    }
+    // Delivery flows again, once per client.
+    wait_numsub(&redis, "/foo/bar", 1).await;
+    assert_eq!(redis.publish("/foo/bar", br#"{"after":1}"#).await, 2);
+    for c in clients.iter_mut() {
+        c.expect_where("the message after the outage", |e| {
+            e["event"] == "delivery" && e["data"]["after"] == 1
+        })
+        .await;
+    }
+    for c in clients {
+        c.finish(WAIT).await;
+    }
+    gw.stop().await;
+}

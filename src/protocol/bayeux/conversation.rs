@@ -272,11 +272,10 @@ impl BayeuxConversation {
         Some(match refusal {
             Refusal::AlreadySubscribed | Refusal::NotSubscribed => return None,
             Refusal::NotAllowed => Error::Forbidden(name),
-            Refusal::Denied(reason) => refused(403, reason),
-            Refusal::RateLimited => refused(429, "Too many requests"),
-            Refusal::Cancelled => refused(409, "Cancelled by unsubscribe"),
-            Refusal::Unavailable(reason) => refused(503, reason),
-            Refusal::Other(reason) => refused(400, reason),
+            Refusal::Denied(_) | Refusal::Other(_) => refused(403, refusal.message()),
+            Refusal::RateLimited => refused(429, refusal.message()),
+            Refusal::Cancelled => refused(409, refusal.message()),
+            Refusal::Unavailable(_) => refused(503, refusal.message()),
         })
     }
 }
