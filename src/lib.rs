@@ -25,6 +25,8 @@
 //! - [`protocol`]: the `Dialect` trait and the native JSON dialect.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
 //! - [`broker`]: the `Broker` trait; Redis and in-memory implementations.
+//! - [`handoff`]: fresh Bayeux sessions adoptable by exactly one node (Redis
+//!   `GETDEL`, or in memory).
 //! - [`pattern`]: Redis's glob matcher, for the in-memory broker.
 //! - [`pattern_cost`]: pattern shape and count limits; what Redis may hold cheaply.
 //! - [`metrics`]: Prometheus metrics.
@@ -49,6 +51,7 @@ pub mod client;
 pub mod config;
 pub mod fdlimit;
 pub mod forwarded;
+pub mod handoff;
 pub mod http;
 pub mod hub;
 pub mod limits;
