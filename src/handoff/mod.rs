@@ -230,6 +230,20 @@ pub struct Record {
     pub issued_by: String,
 }
 
+/// The session a fresh key stands for, when this node may adopt it:
+/// `Some(identity)` (the inner `None`: no authentication) once the
+/// record is taken here; `None` when there is nothing to adopt (never
+/// issued, adopted elsewhere, expired, unreadable, or the store is
+/// unreachable, which is answered like an unknown key).
+pub async fn adopt(handoff: &Handoff, key: &str) -> Option<Option<Identity>> {
+    let bytes = handoff.take(key).await.ok()??;
+    let record = Record::decode(&bytes).ok()?;
+    if record.expired(SystemTime::now()) {
+        return None;
+    }
+    record.identity().ok()
+}
+
 /// Why stored bytes are not a [`Record`], or its identity not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
