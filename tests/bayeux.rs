@@ -704,13 +704,10 @@ async fn two_nodes_faye_cometd_and_native_on_one_channel() {
     // One Redis subscription per node.
     wait_numsub(&redis, room, 2).await;
 
-    // The native side publishes (through POST /publish on node B).
-    // TODO(native publish): once the native protocol has a publish action,
-    // publish from `native`'s own socket instead.
-    let (status, body) = b
-        .publish(json!({"channel": room, "payload": {"from": "native"}}))
+    // The native client publishes from its own socket (node A).
+    native
+        .send_json(json!({"action": "publish", "channel": room, "payload": {"from": "native"}, "id": "n1"}))
         .await;
-    assert_eq!(status, 200, "{body}");
     for s in [&mut faye, &mut cometd] {
         let got = s
             .expect_where("the native publish", |e| {
@@ -722,9 +719,15 @@ async fn two_nodes_faye_cometd_and_native_on_one_channel() {
             json!({"channel": room, "data": {"from": "native"}})
         );
     }
+    // Its reply and its own copy, in either order.
+    let mut frames = vec![native.recv().await, native.recv().await];
+    frames.sort_by_key(|f| f["action"].as_str().map(str::to_owned));
     assert_eq!(
-        native.recv().await,
-        json!({"action": "message", "channel": room, "payload": {"from": "native"}})
+        frames,
+        [
+            json!({"action": "message", "channel": room, "payload": {"from": "native"}}),
+            json!({"action": "publish", "channel": room, "id": "n1", "status": true}),
+        ]
     );
 
     if CLIENT_PUBLISH {
