@@ -46,7 +46,8 @@
 //! It stores nothing: Redis pub/sub is at-most-once, and so is wsgate (no
 //! history, no replay). It does not speak Redis Cluster's sharded pub/sub,
 //! TLS to Redis, or HTTP/2 WebSockets, and does not terminate TLS itself (put
-//! it behind a TLS proxy). The other dialects (Bayeux, RoadRunner,
+//! it behind a TLS proxy). Bayeux (Faye, CometD, nodefony) is served beside
+//! the native protocol; the other dialects (RoadRunner,
 //! realizehit, SocketStream) are not built yet. Security (tokens, ACLs, the
 //! callback, limits) is described in `docs/security.md`.
 

@@ -1,0 +1,141 @@
+//! Fuzzes one Bayeux conversation (`wsgate::protocol::bayeux::conversation`):
+//! what a session does with any sequence of client messages.
+//!
+//! Input: messages separated by a 0xff byte, fed to one conversation in
+//! order (the first is preceded by a real handshake half the time, chosen
+//! by the first byte, so that both a fresh and a bound conversation are
+//! exercised). Checks, for any input:
+//! - `decode` never panics, and every frame it queues (replies, errors) is
+//!   one JSON array of objects;
+//! - every request it makes, answered by the session as done or refused (in
+//!   each way a session refuses), renders a JSON array of objects, and a
+//!   publish's answer has no `data`;
+//! - `release` and `unknown` render JSON arrays of objects too;
+//! - a request's channel or topic is never under `/meta/` and a publish is
+//!   never to a wildcard.
+
+#![no_main]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+use wsgate::protocol::bayeux::conversation::{BayeuxConversation, BayeuxRender, Endpoint};
+use wsgate::protocol::bayeux::message::Limits;
+use wsgate::protocol::{
+    Ack, AckKind, Answer, Conversation, Frame, Inbound, Refusal, Request, Step,
+};
+
+/// One JSON array of objects, or a panic saying what it was.
+fn check(frame: &Frame, what: &str) -> Vec<Value> {
+    let Frame::Text(text) = frame else {
+        panic!("{what}: not text: {frame:?}");
+    };
+    match serde_json::from_str::<Value>(text.as_str()) {
+        Ok(Value::Array(items)) if items.iter().all(Value::is_object) => items,
+        other => panic!("{what}: not an array of objects ({other:?}): {text}"),
+    }
+}
+
+fn refusals() -> [Option<Refusal>; 9] {
+    [
+        None,
+        Some(Refusal::NotAllowed),
+        Some(Refusal::Denied("no: \"x\"".into())),
+        Some(Refusal::AlreadySubscribed),
+        Some(Refusal::NotSubscribed),
+        Some(Refusal::Cancelled),
+        Some(Refusal::RateLimited),
+        Some(Refusal::Unavailable("broker unavailable".into())),
+        Some(Refusal::Other("limit, reached: 3".into())),
+    ]
+}
+
+fuzz_target!(|data: &[u8]| {
+    let endpoint = Arc::new(Endpoint {
+        render: Arc::new(BayeuxRender),
+        connect_timeout: Duration::from_secs(30),
+        session_timeout: Duration::from_secs(60),
+        limits: Limits::new(64 * 1024),
+        verifier: None,
+        nodefony: data.first().is_some_and(|b| b & 2 != 0),
+    });
+    let mut conv = BayeuxConversation::new(endpoint, None);
+    let mut steps = Vec::new();
+    let mut inputs: Vec<Vec<u8>> = data
+        .get(1..)
+        .unwrap_or_default()
+        .split(|&b| b == 0xff)
+        .map(<[u8]>::to_vec)
+        .collect();
+    if data.first().is_some_and(|b| b & 1 != 0) {
+        inputs.insert(
+            0,
+            br#"{"channel":"/meta/handshake","version":"1.0","supportedConnectionTypes":["websocket"],"id":"h"}"#
+                .to_vec(),
+        );
+    }
+    for input in &inputs {
+        let inbound = match std::str::from_utf8(input) {
+            Ok(text) => Inbound::Text(text),
+            Err(_) => Inbound::Binary(input),
+        };
+        conv.decode(inbound, &mut steps);
+        for step in steps.drain(..) {
+            match step {
+                Step::Reply(f) | Step::Malformed(f) => {
+                    check(&f, "reply");
+                }
+                Step::Request(Request::Subscribe { topic, id, .. }) => {
+                    assert!(!topic.name().starts_with(b"/meta/"), "{topic:?}");
+                    for (kind, error) in [AckKind::Subscribe, AckKind::Unsubscribe]
+                        .into_iter()
+                        .flat_map(|k| refusals().into_iter().map(move |r| (k, r)))
+                    {
+                        let ack = Ack { kind, topic: &topic, id: id.as_deref(), error: error.as_ref() };
+                        if let Some(f) = conv.answer(Answer::Ack(ack)) {
+                            check(&f, "ack");
+                        }
+                    }
+                }
+                Step::Request(Request::Unsubscribe { topic, .. }) => {
+                    assert!(!topic.name().starts_with(b"/meta/"), "{topic:?}");
+                }
+                Step::Request(Request::Publish { channel, id, payload }) => {
+                    assert!(!channel.starts_with(b"/meta/"), "{channel:?}");
+                    assert!(!channel.ends_with(b"*"), "{channel:?}");
+                    assert!(serde_json::from_slice::<Value>(&payload).is_ok(), "{payload:?}");
+                    for error in refusals() {
+                        let answer = Answer::Published {
+                            channel: &channel,
+                            id: id.as_deref(),
+                            error: error.as_ref(),
+                            maybe_published: None,
+                        };
+                        if let Some(f) = conv.answer(answer) {
+                            for m in check(&f, "publish ack") {
+                                assert!(m.get("data").is_none(), "ack with data: {m}");
+                            }
+                        }
+                    }
+                }
+                Step::Request(_) => {}
+                Step::Route(key) => {
+                    if let Some(f) = conv.answer(Answer::UnknownClient { key: &key }) {
+                        check(&f, "unknown client");
+                    }
+                }
+                Step::Hold(_) => {
+                    if let Some(f) = conv.release() {
+                        check(&f, "connect release");
+                    }
+                }
+                Step::Authenticated(_) | Step::Bind(_) | Step::End => {}
+            }
+        }
+        if let Some(f) = conv.unknown(inbound, "0123456789abcdef0123456789abcdef") {
+            check(&f, "unknown");
+        }
+    }
+});
