@@ -324,26 +324,17 @@ pub fn decode_body(
     body: &[u8],
     limits: &Limits,
 ) -> Result<Vec<Decoded>, DecodeError> {
-    let media = content_type.map(|t| {
-        t.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    });
-    match media.as_deref() {
-        None | Some("application/json") | Some("text/json") => decode_json(body, limits),
-        Some("application/x-www-form-urlencoded") => decode_form(body, limits),
-        Some("text/plain") => {
-            let first = body.iter().find(|b| !b.is_ascii_whitespace());
-            if matches!(first, Some(b'[' | b'{')) {
-                decode_json(body, limits)
-            } else {
-                decode_form(body, limits)
-            }
-        }
-        Some(_) => Err(DecodeError::ContentType),
-    }
+    body_text(content_type, body, limits).and_then(|text| decode_text(&text, limits))
+}
+
+/// The media type of a `Content-Type` value, lowercased, without parameters.
+fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 /// The JSON text of a POST body, read by its `Content-Type` as
@@ -355,13 +346,7 @@ pub fn body_text(
     limits: &Limits,
 ) -> Result<String, DecodeError> {
     check_size(body, limits)?;
-    let media = content_type.map(|t| {
-        t.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    });
+    let media = content_type.map(media_type);
     let form = |body: &[u8]| form_value(body, "message")?.ok_or(DecodeError::NoMessageField);
     let json = |body: &[u8]| {
         std::str::from_utf8(body)
