@@ -200,7 +200,6 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     if let Some(identity) = ctx.identity.take() {
         session.set_identity(identity);
     }
-    let mut steps = Vec::new();
     let mut items = VecDeque::new();
     let mut socket: Option<BoxSocket> = None;
     let mut writer = Writer::default();
@@ -255,13 +254,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                 }
                 break 'run End::Close(1000, "client served elsewhere".into());
             }
-            let fx = serve(
-                &ctx,
-                &mut session,
-                conv.as_mut(),
-                &mut steps,
-                Inbound::Text(&text),
-            );
+            let fx = serve(&ctx, &mut session, conv.as_mut(), Inbound::Text(&text));
             match act(
                 &ctx,
                 &mut session,
@@ -383,7 +376,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                         }
                         break End::Close(1000, "client served elsewhere".into());
                     }
-                    let fx = serve(&ctx, &mut session, conv.as_mut(), &mut steps, inbound);
+                    let fx = serve(&ctx, &mut session, conv.as_mut(), inbound);
                     match act(
                         &ctx, &mut session, conv.as_mut(), fx, inbound, &mut socket,
                         &mut polls, &mut holding, &mut attach, &mut binding, &mut offered,
@@ -481,15 +474,16 @@ fn refill(
     None
 }
 
-/// Serves one inbound message: each step of it, in order.
+/// Serves one inbound message: each step of it, in order. The steps live
+/// only as long as the message: an idle socket keeps no buffer for them.
 fn serve(
     ctx: &SessionContext,
     session: &mut Session,
     conv: &mut dyn Conversation,
-    steps: &mut Vec<Step>,
     inbound: Inbound<'_>,
 ) -> Effects {
-    conv.decode(inbound, steps);
+    let mut steps = Vec::new();
+    conv.decode(inbound, &mut steps);
     let mut fx = Effects::default();
     for step in steps.drain(..) {
         match step {
