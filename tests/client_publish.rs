@@ -15,7 +15,6 @@ mod common;
 use std::num::NonZeroUsize;
 
 use common::*;
-use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -23,40 +22,6 @@ use wsgate::auth::JwtKey;
 use wsgate::Config;
 
 const SECRET: &str = "wsgate-test-secret-0123456789abcdef";
-
-/// A plain Redis subscriber, straight to Redis: what Redis published.
-struct RawSub {
-    _sink: redis::aio::PubSubSink,
-    stream: redis::aio::PubSubStream,
-}
-
-impl RawSub {
-    async fn subscribe(redis: &Redis, channel: &str) -> RawSub {
-        let client = redis::Client::open(redis.url()).unwrap();
-        let (mut sink, stream) = tokio::time::timeout(WAIT, client.get_async_pubsub())
-            .await
-            .expect("pubsub connect in time")
-            .expect("pubsub connect")
-            .split();
-        tokio::time::timeout(WAIT, sink.subscribe(channel))
-            .await
-            .expect("SUBSCRIBE in time")
-            .expect("SUBSCRIBE");
-        RawSub {
-            _sink: sink,
-            stream,
-        }
-    }
-
-    /// The next payload Redis delivered, as text (lossy for display only).
-    async fn next(&mut self) -> String {
-        let msg = tokio::time::timeout(WAIT, self.stream.next())
-            .await
-            .expect("a message from redis in time")
-            .expect("pub/sub stream ended");
-        String::from_utf8_lossy(msg.get_payload_bytes()).into_owned()
-    }
-}
 
 /// The next text frame, unparsed (pings and pongs skipped).
 async fn recv_text(c: &mut Client) -> String {
@@ -104,7 +69,7 @@ async fn nothing_published(redis: &Redis, raw: &mut RawSub, channel: &str) {
     let marker = format!("marker-{}", free_port());
     assert!(redis.publish(channel, marker.as_bytes()).await >= 1);
     assert_eq!(
-        raw.next().await,
+        raw.next_text().await,
         marker,
         "something else was published first"
     );
@@ -155,7 +120,11 @@ async fn an_allowed_publish_reaches_redis_and_native_subscribers_byte_for_byte()
             publish(&mut publisher, "chat.a", payload, &id).await,
             published("chat.a", &id)
         );
-        assert_eq!(raw.next().await, *payload, "Redis carried the JSON text");
+        assert_eq!(
+            raw.next_text().await,
+            *payload,
+            "Redis carried the JSON text"
+        );
         assert_eq!(
             recv_text(&mut sub).await,
             format!(r#"{{"action":"message","channel":"chat.a","payload":{payload}}}"#)
@@ -168,7 +137,7 @@ async fn an_allowed_publish_reaches_redis_and_native_subscribers_byte_for_byte()
         publish(&mut publisher, "chat.*", "1", "lit").await,
         published("chat.*", "lit")
     );
-    assert_eq!(literal.next().await, "1");
+    assert_eq!(literal.next_text().await, "1");
     nothing_published(&redis, &mut raw, "chat.a").await;
     drop((sub, publisher));
     gw.stop().await;
@@ -226,7 +195,7 @@ async fn without_client_publish_nothing_may_be_published() {
         publish(&mut c, "chat.a", "2", "ok").await,
         published("chat.a", "ok")
     );
-    assert_eq!(raw.next().await, "2");
+    assert_eq!(raw.next_text().await, "2");
     drop(c);
     gw.stop().await;
 }
@@ -264,7 +233,7 @@ async fn with_tokens_the_publish_claim_must_allow_the_channel_too() {
         publish(&mut c1, "chat.a", "0", "after").await,
         published("chat.a", "after")
     );
-    assert_eq!(raw.next().await, "0");
+    assert_eq!(raw.next_text().await, "0");
 
     // A narrow claim: its channel only.
     let narrow = token(json!({"sub":"u2","exp":exp,"publish":["chat.a"]}));
@@ -278,7 +247,7 @@ async fn with_tokens_the_publish_claim_must_allow_the_channel_too() {
         publish(&mut c2, "chat.a", "2", "ok").await,
         published("chat.a", "ok")
     );
-    assert_eq!(raw.next().await, "2");
+    assert_eq!(raw.next_text().await, "2");
 
     // A wide claim does not widen the server list.
     let wide = token(json!({"sub":"u3","exp":exp,"publish":["*"]}));
@@ -370,7 +339,7 @@ async fn malformed_publishes_get_an_error_and_the_connection_stays_open() {
         publish(&mut c, "chat.a", "3", "ok").await,
         published("chat.a", "ok")
     );
-    assert_eq!(raw.next().await, "3");
+    assert_eq!(raw.next_text().await, "3");
     drop(c);
     gw.stop().await;
 }
@@ -401,7 +370,7 @@ async fn publishes_share_the_subscribe_rate() {
             refused("chat.a", "r2", "rate limited")
         ]
     );
-    assert_eq!(raw.next().await, "1");
+    assert_eq!(raw.next_text().await, "1");
     nothing_published(&redis, &mut raw, "chat.a").await;
     drop(c);
     gw.stop().await;

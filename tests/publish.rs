@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,52 +32,6 @@ use tokio_tungstenite::tungstenite::Message;
 use wsgate::Config;
 
 // ---------------------------------------------------------------- helpers
-
-/// A plain Redis subscriber, straight to Redis: what Redis published.
-struct RawSub {
-    _sink: redis::aio::PubSubSink,
-    stream: redis::aio::PubSubStream,
-}
-
-impl RawSub {
-    async fn subscribe(redis: &Redis, channel: &str) -> RawSub {
-        let client = redis::Client::open(redis.url()).unwrap();
-        let (mut sink, stream) = tokio::time::timeout(WAIT, client.get_async_pubsub())
-            .await
-            .expect("pubsub connect in time")
-            .expect("pubsub connect")
-            .split();
-        tokio::time::timeout(WAIT, sink.subscribe(channel))
-            .await
-            .expect("SUBSCRIBE in time")
-            .expect("SUBSCRIBE");
-        RawSub {
-            _sink: sink,
-            stream,
-        }
-    }
-
-    /// The next payload Redis delivered, as bytes.
-    async fn next(&mut self) -> Vec<u8> {
-        let msg = tokio::time::timeout(WAIT, self.stream.next())
-            .await
-            .expect("a message from redis in time")
-            .expect("pub/sub stream ended");
-        msg.get_payload_bytes().to_vec()
-    }
-
-    /// The next payloads are exactly `want`, in order.
-    async fn expect(&mut self, want: &[&[u8]]) {
-        for (i, w) in want.iter().enumerate() {
-            let got = self.next().await;
-            assert_eq!(
-                String::from_utf8_lossy(&got),
-                String::from_utf8_lossy(w),
-                "message {i} on redis"
-            );
-        }
-    }
-}
 
 /// The next text frame, unparsed (pings and pongs skipped).
 async fn recv_text(c: &mut Client) -> String {
@@ -379,11 +332,7 @@ async fn payload_is_published_as_its_json_text_and_payload_text_as_raw_text() {
             (200, json!({"receivers":2})),
             "{body}"
         );
-        assert_eq!(
-            String::from_utf8_lossy(&raw.next().await),
-            *in_redis,
-            "{body}: bytes in redis"
-        );
+        assert_eq!(raw.next_text().await, *in_redis, "{body}: bytes in redis");
         assert_eq!(recv_text(&mut ws).await, delivery_text(payload), "{body}");
     }
     let items: Vec<String> = PAYLOAD_CASES
@@ -396,11 +345,7 @@ async fn payload_is_published_as_its_json_text_and_payload_text_as_raw_text() {
         (200, json!({"receivers": vec![2; PAYLOAD_CASES.len()]}))
     );
     for (fields, in_redis, payload) in PAYLOAD_CASES {
-        assert_eq!(
-            String::from_utf8_lossy(&raw.next().await),
-            *in_redis,
-            "batch {fields}"
-        );
+        assert_eq!(raw.next_text().await, *in_redis, "batch {fields}");
         assert_eq!(
             recv_text(&mut ws).await,
             delivery_text(payload),

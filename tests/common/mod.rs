@@ -263,6 +263,63 @@ impl Drop for Redis {
     }
 }
 
+/// A plain Redis subscriber, straight to Redis (redis-rs, not the gateway):
+/// what Redis actually published, byte for byte. Shared by the publish tests
+/// over HTTP (tests/publish.rs) and over the native protocol
+/// (tests/client_publish.rs), which both check what reached Redis.
+pub struct RawSub {
+    _sink: redis::aio::PubSubSink,
+    stream: redis::aio::PubSubStream,
+}
+
+impl RawSub {
+    /// Connects to `redis` and subscribes to `channel`; returns once Redis
+    /// confirmed the subscription.
+    pub async fn subscribe(redis: &Redis, channel: &str) -> RawSub {
+        let client = redis::Client::open(redis.url()).expect("redis client");
+        let (mut sink, stream) = tokio::time::timeout(WAIT, client.get_async_pubsub())
+            .await
+            .expect("pubsub connect in time")
+            .expect("pubsub connect")
+            .split();
+        tokio::time::timeout(WAIT, sink.subscribe(channel))
+            .await
+            .expect("SUBSCRIBE in time")
+            .expect("SUBSCRIBE");
+        RawSub {
+            _sink: sink,
+            stream,
+        }
+    }
+
+    /// The next payload Redis delivered, as bytes, within `WAIT`.
+    pub async fn next(&mut self) -> Vec<u8> {
+        let msg = tokio::time::timeout(WAIT, self.stream.next())
+            .await
+            .expect("a message from redis in time")
+            .expect("pub/sub stream ended");
+        msg.get_payload_bytes().to_vec()
+    }
+
+    /// The next payload Redis delivered, as text (lossy: for comparing with
+    /// text and for display).
+    pub async fn next_text(&mut self) -> String {
+        String::from_utf8_lossy(&self.next().await).into_owned()
+    }
+
+    /// The next payloads are exactly `want`, in order.
+    pub async fn expect(&mut self, want: &[&[u8]]) {
+        for (i, w) in want.iter().enumerate() {
+            let got = self.next().await;
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(w),
+                "message {i} on redis"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------- gateway
 
 /// A gateway running in this test process on 127.0.0.1:<free>.
