@@ -316,24 +316,13 @@ async fn lp_subscribe(addr: SocketAddr, path: &str, id: &str, cid: &str, sub: &s
 
 // ------------------------------------------------------------ raw WebSocket
 
-/// The next text frame, within `WAIT` (pings and pongs skipped).
-async fn ws_text(c: &mut Client) -> String {
-    loop {
-        match c.next_message().await {
-            Some(Message::Text(t)) => return t.as_str().to_owned(),
-            Some(Message::Ping(_) | Message::Pong(_)) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
-
 /// A Bayeux client over a raw WebSocket on `path`: handshake and first
 /// connect, each reply checked byte for byte. Returns it and its clientId.
 async fn ws_handshake(addr: SocketAddr, path: &str) -> (Client, String) {
     let mut c = Client::connect(addr, path).await;
     c.send_text(&format!("[{}]", handshake_msg("1", r#"["websocket"]"#)))
         .await;
-    let reply = ws_text(&mut c).await;
+    let reply = c.recv_text().await;
     let cid = client_id_of(&reply);
     assert_eq!(
         reply,
@@ -344,7 +333,7 @@ async fn ws_handshake(addr: SocketAddr, path: &str) -> (Client, String) {
     ))
     .await;
     assert_eq!(
-        ws_text(&mut c).await,
+        c.recv_text().await,
         batch(&[first_connect_reply("2", &cid, DEFAULT_CONNECT_TIMEOUT_MS)])
     );
     (c, cid)
@@ -353,7 +342,7 @@ async fn ws_handshake(addr: SocketAddr, path: &str) -> (Client, String) {
 async fn ws_subscribe(c: &mut Client, id: &str, cid: &str, sub: &str) {
     c.send_text(&subscribe_msg(id, cid, sub)).await;
     assert_eq!(
-        ws_text(c).await,
+        c.recv_text().await,
         batch(&[subscribe_reply(id, cid, sub)]),
         "subscribe {sub}"
     );
@@ -800,7 +789,7 @@ async fn a_websocket_naming_an_unknown_client_id_gets_402_and_stays_open() {
     // The client handshakes again on the same socket.
     ws.send_text(&format!("[{}]", handshake_msg("3", r#"["websocket"]"#)))
         .await;
-    let reply = ws_text(&mut ws).await;
+    let reply = ws.recv_text().await;
     let cid = client_id_of(&reply);
     assert_eq!(
         reply,
@@ -1139,7 +1128,7 @@ impl Watcher {
         self.n += 1;
         redis.publish("/watch", self.n.to_string().as_bytes()).await;
         assert_eq!(
-            ws_text(&mut self.c).await,
+            self.c.recv_text().await,
             batch(&[delivery("/watch", &self.n.to_string())]),
             "the watcher after {after}"
         );
@@ -1343,7 +1332,7 @@ async fn bad_input_over_a_websocket_is_answered_exactly_and_harms_nobody() {
     let mut failures = Vec::new();
     for (what, body, want) in bad_bodies(&cid).into_iter().chain(bad_messages(&cid)) {
         bad.send_text(&body).await;
-        let got = ws_text(&mut bad).await;
+        let got = bad.recv_text().await;
         if got != want {
             failures.push(format!("{what}: got {got}, want {want}"));
         }
@@ -1351,7 +1340,7 @@ async fn bad_input_over_a_websocket_is_answered_exactly_and_harms_nobody() {
     }
     // The bad client's session survived: it still receives.
     redis.publish("/mine", b"7").await;
-    assert_eq!(ws_text(&mut bad).await, batch(&[delivery("/mine", "7")]));
+    assert_eq!(bad.recv_text().await, batch(&[delivery("/mine", "7")]));
     // A frame over WSGATE_MAX_MESSAGE_BYTES closes the socket with 1009.
     let big = format!(
         r#"[{{"channel":"/foo/bar","clientId":"{cid}","data":"{}"}}]"#,
@@ -1548,7 +1537,7 @@ async fn nodefony_handshake_over_http_then_connect_over_websocket() {
     ))
     .await;
     assert_eq!(
-        ws_text(&mut ws).await,
+        ws.recv_text().await,
         format!(
             r#"[{{"channel":"/meta/connect","id":"2","successful":true,"clientId":"{cid}","advice":{{"reconnect":"retry","interval":0,"timeout":{DEFAULT_CONNECT_TIMEOUT_MS}}},"data":{{}}}}]"#
         )
@@ -1557,7 +1546,7 @@ async fn nodefony_handshake_over_http_then_connect_over_websocket() {
     ws_subscribe(&mut ws, "3", &cid, "/nodefony").await;
     redis.publish("/nodefony", br#"{"k":"v"}"#).await;
     assert_eq!(
-        ws_text(&mut ws).await,
+        ws.recv_text().await,
         batch(&[delivery("/nodefony", r#"{"k":"v"}"#)])
     );
     gw.stop().await;

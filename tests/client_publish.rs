@@ -17,22 +17,10 @@ use std::num::NonZeroUsize;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 use wsgate::auth::JwtKey;
 use wsgate::Config;
 
 const SECRET: &str = "wsgate-test-secret-0123456789abcdef";
-
-/// The next text frame, unparsed (pings and pongs skipped).
-async fn recv_text(c: &mut Client) -> String {
-    loop {
-        match c.next_message().await {
-            Some(Message::Text(t)) => return t.as_str().to_owned(),
-            Some(Message::Ping(_) | Message::Pong(_)) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
 
 fn config(redis_url: Option<String>, client_publish: &[&str]) -> Config {
     Config {
@@ -126,7 +114,7 @@ async fn an_allowed_publish_reaches_redis_and_native_subscribers_byte_for_byte()
             "Redis carried the JSON text"
         );
         assert_eq!(
-            recv_text(&mut sub).await,
+            sub.recv_text().await,
             format!(r#"{{"action":"message","channel":"chat.a","payload":{payload}}}"#)
         );
     }
@@ -154,7 +142,7 @@ async fn an_allowed_publish_works_with_the_embedded_broker() {
         published("chat.a", "p")
     );
     assert_eq!(
-        recv_text(&mut sub).await,
+        sub.recv_text().await,
         r#"{"action":"message","channel":"chat.a","payload":"42"}"#
     );
     drop((sub, publisher));

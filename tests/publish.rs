@@ -28,21 +28,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 use wsgate::Config;
 
 // ---------------------------------------------------------------- helpers
-
-/// The next text frame, unparsed (pings and pongs skipped).
-async fn recv_text(c: &mut Client) -> String {
-    loop {
-        match c.next_message().await {
-            Some(Message::Text(t)) => return t.as_str().to_owned(),
-            Some(Message::Ping(_) | Message::Pong(_)) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
 
 /// POST /publish with a raw body: (status, parsed reply).
 async fn post(addr: SocketAddr, body: &str) -> (u16, Value) {
@@ -333,7 +321,7 @@ async fn payload_is_published_as_its_json_text_and_payload_text_as_raw_text() {
             "{body}"
         );
         assert_eq!(raw.next_text().await, *in_redis, "{body}: bytes in redis");
-        assert_eq!(recv_text(&mut ws).await, delivery_text(payload), "{body}");
+        assert_eq!(ws.recv_text().await, delivery_text(payload), "{body}");
     }
     let items: Vec<String> = PAYLOAD_CASES
         .iter()
@@ -347,7 +335,7 @@ async fn payload_is_published_as_its_json_text_and_payload_text_as_raw_text() {
     for (fields, in_redis, payload) in PAYLOAD_CASES {
         assert_eq!(raw.next_text().await, *in_redis, "batch {fields}");
         assert_eq!(
-            recv_text(&mut ws).await,
+            ws.recv_text().await,
             delivery_text(payload),
             "batch {fields}"
         );
@@ -369,7 +357,7 @@ async fn payload_rule_holds_with_the_embedded_broker() {
             (200, json!({"receivers":1})),
             "{body}"
         );
-        assert_eq!(recv_text(&mut ws).await, delivery_text(payload), "{body}");
+        assert_eq!(ws.recv_text().await, delivery_text(payload), "{body}");
     }
     drop(ws);
     gw.stop().await;
@@ -410,11 +398,11 @@ async fn a_reset_after_the_publish_was_sent_does_not_publish_twice() {
     assert_eq!(redis.publish("r", b"\"marker\"").await, 2);
     raw.expect(&[b"1", b"\"marker\""]).await;
     assert_eq!(
-        recv_text(&mut ws).await,
+        ws.recv_text().await,
         r#"{"action":"message","channel":"r","payload":1}"#
     );
     assert_eq!(
-        recv_text(&mut ws).await,
+        ws.recv_text().await,
         r#"{"action":"message","channel":"r","payload":"marker"}"#
     );
 
@@ -555,11 +543,11 @@ async fn a_retry_with_the_same_idempotency_key_is_not_published_again() {
     assert_eq!(redis.publish("r", b"\"marker\"").await, 2);
     raw.expect(&[br#"{"order":7}"#, b"\"marker\""]).await;
     assert_eq!(
-        recv_text(&mut ws).await,
+        ws.recv_text().await,
         r#"{"action":"message","channel":"r","payload":{"order":7}}"#
     );
     assert_eq!(
-        recv_text(&mut ws).await,
+        ws.recv_text().await,
         r#"{"action":"message","channel":"r","payload":"marker"}"#
     );
     let ttl = redis.int(&["PTTL", "wsgate:idempotency:1:r:k1"]).await;
@@ -654,7 +642,7 @@ async fn idempotency_keys_with_the_embedded_broker() {
     );
     for n in [1, 2, 6] {
         assert_eq!(
-            recv_text(&mut ws).await,
+            ws.recv_text().await,
             format!(r#"{{"action":"message","channel":"m","payload":{n}}}"#)
         );
     }

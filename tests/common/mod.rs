@@ -629,17 +629,25 @@ impl Client {
         }
     }
 
-    /// The next text frame parsed as JSON, within `WAIT`.
-    pub async fn recv(&mut self) -> Value {
+    /// The next text frame, unparsed (pings and pongs skipped), each frame
+    /// within `WAIT`; any other frame, or the end, is a panic. For tests that
+    /// compare what the gateway wrote byte for byte (tests/publish.rs,
+    /// tests/client_publish.rs, tests/protocol.rs, and the Bayeux frames of
+    /// tests/bayeux.rs), and for [`Client::recv`].
+    pub async fn recv_text(&mut self) -> String {
         loop {
             match self.next_message().await {
-                Some(Message::Text(t)) => {
-                    return serde_json::from_str(&t).expect("server sent invalid JSON")
-                }
+                Some(Message::Text(t)) => return t.as_str().to_owned(),
                 Some(Message::Ping(_) | Message::Pong(_)) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
             }
         }
+    }
+
+    /// The next text frame parsed as JSON, within `WAIT`.
+    pub async fn recv(&mut self) -> Value {
+        let text = self.recv_text().await;
+        serde_json::from_str(&text).expect("server sent invalid JSON")
     }
 
     /// Sends `v` and returns the next frame.
