@@ -36,24 +36,11 @@ fn node(url: &str, name: &str) -> Handoff {
     Handoff::redis(url, options(name)).expect("valid url")
 }
 
-/// The `name=` of every client connected to `redis`.
-async fn client_names(redis: &Redis) -> Vec<String> {
-    let list = match redis.cmd(&["CLIENT", "LIST"]).await {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-        redis::Value::VerbatimString { text, .. } => text,
-        other => panic!("CLIENT LIST reply {other:?}"),
-    };
-    list.lines()
-        .filter_map(|l| l.split(' ').find_map(|kv| kv.strip_prefix("name=")))
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Waits until a connection named `name` is (or, `false`, is no longer)
 /// connected.
 async fn wait_connection(redis: &Redis, name: &str, present: bool) {
     wait_until(&format!("{name} connected: {present}"), WAIT, || async {
-        client_names(redis).await.iter().any(|n| n == name) == present
+        redis.client_names().await.iter().any(|n| n == name) == present
     })
     .await;
 }

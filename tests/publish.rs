@@ -45,19 +45,6 @@ fn config(redis_url: Option<String>, tweak: impl FnOnce(&mut Config)) -> Config 
     c
 }
 
-/// The `CLIENT LIST` line names.
-async fn client_names(redis: &Redis) -> Vec<String> {
-    let list = match redis.cmd(&["CLIENT", "LIST"]).await {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-        redis::Value::VerbatimString { text, .. } => text,
-        other => panic!("CLIENT LIST reply {other:?}"),
-    };
-    list.lines()
-        .filter_map(|l| l.split(' ').find_map(|kv| kv.strip_prefix("name=")))
-        .map(str::to_owned)
-        .collect()
-}
-
 // ---------------------------------------------------------------- proxy
 
 /// The RESP bulk strings that start the commands faults are keyed on.
@@ -699,7 +686,8 @@ async fn the_publish_connection_is_named_after_the_node() {
     }))
     .await;
     let named = || async {
-        client_names(&redis)
+        redis
+            .client_names()
             .await
             .iter()
             .filter(|n| *n == "wsgate:node-a.test:publish")
@@ -715,7 +703,7 @@ async fn the_publish_connection_is_named_after_the_node() {
     assert!(
         named().await,
         "named again: {:?}",
-        client_names(&redis).await
+        redis.client_names().await
     );
     gw.stop().await;
 }
@@ -730,7 +718,8 @@ async fn node_id_from_the_environment() {
     ])
     .await;
     wait_until("CLIENT LIST names the node", WAIT, || async {
-        client_names(&redis)
+        redis
+            .client_names()
             .await
             .contains(&"wsgate:env-node:publish".to_owned())
     })

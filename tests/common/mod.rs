@@ -234,14 +234,32 @@ impl Redis {
         }
     }
 
-    /// The `CLIENT LIST` lines of pub/sub connections, with their `sub=`/`psub=` counts.
-    pub async fn pubsub_clients(&self) -> Vec<(i64, i64)> {
-        let list = match self.cmd(&["CLIENT", "LIST"]).await {
+    /// The `CLIENT LIST` reply as text, one line per connection.
+    async fn client_list(&self) -> String {
+        match self.cmd(&["CLIENT", "LIST"]).await {
             redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
             redis::Value::VerbatimString { text, .. } => text,
             other => panic!("CLIENT LIST reply {other:?}"),
-        };
-        list.lines()
+        }
+    }
+
+    /// The `name=` of every named connection in `CLIENT LIST` (shared by
+    /// tests/publish.rs, which checks the publish connection's name, and
+    /// tests/handoff.rs, which waits for the handoff store's connection).
+    pub async fn client_names(&self) -> Vec<String> {
+        self.client_list()
+            .await
+            .lines()
+            .filter_map(|l| l.split(' ').find_map(|kv| kv.strip_prefix("name=")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The `CLIENT LIST` lines of pub/sub connections, with their `sub=`/`psub=` counts.
+    pub async fn pubsub_clients(&self) -> Vec<(i64, i64)> {
+        self.client_list()
+            .await
+            .lines()
             .filter_map(|line| {
                 let field = |k: &str| {
                     line.split(' ')
