@@ -382,20 +382,7 @@ async fn a_publish_redis_cannot_take_is_answered_broker_unavailable() {
 async fn a_publish_a_redis_acl_refuses_is_answered_as_a_subscribe_would_be() {
     let redis = Redis::start().await;
     // The gateway's Redis user may use channels `ok.*` only.
-    redis
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "limited",
-            "on",
-            ">pw",
-            "resetchannels",
-            "&ok.*",
-            "~*",
-            "+@all",
-        ])
-        .await;
-    let url = format!("redis://limited:pw@127.0.0.1:{}", redis.port);
+    let url = redis.restricted_url(&["ok.*"]).await;
     let gw = Gateway::start(config(Some(url), &["*"])).await;
     let mut raw = RawSub::subscribe(&redis, "secret").await;
     let mut c = gw.client().await;

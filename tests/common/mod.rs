@@ -255,6 +255,22 @@ impl Redis {
             .collect()
     }
 
+    /// Creates the Redis user `limited` (password `pw`), which may use only
+    /// the channels matching `channels` (Redis channel ACL globs such as
+    /// `ok.*`) and every key and command, and returns the URL a gateway
+    /// connects to Redis with as that user. Shared by the tests of topics and
+    /// publishes Redis itself refuses (tests/core.rs, tests/client_publish.rs).
+    /// Redis checks PSUBSCRIBE against channel ACLs literally, so with `ok.*`
+    /// even the pattern `ok.a*` is refused.
+    pub async fn restricted_url(&self, channels: &[&str]) -> String {
+        let allowed: Vec<String> = channels.iter().map(|c| format!("&{c}")).collect();
+        let mut args = vec!["ACL", "SETUSER", "limited", "on", ">pw", "resetchannels"];
+        args.extend(allowed.iter().map(String::as_str));
+        args.extend(["~*", "+@all"]);
+        self.cmd(&args).await;
+        format!("redis://limited:pw@127.0.0.1:{}", self.port)
+    }
+
     /// The `CLIENT LIST` lines of pub/sub connections, with their `sub=`/`psub=` counts.
     pub async fn pubsub_clients(&self) -> Vec<(i64, i64)> {
         self.client_list()
