@@ -443,6 +443,17 @@ async fn sentinel(s: &mut Script, bus: Bus<'_>, gw: &Gateway, channel: &str) {
     .await;
 }
 
+/// Has the client script unsubscribe from `sub`, and checks the exact event
+/// it reports.
+async fn unsubscribe(s: &mut Script, sub: &str) {
+    s.send(json!({"cmd": "unsubscribe", "channel": sub})).await;
+    let un = s.expect("unsubscribed").await;
+    assert_eq!(
+        un,
+        json!({"event": "unsubscribed", "subscription": sub, "successful": true})
+    );
+}
+
 /// Test 1 and 2: one real client against one gateway, on `bus`. Checks
 /// that do not stop the flow are collected and reported together at the
 /// end, so that one wrong delivery does not hide what follows.
@@ -558,24 +569,12 @@ async fn interop(script: &str, transport: &str, bus: Bus<'_>, gw: &Gateway) {
     }
 
     // Unsubscribe both, then disconnect.
-    s.send(json!({"cmd": "unsubscribe", "channel": "/foo/*"}))
-        .await;
-    let un = s.expect("unsubscribed").await;
-    assert_eq!(
-        un,
-        json!({"event": "unsubscribed", "subscription": "/foo/*", "successful": true})
-    );
+    unsubscribe(&mut s, "/foo/*").await;
     if let Bus::Redis(redis) = bus {
         wait_until("NUMPAT = 0", WAIT, || async { redis.numpat().await == 0 }).await;
         assert_eq!(redis.numsub("/foo/bar").await, 1);
     }
-    s.send(json!({"cmd": "unsubscribe", "channel": "/foo/bar"}))
-        .await;
-    let un = s.expect("unsubscribed").await;
-    assert_eq!(
-        un,
-        json!({"event": "unsubscribed", "subscription": "/foo/bar", "successful": true})
-    );
+    unsubscribe(&mut s, "/foo/bar").await;
     bus.wait_clean(gw, "/foo/bar").await;
     s.send(json!({"cmd": "disconnect"})).await;
     let bye = s.expect("disconnected").await;
@@ -600,61 +599,51 @@ async fn interop(script: &str, transport: &str, bus: Bus<'_>, gw: &Gateway) {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-async fn interop_on_redis(script: &str, transport: &str) {
-    let redis = Redis::start().await;
-    let mut config = test_config(Some(redis.url()));
+/// The broker a test of [`interop`] runs on.
+#[derive(Clone, Copy)]
+enum Broker {
+    /// A fresh `redis-server`.
+    Redis,
+    /// The embedded broker.
+    Embedded,
+}
+
+/// [`interop`] for `script` over `transport`, on a fresh gateway that lets
+/// clients publish, on `broker`.
+async fn interop_on(script: &str, transport: &str, broker: Broker) {
+    let redis = match broker {
+        Broker::Redis => Some(Redis::start().await),
+        Broker::Embedded => None,
+    };
+    let mut config = test_config(redis.as_ref().map(Redis::url));
     allow_client_publish(&mut config);
     let gw = Gateway::start(config).await;
-    interop(script, transport, Bus::Redis(&redis), &gw).await;
+    let bus = redis.as_ref().map_or(Bus::Embedded, Bus::Redis);
+    interop(script, transport, bus, &gw).await;
     gw.stop().await;
 }
 
-async fn interop_embedded(script: &str, transport: &str) {
-    let mut config = test_config(None);
-    allow_client_publish(&mut config);
-    let gw = Gateway::start(config).await;
-    interop(script, transport, Bus::Embedded, &gw).await;
-    gw.stop().await;
+/// One test per line: its name, then the script, transport and broker it
+/// runs [`interop_on`] with. A test each, so that each combination passes or
+/// fails (and can be run) on its own.
+macro_rules! interop_tests {
+    ($($name:ident: $script:literal, $transport:literal, $broker:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            interop_on($script, $transport, Broker::$broker).await;
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interop_faye_websocket_on_redis() {
-    interop_on_redis("faye_client.js", "websocket").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interop_faye_long_polling_on_redis() {
-    interop_on_redis("faye_client.js", "long-polling").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interop_cometd_websocket_on_redis() {
-    interop_on_redis("cometd_client.js", "websocket").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interop_cometd_long_polling_on_redis() {
-    interop_on_redis("cometd_client.js", "long-polling").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interop_faye_websocket_embedded() {
-    interop_embedded("faye_client.js", "websocket").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interop_faye_long_polling_embedded() {
-    interop_embedded("faye_client.js", "long-polling").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interop_cometd_websocket_embedded() {
-    interop_embedded("cometd_client.js", "websocket").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interop_cometd_long_polling_embedded() {
-    interop_embedded("cometd_client.js", "long-polling").await;
+interop_tests! {
+    interop_faye_websocket_on_redis: "faye_client.js", "websocket", Redis;
+    interop_faye_long_polling_on_redis: "faye_client.js", "long-polling", Redis;
+    interop_cometd_websocket_on_redis: "cometd_client.js", "websocket", Redis;
+    interop_cometd_long_polling_on_redis: "cometd_client.js", "long-polling", Redis;
+    interop_faye_websocket_embedded: "faye_client.js", "websocket", Embedded;
+    interop_faye_long_polling_embedded: "faye_client.js", "long-polling", Embedded;
+    interop_cometd_websocket_embedded: "cometd_client.js", "websocket", Embedded;
+    interop_cometd_long_polling_embedded: "cometd_client.js", "long-polling", Embedded;
 }
 
 // ------------------------------------------------------------ two nodes
