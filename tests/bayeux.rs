@@ -275,6 +275,21 @@ fn handshake_msg(id: &str, types: &str) -> String {
     )
 }
 
+/// The clientId of `reply`, which must be exactly the handshake reply to
+/// message `id` (with `timeout_ms` in its advice), byte for byte.
+fn handshake_cid(reply: &str, id: &str, timeout_ms: u64) -> String {
+    let cid = client_id_of(reply);
+    assert_eq!(reply, batch(&[handshake_reply(id, &cid, timeout_ms)]));
+    cid
+}
+
+/// The clientId of a handshake answered over HTTP: `res` is a 200 whose body
+/// is exactly the handshake reply (see [`handshake_cid`]).
+fn handshook(res: &Resp, id: &str, timeout_ms: u64) -> String {
+    assert_eq!(res.status, 200, "handshake: {res:?}");
+    handshake_cid(&res.body, id, timeout_ms)
+}
+
 /// A long-polling client: handshake and first connect over `POST path`,
 /// each reply checked byte for byte; returns the clientId.
 async fn lp_handshake(addr: SocketAddr, path: &str, timeout_ms: u64) -> String {
@@ -284,9 +299,7 @@ async fn lp_handshake(addr: SocketAddr, path: &str, timeout_ms: u64) -> String {
         &format!("[{}]", handshake_msg("1", r#"["long-polling"]"#)),
     )
     .await;
-    assert_eq!(res.status, 200, "handshake: {res:?}");
-    let cid = client_id_of(&res.body);
-    assert_eq!(res.body, batch(&[handshake_reply("1", &cid, timeout_ms)]));
+    let cid = handshook(&res, "1", timeout_ms);
     let res = post(addr, path, &lp_connect("2", &cid)).await;
     assert_eq!(res.status, 200, "first connect: {res:?}");
     assert_eq!(
@@ -316,18 +329,19 @@ async fn lp_subscribe(addr: SocketAddr, path: &str, id: &str, cid: &str, sub: &s
 
 // ------------------------------------------------------------ raw WebSocket
 
+/// Handshakes (message `id`) over the WebSocket `c`; checks the reply byte
+/// for byte and returns its clientId.
+async fn ws_handshake_on(c: &mut Client, id: &str) -> String {
+    c.send_text(&format!("[{}]", handshake_msg(id, r#"["websocket"]"#)))
+        .await;
+    handshake_cid(&c.recv_text().await, id, DEFAULT_CONNECT_TIMEOUT_MS)
+}
+
 /// A Bayeux client over a raw WebSocket on `path`: handshake and first
 /// connect, each reply checked byte for byte. Returns it and its clientId.
 async fn ws_handshake(addr: SocketAddr, path: &str) -> (Client, String) {
     let mut c = Client::connect(addr, path).await;
-    c.send_text(&format!("[{}]", handshake_msg("1", r#"["websocket"]"#)))
-        .await;
-    let reply = c.recv_text().await;
-    let cid = client_id_of(&reply);
-    assert_eq!(
-        reply,
-        batch(&[handshake_reply("1", &cid, DEFAULT_CONNECT_TIMEOUT_MS)])
-    );
+    let cid = ws_handshake_on(&mut c, "1").await;
     c.send_text(&format!(
         r#"[{{"channel":"/meta/connect","clientId":"{cid}","connectionType":"websocket","id":"2"}}]"#
     ))
@@ -776,14 +790,7 @@ async fn a_websocket_naming_an_unknown_client_id_gets_402_and_stays_open() {
     };
     assert_eq!(got, batch(&[unknown_client("/meta/connect", "2", made_up)]));
     // The client handshakes again on the same socket.
-    ws.send_text(&format!("[{}]", handshake_msg("3", r#"["websocket"]"#)))
-        .await;
-    let reply = ws.recv_text().await;
-    let cid = client_id_of(&reply);
-    assert_eq!(
-        reply,
-        batch(&[handshake_reply("3", &cid, DEFAULT_CONNECT_TIMEOUT_MS)])
-    );
+    ws_handshake_on(&mut ws, "3").await;
     gw.stop().await;
 }
 
@@ -1372,14 +1379,7 @@ async fn jsonp_handshake_and_bad_callback() {
         .strip_prefix("/**/cb(")
         .and_then(|b| b.strip_suffix(");"))
         .unwrap_or_else(|| panic!("not /**/cb(...); : {}", res.body));
-    let cid = client_id_of(inner);
-    assert_eq!(
-        res.body,
-        format!(
-            "/**/cb({});",
-            batch(&[handshake_reply("1", &cid, DEFAULT_CONNECT_TIMEOUT_MS)])
-        )
-    );
+    let cid = handshake_cid(inner, "1", DEFAULT_CONNECT_TIMEOUT_MS);
     // The session goes on over JSONP: its first connect.
     let connect = format!(
         r#"[{{"channel":"/meta/connect","clientId":"{cid}","connectionType":"callback-polling","id":"2"}}]"#
@@ -1455,12 +1455,7 @@ async fn cors_preflight_and_origins() {
         &hs,
     )
     .await;
-    assert_eq!(res.status, 200, "{res:?}");
-    let cid = client_id_of(&res.body);
-    assert_eq!(
-        res.body,
-        batch(&[handshake_reply("1", &cid, DEFAULT_CONNECT_TIMEOUT_MS)])
-    );
+    handshook(&res, "1", DEFAULT_CONNECT_TIMEOUT_MS);
     assert_eq!(
         res.header("access-control-allow-origin"),
         Some("https://app.example")
@@ -1514,12 +1509,7 @@ async fn nodefony_handshake_over_http_then_connect_over_websocket() {
         &handshake_msg("1", r#"["websocket"]"#),
     )
     .await;
-    assert_eq!(res.status, 200, "{res:?}");
-    let cid = client_id_of(&res.body);
-    assert_eq!(
-        res.body,
-        batch(&[handshake_reply("1", &cid, DEFAULT_CONNECT_TIMEOUT_MS)])
-    );
+    let cid = handshook(&res, "1", DEFAULT_CONNECT_TIMEOUT_MS);
     let mut ws = Client::connect(gw.addr, "/realtime").await;
     ws.send_text(&format!(
         r#"{{"channel":"/meta/connect","clientId":"{cid}","connectionType":"WEBSOCKET","id":"2"}}"#
