@@ -1204,6 +1204,17 @@ fn bad_bodies(cid: &str) -> Vec<(&'static str, String, String)> {
     ]
 }
 
+/// Records in `failures` (reported together at the end) that `res`, the
+/// answer to `what`, is not exactly `status` with the body `want`.
+fn check(failures: &mut Vec<String>, what: &str, res: &Resp, status: u16, want: &str) {
+    if (res.status, res.body.as_str()) != (status, want) {
+        failures.push(format!(
+            "{what}: got {} {}, want {status} {want}",
+            res.status, res.body
+        ));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_over_post_is_answered_exactly_and_harms_nobody() {
     let redis = Redis::start().await;
@@ -1214,22 +1225,12 @@ async fn bad_input_over_post_is_answered_exactly_and_harms_nobody() {
 
     for (what, body, want) in bad_bodies(&cid) {
         let res = post(gw.addr, "/bayeux", &body).await;
-        if (res.status, res.body.as_str()) != (400, want.as_str()) {
-            failures.push(format!(
-                "{what}: got {} {}, want 400 {want}",
-                res.status, res.body
-            ));
-        }
+        check(&mut failures, what, &res, 400, &want);
         watcher.still_receives(&redis, what).await;
     }
     for (what, body, want) in bad_messages(&cid) {
         let res = post(gw.addr, "/bayeux", &body).await;
-        if (res.status, res.body.as_str()) != (200, want.as_str()) {
-            failures.push(format!(
-                "{what}: got {} {}, want 200 {want}",
-                res.status, res.body
-            ));
-        }
+        check(&mut failures, what, &res, 200, &want);
         watcher.still_receives(&redis, what).await;
     }
     // Over WSGATE_MAX_MESSAGE_BYTES (64 KiB).
@@ -1239,21 +1240,11 @@ async fn bad_input_over_post_is_answered_exactly_and_harms_nobody() {
     );
     let res = post(gw.addr, "/bayeux", &big).await;
     let want = bad_body("body too large");
-    if (res.status, res.body.as_str()) != (413, want.as_str()) {
-        failures.push(format!(
-            "oversize body: got {} {}, want 413 {want}",
-            res.status, res.body
-        ));
-    }
+    check(&mut failures, "oversize body", &res, 413, &want);
     watcher.still_receives(&redis, "an oversize body").await;
     // The same, chunked (no Content-Length to refuse it by).
     let res = post_chunked(gw.addr, "/bayeux", &big).await;
-    if (res.status, res.body.as_str()) != (413, want.as_str()) {
-        failures.push(format!(
-            "oversize chunked body: got {} {}, want 413 {want}",
-            res.status, res.body
-        ));
-    }
+    check(&mut failures, "oversize chunked body", &res, 413, &want);
     watcher
         .still_receives(&redis, "an oversize chunked body")
         .await;
@@ -1267,12 +1258,7 @@ async fn bad_input_over_post_is_answered_exactly_and_harms_nobody() {
     )
     .await;
     let want = batch(&[connect_reply("c1", &cid)]);
-    if (res.status, res.body.as_str()) != (200, want.as_str()) {
-        failures.push(format!(
-            "chunked connect: got {} {}, want 200 {want}",
-            res.status, res.body
-        ));
-    }
+    check(&mut failures, "chunked connect", &res, 200, &want);
     // A content type Bayeux does not read.
     let res = post_with(
         gw.addr,
@@ -1282,23 +1268,19 @@ async fn bad_input_over_post_is_answered_exactly_and_harms_nobody() {
     )
     .await;
     let want = bad_body("unsupported content type");
-    if (res.status, res.body.as_str()) != (400, want.as_str()) {
-        failures.push(format!(
-            "image/png: got {} {}, want 400 {want}",
-            res.status, res.body
-        ));
-    }
+    check(&mut failures, "image/png", &res, 400, &want);
     watcher.still_receives(&redis, "a wrong content type").await;
 
     // The same messages without a session: still answered each on its own.
     let res = post(gw.addr, "/bayeux", r#"[{"id":"m9"}]"#).await;
     let want = r#"[{"id":"m9","successful":false,"error":"400:missing channel:Bad request"}]"#;
-    if (res.status, res.body.as_str()) != (200, want) {
-        failures.push(format!(
-            "missing channel, no clientId: got {} {}, want 200 {want}",
-            res.status, res.body
-        ));
-    }
+    check(
+        &mut failures,
+        "missing channel, no clientId",
+        &res,
+        200,
+        want,
+    );
 
     // The long-polling session survived all of it.
     let res = post(
