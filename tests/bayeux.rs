@@ -240,6 +240,17 @@ async fn post_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body:
     request(addr, "POST", path, headers, body.as_bytes(), POLL_TIMEOUT).await
 }
 
+/// `POST /bayeux` with a JSON body, sent from `origin` (CORS).
+async fn post_from(addr: SocketAddr, origin: &str, body: &str) -> Resp {
+    post_with(
+        addr,
+        "/bayeux",
+        &[("Content-Type", "application/json"), ("Origin", origin)],
+        body,
+    )
+    .await
+}
+
 /// Percent-encodes everything but the unreserved characters.
 fn urlencode(text: &str) -> String {
     text.bytes()
@@ -1427,16 +1438,7 @@ async fn cors_preflight_and_origins() {
         "[{}]",
         handshake_msg("1", r#"["cross-origin-long-polling"]"#)
     );
-    let res = post_with(
-        gw.addr,
-        "/bayeux",
-        &[
-            ("Content-Type", "application/json"),
-            ("Origin", "https://app.example"),
-        ],
-        &hs,
-    )
-    .await;
+    let res = post_from(gw.addr, "https://app.example", &hs).await;
     handshook(&res, "1", DEFAULT_CONNECT_TIMEOUT_MS);
     assert_eq!(
         res.header("access-control-allow-origin"),
@@ -1444,16 +1446,7 @@ async fn cors_preflight_and_origins() {
     );
 
     // Another origin: 403, for the POST and for the preflight.
-    let res = post_with(
-        gw.addr,
-        "/bayeux",
-        &[
-            ("Content-Type", "application/json"),
-            ("Origin", "https://evil.example"),
-        ],
-        &hs,
-    )
-    .await;
+    let res = post_from(gw.addr, "https://evil.example", &hs).await;
     assert_eq!(res.status, 403, "{res:?}");
     assert_eq!(res.body, r#"{"error":"origin not allowed"}"#);
     // Checked last: a refused origin must not be granted CORS access.
