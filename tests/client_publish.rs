@@ -63,6 +63,31 @@ async fn nothing_published(redis: &Redis, raw: &mut RawSub, channel: &str) {
     );
 }
 
+/// Publishes `payload` on `channel` from `c`: the publish is acknowledged
+/// and `raw` (subscribed to `channel` straight on Redis) gets exactly that
+/// text next.
+async fn publishes(c: &mut Client, raw: &mut RawSub, channel: &str, payload: &str, id: &str) {
+    assert_eq!(
+        publish(c, channel, payload, id).await,
+        published(channel, id)
+    );
+    assert_eq!(
+        raw.next_text().await,
+        payload,
+        "Redis carried the JSON text"
+    );
+}
+
+/// `c` may not publish on `channel`: its publish is refused `not allowed`
+/// and nothing reached `raw` (subscribed to `channel` straight on Redis).
+async fn not_allowed(c: &mut Client, redis: &Redis, raw: &mut RawSub, channel: &str) {
+    assert_eq!(
+        publish(c, channel, "1", "p").await,
+        refused(channel, "p", "not allowed")
+    );
+    nothing_published(redis, raw, channel).await;
+}
+
 fn refused_series(reason: &str) -> String {
     format!("wsgate_refused_total{{reason=\"{reason}\"}}")
 }
@@ -104,15 +129,7 @@ async fn an_allowed_publish_reaches_redis_and_native_subscribers_byte_for_byte()
     let mut publisher = gw.client().await;
     for (i, payload) in PAYLOADS.iter().enumerate() {
         let id = format!("p{i}");
-        assert_eq!(
-            publish(&mut publisher, "chat.a", payload, &id).await,
-            published("chat.a", &id)
-        );
-        assert_eq!(
-            raw.next_text().await,
-            *payload,
-            "Redis carried the JSON text"
-        );
+        publishes(&mut publisher, &mut raw, "chat.a", payload, &id).await;
         assert_eq!(
             sub.recv_text().await,
             format!(r#"{{"action":"message","channel":"chat.a","payload":{payload}}}"#)
@@ -121,11 +138,7 @@ async fn an_allowed_publish_reaches_redis_and_native_subscribers_byte_for_byte()
     // A channel that looks like a pattern is a name like any other: `chat.*`
     // matches it as an entry, and it reaches the channel's subscribers only.
     let mut literal = RawSub::subscribe(&redis, "chat.*").await;
-    assert_eq!(
-        publish(&mut publisher, "chat.*", "1", "lit").await,
-        published("chat.*", "lit")
-    );
-    assert_eq!(literal.next_text().await, "1");
+    publishes(&mut publisher, &mut literal, "chat.*", "1", "lit").await;
     nothing_published(&redis, &mut raw, "chat.a").await;
     drop((sub, publisher));
     gw.stop().await;
@@ -156,11 +169,7 @@ async fn without_client_publish_nothing_may_be_published() {
     let gw = Gateway::start(config(Some(redis.url()), &[])).await;
     let mut raw = RawSub::subscribe(&redis, "chat.a").await;
     let mut c = gw.client().await;
-    assert_eq!(
-        publish(&mut c, "chat.a", "1", "p").await,
-        refused("chat.a", "p", "not allowed")
-    );
-    nothing_published(&redis, &mut raw, "chat.a").await;
+    not_allowed(&mut c, &redis, &mut raw, "chat.a").await;
     assert_eq!(
         metric_value(gw.addr, &refused_series("publish_not_allowed")).await,
         Some(1.0)
@@ -179,11 +188,7 @@ async fn without_client_publish_nothing_may_be_published() {
         );
     }
     nothing_published(&redis, &mut raw_news, "news.a").await;
-    assert_eq!(
-        publish(&mut c, "chat.a", "2", "ok").await,
-        published("chat.a", "ok")
-    );
-    assert_eq!(raw.next_text().await, "2");
+    publishes(&mut c, &mut raw, "chat.a", "2", "ok").await;
     drop(c);
     gw.stop().await;
 }
@@ -205,11 +210,7 @@ async fn with_tokens_the_publish_claim_must_allow_the_channel_too() {
     // although the server list allows the channel.
     let subscriber_only = token(json!({"sub":"u1","exp":exp,"subscribe":["*"]}));
     let mut c1 = connect_with(&gw, &subscriber_only).await;
-    assert_eq!(
-        publish(&mut c1, "chat.a", "1", "p").await,
-        refused("chat.a", "p", "not allowed")
-    );
-    nothing_published(&redis, &mut raw, "chat.a").await;
+    not_allowed(&mut c1, &redis, &mut raw, "chat.a").await;
     // A refresh brings the new token's claim, for publishes sent after it.
     let refreshed = token(json!({"sub":"u1","exp":exp,"publish":["chat.a"]}));
     assert_eq!(
@@ -217,34 +218,18 @@ async fn with_tokens_the_publish_claim_must_allow_the_channel_too() {
             .await,
         json!({"action":"refresh","id":"r","status":true})
     );
-    assert_eq!(
-        publish(&mut c1, "chat.a", "0", "after").await,
-        published("chat.a", "after")
-    );
-    assert_eq!(raw.next_text().await, "0");
+    publishes(&mut c1, &mut raw, "chat.a", "0", "after").await;
 
     // A narrow claim: its channel only.
     let narrow = token(json!({"sub":"u2","exp":exp,"publish":["chat.a"]}));
     let mut c2 = connect_with(&gw, &narrow).await;
-    assert_eq!(
-        publish(&mut c2, "chat.b", "1", "p").await,
-        refused("chat.b", "p", "not allowed")
-    );
-    nothing_published(&redis, &mut raw_b, "chat.b").await;
-    assert_eq!(
-        publish(&mut c2, "chat.a", "2", "ok").await,
-        published("chat.a", "ok")
-    );
-    assert_eq!(raw.next_text().await, "2");
+    not_allowed(&mut c2, &redis, &mut raw_b, "chat.b").await;
+    publishes(&mut c2, &mut raw, "chat.a", "2", "ok").await;
 
     // A wide claim does not widen the server list.
     let wide = token(json!({"sub":"u3","exp":exp,"publish":["*"]}));
     let mut c3 = connect_with(&gw, &wide).await;
-    assert_eq!(
-        publish(&mut c3, "news.a", "1", "p").await,
-        refused("news.a", "p", "not allowed")
-    );
-    nothing_published(&redis, &mut raw_news, "news.a").await;
+    not_allowed(&mut c3, &redis, &mut raw_news, "news.a").await;
     assert_eq!(
         metric_value(gw.addr, &refused_series("publish_not_allowed")).await,
         Some(3.0)
@@ -323,11 +308,7 @@ async fn malformed_publishes_get_an_error_and_the_connection_stays_open() {
         c.request(json!({"action":"ping","id":"alive"})).await,
         json!({"action":"pong","id":"alive"})
     );
-    assert_eq!(
-        publish(&mut c, "chat.a", "3", "ok").await,
-        published("chat.a", "ok")
-    );
-    assert_eq!(raw.next_text().await, "3");
+    publishes(&mut c, &mut raw, "chat.a", "3", "ok").await;
     drop(c);
     gw.stop().await;
 }
