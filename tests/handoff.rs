@@ -45,6 +45,23 @@ async fn wait_connection(redis: &Redis, name: &str, present: bool) {
     .await;
 }
 
+/// A store of node `name` on `url` (a URL of `redis`), once its connection
+/// `wsgate:<name>:handoff` is up.
+async fn connected_node(redis: &Redis, url: &str, name: &str) -> Handoff {
+    let h = node(url, name);
+    wait_connection(redis, &format!("wsgate:{name}:handoff"), true).await;
+    h
+}
+
+/// Offers `record` under `id` (30 s to live) and takes it back: the take
+/// gets exactly `record`.
+async fn round_trip(h: &Handoff, id: &str, record: &'static [u8]) {
+    h.offer(id, Bytes::from_static(record), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(h.take(id).await, Ok(Some(Bytes::from_static(record))));
+}
+
 /// Waits until `h` answers a call (after an outage), bounded.
 async fn wait_working(h: &Handoff) {
     wait_until("handoff store working", WAIT, || async {
@@ -66,9 +83,8 @@ fn identity() -> Identity {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_of_two_nodes_adopts_a_fresh_session() {
     let redis = Redis::start().await;
-    let (a, b) = (node(&redis.url(), "node-a"), node(&redis.url(), "node-b"));
-    wait_connection(&redis, "wsgate:node-a:handoff", true).await;
-    wait_connection(&redis, "wsgate:node-b:handoff", true).await;
+    let a = connected_node(&redis, &redis.url(), "node-a").await;
+    let b = connected_node(&redis, &redis.url(), "node-b").await;
 
     let record = Record::new(Some(&identity()), "node-a").encode();
     let ttl = Duration::from_secs(30);
@@ -121,8 +137,7 @@ async fn exactly_one_of_two_nodes_adopts_a_fresh_session() {
 #[tokio::test]
 async fn records_expire_and_cannot_be_offered_twice() {
     let redis = Redis::start().await;
-    let a = node(&redis.url(), "ttl");
-    wait_connection(&redis, "wsgate:ttl:handoff", true).await;
+    let a = connected_node(&redis, &redis.url(), "ttl").await;
     let key = "wsgate:bayeux:handoff:c1";
 
     a.offer("c1", Bytes::from_static(b"r1"), Duration::from_millis(300))
@@ -145,10 +160,7 @@ async fn records_expire_and_cannot_be_offered_twice() {
     .await;
     assert_eq!(a.take("c1").await, Ok(None));
     // Expired, the id may be offered again.
-    a.offer("c1", Bytes::from_static(b"r3"), Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(a.take("c1").await, Ok(Some(Bytes::from_static(b"r3"))));
+    round_trip(&a, "c1", b"r3").await;
     assert_eq!(redis.int(&["EXISTS", key]).await, 0);
 }
 
@@ -170,8 +182,7 @@ async fn the_broker_url_forms_user_password_and_database() {
         "redis://gw:handoff-test-password@127.0.0.1:{}/3",
         redis.port
     );
-    let a = node(&url, "authed");
-    wait_connection(&redis, "wsgate:authed:handoff", true).await;
+    let a = connected_node(&redis, &url, "authed").await;
     a.offer("c1", Bytes::from_static(b"r"), Duration::from_secs(30))
         .await
         .unwrap();
@@ -200,8 +211,7 @@ async fn the_broker_url_forms_user_password_and_database() {
 #[tokio::test]
 async fn redis_killed_is_unavailable_in_time_then_restarted_works_again() {
     let mut redis = Redis::start().await;
-    let a = node(&redis.url(), "outage");
-    wait_connection(&redis, "wsgate:outage:handoff", true).await;
+    let a = connected_node(&redis, &redis.url(), "outage").await;
     a.offer("before", Bytes::from_static(b"r"), Duration::from_secs(30))
         .await
         .unwrap();
@@ -226,10 +236,7 @@ async fn redis_killed_is_unavailable_in_time_then_restarted_works_again() {
     redis.restart().await;
     wait_working(&a).await;
     wait_connection(&redis, "wsgate:outage:handoff", true).await;
-    a.offer("after", Bytes::from_static(b"r2"), Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(a.take("after").await, Ok(Some(Bytes::from_static(b"r2"))));
+    round_trip(&a, "after", b"r2").await;
     // The restarted Redis kept nothing (no persistence in tests).
     assert_eq!(a.take("before").await, Ok(None));
 }
@@ -237,8 +244,7 @@ async fn redis_killed_is_unavailable_in_time_then_restarted_works_again() {
 #[tokio::test]
 async fn a_frozen_redis_is_unavailable_within_the_timeout() {
     let redis = Redis::start().await;
-    let a = node(&redis.url(), "frozen");
-    wait_connection(&redis, "wsgate:frozen:handoff", true).await;
+    let a = connected_node(&redis, &redis.url(), "frozen").await;
     let pid = redis.pid().expect("running");
 
     signal(pid, "STOP");
@@ -254,25 +260,20 @@ async fn a_frozen_redis_is_unavailable_within_the_timeout() {
     // The unanswered GETDEL made the task drop that connection; it
     // reconnects and serves again.
     wait_working(&a).await;
-    a.offer("c", Bytes::from_static(b"r"), Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(a.take("c").await, Ok(Some(Bytes::from_static(b"r"))));
+    round_trip(&a, "c", b"r").await;
 }
 
 #[tokio::test]
 async fn close_ends_the_connection() {
     let redis = Redis::start().await;
-    let a = node(&redis.url(), "closing");
-    wait_connection(&redis, "wsgate:closing:handoff", true).await;
+    let a = connected_node(&redis, &redis.url(), "closing").await;
     let clone = a.clone();
     a.close();
     wait_connection(&redis, "wsgate:closing:handoff", false).await;
     assert_eq!(clone.take("c").await, Err(HandoffError::Unavailable));
 
     // Dropping every handle ends it too.
-    let b = node(&redis.url(), "dropped");
-    wait_connection(&redis, "wsgate:dropped:handoff", true).await;
+    let b = connected_node(&redis, &redis.url(), "dropped").await;
     drop(b);
     wait_connection(&redis, "wsgate:dropped:handoff", false).await;
 }
