@@ -29,6 +29,20 @@ fn config(redis_url: Option<String>, client_publish: &[&str]) -> Config {
     }
 }
 
+/// What the tests of one publisher on `chat.a` start with: a Redis, a
+/// gateway on it that lets clients publish on any channel (`tweak` adjusts
+/// its config further), a plain Redis subscriber of `chat.a`, and a native
+/// client.
+async fn on_chat_a(tweak: impl FnOnce(&mut Config)) -> (Redis, Gateway, RawSub, Client) {
+    let redis = Redis::start().await;
+    let mut config = config(Some(redis.url()), &["*"]);
+    tweak(&mut config);
+    let gw = Gateway::start(config).await;
+    let raw = RawSub::subscribe(&redis, "chat.a").await;
+    let c = gw.client().await;
+    (redis, gw, raw, c)
+}
+
 /// A publish frame with a raw payload text (so its exact bytes are sent).
 fn publish_frame(channel: &str, payload: &str, id: &str) -> String {
     format!(
@@ -255,14 +269,10 @@ async fn with_tokens_the_publish_claim_must_allow_the_channel_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_publishes_get_an_error_and_the_connection_stays_open() {
-    let redis = Redis::start().await;
-    let gw = Gateway::start(Config {
-        max_pattern_bytes: NonZeroUsize::new(16).unwrap(),
-        ..config(Some(redis.url()), &["*"])
+    let (redis, gw, mut raw, mut c) = on_chat_a(|config| {
+        config.max_pattern_bytes = NonZeroUsize::new(16).unwrap();
     })
     .await;
-    let mut raw = RawSub::subscribe(&redis, "chat.a").await;
-    let mut c = gw.client().await;
     for (frame, error) in [
         (
             r#"{"action":"publish","payload":1,"id":"m1"}"#,
@@ -319,14 +329,10 @@ fn frame_id(frame: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_share_the_subscribe_rate() {
-    let redis = Redis::start().await;
-    let gw = Gateway::start(Config {
-        subscribe_rate: NonZeroUsize::new(1).unwrap(),
-        ..config(Some(redis.url()), &["*"])
+    let (redis, gw, mut raw, mut c) = on_chat_a(|config| {
+        config.subscribe_rate = NonZeroUsize::new(1).unwrap();
     })
     .await;
-    let mut raw = RawSub::subscribe(&redis, "chat.a").await;
-    let mut c = gw.client().await;
     // Both frames at once: the bucket holds one token.
     c.send_text(&publish_frame("chat.a", "1", "r1")).await;
     c.send_text(&publish_frame("chat.a", "2", "r2")).await;
