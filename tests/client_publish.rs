@@ -15,65 +15,32 @@ mod common;
 use std::num::NonZeroUsize;
 
 use common::*;
-use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 use wsgate::auth::JwtKey;
 use wsgate::Config;
 
 const SECRET: &str = "wsgate-test-secret-0123456789abcdef";
-
-/// A plain Redis subscriber, straight to Redis: what Redis published.
-struct RawSub {
-    _sink: redis::aio::PubSubSink,
-    stream: redis::aio::PubSubStream,
-}
-
-impl RawSub {
-    async fn subscribe(redis: &Redis, channel: &str) -> RawSub {
-        let client = redis::Client::open(redis.url()).unwrap();
-        let (mut sink, stream) = tokio::time::timeout(WAIT, client.get_async_pubsub())
-            .await
-            .expect("pubsub connect in time")
-            .expect("pubsub connect")
-            .split();
-        tokio::time::timeout(WAIT, sink.subscribe(channel))
-            .await
-            .expect("SUBSCRIBE in time")
-            .expect("SUBSCRIBE");
-        RawSub {
-            _sink: sink,
-            stream,
-        }
-    }
-
-    /// The next payload Redis delivered, as text (lossy for display only).
-    async fn next(&mut self) -> String {
-        let msg = tokio::time::timeout(WAIT, self.stream.next())
-            .await
-            .expect("a message from redis in time")
-            .expect("pub/sub stream ended");
-        String::from_utf8_lossy(msg.get_payload_bytes()).into_owned()
-    }
-}
-
-/// The next text frame, unparsed (pings and pongs skipped).
-async fn recv_text(c: &mut Client) -> String {
-    loop {
-        match c.next_message().await {
-            Some(Message::Text(t)) => return t.as_str().to_owned(),
-            Some(Message::Ping(_) | Message::Pong(_)) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
 
 fn config(redis_url: Option<String>, client_publish: &[&str]) -> Config {
     Config {
         client_publish: client_publish.iter().map(|s| (*s).to_owned()).collect(),
         ..test_config(redis_url)
     }
+}
+
+/// What the tests of one publisher on `chat.a` start with: a Redis, a
+/// gateway on it that lets clients publish on any channel (`tweak` adjusts
+/// its config further), a plain Redis subscriber of `chat.a`, and a native
+/// client.
+async fn on_chat_a(tweak: impl FnOnce(&mut Config)) -> (Redis, Gateway, RawSub, Client) {
+    let redis = Redis::start().await;
+    let mut config = config(Some(redis.url()), &["*"]);
+    tweak(&mut config);
+    let gw = Gateway::start(config).await;
+    let raw = RawSub::subscribe(&redis, "chat.a").await;
+    let c = gw.client().await;
+    (redis, gw, raw, c)
 }
 
 /// A publish frame with a raw payload text (so its exact bytes are sent).
@@ -104,10 +71,35 @@ async fn nothing_published(redis: &Redis, raw: &mut RawSub, channel: &str) {
     let marker = format!("marker-{}", free_port());
     assert!(redis.publish(channel, marker.as_bytes()).await >= 1);
     assert_eq!(
-        raw.next().await,
+        raw.next_text().await,
         marker,
         "something else was published first"
     );
+}
+
+/// Publishes `payload` on `channel` from `c`: the publish is acknowledged
+/// and `raw` (subscribed to `channel` straight on Redis) gets exactly that
+/// text next.
+async fn publishes(c: &mut Client, raw: &mut RawSub, channel: &str, payload: &str, id: &str) {
+    assert_eq!(
+        publish(c, channel, payload, id).await,
+        published(channel, id)
+    );
+    assert_eq!(
+        raw.next_text().await,
+        payload,
+        "Redis carried the JSON text"
+    );
+}
+
+/// `c` may not publish on `channel`: its publish is refused `not allowed`
+/// and nothing reached `raw` (subscribed to `channel` straight on Redis).
+async fn not_allowed(c: &mut Client, redis: &Redis, raw: &mut RawSub, channel: &str) {
+    assert_eq!(
+        publish(c, channel, "1", "p").await,
+        refused(channel, "p", "not allowed")
+    );
+    nothing_published(redis, raw, channel).await;
 }
 
 fn refused_series(reason: &str) -> String {
@@ -151,24 +143,16 @@ async fn an_allowed_publish_reaches_redis_and_native_subscribers_byte_for_byte()
     let mut publisher = gw.client().await;
     for (i, payload) in PAYLOADS.iter().enumerate() {
         let id = format!("p{i}");
+        publishes(&mut publisher, &mut raw, "chat.a", payload, &id).await;
         assert_eq!(
-            publish(&mut publisher, "chat.a", payload, &id).await,
-            published("chat.a", &id)
-        );
-        assert_eq!(raw.next().await, *payload, "Redis carried the JSON text");
-        assert_eq!(
-            recv_text(&mut sub).await,
+            sub.recv_text().await,
             format!(r#"{{"action":"message","channel":"chat.a","payload":{payload}}}"#)
         );
     }
     // A channel that looks like a pattern is a name like any other: `chat.*`
     // matches it as an entry, and it reaches the channel's subscribers only.
     let mut literal = RawSub::subscribe(&redis, "chat.*").await;
-    assert_eq!(
-        publish(&mut publisher, "chat.*", "1", "lit").await,
-        published("chat.*", "lit")
-    );
-    assert_eq!(literal.next().await, "1");
+    publishes(&mut publisher, &mut literal, "chat.*", "1", "lit").await;
     nothing_published(&redis, &mut raw, "chat.a").await;
     drop((sub, publisher));
     gw.stop().await;
@@ -185,7 +169,7 @@ async fn an_allowed_publish_works_with_the_embedded_broker() {
         published("chat.a", "p")
     );
     assert_eq!(
-        recv_text(&mut sub).await,
+        sub.recv_text().await,
         r#"{"action":"message","channel":"chat.a","payload":"42"}"#
     );
     drop((sub, publisher));
@@ -199,11 +183,7 @@ async fn without_client_publish_nothing_may_be_published() {
     let gw = Gateway::start(config(Some(redis.url()), &[])).await;
     let mut raw = RawSub::subscribe(&redis, "chat.a").await;
     let mut c = gw.client().await;
-    assert_eq!(
-        publish(&mut c, "chat.a", "1", "p").await,
-        refused("chat.a", "p", "not allowed")
-    );
-    nothing_published(&redis, &mut raw, "chat.a").await;
+    not_allowed(&mut c, &redis, &mut raw, "chat.a").await;
     assert_eq!(
         metric_value(gw.addr, &refused_series("publish_not_allowed")).await,
         Some(1.0)
@@ -222,11 +202,7 @@ async fn without_client_publish_nothing_may_be_published() {
         );
     }
     nothing_published(&redis, &mut raw_news, "news.a").await;
-    assert_eq!(
-        publish(&mut c, "chat.a", "2", "ok").await,
-        published("chat.a", "ok")
-    );
-    assert_eq!(raw.next().await, "2");
+    publishes(&mut c, &mut raw, "chat.a", "2", "ok").await;
     drop(c);
     gw.stop().await;
 }
@@ -248,11 +224,7 @@ async fn with_tokens_the_publish_claim_must_allow_the_channel_too() {
     // although the server list allows the channel.
     let subscriber_only = token(json!({"sub":"u1","exp":exp,"subscribe":["*"]}));
     let mut c1 = connect_with(&gw, &subscriber_only).await;
-    assert_eq!(
-        publish(&mut c1, "chat.a", "1", "p").await,
-        refused("chat.a", "p", "not allowed")
-    );
-    nothing_published(&redis, &mut raw, "chat.a").await;
+    not_allowed(&mut c1, &redis, &mut raw, "chat.a").await;
     // A refresh brings the new token's claim, for publishes sent after it.
     let refreshed = token(json!({"sub":"u1","exp":exp,"publish":["chat.a"]}));
     assert_eq!(
@@ -260,34 +232,18 @@ async fn with_tokens_the_publish_claim_must_allow_the_channel_too() {
             .await,
         json!({"action":"refresh","id":"r","status":true})
     );
-    assert_eq!(
-        publish(&mut c1, "chat.a", "0", "after").await,
-        published("chat.a", "after")
-    );
-    assert_eq!(raw.next().await, "0");
+    publishes(&mut c1, &mut raw, "chat.a", "0", "after").await;
 
     // A narrow claim: its channel only.
     let narrow = token(json!({"sub":"u2","exp":exp,"publish":["chat.a"]}));
     let mut c2 = connect_with(&gw, &narrow).await;
-    assert_eq!(
-        publish(&mut c2, "chat.b", "1", "p").await,
-        refused("chat.b", "p", "not allowed")
-    );
-    nothing_published(&redis, &mut raw_b, "chat.b").await;
-    assert_eq!(
-        publish(&mut c2, "chat.a", "2", "ok").await,
-        published("chat.a", "ok")
-    );
-    assert_eq!(raw.next().await, "2");
+    not_allowed(&mut c2, &redis, &mut raw_b, "chat.b").await;
+    publishes(&mut c2, &mut raw, "chat.a", "2", "ok").await;
 
     // A wide claim does not widen the server list.
     let wide = token(json!({"sub":"u3","exp":exp,"publish":["*"]}));
     let mut c3 = connect_with(&gw, &wide).await;
-    assert_eq!(
-        publish(&mut c3, "news.a", "1", "p").await,
-        refused("news.a", "p", "not allowed")
-    );
-    nothing_published(&redis, &mut raw_news, "news.a").await;
+    not_allowed(&mut c3, &redis, &mut raw_news, "news.a").await;
     assert_eq!(
         metric_value(gw.addr, &refused_series("publish_not_allowed")).await,
         Some(3.0)
@@ -313,14 +269,10 @@ async fn with_tokens_the_publish_claim_must_allow_the_channel_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_publishes_get_an_error_and_the_connection_stays_open() {
-    let redis = Redis::start().await;
-    let gw = Gateway::start(Config {
-        max_pattern_bytes: NonZeroUsize::new(16).unwrap(),
-        ..config(Some(redis.url()), &["*"])
+    let (redis, gw, mut raw, mut c) = on_chat_a(|config| {
+        config.max_pattern_bytes = NonZeroUsize::new(16).unwrap();
     })
     .await;
-    let mut raw = RawSub::subscribe(&redis, "chat.a").await;
-    let mut c = gw.client().await;
     for (frame, error) in [
         (
             r#"{"action":"publish","payload":1,"id":"m1"}"#,
@@ -366,11 +318,7 @@ async fn malformed_publishes_get_an_error_and_the_connection_stays_open() {
         c.request(json!({"action":"ping","id":"alive"})).await,
         json!({"action":"pong","id":"alive"})
     );
-    assert_eq!(
-        publish(&mut c, "chat.a", "3", "ok").await,
-        published("chat.a", "ok")
-    );
-    assert_eq!(raw.next().await, "3");
+    publishes(&mut c, &mut raw, "chat.a", "3", "ok").await;
     drop(c);
     gw.stop().await;
 }
@@ -381,14 +329,10 @@ fn frame_id(frame: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_share_the_subscribe_rate() {
-    let redis = Redis::start().await;
-    let gw = Gateway::start(Config {
-        subscribe_rate: NonZeroUsize::new(1).unwrap(),
-        ..config(Some(redis.url()), &["*"])
+    let (redis, gw, mut raw, mut c) = on_chat_a(|config| {
+        config.subscribe_rate = NonZeroUsize::new(1).unwrap();
     })
     .await;
-    let mut raw = RawSub::subscribe(&redis, "chat.a").await;
-    let mut c = gw.client().await;
     // Both frames at once: the bucket holds one token.
     c.send_text(&publish_frame("chat.a", "1", "r1")).await;
     c.send_text(&publish_frame("chat.a", "2", "r2")).await;
@@ -401,7 +345,7 @@ async fn publishes_share_the_subscribe_rate() {
             refused("chat.a", "r2", "rate limited")
         ]
     );
-    assert_eq!(raw.next().await, "1");
+    assert_eq!(raw.next_text().await, "1");
     nothing_published(&redis, &mut raw, "chat.a").await;
     drop(c);
     gw.stop().await;
@@ -425,20 +369,7 @@ async fn a_publish_redis_cannot_take_is_answered_broker_unavailable() {
 async fn a_publish_a_redis_acl_refuses_is_answered_as_a_subscribe_would_be() {
     let redis = Redis::start().await;
     // The gateway's Redis user may use channels `ok.*` only.
-    redis
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "limited",
-            "on",
-            ">pw",
-            "resetchannels",
-            "&ok.*",
-            "~*",
-            "+@all",
-        ])
-        .await;
-    let url = format!("redis://limited:pw@127.0.0.1:{}", redis.port);
+    let url = redis.restricted_url(&["ok.*"]).await;
     let gw = Gateway::start(config(Some(url), &["*"])).await;
     let mut raw = RawSub::subscribe(&redis, "secret").await;
     let mut c = gw.client().await;

@@ -24,34 +24,15 @@ fn nz(n: usize) -> NonZeroUsize {
     NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
 }
 
-/// A Redis whose only user may use channels `ok.*` (Redis checks PSUBSCRIBE
-/// against channel ACLs literally, so even `ok.a*` is refused).
-async fn limited_redis() -> (Redis, String) {
-    let redis = Redis::start().await;
-    redis
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "limited",
-            "on",
-            ">pw",
-            "resetchannels",
-            "&ok.*",
-            "~*",
-            "+@all",
-        ])
-        .await;
-    let url = format!("redis://limited:pw@127.0.0.1:{}", redis.port);
-    (redis, url)
-}
-
 /// Point 1: one topic refused by Redis used to take delivery down for the
 /// whole node (connection reset, reconnect loop, `/readyz` 503, A told
 /// `interrupted`, B refused only after the subscribe timeout). Now B is
 /// refused at once with the reason, and A never notices.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_refused_by_redis_affects_only_its_subscribers() {
-    let (redis, url) = limited_redis().await;
+    let redis = Redis::start().await;
+    // The gateway's Redis user may use channels `ok.*` only.
+    let url = redis.restricted_url(&["ok.*"]).await;
     let mut config = test_config(Some(url));
     config.subscribe_timeout = Duration::from_secs(8);
     let gw = Gateway::start(config).await;

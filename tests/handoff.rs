@@ -36,26 +36,30 @@ fn node(url: &str, name: &str) -> Handoff {
     Handoff::redis(url, options(name)).expect("valid url")
 }
 
-/// The `name=` of every client connected to `redis`.
-async fn client_names(redis: &Redis) -> Vec<String> {
-    let list = match redis.cmd(&["CLIENT", "LIST"]).await {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-        redis::Value::VerbatimString { text, .. } => text,
-        other => panic!("CLIENT LIST reply {other:?}"),
-    };
-    list.lines()
-        .filter_map(|l| l.split(' ').find_map(|kv| kv.strip_prefix("name=")))
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Waits until a connection named `name` is (or, `false`, is no longer)
 /// connected.
 async fn wait_connection(redis: &Redis, name: &str, present: bool) {
     wait_until(&format!("{name} connected: {present}"), WAIT, || async {
-        client_names(redis).await.iter().any(|n| n == name) == present
+        redis.client_names().await.iter().any(|n| n == name) == present
     })
     .await;
+}
+
+/// A store of node `name` on `url` (a URL of `redis`), once its connection
+/// `wsgate:<name>:handoff` is up.
+async fn connected_node(redis: &Redis, url: &str, name: &str) -> Handoff {
+    let h = node(url, name);
+    wait_connection(redis, &format!("wsgate:{name}:handoff"), true).await;
+    h
+}
+
+/// Offers `record` under `id` (30 s to live) and takes it back: the take
+/// gets exactly `record`.
+async fn round_trip(h: &Handoff, id: &str, record: &'static [u8]) {
+    h.offer(id, Bytes::from_static(record), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(h.take(id).await, Ok(Some(Bytes::from_static(record))));
 }
 
 /// Waits until `h` answers a call (after an outage), bounded.
@@ -79,9 +83,8 @@ fn identity() -> Identity {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_of_two_nodes_adopts_a_fresh_session() {
     let redis = Redis::start().await;
-    let (a, b) = (node(&redis.url(), "node-a"), node(&redis.url(), "node-b"));
-    wait_connection(&redis, "wsgate:node-a:handoff", true).await;
-    wait_connection(&redis, "wsgate:node-b:handoff", true).await;
+    let a = connected_node(&redis, &redis.url(), "node-a").await;
+    let b = connected_node(&redis, &redis.url(), "node-b").await;
 
     let record = Record::new(Some(&identity()), "node-a").encode();
     let ttl = Duration::from_secs(30);
@@ -134,8 +137,7 @@ async fn exactly_one_of_two_nodes_adopts_a_fresh_session() {
 #[tokio::test]
 async fn records_expire_and_cannot_be_offered_twice() {
     let redis = Redis::start().await;
-    let a = node(&redis.url(), "ttl");
-    wait_connection(&redis, "wsgate:ttl:handoff", true).await;
+    let a = connected_node(&redis, &redis.url(), "ttl").await;
     let key = "wsgate:bayeux:handoff:c1";
 
     a.offer("c1", Bytes::from_static(b"r1"), Duration::from_millis(300))
@@ -158,10 +160,7 @@ async fn records_expire_and_cannot_be_offered_twice() {
     .await;
     assert_eq!(a.take("c1").await, Ok(None));
     // Expired, the id may be offered again.
-    a.offer("c1", Bytes::from_static(b"r3"), Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(a.take("c1").await, Ok(Some(Bytes::from_static(b"r3"))));
+    round_trip(&a, "c1", b"r3").await;
     assert_eq!(redis.int(&["EXISTS", key]).await, 0);
 }
 
@@ -183,8 +182,7 @@ async fn the_broker_url_forms_user_password_and_database() {
         "redis://gw:handoff-test-password@127.0.0.1:{}/3",
         redis.port
     );
-    let a = node(&url, "authed");
-    wait_connection(&redis, "wsgate:authed:handoff", true).await;
+    let a = connected_node(&redis, &url, "authed").await;
     a.offer("c1", Bytes::from_static(b"r"), Duration::from_secs(30))
         .await
         .unwrap();
@@ -213,8 +211,7 @@ async fn the_broker_url_forms_user_password_and_database() {
 #[tokio::test]
 async fn redis_killed_is_unavailable_in_time_then_restarted_works_again() {
     let mut redis = Redis::start().await;
-    let a = node(&redis.url(), "outage");
-    wait_connection(&redis, "wsgate:outage:handoff", true).await;
+    let a = connected_node(&redis, &redis.url(), "outage").await;
     a.offer("before", Bytes::from_static(b"r"), Duration::from_secs(30))
         .await
         .unwrap();
@@ -239,10 +236,7 @@ async fn redis_killed_is_unavailable_in_time_then_restarted_works_again() {
     redis.restart().await;
     wait_working(&a).await;
     wait_connection(&redis, "wsgate:outage:handoff", true).await;
-    a.offer("after", Bytes::from_static(b"r2"), Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(a.take("after").await, Ok(Some(Bytes::from_static(b"r2"))));
+    round_trip(&a, "after", b"r2").await;
     // The restarted Redis kept nothing (no persistence in tests).
     assert_eq!(a.take("before").await, Ok(None));
 }
@@ -250,8 +244,7 @@ async fn redis_killed_is_unavailable_in_time_then_restarted_works_again() {
 #[tokio::test]
 async fn a_frozen_redis_is_unavailable_within_the_timeout() {
     let redis = Redis::start().await;
-    let a = node(&redis.url(), "frozen");
-    wait_connection(&redis, "wsgate:frozen:handoff", true).await;
+    let a = connected_node(&redis, &redis.url(), "frozen").await;
     let pid = redis.pid().expect("running");
 
     signal(pid, "STOP");
@@ -267,25 +260,20 @@ async fn a_frozen_redis_is_unavailable_within_the_timeout() {
     // The unanswered GETDEL made the task drop that connection; it
     // reconnects and serves again.
     wait_working(&a).await;
-    a.offer("c", Bytes::from_static(b"r"), Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(a.take("c").await, Ok(Some(Bytes::from_static(b"r"))));
+    round_trip(&a, "c", b"r").await;
 }
 
 #[tokio::test]
 async fn close_ends_the_connection() {
     let redis = Redis::start().await;
-    let a = node(&redis.url(), "closing");
-    wait_connection(&redis, "wsgate:closing:handoff", true).await;
+    let a = connected_node(&redis, &redis.url(), "closing").await;
     let clone = a.clone();
     a.close();
     wait_connection(&redis, "wsgate:closing:handoff", false).await;
     assert_eq!(clone.take("c").await, Err(HandoffError::Unavailable));
 
     // Dropping every handle ends it too.
-    let b = node(&redis.url(), "dropped");
-    wait_connection(&redis, "wsgate:dropped:handoff", true).await;
+    let b = connected_node(&redis, &redis.url(), "dropped").await;
     drop(b);
     wait_connection(&redis, "wsgate:dropped:handoff", false).await;
 }

@@ -164,17 +164,6 @@ fn nz(n: usize) -> NonZeroUsize {
     NonZeroUsize::new(n).expect("non-zero")
 }
 
-/// The next text frame, unparsed (pings and pongs skipped).
-async fn recv_text(c: &mut Client) -> String {
-    loop {
-        match c.next_message().await {
-            Some(Message::Text(t)) => return t.as_str().to_owned(),
-            Some(Message::Ping(_) | Message::Pong(_)) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
-
 /// The delivery frame the native protocol sends.
 fn delivery(pattern: Option<&str>, channel: &str, payload: Value) -> Value {
     match pattern {
@@ -275,19 +264,19 @@ async fn pattern_delivery_of_every_payload_kind(b: Backend) {
     let raw = r#"{"b":1, "a":[1, 2]}"#;
     assert_eq!(env.publish("news.raw", raw).await, 1);
     assert_eq!(
-        recv_text(&mut c).await,
+        c.recv_text().await,
         format!(
             r#"{{"action":"message","pattern":"news.*","channel":"news.raw","payload":{raw}}}"#
         )
     );
     assert_eq!(env.publish("news.raw", "say \"hi\"").await, 1);
     assert_eq!(
-        recv_text(&mut c).await,
+        c.recv_text().await,
         r#"{"action":"message","pattern":"news.*","channel":"news.raw","payload":"say \"hi\""}"#
     );
     assert_eq!(env.publish("news.raw", "").await, 1);
     assert_eq!(
-        recv_text(&mut c).await,
+        c.recv_text().await,
         r#"{"action":"message","pattern":"news.*","channel":"news.raw","payload":""}"#
     );
 
@@ -369,7 +358,7 @@ async fn exact_channel_delivery(b: Backend) {
 /// Publishes `payload` to `channel` and returns the next frame's raw text.
 async fn recv_text_after(env: &Env, c: &mut Client, channel: &str, payload: &str) -> String {
     assert_eq!(env.publish(channel, payload).await, 1);
-    recv_text(c).await
+    c.recv_text().await
 }
 
 // ---------------------------------------------------------------- 3. channel + pattern
@@ -549,7 +538,7 @@ async fn ping_pong(b: Backend) {
 
 async fn recv_after_send(c: &mut Client, text: &str) -> String {
     c.send_text(text).await;
-    recv_text(c).await
+    c.recv_text().await
 }
 
 // ---------------------------------------------------------------- 6. malformed
@@ -980,7 +969,7 @@ async fn http_publish(b: Backend) {
         .await;
     assert_eq!((status, text.as_str()), (200, r#"{"receivers":1}"#));
     assert_eq!(
-        recv_text(&mut all).await,
+        all.recv_text().await,
         r#"{"action":"message","pattern":"h.*","channel":"h.two","payload":{"z":1,  "a":[ 2 ]}}"#
     );
 

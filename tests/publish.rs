@@ -23,73 +23,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 use wsgate::Config;
 
 // ---------------------------------------------------------------- helpers
-
-/// A plain Redis subscriber, straight to Redis: what Redis published.
-struct RawSub {
-    _sink: redis::aio::PubSubSink,
-    stream: redis::aio::PubSubStream,
-}
-
-impl RawSub {
-    async fn subscribe(redis: &Redis, channel: &str) -> RawSub {
-        let client = redis::Client::open(redis.url()).unwrap();
-        let (mut sink, stream) = tokio::time::timeout(WAIT, client.get_async_pubsub())
-            .await
-            .expect("pubsub connect in time")
-            .expect("pubsub connect")
-            .split();
-        tokio::time::timeout(WAIT, sink.subscribe(channel))
-            .await
-            .expect("SUBSCRIBE in time")
-            .expect("SUBSCRIBE");
-        RawSub {
-            _sink: sink,
-            stream,
-        }
-    }
-
-    /// The next payload Redis delivered, as bytes.
-    async fn next(&mut self) -> Vec<u8> {
-        let msg = tokio::time::timeout(WAIT, self.stream.next())
-            .await
-            .expect("a message from redis in time")
-            .expect("pub/sub stream ended");
-        msg.get_payload_bytes().to_vec()
-    }
-
-    /// The next payloads are exactly `want`, in order.
-    async fn expect(&mut self, want: &[&[u8]]) {
-        for (i, w) in want.iter().enumerate() {
-            let got = self.next().await;
-            assert_eq!(
-                String::from_utf8_lossy(&got),
-                String::from_utf8_lossy(w),
-                "message {i} on redis"
-            );
-        }
-    }
-}
-
-/// The next text frame, unparsed (pings and pongs skipped).
-async fn recv_text(c: &mut Client) -> String {
-    loop {
-        match c.next_message().await {
-            Some(Message::Text(t)) => return t.as_str().to_owned(),
-            Some(Message::Ping(_) | Message::Pong(_)) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
 
 /// POST /publish with a raw body: (status, parsed reply).
 async fn post(addr: SocketAddr, body: &str) -> (u16, Value) {
@@ -102,19 +43,6 @@ fn config(redis_url: Option<String>, tweak: impl FnOnce(&mut Config)) -> Config 
     let mut c = test_config(redis_url);
     tweak(&mut c);
     c
-}
-
-/// The `CLIENT LIST` line names.
-async fn client_names(redis: &Redis) -> Vec<String> {
-    let list = match redis.cmd(&["CLIENT", "LIST"]).await {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-        redis::Value::VerbatimString { text, .. } => text,
-        other => panic!("CLIENT LIST reply {other:?}"),
-    };
-    list.lines()
-        .filter_map(|l| l.split(' ').find_map(|kv| kv.strip_prefix("name=")))
-        .map(str::to_owned)
-        .collect()
 }
 
 // ---------------------------------------------------------------- proxy
@@ -379,12 +307,8 @@ async fn payload_is_published_as_its_json_text_and_payload_text_as_raw_text() {
             (200, json!({"receivers":2})),
             "{body}"
         );
-        assert_eq!(
-            String::from_utf8_lossy(&raw.next().await),
-            *in_redis,
-            "{body}: bytes in redis"
-        );
-        assert_eq!(recv_text(&mut ws).await, delivery_text(payload), "{body}");
+        assert_eq!(raw.next_text().await, *in_redis, "{body}: bytes in redis");
+        assert_eq!(ws.recv_text().await, delivery_text(payload), "{body}");
     }
     let items: Vec<String> = PAYLOAD_CASES
         .iter()
@@ -396,13 +320,9 @@ async fn payload_is_published_as_its_json_text_and_payload_text_as_raw_text() {
         (200, json!({"receivers": vec![2; PAYLOAD_CASES.len()]}))
     );
     for (fields, in_redis, payload) in PAYLOAD_CASES {
+        assert_eq!(raw.next_text().await, *in_redis, "batch {fields}");
         assert_eq!(
-            String::from_utf8_lossy(&raw.next().await),
-            *in_redis,
-            "batch {fields}"
-        );
-        assert_eq!(
-            recv_text(&mut ws).await,
+            ws.recv_text().await,
             delivery_text(payload),
             "batch {fields}"
         );
@@ -424,7 +344,7 @@ async fn payload_rule_holds_with_the_embedded_broker() {
             (200, json!({"receivers":1})),
             "{body}"
         );
-        assert_eq!(recv_text(&mut ws).await, delivery_text(payload), "{body}");
+        assert_eq!(ws.recv_text().await, delivery_text(payload), "{body}");
     }
     drop(ws);
     gw.stop().await;
@@ -465,11 +385,11 @@ async fn a_reset_after_the_publish_was_sent_does_not_publish_twice() {
     assert_eq!(redis.publish("r", b"\"marker\"").await, 2);
     raw.expect(&[b"1", b"\"marker\""]).await;
     assert_eq!(
-        recv_text(&mut ws).await,
+        ws.recv_text().await,
         r#"{"action":"message","channel":"r","payload":1}"#
     );
     assert_eq!(
-        recv_text(&mut ws).await,
+        ws.recv_text().await,
         r#"{"action":"message","channel":"r","payload":"marker"}"#
     );
 
@@ -610,11 +530,11 @@ async fn a_retry_with_the_same_idempotency_key_is_not_published_again() {
     assert_eq!(redis.publish("r", b"\"marker\"").await, 2);
     raw.expect(&[br#"{"order":7}"#, b"\"marker\""]).await;
     assert_eq!(
-        recv_text(&mut ws).await,
+        ws.recv_text().await,
         r#"{"action":"message","channel":"r","payload":{"order":7}}"#
     );
     assert_eq!(
-        recv_text(&mut ws).await,
+        ws.recv_text().await,
         r#"{"action":"message","channel":"r","payload":"marker"}"#
     );
     let ttl = redis.int(&["PTTL", "wsgate:idempotency:1:r:k1"]).await;
@@ -709,7 +629,7 @@ async fn idempotency_keys_with_the_embedded_broker() {
     );
     for n in [1, 2, 6] {
         assert_eq!(
-            recv_text(&mut ws).await,
+            ws.recv_text().await,
             format!(r#"{{"action":"message","channel":"m","payload":{n}}}"#)
         );
     }
@@ -766,7 +686,8 @@ async fn the_publish_connection_is_named_after_the_node() {
     }))
     .await;
     let named = || async {
-        client_names(&redis)
+        redis
+            .client_names()
             .await
             .iter()
             .filter(|n| *n == "wsgate:node-a.test:publish")
@@ -782,7 +703,7 @@ async fn the_publish_connection_is_named_after_the_node() {
     assert!(
         named().await,
         "named again: {:?}",
-        client_names(&redis).await
+        redis.client_names().await
     );
     gw.stop().await;
 }
@@ -797,7 +718,8 @@ async fn node_id_from_the_environment() {
     ])
     .await;
     wait_until("CLIENT LIST names the node", WAIT, || async {
-        client_names(&redis)
+        redis
+            .client_names()
             .await
             .contains(&"wsgate:env-node:publish".to_owned())
     })

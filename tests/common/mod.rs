@@ -234,14 +234,48 @@ impl Redis {
         }
     }
 
-    /// The `CLIENT LIST` lines of pub/sub connections, with their `sub=`/`psub=` counts.
-    pub async fn pubsub_clients(&self) -> Vec<(i64, i64)> {
-        let list = match self.cmd(&["CLIENT", "LIST"]).await {
+    /// The `CLIENT LIST` reply as text, one line per connection.
+    async fn client_list(&self) -> String {
+        match self.cmd(&["CLIENT", "LIST"]).await {
             redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
             redis::Value::VerbatimString { text, .. } => text,
             other => panic!("CLIENT LIST reply {other:?}"),
-        };
-        list.lines()
+        }
+    }
+
+    /// The `name=` of every named connection in `CLIENT LIST` (shared by
+    /// tests/publish.rs, which checks the publish connection's name, and
+    /// tests/handoff.rs, which waits for the handoff store's connection).
+    pub async fn client_names(&self) -> Vec<String> {
+        self.client_list()
+            .await
+            .lines()
+            .filter_map(|l| l.split(' ').find_map(|kv| kv.strip_prefix("name=")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Creates the Redis user `limited` (password `pw`), which may use only
+    /// the channels matching `channels` (Redis channel ACL globs such as
+    /// `ok.*`) and every key and command, and returns the URL a gateway
+    /// connects to Redis with as that user. Shared by the tests of topics and
+    /// publishes Redis itself refuses (tests/core.rs, tests/client_publish.rs).
+    /// Redis checks PSUBSCRIBE against channel ACLs literally, so with `ok.*`
+    /// even the pattern `ok.a*` is refused.
+    pub async fn restricted_url(&self, channels: &[&str]) -> String {
+        let allowed: Vec<String> = channels.iter().map(|c| format!("&{c}")).collect();
+        let mut args = vec!["ACL", "SETUSER", "limited", "on", ">pw", "resetchannels"];
+        args.extend(allowed.iter().map(String::as_str));
+        args.extend(["~*", "+@all"]);
+        self.cmd(&args).await;
+        format!("redis://limited:pw@127.0.0.1:{}", self.port)
+    }
+
+    /// The `CLIENT LIST` lines of pub/sub connections, with their `sub=`/`psub=` counts.
+    pub async fn pubsub_clients(&self) -> Vec<(i64, i64)> {
+        self.client_list()
+            .await
+            .lines()
             .filter_map(|line| {
                 let field = |k: &str| {
                     line.split(' ')
@@ -260,6 +294,63 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A plain Redis subscriber, straight to Redis (redis-rs, not the gateway):
+/// what Redis actually published, byte for byte. Shared by the publish tests
+/// over HTTP (tests/publish.rs) and over the native protocol
+/// (tests/client_publish.rs), which both check what reached Redis.
+pub struct RawSub {
+    _sink: redis::aio::PubSubSink,
+    stream: redis::aio::PubSubStream,
+}
+
+impl RawSub {
+    /// Connects to `redis` and subscribes to `channel`; returns once Redis
+    /// confirmed the subscription.
+    pub async fn subscribe(redis: &Redis, channel: &str) -> RawSub {
+        let client = redis::Client::open(redis.url()).expect("redis client");
+        let (mut sink, stream) = tokio::time::timeout(WAIT, client.get_async_pubsub())
+            .await
+            .expect("pubsub connect in time")
+            .expect("pubsub connect")
+            .split();
+        tokio::time::timeout(WAIT, sink.subscribe(channel))
+            .await
+            .expect("SUBSCRIBE in time")
+            .expect("SUBSCRIBE");
+        RawSub {
+            _sink: sink,
+            stream,
+        }
+    }
+
+    /// The next payload Redis delivered, as bytes, within `WAIT`.
+    pub async fn next(&mut self) -> Vec<u8> {
+        let msg = tokio::time::timeout(WAIT, self.stream.next())
+            .await
+            .expect("a message from redis in time")
+            .expect("pub/sub stream ended");
+        msg.get_payload_bytes().to_vec()
+    }
+
+    /// The next payload Redis delivered, as text (lossy: for comparing with
+    /// text and for display).
+    pub async fn next_text(&mut self) -> String {
+        String::from_utf8_lossy(&self.next().await).into_owned()
+    }
+
+    /// The next payloads are exactly `want`, in order.
+    pub async fn expect(&mut self, want: &[&[u8]]) {
+        for (i, w) in want.iter().enumerate() {
+            let got = self.next().await;
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(w),
+                "message {i} on redis"
+            );
+        }
     }
 }
 
@@ -572,17 +663,25 @@ impl Client {
         }
     }
 
-    /// The next text frame parsed as JSON, within `WAIT`.
-    pub async fn recv(&mut self) -> Value {
+    /// The next text frame, unparsed (pings and pongs skipped), each frame
+    /// within `WAIT`; any other frame, or the end, is a panic. For tests that
+    /// compare what the gateway wrote byte for byte (tests/publish.rs,
+    /// tests/client_publish.rs, tests/protocol.rs, and the Bayeux frames of
+    /// tests/bayeux.rs), and for [`Client::recv`].
+    pub async fn recv_text(&mut self) -> String {
         loop {
             match self.next_message().await {
-                Some(Message::Text(t)) => {
-                    return serde_json::from_str(&t).expect("server sent invalid JSON")
-                }
+                Some(Message::Text(t)) => return t.as_str().to_owned(),
                 Some(Message::Ping(_) | Message::Pong(_)) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
             }
         }
+    }
+
+    /// The next text frame parsed as JSON, within `WAIT`.
+    pub async fn recv(&mut self) -> Value {
+        let text = self.recv_text().await;
+        serde_json::from_str(&text).expect("server sent invalid JSON")
     }
 
     /// Sends `v` and returns the next frame.
