@@ -11,6 +11,7 @@ use crate::acl::Acl;
 use crate::auth::{Identity, Verifier};
 use crate::authz::Authz;
 use crate::config::Config;
+use crate::handoff::Handoff;
 use crate::hub::Hub;
 use crate::limits::{IpLimits, IpSlot};
 use crate::metrics::Metrics;
@@ -51,11 +52,13 @@ pub struct App {
     pub bayeux: Arc<Endpoint>,
     /// nodefony's endpoint (`WSGATE_NODEFONY_PATH`): the same engine.
     pub nodefony: Arc<Endpoint>,
+    /// Fresh sessions offered to whichever node their client reaches next.
+    pub handoff: Handoff,
 }
 
 impl App {
     /// Shared state for a freshly started server.
-    pub fn new(hub: Hub, metrics: Metrics, config: Config) -> App {
+    pub fn new(hub: Hub, metrics: Metrics, config: Config, handoff: Handoff) -> App {
         let verifier = config.jwt_key.as_ref().map(|key| {
             Arc::new(Verifier::new(
                 key,
@@ -101,6 +104,7 @@ impl App {
         };
         let (bayeux, nodefony) = (endpoint(false), endpoint(true));
         App {
+            handoff,
             bayeux,
             nodefony,
             pending,
@@ -140,6 +144,8 @@ impl App {
             authz: self.authz.clone(),
             client_publish: self.client_publish.clone(),
             clients: self.clients.clone(),
+            handoff: self.handoff.clone(),
+            node_id: self.config.node_id.as_str().into(),
             hub: self.hub.clone(),
             metrics: self.metrics.clone(),
             phase: self.phase.subscribe(),

@@ -154,6 +154,31 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The identity that verified `claims` prove, valid until `expires_at`
+    /// (`exp` plus the leeway): `sub` and the `subscribe` ACL are read from
+    /// them. [`Verifier::verify`] builds every identity through this, and so
+    /// does a node that adopts a Bayeux session from the handoff store
+    /// (`crate::handoff::Record`), whose claims another node verified: both
+    /// then hold the same identity.
+    pub fn from_claims(
+        claims: Map<String, Value>,
+        expires_at: SystemTime,
+    ) -> Result<Identity, AuthError> {
+        let subject = match claims.get("sub") {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err(AuthError::Claim("sub")),
+        };
+        let acl = claim_acl(&claims, "subscribe")?;
+        let publish_acl = claim_acl(&claims, "publish")?;
+        Ok(Identity {
+            subject,
+            claims,
+            acl,
+            publish_acl,
+            expires_at,
+        })
+    }
+
     /// Time left before the token expires (zero once it has).
     pub fn remaining(&self) -> Duration {
         self.expires_at
@@ -207,10 +232,6 @@ impl Verifier {
             return Err(AuthError::Critical);
         }
         let claims = data.claims.0;
-        let subject = match claims.get("sub") {
-            Some(Value::String(s)) => s.clone(),
-            _ => return Err(AuthError::Claim("sub")),
-        };
         let exp = match claims.get("exp") {
             Some(Value::Number(n)) => n
                 .as_u64()
@@ -218,19 +239,11 @@ impl Verifier {
             _ => None,
         }
         .ok_or(AuthError::Claim("exp"))?;
-        let acl = claim_acl(&claims, "subscribe")?;
-        let publish_acl = claim_acl(&claims, "publish")?;
         let expires_at = UNIX_EPOCH
             .checked_add(Duration::from_secs(exp))
             .and_then(|t| t.checked_add(self.leeway))
             .ok_or(AuthError::Claim("exp"))?;
-        let identity = Identity {
-            subject,
-            claims,
-            acl,
-            publish_acl,
-            expires_at,
-        };
+        let identity = Identity::from_claims(claims, expires_at)?;
         // The library accepts `exp == now`; a token with no time left would
         // be closed at once, so it is refused here instead.
         if identity.remaining().is_zero() {

@@ -33,6 +33,8 @@
 //!   answers), the native JSON dialect and Bayeux.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
 //! - [`broker`]: the `Broker` trait; Redis and in-memory implementations.
+//! - [`handoff`]: fresh Bayeux sessions adoptable by exactly one node (Redis
+//!   `GETDEL`, or in memory).
 //! - [`pattern`]: Redis's glob matcher, for the in-memory broker.
 //! - [`pattern_cost`]: pattern shape and count limits; what Redis may hold cheaply.
 //! - [`metrics`]: Prometheus metrics.
@@ -58,6 +60,7 @@ pub mod client;
 pub mod config;
 pub mod fdlimit;
 pub mod forwarded;
+pub mod handoff;
 pub mod http;
 pub mod hub;
 pub mod limits;

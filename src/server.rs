@@ -31,6 +31,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisConfigError, RedisOptions};
 use crate::broker::{Broker, EventSink, EVENT_CAPACITY};
 use crate::config::Config;
+use crate::handoff::Handoff;
 use crate::http;
 use crate::hub::{Hub, HubOptions};
 use crate::metrics::Metrics;
@@ -114,7 +115,8 @@ pub async fn run(
     };
     let hub = Hub::start(broker, events_rx, queued, metrics.clone(), hub_options);
     hub.set_max_patterns(config.max_patterns.get());
-    let app = Arc::new(App::new(hub.clone(), metrics, config));
+    let handoff = Handoff::for_config(&config)?;
+    let app = Arc::new(App::new(hub.clone(), metrics, config, handoff.clone()));
 
     let mut accepting = Box::pin(accept_loop(&listener, &app));
     let stop = tokio::select! {
@@ -157,6 +159,7 @@ pub async fn run(
     drop(accepting);
     drop(listener);
     hub.close();
+    handoff.close();
     info!("stopped");
     Ok(())
 }

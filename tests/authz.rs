@@ -109,6 +109,7 @@ async fn serve(stream: tokio::net::TcpStream, log: Arc<Mutex<Vec<Value>>>) {
         .as_str()
         .or(body["channel"].as_str())
         .unwrap()
+        .trim_start_matches('/') // Bayeux channels: `/ok/x` is `ok…`
         .to_owned();
     let (status, content_type, reply) = if name.starts_with("ok") {
         ("200 OK", "application/json", "{}".to_owned())
@@ -377,4 +378,52 @@ async fn anonymous_clients_are_asked_by_address() {
     assert_eq!(server.count(), 2);
     let reply = subscribe(&mut other, "channel", "deny.z").await;
     assert_eq!(reply["error"], "no access to deny.z");
+}
+
+/// A Bayeux subscribe goes to the callback with its `ext` (where Faye
+/// applications put per-subscription tokens), and the callback's refusal
+/// comes back as a Bayeux error with its reason.
+#[tokio::test]
+async fn a_bayeux_subscribe_takes_its_ext_to_the_callback() {
+    let server = AuthServer::start().await;
+    let gw = Gateway::start(Config {
+        auth_url: Some(server.url()),
+        auth_timeout: Duration::from_millis(500),
+        ..test_config(None)
+    })
+    .await;
+    let (_, body) = http(
+        gw.addr,
+        "POST",
+        "/bayeux",
+        Some(r#"[{"channel":"/meta/handshake","version":"1.0","supportedConnectionTypes":["long-polling"],"id":"1"}]"#),
+    )
+    .await;
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    let cid = reply[0]["clientId"].as_str().unwrap().to_owned();
+    let subscribe = |id: &str, sub: &str| {
+        format!(
+            r#"[{{"channel":"/meta/subscribe","clientId":"{cid}","subscription":"{sub}","id":"{id}","ext":{{"grant":"g-{id}"}}}}]"#
+        )
+    };
+    let (status, body) = http(gw.addr, "POST", "/bayeux", Some(&subscribe("2", "/ok/x"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        format!(
+            r#"[{{"channel":"/meta/subscribe","id":"2","successful":true,"clientId":"{cid}","subscription":"/ok/x"}}]"#
+        )
+    );
+    let asked = server.last();
+    assert_eq!(asked["channel"], "/ok/x", "{asked}");
+    assert_eq!(asked["ext"], json!({"grant": "g-2"}), "{asked}");
+    let (_, body) = http(gw.addr, "POST", "/bayeux", Some(&subscribe("3", "/deny/y"))).await;
+    assert_eq!(
+        body,
+        format!(
+            r#"[{{"channel":"/meta/subscribe","id":"3","successful":false,"clientId":"{cid}","subscription":"/deny/y","error":"403:/deny/y:no access to deny/y"}}]"#
+        )
+    );
+    assert_eq!(server.last()["ext"], json!({"grant": "g-3"}));
+    gw.stop().await;
 }

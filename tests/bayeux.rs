@@ -704,13 +704,10 @@ async fn two_nodes_faye_cometd_and_native_on_one_channel() {
     // One Redis subscription per node.
     wait_numsub(&redis, room, 2).await;
 
-    // The native side publishes (through POST /publish on node B).
-    // TODO(native publish): once the native protocol has a publish action,
-    // publish from `native`'s own socket instead.
-    let (status, body) = b
-        .publish(json!({"channel": room, "payload": {"from": "native"}}))
+    // The native client publishes from its own socket (node A).
+    native
+        .send_json(json!({"action": "publish", "channel": room, "payload": {"from": "native"}, "id": "n1"}))
         .await;
-    assert_eq!(status, 200, "{body}");
     for s in [&mut faye, &mut cometd] {
         let got = s
             .expect_where("the native publish", |e| {
@@ -722,9 +719,15 @@ async fn two_nodes_faye_cometd_and_native_on_one_channel() {
             json!({"channel": room, "data": {"from": "native"}})
         );
     }
+    // Its reply and its own copy, in either order.
+    let mut frames = vec![native.recv().await, native.recv().await];
+    frames.sort_by_key(|f| f["action"].as_str().map(str::to_owned));
     assert_eq!(
-        native.recv().await,
-        json!({"action": "message", "channel": room, "payload": {"from": "native"}})
+        frames,
+        [
+            json!({"action": "message", "channel": room, "payload": {"from": "native"}}),
+            json!({"action": "publish", "channel": room, "id": "n1", "status": true}),
+        ]
     );
 
     if CLIENT_PUBLISH {
@@ -1558,4 +1561,175 @@ async fn nodefony_handshake_over_http_then_connect_over_websocket() {
         batch(&[delivery("/nodefony", r#"{"k":"v"}"#)])
     );
     gw.stop().await;
+}
+
+// ------------------------------------------------------------ gap notices
+
+/// Redis goes away and comes back: a faye client over a WebSocket and a
+/// cometd client over long-polling each get `/wsgate/gap` `interrupted`,
+/// then `resumed`, naming their subscriptions as they wrote them, and
+/// receive again afterwards. Never silent, and no connect loop broken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_told_to_faye_and_cometd_on_wsgate_gap() {
+    let mut redis = Redis::start().await;
+    let gw = Gateway::start(test_config(Some(redis.url()))).await;
+    let url = format!("http://{}/bayeux", gw.addr);
+    let mut clients = [
+        spawn_client("faye_client.js", &url, "websocket", &[]),
+        spawn_client("cometd_client.js", &url, "long-polling", &[]),
+    ];
+    for c in clients.iter_mut() {
+        c.expect("ready").await;
+    }
+    redis.kill();
+    for state in ["interrupted", "resumed"] {
+        if state == "resumed" {
+            redis.restart().await;
+        }
+        for c in clients.iter_mut() {
+            let gap = c
+                .expect_where(&format!("/wsgate/gap {state}"), move |e| {
+                    e["event"] == "delivery"
+                        && e["channel"] == "/wsgate/gap"
+                        && e["data"]["state"] == state
+                })
+                .await;
+            let mut subs: Vec<&str> = gap["data"]["subscriptions"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            subs.sort_unstable();
+            assert_eq!(subs, ["/foo/*", "/foo/bar"], "{gap}");
+            if state == "interrupted" {
+                assert_eq!(gap["data"]["reason"], "broker connection lost", "{gap}");
+            }
+        }
+    }
+    // Delivery flows again, once per client.
+    wait_numsub(&redis, "/foo/bar", 1).await;
+    assert_eq!(redis.publish("/foo/bar", br#"{"after":1}"#).await, 2);
+    for c in clients.iter_mut() {
+        c.expect_where("the message after the outage", |e| {
+            e["event"] == "delivery" && e["data"]["after"] == 1
+        })
+        .await;
+    }
+    for c in clients {
+        c.finish(WAIT).await;
+    }
+    gw.stop().await;
+}
+
+// ------------------------------------------------------------ tokens
+
+const SECRET: &str = "wsgate-test-secret-0123456789abcdef";
+
+/// An HS256 token for `sub`, valid for an hour, that may subscribe to
+/// `acl`.
+fn jwt(sub: &str, acl: &[&str]) -> String {
+    let claims =
+        json!({"sub": sub, "exp": jsonwebtoken::get_current_timestamp() + 3600, "subscribe": acl});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("an HS256 token")
+}
+
+/// The token comes in the handshake's `ext.token` and is checked there, with
+/// the native protocol's verification and ACLs; a handshake without one is
+/// refused with `advice {reconnect:"none"}`; the identity travels with a
+/// clientId adopted by another node, so its ACL holds there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_the_handshake_ext_is_verified_and_travels_with_the_client_id() {
+    let redis = Redis::start().await;
+    let config = Config {
+        jwt_key: Some(wsgate::auth::JwtKey::secret(SECRET).expect("a key")),
+        ..test_config(Some(redis.url()))
+    };
+    let a = Gateway::start(config.clone()).await;
+    let b = Gateway::start(config).await;
+
+    // No token: refused, and told not to retry.
+    let res = post(
+        a.addr,
+        "/bayeux",
+        &format!("[{}]", handshake_msg("1", r#"["long-polling"]"#)),
+    )
+    .await;
+    assert_eq!(
+        res.body,
+        r#"[{"channel":"/meta/handshake","id":"1","successful":false,"error":"401::missing token","advice":{"reconnect":"none","interval":0}}]"#,
+        "{res:?}"
+    );
+
+    // The real faye client, token in ext: its ACL allows /foo/bar only.
+    let url = format!("http://{}/bayeux", a.addr);
+    let token = jwt("u1", &["/foo/bar"]);
+    let mut faye = Script::spawn(
+        "faye_client.js",
+        &[
+            "--url",
+            &url,
+            "--transport",
+            "websocket",
+            "--token",
+            &token,
+            "--max-ms",
+            "30000",
+        ],
+    );
+    let hs = faye.expect("handshake").await;
+    assert_eq!(hs["successful"], true, "{hs}");
+    // `ready` comes once both subscribes were answered, in either order.
+    faye.expect("ready").await;
+    let answered = |sub: &'static str| {
+        faye.history()
+            .iter()
+            .find(|e| {
+                e["event"] == "meta"
+                    && e["message"]["channel"] == "/meta/subscribe"
+                    && e["message"]["subscription"] == sub
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("{sub} not answered: {:?}", faye.history()))
+    };
+    assert_eq!(answered("/foo/bar")["message"]["successful"], true);
+    let refused = answered("/foo/*");
+    assert_eq!(
+        refused["message"]["error"], "403:/foo/*:Forbidden",
+        "{refused}"
+    );
+    faye.finish(WAIT).await;
+
+    // Handshake on A with the token, first message on B: B adopts the
+    // clientId with the same identity, so the same ACL.
+    let body = format!(
+        r#"[{{"channel":"/meta/handshake","version":"1.0","supportedConnectionTypes":["long-polling"],"id":"1","ext":{{"token":"{token}"}}}}]"#
+    );
+    let res = post(a.addr, "/bayeux", &body).await;
+    let cid = client_id_of(&res.body);
+    let res = post(b.addr, "/bayeux", &subscribe_msg("2", &cid, "/foo/*")).await;
+    assert_eq!(
+        res.body,
+        batch(&[subscribe_refused(
+            "2",
+            &cid,
+            "/foo/*",
+            "403:/foo/*:Forbidden"
+        )]),
+        "{res:?}"
+    );
+    lp_subscribe(b.addr, "/bayeux", "3", &cid, "/foo/bar").await;
+    wait_numsub(&redis, "/foo/bar", 1).await;
+    // A no longer answers for it: B serves the client.
+    let res = post(a.addr, "/bayeux", &lp_connect("4", &cid)).await;
+    assert_eq!(
+        res.body,
+        batch(&[unknown_client("/meta/connect", "4", &cid)]),
+        "{res:?}"
+    );
+    a.stop().await;
+    b.stop().await;
 }

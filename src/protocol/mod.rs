@@ -324,4 +324,19 @@ pub trait Conversation: Send + 'static {
     fn linger(&self) -> Option<Duration> {
         None
     }
+    /// The key this conversation's session is known by, once it has one.
+    fn key(&self) -> Option<&str> {
+        None
+    }
+    /// Takes over the session of `key`, issued by another node and adopted
+    /// here (a [`Step::Route`] that no session of this node took); `false`
+    /// when this conversation cannot.
+    fn adopt(&mut self, _key: &str) -> bool {
+        false
+    }
+    /// Answers every message of `inbound` as naming an unknown client `key`
+    /// (its session was adopted by another node).
+    fn unknown(&mut self, _inbound: Inbound<'_>, _key: &str) -> Option<Frame> {
+        None
+    }
 }

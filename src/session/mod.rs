@@ -47,6 +47,7 @@ use tracing::debug;
 use crate::acl::Acl;
 use crate::auth::{Identity, Verifier};
 use crate::authz::Authz;
+use crate::handoff::{self, Handoff, Record};
 use crate::hub::Hub;
 use crate::limits::IpSlot;
 use crate::metrics::Metrics;
@@ -154,6 +155,10 @@ pub struct SessionContext {
     pub authz: Option<Arc<Authz>>,
     /// Where sessions that outlive their links are found by key.
     pub clients: Clients,
+    /// Where a fresh keyed session is offered to the other nodes, and taken.
+    pub handoff: Handoff,
+    /// `WSGATE_NODE_ID`, for the handoff record.
+    pub node_id: Arc<str>,
 }
 
 /// The link a session starts with.
@@ -234,10 +239,22 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
     let mut pending_text = first_text;
+    let mut offered = None;
+    // Adopted from another node before it started (a long-poll): findable
+    // here from the start.
+    if let Some(key) = conv.key().map(str::to_owned) {
+        bind(&ctx, key, &mut attach, &mut binding);
+    }
     let end = 'run: loop {
         // An inbound message waiting to be served (the first poll's, or one
         // handed over with a socket).
         if let Some(text) = pending_text.take() {
+            if !claimed(&ctx, &mut offered).await {
+                if let Some(key) = binding.as_ref().map(|b| b.key().to_owned()) {
+                    session.reply_opt(conv.unknown(Inbound::Text(&text), &key));
+                }
+                break 'run End::Close(1000, "client served elsewhere".into());
+            }
             let fx = serve(
                 &ctx,
                 &mut session,
@@ -256,9 +273,13 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                 &mut holding,
                 &mut attach,
                 &mut binding,
-            ) {
+                &mut offered,
+            )
+            .await
+            {
                 Acted::Continue => {}
                 Acted::End(end) => break 'run end,
+                Acted::Again(text) => pending_text = Some(text),
             }
         }
         complete_polls(&ctx, &mut session, &mut items, &mut polls);
@@ -356,13 +377,20 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                         Message::Binary(b) => Inbound::Binary(b),
                         _ => continue, // pings and pongs: only signs of life
                     };
+                    if !claimed(&ctx, &mut offered).await {
+                        if let Some(key) = binding.as_ref().map(|b| b.key().to_owned()) {
+                            session.reply_opt(conv.unknown(inbound, &key));
+                        }
+                        break End::Close(1000, "client served elsewhere".into());
+                    }
                     let fx = serve(&ctx, &mut session, conv.as_mut(), &mut steps, inbound);
                     match act(
                         &ctx, &mut session, conv.as_mut(), fx, inbound, &mut socket,
-                        &mut polls, &mut holding, &mut attach, &mut binding,
-                    ) {
+                        &mut polls, &mut holding, &mut attach, &mut binding, &mut offered,
+                    ).await {
                         Acted::Continue => {}
                         Acted::End(end) => break end,
+                        Acted::Again(text) => pending_text = Some(text),
                     }
                 }
             },
@@ -490,11 +518,13 @@ fn serve(
 enum Acted {
     Continue,
     End(End),
+    /// The session adopted the client the message named: serve it again.
+    Again(String),
 }
 
 /// Carries out what serving a message asked of the loop.
 #[allow(clippy::too_many_arguments)]
-fn act(
+async fn act(
     ctx: &SessionContext,
     session: &mut Session,
     conv: &mut dyn Conversation,
@@ -505,13 +535,19 @@ fn act(
     holding: &mut Option<Holding>,
     attach: &mut Option<mpsc::Receiver<Attach>>,
     binding: &mut Option<clients::Binding>,
+    offered: &mut Option<String>,
 ) -> Acted {
     if let Some(key) = fx.bind {
-        let (tx, rx) = mpsc::channel(clients::ATTACH_CAPACITY);
-        if let Some(b) = ctx.clients.bind(key, tx) {
-            *binding = Some(b);
-            *attach = Some(rx);
+        // Findable here at once, and by the other nodes until a first
+        // message claims it (offered before the handshake is answered).
+        let record = Record::new(session.identity(), &ctx.node_id).encode();
+        let ttl = conv.linger().unwrap_or(Duration::from_secs(60));
+        if let Err(e) = ctx.handoff.offer(&key, record, ttl).await {
+            debug!(cause = ?e, "fresh session not offered to the other nodes");
+        } else {
+            *offered = Some(key.clone());
         }
+        bind(ctx, key, attach, binding);
     }
     if let Some(key) = fx.route {
         let raw = match inbound {
@@ -528,6 +564,19 @@ fn act(
                         *socket = Some(s);
                     }
                     Err(_) => {}
+                }
+            }
+        }
+        // Issued by another node and not used yet: this node adopts it, with
+        // the identity its handshake proved.
+        if let (Some(raw), true) = (raw, binding.is_none()) {
+            if let Some(identity) = handoff::adopt(&ctx.handoff, &key).await {
+                if conv.adopt(&key) {
+                    if let Some(identity) = identity {
+                        session.set_identity(identity);
+                    }
+                    bind(ctx, key, attach, binding);
+                    return Acted::Again(raw.to_owned());
                 }
             }
         }
@@ -564,6 +613,32 @@ fn act(
         return Acted::End(End::Close(1000, "disconnected".into()));
     }
     Acted::Continue
+}
+
+/// Makes this session findable on this node by `key`.
+fn bind(
+    ctx: &SessionContext,
+    key: String,
+    attach: &mut Option<mpsc::Receiver<Attach>>,
+    binding: &mut Option<clients::Binding>,
+) {
+    let (tx, rx) = mpsc::channel(clients::ATTACH_CAPACITY);
+    if let Some(b) = ctx.clients.bind(key, tx) {
+        *binding = Some(b);
+        *attach = Some(rx);
+    }
+}
+
+/// A session offered to the other nodes claims itself back before it serves
+/// its client's first message: `false` when another node took it first
+/// (then that node serves the client, and this session must not). A store
+/// that cannot be reached leaves it here: no other node could take it
+/// either.
+async fn claimed(ctx: &SessionContext, offered: &mut Option<String>) -> bool {
+    match offered.take() {
+        Some(key) => !matches!(ctx.handoff.take(&key).await, Ok(None)),
+        None => true,
+    }
 }
 
 /// Answers the long-polls whose requests are all answered: with everything

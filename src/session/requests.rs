@@ -170,6 +170,11 @@ impl Session {
         }
     }
 
+    /// Who the client is, when authentication is on.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
     /// When the token expires, if there is one.
     pub fn expires_at(&self) -> Option<tokio::time::Instant> {
         self.expires_at
@@ -186,6 +191,13 @@ impl Session {
     /// Queues a frame for the client.
     pub fn reply(&self, frame: Frame) {
         self.member.outbox.push(frame);
+    }
+
+    /// Queues a frame, if there is one.
+    pub fn reply_opt(&self, frame: Option<Frame>) {
+        if let Some(frame) = frame {
+            self.reply(frame);
+        }
     }
 
     fn answer(&self, conv: &mut dyn Conversation, answer: Answer<'_>) {

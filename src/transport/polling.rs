@@ -24,10 +24,12 @@ use warp::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use super::admission::{admit, origin_allowed, Carrier, Token};
 use crate::app::App;
 use crate::auth;
+use crate::handoff;
 use crate::pending::PendingSlot;
-use crate::protocol::bayeux::conversation::{BayeuxConversation, Endpoint};
+use crate::protocol::bayeux::client_id::ClientId;
+use crate::protocol::bayeux::conversation::{unknown_batch, BayeuxConversation, Endpoint};
 use crate::protocol::bayeux::message::{self, DecodeError, JsonpCallback, Kind};
-use crate::protocol::bayeux::reply::{self, Batch, Error};
+use crate::protocol::bayeux::reply::{self, Batch};
 use crate::protocol::Frame;
 use crate::session::{self, Attach, Link, Poll};
 
@@ -205,7 +207,32 @@ async fn serve(
             .find_map(|m| m.as_ref().ok().and_then(|m| m.client_id.clone()));
         let to = client_id.as_deref().and_then(|cid| app.clients.get(cid));
         let Some(to) = to else {
-            return respond(StatusCode::OK, unknown(&batch, client_id.as_deref()), &wrap);
+            // Issued by another node and not used yet: adopt it here.
+            let cid = client_id.as_deref().and_then(ClientId::parse);
+            let adopted = match &cid {
+                Some(cid) => handoff::adopt(&app.handoff, cid.as_str()).await,
+                None => None,
+            };
+            let (Some(cid), Some(identity)) = (cid, adopted) else {
+                return respond(StatusCode::OK, unknown(&batch, client_id.as_deref()), &wrap);
+            };
+            let admitted = match admit(
+                app,
+                headers,
+                query,
+                conn,
+                Token::ByDialect,
+                Carrier::Request,
+            ) {
+                Ok(admitted) => admitted,
+                Err(refused) => return *refused,
+            };
+            let conv = Box::new(BayeuxConversation::adopted(endpoint, cid));
+            let client_ip = admitted.client_ip;
+            let ctx = app.session_context(admitted.slot, admitted.ip_slot, client_ip, identity);
+            let span = tracing::info_span!("poll", client = %client_ip, dialect = "bayeux");
+            tokio::spawn(session::run(Link::Poll(poll), conv, ctx).instrument(span));
+            return respond_when(rx, wait, &wrap).await;
         };
         match tokio::time::timeout(HAND_OVER, to.send(Attach::Poll(poll))).await {
             Ok(Ok(())) => conn.promote(),
@@ -215,37 +242,25 @@ async fn serve(
             }
         }
     }
+    respond_when(rx, wait, &wrap).await
+}
+
+/// The session's answer to a poll, within `wait`.
+async fn respond_when(
+    rx: oneshot::Receiver<Vec<Frame>>,
+    wait: Duration,
+    wrap: &Wrap,
+) -> warp::reply::Response {
     let frames = match tokio::time::timeout(wait, rx).await {
         Ok(Ok(frames)) => frames,
         _ => Vec::new(),
     };
-    respond(StatusCode::OK, body(&frames), &wrap)
+    respond(StatusCode::OK, body(&frames), wrap)
 }
 
-/// Every message of `batch` answered `402 Unknown client` (a malformed one
-/// with its own error).
+/// Every message of `batch` answered `402 Unknown client`.
 fn unknown(batch: &[message::Decoded], client_id: Option<&str>) -> String {
-    let mut out = Batch::new();
-    let error = Error::UnknownClient(client_id.unwrap_or(""));
-    for entry in batch {
-        let m = match entry {
-            Ok(m) => m,
-            Err(e) => {
-                out.push(&reply::rejected(e));
-                continue;
-            }
-        };
-        let channel = match &m.kind {
-            Kind::Publish { channel, .. } | Kind::Service { channel, .. } => channel.as_str(),
-            Kind::Connect { .. } => "/meta/connect",
-            Kind::Subscribe { .. } => "/meta/subscribe",
-            Kind::Unsubscribe { .. } => "/meta/unsubscribe",
-            Kind::Disconnect => "/meta/disconnect",
-            Kind::Handshake { .. } => "/meta/handshake",
-        };
-        out.push(&reply::failure(Some(channel), m.id.as_ref(), &error));
-    }
-    out.finish()
+    unknown_batch(batch, client_id.unwrap_or(""))
 }
 
 /// The frames a session answered with, as one JSON array.

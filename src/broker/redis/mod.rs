@@ -13,11 +13,13 @@
 //! redis-rs's pub/sub types: those either do not reconnect or buffer pushes in
 //! an unbounded channel, and they copy every payload. Publishing has its own
 //! connection and task ([`publish`]), which knows whether a failed publish
-//! reached Redis.
+//! reached Redis. Every connection of the node (these two, and the Bayeux
+//! handoff store's) is opened by [`conn`]: the same URL forms and handshake.
 
+pub(crate) mod conn;
 mod cover;
 mod publish;
-mod resp;
+pub(crate) mod resp;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -35,6 +37,7 @@ use super::{
 };
 use crate::backoff::backoff;
 use crate::metrics::Metrics;
+use conn::{Handshake, Target};
 use cover::{Commands, Covers, Route};
 use resp::Value;
 
@@ -102,21 +105,9 @@ impl RedisBroker {
         metrics: Metrics,
         options: RedisOptions,
     ) -> Result<RedisBroker, RedisConfigError> {
-        let client = redis::Client::open(url)?;
-        let info = client.get_connection_info();
-        let (host, port) = match info.addr() {
-            redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
-            _ => return Err(RedisConfigError::Unsupported),
-        };
-        let auth = info.redis_settings().password().map(|password| {
-            let user = info.redis_settings().username().map(str::to_owned);
-            (user, password.to_owned())
-        });
+        let (target, client) = Target::parse(url)?;
         let publisher = publish::Publisher::start(publish::Settings {
-            host: host.clone(),
-            port,
-            auth: auth.clone(),
-            db: info.redis_settings().db(),
+            target: target.clone(),
             client_name: format!("wsgate:{}:publish", options.node_id),
             timeout: options.probe_timeout,
             idempotency_ttl: options.idempotency_ttl,
@@ -133,9 +124,7 @@ impl RedisBroker {
         );
         let covers = Covers::new(options.max_redis_patterns);
         let actor = Actor {
-            host,
-            port,
-            auth,
+            target,
             requests: rx,
             events,
             metrics,
@@ -143,8 +132,7 @@ impl RedisBroker {
             covers,
             follow_up: BytesMut::new(),
         };
-        let span =
-            tracing::info_span!("redis_pubsub", addr = %format!("{}:{}", actor.host, actor.port));
+        let span = tracing::info_span!("redis_pubsub", addr = %actor.target.addr());
         tokio::spawn(actor.run().instrument(span));
         Ok(RedisBroker {
             requests: tx,
@@ -198,9 +186,7 @@ enum Exit {
 
 /// The task that owns the pub/sub connection.
 struct Actor {
-    host: String,
-    port: u16,
-    auth: Option<(Option<String>, String)>,
+    target: Target,
     requests: mpsc::Receiver<Request>,
     events: EventSink,
     metrics: Metrics,
@@ -419,36 +405,16 @@ impl Actor {
     /// through the kernel; the PING is what proves it alive). `Ok(None)` means
     /// shutdown was requested meanwhile.
     async fn connect(&mut self) -> Result<Option<TcpStream>, String> {
-        let addr = (self.host.clone(), self.port);
-        let auth = self.auth.clone();
-        let name = Some(format!("wsgate:{}:pubsub", self.options.node_id));
+        let name = format!("wsgate:{}:pubsub", self.options.node_id);
+        // Pub/sub ignores databases: no SELECT.
+        let mut handshake = Handshake::new(&self.target, &name, false);
+        handshake.push("PING", &[b"PING"]);
+        let target = self.target.clone();
         let attempt = async move {
-            let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-            stream.set_nodelay(true).map_err(|e| e.to_string())?;
-            let mut cmd = BytesMut::new();
-            if let Some((user, password)) = &auth {
-                let mut args: Vec<&[u8]> = vec![b"AUTH"];
-                args.extend(user.as_deref().map(str::as_bytes));
-                args.push(password.as_bytes());
-                resp::encode_command(&mut cmd, args.into_iter());
-            }
-            if let Some(name) = &name {
-                let args: [&[u8]; 3] = [b"CLIENT", b"SETNAME", name.as_bytes()];
-                resp::encode_command(&mut cmd, args.into_iter());
-            }
-            resp::encode_command(&mut cmd, [&b"PING"[..]].into_iter());
-            stream.write_all(&cmd).await.map_err(|e| e.to_string())?;
-            let mut buf = BytesMut::with_capacity(256);
-            let mut replies = 1 + usize::from(auth.is_some()) + usize::from(name.is_some());
-            while replies > 0 {
-                if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                    return Err("connection closed during handshake".to_owned());
-                }
-                while let Some(v) = resp::parse(&mut buf).map_err(|e| e.to_string())? {
-                    match v {
-                        Value::Simple(_) => replies -= 1,
-                        other => return Err(format!("handshake refused: {other:?}")),
-                    }
+            let (stream, replies) = handshake.run(&target).await?;
+            for (_, reply) in replies {
+                if !matches!(reply, Value::Simple(_)) {
+                    return Err(format!("handshake refused: {reply:?}"));
                 }
             }
             Ok::<_, String>(stream)

@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
+use super::conn::{Handshake, Target};
 use super::resp::{self, Value};
 use crate::broker::{Publication, PublishError};
 
@@ -73,14 +74,8 @@ return n
 
 /// Where and how to connect.
 pub(super) struct Settings {
-    /// Redis host.
-    pub(super) host: String,
-    /// Redis port.
-    pub(super) port: u16,
-    /// `AUTH [user] password`, from the URL.
-    pub(super) auth: Option<(Option<String>, String)>,
-    /// `SELECT` this database (idempotency keys live in it) unless 0.
-    pub(super) db: i64,
+    /// Redis, from the URL; `SELECT`s its database (idempotency keys live in it).
+    pub(super) target: Target,
     /// `CLIENT SETNAME` value, `wsgate:<node>:publish`.
     pub(super) client_name: String,
     /// Bound on a connect with its handshake, on a write, and on a reply.
@@ -141,10 +136,7 @@ impl Publisher {
     /// Starts the task; it connects when the first publish comes.
     pub(super) fn start(settings: Settings) -> Publisher {
         let (tx, rx) = mpsc::channel(JOB_CAPACITY);
-        let span = tracing::info_span!(
-            "redis_publish",
-            addr = %format!("{}:{}", settings.host, settings.port)
-        );
+        let span = tracing::info_span!("redis_publish", addr = %settings.target.addr());
         let task = Task {
             ttl_arg: Bytes::from(settings.idempotency_ttl.as_millis().max(1).to_string()),
             settings,
@@ -285,55 +277,16 @@ impl Task {
     /// alive. `Err((cause, retry))`.
     async fn connect(&mut self) -> Result<TcpStream, (String, bool)> {
         let s = &self.settings;
-        let addr = (s.host.clone(), s.port);
-        let mut cmd = BytesMut::new();
-        let mut steps: Vec<&'static str> = Vec::new();
-        if let Some((user, password)) = &s.auth {
-            let mut args: Vec<&[u8]> = vec![b"AUTH"];
-            args.extend(user.as_deref().map(str::as_bytes));
-            args.push(password.as_bytes());
-            resp::encode_command(&mut cmd, args.into_iter());
-            steps.push("AUTH");
-        }
-        let db = s.db.to_string();
-        if s.db != 0 {
-            resp::encode_command(&mut cmd, [&b"SELECT"[..], db.as_bytes()].into_iter());
-            steps.push("SELECT");
-        }
-        resp::encode_command(
-            &mut cmd,
-            [&b"CLIENT"[..], b"SETNAME", s.client_name.as_bytes()].into_iter(),
-        );
-        steps.push("CLIENT SETNAME");
-        resp::encode_command(
-            &mut cmd,
-            [&b"SCRIPT"[..], b"LOAD", SCRIPT.as_bytes()].into_iter(),
-        );
-        steps.push("SCRIPT LOAD");
-        let attempt = async move {
-            let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-            stream.set_nodelay(true).map_err(|e| e.to_string())?;
-            stream.write_all(&cmd).await.map_err(|e| e.to_string())?;
-            let mut buf = BytesMut::with_capacity(256);
-            let mut replies = Vec::with_capacity(steps.len());
-            while replies.len() < steps.len() {
-                if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                    return Err("connection closed during handshake".to_owned());
-                }
-                while let Some(v) = resp::parse(&mut buf).map_err(|e| e.to_string())? {
-                    replies.push(v);
-                }
-            }
-            Ok::<_, String>((stream, steps, replies))
+        let mut handshake = Handshake::new(&s.target, &s.client_name, true);
+        handshake.push("SCRIPT LOAD", &[b"SCRIPT", b"LOAD", SCRIPT.as_bytes()]);
+        let attempt = handshake.run(&s.target);
+        let (stream, replies) = match tokio::time::timeout(s.timeout, attempt).await {
+            Err(_) => return Err(("connect or handshake timed out".to_owned(), false)),
+            Ok(Err(cause)) => return Err((cause, true)),
+            Ok(Ok(done)) => done,
         };
-        let (stream, steps, replies) =
-            match tokio::time::timeout(self.settings.timeout, attempt).await {
-                Err(_) => return Err(("connect or handshake timed out".to_owned(), false)),
-                Ok(Err(cause)) => return Err((cause, true)),
-                Ok(Ok(done)) => done,
-            };
         self.sha = None;
-        for (step, reply) in steps.into_iter().zip(replies) {
+        for (step, reply) in replies {
             match (step, reply) {
                 ("SCRIPT LOAD", Value::Bulk(sha)) => self.sha = Some(sha),
                 ("SCRIPT LOAD", other) => {

@@ -1,8 +1,8 @@
-//! Just enough RESP2 for a pub/sub connection.
+//! Just enough RESP2 for the node's own Redis connections (pub/sub, publish,
+//! and the Bayeux handoff store in `crate::handoff`).
 //!
-//! The pub/sub connection only ever sends (P)(UN)SUBSCRIBE, PING and AUTH, and
-//! only ever receives arrays of bulk strings and integers, simple strings and
-//! errors. A large frame is split off the read buffer and frozen, and every
+//! They send commands as arrays of bulk strings, and receive arrays of bulk
+//! strings and integers, simple strings, errors and nulls. A large frame is split off the read buffer and frozen, and every
 //! bulk string is a [`Bytes`] slice of it, so a large payload reaches the
 //! fan-out without being copied; a small one is copied once, so that it does
 //! not pin the read buffer's block (see [`parse`]).

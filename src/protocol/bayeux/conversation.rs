@@ -272,11 +272,10 @@ impl BayeuxConversation {
         Some(match refusal {
             Refusal::AlreadySubscribed | Refusal::NotSubscribed => return None,
             Refusal::NotAllowed => Error::Forbidden(name),
-            Refusal::Denied(reason) => refused(403, reason),
-            Refusal::RateLimited => refused(429, "Too many requests"),
-            Refusal::Cancelled => refused(409, "Cancelled by unsubscribe"),
-            Refusal::Unavailable(reason) => refused(503, reason),
-            Refusal::Other(reason) => refused(400, reason),
+            Refusal::Denied(_) | Refusal::Other(_) => refused(403, refusal.message()),
+            Refusal::RateLimited => refused(429, refusal.message()),
+            Refusal::Cancelled => refused(409, refusal.message()),
+            Refusal::Unavailable(_) => refused(503, refusal.message()),
         })
     }
 }
@@ -420,6 +419,55 @@ impl Conversation for BayeuxConversation {
     fn linger(&self) -> Option<Duration> {
         (self.client_id.is_some() && !self.disconnected).then_some(self.endpoint.session_timeout)
     }
+
+    fn key(&self) -> Option<&str> {
+        self.client_id.as_ref().map(ClientId::as_str)
+    }
+
+    fn adopt(&mut self, key: &str) -> bool {
+        if self.client_id.is_some() {
+            return false;
+        }
+        let Some(cid) = ClientId::parse(key) else {
+            return false;
+        };
+        self.client_id = Some(cid);
+        self.routed.clear();
+        true
+    }
+
+    fn unknown(&mut self, inbound: Inbound<'_>, key: &str) -> Option<Frame> {
+        let bytes = match inbound {
+            Inbound::Text(text) => text.as_bytes(),
+            Inbound::Binary(bytes) => bytes,
+        };
+        let batch = message::decode_json(bytes, &self.endpoint.limits).ok()?;
+        Some(Frame::text(unknown_batch(&batch, key)))
+    }
+}
+
+impl BayeuxConversation {
+    /// A conversation for a session issued by another node and adopted
+    /// here before its first message (a long-poll naming it).
+    pub fn adopted(endpoint: Arc<Endpoint>, client_id: ClientId) -> BayeuxConversation {
+        let mut conv = BayeuxConversation::new(endpoint, None);
+        conv.client_id = Some(client_id);
+        conv
+    }
+}
+
+/// Every message of `batch` answered `402 Unknown client` for `client_id`
+/// (a malformed one with its own error), as one array.
+pub fn unknown_batch(batch: &[Decoded], client_id: &str) -> String {
+    let mut out = Batch::new();
+    let error = Error::UnknownClient(client_id);
+    for entry in batch {
+        match entry {
+            Ok(m) => out.push(&reply::failure(msg_channel(&m.kind), m.id.as_ref(), &error)),
+            Err(e) => out.push(&reply::rejected(e)),
+        }
+    }
+    out.finish()
 }
 
 /// The channel of a decoded message, for an error reply.
