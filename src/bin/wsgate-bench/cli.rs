@@ -4,7 +4,8 @@ use std::fmt;
 
 /// Printed by `--help`.
 pub(crate) const USAGE: &str = "\
-wsgate-bench: load client for the wsgate gateway (native protocol, publishes through Redis)
+wsgate-bench: load client for the wsgate gateway (native protocol or Bayeux over WebSocket,
+publishes through Redis)
 
 USAGE:
   wsgate-bench <WORKLOAD> --url ws://127.0.0.1:PORT/ws [--url ...] --redis redis://127.0.0.1:PORT
@@ -45,6 +46,10 @@ OPTIONS:
   --sources K             client source addresses 127.0.0.1 .. (IP_BIND_ADDRESS_NO_PORT) [50]
   --source-offset O       first source address is 127.0.0.1 + O [0]
   --topic-kind KIND       pattern | channel (fanout/cluster: pattern; channels/idle/churn: channel)
+  --dialect D             native | bayeux: what the sockets speak (fanout, channels, cluster,
+                          idle) [native]. bayeux: --url is the Bayeux path (ws://HOST:PORT/bayeux);
+                          each socket handshakes, connects, subscribes and keeps a connect held;
+                          topics are Bayeux channels (/benchN/f/x, pattern /benchN/f/*)
   --connect-concurrency N connection attempts in flight [256]
   --connections N         churn: connections [100]
   --window W              churn: requests in flight per connection [32]
@@ -116,6 +121,34 @@ impl TopicKind {
     }
 }
 
+/// The protocol the subscriber sockets speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// wsgate's own JSON protocol (`/ws`).
+    Native,
+    /// Bayeux 1.0 over a WebSocket (`/bayeux`).
+    Bayeux,
+}
+
+impl Dialect {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Dialect::Native => "native",
+            Dialect::Bayeux => "bayeux",
+        }
+    }
+
+    /// A topic name from its parts: `a.b.c` (native), `/a/b/c` (Bayeux
+    /// channel grammar: segments of letters, digits and `-_!~()$@`, a
+    /// pattern's wildcard as its last segment).
+    pub(crate) fn topic(self, parts: &[&str]) -> String {
+        match self {
+            Dialect::Native => parts.join("."),
+            Dialect::Bayeux => format!("/{}", parts.join("/")),
+        }
+    }
+}
+
 /// A target on one result: `name op value`.
 #[derive(Clone, Debug)]
 pub(crate) struct Check {
@@ -178,6 +211,7 @@ pub(crate) struct Opts {
     pub(crate) sources: u32,
     pub(crate) source_offset: u32,
     pub(crate) topic_kind: TopicKind,
+    pub(crate) dialect: Dialect,
     pub(crate) connect_concurrency: usize,
     pub(crate) connections: usize,
     pub(crate) window: usize,
@@ -255,6 +289,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut sources = 50u32;
     let mut source_offset = 0u32;
     let mut topic_kind = None;
+    let mut dialect = Dialect::Native;
     let mut connect_concurrency = 256usize;
     let mut connections = 100usize;
     let mut window = 32usize;
@@ -313,6 +348,13 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
                     }
                 })
             }
+            "--dialect" => {
+                dialect = match v {
+                    "native" => Dialect::Native,
+                    "bayeux" => Dialect::Bayeux,
+                    _ => return Err(UsageError(format!("--dialect {v:?}: native or bayeux"))),
+                }
+            }
             "--connect-concurrency" => connect_concurrency = num(flag, v)?,
             "--connections" => connections = num(flag, v)?,
             "--window" => window = num(flag, v)?,
@@ -347,6 +389,14 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     }
     if workload == Workload::Resync && restart_redis.is_some() == drop_pubsub {
         return bad("resync needs exactly one of --restart-redis CMD or --drop-pubsub");
+    }
+    if dialect == Dialect::Bayeux
+        && !matches!(
+            workload,
+            Workload::Fanout | Workload::Channels | Workload::Cluster | Workload::Idle
+        )
+    {
+        return bad("--dialect bayeux is for fanout, channels, cluster and idle");
     }
     if sources == 0 || u64::from(sources) + u64::from(source_offset) >= (1 << 24) - 2 {
         return bad("--sources must be >= 1 and stay inside 127.0.0.0/8 with --source-offset");
@@ -401,6 +451,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         sources,
         source_offset,
         topic_kind,
+        dialect,
         connect_concurrency,
         connections,
         window,
@@ -418,4 +469,45 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         label,
         checks,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(args: &[&str]) -> Result<Opts, UsageError> {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        match parse(&args)? {
+            Command::Run(o) => Ok(*o),
+            _ => Err(UsageError("not a run".into())),
+        }
+    }
+
+    #[test]
+    fn dialects() {
+        let base = [
+            "fanout",
+            "--url",
+            "ws://127.0.0.1:1/bayeux",
+            "--redis",
+            "redis://x",
+        ];
+        assert_eq!(opts(&base).map(|o| o.dialect).ok(), Some(Dialect::Native));
+        let bx = [&base[..], &["--dialect", "bayeux"]].concat();
+        assert_eq!(opts(&bx).map(|o| o.dialect).ok(), Some(Dialect::Bayeux));
+        let bad = [&base[..], &["--dialect=cometd"]].concat();
+        assert!(opts(&bad).is_err());
+        let churn = [
+            "churn",
+            "--url",
+            "ws://a:1/",
+            "--redis",
+            "r",
+            "--dialect",
+            "bayeux",
+        ];
+        assert!(opts(&churn).is_err());
+        assert_eq!(Dialect::Native.topic(&["b1", "f", "*"]), "b1.f.*");
+        assert_eq!(Dialect::Bayeux.topic(&["b1", "f", "*"]), "/b1/f/*");
+    }
 }

@@ -4,12 +4,11 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio_tungstenite::tungstenite::Message;
 
-use crate::cli::{Opts, TopicKind, Workload};
+use crate::cli::{Dialect, Opts, TopicKind, Workload};
 use crate::net::{self, Gateway};
 use crate::rds::{self, Published};
-use crate::recv::{Pool, Spec};
+use crate::recv::{Pool, Spec, Subs};
 use crate::report::Run;
 use crate::sys::Snapshot;
 
@@ -36,6 +35,15 @@ pub(crate) fn spec(opts: &Opts, gws: &[Gateway]) -> Spec {
 /// A prefix no other run shares, so leftovers of an earlier run never match.
 pub(crate) fn prefix() -> String {
     format!("bench{}", std::process::id())
+}
+
+/// What a socket sends to subscribe `name` as `kind`, in `dialect` (a
+/// Bayeux name is a channel, or a pattern by its wildcard).
+pub(crate) fn subscribe(dialect: Dialect, kind: TopicKind, name: &str) -> Subs {
+    match dialect {
+        Dialect::Native => Subs::Native(vec![net::request("subscribe", kind.field(), name)]),
+        Dialect::Bayeux => Subs::Bayeux(vec![name.to_owned()]),
+    }
 }
 
 /// Runs the publisher on its own thread and runtime, so its ticks do not wait
@@ -70,21 +78,27 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     let pids: Vec<u32> = gws.iter().filter_map(|g| g.pid).collect();
     let (c, kind) = (opts.subscribers, opts.topic_kind);
     let per_socket = opts.workload == Workload::Channels;
-    let p = prefix();
-    let topic = |i: usize| match (per_socket, kind) {
-        (true, TopicKind::Channel) => format!("{p}.ch.{i}"),
-        (true, TopicKind::Pattern) => format!("{p}.pt.{i}.*"),
-        (false, TopicKind::Pattern) => format!("{p}.f.*"),
-        (false, TopicKind::Channel) => format!("{p}.f.x"),
+    let (p, d) = (prefix(), opts.dialect);
+    // Native: bench123.f.*, publishing to bench123.f.x; Bayeux: /bench123/f/*
+    // and /bench123/f/x (the same shape in the Bayeux channel grammar).
+    let topic = |i: usize| {
+        let i = i.to_string();
+        match (per_socket, kind) {
+            (true, TopicKind::Channel) => d.topic(&[&p, "ch", &i]),
+            (true, TopicKind::Pattern) => d.topic(&[&p, "pt", &i, "*"]),
+            (false, TopicKind::Pattern) => d.topic(&[&p, "f", "*"]),
+            (false, TopicKind::Channel) => d.topic(&[&p, "f", "x"]),
+        }
     };
-    let subs: Vec<Vec<Message>> = (0..c)
-        .map(|i| vec![net::request("subscribe", kind.field(), &topic(i))])
-        .collect();
+    let subs: Vec<Subs> = (0..c).map(|i| subscribe(d, kind, &topic(i))).collect();
     let pc = p.clone();
-    let channel = move |seq: u64| match (per_socket, kind) {
-        (true, TopicKind::Channel) => format!("{pc}.ch.{}", seq % c as u64),
-        (true, TopicKind::Pattern) => format!("{pc}.pt.{}.x", seq % c as u64),
-        (false, _) => format!("{pc}.f.x"),
+    let channel = move |seq: u64| {
+        let n = (seq % c as u64).to_string();
+        match (per_socket, kind) {
+            (true, TopicKind::Channel) => d.topic(&[&pc, "ch", &n]),
+            (true, TopicKind::Pattern) => d.topic(&[&pc, "pt", &n, "x"]),
+            (false, _) => d.topic(&[&pc, "f", "x"]),
+        }
     };
 
     let t0 = Instant::now();
@@ -237,10 +251,14 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
             .push("no --pid: gateway CPU and RSS not measured".to_owned());
     }
     run.summary = format!(
-        "{} subs{}, {} msg/s x {} ({} B) = {}/s nominal: {}/{} delivered ({} lost), {:.0}/s; \
+        "{} subs{}{}, {} msg/s x {} ({} B) = {}/s nominal: {}/{} delivered ({} lost), {:.0}/s; \
          latency p50 {:.2} / p90 {:.2} / p99 {:.2} / max {:.2} ms; gateway {:.3} µs/delivery \
          ({:.2} cores), bench {:.3} µs/delivery",
         subscribed,
+        match d {
+            Dialect::Native => "",
+            Dialect::Bayeux => " (bayeux)",
+        },
         if gws.len() > 1 {
             format!(" on {} gateways", gws.len())
         } else {

@@ -3,27 +3,26 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_tungstenite::tungstenite::Message;
-
-use crate::cli::{Opts, TopicKind};
-use crate::fanout::{prefix, spec};
+use crate::cli::{Dialect, Opts, TopicKind};
+use crate::fanout::{prefix, spec, subscribe};
 use crate::net::{self, Gateway};
-use crate::recv::Pool;
+use crate::recv::{Pool, Subs};
 use crate::report::Run;
 use crate::sys::Snapshot;
 
 pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Result<Run, String> {
     let pids: Vec<u32> = gws.iter().filter_map(|g| g.pid).collect();
     let c = opts.subscribers;
-    let p = prefix();
+    let (p, d) = (prefix(), opts.dialect);
     let kind = opts.topic_kind;
-    let subs: Vec<Vec<Message>> = (0..c)
+    let subs: Vec<Subs> = (0..c)
         .map(|i| {
+            let i = i.to_string();
             let name = match kind {
-                TopicKind::Channel => format!("{p}.i.{i}"),
-                TopicKind::Pattern => format!("{p}.i.{i}.*"),
+                TopicKind::Channel => d.topic(&[&p, "i", &i]),
+                TopicKind::Pattern => d.topic(&[&p, "i", &i, "*"]),
             };
-            vec![net::request("subscribe", kind.field(), &name)]
+            subscribe(d, kind, &name)
         })
         .collect();
     let conns_before = net::metric_sum(gws, &["wsgate_connections"]).await[0];
@@ -86,8 +85,12 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
             .push("no --pid: gateway RSS not measured".to_owned());
     }
     run.summary = format!(
-        "{ready} of {c} sockets subscribed ({}) in {connect_secs:.2} s, {open_at_end} still open after \
+        "{ready} of {c}{} sockets subscribed ({}) in {connect_secs:.2} s, {open_at_end} still open after \
          {:.0} s; gateway RSS +{:.0} B per socket ({:.1} MiB -> {:.1} MiB); bench +{:.0} B per socket",
+        match d {
+            Dialect::Native => "",
+            Dialect::Bayeux => " Bayeux",
+        },
         kind.field(),
         opts.duration_secs,
         gw_growth / n,

@@ -5,12 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_tungstenite::tungstenite::Message;
-
 use crate::cli::{Opts, TopicKind};
 use crate::fanout::{prefix, spec};
 use crate::net::{self, Gateway, LockHolds};
-use crate::recv::Pool;
+use crate::recv::{Pool, Subs};
 use crate::report::Run;
 use crate::sys::{self, Snapshot};
 
@@ -30,8 +28,8 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
         TopicKind::Channel => format!("{}.join", prefix()),
         TopicKind::Pattern => format!("{}.join.*", prefix()),
     };
-    let subs: Vec<Vec<Message>> = (0..c)
-        .map(|_| vec![net::request("subscribe", kind.field(), &name)])
+    let subs: Vec<Subs> = (0..c)
+        .map(|_| Subs::Native(vec![net::request("subscribe", kind.field(), &name)]))
         .collect();
 
     // Phase 1: every socket open, none subscribed.

@@ -1,6 +1,7 @@
 //! `wsgate-bench`: a load client for the wsgate gateway.
 //!
-//! It speaks the native protocol over tokio-tungstenite (one task per socket,
+//! It speaks the native protocol, or Bayeux over a WebSocket (`--dialect`),
+//! over tokio-tungstenite (one task per socket,
 //! sockets bound to source addresses spread over 127.0.0.0/8 with
 //! `IP_BIND_ADDRESS_NO_PORT`), publishes through Redis with pipelined
 //! `PUBLISH` paced to a rate, takes latency from the send time carried in
@@ -9,6 +10,7 @@
 //! ends with one JSON line on stdout and a table on stderr. `--help` lists
 //! the workloads and options; `scripts/bench.sh` runs the standard suite.
 
+mod bayeux;
 mod churn;
 mod cli;
 mod fanout;

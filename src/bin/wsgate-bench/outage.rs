@@ -13,7 +13,7 @@ use crate::fanout::{prefix, spec};
 use crate::joinstorm::pct;
 use crate::net::{self, Gateway, LockHolds};
 use crate::rds;
-use crate::recv::Pool;
+use crate::recv::{Pool, Subs};
 use crate::report::Run;
 use crate::resync::held;
 use crate::sys::{self, unix_nanos, Snapshot};
@@ -36,7 +36,7 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
 
     // Setup: every socket holds all T topics, and Redis holds them.
     let t_sub = Instant::now();
-    let pool = Pool::spawn(&spec(opts, gws), vec![topics; c]);
+    let pool = Pool::spawn(&spec(opts, gws), vec![Subs::Native(topics); c]);
     let ready = pool.wait_ready(deadline).await;
     let subscribed = pool.subscribed();
     if subscribed < c * t {

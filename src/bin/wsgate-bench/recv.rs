@@ -1,7 +1,11 @@
 //! Subscriber sockets: one task each. A task connects (bounded concurrency),
 //! sends its subscribe requests in one flush, waits for every reply, then
 //! reads until told to stop, counting bench messages (latency from the
-//! payload's `"t":` into its own histogram) and gap notices. A gated pool
+//! payload's `"t":` into its own histogram) and gap notices. A Bayeux socket
+//! ([`Subs::Bayeux`]) handshakes and connects first, keeps a connect held
+//! (sending the next one whenever one is answered), counts the messages of
+//! its frames that are not `/meta/` replies, and disconnects when stopped.
+//! A gated pool
 //! (`Pool::spawn_gated`) connects every socket first and holds the subscribes
 //! until `Pool::go`, so a join storm starts from sockets already open.
 
@@ -10,11 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::bayeux;
 use crate::hist::{Hist, Sharded};
 use crate::net::{self, Gateway};
 use crate::sys::unix_nanos;
@@ -103,6 +108,16 @@ pub(crate) struct Outcome {
     pub(crate) stuck: u64,
 }
 
+/// What one socket subscribes, in its dialect.
+#[derive(Clone, Debug)]
+pub(crate) enum Subs {
+    /// Native request frames, sent in one flush; every reply awaited.
+    Native(Vec<Message>),
+    /// Bayeux channels, subscribed in one `/meta/subscribe` after the
+    /// handshake and the first connect.
+    Bayeux(Vec<String>),
+}
+
 /// A set of subscriber sockets.
 pub(crate) struct Pool {
     slots: Vec<Arc<Slot>>,
@@ -127,17 +142,17 @@ pub(crate) struct Spec {
 impl Pool {
     /// Starts one task per entry of `subscriptions` (the frames it sends), on
     /// gateway `i mod gateways`, from source address number `i`.
-    pub(crate) fn spawn(spec: &Spec, subscriptions: Vec<Vec<Message>>) -> Pool {
+    pub(crate) fn spawn(spec: &Spec, subscriptions: Vec<Subs>) -> Pool {
         Pool::start(spec, subscriptions, false)
     }
 
     /// Like `spawn`, but each socket, once connected, waits for `go` before
     /// sending its requests (wait for `wait_connected` first).
-    pub(crate) fn spawn_gated(spec: &Spec, subscriptions: Vec<Vec<Message>>) -> Pool {
+    pub(crate) fn spawn_gated(spec: &Spec, subscriptions: Vec<Subs>) -> Pool {
         Pool::start(spec, subscriptions, true)
     }
 
-    fn start(spec: &Spec, subscriptions: Vec<Vec<Message>>, gated: bool) -> Pool {
+    fn start(spec: &Spec, subscriptions: Vec<Subs>, gated: bool) -> Pool {
         let (gate, gate_rx) = if gated {
             let (tx, rx) = watch::channel(false);
             (Some(tx), Some(rx))
@@ -152,7 +167,7 @@ impl Pool {
         let sem = Arc::new(Semaphore::new(spec.concurrency));
         let mut slots = Vec::with_capacity(subscriptions.len());
         let mut handles = Vec::with_capacity(subscriptions.len());
-        for (i, frames) in subscriptions.into_iter().enumerate() {
+        for (i, subs) in subscriptions.into_iter().enumerate() {
             let slot = Arc::new(Slot::default());
             slots.push(slot.clone());
             let gw = spec.gateways[i % spec.gateways.len()].clone();
@@ -160,7 +175,7 @@ impl Pool {
             let task = Task {
                 gw,
                 src,
-                frames,
+                subs: Some(subs),
                 read_buffer: spec.read_buffer,
                 timeout: spec.timeout,
                 sem: sem.clone(),
@@ -358,7 +373,7 @@ impl Pool {
 struct Task {
     gw: Gateway,
     src: std::net::Ipv4Addr,
-    frames: Vec<Message>,
+    subs: Option<Subs>,
     read_buffer: usize,
     timeout: Duration,
     sem: Arc<Semaphore>,
@@ -398,9 +413,24 @@ impl Task {
                 }
             }
         }
-        let frames = std::mem::take(&mut self.frames);
+        let subs = self.subs.take().unwrap_or(Subs::Native(Vec::new()));
         self.slot.sent_ns.store(unix_nanos(), Ordering::Release);
-        let replies = net::request_all(&mut ws, frames, self.timeout).await;
+        let (replies, mut session) = match subs {
+            Subs::Native(frames) => (net::request_all(&mut ws, frames, self.timeout).await, None),
+            Subs::Bayeux(names) => {
+                match tokio::time::timeout(self.timeout, bayeux::setup(&mut ws, &names)).await {
+                    Ok(Ok(s)) => (Ok((s.ok, s.refused, s.first_error)), Some(s.session)),
+                    Ok(Err(e)) => (Err(e), None),
+                    Err(_) => (
+                        Err(format!(
+                            "Bayeux setup not answered within {:?}",
+                            self.timeout
+                        )),
+                        None,
+                    ),
+                }
+            }
+        };
         self.slot.acked_ns.store(unix_nanos(), Ordering::Release);
         match replies {
             Ok((ok, refused, error)) => {
@@ -417,7 +447,10 @@ impl Task {
         self.shared.ready.fetch_add(1, Ordering::AcqRel);
 
         let mut stop = self.stop.clone();
-        let stopped = stop.wait_for(|s| *s);
+        // Gives `()`, not the (not `Send`) watch guard, so an arm may await.
+        let stopped = async {
+            let _ = stop.wait_for(|s| *s).await;
+        };
         tokio::pin!(stopped);
         loop {
             tokio::select! {
@@ -425,27 +458,16 @@ impl Task {
                 m = ws.next() => match m {
                     Some(Ok(Message::Text(t))) => {
                         let b = t.as_bytes();
-                        if let Some(sent) = net::sent_nanos(b) {
-                            let now = unix_nanos();
-                            if let Some(h) = &self.shared.hist {
-                                h.record(now.saturating_sub(sent) / 1000);
+                        let Some(s) = session.as_mut() else {
+                            self.native_frame(b, &mut out);
+                            continue;
+                        };
+                        if self.bayeux_frame(b, &mut out) {
+                            // The held connect was answered: hold the next.
+                            if ws.send(s.connect(false)).await.is_err() {
+                                out.error = true;
+                                break;
                             }
-                            out.count += 1;
-                            if out.first_ns == 0 {
-                                out.first_ns = now;
-                            }
-                            out.last_ns = now;
-                            self.slot.count.store(out.count, Ordering::Relaxed);
-                        } else if b.starts_with(b"{\"action\":\"interrupted\"") {
-                            out.interrupted += 1;
-                            if out.interrupted == 1 {
-                                self.slot.interrupted_ns.store(unix_nanos(), Ordering::Relaxed);
-                            }
-                        } else if b.starts_with(b"{\"action\":\"resumed\"") {
-                            out.resumed += 1;
-                            self.slot.resumed_ns.store(unix_nanos(), Ordering::Relaxed);
-                        } else {
-                            out.other += 1;
                         }
                     }
                     Some(Ok(Message::Close(f))) => {
@@ -458,11 +480,73 @@ impl Task {
                         break;
                     }
                 },
-                _ = &mut stopped => break,
+                _ = &mut stopped => {
+                    if let Some(s) = session.as_mut() {
+                        // Ends the session now rather than at its timeout.
+                        let bye = ws.send(s.disconnect());
+                        let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+                    }
+                    break;
+                }
             }
         }
         self.slot.ended.store(true, Ordering::Relaxed);
         out
+    }
+
+    /// A bench message received, sent at `sent` (unix nanos).
+    fn delivered(&self, sent: u64, out: &mut RecvOut) {
+        let now = unix_nanos();
+        if let Some(h) = &self.shared.hist {
+            h.record(now.saturating_sub(sent) / 1000);
+        }
+        out.count += 1;
+        if out.first_ns == 0 {
+            out.first_ns = now;
+        }
+        out.last_ns = now;
+        self.slot.count.store(out.count, Ordering::Relaxed);
+    }
+
+    fn interrupted(&self, out: &mut RecvOut) {
+        out.interrupted += 1;
+        if out.interrupted == 1 {
+            self.slot
+                .interrupted_ns
+                .store(unix_nanos(), Ordering::Relaxed);
+        }
+    }
+
+    fn resumed(&self, out: &mut RecvOut) {
+        out.resumed += 1;
+        self.slot.resumed_ns.store(unix_nanos(), Ordering::Relaxed);
+    }
+
+    /// One native text frame.
+    fn native_frame(&self, b: &[u8], out: &mut RecvOut) {
+        if let Some(sent) = net::sent_nanos(b) {
+            self.delivered(sent, out);
+        } else if b.starts_with(b"{\"action\":\"interrupted\"") {
+            self.interrupted(out);
+        } else if b.starts_with(b"{\"action\":\"resumed\"") {
+            self.resumed(out);
+        } else {
+            out.other += 1;
+        }
+    }
+
+    /// One Bayeux text frame: every message in it. True when it answered
+    /// the held connect.
+    fn bayeux_frame(&self, b: &[u8], out: &mut RecvOut) -> bool {
+        let mut connected = false;
+        bayeux::scan(b, |item| match item {
+            bayeux::Item::Delivery(Some(sent)) => self.delivered(sent, out),
+            bayeux::Item::Gap(true) => self.interrupted(out),
+            bayeux::Item::Gap(false) => self.resumed(out),
+            bayeux::Item::Connected => connected = true,
+            bayeux::Item::Delivery(None) | bayeux::Item::Meta => out.other += 1,
+        });
+        connected
     }
 
     fn failed(&self, e: String, out: RecvOut) -> RecvOut {

@@ -62,6 +62,7 @@ pub(crate) fn emit(opts: &Opts, env: &Env, run: Run) {
     }
     params.insert("sources".into(), json!(opts.sources));
     params.insert("topic_kind".into(), json!(opts.topic_kind.field()));
+    params.insert("dialect".into(), json!(opts.dialect.name()));
     params.insert("read_buffer".into(), json!(opts.read_buffer));
     params.insert("threads".into(), json!(opts.threads));
     params.insert("max_secs".into(), json!(opts.max_secs));

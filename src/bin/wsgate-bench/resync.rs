@@ -3,13 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_tungstenite::tungstenite::Message;
-
 use crate::cli::{Opts, TopicKind};
 use crate::fanout::{prefix, spec};
 use crate::net::{self, Gateway};
 use crate::rds;
-use crate::recv::Pool;
+use crate::recv::{Pool, Subs};
 use crate::report::Run;
 use crate::sys::unix_nanos;
 
@@ -43,17 +41,19 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     let p = prefix();
     let base = held(&mut admin, kind).await?;
     let target = base + total as i64;
-    let subs: Vec<Vec<Message>> = (0..total.div_ceil(per))
+    let subs: Vec<Subs> = (0..total.div_ceil(per))
         .map(|j| {
-            (j * per..((j + 1) * per).min(total))
-                .map(|i| {
-                    let name = match kind {
-                        TopicKind::Pattern => format!("{p}.r.{i}.*"),
-                        TopicKind::Channel => format!("{p}.r.{i}"),
-                    };
-                    net::request("subscribe", kind.field(), &name)
-                })
-                .collect()
+            Subs::Native(
+                (j * per..((j + 1) * per).min(total))
+                    .map(|i| {
+                        let name = match kind {
+                            TopicKind::Pattern => format!("{p}.r.{i}.*"),
+                            TopicKind::Channel => format!("{p}.r.{i}"),
+                        };
+                        net::request("subscribe", kind.field(), &name)
+                    })
+                    .collect(),
+            )
         })
         .collect();
     let conns = subs.len();
