@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::task::Poll as TaskPoll;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::debug;
 
@@ -205,7 +205,6 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     let mut writer = Writer::default();
     let mut polls: VecDeque<oneshot::Sender<Vec<Frame>>> = VecDeque::new();
     let mut holding: Option<Holding> = None;
-    let mut attach: Option<mpsc::Receiver<Attach>> = None;
     let mut binding = None;
     let mut first_text = None;
     match first {
@@ -242,7 +241,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     // Adopted from another node before it started (a long-poll): findable
     // here from the start.
     if let Some(key) = conv.key().map(str::to_owned) {
-        bind(&ctx, key, &mut attach, &mut binding);
+        bind(&ctx, key, &mut binding);
     }
     let end = 'run: loop {
         // An inbound message waiting to be served (the first poll's, or one
@@ -264,7 +263,6 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                 &mut socket,
                 &mut polls,
                 &mut holding,
-                &mut attach,
                 &mut binding,
                 &mut offered,
             )
@@ -379,7 +377,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                     let fx = serve(&ctx, &mut session, conv.as_mut(), inbound);
                     match act(
                         &ctx, &mut session, conv.as_mut(), fx, inbound, &mut socket,
-                        &mut polls, &mut holding, &mut attach, &mut binding, &mut offered,
+                        &mut polls, &mut holding, &mut binding, &mut offered,
                     ).await {
                         Acted::Continue => {}
                         Acted::End(end) => break end,
@@ -394,7 +392,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                     }
                 }
             }
-            Some(attached) = recv(&mut attach) => {
+            attached = recv(&binding) => {
                 match attached {
                     Attach::Socket(s, text) => {
                         // Faye moves from long-polling to a WebSocket: a
@@ -527,7 +525,6 @@ async fn act(
     socket: &mut Option<BoxSocket>,
     polls: &mut VecDeque<oneshot::Sender<Vec<Frame>>>,
     holding: &mut Option<Holding>,
-    attach: &mut Option<mpsc::Receiver<Attach>>,
     binding: &mut Option<clients::Binding>,
     offered: &mut Option<String>,
 ) -> Acted {
@@ -541,7 +538,7 @@ async fn act(
         } else {
             *offered = Some(key.clone());
         }
-        bind(ctx, key, attach, binding);
+        bind(ctx, key, binding);
     }
     if let Some(key) = fx.route {
         let raw = match inbound {
@@ -551,13 +548,10 @@ async fn act(
         let to = ctx.clients.get(&key).zip(raw);
         if let Some((to, raw)) = to {
             if let Some(s) = socket.take() {
-                match to.try_send(Attach::Socket(s, raw.to_owned())) {
+                match to.push(Attach::Socket(s, raw.to_owned())) {
                     Ok(()) => return Acted::End(End::Gone),
-                    Err(mpsc::error::TrySendError::Full(Attach::Socket(s, _)))
-                    | Err(mpsc::error::TrySendError::Closed(Attach::Socket(s, _))) => {
-                        *socket = Some(s);
-                    }
-                    Err(_) => {}
+                    Err(Attach::Socket(s, _)) => *socket = Some(s),
+                    Err(Attach::Poll(_)) => {}
                 }
             }
         }
@@ -569,7 +563,7 @@ async fn act(
                     if let Some(identity) = identity {
                         session.set_identity(identity);
                     }
-                    bind(ctx, key, attach, binding);
+                    bind(ctx, key, binding);
                     return Acted::Again(raw.to_owned());
                 }
             }
@@ -610,16 +604,9 @@ async fn act(
 }
 
 /// Makes this session findable on this node by `key`.
-fn bind(
-    ctx: &SessionContext,
-    key: String,
-    attach: &mut Option<mpsc::Receiver<Attach>>,
-    binding: &mut Option<clients::Binding>,
-) {
-    let (tx, rx) = mpsc::channel(clients::ATTACH_CAPACITY);
-    if let Some(b) = ctx.clients.bind(key, tx) {
+fn bind(ctx: &SessionContext, key: String, binding: &mut Option<clients::Binding>) {
+    if let Some(b) = ctx.clients.bind(key) {
         *binding = Some(b);
-        *attach = Some(rx);
     }
 }
 
@@ -697,9 +684,9 @@ fn release(
 }
 
 /// The next link handed over; pending forever when the session has no key.
-async fn recv(attach: &mut Option<mpsc::Receiver<Attach>>) -> Option<Attach> {
-    match attach {
-        Some(rx) => rx.recv().await,
+async fn recv(binding: &Option<clients::Binding>) -> Attach {
+    match binding {
+        Some(b) => b.inbox().next().await,
         None => std::future::pending().await,
     }
 }

@@ -33,8 +33,8 @@ use crate::protocol::bayeux::reply::{self, Batch};
 use crate::protocol::Frame;
 use crate::session::{self, Attach, Link, Poll};
 
-/// How long a poll may wait for its session to take it.
-const HAND_OVER: Duration = Duration::from_secs(2);
+/// How long a poll waits beyond the connect hold for its session's answer.
+const ANSWER_SLACK: Duration = Duration::from_secs(2);
 
 /// How a response body is wrapped.
 enum Wrap {
@@ -177,7 +177,7 @@ async fn serve(
         .any(|m| matches!(m, Ok(m) if matches!(m.kind, Kind::Handshake { .. })));
     let (tx, rx) = oneshot::channel();
     let poll = Poll { text, respond: tx };
-    let wait = endpoint.connect_timeout + HAND_OVER;
+    let wait = endpoint.connect_timeout + ANSWER_SLACK;
     if handshake {
         let admitted = match admit(
             app,
@@ -234,9 +234,9 @@ async fn serve(
             tokio::spawn(session::run(Link::Poll(poll), conv, ctx).instrument(span));
             return respond_when(rx, wait, &wrap).await;
         };
-        match tokio::time::timeout(HAND_OVER, to.send(Attach::Poll(poll))).await {
-            Ok(Ok(())) => conn.promote(),
-            _ => {
+        match to.push(Attach::Poll(poll)) {
+            Ok(()) => conn.promote(),
+            Err(_) => {
                 debug!("session did not take the poll");
                 return respond(StatusCode::OK, unknown(&batch, client_id.as_deref()), &wrap);
             }
