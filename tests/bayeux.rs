@@ -977,6 +977,42 @@ async fn a_long_polling_client_that_stops_polling_is_dropped() {
     gw.stop().await;
 }
 
+/// A WebSocket client that goes away while its connect is held, without
+/// `/meta/disconnect`, is dropped after the session timeout (not after the
+/// hold, 30 s, and then the timeout) and Redis holds nothing for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_goes_away_mid_connect_is_dropped() {
+    let redis = Redis::start().await;
+    let mut config = test_config(Some(redis.url()));
+    config.bayeux_session_timeout = Duration::from_millis(1500);
+    let gw = Gateway::start(config).await;
+    let (mut c, cid) = ws_handshake(gw.addr, "/bayeux").await;
+    ws_subscribe(&mut c, "3", &cid, "/x").await;
+    c.send_text(&format!(
+        r#"[{{"channel":"/meta/connect","clientId":"{cid}","connectionType":"websocket","id":"4"}}]"#
+    ))
+    .await;
+    wait_numsub(&redis, "/x", 1).await;
+    drop(c);
+    let gone_at = Instant::now();
+    wait_until("NUMSUB /x = 0", Duration::from_secs(6), || async {
+        redis.numsub("/x").await == 0
+    })
+    .await;
+    let after = gone_at.elapsed();
+    assert!(
+        after >= Duration::from_millis(1200),
+        "dropped after {after:?}, before the session timeout of 1.5 s"
+    );
+    wait_metric(gw.addr, "wsgate_connections", 0.0).await;
+    let res = post(gw.addr, "/bayeux", &lp_connect("5", &cid)).await;
+    assert_eq!(
+        res.body,
+        batch(&[unknown_client("/meta/connect", "5", &cid)])
+    );
+    gw.stop().await;
+}
+
 /// A long-polling client that never polls is cut off as a slow consumer
 /// once its queue outgrows `client_queue_bytes`; a polling client on the
 /// same channel gets every message.

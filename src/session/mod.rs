@@ -273,6 +273,13 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                 Acted::Again(text) => pending_text = Some(text),
             }
         }
+        if socket.is_none() && holding.as_ref().is_some_and(|h| h.poll.is_none()) {
+            // A connect held over a WebSocket that has gone: its answer has
+            // nowhere to go (the client sends a new connect on its next
+            // link), and the session now waits for that link.
+            holding = None;
+            let _ = conv.release();
+        }
         complete_polls(&ctx, &mut session, &mut items, &mut polls);
         if polls.is_empty() && socket.is_none() {
             release_if_queued(&ctx, &mut session, conv.as_mut(), &mut items, &mut holding);
