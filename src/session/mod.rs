@@ -9,10 +9,11 @@
 //!   whole batch per flush, making write progress and reading in one poll so
 //!   that a client that does not read never blocks the timers, the reader or
 //!   the broker waits;
-//! - long-polls ([`link::Poll`]): each is answered with what the outbox
-//!   holds once the requests it carried are answered; a held connect
-//!   ([`crate::protocol::Step::Hold`]) is answered when something is queued
-//!   or its time is up.
+//! - long-polls ([`link::Poll`]): each is answered with its own replies once
+//!   the requests it carried are answered (every wait remembers the poll it
+//!   came in); a held connect ([`crate::protocol::Step::Hold`]) is answered
+//!   with the deliveries queued meanwhile, when there are some or its time
+//!   is up.
 //!
 //! A session whose dialect lingers ([`Conversation::linger`], a Bayeux
 //! clientId) outlives its link: it is found by key in [`Clients`] and takes
@@ -173,8 +174,27 @@ pub enum Link {
 /// or earlier when something is queued for a long-polling client.
 struct Holding {
     /// The long-poll it came in; `None` over a WebSocket.
-    poll: Option<oneshot::Sender<Vec<Frame>>>,
+    poll: Option<Pending>,
     until: tokio::time::Instant,
+}
+
+/// A long-poll not answered yet: its number (the origin of its requests)
+/// and the replies gathered for it so far. Each poll is answered with its
+/// own replies (CometD fails a request whose response is empty, and wants a
+/// connect's reply in the connect's own response); deliveries go with a
+/// held connect's reply.
+struct Pending {
+    serial: u64,
+    respond: oneshot::Sender<Vec<Frame>>,
+    frames: Vec<Frame>,
+}
+
+impl Pending {
+    fn answer(self, mut more: Vec<Frame>) {
+        let mut frames = self.frames;
+        frames.append(&mut more);
+        let _ = self.respond.send(frames);
+    }
 }
 
 /// What serving one inbound message asks of the loop.
@@ -203,15 +223,21 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     let mut items = VecDeque::new();
     let mut socket: Option<BoxSocket> = None;
     let mut writer = Writer::default();
-    let mut polls: VecDeque<oneshot::Sender<Vec<Frame>>> = VecDeque::new();
+    let mut polls: VecDeque<Pending> = VecDeque::new();
+    let mut serials = 0u64;
     let mut holding: Option<Holding> = None;
     let mut binding = None;
     let mut first_text = None;
     match first {
         Link::Socket(s) => socket = Some(s),
         Link::Poll(poll) => {
-            first_text = Some(poll.text);
-            polls.push_back(poll.respond);
+            serials += 1;
+            first_text = Some((poll.text, serials));
+            polls.push_back(Pending {
+                serial: serials,
+                respond: poll.respond,
+                frames: Vec::new(),
+            });
         }
     }
     let mut phase = ctx.phase.clone();
@@ -246,14 +272,30 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     let end = 'run: loop {
         // An inbound message waiting to be served (the first poll's, or one
         // handed over with a socket).
-        if let Some(text) = pending_text.take() {
+        if let Some((text, serial)) = pending_text.take() {
+            // A poll's replies are its own; a socket's are queued.
+            if serial == 0 {
+                session.set_origin(0);
+            } else {
+                session.capture(serial);
+            }
             if !claimed(&ctx, &mut offered).await {
                 if let Some(key) = binding.as_ref().map(|b| b.key().to_owned()) {
                     session.reply_opt(conv.unknown(Inbound::Text(&text), &key));
                 }
+                let gathered = session.gathered();
+                if let Some(p) = polls.iter_mut().find(|p| p.serial == serial) {
+                    p.frames.extend(gathered);
+                }
                 break 'run End::Close(1000, "client served elsewhere".into());
             }
             let fx = serve(&ctx, &mut session, conv.as_mut(), Inbound::Text(&text));
+            if serial != 0 {
+                let gathered = session.gathered();
+                if let Some(p) = polls.iter_mut().find(|p| p.serial == serial) {
+                    p.frames.extend(gathered);
+                }
+            }
             match act(
                 &ctx,
                 &mut session,
@@ -270,7 +312,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
             {
                 Acted::Continue => {}
                 Acted::End(end) => break 'run end,
-                Acted::Again(text) => pending_text = Some(text),
+                Acted::Again(text) => pending_text = Some((text, serial)),
             }
         }
         if socket.is_none() && holding.as_ref().is_some_and(|h| h.poll.is_none()) {
@@ -280,8 +322,8 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
             holding = None;
             let _ = conv.release();
         }
-        complete_polls(&ctx, &mut session, &mut items, &mut polls);
-        if polls.is_empty() && socket.is_none() {
+        complete_polls(&session, &mut polls);
+        if socket.is_none() {
             release_if_queued(&ctx, &mut session, conv.as_mut(), &mut items, &mut holding);
         }
         // Deadlines that follow the state.
@@ -375,6 +417,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                         Message::Binary(b) => Inbound::Binary(b),
                         _ => continue, // pings and pongs: only signs of life
                     };
+                    session.set_origin(0);
                     if !claimed(&ctx, &mut offered).await {
                         if let Some(key) = binding.as_ref().map(|b| b.key().to_owned()) {
                             session.reply_opt(conv.unknown(inbound, &key));
@@ -388,7 +431,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                     ).await {
                         Acted::Continue => {}
                         Acted::End(end) => break end,
-                        Acted::Again(text) => pending_text = Some(text),
+                        Acted::Again(text) => pending_text = Some((text, 0)),
                     }
                 }
             },
@@ -410,15 +453,37 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                         socket = Some(s);
                         writer.start();
                         last_seen = Instant::now();
-                        pending_text = Some(text);
+                        pending_text = Some((text, 0));
                     }
                     Attach::Poll(poll) => {
-                        polls.push_back(poll.respond);
-                        pending_text = Some(poll.text);
+                        serials += 1;
+                        polls.push_back(Pending {
+                            serial: serials,
+                            respond: poll.respond,
+                            frames: Vec::new(),
+                        });
+                        pending_text = Some((poll.text, serials));
                     }
                 }
             }
-            outcome = session.next_outcome() => session.outcome(&ctx, conv.as_mut(), outcome),
+            (origin, outcome) = session.next_outcome() => {
+                // The answer goes to the poll that asked, while it waits.
+                let asked = polls
+                    .iter_mut()
+                    .find(|p| p.serial == origin)
+                    .or(holding.as_mut().and_then(|h| h.poll.as_mut()).filter(|p| p.serial == origin));
+                match asked {
+                    Some(p) if origin != 0 => {
+                        session.capture(origin);
+                        session.outcome(&ctx, conv.as_mut(), outcome);
+                        p.frames.extend(session.gathered());
+                    }
+                    _ => {
+                        session.set_origin(origin);
+                        session.outcome(&ctx, conv.as_mut(), outcome);
+                    }
+                }
+            }
         }
     };
     session.leave(&ctx);
@@ -432,12 +497,12 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     // held connect gets its own reply, and what is left if nobody else
     // could take it.
     for poll in polls.drain(..) {
-        let _ = poll.send(std::mem::take(&mut rest).into());
+        poll.answer(Vec::new());
     }
     if let Some(h) = holding.take() {
         rest.extend(conv.release());
         if let Some(poll) = h.poll {
-            let _ = poll.send(std::mem::take(&mut rest).into());
+            poll.answer(std::mem::take(&mut rest).into());
         }
     }
     if let Some(mut s) = socket.take() {
@@ -530,7 +595,7 @@ async fn act(
     fx: Effects,
     inbound: Inbound<'_>,
     socket: &mut Option<BoxSocket>,
-    polls: &mut VecDeque<oneshot::Sender<Vec<Frame>>>,
+    polls: &mut VecDeque<Pending>,
     holding: &mut Option<Holding>,
     binding: &mut Option<clients::Binding>,
     offered: &mut Option<String>,
@@ -598,10 +663,7 @@ async fn act(
     }
     if polls.len() > MAX_POLLS {
         if let Some(oldest) = polls.pop_front() {
-            let mut items = VecDeque::new();
-            let mut frames = VecDeque::new();
-            session.drain(&ctx.metrics, &mut items, &mut frames);
-            let _ = oldest.send(frames.into());
+            oldest.answer(Vec::new());
         }
     }
     if fx.end {
@@ -629,23 +691,18 @@ async fn claimed(ctx: &SessionContext, offered: &mut Option<String>) -> bool {
     }
 }
 
-/// Answers the long-polls whose requests are all answered: with everything
-/// queued (the first of them; any others get an empty answer).
-fn complete_polls(
-    ctx: &SessionContext,
-    session: &mut Session,
-    items: &mut VecDeque<crate::outbox::Item>,
-    polls: &mut VecDeque<oneshot::Sender<Vec<Frame>>>,
-) {
-    if polls.is_empty() || session.busy() {
+/// Answers the long-polls whose own requests are all answered, each with
+/// its own replies.
+fn complete_polls(session: &Session, polls: &mut VecDeque<Pending>) {
+    if polls.iter().all(|p| session.waiting_for(p.serial)) {
         return;
     }
-    let mut frames = VecDeque::new();
-    session.drain(&ctx.metrics, items, &mut frames);
-    ctx.metrics.frames_out.inc_by(frames.len() as u64);
-    let mut frames: Vec<Frame> = frames.into();
-    for poll in polls.drain(..) {
-        let _ = poll.send(std::mem::take(&mut frames));
+    let (done, waiting): (Vec<Pending>, Vec<Pending>) = polls
+        .drain(..)
+        .partition(|p| !session.waiting_for(p.serial));
+    polls.extend(waiting);
+    for poll in done {
+        poll.answer(Vec::new());
     }
 }
 
@@ -680,7 +737,7 @@ fn release(
             session.drain(&ctx.metrics, items, &mut frames);
             frames.extend(reply);
             ctx.metrics.frames_out.inc_by(frames.len() as u64);
-            let _ = poll.send(frames.into());
+            poll.answer(frames.into());
         }
         None => {
             if let Some(reply) = reply {

@@ -9,6 +9,7 @@
 //! broker. Answers are rendered by the connection's [`Conversation`] and
 //! queued in its outbox; nothing here knows a wire format.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -34,7 +35,7 @@ use crate::protocol::{
 
 /// A publish waiting for the broker: resolves to (channel, id, outcome).
 type Publishing =
-    Pin<Box<dyn Future<Output = (Bytes, Option<String>, Result<(), PublishError>)> + Send>>;
+    Pin<Box<dyn Future<Output = (u64, (Bytes, Option<String>, Result<(), PublishError>))> + Send>>;
 
 /// An awaited answer, for [`Session::outcome`].
 pub enum Outcome {
@@ -56,10 +57,11 @@ async fn next_done<F: Future + Unpin>(set: &mut Option<FuturesUnordered<F>>) -> 
 }
 
 /// A subscribe waiting for the broker: resolves to (topic, seq, outcome).
-type Waiting = Pin<Box<dyn Future<Output = (Topic, u64, Result<(), BrokerError>)> + Send>>;
+type Waiting = Pin<Box<dyn Future<Output = (u64, (Topic, u64, Result<(), BrokerError>))> + Send>>;
 
 /// A subscribe waiting for the authorisation callback.
-type Authorising = Pin<Box<dyn Future<Output = (Topic, u64, Result<Decision, AuthzError>)> + Send>>;
+type Authorising =
+    Pin<Box<dyn Future<Output = (u64, (Topic, u64, Result<Decision, AuthzError>))> + Send>>;
 
 /// One subscription the client holds, as the session tracks it.
 struct Held {
@@ -114,6 +116,15 @@ pub struct Session {
     authorising: Option<FuturesUnordered<Authorising>>,
     /// Publishes waiting for the broker; likewise lazy.
     publishing: Option<FuturesUnordered<Publishing>>,
+    /// Which inbound message the requests being served came in (a
+    /// long-poll's number): every wait remembers it, so that its answer goes
+    /// back to that poll.
+    origin: u64,
+    /// The origins of the waits in progress, one entry per wait.
+    origins: Vec<u64>,
+    /// Replies are gathered here instead of queued (a long-poll's own
+    /// answer), while set.
+    capture: RefCell<Option<Vec<Frame>>>,
     seq: u64,
     bucket: TokenBucket,
     /// The verified token, when authentication is on.
@@ -163,6 +174,9 @@ impl Session {
             waiting: None,
             authorising: None,
             publishing: None,
+            origin: 0,
+            origins: Vec::new(),
+            capture: RefCell::new(None),
             seq: 0,
             bucket: TokenBucket::new(subscribe_rate),
             expires_at: None,
@@ -188,9 +202,41 @@ impl Session {
             || self.publishing.as_ref().is_some_and(|p| !p.is_empty())
     }
 
-    /// Queues a frame for the client.
+    /// Queues a frame for the client (or gathers it, see [`Session::capture`]).
     pub fn reply(&self, frame: Frame) {
+        if let Some(gathered) = self.capture.borrow_mut().as_mut() {
+            gathered.push(frame);
+            return;
+        }
         self.member.outbox.push(frame);
+    }
+
+    /// From now on, answers belong to inbound message `origin`, and replies
+    /// are gathered (for a long-poll's own response) until [`Session::gathered`].
+    pub fn capture(&mut self, origin: u64) {
+        self.origin = origin;
+        *self.capture.get_mut() = Some(Vec::new());
+    }
+
+    /// The replies gathered since [`Session::capture`]; replies are queued
+    /// again from now on.
+    pub fn gathered(&mut self) -> Vec<Frame> {
+        self.capture.get_mut().take().unwrap_or_default()
+    }
+
+    /// Answers belong to inbound message `origin` (no gathering: a WebSocket).
+    pub fn set_origin(&mut self, origin: u64) {
+        self.origin = origin;
+    }
+
+    /// Whether a request of inbound message `origin` still waits.
+    pub fn waiting_for(&self, origin: u64) -> bool {
+        self.origins.contains(&origin)
+    }
+
+    fn started(&mut self) -> u64 {
+        self.origins.push(self.origin);
+        self.origin
     }
 
     /// Queues a frame, if there is one.
@@ -352,9 +398,12 @@ impl Session {
                             told: false,
                         },
                     );
+                    let origin = self.started();
                     self.authorising
                         .get_or_insert_with(FuturesUnordered::new)
-                        .push(Box::pin(async move { (topic, seq, answer.await) }));
+                        .push(Box::pin(
+                            async move { (origin, (topic, seq, answer.await)) },
+                        ));
                     return;
                 }
             }
@@ -362,27 +411,36 @@ impl Session {
         self.join(ctx, conv, topic, id, seq);
     }
 
-    /// The next answer of the callback or the broker, when one is awaited;
-    /// pending forever otherwise (a `select!` branch that never fires).
-    pub async fn next_outcome(&mut self) -> Outcome {
+    /// The next answer of the callback or the broker, when one is awaited,
+    /// with the origin of the request it answers; pending forever otherwise
+    /// (a `select!` branch that never fires).
+    pub async fn next_outcome(&mut self) -> (u64, Outcome) {
+        let (origin, outcome) = self.next_done().await;
+        if let Some(at) = self.origins.iter().position(|o| *o == origin) {
+            self.origins.swap_remove(at);
+        }
+        (origin, outcome)
+    }
+
+    async fn next_done(&mut self) -> (u64, Outcome) {
         tokio::select! {
-            Some((topic, seq, outcome)) = next_done(&mut self.waiting) => {
+            Some((origin, (topic, seq, outcome))) = next_done(&mut self.waiting) => {
                 if self.waiting.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     self.waiting = None; // give its allocation back while idle
                 }
-                Outcome::Confirmed(topic, seq, outcome)
+                (origin, Outcome::Confirmed(topic, seq, outcome))
             }
-            Some((topic, seq, outcome)) = next_done(&mut self.authorising) => {
+            Some((origin, (topic, seq, outcome))) = next_done(&mut self.authorising) => {
                 if self.authorising.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     self.authorising = None;
                 }
-                Outcome::Authorised(topic, seq, outcome)
+                (origin, Outcome::Authorised(topic, seq, outcome))
             }
-            Some((channel, id, outcome)) = next_done(&mut self.publishing) => {
+            Some((origin, (channel, id, outcome))) = next_done(&mut self.publishing) => {
                 if self.publishing.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     self.publishing = None;
                 }
-                Outcome::Published(channel, id, outcome)
+                (origin, Outcome::Published(channel, id, outcome))
             }
             else => std::future::pending().await,
         }
@@ -458,9 +516,10 @@ impl Session {
         };
         let sent =
             crate::publish::client_publish(ctx.hub.clone(), publication, ctx.subscribe_timeout);
+        let origin = self.started();
         self.publishing
             .get_or_insert_with(FuturesUnordered::new)
-            .push(Box::pin(async move { (channel, id, sent.await) }));
+            .push(Box::pin(async move { (origin, (channel, id, sent.await)) }));
     }
 
     /// The callback answered a subscribe (unless it was withdrawn meanwhile).
@@ -535,7 +594,7 @@ impl Session {
     ) {
         match joined {
             Joined::Active(sub) => {
-                let Some(held) = self.held.get_mut(&topic) else {
+                let Some(held) = self.held.get(&topic) else {
                     return;
                 };
                 let ack = conv.answer(Answer::Ack(Ack {
@@ -544,14 +603,15 @@ impl Session {
                     id: held.id.as_deref(),
                     error: None,
                 }));
-                if let Some(ack) = ack {
-                    self.member.outbox.push(ack);
-                }
+                self.reply_opt(ack);
                 sub.start();
-                held.stage = Stage::Active(sub);
+                if let Some(held) = self.held.get_mut(&topic) {
+                    held.stage = Stage::Active(sub);
+                }
             }
             Joined::Pending(confirmation) => {
                 let timeout = ctx.subscribe_timeout;
+                let origin = self.started();
                 self.waiting
                     .get_or_insert_with(FuturesUnordered::new)
                     .push(Box::pin(async move {
@@ -566,7 +626,7 @@ impl Session {
                             Ok(Some(outcome)) => outcome,
                             Ok(None) | Err(_) => Err(BrokerError::Unavailable),
                         };
-                        (topic, seq, outcome)
+                        (origin, (topic, seq, outcome))
                     }));
             }
         }
