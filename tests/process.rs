@@ -350,28 +350,7 @@ async fn non_utf8_unrelated_variable_does_not_prevent_start() {
         .stderr(Stdio::piped());
     let child = cmd.spawn().expect("spawn wsgate");
     let mut gw = GatewayProcess { child, addr };
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = gw.child.try_wait().expect("try_wait") {
-            let mut stderr = String::new();
-            if let Some(mut e) = gw.child.stderr.take() {
-                use std::io::Read as _;
-                let _ = e.read_to_string(&mut stderr);
-            }
-            let first = stderr
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .take(2)
-                .collect::<Vec<_>>()
-                .join(" | ");
-            panic!("wsgate exited with {status:?} because of UNRELATED_LATIN1=caf\\xe9: {first}");
-        }
-        if http(addr, "GET", "/readyz", None).await.0 == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no /readyz within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_ready_or_exit(&mut gw, " because of UNRELATED_LATIN1=caf\\xe9").await;
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
 
@@ -438,9 +417,9 @@ fn with_nofile(cmd: &mut Command, soft: u64, hard: u64) {
     }
 }
 
-/// Waits for `/readyz` of a child started by hand; panics (with its stderr)
-/// if it exits first.
-async fn wait_ready_or_exit(gw: &mut GatewayProcess) {
+/// Waits for `/readyz` of a child started by hand; panics (with the first
+/// lines of its stderr, and `why` after its status) if it exits first.
+async fn wait_ready_or_exit(gw: &mut GatewayProcess, why: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(status) = gw.child.try_wait().expect("try_wait") {
@@ -449,7 +428,13 @@ async fn wait_ready_or_exit(gw: &mut GatewayProcess) {
                 use std::io::Read as _;
                 let _ = e.read_to_string(&mut stderr);
             }
-            panic!("wsgate exited with {status:?}: {stderr}");
+            let first = stderr
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" | ");
+            panic!("wsgate exited with {status:?}{why}: {first}");
         }
         if http(gw.addr, "GET", "/readyz", None).await.0 == 200 {
             return;
@@ -604,7 +589,7 @@ async fn a_low_fd_limit_is_raised_and_the_default_caps_fit_in_it() {
         child: cmd.spawn().expect("spawn wsgate"),
         addr,
     };
-    wait_ready_or_exit(&mut gw).await;
+    wait_ready_or_exit(&mut gw, "").await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.pid())).unwrap();
     let files: Vec<&str> = limits
         .lines()
@@ -666,7 +651,7 @@ async fn an_explicit_cap_beyond_the_fd_limit_exits_2() {
         child: cmd.spawn().expect("spawn wsgate"),
         addr,
     };
-    wait_ready_or_exit(&mut gw).await;
+    wait_ready_or_exit(&mut gw, "").await;
     assert_eq!(
         metric_value(addr, "wsgate_max_connections").await,
         Some(100.0)

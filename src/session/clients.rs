@@ -91,21 +91,6 @@ impl Clients {
         self.lock().get(key).cloned()
     }
 
-    /// Whether a session is known by `key`.
-    pub fn contains(&self, key: &str) -> bool {
-        self.lock().contains_key(key)
-    }
-
-    /// How many sessions are known.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Makes a session findable by `key`, unless another one is already.
     pub fn bind(&self, key: String) -> Option<Binding> {
         let mut map = self.lock();

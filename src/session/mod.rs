@@ -342,11 +342,8 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
         } else if detached_at.is_none() {
             detached_at = Some(tokio::time::Instant::now());
         }
-        let linger_at = match (detached_at, conv.linger()) {
-            (Some(at), Some(wait)) => Some(at + wait),
-            (Some(at), None) => Some(at),
-            (None, _) => None,
-        };
+        // Asked only while detached: not a call per wake-up of a busy socket.
+        let linger_at = detached_at.map(|at| at + conv.linger().unwrap_or(Duration::ZERO));
         if linger_at != armed_linger {
             armed_linger = linger_at;
             arm(&mut linger, linger_at);

@@ -194,14 +194,6 @@ impl Session {
         self.expires_at
     }
 
-    /// Whether a request is still waiting for an answer (the broker or the
-    /// callback): a long-poll that asked it is answered only after.
-    pub fn busy(&self) -> bool {
-        self.waiting.as_ref().is_some_and(|w| !w.is_empty())
-            || self.authorising.as_ref().is_some_and(|a| !a.is_empty())
-            || self.publishing.as_ref().is_some_and(|p| !p.is_empty())
-    }
-
     /// Queues a frame for the client (or gathers it, see [`Session::capture`]).
     pub fn reply(&self, frame: Frame) {
         if let Some(gathered) = self.capture.borrow_mut().as_mut() {

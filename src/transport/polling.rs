@@ -214,7 +214,11 @@ async fn serve(
                 None => None,
             };
             let (Some(cid), Some(identity)) = (cid, adopted) else {
-                return respond(StatusCode::OK, unknown(&batch, client_id.as_deref()), &wrap);
+                return respond(
+                    StatusCode::OK,
+                    unknown_batch(&batch, client_id.as_deref().unwrap_or("")),
+                    &wrap,
+                );
             };
             let admitted = match admit(
                 app,
@@ -238,7 +242,11 @@ async fn serve(
             Ok(()) => conn.promote(),
             Err(_) => {
                 debug!("session did not take the poll");
-                return respond(StatusCode::OK, unknown(&batch, client_id.as_deref()), &wrap);
+                return respond(
+                    StatusCode::OK,
+                    unknown_batch(&batch, client_id.as_deref().unwrap_or("")),
+                    &wrap,
+                );
             }
         }
     }
@@ -256,11 +264,6 @@ async fn respond_when(
         _ => Vec::new(),
     };
     respond(StatusCode::OK, body(&frames), wrap)
-}
-
-/// Every message of `batch` answered `402 Unknown client`.
-fn unknown(batch: &[message::Decoded], client_id: Option<&str>) -> String {
-    unknown_batch(batch, client_id.unwrap_or(""))
 }
 
 /// The frames a session answered with, as one JSON array.

@@ -95,37 +95,20 @@ function disconnect() {
     });
 }
 
-commands((cmd) => {
-    switch (cmd.cmd) {
-        case "publish":
-            cometd.publish(cmd.channel, cmd.data, (reply) =>
-                emit({ event: "published", ref: cmd.ref, ok: !!reply.successful, error: reply.error }),
-            );
-            break;
-        case "subscribe":
-            subscribe(cmd.channel);
-            break;
-        case "unsubscribe": {
-            const handle = subscriptions.get(cmd.channel);
-            if (!handle) {
-                emit({ event: "error", error: `not subscribed to ${cmd.channel}` });
-                break;
-            }
-            subscriptions.delete(cmd.channel);
-            cometd.unsubscribe(handle, (reply) =>
-                emit({
-                    event: "unsubscribed",
-                    subscription: cmd.channel,
-                    successful: !!reply.successful,
-                }),
-            );
-            break;
-        }
-        case "disconnect":
-        case "eof":
-            disconnect();
-            break;
-        default:
-            emit({ event: "error", error: `unknown command ${JSON.stringify(cmd)}` });
-    }
+commands({
+    publish: (cmd) =>
+        cometd.publish(cmd.channel, cmd.data, (reply) =>
+            emit({ event: "published", ref: cmd.ref, ok: !!reply.successful, error: reply.error }),
+        ),
+    subscribe,
+    unsubscribe(channel) {
+        const handle = subscriptions.get(channel);
+        if (!handle) return false;
+        subscriptions.delete(channel);
+        cometd.unsubscribe(handle, (reply) =>
+            emit({ event: "unsubscribed", subscription: channel, successful: !!reply.successful }),
+        );
+        return true;
+    },
+    disconnect,
 });

@@ -97,32 +97,19 @@ function disconnect() {
     promise.then(() => done(true), (error) => done(false, String(error)));
 }
 
-commands((cmd) => {
-    switch (cmd.cmd) {
-        case "publish":
-            client.publish(cmd.channel, cmd.data).then(
-                () => emit({ event: "published", ref: cmd.ref, ok: true }),
-                (error) => emit({ event: "published", ref: cmd.ref, ok: false, error: String(error) }),
-            );
-            break;
-        case "subscribe":
-            subscribe(cmd.channel);
-            break;
-        case "unsubscribe": {
-            const sub = subscriptions.get(cmd.channel);
-            if (!sub) {
-                emit({ event: "error", error: `not subscribed to ${cmd.channel}` });
-                break;
-            }
-            subscriptions.delete(cmd.channel);
-            sub.cancel();
-            break;
-        }
-        case "disconnect":
-        case "eof":
-            disconnect();
-            break;
-        default:
-            emit({ event: "error", error: `unknown command ${JSON.stringify(cmd)}` });
-    }
+commands({
+    publish: (cmd) =>
+        client.publish(cmd.channel, cmd.data).then(
+            () => emit({ event: "published", ref: cmd.ref, ok: true }),
+            (error) => emit({ event: "published", ref: cmd.ref, ok: false, error: String(error) }),
+        ),
+    subscribe,
+    unsubscribe(channel) {
+        const sub = subscriptions.get(channel);
+        if (!sub) return false;
+        subscriptions.delete(channel);
+        sub.cancel();
+        return true;
+    },
+    disconnect,
 });

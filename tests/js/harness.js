@@ -89,8 +89,34 @@ export function guard(maxMs) {
     process.on("unhandledRejection", fail);
 }
 
-/** Feeds each stdin line, parsed, to `handle`; end of input becomes {"cmd":"eof"}. */
-export function commands(handle) {
+/**
+ * Obeys each stdin command line with the script's client: `publish(cmd)`,
+ * `subscribe(channel)`, `unsubscribe(channel)` (false when the channel is
+ * not subscribed: reported as an error event) and `disconnect()`, which end
+ * of input calls too.
+ */
+export function commands(client) {
+    const handle = (cmd) => {
+        switch (cmd.cmd) {
+            case "publish":
+                client.publish(cmd);
+                break;
+            case "subscribe":
+                client.subscribe(cmd.channel);
+                break;
+            case "unsubscribe":
+                if (!client.unsubscribe(cmd.channel)) {
+                    emit({ event: "error", error: `not subscribed to ${cmd.channel}` });
+                }
+                break;
+            case "disconnect":
+            case "eof":
+                client.disconnect();
+                break;
+            default:
+                emit({ event: "error", error: `unknown command ${JSON.stringify(cmd)}` });
+        }
+    };
     const lines = createInterface({ input: process.stdin });
     lines.on("line", (line) => {
         if (!line.trim()) return;

@@ -238,7 +238,7 @@ pub fn handshake(id: Option<&Id>, client_id: &str, advice: &Advice) -> String {
 
 /// The reply to a `/meta/connect` (when the hold ends, or at once).
 /// `advice` when it changed or on the first connect; `ext` to carry gap
-/// notices ([`gap_ext`]); `data` only on nodefony's endpoint (its service
+/// notices; `data` only on nodefony's endpoint (its service
 /// map), never on `/bayeux`, where Faye would hand it to `/**` subscribers.
 pub fn connect(
     id: Option<&Id>,
@@ -445,22 +445,6 @@ pub fn gap(notice: &Notice<'_>) -> String {
         "[{{\"channel\":\"{GAP_CHANNEL}\",\"data\":{}}}]",
         gap_data(notice)
     )
-}
-
-/// The `ext` of the connect reply that follows gap notices:
-/// `{"wsgate":{"gaps":[<gap_data>,...]}}`, oldest first, so a client that
-/// did not subscribe to [`GAP_CHANNEL`] can still find out from its
-/// connect loop. Each element must be a [`gap_data`] rendering.
-pub fn gap_ext<'a>(gaps: impl IntoIterator<Item = &'a str>) -> String {
-    let mut out = String::from("{\"wsgate\":{\"gaps\":[");
-    for (i, gap) in gaps.into_iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(gap);
-    }
-    out.push_str("]}}");
-    out
 }
 
 /// The JSON array one WebSocket frame or one long-poll response body
@@ -837,10 +821,9 @@ mod tests {
         let (a, b) = (gap_data(&interrupted), gap_data(&resumed));
         assert_eq!(b, r#"{"state":"resumed","subscriptions":["/chat/room1"]}"#);
         assert_eq!(
-            gap_ext([a.as_str(), b.as_str()]),
-            r#"{"wsgate":{"gaps":[{"state":"interrupted","reason":"broker connection lost","subscriptions":["/foo/**","/chat/room1"]},{"state":"resumed","subscriptions":["/chat/room1"]}]}}"#
+            a,
+            r#"{"state":"interrupted","reason":"broker connection lost","subscriptions":["/foo/**","/chat/room1"]}"#
         );
-        assert_eq!(gap_ext([]), r#"{"wsgate":{"gaps":[]}}"#);
     }
 
     #[test]
