@@ -190,6 +190,14 @@ struct Pending {
 }
 
 impl Pending {
+    fn new(serial: u64, respond: oneshot::Sender<Vec<Frame>>) -> Pending {
+        Pending {
+            serial,
+            respond,
+            frames: Vec::new(),
+        }
+    }
+
     fn answer(self, mut more: Vec<Frame>) {
         let mut frames = self.frames;
         frames.append(&mut more);
@@ -233,11 +241,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
         Link::Poll(poll) => {
             serials += 1;
             first_text = Some((poll.text, serials));
-            polls.push_back(Pending {
-                serial: serials,
-                respond: poll.respond,
-                frames: Vec::new(),
-            });
+            polls.push_back(Pending::new(serials, poll.respond));
         }
     }
     let mut phase = ctx.phase.clone();
@@ -283,18 +287,12 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                 if let Some(key) = binding.as_ref().map(|b| b.key().to_owned()) {
                     session.reply_opt(conv.unknown(Inbound::Text(&text), &key));
                 }
-                let gathered = session.gathered();
-                if let Some(p) = polls.iter_mut().find(|p| p.serial == serial) {
-                    p.frames.extend(gathered);
-                }
+                gathered_into(&mut session, &mut polls, serial);
                 break 'run End::Close(1000, "client served elsewhere".into());
             }
             let fx = serve(&ctx, &mut session, conv.as_mut(), Inbound::Text(&text));
             if serial != 0 {
-                let gathered = session.gathered();
-                if let Some(p) = polls.iter_mut().find(|p| p.serial == serial) {
-                    p.frames.extend(gathered);
-                }
+                gathered_into(&mut session, &mut polls, serial);
             }
             match act(
                 &ctx,
@@ -433,6 +431,8 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                 }
             },
             _ = member.outbox.ready(), if socket.is_none() || !writer.busy() => {
+                // Without a socket, waking is enough: the top of the loop
+                // answers a held long-poll connect with what was queued.
                 if socket.is_some() {
                     if let Some(end) = refill(&ctx, &mut session, &mut items, &mut writer) {
                         break end;
@@ -454,11 +454,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                     }
                     Attach::Poll(poll) => {
                         serials += 1;
-                        polls.push_back(Pending {
-                            serial: serials,
-                            respond: poll.respond,
-                            frames: Vec::new(),
-                        });
+                        polls.push_back(Pending::new(serials, poll.respond));
                         pending_text = Some((poll.text, serials));
                     }
                 }
@@ -685,6 +681,14 @@ async fn claimed(ctx: &SessionContext, offered: &mut Option<String>) -> bool {
     match offered.take() {
         Some(key) => !matches!(ctx.handoff.take(&key).await, Ok(None)),
         None => true,
+    }
+}
+
+/// Moves the replies gathered while serving poll `serial` into its answer.
+fn gathered_into(session: &mut Session, polls: &mut VecDeque<Pending>, serial: u64) {
+    let gathered = session.gathered();
+    if let Some(p) = polls.iter_mut().find(|p| p.serial == serial) {
+        p.frames.extend(gathered);
     }
 }
 

@@ -181,51 +181,11 @@ impl BayeuxConversation {
                 }
             }
             Kind::Subscribe { subscriptions } => {
-                for name in subscriptions {
-                    match Subscription::parse(&name) {
-                        Err(e) => out.push(&reply::subscribe(
-                            id,
-                            self.cid(),
-                            &name,
-                            Some(&e.error(&name)),
-                        )),
-                        Ok(sub) => match sub.topic() {
-                            None => out.push(&reply::subscribe(id, self.cid(), GAP_CHANNEL, None)),
-                            Some(topic) => {
-                                flush(out, steps);
-                                steps.push(Step::Request(Request::Subscribe {
-                                    topic: topic.clone(),
-                                    id: tag(),
-                                    ext: msg.ext.as_ref().map(|e| e.get().to_owned()),
-                                }));
-                            }
-                        },
-                    }
-                }
+                let ext = msg.ext.as_ref().map(|e| e.get().to_owned());
+                self.subscriptions(AckKind::Subscribe, subscriptions, id, ext, steps, out);
             }
             Kind::Unsubscribe { subscriptions } => {
-                for name in subscriptions {
-                    match Subscription::parse(&name) {
-                        Err(e) => out.push(&reply::unsubscribe(
-                            id,
-                            self.cid(),
-                            &name,
-                            Some(&e.error(&name)),
-                        )),
-                        Ok(sub) => match sub.topic() {
-                            None => {
-                                out.push(&reply::unsubscribe(id, self.cid(), GAP_CHANNEL, None))
-                            }
-                            Some(topic) => {
-                                flush(out, steps);
-                                steps.push(Step::Request(Request::Unsubscribe {
-                                    topic: topic.clone(),
-                                    id: tag(),
-                                }));
-                            }
-                        },
-                    }
-                }
+                self.subscriptions(AckKind::Unsubscribe, subscriptions, id, None, steps, out);
             }
             Kind::Disconnect => {
                 out.push(&reply::disconnect(id, self.cid()));
@@ -248,6 +208,49 @@ impl BayeuxConversation {
                     &Error::NoSuchService(&channel),
                 ));
             }
+        }
+    }
+
+    /// A `/meta/subscribe` or `/meta/unsubscribe`: each name answered on its
+    /// own, refused here when it is not a name a client may hold, answered
+    /// here for [`GAP_CHANNEL`], else asked of the session.
+    fn subscriptions(
+        &mut self,
+        kind: AckKind,
+        names: Vec<String>,
+        id: Option<&Id>,
+        ext: Option<String>,
+        steps: &mut Vec<Step>,
+        out: &mut Batch,
+    ) {
+        let render = match kind {
+            AckKind::Subscribe => reply::subscribe,
+            AckKind::Unsubscribe => reply::unsubscribe,
+        };
+        for name in names {
+            let topic = match Subscription::parse(&name) {
+                Err(e) => {
+                    out.push(&render(id, self.cid(), &name, Some(&e.error(&name))));
+                    continue;
+                }
+                Ok(sub) => match sub.topic() {
+                    None => {
+                        out.push(&render(id, self.cid(), GAP_CHANNEL, None));
+                        continue;
+                    }
+                    Some(topic) => topic.clone(),
+                },
+            };
+            flush(out, steps);
+            let id = id.map(|i| i.json().get().to_owned());
+            steps.push(Step::Request(match kind {
+                AckKind::Subscribe => Request::Subscribe {
+                    topic,
+                    id,
+                    ext: ext.clone(),
+                },
+                AckKind::Unsubscribe => Request::Unsubscribe { topic, id },
+            }));
         }
     }
 
