@@ -312,8 +312,10 @@ pub trait Conversation: Send + 'static {
     fn render(&self) -> Arc<dyn Render>;
     /// Reads one inbound message into steps.
     fn decode(&mut self, inbound: Inbound<'_>, steps: &mut Vec<Step>);
-    /// Renders the session's answer (`None`: nothing to send).
-    fn answer(&mut self, answer: Answer<'_>) -> Option<Frame>;
+    /// Renders the session's answer into `out`: nothing, one frame, or
+    /// several (a RoadRunner join answers its refused topics and then its
+    /// accepted ones, once the last topic of the join is answered).
+    fn answer(&mut self, answer: Answer<'_>, out: &mut Vec<Frame>);
     /// The answer of the connect held by [`Step::Hold`], now due.
     fn release(&mut self) -> Option<Frame> {
         None

@@ -139,8 +139,8 @@ impl Conversation for NativeConversation {
         });
     }
 
-    fn answer(&mut self, answer: Answer<'_>) -> Option<Frame> {
-        Some(match answer {
+    fn answer(&mut self, answer: Answer<'_>, out: &mut Vec<Frame>) {
+        out.push(match answer {
             Answer::Ack(ack) => Native.ack(&ack),
             Answer::Pong { id } => Native.pong(id),
             Answer::Refreshed { id, error } => Native.refreshed(id, error),
@@ -151,8 +151,8 @@ impl Conversation for NativeConversation {
                 error,
                 maybe_published,
             } => Native.published(channel, id, error, maybe_published),
-            Answer::UnknownClient { .. } => return None,
-        })
+            Answer::UnknownClient { .. } => return,
+        });
     }
 }
 

@@ -633,9 +633,7 @@ async fn act(
                 }
             }
         }
-        if let Some(frame) = conv.answer(Answer::UnknownClient { key: &key }) {
-            session.reply(frame);
-        }
+        session.answer(conv, Answer::UnknownClient { key: &key });
     }
     if let Some(wait) = fx.hold {
         if let Some(h) = holding.take() {

@@ -238,8 +238,11 @@ impl Session {
         }
     }
 
-    fn answer(&self, conv: &mut dyn Conversation, answer: Answer<'_>) {
-        if let Some(frame) = conv.answer(answer) {
+    /// Queues what the conversation makes of `answer`.
+    pub fn answer(&self, conv: &mut dyn Conversation, answer: Answer<'_>) {
+        let mut frames = Vec::new();
+        conv.answer(answer, &mut frames);
+        for frame in frames {
             self.reply(frame);
         }
     }
@@ -589,13 +592,16 @@ impl Session {
                 let Some(held) = self.held.get(&topic) else {
                     return;
                 };
-                let ack = conv.answer(Answer::Ack(Ack {
-                    kind: AckKind::Subscribe,
-                    topic: &topic,
-                    id: held.id.as_deref(),
-                    error: None,
-                }));
-                self.reply_opt(ack);
+                let id = held.id.clone();
+                self.answer(
+                    conv,
+                    Answer::Ack(Ack {
+                        kind: AckKind::Subscribe,
+                        topic: &topic,
+                        id: id.as_deref(),
+                        error: None,
+                    }),
+                );
                 sub.start();
                 if let Some(held) = self.held.get_mut(&topic) {
                     held.stage = Stage::Active(sub);

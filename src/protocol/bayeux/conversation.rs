@@ -369,7 +369,7 @@ impl Conversation for BayeuxConversation {
         flush(&mut out, steps);
     }
 
-    fn answer(&mut self, answer: Answer<'_>) -> Option<Frame> {
+    fn answer(&mut self, answer: Answer<'_>, out: &mut Vec<Frame>) {
         let text = match answer {
             Answer::Ack(Ack {
                 kind,
@@ -406,9 +406,9 @@ impl Conversation for BayeuxConversation {
                 }
                 batch.finish()
             }
-            Answer::Pong { .. } | Answer::Refreshed { .. } | Answer::Revoked { .. } => return None,
+            Answer::Pong { .. } | Answer::Refreshed { .. } | Answer::Revoked { .. } => return,
         };
-        Some(Frame::text(text))
+        out.push(Frame::text(text));
     }
 
     fn release(&mut self) -> Option<Frame> {
