@@ -46,10 +46,15 @@ OPTIONS:
   --sources K             client source addresses 127.0.0.1 .. (IP_BIND_ADDRESS_NO_PORT) [50]
   --source-offset O       first source address is 127.0.0.1 + O [0]
   --topic-kind KIND       pattern | channel (fanout/cluster: pattern; channels/idle/churn: channel)
-  --dialect D             native | bayeux: what the sockets speak (fanout, channels, cluster,
-                          idle) [native]. bayeux: --url is the Bayeux path (ws://HOST:PORT/bayeux);
-                          each socket handshakes, connects, subscribes and keeps a connect held;
-                          topics are Bayeux channels (/benchN/f/x, pattern /benchN/f/*)
+  --dialect D             native | bayeux | realizehit | roadrunner | socketstream: what the
+                          sockets speak (fanout, channels, cluster, idle) [native]; --url is
+                          that dialect's path. bayeux (ws://HOST:PORT/bayeux): each socket
+                          handshakes, connects, subscribes and keeps a connect held; topics
+                          are Bayeux channels (/benchN/f/x, pattern /benchN/f/*). realizehit
+                          (ws://HOST:PORT/ws/?EIO=3&transport=websocket): channels
+                          a:benchN|b:f|c:x, pinging every 10 s; roadrunner (/roadrunner):
+                          one join; socketstream (/socketstream): connect, then
+                          wsgate.subscribe calls. realizehit and roadrunner: channels only
   --connect-concurrency N connection attempts in flight [256]
   --connections N         churn: connections [100]
   --window W              churn: requests in flight per connection [32]
@@ -128,6 +133,12 @@ pub(crate) enum Dialect {
     Native,
     /// Bayeux 1.0 over a WebSocket (`/bayeux`).
     Bayeux,
+    /// realizehit over Engine.IO 3, websocket-only (`/ws/?EIO=3&transport=websocket`).
+    Realizehit,
+    /// RoadRunner websockets v2 (`/roadrunner`).
+    RoadRunner,
+    /// SocketStream 0.4 (`/socketstream`).
+    SocketStream,
 }
 
 impl Dialect {
@@ -135,16 +146,32 @@ impl Dialect {
         match self {
             Dialect::Native => "native",
             Dialect::Bayeux => "bayeux",
+            Dialect::Realizehit => "realizehit",
+            Dialect::RoadRunner => "roadrunner",
+            Dialect::SocketStream => "socketstream",
         }
+    }
+
+    /// Whether subscribers of this dialect can hold patterns (realizehit and
+    /// RoadRunner topics are exact).
+    pub(crate) fn has_patterns(self) -> bool {
+        !matches!(self, Dialect::Realizehit | Dialect::RoadRunner)
     }
 
     /// A topic name from its parts: `a.b.c` (native), `/a/b/c` (Bayeux
     /// channel grammar: segments of letters, digits and `-_!~()$@`, a
-    /// pattern's wildcard as its last segment).
+    /// pattern's wildcard as its last segment), `a:x|b:y|c:z` (realizehit:
+    /// one filter per part, keys in order).
     pub(crate) fn topic(self, parts: &[&str]) -> String {
         match self {
-            Dialect::Native => parts.join("."),
+            Dialect::Native | Dialect::RoadRunner | Dialect::SocketStream => parts.join("."),
             Dialect::Bayeux => format!("/{}", parts.join("/")),
+            Dialect::Realizehit => parts
+                .iter()
+                .zip('a'..='z')
+                .map(|(v, k)| format!("{k}:{v}"))
+                .collect::<Vec<_>>()
+                .join("|"),
         }
     }
 }
@@ -352,7 +379,14 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
                 dialect = match v {
                     "native" => Dialect::Native,
                     "bayeux" => Dialect::Bayeux,
-                    _ => return Err(UsageError(format!("--dialect {v:?}: native or bayeux"))),
+                    "realizehit" => Dialect::Realizehit,
+                    "roadrunner" => Dialect::RoadRunner,
+                    "socketstream" => Dialect::SocketStream,
+                    _ => {
+                        return Err(UsageError(format!(
+                        "--dialect {v:?}: native, bayeux, realizehit, roadrunner or socketstream"
+                    )))
+                    }
                 }
             }
             "--connect-concurrency" => connect_concurrency = num(flag, v)?,
@@ -390,13 +424,13 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     if workload == Workload::Resync && restart_redis.is_some() == drop_pubsub {
         return bad("resync needs exactly one of --restart-redis CMD or --drop-pubsub");
     }
-    if dialect == Dialect::Bayeux
+    if dialect != Dialect::Native
         && !matches!(
             workload,
             Workload::Fanout | Workload::Channels | Workload::Cluster | Workload::Idle
         )
     {
-        return bad("--dialect bayeux is for fanout, channels, cluster and idle");
+        return bad("--dialect other than native is for fanout, channels, cluster and idle");
     }
     if sources == 0 || u64::from(sources) + u64::from(source_offset) >= (1 << 24) - 2 {
         return bad("--sources must be >= 1 and stay inside 127.0.0.0/8 with --source-offset");
@@ -420,6 +454,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         );
     }
     let messages = messages.unwrap_or(((rate as f64) * duration_secs).round().max(1.0) as u64);
+    let explicit_kind = topic_kind.is_some();
     let topic_kind = topic_kind.unwrap_or(match workload {
         Workload::Fanout | Workload::Cluster | Workload::Resync => TopicKind::Pattern,
         Workload::Channels
@@ -428,6 +463,13 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         | Workload::JoinStorm
         | Workload::Outage => TopicKind::Channel,
     });
+    let topic_kind = if dialect.has_patterns() {
+        topic_kind
+    } else if topic_kind == TopicKind::Pattern && explicit_kind {
+        return bad("--dialect realizehit and roadrunner subscribe channels only");
+    } else {
+        TopicKind::Channel
+    };
     let read_buffer = read_buffer.unwrap_or(match workload {
         Workload::Idle
         | Workload::Resync

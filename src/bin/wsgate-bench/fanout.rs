@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::cli::{Dialect, Opts, TopicKind, Workload};
+use crate::dialects::Wire;
 use crate::net::{self, Gateway};
 use crate::rds::{self, Published};
 use crate::recv::{Pool, Spec, Subs};
@@ -43,6 +44,9 @@ pub(crate) fn subscribe(dialect: Dialect, kind: TopicKind, name: &str) -> Subs {
     match dialect {
         Dialect::Native => Subs::Native(vec![net::request("subscribe", kind.field(), name)]),
         Dialect::Bayeux => Subs::Bayeux(vec![name.to_owned()]),
+        Dialect::Realizehit => Subs::Wire(Wire::Realizehit, vec![name.to_owned()]),
+        Dialect::RoadRunner => Subs::Wire(Wire::RoadRunner, vec![name.to_owned()]),
+        Dialect::SocketStream => Subs::Wire(Wire::SocketStream, vec![name.to_owned()]),
     }
 }
 
@@ -256,8 +260,8 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
          ({:.2} cores), bench {:.3} µs/delivery",
         subscribed,
         match d {
-            Dialect::Native => "",
-            Dialect::Bayeux => " (bayeux)",
+            Dialect::Native => String::new(),
+            other => format!(" ({})", other.name()),
         },
         if gws.len() > 1 {
             format!(" on {} gateways", gws.len())

@@ -88,8 +88,8 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
         "{ready} of {c}{} sockets subscribed ({}) in {connect_secs:.2} s, {open_at_end} still open after \
          {:.0} s; gateway RSS +{:.0} B per socket ({:.1} MiB -> {:.1} MiB); bench +{:.0} B per socket",
         match d {
-            Dialect::Native => "",
-            Dialect::Bayeux => " Bayeux",
+            Dialect::Native => String::new(),
+            other => format!(" {}", other.name()),
         },
         kind.field(),
         opts.duration_secs,

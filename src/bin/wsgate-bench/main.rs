@@ -13,6 +13,7 @@
 mod bayeux;
 mod churn;
 mod cli;
+mod dialects;
 mod fanout;
 mod hist;
 mod idle;

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bayeux;
+use crate::dialects::{self, Wire};
 use crate::hist::{Hist, Sharded};
 use crate::net::{self, Gateway};
 use crate::sys::unix_nanos;
@@ -116,6 +117,8 @@ pub(crate) enum Subs {
     /// Bayeux channels, subscribed in one `/meta/subscribe` after the
     /// handshake and the first connect.
     Bayeux(Vec<String>),
+    /// Topics of another raw-WebSocket dialect, subscribed its way.
+    Wire(Wire, Vec<String>),
 }
 
 /// A set of subscriber sockets.
@@ -415,8 +418,20 @@ impl Task {
         }
         let subs = self.subs.take().unwrap_or(Subs::Native(Vec::new()));
         self.slot.sent_ns.store(unix_nanos(), Ordering::Release);
+        let mut wire = None;
         let (replies, mut session) = match subs {
             Subs::Native(frames) => (net::request_all(&mut ws, frames, self.timeout).await, None),
+            Subs::Wire(w, names) => {
+                wire = Some(w);
+                let setup = tokio::time::timeout(self.timeout, w.setup(&mut ws, &names)).await;
+                let replies = setup.unwrap_or_else(|_| {
+                    Err(format!(
+                        "{w:?} setup not answered within {:?}",
+                        self.timeout
+                    ))
+                });
+                (replies, None)
+            }
             Subs::Bayeux(names) => {
                 match tokio::time::timeout(self.timeout, bayeux::setup(&mut ws, &names)).await {
                     Ok(Ok(s)) => (Ok((s.ok, s.refused, s.first_error)), Some(s.session)),
@@ -452,12 +467,18 @@ impl Task {
             let _ = stop.wait_for(|s| *s).await;
         };
         tokio::pin!(stopped);
+        let keepalive = wire.and_then(Wire::keepalive);
+        let mut ping = tokio::time::interval(dialects::EIO_PING_EVERY);
         loop {
             tokio::select! {
                 biased;
                 m = ws.next() => match m {
                     Some(Ok(Message::Text(t))) => {
                         let b = t.as_bytes();
+                        if let Some(w) = wire {
+                            self.wire_frame(w, b, &mut out);
+                            continue;
+                        }
                         let Some(s) = session.as_mut() else {
                             self.native_frame(b, &mut out);
                             continue;
@@ -480,6 +501,14 @@ impl Task {
                         break;
                     }
                 },
+                _ = ping.tick(), if keepalive.is_some() => {
+                    if let Some(k) = keepalive.clone() {
+                        if ws.send(k).await.is_err() {
+                            out.error = true;
+                            break;
+                        }
+                    }
+                }
                 _ = &mut stopped => {
                     if let Some(s) = session.as_mut() {
                         // Ends the session now rather than at its timeout.
@@ -547,6 +576,16 @@ impl Task {
             bayeux::Item::Delivery(None) | bayeux::Item::Meta => out.other += 1,
         });
         connected
+    }
+
+    /// One text frame of a [`Wire`] dialect.
+    fn wire_frame(&self, w: Wire, b: &[u8], out: &mut RecvOut) {
+        match w.scan(b) {
+            dialects::Item::Delivery(Some(sent)) => self.delivered(sent, out),
+            dialects::Item::Gap(true) => self.interrupted(out),
+            dialects::Item::Gap(false) => self.resumed(out),
+            dialects::Item::Delivery(None) | dialects::Item::Other => out.other += 1,
+        }
     }
 
     fn failed(&self, e: String, out: RecvOut) -> RecvOut {
