@@ -46,7 +46,7 @@ OPTIONS:
   --sources K             client source addresses 127.0.0.1 .. (IP_BIND_ADDRESS_NO_PORT) [50]
   --source-offset O       first source address is 127.0.0.1 + O [0]
   --topic-kind KIND       pattern | channel (fanout/cluster: pattern; channels/idle/churn: channel)
-  --dialect D             native | bayeux | realizehit | roadrunner | socketstream: what the
+  --dialect D             native | bayeux | realizehit | roadrunner | socketstream | sse: what the
                           sockets speak (fanout, channels, cluster, idle) [native]; --url is
                           that dialect's path. bayeux (ws://HOST:PORT/bayeux): each socket
                           handshakes, connects, subscribes and keeps a connect held; topics
@@ -54,7 +54,8 @@ OPTIONS:
                           (ws://HOST:PORT/ws/?EIO=3&transport=websocket): channels
                           a:benchN|b:f|c:x, pinging every 10 s; roadrunner (/roadrunner):
                           one join; socketstream (/socketstream): connect, then
-                          wsgate.subscribe calls. realizehit and roadrunner: channels only
+                          wsgate.subscribe calls; sse (http://HOST:PORT/sse): one GET naming
+                          the topic. realizehit and roadrunner: channels only
   --connect-concurrency N connection attempts in flight [256]
   --connections N         churn: connections [100]
   --window W              churn: requests in flight per connection [32]
@@ -139,6 +140,8 @@ pub(crate) enum Dialect {
     RoadRunner,
     /// SocketStream 0.4 (`/socketstream`).
     SocketStream,
+    /// Server-sent events of the native protocol (`http://HOST:PORT/sse`).
+    Sse,
 }
 
 impl Dialect {
@@ -149,6 +152,7 @@ impl Dialect {
             Dialect::Realizehit => "realizehit",
             Dialect::RoadRunner => "roadrunner",
             Dialect::SocketStream => "socketstream",
+            Dialect::Sse => "sse",
         }
     }
 
@@ -164,7 +168,9 @@ impl Dialect {
     /// one filter per part, keys in order).
     pub(crate) fn topic(self, parts: &[&str]) -> String {
         match self {
-            Dialect::Native | Dialect::RoadRunner | Dialect::SocketStream => parts.join("."),
+            Dialect::Native | Dialect::RoadRunner | Dialect::SocketStream | Dialect::Sse => {
+                parts.join(".")
+            }
             Dialect::Bayeux => format!("/{}", parts.join("/")),
             Dialect::Realizehit => parts
                 .iter()
@@ -382,10 +388,11 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
                     "realizehit" => Dialect::Realizehit,
                     "roadrunner" => Dialect::RoadRunner,
                     "socketstream" => Dialect::SocketStream,
+                    "sse" => Dialect::Sse,
                     _ => {
                         return Err(UsageError(format!(
-                        "--dialect {v:?}: native, bayeux, realizehit, roadrunner or socketstream"
-                    )))
+                    "--dialect {v:?}: native, bayeux, realizehit, roadrunner, socketstream or sse"
+                )))
                     }
                 }
             }
@@ -551,5 +558,26 @@ mod tests {
         assert!(opts(&churn).is_err());
         assert_eq!(Dialect::Native.topic(&["b1", "f", "*"]), "b1.f.*");
         assert_eq!(Dialect::Bayeux.topic(&["b1", "f", "*"]), "/b1/f/*");
+        assert_eq!(Dialect::Realizehit.topic(&["b1", "f", "x"]), "a:b1|b:f|c:x");
+        assert_eq!(Dialect::Sse.topic(&["b1", "f", "x"]), "b1.f.x");
+        for (name, want) in [
+            ("realizehit", Dialect::Realizehit),
+            ("roadrunner", Dialect::RoadRunner),
+            ("socketstream", Dialect::SocketStream),
+            ("sse", Dialect::Sse),
+        ] {
+            let o = opts(&[&base[..], &["--dialect", name]].concat());
+            assert_eq!(o.as_ref().map(|o| o.dialect).ok(), Some(want));
+            // fanout defaults to a pattern: exact-only dialects take a channel.
+            let kind = o.map(|o| o.topic_kind).ok();
+            let exact = !want.has_patterns();
+            assert_eq!(kind == Some(TopicKind::Channel), exact, "{name}");
+        }
+        let rr_pattern = [
+            &base[..],
+            &["--dialect", "roadrunner", "--topic-kind", "pattern"],
+        ]
+        .concat();
+        assert!(opts(&rr_pattern).is_err());
     }
 }

@@ -47,6 +47,7 @@ pub(crate) fn subscribe(dialect: Dialect, kind: TopicKind, name: &str) -> Subs {
         Dialect::Realizehit => Subs::Wire(Wire::Realizehit, vec![name.to_owned()]),
         Dialect::RoadRunner => Subs::Wire(Wire::RoadRunner, vec![name.to_owned()]),
         Dialect::SocketStream => Subs::Wire(Wire::SocketStream, vec![name.to_owned()]),
+        Dialect::Sse => Subs::Sse(vec![(kind, name.to_owned())]),
     }
 }
 

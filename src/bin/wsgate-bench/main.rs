@@ -24,6 +24,7 @@ mod rds;
 mod recv;
 mod report;
 mod resync;
+mod sse;
 mod sys;
 
 use std::process::ExitCode;

@@ -24,11 +24,12 @@ pub(crate) struct Gateway {
 }
 
 impl Gateway {
-    /// Parses `ws://host:port/path`.
+    /// Parses `ws://host:port/path` (or `http://`, for event streams).
     pub(crate) fn parse(url: &str, pid: Option<u32>) -> Result<Gateway, String> {
         let rest = url
             .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| format!("{url}: only ws:// and http:// URLs are supported"))?;
         let hostport = rest.split('/').next().unwrap_or(rest);
         let addr = hostport
             .to_socket_addrs()
@@ -51,6 +52,17 @@ pub(crate) fn source(i: usize, sources: u32, offset: u32) -> Ipv4Addr {
 /// Opens a WebSocket to `gw` from `src` (port chosen at connect time, thanks
 /// to `IP_BIND_ADDRESS_NO_PORT`, so sources are not limited to one port range each).
 pub(crate) async fn connect(gw: &Gateway, src: Ipv4Addr, read_buffer: usize) -> Result<Ws, String> {
+    let stream = tcp(gw, src).await?;
+    let config = WebSocketConfig::default().read_buffer_size(read_buffer);
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(gw.url.as_str(), stream, Some(config))
+            .await
+            .map_err(|e| format!("handshake {}: {e}", gw.url))?;
+    Ok(ws)
+}
+
+/// A TCP connection to `gw` from `src`, without delay.
+pub(crate) async fn tcp(gw: &Gateway, src: Ipv4Addr) -> Result<TcpStream, String> {
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd and a c_int option value of the right length.
@@ -79,12 +91,7 @@ pub(crate) async fn connect(gw: &Gateway, src: Ipv4Addr, read_buffer: usize) -> 
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
-    let config = WebSocketConfig::default().read_buffer_size(read_buffer);
-    let (ws, _) =
-        tokio_tungstenite::client_async_with_config(gw.url.as_str(), stream, Some(config))
-            .await
-            .map_err(|e| format!("handshake {}: {e}", gw.url))?;
-    Ok(ws)
+    Ok(stream)
 }
 
 /// A native-protocol request frame.

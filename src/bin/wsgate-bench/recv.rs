@@ -20,9 +20,11 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bayeux;
+use crate::cli::TopicKind;
 use crate::dialects::{self, Wire};
 use crate::hist::{Hist, Sharded};
 use crate::net::{self, Gateway};
+use crate::sse;
 use crate::sys::unix_nanos;
 
 /// Per-socket counters the main task reads while sockets run (one cache line
@@ -119,6 +121,8 @@ pub(crate) enum Subs {
     Bayeux(Vec<String>),
     /// Topics of another raw-WebSocket dialect, subscribed its way.
     Wire(Wire, Vec<String>),
+    /// The subscriptions of an event stream (SSE), named in its URL.
+    Sse(Vec<(TopicKind, String)>),
 }
 
 /// A set of subscriber sockets.
@@ -388,6 +392,10 @@ struct Task {
 
 impl Task {
     async fn run(mut self) -> RecvOut {
+        if let Some(Subs::Sse(topics)) = &self.subs {
+            let topics = topics.clone();
+            return self.run_sse(topics).await;
+        }
         let mut out = RecvOut::default();
         let permit = self.sem.clone().acquire_owned().await.ok();
         let connected = tokio::time::timeout(
@@ -421,6 +429,8 @@ impl Task {
         let mut wire = None;
         let (replies, mut session) = match subs {
             Subs::Native(frames) => (net::request_all(&mut ws, frames, self.timeout).await, None),
+            // Served by `run_sse`, before any WebSocket.
+            Subs::Sse(_) => (Ok((0, 0, None)), None),
             Subs::Wire(w, names) => {
                 wire = Some(w);
                 let setup = tokio::time::timeout(self.timeout, w.setup(&mut ws, &names)).await;
@@ -576,6 +586,87 @@ impl Task {
             bayeux::Item::Delivery(None) | bayeux::Item::Meta => out.other += 1,
         });
         connected
+    }
+
+    /// An event stream: opened with its subscriptions in the URL, ready
+    /// once each has its `event: subscribe` answer, then read until told to
+    /// stop (gated pools are not for event streams: they open as they
+    /// subscribe).
+    async fn run_sse(self, topics: Vec<(TopicKind, String)>) -> RecvOut {
+        let mut out = RecvOut::default();
+        let permit = self.sem.clone().acquire_owned().await.ok();
+        self.slot.sent_ns.store(unix_nanos(), Ordering::Release);
+        let opened = tokio::time::timeout(self.timeout, async {
+            let mut events = sse::open(&self.gw, self.src, &topics).await?;
+            let (mut ok, mut refused, mut closed) = (0usize, 0usize, None);
+            while ok + refused < topics.len() && closed.is_none() {
+                let more = events
+                    .next_batch(|item| match item {
+                        sse::Item::Subscribed(true) => ok += 1,
+                        sse::Item::Subscribed(false) => refused += 1,
+                        sse::Item::Close(code) => closed = Some(code),
+                        _ => {}
+                    })
+                    .await?;
+                if !more {
+                    return Err("stream ended while subscribing".to_owned());
+                }
+            }
+            match closed {
+                Some(code) => Err(format!("stream closed ({code}) while subscribing")),
+                None => Ok((events, ok, refused)),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("SSE setup not answered within {:?}", self.timeout)));
+        let mut events = match opened {
+            Ok((events, ok, refused)) => {
+                self.shared.connected.fetch_add(1, Ordering::AcqRel);
+                self.shared.subscribed.fetch_add(ok, Ordering::AcqRel);
+                if refused > 0 {
+                    self.shared.refused.fetch_add(refused, Ordering::AcqRel);
+                    self.shared
+                        .note(format!("{refused} SSE subscriptions refused"));
+                }
+                events
+            }
+            Err(e) => return self.failed(e, out),
+        };
+        self.slot.acked_ns.store(unix_nanos(), Ordering::Release);
+        drop(permit);
+        self.shared.ready.fetch_add(1, Ordering::AcqRel);
+        let mut stop = self.stop.clone();
+        let stopped = async {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            let mut closed = None;
+            tokio::select! {
+                biased;
+                r = events.next_batch(|item| match item {
+                    sse::Item::Delivery(Some(sent)) => self.delivered(sent, &mut out),
+                    sse::Item::Gap(true) => self.interrupted(&mut out),
+                    sse::Item::Gap(false) => self.resumed(&mut out),
+                    sse::Item::Close(code) => closed = Some(code),
+                    _ => out.other += 1,
+                }) => match r {
+                    Ok(true) => {}
+                    Ok(false) | Err(_) => {
+                        out.error = closed.is_none();
+                        out.close = closed;
+                        break;
+                    }
+                },
+                _ = &mut stopped => break,
+            }
+            if closed.is_some() {
+                out.close = closed;
+                break;
+            }
+        }
+        self.slot.ended.store(true, Ordering::Relaxed);
+        out
     }
 
     /// One text frame of a [`Wire`] dialect.
