@@ -54,7 +54,16 @@ pub struct App {
     pub nodefony: Arc<Endpoint>,
     /// Fresh sessions offered to whichever node their client reaches next.
     pub handoff: Handoff,
+    // RoadRunner and SocketStream.
+    /// Places for RoadRunner's async publishes still waiting for the broker
+    /// (beyond them, an async publish waits as the sync one does).
+    pub roadrunner_async: Arc<tokio::sync::Semaphore>,
+    /// What every SocketStream connection shares (`WSGATE_SOCKETSTREAM_CHANNELS`).
+    pub socketstream: Arc<crate::protocol::socketstream::Endpoint>,
 }
+
+/// RoadRunner async publishes one node lets wait for the broker at once.
+pub const ROADRUNNER_ASYNC_IN_FLIGHT: usize = 1024;
 
 impl App {
     /// Shared state for a freshly started server.
@@ -103,7 +112,12 @@ impl App {
             })
         };
         let (bayeux, nodefony) = (endpoint(false), endpoint(true));
+        let socketstream = Arc::new(crate::protocol::socketstream::Endpoint::new(
+            &config.socketstream_channels,
+        ));
         App {
+            roadrunner_async: Arc::new(tokio::sync::Semaphore::new(ROADRUNNER_ASYNC_IN_FLIGHT)),
+            socketstream,
             handoff,
             bayeux,
             nodefony,

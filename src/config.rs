@@ -27,6 +27,8 @@ use serde::Deserialize;
 use crate::auth::JwtKey;
 use crate::forwarded::Network;
 
+pub mod mounts;
+
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -51,6 +53,16 @@ pub enum ConfigError {
         var: String,
         /// `did you mean WSGATE_JWT_SECRET?`, or where the names are listed.
         hint: String,
+    },
+    /// Two variables mount the same path: one route would hide the other.
+    #[error("{first} and {second} both mount {path}: give each endpoint its own path")]
+    SamePath {
+        /// The first variable (or built-in route) that mounts `path`.
+        first: &'static str,
+        /// The other one.
+        second: &'static str,
+        /// The path both mount.
+        path: String,
     },
     /// envy could not map the variables (not expected: every field is a string).
     #[error("cannot read WSGATE_* environment: {0}")]
@@ -109,6 +121,22 @@ pub struct Config {
     /// `WSGATE_NODEFONY_PATH`: the same Bayeux engine for nodefony's client.
     /// Default `/realtime`.
     pub nodefony_path: String,
+    // --- RoadRunner websockets and SocketStream 0.4 (docs/dialects/roadrunner.md,
+    // docs/dialects/socketstream.md).
+    /// `WSGATE_ROADRUNNER_PATH`: RoadRunner websockets v2 clients. Default
+    /// `/roadrunner` (an operator moving from RoadRunner sets `/ws` and
+    /// moves `WSGATE_WS_PATH`).
+    pub roadrunner_path: String,
+    /// `WSGATE_ROADRUNNER_PUBLISH_PATH`: RoadRunner's broadcast RPC as HTTP
+    /// (`POST`, and the same path plus `-async`). Default `/roadrunner/publish`.
+    pub roadrunner_publish_path: String,
+    /// `WSGATE_SOCKETSTREAM_PATH`: SocketStream 0.4 realtime services.
+    /// Default `/socketstream`.
+    pub socketstream_path: String,
+    /// `WSGATE_SOCKETSTREAM_CHANNELS`: what every SocketStream connection is
+    /// subscribed to on connect (comma-separated channels or globs). Default
+    /// none.
+    pub socketstream_channels: Vec<String>,
     /// `WSGATE_BAYEUX_CONNECT_TIMEOUT_MS`: how long a `/meta/connect` is
     /// held. Default 30000.
     pub bayeux_connect_timeout: Duration,
@@ -297,6 +325,10 @@ impl Default for Config {
             ws_path: "/ws".to_owned(),
             bayeux_path: "/bayeux".to_owned(),
             nodefony_path: "/realtime".to_owned(),
+            roadrunner_path: "/roadrunner".to_owned(),
+            roadrunner_publish_path: "/roadrunner/publish".to_owned(),
+            socketstream_path: "/socketstream".to_owned(),
+            socketstream_channels: Vec::new(),
             bayeux_connect_timeout: Duration::from_millis(30_000),
             bayeux_session_timeout: Duration::from_millis(60_000),
             max_message_bytes: nz(65536),
@@ -369,6 +401,10 @@ struct RawConfig {
     ws_path: Option<String>,
     bayeux_path: Option<String>,
     nodefony_path: Option<String>,
+    roadrunner_path: Option<String>,
+    roadrunner_publish_path: Option<String>,
+    socketstream_path: Option<String>,
+    socketstream_channels: Option<String>,
     bayeux_connect_timeout_ms: Option<String>,
     bayeux_session_timeout_ms: Option<String>,
     max_message_bytes: Option<String>,
@@ -477,7 +513,7 @@ impl Config {
                 "to be set only together with WSGATE_JWT_SECRET or WSGATE_JWT_PUBLIC_KEY",
             ));
         }
-        Ok(Config {
+        let config = Config {
             jwt_key,
             jwt_audiences,
             jwt_issuers,
@@ -628,6 +664,29 @@ impl Config {
                 endpoint_path,
                 "an absolute path such as /realtime (not / itself, no query)",
             )?,
+            // RoadRunner and SocketStream.
+            roadrunner_path: parse_or(
+                raw.roadrunner_path,
+                d.roadrunner_path,
+                "WSGATE_ROADRUNNER_PATH",
+                endpoint_path,
+                "an absolute path such as /roadrunner (not / itself, no query)",
+            )?,
+            roadrunner_publish_path: parse_or(
+                raw.roadrunner_publish_path,
+                d.roadrunner_publish_path,
+                "WSGATE_ROADRUNNER_PUBLISH_PATH",
+                endpoint_path,
+                "an absolute path such as /roadrunner/publish (not / itself, no query)",
+            )?,
+            socketstream_path: parse_or(
+                raw.socketstream_path,
+                d.socketstream_path,
+                "WSGATE_SOCKETSTREAM_PATH",
+                endpoint_path,
+                "an absolute path such as /socketstream (not / itself, no query)",
+            )?,
+            socketstream_channels: list(raw.socketstream_channels),
             bayeux_connect_timeout: millis_or(
                 raw.bayeux_connect_timeout_ms,
                 d.bayeux_connect_timeout,
@@ -805,7 +864,9 @@ impl Config {
                 },
                 "text or json",
             )?,
-        })
+        };
+        mounts::check(&config)?;
+        Ok(config)
     }
 }
 
@@ -984,6 +1045,27 @@ const HELP: &[Help] = &[
         "nodefony_path",
         "/realtime",
         "the Bayeux endpoint for nodefony's client",
+    ),
+    // RoadRunner and SocketStream.
+    help(
+        "roadrunner_path",
+        "/roadrunner",
+        "RoadRunner websockets v2 endpoint",
+    ),
+    help(
+        "roadrunner_publish_path",
+        "/roadrunner/publish",
+        "RoadRunner broadcast publish (POST; the same path plus -async answers at once)",
+    ),
+    help(
+        "socketstream_path",
+        "/socketstream",
+        "SocketStream 0.4 realtime services endpoint",
+    ),
+    help(
+        "socketstream_channels",
+        "",
+        "channels or globs every SocketStream connection is subscribed to on connect",
     ),
     help(
         "bayeux_connect_timeout_ms",

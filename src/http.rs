@@ -41,6 +41,8 @@ use crate::shutdown::Phase;
 use crate::transport::websocket::{self, Mount};
 use crate::transport::{json, json_error, polling, unauthorised};
 
+mod dialects;
+
 /// All routes, for one connection (`conn`: its peer and pending place).
 ///
 /// Each route matches its path first and then answers everything on that
@@ -86,6 +88,7 @@ pub fn routes(
                 .unify(),
         )
     };
+    let more = dialects::routes(app.clone(), conn.clone());
     let bayeux = bayeux_routes(app.clone(), conn);
     let publish = warp::path("publish").and(warp::path::end()).and(
         warp::post()
@@ -144,6 +147,8 @@ pub fn routes(
     warp::any()
         .and(
             ws.or(bayeux)
+                .unify()
+                .or(more)
                 .unify()
                 .or(publish)
                 .unify()

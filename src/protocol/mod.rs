@@ -25,6 +25,8 @@ use crate::broker::{BrokerMessage, Topic};
 
 pub mod bayeux;
 pub mod native;
+pub mod roadrunner;
+pub mod socketstream;
 
 /// An encoded message, ready to be queued to any number of connections:
 /// cloning it clones a reference to the shared bytes, never the bytes. The
@@ -310,6 +312,10 @@ pub trait Conversation: Send + 'static {
     fn name(&self) -> &'static str;
     /// How this connection's deliveries are rendered.
     fn render(&self) -> Arc<dyn Render>;
+    /// The steps of a connection that has just opened, before any message
+    /// of its client (SocketStream subscribes every connection to
+    /// `WSGATE_SOCKETSTREAM_CHANNELS`); served as a message's are.
+    fn open(&mut self, _steps: &mut Vec<Step>) {}
     /// Reads one inbound message into steps.
     fn decode(&mut self, inbound: Inbound<'_>, steps: &mut Vec<Step>);
     /// Renders the session's answer into `out`: nothing, one frame, or

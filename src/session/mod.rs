@@ -268,6 +268,12 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     let mut last_seen = Instant::now();
     let mut pending_text = first_text;
     let mut offered = None;
+    // What the dialect asks before its client says anything.
+    let mut opening = Vec::new();
+    conv.open(&mut opening);
+    if !opening.is_empty() {
+        take_steps(&ctx, &mut session, conv.as_mut(), opening);
+    }
     // Adopted from another node before it started (a long-poll): findable
     // here from the start.
     if let Some(key) = conv.key().map(str::to_owned) {
@@ -547,6 +553,17 @@ fn serve(
 ) -> Effects {
     let mut steps = Vec::new();
     conv.decode(inbound, &mut steps);
+    take_steps(ctx, session, conv, steps)
+}
+
+/// Serves the steps of one message (or of the connection's opening), in
+/// order.
+fn take_steps(
+    ctx: &SessionContext,
+    session: &mut Session,
+    conv: &mut dyn Conversation,
+    mut steps: Vec<Step>,
+) -> Effects {
     let mut fx = Effects::default();
     for step in steps.drain(..) {
         match step {

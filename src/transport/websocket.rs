@@ -25,6 +25,8 @@ use crate::auth;
 use crate::pending::PendingSlot;
 use crate::protocol::bayeux::conversation::{BayeuxConversation, Endpoint};
 use crate::protocol::native::NativeConversation;
+use crate::protocol::roadrunner::RoadRunnerConversation;
+use crate::protocol::socketstream::{self, SocketStreamConversation};
 use crate::protocol::Conversation;
 use crate::session::{self, Link};
 
@@ -35,6 +37,10 @@ pub enum Mount {
     Native,
     /// Bayeux (`WSGATE_BAYEUX_PATH`, `WSGATE_NODEFONY_PATH`).
     Bayeux(Arc<Endpoint>),
+    /// RoadRunner websockets v2 (`WSGATE_ROADRUNNER_PATH`).
+    RoadRunner,
+    /// SocketStream 0.4 (`WSGATE_SOCKETSTREAM_PATH`).
+    SocketStream(Arc<socketstream::Endpoint>),
 }
 
 /// Answers the WebSocket handshake and starts the session once hyper hands
@@ -101,7 +107,7 @@ pub fn upgrade(
         return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
     let token = match &mount {
-        Mount::Native => Token::AtConnect,
+        Mount::Native | Mount::RoadRunner | Mount::SocketStream(_) => Token::AtConnect,
         Mount::Bayeux(_) => Token::ByDialect,
     };
     let admitted = match admit(&app, headers, query, conn, token, Carrier::Upgrade) {
@@ -116,6 +122,8 @@ pub fn upgrade(
             let token = auth::request_token(headers, query).ok();
             Box::new(BayeuxConversation::new(endpoint, token))
         }
+        Mount::RoadRunner => Box::new(RoadRunnerConversation::new()),
+        Mount::SocketStream(endpoint) => Box::new(SocketStreamConversation::new(endpoint)),
     };
     let ctx = app.session_context(
         admitted.slot,
