@@ -17,8 +17,7 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::value::RawValue;
+use serde_json::Value;
 
 use super::frame::{self, Service};
 use super::reply;
@@ -59,18 +58,21 @@ pub struct SocketStreamConversation {
     session_id: Option<ClientId>,
 }
 
-/// A system message: `{"c":"connect"|"discover",..}`.
-#[derive(Deserialize)]
-struct SystemMessage {
-    c: Option<String>,
-}
-
-/// An rpc call: `{"m":"<service>.<method>","p":[..]}`.
-#[derive(Deserialize)]
-struct Call<'a> {
-    m: Option<String>,
-    #[serde(borrow)]
-    p: Option<Vec<&'a RawValue>>,
+/// A service's JSON payload, which must be an object.
+fn object(service: Service, payload: &str) -> Result<serde_json::Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(payload) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(format!(
+            "service {} ({}) takes a JSON object",
+            service.id(),
+            service.name()
+        )),
+        Err(e) => Err(format!(
+            "invalid JSON for service {} ({}): {e}",
+            service.id(),
+            service.name()
+        )),
+    }
 }
 
 impl SocketStreamConversation {
@@ -83,13 +85,11 @@ impl SocketStreamConversation {
     }
 
     fn system(&mut self, callback: Option<u64>, payload: &str, steps: &mut Vec<Step>) {
-        let message = match serde_json::from_str::<SystemMessage>(payload) {
+        let message = match object(Service::System, payload) {
             Ok(m) => m,
-            Err(e) => {
-                return malformed(steps, &format!("invalid JSON for service 0 (_system): {e}"))
-            }
+            Err(why) => return malformed(steps, &why),
         };
-        match message.c.as_deref() {
+        match message.get("c").and_then(Value::as_str) {
             Some("connect") => {
                 let id = match self.session_id {
                     Some(id) => id,
@@ -114,19 +114,19 @@ impl SocketStreamConversation {
     }
 
     fn rpc(&mut self, callback: Option<u64>, payload: &str, steps: &mut Vec<Step>) {
-        let call = match serde_json::from_str::<Call<'_>>(payload) {
+        let call = match object(Service::Rpc, payload) {
             Ok(call) => call,
-            Err(e) => return malformed(steps, &format!("invalid JSON for service 1 (rpc): {e}")),
+            Err(why) => return malformed(steps, &why),
         };
         let refuse = |steps: &mut Vec<Step>, why: &str| {
             steps.push(Step::Malformed(Frame::text(reply::rpc_error(
                 callback, why,
             ))));
         };
-        let Some(method) = call.m else {
+        let Some(method) = call.get("m").and_then(Value::as_str) else {
             return refuse(steps, "missing method name \"m\"");
         };
-        let subscribe = match method.as_str() {
+        let subscribe = match method {
             "wsgate.subscribe" => true,
             "wsgate.unsubscribe" => false,
             _ => {
@@ -134,9 +134,11 @@ impl SocketStreamConversation {
                 return steps.push(Step::Reply(Frame::text(text)));
             }
         };
-        let params = call.p.unwrap_or_default();
-        let name = match params.as_slice() {
-            [one] => serde_json::from_str::<String>(one.get()).ok(),
+        let name = match call.get("p") {
+            Some(Value::Array(params)) => match params.as_slice() {
+                [Value::String(name)] => Some(name.as_str()),
+                _ => None,
+            },
             _ => None,
         };
         let Some(name) = name else {
@@ -145,7 +147,7 @@ impl SocketStreamConversation {
                 &format!("{method} takes one argument: a channel or a pattern"),
             );
         };
-        let topic = topic(&name);
+        let topic = topic(name);
         let id = Some(callback.map_or_else(String::new, |cb| cb.to_string()));
         steps.push(Step::Request(if subscribe {
             Request::Subscribe {
