@@ -76,12 +76,25 @@ pub fn routes(
                 .and(warp::header::headers_cloned())
                 .and(warp::query::raw().or(warp::any().map(String::new)).unify())
                 .and(warp::ext::optional::<OnUpgrade>())
-                .map(
+                .then(
                     move |app: Arc<App>,
                           headers: HeaderMap,
                           query: String,
                           upgrade: Option<OnUpgrade>| {
-                        websocket::upgrade(app, Mount::Native, &headers, &query, upgrade, &conn)
+                        let conn = conn.clone();
+                        async move {
+                            let path = app.config.ws_path.clone();
+                            websocket::upgrade(
+                                app,
+                                Mount::Native,
+                                &path,
+                                &headers,
+                                &query,
+                                upgrade,
+                                &conn,
+                            )
+                            .await
+                        }
                     },
                 )
                 .recover(recover_on("GET", app.clone()))
@@ -212,6 +225,7 @@ fn bayeux_routes(
     let get = warp::get()
         .and(with_app.clone())
         .and(mount.clone())
+        .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(query())
         .and(warp::ext::optional::<OnUpgrade>())
@@ -219,21 +233,24 @@ fn bayeux_routes(
         .then(
             |app: Arc<App>,
              endpoint: Arc<Endpoint>,
+             path: warp::path::FullPath,
              headers: HeaderMap,
              query: String,
              upgrade: Option<OnUpgrade>,
              conn: Arc<PendingSlot>| async move {
+                let path = path.as_str();
                 if headers.contains_key(header::UPGRADE) {
                     let mount = Mount::Bayeux(endpoint);
-                    websocket::upgrade(app, mount, &headers, &query, upgrade, &conn)
+                    websocket::upgrade(app, mount, path, &headers, &query, upgrade, &conn).await
                 } else {
-                    polling::jsonp(app, endpoint, headers, query, conn).await
+                    polling::jsonp(app, endpoint, path, headers, query, conn).await
                 }
             },
         );
     let post = warp::post()
         .and(with_app.clone())
         .and(mount.clone())
+        .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(query())
         .and(body_upto(
