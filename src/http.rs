@@ -102,6 +102,7 @@ pub fn routes(
         )
     };
     let more = dialects::routes(app.clone(), conn.clone());
+    let sse = sse_route(app.clone(), conn.clone());
     let bayeux = bayeux_routes(app.clone(), conn);
     let publish = warp::path("publish").and(warp::path::end()).and(
         warp::post()
@@ -163,6 +164,8 @@ pub fn routes(
                 .unify()
                 .or(more)
                 .unify()
+                .or(sse)
+                .unify()
                 .or(publish)
                 .unify()
                 .or(healthz)
@@ -181,6 +184,45 @@ pub fn routes(
             Ok::<_, std::convert::Infallible>(json_error(StatusCode::NOT_FOUND, "not found"))
         })
         .unify()
+}
+
+/// The server-sent events endpoint (`WSGATE_SSE_PATH`): the stream on
+/// `GET`, the CORS preflight on `OPTIONS`.
+fn sse_route(
+    app: Arc<App>,
+    conn: Arc<PendingSlot>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    let with_app = {
+        let app = app.clone();
+        warp::any().map(move || app.clone())
+    };
+    let with_conn = warp::any().map(move || conn.clone());
+    let on_path = warp::path::full()
+        .and(with_app.clone())
+        .and_then(|path: warp::path::FullPath, app: Arc<App>| async move {
+            if path.as_str() == app.config.sse_path {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one();
+    let get = warp::get()
+        .and(with_app.clone())
+        .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(with_conn)
+        .then(crate::transport::sse::serve);
+    let options = warp::options()
+        .and(with_app)
+        .and(warp::header::headers_cloned())
+        .map(|app: Arc<App>, headers: HeaderMap| polling::preflight(&app, &headers));
+    on_path.and(
+        get.or(options)
+            .unify()
+            .recover(recover_on("GET, OPTIONS", app))
+            .unify(),
+    )
 }
 
 /// The Bayeux endpoints (`WSGATE_BAYEUX_PATH`, `WSGATE_NODEFONY_PATH`, each

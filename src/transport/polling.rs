@@ -140,7 +140,7 @@ fn forbidden_origin() -> warp::reply::Response {
 }
 
 /// Adds the CORS headers for an allowed `Origin` (the caller checked it).
-fn cors(headers: &HeaderMap, mut res: warp::reply::Response) -> warp::reply::Response {
+pub(crate) fn cors(headers: &HeaderMap, mut res: warp::reply::Response) -> warp::reply::Response {
     if let Some(origin) = headers.get(header::ORIGIN) {
         let h = res.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
