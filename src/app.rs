@@ -11,6 +11,7 @@ use crate::acl::Acl;
 use crate::auth::{Identity, Verifier};
 use crate::authz::Authz;
 use crate::config::Config;
+use crate::connect_auth::ConnectAuth;
 use crate::handoff::Handoff;
 use crate::hub::Hub;
 use crate::limits::{IpLimits, IpSlot};
@@ -60,6 +61,8 @@ pub struct App {
     pub roadrunner_async: Arc<tokio::sync::Semaphore>,
     /// What every SocketStream connection shares (`WSGATE_SOCKETSTREAM_CHANNELS`).
     pub socketstream: Arc<crate::protocol::socketstream::Endpoint>,
+    /// The connect backend (`WSGATE_CONNECT_AUTH_URL`), when configured.
+    pub connect_auth: Option<Arc<ConnectAuth>>,
 }
 
 /// RoadRunner async publishes one node lets wait for the broker at once.
@@ -112,12 +115,21 @@ impl App {
             })
         };
         let (bayeux, nodefony) = (endpoint(false), endpoint(true));
+        let connect_auth = config.connect_auth_url.as_ref().map(|url| {
+            Arc::new(ConnectAuth::new(
+                url.clone(),
+                config.connect_auth_timeout,
+                config.connect_auth_cache_ttl,
+                config.connect_auth_cache_entries.get(),
+            ))
+        });
         let socketstream = Arc::new(crate::protocol::socketstream::Endpoint::new(
             &config.socketstream_channels,
         ));
         App {
             roadrunner_async: Arc::new(tokio::sync::Semaphore::new(ROADRUNNER_ASYNC_IN_FLIGHT)),
             socketstream,
+            connect_auth,
             handoff,
             bayeux,
             nodefony,

@@ -338,7 +338,7 @@ pub fn bearer(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
 
 /// Decodes `%XX` escapes and `+` (form encoding); `None` on a broken escape
 /// or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

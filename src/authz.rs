@@ -19,7 +19,6 @@
 //! client (no TLS: run the service on the node or a trusted network).
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -36,6 +35,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::broker::Topic;
+use crate::ttl_cache::Cache;
 
 /// Largest callback reply body read, in bytes: a reason is a short sentence,
 /// and a misbehaving service must not make us buffer megabytes.
@@ -151,18 +151,14 @@ pub struct Authz {
     url: Uri,
     timeout: Duration,
     /// Locked briefly, never across an await (lookups and inserts only).
-    cache: Mutex<Cache>,
+    cache: Mutex<Cache<CacheKey, Decision>>,
 }
 
 impl Authz {
     /// A client for `url` (validated by the config as `http://`).
     pub fn new(url: Uri, timeout: Duration, ttl: Duration, entries: usize) -> Authz {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build_http();
         Authz {
-            client,
+            client: http_client(),
             url,
             timeout,
             cache: Mutex::new(Cache::new(ttl, entries)),
@@ -219,6 +215,16 @@ impl Authz {
     }
 }
 
+/// The plain HTTP/1.1 client every backend call uses (this callback and the
+/// connect backend, [`crate::connect_auth`]): hyper's pooled client, idle
+/// connections kept 30 s so a busy node reuses them.
+pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http()
+}
+
 /// The client-facing reason of a 403 body: `{"reason":".."}` (or
 /// `{"error":".."}`), else the body as text; control characters removed,
 /// length capped, `not allowed` when nothing is left.
@@ -243,117 +249,9 @@ fn reason(body: &[u8]) -> String {
     }
 }
 
-/// Decisions with a fixed time to live, at most `capacity` of them.
-///
-/// Every entry lives exactly `ttl`, so insertion order is expiry order: a
-/// queue of insertions, popped from the front, removes expired entries and,
-/// when full, the oldest one. Both the map and the queue stay within
-/// `capacity`.
-struct Cache {
-    ttl: Duration,
-    capacity: usize,
-    map: HashMap<CacheKey, (Decision, Instant)>,
-    order: VecDeque<(CacheKey, Instant)>,
-}
-
-impl Cache {
-    fn new(ttl: Duration, capacity: usize) -> Cache {
-        Cache {
-            ttl,
-            capacity,
-            map: HashMap::new(),
-            order: VecDeque::new(),
-        }
-    }
-
-    fn get(&mut self, key: &CacheKey, now: Instant) -> Option<Decision> {
-        let (decision, at) = self.map.get(key)?;
-        if now.duration_since(*at) < self.ttl {
-            return Some(decision.clone());
-        }
-        self.map.remove(key);
-        None
-    }
-
-    fn put(&mut self, key: CacheKey, decision: Decision, now: Instant) {
-        if self.ttl.is_zero() || self.capacity == 0 {
-            return;
-        }
-        while let Some((old, at)) = self.order.front() {
-            if now.duration_since(*at) < self.ttl && self.order.len() < self.capacity {
-                break;
-            }
-            // Remove the map entry only if it is this insertion, not a newer
-            // one of the same key.
-            if self.map.get(old).is_some_and(|(_, t)| t == at) {
-                self.map.remove(old);
-            }
-            self.order.pop_front();
-        }
-        self.map.insert(key.clone(), (decision, now));
-        self.order.push_back((key, now));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key(s: &str) -> CacheKey {
-        (
-            Asker::Subject("u".into()),
-            Topic::Channel(Bytes::copy_from_slice(s.as_bytes())),
-            None,
-        )
-    }
-
-    #[test]
-    fn cache_expires_entries() {
-        let mut c = Cache::new(Duration::from_secs(10), 100);
-        let t0 = Instant::now();
-        c.put(key("a"), Decision::Allow, t0);
-        assert_eq!(
-            c.get(&key("a"), t0 + Duration::from_secs(9)),
-            Some(Decision::Allow)
-        );
-        assert_eq!(c.get(&key("a"), t0 + Duration::from_secs(10)), None);
-        assert!(c.map.is_empty());
-    }
-
-    #[test]
-    fn cache_is_bounded() {
-        let mut c = Cache::new(Duration::from_secs(10), 3);
-        let t0 = Instant::now();
-        for (i, k) in ["a", "b", "c", "d", "e"].iter().enumerate() {
-            c.put(
-                key(k),
-                Decision::Deny((*k).into()),
-                t0 + Duration::from_millis(i as u64),
-            );
-            assert!(c.map.len() <= 3 && c.order.len() <= 3);
-        }
-        assert_eq!(c.get(&key("a"), t0), None);
-        assert_eq!(c.get(&key("b"), t0), None);
-        assert_eq!(c.get(&key("e"), t0), Some(Decision::Deny("e".into())));
-        // Re-inserting a key keeps only the newest entry alive.
-        for i in 0..10 {
-            c.put(
-                key("x"),
-                Decision::Allow,
-                t0 + Duration::from_millis(10 + i),
-            );
-        }
-        assert!(c.map.len() <= 3 && c.order.len() <= 3);
-        assert_eq!(c.get(&key("x"), t0), Some(Decision::Allow));
-    }
-
-    #[test]
-    fn zero_ttl_caches_nothing() {
-        let mut c = Cache::new(Duration::ZERO, 3);
-        let t0 = Instant::now();
-        c.put(key("a"), Decision::Allow, t0);
-        assert_eq!(c.get(&key("a"), t0), None);
-    }
 
     #[test]
     fn reasons_are_short_and_clean() {

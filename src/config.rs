@@ -315,6 +315,23 @@ pub struct Config {
     pub log: String,
     /// `WSGATE_LOG_FORMAT`: `text` or `json`. Default `text`.
     pub log_format: LogFormat,
+
+    // Connect authorisation by a backend, and server-sent events.
+    /// `WSGATE_CONNECT_AUTH_URL`: `http://` URL of the backend asked before
+    /// any connection is admitted (`src/connect_auth.rs`). Default: unset.
+    pub connect_auth_url: Option<Uri>,
+    /// `WSGATE_CONNECT_AUTH_TIMEOUT_MS`: how long the backend may take
+    /// before the connection is refused with 503. Default 2000 ms.
+    pub connect_auth_timeout: Duration,
+    /// `WSGATE_CONNECT_AUTH_CACHE_TTL_MS`: how long a verdict is reused for
+    /// the same forwarded request; 0 disables caching. Default 10000 ms.
+    pub connect_auth_cache_ttl: Duration,
+    /// `WSGATE_CONNECT_AUTH_CACHE_ENTRIES`: most verdicts cached (oldest
+    /// evicted). Default 10000.
+    pub connect_auth_cache_entries: NonZeroUsize,
+    /// `WSGATE_SSE_PATH`: path of the server-sent events endpoint (the
+    /// native protocol, one way). Default `/sse`.
+    pub sse_path: String,
 }
 
 impl Default for Config {
@@ -380,6 +397,11 @@ impl Default for Config {
             idempotency_ttl: Duration::from_millis(300_000),
             log: "info".to_owned(),
             log_format: LogFormat::Text,
+            connect_auth_url: None,
+            connect_auth_timeout: Duration::from_millis(2000),
+            connect_auth_cache_ttl: Duration::from_millis(10_000),
+            connect_auth_cache_entries: nz(10_000),
+            sse_path: "/sse".to_owned(),
         }
     }
 }
@@ -455,6 +477,11 @@ struct RawConfig {
     idempotency_ttl_ms: Option<String>,
     log: Option<String>,
     log_format: Option<String>,
+    connect_auth_url: Option<String>,
+    connect_auth_timeout_ms: Option<String>,
+    connect_auth_cache_ttl_ms: Option<String>,
+    connect_auth_cache_entries: Option<String>,
+    sse_path: Option<String>,
 }
 
 impl Config {
@@ -863,6 +890,34 @@ impl Config {
                     _ => None,
                 },
                 "text or json",
+            )?,
+            connect_auth_url: match raw.connect_auth_url {
+                None => None,
+                Some(v) => Some(http_url_for("WSGATE_CONNECT_AUTH_URL", v)?),
+            },
+            connect_auth_timeout: millis_or(
+                raw.connect_auth_timeout_ms,
+                d.connect_auth_timeout,
+                "WSGATE_CONNECT_AUTH_TIMEOUT_MS",
+            )?,
+            connect_auth_cache_ttl: parse_or(
+                raw.connect_auth_cache_ttl_ms,
+                d.connect_auth_cache_ttl,
+                "WSGATE_CONNECT_AUTH_CACHE_TTL_MS",
+                |v| v.parse::<u64>().ok().map(Duration::from_millis),
+                "a whole number of milliseconds (0 disables the cache)",
+            )?,
+            connect_auth_cache_entries: bytes_or(
+                raw.connect_auth_cache_entries,
+                d.connect_auth_cache_entries,
+                "WSGATE_CONNECT_AUTH_CACHE_ENTRIES",
+            )?,
+            sse_path: parse_or(
+                raw.sse_path,
+                d.sse_path,
+                "WSGATE_SSE_PATH",
+                endpoint_path,
+                "an absolute path such as /sse (not / itself, no query)",
             )?,
         };
         mounts::check(&config)?;
@@ -1285,6 +1340,23 @@ const HELP: &[Help] = &[
         "tracing filter, e.g. debug or wsgate=debug,warn",
     ),
     help("log_format", "text", "text or json"),
+    help(
+        "connect_auth_url",
+        "",
+        "http:// backend asked before any connection is admitted (2xx lets in)",
+    ),
+    help("connect_auth_timeout_ms", "2000", "connect backend deadline (then 503)"),
+    help(
+        "connect_auth_cache_ttl_ms",
+        "10000",
+        "how long a connect verdict is reused (0: never)",
+    ),
+    help(
+        "connect_auth_cache_entries",
+        "10000",
+        "most cached connect verdicts",
+    ),
+    help("sse_path", "/sse", "server-sent events endpoint path (native protocol)"),
 ];
 
 /// The text of `wsgate --help`: usage, then every variable with its default.
@@ -1398,13 +1470,18 @@ fn optional_count(
 
 /// `WSGATE_AUTH_URL`: plain `http://` with a host (hyper's client, no TLS).
 fn http_url(raw: String) -> Result<Uri, ConfigError> {
+    http_url_for("WSGATE_AUTH_URL", raw)
+}
+
+/// A backend URL in `var`: plain `http://` with a host.
+fn http_url_for(var: &'static str, raw: String) -> Result<Uri, ConfigError> {
     raw.trim()
         .parse::<Uri>()
         .ok()
         .filter(|u| u.scheme_str() == Some("http") && u.host().is_some())
         .ok_or_else(|| {
             invalid(
-                "WSGATE_AUTH_URL",
+                var,
                 raw,
                 "an http:// URL such as http://127.0.0.1:9000/authorise (https is not supported)",
             )

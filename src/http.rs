@@ -76,12 +76,25 @@ pub fn routes(
                 .and(warp::header::headers_cloned())
                 .and(warp::query::raw().or(warp::any().map(String::new)).unify())
                 .and(warp::ext::optional::<OnUpgrade>())
-                .map(
+                .then(
                     move |app: Arc<App>,
                           headers: HeaderMap,
                           query: String,
                           upgrade: Option<OnUpgrade>| {
-                        websocket::upgrade(app, Mount::Native, &headers, &query, upgrade, &conn)
+                        let conn = conn.clone();
+                        async move {
+                            let path = app.config.ws_path.clone();
+                            websocket::upgrade(
+                                app,
+                                Mount::Native,
+                                &path,
+                                &headers,
+                                &query,
+                                upgrade,
+                                &conn,
+                            )
+                            .await
+                        }
                     },
                 )
                 .recover(recover_on("GET", app.clone()))
@@ -89,6 +102,7 @@ pub fn routes(
         )
     };
     let more = dialects::routes(app.clone(), conn.clone());
+    let sse = sse_route(app.clone(), conn.clone());
     let bayeux = bayeux_routes(app.clone(), conn);
     let publish = warp::path("publish").and(warp::path::end()).and(
         warp::post()
@@ -150,6 +164,8 @@ pub fn routes(
                 .unify()
                 .or(more)
                 .unify()
+                .or(sse)
+                .unify()
                 .or(publish)
                 .unify()
                 .or(healthz)
@@ -168,6 +184,45 @@ pub fn routes(
             Ok::<_, std::convert::Infallible>(json_error(StatusCode::NOT_FOUND, "not found"))
         })
         .unify()
+}
+
+/// The server-sent events endpoint (`WSGATE_SSE_PATH`): the stream on
+/// `GET`, the CORS preflight on `OPTIONS`.
+fn sse_route(
+    app: Arc<App>,
+    conn: Arc<PendingSlot>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    let with_app = {
+        let app = app.clone();
+        warp::any().map(move || app.clone())
+    };
+    let with_conn = warp::any().map(move || conn.clone());
+    let on_path = warp::path::full()
+        .and(with_app.clone())
+        .and_then(|path: warp::path::FullPath, app: Arc<App>| async move {
+            if path.as_str() == app.config.sse_path {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one();
+    let get = warp::get()
+        .and(with_app.clone())
+        .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(with_conn)
+        .then(crate::transport::sse::serve);
+    let options = warp::options()
+        .and(with_app)
+        .and(warp::header::headers_cloned())
+        .map(|app: Arc<App>, headers: HeaderMap| polling::preflight(&app, &headers));
+    on_path.and(
+        get.or(options)
+            .unify()
+            .recover(recover_on("GET, OPTIONS", app))
+            .unify(),
+    )
 }
 
 /// The Bayeux endpoints (`WSGATE_BAYEUX_PATH`, `WSGATE_NODEFONY_PATH`, each
@@ -212,6 +267,7 @@ fn bayeux_routes(
     let get = warp::get()
         .and(with_app.clone())
         .and(mount.clone())
+        .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(query())
         .and(warp::ext::optional::<OnUpgrade>())
@@ -219,21 +275,24 @@ fn bayeux_routes(
         .then(
             |app: Arc<App>,
              endpoint: Arc<Endpoint>,
+             path: warp::path::FullPath,
              headers: HeaderMap,
              query: String,
              upgrade: Option<OnUpgrade>,
              conn: Arc<PendingSlot>| async move {
+                let path = path.as_str();
                 if headers.contains_key(header::UPGRADE) {
                     let mount = Mount::Bayeux(endpoint);
-                    websocket::upgrade(app, mount, &headers, &query, upgrade, &conn)
+                    websocket::upgrade(app, mount, path, &headers, &query, upgrade, &conn).await
                 } else {
-                    polling::jsonp(app, endpoint, headers, query, conn).await
+                    polling::jsonp(app, endpoint, path, headers, query, conn).await
                 }
             },
         );
     let post = warp::post()
         .and(with_app.clone())
         .and(mount.clone())
+        .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(query())
         .and(body_upto(

@@ -22,6 +22,8 @@
 //! - [`publish`]: what `POST /publish` and a client's own publish share: the
 //!   payload rule, who may publish over a socket, the broker path.
 //! - [`authz`]: the subscribe authorisation callback and its bounded cache.
+//! - [`connect_auth`]: the connect backend (`WSGATE_CONNECT_AUTH_URL`) every
+//!   handshake may be put to; [`ttl_cache`]: the bounded cache both share.
 //! - [`forwarded`]: the client's address, through trusted proxies' `X-Forwarded-For`.
 //! - [`limits`]: per-address connection count and connection rate.
 //! - [`pending`]: connections not yet upgraded: their node-wide cap and refusals.
@@ -59,6 +61,7 @@ pub mod backoff;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod connect_auth;
 pub mod fdlimit;
 pub mod forwarded;
 pub mod handoff;
@@ -76,5 +79,6 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod transport;
+pub mod ttl_cache;
 
 pub use config::Config;

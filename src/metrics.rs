@@ -21,9 +21,12 @@ use prometheus::{
 /// `authz_unavailable` (callback),
 /// `api_key` (publish 401), `token_expired` (connection closed with 4001),
 /// `max_pending` (a connection accepted beyond `WSGATE_MAX_PENDING_CONNECTIONS`,
-/// answered 503 and closed). The pattern cost limits add theirs
+/// answered 503 and closed), `connect_auth` (the connect backend refused)
+/// and `connect_auth_unavailable` (it gave no usable answer: 503). The pattern cost limits add theirs
 /// ([`crate::pattern_cost::REASONS`]).
-pub const REFUSAL_REASONS: [&str; 15] = [
+pub const REFUSAL_REASONS: [&str; 17] = [
+    "connect_auth",
+    "connect_auth_unavailable",
     "max_connections",
     "draining",
     "rate_limited",
@@ -46,6 +49,17 @@ pub const REFUSAL_REASONS: [&str; 15] = [
 /// or idle kept-alive connection) and `body` (a publish body not complete
 /// within `WSGATE_HTTP_BODY_TIMEOUT_MS`).
 pub const HTTP_TIMEOUT_PHASES: [&str; 2] = ["headers", "body"];
+
+/// Every `outcome` of `wsgate_connect_auth_total`: `allowed` and `refused`
+/// (the backend answered), `cached_allowed` and `cached_refused` (a cached
+/// verdict), `unavailable` (no usable answer in time: refused with 503).
+pub const CONNECT_AUTH_OUTCOMES: [&str; 5] = [
+    "allowed",
+    "refused",
+    "cached_allowed",
+    "cached_refused",
+    "unavailable",
+];
 
 /// Every metric the gateway exports. Names are documented in the README.
 #[derive(Clone)]
@@ -117,6 +131,12 @@ pub struct Metrics {
     /// node), polled every `WSGATE_REDIS_PROBE_INTERVAL_MS`; with the
     /// embedded broker, the patterns it holds.
     pub redis_numpat: IntGauge,
+    /// `wsgate_connect_auth_total{outcome}`: handshakes put to the connect
+    /// backend ([`CONNECT_AUTH_OUTCOMES`]).
+    pub connect_auth: IntCounterVec,
+    /// `wsgate_connect_auth_seconds`: how long the connect backend took to
+    /// answer (calls only, not cache hits; timeouts count at the timeout).
+    pub connect_auth_seconds: Histogram,
     /// `wsgate_redis_patterns`: patterns this node holds in Redis after
     /// coalescing (at most `WSGATE_MAX_REDIS_PATTERNS`, plus any being
     /// replaced by a wider one at that moment).
@@ -277,6 +297,24 @@ impl Metrics {
                 "Patterns this node holds in Redis after coalescing",
             )
             .unwrap_or_else(never),
+            connect_auth: IntCounterVec::new(
+                Opts::new(
+                    "wsgate_connect_auth_total",
+                    "Handshakes put to the connect backend, by outcome",
+                ),
+                &["outcome"],
+            )
+            .unwrap_or_else(never),
+            connect_auth_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "wsgate_connect_auth_seconds",
+                    "Time the connect backend took to answer",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            )
+            .unwrap_or_else(never),
             registry,
         };
         m.register_all();
@@ -284,7 +322,9 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 26] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 28] = [
+            Box::new(self.connect_auth.clone()),
+            Box::new(self.connect_auth_seconds.clone()),
             Box::new(self.connections.clone()),
             Box::new(self.local_subscriptions.clone()),
             Box::new(self.broker_subscriptions.clone()),
@@ -322,6 +362,9 @@ impl Metrics {
         }
         for reason in REFUSAL_REASONS.iter().chain(&crate::pattern_cost::REASONS) {
             self.refused.with_label_values(&[reason]).inc_by(0);
+        }
+        for outcome in CONNECT_AUTH_OUTCOMES {
+            self.connect_auth.with_label_values(&[outcome]).inc_by(0);
         }
         for phase in HTTP_TIMEOUT_PHASES {
             self.http_timeouts.with_label_values(&[phase]).inc_by(0);

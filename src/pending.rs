@@ -86,6 +86,7 @@ impl Pending {
             peer,
             ip_slot: Mutex::new(ip_slot),
             held: Mutex::new(Some((self.count.clone(), self.gauge.clone()))),
+            ended: tokio::sync::Notify::new(),
         })
     }
 
@@ -162,6 +163,7 @@ pub struct PendingSlot {
     peer: SocketAddr,
     ip_slot: Mutex<Option<IpSlot>>,
     held: Mutex<Option<(Arc<AtomicUsize>, IntGauge)>>,
+    ended: tokio::sync::Notify,
 }
 
 impl PendingSlot {
@@ -203,6 +205,22 @@ impl PendingSlot {
             count.fetch_sub(1, Ordering::AcqRel);
             gauge.dec();
         }
+    }
+}
+
+impl PendingSlot {
+    /// Drops the connection now, whatever hyper is doing with it: a
+    /// response streamed as a session (server-sent events) whose session
+    /// ended while the client stopped reading would otherwise hold it, with
+    /// hyper blocked on a write, for as long as the client likes.
+    pub fn end_connection(&self) {
+        self.ended.notify_one();
+    }
+
+    /// Resolves once [`end_connection`](PendingSlot::end_connection) was
+    /// called (the connection's task then drops it).
+    pub async fn ended(&self) {
+        self.ended.notified().await;
     }
 }
 

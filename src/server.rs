@@ -280,6 +280,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, app: Arc<App>) {
     let mut phase = app.phase.subscribe();
     let header_timeout = app.config.http_header_timeout;
     let metrics = app.metrics.clone();
+    let ending = slot.clone();
     let service = TowerToHyperService::new(warp::service(http::routes(app, slot)));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -292,6 +293,8 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, app: Arc<App>) {
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        // A streamed session ended with its client not reading: drop it.
+        _ = ending.ended() => return,
         _ = crate::shutdown::stopping(&mut phase) => {
             conn.as_mut().graceful_shutdown();
             conn.await

@@ -43,6 +43,8 @@ pub fn mounted(config: &Config) -> Vec<(&'static str, String)> {
         format!("{}-async", config.roadrunner_publish_path),
     ));
     paths.push(("WSGATE_SOCKETSTREAM_PATH", config.socketstream_path.clone()));
+    // Server-sent events.
+    paths.push(("WSGATE_SSE_PATH", config.sse_path.clone()));
     // Built in.
     for path in ["/publish", "/healthz", "/readyz", "/metrics"] {
         paths.push(("the built-in route", path.to_owned()));

@@ -133,16 +133,23 @@ fn socket_route(
             .and(warp::header::headers_cloned())
             .and(warp::query::raw().or(warp::any().map(String::new)).unify())
             .and(warp::ext::optional::<OnUpgrade>())
-            .map(
+            .then(
                 move |app: Arc<App>,
                       headers: HeaderMap,
                       query: String,
                       upgrade: Option<OnUpgrade>| {
-                    let mount = match which {
-                        Route::SocketStream => Mount::SocketStream(app.socketstream.clone()),
-                        _ => Mount::RoadRunner,
-                    };
-                    websocket::upgrade(app, mount, &headers, &query, upgrade, &conn)
+                    let conn = conn.clone();
+                    async move {
+                        let (mount, path) = match which {
+                            Route::SocketStream => (
+                                Mount::SocketStream(app.socketstream.clone()),
+                                app.config.socketstream_path.clone(),
+                            ),
+                            _ => (Mount::RoadRunner, app.config.roadrunner_path.clone()),
+                        };
+                        websocket::upgrade(app, mount, &path, &headers, &query, upgrade, &conn)
+                            .await
+                    }
                 },
             )
             .recover(recover_on("GET", app))

@@ -27,6 +27,7 @@ pub mod bayeux;
 pub mod native;
 pub mod roadrunner;
 pub mod socketstream;
+pub mod sse;
 
 /// An encoded message, ready to be queued to any number of connections:
 /// cloning it clones a reference to the shared bytes, never the bytes. The

@@ -331,20 +331,31 @@ impl Native {
 
     /// See [`super::Answer`].
     pub fn delivery(&self, msg: &BrokerMessage) -> Frame {
-        let mut out = String::with_capacity(64 + msg.channel.len() + msg.payload.len() * 4 / 3);
+        let mut out = String::with_capacity(delivery_capacity(msg));
+        self.write_delivery(&mut out, msg);
+        Frame::text(out)
+    }
+
+    /// Appends the delivery JSON of `msg` to `out` (the SSE render writes
+    /// it after its `data: ` prefix, in the same allocation).
+    pub fn write_delivery(&self, out: &mut String, msg: &BrokerMessage) {
         out.push_str("{\"action\":\"message\",");
         if let Topic::Pattern(p) = &msg.topic {
             out.push_str("\"pattern\":");
-            push_json_str(&mut out, p);
+            push_json_str(out, p);
             out.push(',');
         }
         out.push_str("\"channel\":");
-        push_json_str(&mut out, &msg.channel);
+        push_json_str(out, &msg.channel);
         out.push_str(",\"payload\":");
-        push_payload(&mut out, &msg.payload);
+        push_payload(out, &msg.payload);
         out.push('}');
-        Frame::text(out)
     }
+}
+
+/// Room for a delivery of `msg`, so that rendering it allocates once.
+pub fn delivery_capacity(msg: &BrokerMessage) -> usize {
+    64 + msg.channel.len() + msg.payload.len() * 4 / 3
 }
 
 fn reject(id: Option<String>, error: &str) -> Rejection {

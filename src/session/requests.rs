@@ -319,16 +319,18 @@ impl Session {
         self.identity = Some(identity);
     }
 
-    /// May this connection hold `topic` at all? Both `WSGATE_ALLOW` and, when
-    /// authentication is on, the token's ACL must allow it.
+    /// May this connection hold `topic` at all? Both `WSGATE_ALLOW` and the
+    /// identity's ACL must allow it: the token's when authentication is on
+    /// (no identity then allows nothing), or the one the connect backend
+    /// gave (`crate::connect_auth`); an anonymous client of a node without
+    /// authentication has only `WSGATE_ALLOW`.
     fn permitted(&self, ctx: &SessionContext, topic: &Topic) -> bool {
         let server = ctx.allow.as_ref().is_none_or(|acl| acl.allows(topic));
-        let token = ctx.verifier.is_none()
-            || self
-                .identity
-                .as_ref()
-                .is_some_and(|id| id.acl.allows(topic));
-        server && token
+        let identity = match &self.identity {
+            Some(id) => id.acl.allows(topic),
+            None => ctx.verifier.is_none(),
+        };
+        server && identity
     }
 
     fn refuse(
@@ -485,7 +487,7 @@ impl Session {
             } else if !crate::publish::client_may_publish(
                 &ctx.client_publish,
                 self.identity.as_ref(),
-                ctx.verifier.is_some(),
+                ctx.verifier.is_some() || self.identity.is_some(),
                 &channel,
             ) {
                 Some((Some("publish_not_allowed"), Refusal::NotAllowed))

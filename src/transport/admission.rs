@@ -2,14 +2,16 @@
 //! [`admit`].
 
 use std::net::IpAddr;
+use std::time::Instant;
 
-use tracing::debug;
-use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
+use tracing::{debug, warn};
+use warp::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::{json_error, unauthorised};
 use crate::app::App;
 use crate::auth::{self, AuthError, Identity};
 use crate::config::Config;
+use crate::connect_auth::{Handshake, Verdict};
 use crate::forwarded;
 use crate::limits::{IpRefusal, IpSlot};
 use crate::pending::PendingSlot;
@@ -36,6 +38,19 @@ pub enum Carrier {
     Request,
 }
 
+/// The request a handshake came in, as the gates see it.
+#[derive(Clone, Copy)]
+pub struct Hello<'a> {
+    /// `GET` (an upgrade, JSONP, an event stream) or `POST` (a long-poll).
+    pub method: &'a Method,
+    /// The request path.
+    pub path: &'a str,
+    /// The raw query string (without `?`), possibly empty.
+    pub query: &'a str,
+    /// The request headers.
+    pub headers: &'a HeaderMap,
+}
+
 /// What admission grants: the session's places and who it is.
 pub struct Admitted {
     /// Its place among the node's connections.
@@ -51,16 +66,23 @@ pub struct Admitted {
 /// Admits a new session, or answers why not, in this order: the `Origin`
 /// (403), draining (503), the client address's connection rate (429), the
 /// token (401, for [`Token::AtConnect`]), the address's open connections
-/// (429), the node's connections (503). Rate comes before the token so that
-/// guessing tokens is throttled too.
-pub fn admit(
+/// (429), the node's connections (503), and last the connect backend
+/// (`WSGATE_CONNECT_AUTH_URL`: its refusal as it came, or 503 without an
+/// answer). Rate comes before the token so that guessing tokens is
+/// throttled too; the backend comes after every cheap gate so that nothing
+/// a gate refuses reaches it (see `docs/security.md`).
+///
+/// The backend's identity (a 2xx body with claims) becomes the session's
+/// only when JWT authentication is off; with it on, the token proves who
+/// the client is and the backend only decides whether it may connect.
+pub async fn admit(
     app: &App,
-    headers: &HeaderMap,
-    query: &str,
+    hello: &Hello<'_>,
     conn: &PendingSlot,
     token: Token,
     carrier: Carrier,
 ) -> Result<Admitted, Box<warp::reply::Response>> {
+    let (headers, query) = (hello.headers, hello.query);
     let client_ip = forwarded::client_ip(conn.peer().ip(), headers, &app.config.trusted_proxies);
     if !origin_allowed(&app.config, headers) {
         app.metrics.refused.with_label_values(&["origin"]).inc();
@@ -125,6 +147,12 @@ pub fn admit(
             "too many connections on this node",
         )));
     };
+    let backend = connect(app, hello, client_ip).await?;
+    let identity = if app.verifier.is_none() {
+        backend
+    } else {
+        identity
+    };
     let Some(ip_slot) = fresh_ip_slot.or_else(|| conn.take_ip_slot()) else {
         // Unreachable: the connection held a place a moment ago and only
         // this upgrade takes it; refuse rather than run uncounted.
@@ -141,6 +169,79 @@ pub fn admit(
         client_ip,
         identity,
     })
+}
+
+/// Puts the handshake to the connect backend, when one is configured: the
+/// identity its 2xx gave (if any), or the response the client gets.
+async fn connect(
+    app: &App,
+    hello: &Hello<'_>,
+    client_ip: IpAddr,
+) -> Result<Option<crate::auth::Identity>, Box<warp::reply::Response>> {
+    let Some(backend) = &app.connect_auth else {
+        return Ok(None);
+    };
+    let handshake = Handshake::new(
+        hello.method.clone(),
+        hello.path,
+        hello.query,
+        hello.headers,
+        client_ip,
+    );
+    let outcome = |o: &str| app.metrics.connect_auth.with_label_values(&[o]).inc();
+    let verdict = match backend.cached(&handshake) {
+        Some(verdict) => {
+            outcome(match verdict {
+                Verdict::Allow(_) => "cached_allowed",
+                Verdict::Refuse(_) => "cached_refused",
+            });
+            verdict
+        }
+        None => {
+            let started = Instant::now();
+            let asked = backend.ask(handshake).await;
+            app.metrics
+                .connect_auth_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match asked {
+                Ok(verdict) => {
+                    outcome(match verdict {
+                        Verdict::Allow(_) => "allowed",
+                        Verdict::Refuse(_) => "refused",
+                    });
+                    verdict
+                }
+                Err(e) => {
+                    outcome("unavailable");
+                    app.metrics
+                        .refused
+                        .with_label_values(&["connect_auth_unavailable"])
+                        .inc();
+                    warn!(%client_ip, cause = %e, "connect backend gave no verdict");
+                    return Err(Box::new(json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "connect authorisation unavailable",
+                    )));
+                }
+            }
+        }
+    };
+    match verdict {
+        Verdict::Allow(identity) => Ok(identity),
+        Verdict::Refuse(refusal) => {
+            app.metrics
+                .refused
+                .with_label_values(&["connect_auth"])
+                .inc();
+            debug!(%client_ip, status = %refusal.status, "handshake refused by the connect backend");
+            let mut res = Response::new(refusal.body.into());
+            *res.status_mut() = refusal.status;
+            for (name, value) in refusal.headers {
+                res.headers_mut().insert(name, value);
+            }
+            Err(Box::new(res))
+        }
+    }
 }
 
 /// Is the request's `Origin` acceptable? Only one `Origin` header is; a

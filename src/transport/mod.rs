@@ -13,7 +13,9 @@
 use warp::http::{header, HeaderValue, Response, StatusCode};
 
 pub mod admission;
+pub mod event_stream;
 pub mod polling;
+pub mod sse;
 pub mod websocket;
 
 /// A response with a JSON body.

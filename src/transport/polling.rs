@@ -19,9 +19,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use tracing::{debug, Instrument};
-use warp::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use warp::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
-use super::admission::{admit, origin_allowed, Carrier, Token};
+use super::admission::{admit, origin_allowed, Carrier, Hello, Token};
 use crate::app::App;
 use crate::auth;
 use crate::handoff;
@@ -48,6 +48,7 @@ enum Wrap {
 pub async fn post(
     app: Arc<App>,
     endpoint: Arc<Endpoint>,
+    path: warp::path::FullPath,
     headers: HeaderMap,
     query: String,
     body: Bytes,
@@ -61,7 +62,13 @@ pub async fn post(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let text = message::body_text(content_type, &body, &endpoint.limits);
-    let res = serve(&app, endpoint, &headers, &query, text, &conn, Wrap::Json).await;
+    let hello = Hello {
+        method: &Method::POST,
+        path: path.as_str(),
+        query: &query,
+        headers: &headers,
+    };
+    let res = serve(&app, endpoint, &hello, text, &conn, Wrap::Json).await;
     cors(&headers, res)
 }
 
@@ -69,6 +76,7 @@ pub async fn post(
 pub async fn jsonp(
     app: Arc<App>,
     endpoint: Arc<Endpoint>,
+    path: &str,
     headers: HeaderMap,
     query: String,
     conn: Arc<PendingSlot>,
@@ -95,16 +103,13 @@ pub async fn jsonp(
         Ok(None) => Err(DecodeError::NoMessageField),
         Err(e) => Err(e),
     };
-    serve(
-        &app,
-        endpoint,
-        &headers,
-        &query,
-        text,
-        &conn,
-        Wrap::Jsonp(callback),
-    )
-    .await
+    let hello = Hello {
+        method: &Method::GET,
+        path,
+        query: &query,
+        headers: &headers,
+    };
+    serve(&app, endpoint, &hello, text, &conn, Wrap::Jsonp(callback)).await
 }
 
 /// `OPTIONS <path>`: the CORS preflight of cross-origin long-polling.
@@ -135,7 +140,7 @@ fn forbidden_origin() -> warp::reply::Response {
 }
 
 /// Adds the CORS headers for an allowed `Origin` (the caller checked it).
-fn cors(headers: &HeaderMap, mut res: warp::reply::Response) -> warp::reply::Response {
+pub(crate) fn cors(headers: &HeaderMap, mut res: warp::reply::Response) -> warp::reply::Response {
     if let Some(origin) = headers.get(header::ORIGIN) {
         let h = res.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
@@ -153,8 +158,7 @@ fn cors(headers: &HeaderMap, mut res: warp::reply::Response) -> warp::reply::Res
 async fn serve(
     app: &App,
     endpoint: Arc<Endpoint>,
-    headers: &HeaderMap,
-    query: &str,
+    hello: &Hello<'_>,
     text: Result<String, DecodeError>,
     conn: &PendingSlot,
     wrap: Wrap,
@@ -179,18 +183,11 @@ async fn serve(
     let poll = Poll { text, respond: tx };
     let wait = endpoint.connect_timeout + ANSWER_SLACK;
     if handshake {
-        let admitted = match admit(
-            app,
-            headers,
-            query,
-            conn,
-            Token::ByDialect,
-            Carrier::Request,
-        ) {
+        let admitted = match admit(app, hello, conn, Token::ByDialect, Carrier::Request).await {
             Ok(admitted) => admitted,
             Err(refused) => return *refused,
         };
-        let token = auth::request_token(headers, query).ok();
+        let token = auth::request_token(hello.headers, hello.query).ok();
         let conv = Box::new(BayeuxConversation::new(endpoint, token));
         let client_ip = admitted.client_ip;
         let ctx = app.session_context(
@@ -220,14 +217,7 @@ async fn serve(
                     &wrap,
                 );
             };
-            let admitted = match admit(
-                app,
-                headers,
-                query,
-                conn,
-                Token::ByDialect,
-                Carrier::Request,
-            ) {
+            let admitted = match admit(app, hello, conn, Token::ByDialect, Carrier::Request).await {
                 Ok(admitted) => admitted,
                 Err(refused) => return *refused,
             };

@@ -16,9 +16,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, Instrument};
-use warp::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use warp::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
-use super::admission::{admit, Carrier, Token};
+use super::admission::{admit, Carrier, Hello, Token};
 use super::json_error;
 use crate::app::App;
 use crate::auth;
@@ -51,9 +51,10 @@ pub enum Mount {
 /// `Upgrade: websocket`, `Sec-WebSocket-Version: 13` (else also answered
 /// with the version we speak), and one `Sec-WebSocket-Key` that is the
 /// base64 of 16 bytes.
-pub fn upgrade(
+pub async fn upgrade(
     app: Arc<App>,
     mount: Mount,
+    path: &str,
     headers: &HeaderMap,
     query: &str,
     upgrade: Option<OnUpgrade>,
@@ -110,7 +111,13 @@ pub fn upgrade(
         Mount::Native | Mount::RoadRunner | Mount::SocketStream(_) => Token::AtConnect,
         Mount::Bayeux(_) => Token::ByDialect,
     };
-    let admitted = match admit(&app, headers, query, conn, token, Carrier::Upgrade) {
+    let hello = Hello {
+        method: &Method::GET,
+        path,
+        query,
+        headers,
+    };
+    let admitted = match admit(&app, &hello, conn, token, Carrier::Upgrade).await {
         Ok(admitted) => admitted,
         Err(refused) => return *refused,
     };

@@ -27,6 +27,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsgate::Config;
 
 pub mod node;
+pub mod sse;
 
 /// Default bound on any single wait in tests.
 pub const WAIT: Duration = Duration::from_secs(10);
