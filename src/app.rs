@@ -63,6 +63,8 @@ pub struct App {
     pub socketstream: Arc<crate::protocol::socketstream::Endpoint>,
     /// The connect backend (`WSGATE_CONNECT_AUTH_URL`), when configured.
     pub connect_auth: Option<Arc<ConnectAuth>>,
+    /// realizehit over Engine.IO (`WSGATE_REALIZEHIT_PATH`): its sids.
+    pub realizehit: Arc<crate::transport::engineio::Endpoint>,
 }
 
 /// RoadRunner async publishes one node lets wait for the broker at once.
@@ -126,7 +128,9 @@ impl App {
         let socketstream = Arc::new(crate::protocol::socketstream::Endpoint::new(
             &config.socketstream_channels,
         ));
+        let realizehit = Arc::new(crate::transport::engineio::Endpoint::new(&config));
         App {
+            realizehit,
             roadrunner_async: Arc::new(tokio::sync::Semaphore::new(ROADRUNNER_ASYNC_IN_FLIGHT)),
             socketstream,
             connect_auth,

@@ -137,6 +137,15 @@ pub struct Config {
     /// subscribed to on connect (comma-separated channels or globs). Default
     /// none.
     pub socketstream_channels: Vec<String>,
+    // realizehit over Engine.IO 3 (docs/dialects/realizehit.md).
+    /// `WSGATE_REALIZEHIT_PATH`: the Engine.IO endpoint of realizehit
+    /// clients. Default `/ws/` (engine.io attaches at its path plus `/`: a
+    /// client with `path: '/ws'` requests `/ws/?EIO=3&...`).
+    pub realizehit_path: String,
+    /// `WSGATE_REALIZEHIT_PUBLISH_PATH`: realizehit's HTTP publisher (`POST`
+    /// `{pattern, payload}`, under the publish API key). Default
+    /// `/realizehit/publish`.
+    pub realizehit_publish_path: String,
     /// `WSGATE_BAYEUX_CONNECT_TIMEOUT_MS`: how long a `/meta/connect` is
     /// held. Default 30000.
     pub bayeux_connect_timeout: Duration,
@@ -346,6 +355,8 @@ impl Default for Config {
             roadrunner_publish_path: "/roadrunner/publish".to_owned(),
             socketstream_path: "/socketstream".to_owned(),
             socketstream_channels: Vec::new(),
+            realizehit_path: "/ws/".to_owned(),
+            realizehit_publish_path: "/realizehit/publish".to_owned(),
             bayeux_connect_timeout: Duration::from_millis(30_000),
             bayeux_session_timeout: Duration::from_millis(60_000),
             max_message_bytes: nz(65536),
@@ -427,6 +438,8 @@ struct RawConfig {
     roadrunner_publish_path: Option<String>,
     socketstream_path: Option<String>,
     socketstream_channels: Option<String>,
+    realizehit_path: Option<String>,
+    realizehit_publish_path: Option<String>,
     bayeux_connect_timeout_ms: Option<String>,
     bayeux_session_timeout_ms: Option<String>,
     max_message_bytes: Option<String>,
@@ -714,6 +727,20 @@ impl Config {
                 "an absolute path such as /socketstream (not / itself, no query)",
             )?,
             socketstream_channels: list(raw.socketstream_channels),
+            realizehit_path: parse_or(
+                raw.realizehit_path,
+                d.realizehit_path,
+                "WSGATE_REALIZEHIT_PATH",
+                endpoint_path,
+                "an absolute path such as /ws/ (not / itself, no query)",
+            )?,
+            realizehit_publish_path: parse_or(
+                raw.realizehit_publish_path,
+                d.realizehit_publish_path,
+                "WSGATE_REALIZEHIT_PUBLISH_PATH",
+                endpoint_path,
+                "an absolute path such as /realizehit/publish (not / itself, no query)",
+            )?,
             bayeux_connect_timeout: millis_or(
                 raw.bayeux_connect_timeout_ms,
                 d.bayeux_connect_timeout,
@@ -1121,6 +1148,16 @@ const HELP: &[Help] = &[
         "socketstream_channels",
         "",
         "channels or globs every SocketStream connection is subscribed to on connect",
+    ),
+    help(
+        "realizehit_path",
+        "/ws/",
+        "realizehit's Engine.IO 3 endpoint (polling and WebSocket)",
+    ),
+    help(
+        "realizehit_publish_path",
+        "/realizehit/publish",
+        "realizehit's HTTP publisher: POST {pattern, payload}",
     ),
     help(
         "bayeux_connect_timeout_ms",

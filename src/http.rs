@@ -103,7 +103,8 @@ pub fn routes(
     };
     let more = dialects::routes(app.clone(), conn.clone());
     let sse = sse_route(app.clone(), conn.clone());
-    let bayeux = bayeux_routes(app.clone(), conn);
+    let bayeux = bayeux_routes(app.clone(), conn.clone());
+    let realizehit = realizehit_routes(app.clone(), conn);
     let publish = warp::path("publish").and(warp::path::end()).and(
         warp::post()
             .and(with_app.clone())
@@ -165,6 +166,8 @@ pub fn routes(
                 .or(more)
                 .unify()
                 .or(sse)
+                .unify()
+                .or(realizehit)
                 .unify()
                 .or(publish)
                 .unify()
@@ -320,6 +323,125 @@ fn bayeux_routes(
             .unify(),
     )
     .map(|_: Arc<Endpoint>, res: warp::reply::Response| res)
+}
+
+// realizehit over Engine.IO 3 (docs/dialects/realizehit.md).
+
+/// realizehit: the Engine.IO endpoint (`WSGATE_REALIZEHIT_PATH`: polling
+/// `GET`/`POST`, the WebSocket on `GET` with `Upgrade`, the CORS preflight)
+/// and the HTTP publisher (`POST WSGATE_REALIZEHIT_PUBLISH_PATH`, under the
+/// publish API key, answered in plain text).
+fn realizehit_routes(
+    app: Arc<App>,
+    conn: Arc<PendingSlot>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    use crate::protocol::realizehit::publish as rh;
+    use crate::transport::engineio;
+    let with_app = {
+        let app = app.clone();
+        warp::any().map(move || app.clone())
+    };
+    let with_conn = warp::any().map(move || conn.clone());
+    let on = |pick: fn(&Config) -> &str| {
+        warp::path::full()
+            .and(with_app.clone())
+            .and_then(
+                move |path: warp::path::FullPath, app: Arc<App>| async move {
+                    if path.as_str() == pick(&app.config) {
+                        Ok(())
+                    } else {
+                        Err(warp::reject::not_found())
+                    }
+                },
+            )
+            .untuple_one()
+    };
+    let query = || warp::query::raw().or(warp::any().map(String::new)).unify();
+    let get = warp::get()
+        .and(with_app.clone())
+        .and(warp::header::headers_cloned())
+        .and(query())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .and(with_conn)
+        .then(
+            |app: Arc<App>,
+             headers: HeaderMap,
+             query: String,
+             upgrade: Option<OnUpgrade>,
+             conn: Arc<PendingSlot>| async move {
+                let endpoint = app.realizehit.clone();
+                if headers.contains_key(header::UPGRADE) {
+                    engineio::websocket::upgrade(app, endpoint, &headers, &query, upgrade, &conn)
+                        .await
+                } else {
+                    engineio::polling::get(app, endpoint, headers, query, conn).await
+                }
+            },
+        );
+    let post = warp::post()
+        .and(with_app.clone())
+        .and(warp::header::headers_cloned())
+        .and(query())
+        .and(body_upto(
+            app.config.max_message_bytes.get() as u64 * 4,
+            app.config.http_body_timeout,
+        ))
+        .map(
+            |app: Arc<App>, headers: HeaderMap, query: String, body: Bytes| {
+                engineio::polling::post(&app, &app.realizehit, &headers, &query, &body)
+            },
+        );
+    let options = warp::options()
+        .and(with_app.clone())
+        .and(warp::header::headers_cloned())
+        .map(|app: Arc<App>, headers: HeaderMap| polling::preflight(&app, &headers));
+    let eio = on(|c| &c.realizehit_path).and(
+        get.or(post)
+            .unify()
+            .or(options)
+            .unify()
+            .recover(recover_on("GET, POST, OPTIONS", app.clone()))
+            .unify(),
+    );
+    let publish = on(|c| &c.realizehit_publish_path).and(
+        warp::post()
+            .and(with_app.clone())
+            .and(warp::header::headers_cloned())
+            .and_then(|app: Arc<App>, headers: HeaderMap| async move {
+                if publish_authorised(&app, &headers) {
+                    Ok(app)
+                } else {
+                    app.metrics.refused.with_label_values(&["api_key"]).inc();
+                    Err(warp::reject::custom(Unauthorised))
+                }
+            })
+            .and(body_within(
+                app.config.max_publish_bytes.get() as u64,
+                app.config.http_body_timeout,
+            ))
+            .then(|app: Arc<App>, body: Bytes| async move {
+                app.metrics.publish_requests.inc();
+                let text = |status: StatusCode, body: &'static str| {
+                    let mut res = Response::new(body.into());
+                    *res.status_mut() = status;
+                    res.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/html; charset=utf-8"),
+                    );
+                    res
+                };
+                match rh::parse(&body) {
+                    Err(why) => text(StatusCode::BAD_REQUEST, why),
+                    Ok(publication) => match app.hub.publish(publication).await {
+                        Ok(_) => text(StatusCode::OK, rh::QUEUED),
+                        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, rh::FAILED),
+                    },
+                }
+            })
+            .recover(recover_on("POST", app.clone()))
+            .unify(),
+    );
+    eio.or(publish).unify()
 }
 
 /// A rejection on a Bayeux path: a body over `WSGATE_MAX_MESSAGE_BYTES` is

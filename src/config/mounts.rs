@@ -45,6 +45,12 @@ pub fn mounted(config: &Config) -> Vec<(&'static str, String)> {
     paths.push(("WSGATE_SOCKETSTREAM_PATH", config.socketstream_path.clone()));
     // Server-sent events.
     paths.push(("WSGATE_SSE_PATH", config.sse_path.clone()));
+    // realizehit over Engine.IO.
+    paths.push(("WSGATE_REALIZEHIT_PATH", config.realizehit_path.clone()));
+    paths.push((
+        "WSGATE_REALIZEHIT_PUBLISH_PATH",
+        config.realizehit_publish_path.clone(),
+    ));
     // Built in.
     for path in ["/publish", "/healthz", "/readyz", "/metrics"] {
         paths.push(("the built-in route", path.to_owned()));
@@ -118,6 +124,14 @@ mod tests {
         assert_eq!(
             refusal(&[("WSGATE_NODEFONY_PATH", "/metrics")]),
             "WSGATE_NODEFONY_PATH and the built-in route both mount /metrics: give each endpoint its own path"
+        );
+        assert_eq!(
+            refusal(&[("WSGATE_REALIZEHIT_PATH", "/bayeux/")]),
+            "WSGATE_BAYEUX_PATH and WSGATE_REALIZEHIT_PATH both mount /bayeux/: give each endpoint its own path"
+        );
+        assert_eq!(
+            refusal(&[("WSGATE_REALIZEHIT_PUBLISH_PATH", "/ws/")]),
+            "WSGATE_REALIZEHIT_PATH and WSGATE_REALIZEHIT_PUBLISH_PATH both mount /ws/: give each endpoint its own path"
         );
         assert_eq!(
             refusal(&[("WSGATE_BAYEUX_PATH", "/x"), ("WSGATE_NODEFONY_PATH", "/x")]),

@@ -25,6 +25,7 @@ use crate::broker::{BrokerMessage, Topic};
 
 pub mod bayeux;
 pub mod native;
+pub mod realizehit;
 pub mod roadrunner;
 pub mod socketstream;
 pub mod sse;

@@ -13,6 +13,7 @@
 use warp::http::{header, HeaderValue, Response, StatusCode};
 
 pub mod admission;
+pub mod engineio;
 pub mod event_stream;
 pub mod polling;
 pub mod sse;

@@ -61,51 +61,9 @@ pub async fn upgrade(
     conn: &PendingSlot,
 ) -> warp::reply::Response {
     let peer = conn.peer();
-    let has = |name: header::HeaderName, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    if headers.get(header::HOST).is_none_or(|h| h.is_empty()) {
-        return json_error(StatusCode::BAD_REQUEST, "missing Host header");
-    }
-    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "expected a WebSocket upgrade request",
-        );
-    }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        let mut res = json_error(
-            StatusCode::BAD_REQUEST,
-            "unsupported WebSocket version: expected 13",
-        );
-        res.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return res;
-    }
-    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
-    let Some(key) = keys.next() else {
-        return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
-    };
-    let nonce_ok = base64::engine::general_purpose::STANDARD
-        .decode(key.as_bytes())
-        .is_ok_and(|nonce| nonce.len() == 16);
-    if keys.next().is_some() || !nonce_ok {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "invalid Sec-WebSocket-Key: expected one, the base64 of 16 random bytes",
-        );
-    }
-    let Some(upgrade) = upgrade else {
-        return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
+    let (accept, upgrade) = match checked(headers, upgrade) {
+        Ok(ok) => ok,
+        Err(refused) => return *refused,
     };
     let token = match &mount {
         Mount::Native | Mount::RoadRunner | Mount::SocketStream(_) => Token::AtConnect,
@@ -122,7 +80,6 @@ pub async fn upgrade(
         Err(refused) => return *refused,
     };
     let client_ip = admitted.client_ip;
-    let accept = derive_accept_key(key.as_bytes());
     let conv: Box<dyn Conversation> = match mount {
         Mount::Native => Box::new(NativeConversation),
         Mount::Bayeux(endpoint) => {
@@ -158,12 +115,67 @@ pub async fn upgrade(
         }
         .instrument(span),
     );
+    switching(&accept)
+}
+
+/// Checks an upgrade request strictly (see [`upgrade`]): the
+/// `Sec-WebSocket-Accept` value and the upgrade handle, or the 400.
+pub fn checked(
+    headers: &HeaderMap,
+    upgrade: Option<OnUpgrade>,
+) -> Result<(String, OnUpgrade), Box<warp::reply::Response>> {
+    let refuse = |why: &str| Err(Box::new(json_error(StatusCode::BAD_REQUEST, why)));
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if headers.get(header::HOST).is_none_or(|h| h.is_empty()) {
+        return refuse("missing Host header");
+    }
+    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+        return refuse("expected a WebSocket upgrade request");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut res = json_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported WebSocket version: expected 13",
+        );
+        res.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(Box::new(res));
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let Some(key) = keys.next() else {
+        return refuse("missing Sec-WebSocket-Key");
+    };
+    let nonce_ok = base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .is_ok_and(|nonce| nonce.len() == 16);
+    if keys.next().is_some() || !nonce_ok {
+        return refuse("invalid Sec-WebSocket-Key: expected one, the base64 of 16 random bytes");
+    }
+    let Some(upgrade) = upgrade else {
+        return refuse("connection cannot be upgraded");
+    };
+    Ok((derive_accept_key(key.as_bytes()), upgrade))
+}
+
+/// The `101 Switching Protocols` answer.
+pub fn switching(accept: &str) -> warp::reply::Response {
     let mut res = Response::new(Bytes::new().into());
     *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = res.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(v) = HeaderValue::from_str(&accept) {
+    if let Ok(v) = HeaderValue::from_str(accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     res
