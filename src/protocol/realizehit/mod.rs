@@ -35,8 +35,8 @@ pub const NOT_SUBSCRIBED: &str = "We did not found a subscription on this client
 /// A text message that is no JSON object, or a binary one.
 pub const BINARY: &str = "binary messages are not supported: send JSON text";
 
-/// One realizehit connection: it holds nothing but a counter source, so
-/// it allocates nothing per socket.
+/// One realizehit connection: it keeps no protocol state (ids are echoed,
+/// subscriptions are the session's), only the shared render.
 pub struct RealizehitConversation {
     render: Arc<dyn Render>,
 }
