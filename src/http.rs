@@ -107,20 +107,7 @@ pub fn routes(
     let realizehit = realizehit_routes(app.clone(), conn);
     let publish = warp::path("publish").and(warp::path::end()).and(
         warp::post()
-            .and(with_app.clone())
-            .and(warp::header::headers_cloned())
-            .and_then(|app: Arc<App>, headers: HeaderMap| async move {
-                if publish_authorised(&app, &headers) {
-                    Ok(app)
-                } else {
-                    app.metrics.refused.with_label_values(&["api_key"]).inc();
-                    Err(warp::reject::custom(Unauthorised))
-                }
-            })
-            .and(body_within(
-                app.config.max_publish_bytes.get() as u64,
-                app.config.http_body_timeout,
-            ))
+            .and(authorised_body(app.clone()))
             .then(publish)
             .recover(recover_on("POST", app.clone()))
             .unify(),
@@ -405,20 +392,7 @@ fn realizehit_routes(
     );
     let publish = on(|c| &c.realizehit_publish_path).and(
         warp::post()
-            .and(with_app.clone())
-            .and(warp::header::headers_cloned())
-            .and_then(|app: Arc<App>, headers: HeaderMap| async move {
-                if publish_authorised(&app, &headers) {
-                    Ok(app)
-                } else {
-                    app.metrics.refused.with_label_values(&["api_key"]).inc();
-                    Err(warp::reject::custom(Unauthorised))
-                }
-            })
-            .and(body_within(
-                app.config.max_publish_bytes.get() as u64,
-                app.config.http_body_timeout,
-            ))
+            .and(authorised_body(app.clone()))
             .then(|app: Arc<App>, body: Bytes| async move {
                 app.metrics.publish_requests.inc();
                 let text = |status: StatusCode, body: &'static str| {
@@ -462,6 +436,31 @@ fn bayeux_refusal(rejection: &Rejection, app: &App) -> warp::reply::Response {
 /// is required), read in full within `deadline` of the head: a client that
 /// announces a body and sends it slowly, or not at all, gets 408 and its
 /// connection closed instead of holding it open.
+/// The publish API's gate, then its body: the key checked first (401
+/// before any byte of the body is read), then at most
+/// `WSGATE_MAX_PUBLISH_BYTES` within `WSGATE_HTTP_BODY_TIMEOUT_MS`. Every
+/// publish path (`/publish`, realizehit's, RoadRunner's) passes it.
+pub(crate) fn authorised_body(
+    app: Arc<App>,
+) -> impl Filter<Extract = (Arc<App>, Bytes), Error = Rejection> + Clone {
+    let (limit, deadline) = (
+        app.config.max_publish_bytes.get() as u64,
+        app.config.http_body_timeout,
+    );
+    warp::any()
+        .map(move || app.clone())
+        .and(warp::header::headers_cloned())
+        .and_then(|app: Arc<App>, headers: HeaderMap| async move {
+            if publish_authorised(&app, &headers) {
+                Ok(app)
+            } else {
+                app.metrics.refused.with_label_values(&["api_key"]).inc();
+                Err(warp::reject::custom(Unauthorised))
+            }
+        })
+        .and(body_within(limit, deadline))
+}
+
 fn body_within(
     limit: u64,
     deadline: Duration,

@@ -427,13 +427,6 @@ impl Bus<'_> {
     }
 }
 
-async fn wait_numsub(redis: &Redis, channel: &str, n: i64) {
-    wait_until(&format!("NUMSUB {channel} = {n}"), WAIT, || async {
-        redis.numsub(channel).await == n
-    })
-    .await;
-}
-
 async fn wait_metric(addr: SocketAddr, series: &str, value: f64) {
     wait_until(&format!("{series} = {value}"), WAIT, || async move {
         metric_value(addr, series).await.unwrap_or(0.0) == value
@@ -705,7 +698,7 @@ async fn two_nodes_faye_cometd_and_native_on_one_channel() {
     faye.expect("ready").await;
     cometd.expect("ready").await;
     // One Redis subscription per node.
-    wait_numsub(&redis, room, 2).await;
+    redis.wait_numsub(room, 2).await;
 
     // The native client publishes from its own socket (node A).
     native
@@ -776,7 +769,7 @@ async fn two_nodes_faye_cometd_and_native_on_one_channel() {
         assert!(status.success(), "exit {status}: {events:?}");
     }
     drop(native);
-    wait_numsub(&redis, room, 0).await;
+    redis.wait_numsub(room, 0).await;
     a.stop().await;
     b.stop().await;
 }
@@ -940,7 +933,7 @@ async fn faye_handshake_on_one_node_websocket_on_another() {
     assert_eq!(redis.numsub("/handoff").await, 1);
     let (status, _) = faye.finish(WAIT).await;
     assert!(status.success(), "exit {status}");
-    wait_numsub(&redis, "/handoff", 0).await;
+    redis.wait_numsub("/handoff", 0).await;
 }
 
 // ------------------------------------------------------------ sessions
@@ -992,7 +985,7 @@ async fn a_websocket_client_that_goes_away_mid_connect_is_dropped() {
         r#"[{{"channel":"/meta/connect","clientId":"{cid}","connectionType":"websocket","id":"4"}}]"#
     ))
     .await;
-    wait_numsub(&redis, "/x", 1).await;
+    redis.wait_numsub("/x", 1).await;
     drop(c);
     let gone_at = Instant::now();
     wait_until("NUMSUB /x = 0", Duration::from_secs(6), || async {
@@ -1092,7 +1085,7 @@ async fn a_long_polling_slow_consumer_is_cut_off_and_a_polling_one_gets_everythi
         Some(1.0)
     );
     gw.stop().await;
-    wait_numsub(&redis, "/x", 0).await;
+    redis.wait_numsub("/x", 0).await;
 }
 
 /// Long-polling CometD sends `/meta/disconnect` while its connect is held:
@@ -1147,7 +1140,7 @@ async fn a_disconnect_while_a_connect_is_held_is_answered_in_its_own_response() 
         );
         break;
     }
-    wait_numsub(&redis, "/held", 0).await;
+    redis.wait_numsub("/held", 0).await;
     gw.stop().await;
 }
 
@@ -1585,7 +1578,7 @@ async fn a_redis_outage_is_told_to_faye_and_cometd_on_wsgate_gap() {
         }
     }
     // Delivery flows again, once per client.
-    wait_numsub(&redis, "/foo/bar", 1).await;
+    redis.wait_numsub("/foo/bar", 1).await;
     assert_eq!(redis.publish("/foo/bar", br#"{"after":1}"#).await, 2);
     for c in clients.iter_mut() {
         c.expect_where("the message after the outage", |e| {
@@ -1701,7 +1694,7 @@ async fn a_token_in_the_handshake_ext_is_verified_and_travels_with_the_client_id
         "{res:?}"
     );
     lp_subscribe(b.addr, "/bayeux", "3", &cid, "/foo/bar").await;
-    wait_numsub(&redis, "/foo/bar", 1).await;
+    redis.wait_numsub("/foo/bar", 1).await;
     // A no longer answers for it: B serves the client.
     let res = post(a.addr, "/bayeux", &lp_connect("4", &cid)).await;
     assert_eq!(

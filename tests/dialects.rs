@@ -18,7 +18,7 @@ mod common;
 use std::net::SocketAddr;
 
 use common::sse::{subscribed, SseStream};
-use common::{http_with, test_config, wait_until, Client, Gateway, Redis, WAIT};
+use common::{http_with, test_config, Client, Gateway, Redis};
 use serde_json::{json, Value};
 use wsgate::Config;
 
@@ -296,13 +296,6 @@ fn urlencode(v: &str) -> String {
         .collect()
 }
 
-async fn wait_numsub(redis: &Redis, channel: &str, n: i64) {
-    wait_until(&format!("NUMSUB {channel} = {n}"), WAIT, || async move {
-        redis.numsub(channel).await == n
-    })
-    .await;
-}
-
 /// Every client of `subs` receives `payload` on `channel`, once, as the next
 /// delivery, in its own shape.
 async fn all_receive(subs: &mut [Sub], channel: &str, payload: &str) {
@@ -322,7 +315,7 @@ async fn each_publish_reaches_each_once(
     vias: Vec<Via<'_>>,
     n: &mut u32,
 ) {
-    wait_numsub(redis, channel, 2).await;
+    redis.wait_numsub(channel, 2).await;
     let mut next = || {
         *n += 1;
         format!(r#"{{"n":{n},"text":"ünï <&>"}}"#)

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::node::Script;
-use common::{test_config, wait_until, Gateway, Redis, WAIT};
+use common::{test_config, Gateway, Redis, WAIT};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,13 +63,6 @@ fn reply_text(s: &Script, reply: &Value) -> String {
         .expect("the message of a reply")
 }
 
-async fn wait_numsub(redis: &Redis, channel: &str, n: i64) {
-    wait_until(&format!("NUMSUB {channel} = {n}"), WAIT, || async move {
-        redis.numsub(channel).await == n
-    })
-    .await;
-}
-
 /// The whole conversation of one real client: sub, ping, deliveries (one
 /// non-ASCII) from `realizehit-publisher` and from a plain `PUBLISH`, the
 /// error replies, unsub.
@@ -82,7 +75,7 @@ async fn conversation(s: &mut Script, redis: &Redis) {
         act(s, json!({"id": "s1", "act": "sub", "pat": pat})).await,
         r#"{"id":"s1"}"#
     );
-    wait_numsub(redis, SIMPSONS, 1).await;
+    redis.wait_numsub(SIMPSONS, 1).await;
     assert_eq!(
         act(s, json!({"id": "p1", "act": "ping"})).await,
         r#"{"id":"p1","ret":"pong"}"#
@@ -133,7 +126,7 @@ async fn conversation(s: &mut Script, redis: &Redis) {
         act(s, json!({"id": "u1", "act": "unsub", "pat": pat})).await,
         r#"{"id":"u1"}"#
     );
-    wait_numsub(redis, SIMPSONS, 0).await;
+    redis.wait_numsub(SIMPSONS, 0).await;
     assert_eq!(
         act(s, json!({"id": "u2", "act": "unsub", "pat": pat})).await,
         r#"{"id":"u2","err":"We did not found a subscription on this client"}"#
@@ -387,7 +380,7 @@ async fn malformed_input_is_answered_and_harms_nobody() {
     );
     let mut native = gw.client().await;
     native.subscribe("foo:bar").await;
-    wait_numsub(&redis, "foo:bar", 1).await;
+    redis.wait_numsub("foo:bar", 1).await;
     let sid = handshake(a).await;
     let bad_request = r#"{"code":3,"message":"Bad request"}"#;
     let frame_error = |why: &str| format!(r#"4{{"err":"{why}"}}"#);
@@ -544,7 +537,7 @@ async fn refcounts_are_exact_across_dialects() {
     native
         .request(json!({"action":"unsubscribe","channel":"foo:bar"}))
         .await;
-    wait_numsub(&redis, "foo:bar", 0).await;
+    redis.wait_numsub("foo:bar", 0).await;
     // A session that ends leaves what it held.
     assert_eq!(
         act(
@@ -554,9 +547,9 @@ async fn refcounts_are_exact_across_dialects() {
         .await,
         r#"{"id":"s2"}"#
     );
-    wait_numsub(&redis, "foo:bar", 1).await;
+    redis.wait_numsub("foo:bar", 1).await;
     rh.finish(WAIT).await;
-    wait_numsub(&redis, "foo:bar", 0).await;
+    redis.wait_numsub("foo:bar", 0).await;
     gw.stop().await;
 }
 
@@ -597,7 +590,7 @@ async fn gaps_are_told_in_realizehit_shape() {
         reply_text(&s, &r),
         r#"{"id":"$gap","ret":{"gap":"resumed","subs":{"4e99e8c1":"foo:bar"}}}"#
     );
-    wait_numsub(&redis, "foo:bar", 1).await;
+    redis.wait_numsub("foo:bar", 1).await;
     let huge = vec![b'x'; 2_000_000];
     assert_eq!(redis.publish("foo:bar", &huge).await, 1);
     let r = s
@@ -642,8 +635,8 @@ async fn a_silent_client_times_out() {
         .0,
         200
     );
-    wait_numsub(&redis, "q:1", 1).await;
-    wait_numsub(&redis, "q:1", 0).await;
+    redis.wait_numsub("q:1", 1).await;
+    redis.wait_numsub("q:1", 0).await;
     let (status, _, body) = get(a, &format!("/ws/?EIO=3&transport=polling&sid={sid}")).await;
     assert_eq!(
         (status, body),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::node::Script;
-use common::{http_with, test_config, wait_until, Client, Gateway, RawSub, Redis, WAIT};
+use common::{http_with, test_config, Client, Gateway, RawSub, Redis, WAIT};
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -25,13 +25,6 @@ const PATH: &str = "/roadrunner";
 
 async fn rr(gw: &Gateway) -> Client {
     Client::connect(gw.addr, PATH).await
-}
-
-async fn wait_numsub(redis: &Redis, channel: &str, n: i64) {
-    wait_until(&format!("NUMSUB {channel} = {n}"), WAIT, || async move {
-        redis.numsub(channel).await == n
-    })
-    .await;
 }
 
 /// Sends a join and checks the replies, in order.
@@ -82,7 +75,7 @@ async fn join_deliver_leave_byte_for_byte() {
         c.recv_text().await,
         r#"{"topic":"@leave","payload":["news"]}"#
     );
-    wait_numsub(&redis, "news", 0).await;
+    redis.wait_numsub("news", 0).await;
     assert_eq!(redis.publish("news", b"gone").await, 0);
     // Leave of a topic not joined, and null lists: answered as RoadRunner does.
     c.send_text(r#"{"command":"leave","topics":["never"]}"#)
@@ -288,7 +281,7 @@ async fn a_redis_outage_is_told_with_the_topics() {
         c.recv_text().await,
         r##"{"topic":"#resumed","payload":["a"]}"##
     );
-    wait_numsub(&redis, "a", 1).await;
+    redis.wait_numsub("a", 1).await;
     redis.publish("a", b"back").await;
     assert_eq!(c.recv_text().await, r#"{"topic":"a","payload":"back"}"#);
 }
@@ -351,7 +344,7 @@ async fn roadrunner_and_native_share_one_redis_subscription_and_each_others_publ
     );
     assert_eq!(redis.numsub("chat").await, 1);
     drop(native);
-    wait_numsub(&redis, "chat", 0).await;
+    redis.wait_numsub("chat", 0).await;
 }
 
 /// `POST` with an API key header (or none).
@@ -459,7 +452,7 @@ async fn a_node_ws_client_joins_receives_and_is_told_its_errors() {
     s.send(json!({"cmd":"close"})).await;
     let closed = s.expect("close").await;
     assert_eq!(closed["code"], 1000);
-    wait_numsub(&redis, "room", 0).await;
+    redis.wait_numsub("room", 0).await;
 }
 
 #[test]

@@ -25,13 +25,6 @@ async fn ss(gw: &Gateway) -> Client {
     Client::connect(gw.addr, PATH).await
 }
 
-async fn wait_numsub(redis: &Redis, channel: &str, n: i64) {
-    wait_until(&format!("NUMSUB {channel} = {n}"), WAIT, || async move {
-        redis.numsub(channel).await == n
-    })
-    .await;
-}
-
 /// Sends `frame` and checks the next frame is exactly `want`.
 async fn exchange(c: &mut Client, frame: &str, want: &str) {
     c.send_text(frame).await;
@@ -123,7 +116,7 @@ async fn connect_discover_subscribe_and_deliver_byte_for_byte() {
         r#"1|4|{"p":[true]}"#,
     )
     .await;
-    wait_numsub(&redis, "news.a", 0).await;
+    redis.wait_numsub("news.a", 0).await;
     exchange(
         &mut c,
         r#"1|5|{"m":"wsgate.unsubscribe","p":["news.a"]}"#,
@@ -153,7 +146,7 @@ async fn every_connection_is_subscribed_on_connect_to_the_configured_channels() 
         c.recv_text().await,
         r#"0||{"type":"error","message":"cannot subscribe to secret: not allowed"}"#
     );
-    wait_numsub(&redis, "alerts", 1).await;
+    redis.wait_numsub("alerts", 1).await;
     wait_until("NUMPAT 1", WAIT, || async { redis.numpat().await == 1 }).await;
     redis.publish("alerts", b"fire").await;
     assert_eq!(c.recv_text().await, r#"2|{"e":"alerts","p":["fire"]}"#);
@@ -178,7 +171,7 @@ async fn every_connection_is_subscribed_on_connect_to_the_configured_channels() 
     }
     drop(c);
     drop(d);
-    wait_numsub(&redis, "alerts", 0).await;
+    redis.wait_numsub("alerts", 0).await;
 }
 
 /// Malformed frames: (what, frame, exact answer).
@@ -399,5 +392,5 @@ async fn a_prism_style_client_runs_the_handed_out_handlers_across_dialects() {
     );
     drop(native);
     drop(road);
-    wait_numsub(&redis, "room", 0).await;
+    redis.wait_numsub("room", 0).await;
 }

@@ -17,7 +17,7 @@ use tracing::debug;
 use warp::http::{HeaderMap, StatusCode};
 use warp::{Filter, Rejection};
 
-use super::{body_within, publish_authorised, recover_on, refusal, Unauthorised};
+use super::{authorised_body, recover_on, refusal};
 use crate::app::App;
 use crate::pending::PendingSlot;
 use crate::protocol::roadrunner::publish;
@@ -67,20 +67,7 @@ pub(super) fn routes(
         })
         .and(
             warp::post()
-                .and(with_app.clone())
-                .and(warp::header::headers_cloned())
-                .and_then(|app: Arc<App>, headers: HeaderMap| async move {
-                    if publish_authorised(&app, &headers) {
-                        Ok(app)
-                    } else {
-                        app.metrics.refused.with_label_values(&["api_key"]).inc();
-                        Err(warp::reject::custom(Unauthorised))
-                    }
-                })
-                .and(body_within(
-                    app.config.max_publish_bytes.get() as u64,
-                    app.config.http_body_timeout,
-                ))
+                .and(authorised_body(app.clone()))
                 .map(Outcome::Ready)
                 .recover(move |rejection: Rejection| {
                     let app = app.clone();

@@ -211,6 +211,15 @@ impl Redis {
     }
 
     /// `PUBSUB NUMSUB channel`: subscribers of one exact channel.
+    /// Waits (bounded by [`WAIT`]) until `PUBSUB NUMSUB channel` is `n`:
+    /// the signal that a subscribe or an unsubscribe reached Redis.
+    pub async fn wait_numsub(&self, channel: &str, n: i64) {
+        wait_until(&format!("NUMSUB {channel} = {n}"), WAIT, || async move {
+            self.numsub(channel).await == n
+        })
+        .await;
+    }
+
     pub async fn numsub(&self, channel: &str) -> i64 {
         match self.cmd(&["PUBSUB", "NUMSUB", channel]).await {
             redis::Value::Array(v) => match v.get(1) {
