@@ -203,6 +203,15 @@ impl Events {
             if any {
                 return Ok(true);
             }
+            // Bytes read with the response head (or after the last event)
+            // may hold whole events already: decode them before waiting.
+            if !self.raw.is_empty() {
+                let before = self.body.len();
+                self.decode()?;
+                if self.body.len() > before {
+                    continue;
+                }
+            }
             if self.ended || !self.fill().await? {
                 return Ok(false);
             }
