@@ -6,7 +6,7 @@
 # in reverse order, so a drift over the gateway's life favours no dialect).
 # Prints the JSON result lines and a table; the ratios go to docs/benchmarks.md.
 #
-#   scripts/bench-dialects.sh                 # ~6 minutes
+#   scripts/bench-dialects.sh                 # ~3 minutes
 #   DIALECT_ROUNDS=1 DIALECT_SECS=5 scripts/bench-dialects.sh   # smoke test
 #
 # It starts its own redis-server and gateway on free loopback ports (never
