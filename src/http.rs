@@ -58,49 +58,9 @@ pub fn routes(
         let app = app.clone();
         warp::any().map(move || app.clone())
     };
-    let on_ws_path = warp::path::full()
-        .and(with_app.clone())
-        .and_then(|path: warp::path::FullPath, app: Arc<App>| async move {
-            if path.as_str() == app.config.ws_path {
-                Ok(())
-            } else {
-                Err(warp::reject::not_found())
-            }
-        })
-        .untuple_one();
-    let ws = {
-        let conn = conn.clone();
-        on_ws_path.and(
-            warp::get()
-                .and(with_app.clone())
-                .and(warp::header::headers_cloned())
-                .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-                .and(warp::ext::optional::<OnUpgrade>())
-                .then(
-                    move |app: Arc<App>,
-                          headers: HeaderMap,
-                          query: String,
-                          upgrade: Option<OnUpgrade>| {
-                        let conn = conn.clone();
-                        async move {
-                            let path = app.config.ws_path.clone();
-                            websocket::upgrade(
-                                app,
-                                Mount::Native,
-                                &path,
-                                &headers,
-                                &query,
-                                upgrade,
-                                &conn,
-                            )
-                            .await
-                        }
-                    },
-                )
-                .recover(recover_on("GET", app.clone()))
-                .unify(),
-        )
-    };
+    let ws = socket_route(app.clone(), conn.clone(), |a| {
+        (Mount::Native, &a.config.ws_path)
+    });
     let more = dialects::routes(app.clone(), conn.clone());
     let sse = sse_route(app.clone(), conn.clone());
     let bayeux = bayeux_routes(app.clone(), conn.clone());
@@ -211,6 +171,56 @@ fn sse_route(
         get.or(options)
             .unify()
             .recover(recover_on("GET, OPTIONS", app))
+            .unify(),
+    )
+}
+
+/// A raw WebSocket mount: `GET` of the exact path `mount` names, upgraded
+/// (strictly, and admitted as every upgrade is) to the dialect it names;
+/// every other method on that path is 405. The native protocol, RoadRunner
+/// and SocketStream are each one of these.
+pub(crate) fn socket_route(
+    app: Arc<App>,
+    conn: Arc<PendingSlot>,
+    mount: for<'a> fn(&'a App) -> (Mount, &'a String),
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    let with_app = {
+        let app = app.clone();
+        warp::any().map(move || app.clone())
+    };
+    let on_path = warp::path::full()
+        .and(with_app.clone())
+        .and_then(
+            move |path: warp::path::FullPath, app: Arc<App>| async move {
+                if path.as_str() == mount(&app).1 {
+                    Ok(())
+                } else {
+                    Err(warp::reject::not_found())
+                }
+            },
+        )
+        .untuple_one();
+    on_path.and(
+        warp::get()
+            .and(with_app)
+            .and(warp::header::headers_cloned())
+            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+            .and(warp::ext::optional::<OnUpgrade>())
+            .then(
+                move |app: Arc<App>,
+                      headers: HeaderMap,
+                      query: String,
+                      upgrade: Option<OnUpgrade>| {
+                    let conn = conn.clone();
+                    async move {
+                        let (mount, path) = mount(&app);
+                        let path = path.clone();
+                        websocket::upgrade(app, mount, &path, &headers, &query, upgrade, &conn)
+                            .await
+                    }
+                },
+            )
+            .recover(recover_on("GET", app))
             .unify(),
     )
 }

@@ -12,25 +12,16 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hyper::upgrade::OnUpgrade;
 use tracing::debug;
-use warp::http::{HeaderMap, StatusCode};
+use warp::http::StatusCode;
 use warp::{Filter, Rejection};
 
-use super::{authorised_body, recover_on, refusal};
+use super::{authorised_body, refusal, socket_route};
 use crate::app::App;
 use crate::pending::PendingSlot;
 use crate::protocol::roadrunner::publish;
-use crate::transport::websocket::{self, Mount};
+use crate::transport::websocket::Mount;
 use crate::transport::{json, json_error};
-
-/// Which of these routes a path is.
-#[derive(Clone, Copy)]
-enum Route {
-    RoadRunner,
-    SocketStream,
-    Publish { wait: bool },
-}
 
 /// All of them, for one connection.
 pub(super) fn routes(
@@ -41,30 +32,30 @@ pub(super) fn routes(
         let app = app.clone();
         warp::any().map(move || app.clone())
     };
-    let route = warp::path::full().and(with_app.clone()).and_then(
+    // The publish path (the sync one waits for Redis) or its `-async` twin.
+    let wait = warp::path::full().and(with_app.clone()).and_then(
         |path: warp::path::FullPath, app: Arc<App>| async move {
-            let c = &app.config;
-            let path = path.as_str();
-            let publish = path.strip_prefix(c.roadrunner_publish_path.as_str());
-            if publish == Some("") {
-                Ok(Route::Publish { wait: true })
-            } else if publish == Some("-async") {
-                Ok(Route::Publish { wait: false })
-            } else {
-                Err(warp::reject::not_found())
+            match path
+                .as_str()
+                .strip_prefix(app.config.roadrunner_publish_path.as_str())
+            {
+                Some("") => Ok(true),
+                Some("-async") => Ok(false),
+                _ => Err(warp::reject::not_found()),
             }
         },
     );
-    let sockets = socket_route(app.clone(), conn.clone(), Route::RoadRunner)
-        .or(socket_route(app.clone(), conn, Route::SocketStream))
-        .unify();
-    let posts = route
-        .and_then(|route: Route| async move {
-            match route {
-                Route::Publish { wait } => Ok(wait),
-                Route::RoadRunner | Route::SocketStream => Err(warp::reject::not_found()),
-            }
-        })
+    let sockets = socket_route(app.clone(), conn.clone(), |a| {
+        (Mount::RoadRunner, &a.config.roadrunner_path)
+    })
+    .or(socket_route(app.clone(), conn, |a| {
+        (
+            Mount::SocketStream(a.socketstream.clone()),
+            &a.config.socketstream_path,
+        )
+    }))
+    .unify();
+    let posts = wait
         .and(
             warp::post()
                 .and(authorised_body(app.clone()))
@@ -85,63 +76,6 @@ pub(super) fn routes(
             }
         });
     sockets.or(posts).unify()
-}
-
-/// The upgrade on one dialect's path (`which`): every other method on it
-/// is 405.
-fn socket_route(
-    app: Arc<App>,
-    conn: Arc<PendingSlot>,
-    which: Route,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    let with_app = {
-        let app = app.clone();
-        warp::any().map(move || app.clone())
-    };
-    let on_path = warp::path::full()
-        .and(with_app.clone())
-        .and_then(
-            move |path: warp::path::FullPath, app: Arc<App>| async move {
-                let mounted = match which {
-                    Route::SocketStream => &app.config.socketstream_path,
-                    _ => &app.config.roadrunner_path,
-                };
-                if path.as_str() == mounted {
-                    Ok(())
-                } else {
-                    Err(warp::reject::not_found())
-                }
-            },
-        )
-        .untuple_one();
-    on_path.and(
-        warp::get()
-            .and(with_app)
-            .and(warp::header::headers_cloned())
-            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-            .and(warp::ext::optional::<OnUpgrade>())
-            .then(
-                move |app: Arc<App>,
-                      headers: HeaderMap,
-                      query: String,
-                      upgrade: Option<OnUpgrade>| {
-                    let conn = conn.clone();
-                    async move {
-                        let (mount, path) = match which {
-                            Route::SocketStream => (
-                                Mount::SocketStream(app.socketstream.clone()),
-                                app.config.socketstream_path.clone(),
-                            ),
-                            _ => (Mount::RoadRunner, app.config.roadrunner_path.clone()),
-                        };
-                        websocket::upgrade(app, mount, &path, &headers, &query, upgrade, &conn)
-                            .await
-                    }
-                },
-            )
-            .recover(recover_on("GET", app))
-            .unify(),
-    )
 }
 
 /// What the publish filter gathered: the request, or the refusal.
