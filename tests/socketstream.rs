@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use common::node::Script;
 use common::{http, test_config, wait_until, Client, Gateway, Redis, WAIT};
-use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -265,15 +264,7 @@ async fn malformed_frames_are_answered_and_nobody_is_harmed() {
     let mut bad = ss(&gw).await;
     let cases = malformed();
     assert!(cases.len() >= 10);
-    let mut failures = Vec::new();
-    for (what, frame, want) in cases {
-        bad.ws.send(frame).await.unwrap();
-        let got = bad.recv_text().await;
-        if got != want {
-            failures.push(format!("{what}:\n  got  {got}\n  want {want}"));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    bad.expect_answers(cases).await;
     exchange(
         &mut bad,
         r#"1|12|{"m":"wsgate.subscribe","p":["chat"]}"#,

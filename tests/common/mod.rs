@@ -733,6 +733,20 @@ impl Client {
     }
 
     /// Waits for the server's close frame; returns it.
+    /// Sends each case's frame and compares the next text frame with its
+    /// expected answer, byte for byte; every mismatch is reported at once.
+    pub async fn expect_answers(&mut self, cases: Vec<(&str, Message, &str)>) {
+        let mut failures = Vec::new();
+        for (what, frame, want) in cases {
+            self.ws.send(frame).await.expect("send");
+            let got = self.recv_text().await;
+            if got != want {
+                failures.push(format!("{what}:\n  got  {got}\n  want {want}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
     pub async fn expect_close(&mut self) -> Option<CloseFrame> {
         loop {
             match self.next_message().await {
