@@ -65,6 +65,10 @@ pub struct App {
     pub connect_auth: Option<Arc<ConnectAuth>>,
     /// realizehit over Engine.IO (`WSGATE_REALIZEHIT_PATH`): its sids.
     pub realizehit: Arc<crate::transport::engineio::Endpoint>,
+    /// The node's call router (services).
+    pub rpc: crate::rpc::Rpc,
+    /// `WSGATE_CALL_ALLOW`.
+    pub call_allow: Arc<Acl>,
 }
 
 /// RoadRunner async publishes one node lets wait for the broker at once.
@@ -72,7 +76,13 @@ pub const ROADRUNNER_ASYNC_IN_FLIGHT: usize = 1024;
 
 impl App {
     /// Shared state for a freshly started server.
-    pub fn new(hub: Hub, metrics: Metrics, config: Config, handoff: Handoff) -> App {
+    pub fn new(
+        hub: Hub,
+        metrics: Metrics,
+        config: Config,
+        handoff: Handoff,
+        rpc: crate::rpc::Rpc,
+    ) -> App {
         let verifier = config.jwt_key.as_ref().map(|key| {
             Arc::new(Verifier::new(
                 key,
@@ -129,7 +139,10 @@ impl App {
             &config.socketstream_channels,
         ));
         let realizehit = Arc::new(crate::transport::engineio::Endpoint::new(&config));
+        let call_allow = Arc::new(Acl::new(&config.call_allow));
         App {
+            rpc,
+            call_allow,
             realizehit,
             roadrunner_async: Arc::new(tokio::sync::Semaphore::new(ROADRUNNER_ASYNC_IN_FLIGHT)),
             socketstream,
@@ -176,6 +189,10 @@ impl App {
             clients: self.clients.clone(),
             handoff: self.handoff.clone(),
             node_id: self.config.node_id.as_str().into(),
+            rpc: self.rpc.clone(),
+            call_allow: self.call_allow.clone(),
+            max_call_bytes: self.config.max_call_bytes.get(),
+            max_calls_in_flight: self.config.max_calls_in_flight.get(),
             hub: self.hub.clone(),
             metrics: self.metrics.clone(),
             phase: self.phase.subscribe(),

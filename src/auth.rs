@@ -149,6 +149,13 @@ pub struct Identity {
     /// Nothing when absent, so a token issued before client publishing
     /// existed never gains the right.
     pub publish_acl: Acl,
+    /// The `call` claim: the `service:method` globs this token may call
+    /// (beside `WSGATE_CALL_ALLOW`, which allows them for everyone).
+    /// Nothing when absent.
+    pub call_acl: Acl,
+    /// The `services` claim: the service names this token may register on
+    /// `WSGATE_SERVICES_PATH` (globs). Nothing when absent.
+    pub services_acl: Acl,
     /// When the token stops being valid: `exp` plus the configured leeway.
     pub expires_at: SystemTime,
 }
@@ -170,11 +177,15 @@ impl Identity {
         };
         let acl = claim_acl(&claims, "subscribe")?;
         let publish_acl = claim_acl(&claims, "publish")?;
+        let call_acl = claim_acl(&claims, "call")?;
+        let services_acl = claim_acl(&claims, "services")?;
         Ok(Identity {
             subject,
             claims,
             acl,
             publish_acl,
+            call_acl,
+            services_acl,
             expires_at,
         })
     }

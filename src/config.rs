@@ -341,6 +341,45 @@ pub struct Config {
     /// `WSGATE_SSE_PATH`: path of the server-sent events endpoint (the
     /// native protocol, one way). Default `/sse`.
     pub sse_path: String,
+
+    // Services (`docs/services.md`).
+    /// `WSGATE_SERVICES_PATH`: the WebSocket endpoint of service and
+    /// consumer processes. Default `/services`.
+    pub services_path: String,
+    /// `WSGATE_SERVICE_KEY`: the shared key a service process presents
+    /// (`Authorization: Bearer <key>` or `?key=`) to register any service.
+    /// Default: unset (then only a token's `services` claim lets one in).
+    pub service_key: Option<Secret>,
+    /// `WSGATE_CALL_ALLOW`: `service:method` globs every connection may
+    /// call (besides a token's `call` claim). Default: none.
+    pub call_allow: Vec<String>,
+    /// `WSGATE_CALL_TIMEOUT_MS`: a call's deadline (a caller may ask for
+    /// less). Default 10000 ms.
+    pub call_timeout: Duration,
+    /// `WSGATE_SERVICE_LEASE_MS`: how long an instance stays in the
+    /// directory after its node stopped renewing it. Default 15000 ms.
+    pub service_lease: Duration,
+    /// `WSGATE_MAX_CALL_BYTES`: the largest call parameters or reply
+    /// payload. Default 65536.
+    pub max_call_bytes: NonZeroUsize,
+    /// `WSGATE_MAX_CALLS_IN_FLIGHT`: calls one connection may have waiting
+    /// (client or consumer); one more is refused at once. Default 64.
+    pub max_calls_in_flight: NonZeroUsize,
+    /// `WSGATE_TCP_SERVICES`: nodefony's TCP backends, `name=host:port`
+    /// entries, reached through Bayeux's `/service/<name>`. Default: none.
+    pub tcp_services: Vec<(String, String)>,
+    /// `WSGATE_TCP_SERVICE_CONNECT_TIMEOUT_MS`: how long opening a client's
+    /// connection to a TCP backend may take. Default 2000 ms.
+    pub tcp_service_connect_timeout: Duration,
+    /// `WSGATE_TCP_SERVICES_PER_CLIENT`: TCP backend connections one client
+    /// may hold. Default 4.
+    pub tcp_services_per_client: NonZeroUsize,
+    /// `WSGATE_TCP_SERVICES_PER_NODE`: TCP backend connections one node may
+    /// hold. Default 1024.
+    pub tcp_services_per_node: NonZeroUsize,
+    /// `WSGATE_TCP_SERVICE_LINE_BYTES`: the longest line to or from a TCP
+    /// backend. Default 65536.
+    pub tcp_service_line_bytes: NonZeroUsize,
 }
 
 impl Default for Config {
@@ -413,6 +452,18 @@ impl Default for Config {
             connect_auth_cache_ttl: Duration::from_millis(10_000),
             connect_auth_cache_entries: nz(10_000),
             sse_path: "/sse".to_owned(),
+            services_path: "/services".to_owned(),
+            service_key: None,
+            call_allow: Vec::new(),
+            call_timeout: Duration::from_millis(10_000),
+            service_lease: Duration::from_millis(15_000),
+            max_call_bytes: nz(65_536),
+            max_calls_in_flight: nz(64),
+            tcp_services: Vec::new(),
+            tcp_service_connect_timeout: Duration::from_millis(2000),
+            tcp_services_per_client: nz(4),
+            tcp_services_per_node: nz(1024),
+            tcp_service_line_bytes: nz(65_536),
         }
     }
 }
@@ -495,6 +546,18 @@ struct RawConfig {
     connect_auth_cache_ttl_ms: Option<String>,
     connect_auth_cache_entries: Option<String>,
     sse_path: Option<String>,
+    services_path: Option<String>,
+    service_key: Option<String>,
+    call_allow: Option<String>,
+    call_timeout_ms: Option<String>,
+    service_lease_ms: Option<String>,
+    max_call_bytes: Option<String>,
+    max_calls_in_flight: Option<String>,
+    tcp_services: Option<String>,
+    tcp_service_connect_timeout_ms: Option<String>,
+    tcp_services_per_client: Option<String>,
+    tcp_services_per_node: Option<String>,
+    tcp_service_line_bytes: Option<String>,
 }
 
 impl Config {
@@ -946,6 +1009,69 @@ impl Config {
                 endpoint_path,
                 "an absolute path such as /sse (not / itself, no query)",
             )?,
+            services_path: parse_or(
+                raw.services_path,
+                d.services_path,
+                "WSGATE_SERVICES_PATH",
+                endpoint_path,
+                "an absolute path such as /services (not / itself, no query)",
+            )?,
+            service_key: match raw.service_key {
+                None => None,
+                Some(v) if v.len() >= MIN_API_KEY_BYTES => Some(Secret(v)),
+                Some(_) => {
+                    return Err(invalid(
+                        "WSGATE_SERVICE_KEY",
+                        REDACTED.to_owned(),
+                        "a key of at least 16 bytes (unset: only tokens with a services claim)",
+                    ))
+                }
+            },
+            call_allow: list(raw.call_allow),
+            call_timeout: millis_or(
+                raw.call_timeout_ms,
+                d.call_timeout,
+                "WSGATE_CALL_TIMEOUT_MS",
+            )?,
+            service_lease: millis_or(
+                raw.service_lease_ms,
+                d.service_lease,
+                "WSGATE_SERVICE_LEASE_MS",
+            )?,
+            max_call_bytes: bytes_or(
+                raw.max_call_bytes,
+                d.max_call_bytes,
+                "WSGATE_MAX_CALL_BYTES",
+            )?,
+            max_calls_in_flight: bytes_or(
+                raw.max_calls_in_flight,
+                d.max_calls_in_flight,
+                "WSGATE_MAX_CALLS_IN_FLIGHT",
+            )?,
+            tcp_services: match raw.tcp_services {
+                None => Vec::new(),
+                Some(v) => tcp_services(&v)?,
+            },
+            tcp_service_connect_timeout: millis_or(
+                raw.tcp_service_connect_timeout_ms,
+                d.tcp_service_connect_timeout,
+                "WSGATE_TCP_SERVICE_CONNECT_TIMEOUT_MS",
+            )?,
+            tcp_services_per_client: bytes_or(
+                raw.tcp_services_per_client,
+                d.tcp_services_per_client,
+                "WSGATE_TCP_SERVICES_PER_CLIENT",
+            )?,
+            tcp_services_per_node: bytes_or(
+                raw.tcp_services_per_node,
+                d.tcp_services_per_node,
+                "WSGATE_TCP_SERVICES_PER_NODE",
+            )?,
+            tcp_service_line_bytes: bytes_or(
+                raw.tcp_service_line_bytes,
+                d.tcp_service_line_bytes,
+                "WSGATE_TCP_SERVICE_LINE_BYTES",
+            )?,
         };
         mounts::check(&config)?;
         Ok(config)
@@ -1394,6 +1520,46 @@ const HELP: &[Help] = &[
         "most cached connect verdicts",
     ),
     help("sse_path", "/sse", "server-sent events endpoint path (native protocol)"),
+    help(
+        "services_path",
+        "/services",
+        "WebSocket endpoint of service and consumer processes",
+    ),
+    help(
+        "service_key",
+        "",
+        "shared key a service process presents to register (Bearer or ?key=)",
+    ),
+    help("call_allow", "", "service:method globs every connection may call"),
+    help("call_timeout_ms", "10000", "a call's deadline (callers may ask less)"),
+    help(
+        "service_lease_ms",
+        "15000",
+        "how long a dead node's service instances stay listed",
+    ),
+    help("max_call_bytes", "65536", "largest call parameters or reply"),
+    help(
+        "max_calls_in_flight",
+        "64",
+        "calls one connection may have waiting",
+    ),
+    help(
+        "tcp_services",
+        "",
+        "nodefony TCP backends: name=host:port,... (Bayeux /service/<name>)",
+    ),
+    help(
+        "tcp_service_connect_timeout_ms",
+        "2000",
+        "deadline to open a client's TCP backend connection",
+    ),
+    help("tcp_services_per_client", "4", "TCP backend connections per client"),
+    help("tcp_services_per_node", "1024", "TCP backend connections per node"),
+    help(
+        "tcp_service_line_bytes",
+        "65536",
+        "longest line to or from a TCP backend",
+    ),
 ];
 
 /// The text of `wsgate --help`: usage, then every variable with its default.
@@ -1475,6 +1641,29 @@ fn list(raw: Option<String>) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// `WSGATE_TCP_SERVICES`: `name=host:port` entries; names as service names
+/// (`[A-Za-z0-9_-]{1,64}`), each once.
+fn tcp_services(raw: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let accepted = "name=host:port entries separated by commas, e.g. random=127.0.0.1:1315 \
+                    (names of letters, digits, _ and -, each once)";
+    let mut out: Vec<(String, String)> = Vec::new();
+    for entry in list(Some(raw.to_owned())) {
+        let parsed = entry.split_once('=').and_then(|(name, addr)| {
+            let (name, addr) = (name.trim(), addr.trim());
+            let host_port = addr
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            (crate::rpc::valid_service_name(name) && host_port)
+                .then(|| (name.to_owned(), addr.to_owned()))
+        });
+        match parsed {
+            Some(pair) if !out.iter().any(|(n, _)| *n == pair.0) => out.push(pair),
+            _ => return Err(invalid("WSGATE_TCP_SERVICES", raw.to_owned(), accepted)),
+        }
+    }
+    Ok(out)
 }
 
 /// A list that must have at least one item once set.

@@ -75,6 +75,7 @@ pub mod pattern_cost;
 pub mod pending;
 pub mod protocol;
 pub mod publish;
+pub mod rpc;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -92,6 +92,8 @@ mod tests {
             claims: serde_json::Map::new(),
             acl: Acl::new(["*"]),
             publish_acl: Acl::new(publish),
+            call_acl: Acl::nothing(),
+            services_acl: Acl::nothing(),
             expires_at: SystemTime::now(),
         }
     }

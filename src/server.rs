@@ -35,6 +35,7 @@ use crate::handoff::Handoff;
 use crate::http;
 use crate::hub::{Hub, HubOptions};
 use crate::metrics::Metrics;
+use crate::rpc::Rpc;
 use crate::shutdown::{Phase, Stop};
 
 /// Pending connections the kernel queues for us.
@@ -116,7 +117,16 @@ pub async fn run(
     let hub = Hub::start(broker, events_rx, queued, metrics.clone(), hub_options);
     hub.set_max_patterns(config.max_patterns.get());
     let handoff = Handoff::for_config(&config)?;
-    let app = Arc::new(App::new(hub.clone(), metrics, config, handoff.clone()));
+    let (rpc, node_orders) = Rpc::start(hub.clone(), &config, metrics.clone())?;
+    let app = Arc::new(App::new(
+        hub.clone(),
+        metrics,
+        config,
+        handoff.clone(),
+        rpc.clone(),
+    ));
+    // Orders from other nodes (the operator API) for this node's sessions.
+    drop(node_orders);
 
     let mut accepting = Box::pin(accept_loop(&listener, &app));
     let stop = tokio::select! {
@@ -160,6 +170,7 @@ pub async fn run(
     drop(listener);
     hub.close();
     handoff.close();
+    rpc.close();
     info!("stopped");
     Ok(())
 }

@@ -51,6 +51,8 @@ pub fn mounted(config: &Config) -> Vec<(&'static str, String)> {
         "WSGATE_REALIZEHIT_PUBLISH_PATH",
         config.realizehit_publish_path.clone(),
     ));
+    // Services.
+    paths.push(("WSGATE_SERVICES_PATH", config.services_path.clone()));
     // Built in.
     for path in ["/publish", "/healthz", "/readyz", "/metrics"] {
         paths.push(("the built-in route", path.to_owned()));

@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::Identity;
 use crate::broker::{BrokerMessage, Topic};
+use crate::rpc::CallError;
 
 pub mod bayeux;
 pub mod native;
@@ -129,6 +130,53 @@ pub enum Request {
         /// Correlation, echoed in the answer.
         id: Option<String>,
     },
+    /// Call a method of a registered service (`docs/services.md`); answered
+    /// with [`Answer::Called`] when the service replied, or the call failed.
+    Call(Call),
+    /// Open the client's line to a service: Bayeux's subscribe of
+    /// `/service/<name>` (a registered service, or a nodefony TCP backend
+    /// of `WSGATE_TCP_SERVICES`, connected for this client alone).
+    ServiceSubscribe {
+        /// The service's name (`random` for `/service/random`).
+        service: String,
+        /// Correlation, echoed in the [`Answer::ServiceAck`].
+        id: Option<String>,
+    },
+    /// Close the client's line to a service (Bayeux's unsubscribe of
+    /// `/service/<name>`).
+    ServiceUnsubscribe {
+        /// The service's name.
+        service: String,
+        /// Correlation, echoed in the [`Answer::ServiceAck`].
+        id: Option<String>,
+    },
+    /// What a client sends a service on its line (Bayeux's publish on
+    /// `/service/<name>`): a line for a TCP backend, a JSON-RPC 2.0 call for
+    /// a registered service; replies come back as [`Answer::ServiceData`].
+    ServicePublish {
+        /// The service's name.
+        service: String,
+        /// The message's `data`, as the JSON text the client sent.
+        data: Bytes,
+        /// Correlation, echoed in the [`Answer::ServiceAck`].
+        id: Option<String>,
+    },
+}
+
+/// A call to `service:method`, whatever dialect phrased it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// The registered service's name.
+    pub service: String,
+    /// One of the methods it registered.
+    pub method: String,
+    /// The arguments, as JSON text (`null` when the client sent none).
+    pub params: Bytes,
+    /// Correlation, echoed in the answer.
+    pub id: Option<String>,
+    /// A deadline shorter than `WSGATE_CALL_TIMEOUT_MS`, when the client
+    /// asked for one.
+    pub timeout: Option<Duration>,
 }
 
 /// What a [`Conversation`] makes of an inbound message, in order.
@@ -164,6 +212,17 @@ pub enum AckKind {
     Subscribe,
     /// Answers [`Request::Unsubscribe`].
     Unsubscribe,
+}
+
+/// Which request an [`Answer::ServiceAck`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceOp {
+    /// Answers [`Request::ServiceSubscribe`].
+    Subscribe,
+    /// Answers [`Request::ServiceUnsubscribe`].
+    Unsubscribe,
+    /// Answers [`Request::ServicePublish`].
+    Publish,
 }
 
 /// The answer to a subscribe or unsubscribe.
@@ -263,6 +322,43 @@ pub enum Answer<'a> {
     UnknownClient {
         /// The key that was routed.
         key: &'a str,
+    },
+    /// A [`Request::Call`] ended: the service's result (JSON text), or why not.
+    Called {
+        /// The call's id.
+        id: Option<&'a str>,
+        /// The result, or the error.
+        outcome: Result<&'a [u8], &'a CallError>,
+    },
+    /// A [`Request::ServiceSubscribe`], [`Request::ServiceUnsubscribe`] or
+    /// [`Request::ServicePublish`] was done (`error` `None`) or refused.
+    ServiceAck {
+        /// Which request this answers.
+        kind: ServiceOp,
+        /// The service's name.
+        service: &'a str,
+        /// The request's id.
+        id: Option<&'a str>,
+        /// Why not, when refused.
+        error: Option<&'a Refusal>,
+    },
+    /// Text for this client on its line to `service`: a line its TCP backend
+    /// wrote, or the JSON-RPC 2.0 reply to its call (Bayeux: a message on
+    /// `/service/<name>` with this string as `data`).
+    ServiceData {
+        /// The service's name.
+        service: &'a str,
+        /// The text, as it is to appear in `data`.
+        data: &'a str,
+    },
+    /// The line to `service` ended without the client asking (its TCP
+    /// backend went away): the client is told why, and is no longer
+    /// subscribed to it.
+    ServiceEnded {
+        /// The service's name.
+        service: &'a str,
+        /// Why.
+        reason: &'a str,
     },
 }
 

@@ -20,6 +20,7 @@ use super::{
     Request, Step,
 };
 use crate::broker::{BrokerMessage, Topic};
+use crate::rpc::CallError;
 
 /// The native JSON dialect's rendering, shared by every native connection;
 /// see the module docs.
@@ -151,7 +152,11 @@ impl Conversation for NativeConversation {
                 error,
                 maybe_published,
             } => Native.published(channel, id, error, maybe_published),
-            Answer::UnknownClient { .. } => return,
+            Answer::Called { id, outcome } => Native.called(id, outcome),
+            Answer::UnknownClient { .. }
+            | Answer::ServiceAck { .. }
+            | Answer::ServiceData { .. }
+            | Answer::ServiceEnded { .. } => return,
         });
     }
 }
@@ -208,6 +213,7 @@ impl Native {
             }
             "ping" => Ok(Request::Ping { id }),
             "publish" => publish(text, &obj, id),
+            "call" => call(&obj, id),
             "refresh" => match obj.get("token") {
                 Some(Value::String(token)) => Ok(Request::Refresh {
                     token: token.clone(),
@@ -218,7 +224,7 @@ impl Native {
             },
             other => {
                 let msg = format!(
-                    "unknown action {other:?}: expected subscribe, unsubscribe, publish, ping or refresh"
+                    "unknown action {other:?}: expected subscribe, unsubscribe, publish, call, ping or refresh"
                 );
                 Err(reject(id, &msg))
             }
@@ -329,6 +335,32 @@ impl Native {
         })
     }
 
+    /// The end of a call: `{"action":"call","id":..,"status":true,
+    /// "result":..}`, or `status` false with the `error` and its `code`.
+    pub fn called(&self, id: Option<&str>, outcome: Result<&[u8], &CallError>) -> Frame {
+        let mut out = String::from("{\"action\":\"call\",");
+        if let Some(id) = id {
+            out.push_str("\"id\":");
+            push_json_str(&mut out, id.as_bytes());
+            out.push(',');
+        }
+        match outcome {
+            Ok(result) => {
+                out.push_str("\"status\":true,\"result\":");
+                // The service's result is JSON text already (checked where
+                // it entered the gateway).
+                out.push_str(&String::from_utf8_lossy(result));
+            }
+            Err(e) => {
+                out.push_str("\"status\":false,\"error\":");
+                push_json_str(&mut out, e.message().as_bytes());
+                out.push_str(&format!(",\"code\":{}", e.code()));
+            }
+        }
+        out.push('}');
+        Frame::text(out)
+    }
+
     /// See [`super::Answer`].
     pub fn delivery(&self, msg: &BrokerMessage) -> Frame {
         let mut out = String::with_capacity(delivery_capacity(msg));
@@ -356,6 +388,35 @@ impl Native {
 /// Room for a delivery of `msg`, so that rendering it allocates once.
 pub fn delivery_capacity(msg: &BrokerMessage) -> usize {
     64 + msg.channel.len() + msg.payload.len() * 4 / 3
+}
+
+/// `{"action":"call","service":..,"method":..,"params":..,"timeout_ms":..}`.
+fn call(obj: &serde_json::Map<String, Value>, id: Option<String>) -> Result<Request, Rejection> {
+    let name = |field: &str| match obj.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) => Err(reject(id.clone(), &format!("missing field \"{field}\""))),
+        Some(_) => Err(reject(id.clone(), &format!("\"{field}\" must be a string"))),
+    };
+    let service = name("service")?;
+    let method = name("method")?;
+    let params = match obj.get("params") {
+        None => Bytes::from_static(b"null"),
+        Some(v) => Bytes::from(v.to_string()),
+    };
+    let timeout = match obj.get("timeout_ms") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(ms) if ms > 0 => Some(std::time::Duration::from_millis(ms)),
+            _ => return Err(reject(id, "\"timeout_ms\" must be a positive integer")),
+        },
+    };
+    Ok(Request::Call(crate::protocol::Call {
+        service,
+        method,
+        params,
+        id,
+        timeout,
+    }))
 }
 
 fn reject(id: Option<String>, error: &str) -> Rejection {

@@ -99,7 +99,11 @@ impl Conversation for SseConversation {
             Answer::Refreshed { .. } => "refresh",
             Answer::Revoked { .. } => "unsubscribed",
             Answer::Published { .. } => "publish",
-            Answer::UnknownClient { .. } => return,
+            Answer::UnknownClient { .. }
+            | Answer::Called { .. }
+            | Answer::ServiceAck { .. }
+            | Answer::ServiceData { .. }
+            | Answer::ServiceEnded { .. } => return,
         };
         let mut native = Vec::with_capacity(1);
         NativeConversation.answer(answer, &mut native);

@@ -160,6 +160,14 @@ pub struct SessionContext {
     pub handoff: Handoff,
     /// `WSGATE_NODE_ID`, for the handoff record.
     pub node_id: Arc<str>,
+    /// The node's call router (services).
+    pub rpc: crate::rpc::Rpc,
+    /// `WSGATE_CALL_ALLOW`: what every connection may call.
+    pub call_allow: Arc<Acl>,
+    /// Largest call parameters, in bytes.
+    pub max_call_bytes: usize,
+    /// Calls one connection may have waiting.
+    pub max_calls_in_flight: usize,
 }
 
 /// The link a session starts with.

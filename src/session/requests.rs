@@ -30,15 +30,23 @@ use crate::metrics::Metrics;
 use crate::outbox::{Item, State};
 use crate::pattern_cost;
 use crate::protocol::{
-    Ack, AckKind, Answer, Conversation, Frame, Notice, NoticeKind, Refusal, Request,
+    Ack, AckKind, Answer, Call, Conversation, Frame, Notice, NoticeKind, Refusal, Request,
+    ServiceOp,
 };
+use crate::rpc::{CallError, Outgoing};
 
 /// A publish waiting for the broker: resolves to (channel, id, outcome).
 type Publishing =
     Pin<Box<dyn Future<Output = (u64, (Bytes, Option<String>, Result<(), PublishError>))> + Send>>;
 
+/// A call waiting for its service: resolves to (id, outcome).
+type Calling =
+    Pin<Box<dyn Future<Output = (u64, (Option<String>, Result<Bytes, CallError>))> + Send>>;
+
 /// An awaited answer, for [`Session::outcome`].
 pub enum Outcome {
+    /// A call ended.
+    Called(Option<String>, Result<Bytes, CallError>),
     /// The broker answered a publish (or the wait timed out).
     Published(Bytes, Option<String>, Result<(), PublishError>),
     /// The broker answered (or the wait timed out).
@@ -116,6 +124,9 @@ pub struct Session {
     authorising: Option<FuturesUnordered<Authorising>>,
     /// Publishes waiting for the broker; likewise lazy.
     publishing: Option<FuturesUnordered<Publishing>>,
+    /// Calls waiting for their services; likewise lazy, and at most
+    /// `WSGATE_MAX_CALLS_IN_FLIGHT`.
+    calling: Option<FuturesUnordered<Calling>>,
     /// Which inbound message the requests being served came in (a
     /// long-poll's number): every wait remembers it, so that its answer goes
     /// back to that poll.
@@ -174,6 +185,7 @@ impl Session {
             waiting: None,
             authorising: None,
             publishing: None,
+            calling: None,
             origin: 0,
             origins: Vec::new(),
             capture: RefCell::new(None),
@@ -278,7 +290,83 @@ impl Session {
                 payload,
                 id,
             } => self.publish(ctx, conv, channel, payload, id),
+            Request::Call(call) => self.call(ctx, conv, call),
+            Request::ServiceSubscribe { service, id } => {
+                self.service_refused(conv, ServiceOp::Subscribe, &service, id)
+            }
+            Request::ServiceUnsubscribe { service, id } => {
+                self.service_refused(conv, ServiceOp::Unsubscribe, &service, id)
+            }
+            Request::ServicePublish { service, id, .. } => {
+                self.service_refused(conv, ServiceOp::Publish, &service, id)
+            }
         }
+    }
+
+    /// A service line this node cannot open: `no such service`.
+    fn service_refused(
+        &mut self,
+        conv: &mut dyn Conversation,
+        kind: ServiceOp,
+        service: &str,
+        id: Option<String>,
+    ) {
+        let error = Refusal::Other(CallError::NoSuchService.message());
+        self.answer(
+            conv,
+            Answer::ServiceAck {
+                kind,
+                service,
+                id: id.as_deref(),
+                error: Some(&error),
+            },
+        );
+    }
+
+    /// A call: checked against the call rights (`WSGATE_CALL_ALLOW` or the
+    /// token's `call` claim), the size and this connection's calls in
+    /// flight, then handed to the router; answered when it ends.
+    fn call(&mut self, ctx: &SessionContext, conv: &mut dyn Conversation, call: Call) {
+        let destination = format!("{}:{}", call.service, call.method);
+        let may = ctx.call_allow.allows_publish(destination.as_bytes())
+            || self
+                .identity
+                .as_ref()
+                .is_some_and(|id| id.call_acl.allows_publish(destination.as_bytes()));
+        let in_flight = self.calling.as_ref().map_or(0, FuturesUnordered::len);
+        let refusal = if !may {
+            Some((Some("call_not_allowed"), CallError::NotAllowed))
+        } else if call.params.len() > ctx.max_call_bytes {
+            Some((None, CallError::TooLarge))
+        } else if in_flight >= ctx.max_calls_in_flight {
+            Some((Some("calls_in_flight"), CallError::Busy))
+        } else {
+            None
+        };
+        if let Some((reason, error)) = refusal {
+            if let Some(reason) = reason {
+                ctx.metrics.refused.with_label_values(&[reason]).inc();
+            }
+            let refused = Answer::Called {
+                id: call.id.as_deref(),
+                outcome: Err(&error),
+            };
+            return self.answer(conv, refused);
+        }
+        let deadline = ctx.rpc.call_timeout();
+        let outgoing = Outgoing {
+            service: call.service,
+            method: call.method,
+            params: call.params,
+            consumer: self.identity.as_ref().map(|i| i.subject.clone()),
+            timeout: call.timeout.map_or(deadline, |t| t.min(deadline)),
+        };
+        let done = ctx.rpc.call(outgoing);
+        let id = call.id;
+        let origin = self.started();
+        self.calling
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(Box::pin(async move { (origin, (id, done.await)) }));
     }
 
     /// Why this connection may not subscribe to `topic` now, if it may not.
@@ -433,6 +521,12 @@ impl Session {
                 }
                 (origin, Outcome::Authorised(topic, seq, outcome))
             }
+            Some((origin, (id, outcome))) = next_done(&mut self.calling) => {
+                if self.calling.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    self.calling = None;
+                }
+                (origin, Outcome::Called(id, outcome))
+            }
             Some((origin, (channel, id, outcome))) = next_done(&mut self.publishing) => {
                 if self.publishing.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     self.publishing = None;
@@ -446,6 +540,16 @@ impl Session {
     /// Acts on what [`Session::next_outcome`] returned.
     pub fn outcome(&mut self, ctx: &SessionContext, conv: &mut dyn Conversation, outcome: Outcome) {
         match outcome {
+            Outcome::Called(id, outcome) => {
+                let outcome = outcome.as_ref().map(|r| &r[..]);
+                self.answer(
+                    conv,
+                    Answer::Called {
+                        id: id.as_deref(),
+                        outcome,
+                    },
+                );
+            }
             Outcome::Confirmed(topic, seq, o) => self.confirmed(ctx, conv, topic, seq, o),
             Outcome::Authorised(topic, seq, o) => self.authorised(ctx, conv, topic, seq, o),
             Outcome::Published(channel, id, outcome) => {

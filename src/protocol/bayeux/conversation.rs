@@ -406,7 +406,13 @@ impl Conversation for BayeuxConversation {
                 }
                 batch.finish()
             }
-            Answer::Pong { .. } | Answer::Refreshed { .. } | Answer::Revoked { .. } => return,
+            Answer::Pong { .. }
+            | Answer::Refreshed { .. }
+            | Answer::Revoked { .. }
+            | Answer::Called { .. }
+            | Answer::ServiceAck { .. }
+            | Answer::ServiceData { .. }
+            | Answer::ServiceEnded { .. } => return,
         };
         out.push(Frame::text(text));
     }

@@ -125,7 +125,11 @@ impl Conversation for RealizehitConversation {
                 None => reply::done(id),
                 Some(e) => reply::error(id, e.message()),
             },
-            Answer::UnknownClient { .. } => return,
+            Answer::UnknownClient { .. }
+            | Answer::Called { .. }
+            | Answer::ServiceAck { .. }
+            | Answer::ServiceData { .. }
+            | Answer::ServiceEnded { .. } => return,
         });
     }
 }
