@@ -58,12 +58,14 @@ use crate::protocol::{Answer, Conversation, Frame, Inbound, Step};
 use crate::shutdown::Phase;
 
 pub mod clients;
+pub mod control;
 pub mod link;
 mod requests;
 
 pub use clients::Clients;
+pub use control::{Control, Inbox};
 pub use link::{Attach, BoxSocket, Poll};
-pub use requests::Session;
+pub use requests::{Outcome, Session};
 
 use link::{End, Io, Writer};
 
@@ -474,6 +476,13 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                 }
             }
             (origin, outcome) = session.next_outcome() => {
+                let outcome = match outcome {
+                    Outcome::Control(control) => match session.control(&ctx, conv.as_mut(), control) {
+                        Some(end) => break end,
+                        None => continue,
+                    },
+                    outcome => outcome,
+                };
                 // The answer goes to the poll that asked, while it waits.
                 let asked = polls
                     .iter_mut()

@@ -21,6 +21,8 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use tracing::warn;
 
+use super::control::{Control, Inbox};
+use super::link::End;
 use super::{SessionContext, AUTHZ_UNAVAILABLE, BROKER_UNAVAILABLE, NOT_ALLOWED};
 use crate::auth::Identity;
 use crate::authz::{AuthzError, Decision, Question};
@@ -47,6 +49,8 @@ type Calling =
 pub enum Outcome {
     /// A call ended.
     Called(Option<String>, Result<Bytes, CallError>),
+    /// A message of the session's inbox (see [`super::control`]).
+    Control(Control),
     /// The broker answered a publish (or the wait timed out).
     Published(Bytes, Option<String>, Result<(), PublishError>),
     /// The broker answered (or the wait timed out).
@@ -127,6 +131,9 @@ pub struct Session {
     /// Calls waiting for their services; likewise lazy, and at most
     /// `WSGATE_MAX_CALLS_IN_FLIGHT`.
     calling: Option<FuturesUnordered<Calling>>,
+    /// Orders and backend lines addressed to this session; created on first
+    /// use ([`Session::inbox`]).
+    inbox: Inbox,
     /// Which inbound message the requests being served came in (a
     /// long-poll's number): every wait remembers it, so that its answer goes
     /// back to that poll.
@@ -186,6 +193,7 @@ impl Session {
             authorising: None,
             publishing: None,
             calling: None,
+            inbox: Inbox::default(),
             origin: 0,
             origins: Vec::new(),
             capture: RefCell::new(None),
@@ -501,6 +509,9 @@ impl Session {
     /// (a `select!` branch that never fires).
     pub async fn next_outcome(&mut self) -> (u64, Outcome) {
         let (origin, outcome) = self.next_done().await;
+        if matches!(outcome, Outcome::Control(_)) {
+            return (origin, outcome); // no request of the client waited for it
+        }
         if let Some(at) = self.origins.iter().position(|o| *o == origin) {
             self.origins.swap_remove(at);
         }
@@ -509,6 +520,7 @@ impl Session {
 
     async fn next_done(&mut self) -> (u64, Outcome) {
         tokio::select! {
+            control = self.inbox.recv() => (0, Outcome::Control(control)),
             Some((origin, (topic, seq, outcome))) = next_done(&mut self.waiting) => {
                 if self.waiting.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     self.waiting = None; // give its allocation back while idle
@@ -540,6 +552,8 @@ impl Session {
     /// Acts on what [`Session::next_outcome`] returned.
     pub fn outcome(&mut self, ctx: &SessionContext, conv: &mut dyn Conversation, outcome: Outcome) {
         match outcome {
+            // Served by the loop (it may end the session).
+            Outcome::Control(_) => {}
             Outcome::Called(id, outcome) => {
                 let outcome = outcome.as_ref().map(|r| &r[..]);
                 self.answer(
@@ -948,13 +962,23 @@ impl Session {
 
     /// Ends a held subscription the client may no longer have.
     fn revoke(&mut self, ctx: &SessionContext, conv: &mut dyn Conversation, topic: Topic) {
+        self.revoke_because(ctx, conv, topic, NOT_ALLOWED, "not_allowed");
+    }
+
+    /// Ends a subscription the client holds, telling it `reason` (counted
+    /// under `label`); `false` when it held none.
+    fn revoke_because(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        topic: Topic,
+        reason: &str,
+        label: &str,
+    ) -> bool {
         let Some(held) = self.held.remove(&topic) else {
-            return;
+            return false;
         };
-        ctx.metrics
-            .refused
-            .with_label_values(&["not_allowed"])
-            .inc();
+        ctx.metrics.refused.with_label_values(&[label]).inc();
         if let Stage::Active(sub) = &held.stage {
             sub.stop();
         }
@@ -966,11 +990,15 @@ impl Session {
         if answered {
             let revoked = Answer::Revoked {
                 topic: &topic,
-                reason: NOT_ALLOWED,
+                reason,
             };
             self.answer(conv, revoked);
         } else {
-            let error = Refusal::NotAllowed;
+            let error = if reason == NOT_ALLOWED {
+                Refusal::NotAllowed
+            } else {
+                Refusal::Other(reason.to_owned())
+            };
             self.ack(
                 conv,
                 AckKind::Subscribe,
@@ -979,6 +1007,56 @@ impl Session {
                 Some(&error),
             );
         }
+        true
+    }
+
+    /// A sender to this session's inbox, for whoever will address it later
+    /// (a TCP backend's reader, the operator's orders).
+    pub fn inbox(&mut self) -> tokio::sync::mpsc::Sender<Control> {
+        self.inbox.sender()
+    }
+
+    /// Acts on a message of the session's [`super::Inbox`]; `Some` when the
+    /// session must end.
+    pub fn control(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        control: Control,
+    ) -> Option<End> {
+        match control {
+            Control::Close { code, reason, done } => {
+                if let Some(done) = done {
+                    let _ = done.send(true);
+                }
+                return Some(End::Close(code, reason.into()));
+            }
+            Control::Revoke {
+                topic,
+                reason,
+                done,
+            } => {
+                let held = self.revoke_because(ctx, conv, topic, &reason, "server_unsubscribe");
+                if let Some(done) = done {
+                    let _ = done.send(held);
+                }
+            }
+            Control::ServiceData { service, data } => self.answer(
+                conv,
+                Answer::ServiceData {
+                    service: &service,
+                    data: &data,
+                },
+            ),
+            Control::ServiceEnded { service, reason } => self.answer(
+                conv,
+                Answer::ServiceEnded {
+                    service: &service,
+                    reason: &reason,
+                },
+            ),
+        }
+        None
     }
 
     /// Leaves every topic: the connection is ending.
