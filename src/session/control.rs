@@ -40,6 +40,10 @@ pub enum Control {
     ServiceData {
         /// The service.
         service: String,
+        /// Which of the session's connections to it read the line: one
+        /// closed and opened again is a new one, and what the old one left
+        /// in the inbox is dropped.
+        line: u64,
         /// The line, without its end.
         data: String,
     },
@@ -47,6 +51,8 @@ pub enum Control {
     ServiceEnded {
         /// The service.
         service: String,
+        /// Which connection ended (see `ServiceData`).
+        line: u64,
         /// Why, as the client is told.
         reason: String,
     },

@@ -61,6 +61,7 @@ pub mod clients;
 pub mod control;
 pub mod link;
 mod requests;
+pub mod services;
 
 pub use clients::Clients;
 pub use control::{Control, Inbox};
@@ -170,6 +171,9 @@ pub struct SessionContext {
     pub max_call_bytes: usize,
     /// Calls one connection may have waiting.
     pub max_calls_in_flight: usize,
+    /// nodefony's TCP backends (`WSGATE_TCP_SERVICES`), their bounds and the
+    /// node's places.
+    pub tcp: Arc<services::TcpBackends>,
 }
 
 /// The link a session starts with.
