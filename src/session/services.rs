@@ -549,6 +549,7 @@ impl Session {
             params: call.params,
             consumer: self.identity().map(|i| i.subject.clone()),
             timeout: deadline,
+            responder: None,
         };
         let done = ctx.rpc.call(outgoing);
         let rpc_id = call.id;
