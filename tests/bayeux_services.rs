@@ -1088,10 +1088,13 @@ async fn next_call(service: &mut Client) -> (String, Value) {
     )
 }
 
+/// `WSGATE_SERVICE_KEY` of the tests (at least 16 bytes).
+const SERVICE_KEY: &str = "the-services-test-key";
+
 fn services_config(redis: &Redis) -> Config {
     let mut cfg = config(redis, &[]);
     cfg.service_key =
-        Config::from_vars([("WSGATE_SERVICE_KEY".to_owned(), "service-key".to_owned())])
+        Config::from_vars([("WSGATE_SERVICE_KEY".to_owned(), SERVICE_KEY.to_owned())])
             .unwrap()
             .service_key;
     cfg
@@ -1102,11 +1105,10 @@ fn services_config(redis: &Redis) -> Config {
 /// the response, byte for byte, goes with the next connect; errors come
 /// back as JSON-RPC errors.
 #[tokio::test]
-#[ignore = "needs the router (Rpc::call, the /services endpoint): pending its merge"]
 async fn json_rpc_to_a_registered_service_over_long_polling() {
     let redis = Redis::start().await;
     let gw = Gateway::start(services_config(&redis)).await;
-    let mut service = billing(gw.addr, "service-key").await;
+    let mut service = billing(gw.addr, SERVICE_KEY).await;
     wait_registered(gw.addr, "billing").await;
     let lp = Lp::open(gw.addr, "/bayeux").await;
     let cid = lp.cid.clone();
@@ -1181,11 +1183,10 @@ async fn json_rpc_to_a_registered_service_over_long_polling() {
 /// JSON-RPC text on `/service/billing`, and cometd's `remoteCall` reads the
 /// same response.
 #[tokio::test]
-#[ignore = "needs the router (Rpc::call, the /services endpoint): pending its merge"]
 async fn faye_and_cometd_call_a_registered_service() {
     let redis = Redis::start().await;
     let gw = Gateway::start(services_config(&redis)).await;
-    let mut service = billing(gw.addr, "service-key").await;
+    let mut service = billing(gw.addr, SERVICE_KEY).await;
     wait_registered(gw.addr, "billing").await;
     let call = r#"{"jsonrpc":"2.0","method":"charge","params":[1,2],"id":7}"#;
     let response = r#"{"jsonrpc":"2.0","result":3,"error":null,"id":7}"#;
@@ -1232,14 +1233,13 @@ async fn faye_and_cometd_call_a_registered_service() {
 /// with the right on `billing:charge`, a service that never answers gets
 /// the JSON-RPC timeout error.
 #[tokio::test]
-#[ignore = "needs the router (Rpc::call, the /services endpoint): pending its merge"]
 async fn registered_service_refusals() {
     let redis = Redis::start().await;
     let mut cfg = services_config(&redis);
     cfg.call_allow = vec!["billing:charge".into()];
     cfg.call_timeout = Duration::from_millis(300);
     let gw = Gateway::start(cfg).await;
-    let mut service = billing(gw.addr, "service-key").await;
+    let mut service = billing(gw.addr, SERVICE_KEY).await;
     wait_registered(gw.addr, "billing").await;
     let mut ws = Ws::open(gw.addr, "/bayeux", None).await;
     ws.publish_text(
