@@ -29,6 +29,17 @@ pub const INVALID_REQUEST: i64 = -32600;
 /// `-32601`: the method does not exist.
 pub const METHOD_NOT_FOUND: i64 = -32601;
 
+/// Deepest nesting of arrays and objects in a request, or in a result
+/// embedded in a response (the request object counts as one level).
+/// Deeper requests are parse errors, deeper results are carried as strings.
+pub const MAX_DEPTH: usize = 64;
+
+/// Strict JSON as the gateway embeds it anywhere: no lone surrogate
+/// escapes, no number beyond `f64`, at most [`MAX_DEPTH`] deep.
+fn strict(text: &str) -> bool {
+    crate::protocol::native::is_strict_json(text, MAX_DEPTH)
+}
+
 /// A request read by [`parse`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
@@ -101,8 +112,12 @@ pub fn parse(data: &str) -> Result<Call, Invalid> {
         Ok(inner) => inner,
         Err(_) => Cow::Borrowed(data),
     };
-    let Ok(value) = serde_json::from_str::<&RawValue>(&text) else {
-        return Err(invalid(PARSE_ERROR, "parse error", None));
+    // Strict first: a lone surrogate or an out-of-range number would pass
+    // through to the service, and to clients, as text a strict reader
+    // refuses.
+    let value = match serde_json::from_str::<&RawValue>(&text) {
+        Ok(value) if strict(&text) => value,
+        _ => return Err(invalid(PARSE_ERROR, "parse error", None)),
     };
     let trimmed = value.get();
     if !trimmed.starts_with('{') {
@@ -163,12 +178,13 @@ pub fn parse(data: &str) -> Result<Call, Invalid> {
 }
 
 /// A successful response: `{"jsonrpc":"2.0","result":<result>,"error":null,"id":<id>}`.
-/// `result` is embedded as it is when it is JSON, else as a JSON string of
-/// its text (a service cannot break the response); `id` `None` is `null`.
+/// `result` is embedded as it is when it is strict JSON (at most
+/// [`MAX_DEPTH`] deep), else as a JSON string of its text (a service cannot
+/// break the response); `id` `None` is `null`.
 pub fn result(id: Option<&str>, result: &[u8]) -> String {
     let id = id.unwrap_or("null");
     let embedded: Cow<'_, str> = match std::str::from_utf8(result) {
-        Ok(text) if serde_json::from_str::<&RawValue>(text).is_ok() => Cow::Borrowed(text.trim()),
+        Ok(text) if strict(text) => Cow::Borrowed(text.trim()),
         _ => Cow::Owned(json_string(&String::from_utf8_lossy(result))),
     };
     format!(r#"{{"jsonrpc":"2.0","result":{embedded},"error":null,"id":{id}}}"#)
@@ -234,6 +250,14 @@ mod tests {
             ("READY", refused(PARSE_ERROR, "parse error", None)),
             (r#""READY""#, refused(PARSE_ERROR, "parse error", None)),
             ("{", refused(PARSE_ERROR, "parse error", None)),
+            (
+                r#"{"jsonrpc":"2.0","method":"m","params":["\ud800"],"id":1}"#,
+                refused(PARSE_ERROR, "parse error", None),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"m","params":[1e400],"id":1}"#,
+                refused(PARSE_ERROR, "parse error", None),
+            ),
             ("42", refused(INVALID_REQUEST, "invalid request", None)),
             (
                 r#"[{"jsonrpc":"2.0","method":"m","id":1}]"#,
@@ -287,7 +311,12 @@ mod tests {
             result(None, br#"{"ok":true}"#),
             r#"{"jsonrpc":"2.0","result":{"ok":true},"error":null,"id":null}"#
         );
-        // Not JSON: carried as a string rather than breaking the response.
+        // Not strict JSON: carried as a string rather than breaking the
+        // response.
+        assert_eq!(
+            result(Some("1"), b"1e400"),
+            r#"{"jsonrpc":"2.0","result":"1e400","error":null,"id":1}"#
+        );
         assert_eq!(
             result(Some(r#""a""#), b"not \"json\""),
             r#"{"jsonrpc":"2.0","result":"not \"json\"","error":null,"id":"a"}"#
