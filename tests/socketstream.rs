@@ -14,7 +14,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use common::node::Script;
-use common::{http, test_config, wait_until, Client, Gateway, Redis, WAIT};
+use common::{http, metric_value, test_config, wait_until, Client, Gateway, Redis, WAIT};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -122,11 +122,11 @@ async fn connect_discover_subscribe_and_deliver_byte_for_byte() {
         r#"1|5|{"e":{"message":"not subscribed"}}"#,
     )
     .await;
-    // Other services do not exist until the services registry does.
+    // Other methods are calls to services: this connection has no call right.
     exchange(
         &mut c,
         r#"1|6|{"m":"demo.square","p":[5]}"#,
-        r#"1|6|{"e":{"message":"no such service"}}"#,
+        r#"1|6|{"e":{"message":"not allowed"}}"#,
     )
     .await;
     d.expect_silence(Duration::from_millis(100)).await;
@@ -384,4 +384,75 @@ async fn a_prism_style_client_runs_the_handed_out_handlers_across_dialects() {
     drop(native);
     drop(road);
     redis.wait_numsub("room", 0).await;
+}
+
+/// An rpc call to an application service (`<service>.<method>`, the method
+/// may hold dots) is a call through the session: refused `not allowed`
+/// without a call right (`WSGATE_CALL_ALLOW` here), handed to the router
+/// with one (no instance registered: `no such service`), answered on its
+/// callback in rpc's `{"e":..}` shape, by raw frames and by the handed-out
+/// handler in Node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_to_a_service_is_a_call_with_the_call_rights() {
+    let redis = Redis::start().await;
+    let mut config = test_config(Some(redis.url()));
+    config.call_allow = vec!["billing:*".into()];
+    let gw = Gateway::start(config).await;
+    let mut c = ss(&gw).await;
+    for (frame, want) in [
+        (
+            r#"1|1|{"m":"billing.charge","p":[5]}"#,
+            r#"1|1|{"e":{"message":"no such service"}}"#,
+        ),
+        (
+            r#"1|2|{"m":"billing.charge.v2","p":[]}"#,
+            r#"1|2|{"e":{"message":"no such service"}}"#,
+        ),
+        (
+            r#"1|3|{"m":"payroll.run","p":[1]}"#,
+            r#"1|3|{"e":{"message":"not allowed"}}"#,
+        ),
+        (
+            r#"1||{"m":"payroll.run"}"#,
+            r#"1||{"e":{"message":"not allowed"}}"#,
+        ),
+        (
+            r#"1|4|{"m":"wsgate.publish","p":["x"]}"#,
+            r#"1|4|{"e":{"message":"no such method"}}"#,
+        ),
+        (
+            r#"1|5|{"m":"billing","p":[]}"#,
+            r#"1|5|{"e":{"message":"method \"billing\" must be <service>.<method>"}}"#,
+        ),
+        (
+            r#"1|6|{"m":"billing.charge","p":{"amount":5}}"#,
+            r#"1|6|{"e":{"message":"billing.charge takes its arguments as an array \"p\""}}"#,
+        ),
+    ] {
+        exchange(&mut c, frame, want).await;
+    }
+    assert_eq!(
+        metric_value(
+            gw.addr,
+            r#"wsgate_refused_total{reason="call_not_allowed"}"#
+        )
+        .await,
+        Some(2.0)
+    );
+    // The real client: an rpc error reaches no callback; the handler logs it.
+    let url = format!("ws://{}{PATH}", gw.addr);
+    let mut s = Script::spawn("socketstream_client.js", &["--url", &url]);
+    s.expect("ready").await;
+    s.send(json!({"cmd":"rpc","method":"billing.charge","params":[5],"ref":"b"}))
+        .await;
+    let logged = s.expect("console_error").await;
+    assert_eq!(logged["message"], "rpc billing.charge: no such service");
+    s.send(json!({"cmd":"rpc","method":"payroll.run","params":[],"ref":"p"}))
+        .await;
+    let logged = s.expect("console_error").await;
+    assert_eq!(logged["message"], "rpc payroll.run: not allowed");
+    let (status, _) = s.finish(WAIT).await;
+    assert!(status.success());
+    drop(c);
+    gw.stop().await;
 }
