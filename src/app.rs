@@ -69,6 +69,8 @@ pub struct App {
     pub rpc: crate::rpc::Rpc,
     /// `WSGATE_CALL_ALLOW`.
     pub call_allow: Arc<Acl>,
+    /// This node's sessions by user (the operator API's orders).
+    pub users: crate::session::Users,
 }
 
 /// RoadRunner async publishes one node lets wait for the broker at once.
@@ -143,6 +145,7 @@ impl App {
         App {
             rpc,
             call_allow,
+            users: crate::session::Users::default(),
             realizehit,
             roadrunner_async: Arc::new(tokio::sync::Semaphore::new(ROADRUNNER_ASYNC_IN_FLIGHT)),
             socketstream,
@@ -193,6 +196,7 @@ impl App {
             call_allow: self.call_allow.clone(),
             max_call_bytes: self.config.max_call_bytes.get(),
             max_calls_in_flight: self.config.max_calls_in_flight.get(),
+            users: self.users.clone(),
             hub: self.hub.clone(),
             metrics: self.metrics.clone(),
             phase: self.phase.subscribe(),

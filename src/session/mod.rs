@@ -61,11 +61,13 @@ pub mod clients;
 pub mod control;
 pub mod link;
 mod requests;
+pub mod users;
 
 pub use clients::Clients;
 pub use control::{Control, Inbox};
 pub use link::{Attach, BoxSocket, Poll};
 pub use requests::{Outcome, Session};
+pub use users::Users;
 
 use link::{End, Io, Writer};
 
@@ -170,6 +172,8 @@ pub struct SessionContext {
     pub max_call_bytes: usize,
     /// Calls one connection may have waiting.
     pub max_calls_in_flight: usize,
+    /// This node's sessions by user, for the operator's orders.
+    pub users: Users,
 }
 
 /// The link a session starts with.
@@ -236,7 +240,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     ctx.metrics.connections.inc();
     let mut session = Session::new(member.clone(), ctx.subscribe_rate);
     if let Some(identity) = ctx.identity.take() {
-        session.set_identity(identity);
+        session.set_identity(&ctx, identity);
     }
     let mut items = VecDeque::new();
     let mut socket: Option<BoxSocket> = None;
@@ -590,7 +594,7 @@ fn take_steps(
                 ctx.metrics.malformed_frames.inc();
                 session.reply(frame);
             }
-            Step::Authenticated(identity) => session.set_identity(identity),
+            Step::Authenticated(identity) => session.set_identity(ctx, identity),
             Step::Bind(key) => fx.bind = Some(key),
             Step::Route(key) => {
                 fx.route = Some(key);
@@ -660,7 +664,7 @@ async fn act(
             if let Some(identity) = handoff::adopt(&ctx.handoff, &key).await {
                 if conv.adopt(&key) {
                     if let Some(identity) = identity {
-                        session.set_identity(identity);
+                        session.set_identity(ctx, identity);
                     }
                     bind(ctx, key, binding);
                     return Acted::Again(raw.to_owned());
