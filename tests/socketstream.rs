@@ -17,6 +17,7 @@ use common::node::Script;
 use common::{http, metric_value, test_config, wait_until, Client, Gateway, Redis, WAIT};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
+use wsgate::Config;
 
 const PATH: &str = "/socketstream";
 
@@ -455,4 +456,108 @@ async fn rpc_to_a_service_is_a_call_with_the_call_rights() {
     assert!(status.success());
     drop(c);
     gw.stop().await;
+}
+
+/// The service key of the rpc tests' service process.
+const SERVICE_KEY: &str = "socketstream-test-service-key";
+
+/// rpc through the registry, across nodes: a service process registered on
+/// node A, the real Prism-style client on node B. The service receives the
+/// arguments as the client sent them; its result reaches the handed-out
+/// handler's callback as the responder's argument, its error reaches
+/// `console.error`; a method with dots is the method after the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_reaches_a_registered_service_on_another_node() {
+    let redis = Redis::start().await;
+    let mut config = test_config(Some(redis.url()));
+    config.call_allow = vec!["billing:*".into()];
+    config.service_key =
+        Config::from_vars([("WSGATE_SERVICE_KEY".to_owned(), SERVICE_KEY.to_owned())])
+            .unwrap()
+            .service_key;
+    let mut ca = config.clone();
+    ca.node_id = "ss-a".into();
+    let mut cb = config;
+    cb.node_id = "ss-b".into();
+    let a = Gateway::start(ca).await;
+    let b = Gateway::start(cb).await;
+    let bearer = format!("Bearer {SERVICE_KEY}");
+    let mut service = Client::try_connect(a.addr, "/services", &[("authorization", &bearer)])
+        .await
+        .unwrap_or_else(|r| panic!("service refused: {r:?}"));
+    service
+        .send_text(r#"{"type":"register","name":"billing","version":"1.0.0","methods":["charge","charge.v2"]}"#)
+        .await;
+    let registered: Value = serde_json::from_str(&service.recv_text().await).unwrap();
+    assert_eq!(registered["type"], "registered", "{registered}");
+    // Node B knows billing once a method it lacks is "no such method".
+    let mut probe = ss(&b).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for n in 1.. {
+        probe
+            .send_text(&format!(r#"1|{n}|{{"m":"billing.refund","p":[]}}"#))
+            .await;
+        let answer = probe.recv_text().await;
+        if answer == format!(r#"1|{n}|{{"e":{{"message":"no such method"}}}}"#) {
+            break;
+        }
+        assert_eq!(
+            answer,
+            format!(r#"1|{n}|{{"e":{{"message":"no such service"}}}}"#)
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node B never saw billing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let url = format!("ws://{}{PATH}", b.addr);
+    let mut s = Script::spawn("socketstream_client.js", &["--url", &url]);
+    s.expect("ready").await;
+    s.send(
+        json!({"cmd":"rpc","method":"billing.charge","params":[5,"eur",{"card":"4242"}],"ref":"c"}),
+    )
+    .await;
+    assert_eq!(
+        service.recv_text().await,
+        r#"{"type":"message","id":"1","destination":"billing:charge","payload":[5,"eur",{"card":"4242"}]}"#
+    );
+    service
+        .send_text(r#"{"type":"reply","id":"1","payload":{"charged":5,"currency":"eur"}}"#)
+        .await;
+    let replied = s.expect("rpc").await;
+    assert_eq!(
+        replied,
+        json!({"event":"rpc","ref":"c","args":[{"charged":5,"currency":"eur"}]})
+    );
+    // A method with a dot; the service's error.
+    s.send(json!({"cmd":"rpc","method":"billing.charge.v2","params":[],"ref":"v2"}))
+        .await;
+    assert_eq!(
+        service.recv_text().await,
+        r#"{"type":"message","id":"2","destination":"billing:charge.v2","payload":[]}"#
+    );
+    service
+        .send_text(r#"{"type":"reply","id":"2","error":{"code":402,"message":"card declined"}}"#)
+        .await;
+    let logged = s.expect("console_error").await;
+    assert_eq!(logged["message"], "rpc billing.charge.v2: card declined");
+    // By raw frames, the same byte for byte.
+    probe
+        .send_text(r#"1|90|{"m":"billing.charge","p":[1]}"#)
+        .await;
+    assert_eq!(
+        service.recv_text().await,
+        r#"{"type":"message","id":"3","destination":"billing:charge","payload":[1]}"#
+    );
+    service
+        .send_text(r#"{"type":"reply","id":"3","payload":"ok"}"#)
+        .await;
+    assert_eq!(probe.recv_text().await, r#"1|90|{"p":["ok"]}"#);
+    let (status, _) = s.finish(WAIT).await;
+    assert!(status.success());
+    drop((probe, service));
+    a.stop().await;
+    b.stop().await;
 }
