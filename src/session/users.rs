@@ -291,9 +291,4 @@ mod tests {
         drop(orders_tx);
         assert!(server.await.is_ok(), "serve ends with its orders");
     }
-
-    #[test]
-    fn what_an_inbox_costs() {
-        println!("size_of::<Control>() = {}", std::mem::size_of::<Control>());
-    }
 }
