@@ -415,6 +415,7 @@ impl Session {
     /// Takes `identity` and arms the expiry timer. An `exp` too far ahead to
     /// be represented as an instant (centuries) arms none, rather than
     /// overflowing.
+    ///
     /// The session is registered under the identity's subject for the
     /// operator's orders ([`super::users`]), once per subject: a refresh
     /// (same subject) keeps the registration.
