@@ -17,8 +17,9 @@ use crate::hub::Hub;
 use crate::limits::{IpLimits, IpSlot};
 use crate::metrics::Metrics;
 use crate::pending::Pending;
-use crate::protocol::bayeux::conversation::{BayeuxRender, Endpoint};
+use crate::protocol::bayeux::conversation::{BayeuxRender, Endpoint, ServiceMap};
 use crate::protocol::bayeux::message::Limits;
+use crate::session::services::TcpBackends;
 use crate::session::{Clients, SessionContext, SessionSlot};
 use crate::shutdown::Phase;
 
@@ -71,6 +72,8 @@ pub struct App {
     pub call_allow: Arc<Acl>,
     /// This node's sessions by user (the operator API's orders).
     pub users: crate::session::Users,
+    /// nodefony's TCP backends and the node's places for their connections.
+    pub tcp: Arc<TcpBackends>,
 }
 
 /// RoadRunner async publishes one node lets wait for the broker at once.
@@ -118,6 +121,7 @@ impl App {
         metrics
             .max_connections
             .set(i64::try_from(config.max_connections.get()).unwrap_or(i64::MAX));
+        let tcp = Arc::new(TcpBackends::new(&config));
         let endpoint = |nodefony| {
             Arc::new(Endpoint {
                 render: Arc::new(BayeuxRender),
@@ -128,7 +132,12 @@ impl App {
                 nodefony,
             })
         };
-        let (bayeux, nodefony) = (endpoint(false), endpoint(true));
+        let registered = rpc.clone();
+        let services = ServiceMap {
+            tcp: tcp.names(),
+            registered: Box::new(move || registered.services()),
+        };
+        let (bayeux, nodefony) = (endpoint(None), endpoint(Some(services)));
         let connect_auth = config.connect_auth_url.as_ref().map(|url| {
             Arc::new(ConnectAuth::new(
                 url.clone(),
@@ -143,6 +152,7 @@ impl App {
         let realizehit = Arc::new(crate::transport::engineio::Endpoint::new(&config));
         let call_allow = Arc::new(Acl::new(&config.call_allow));
         App {
+            tcp,
             rpc,
             call_allow,
             users: crate::session::Users::default(),
@@ -197,6 +207,7 @@ impl App {
             max_call_bytes: self.config.max_call_bytes.get(),
             max_calls_in_flight: self.config.max_calls_in_flight.get(),
             users: self.users.clone(),
+            tcp: self.tcp.clone(),
             hub: self.hub.clone(),
             metrics: self.metrics.clone(),
             phase: self.phase.subscribe(),

@@ -44,6 +44,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`client`]: a reconnecting native-protocol client (tests, load, services).
 //! - [`backoff`]: jittered exponential reconnect delays (broker and client).
+//! - [`jsonrpc`]: the JSON-RPC 2.0 codec of Bayeux's `/service/<name>` calls.
 //!
 //! # What it does not do
 //!
@@ -70,6 +71,7 @@ pub mod forwarded;
 pub mod handoff;
 pub mod http;
 pub mod hub;
+pub mod jsonrpc;
 pub mod limits;
 pub mod metrics;
 pub mod outbox;

@@ -22,11 +22,15 @@ use prometheus::{
 /// `api_key` (publish 401), `token_expired` (connection closed with 4001),
 /// `max_pending` (a connection accepted beyond `WSGATE_MAX_PENDING_CONNECTIONS`,
 /// answered 503 and closed), `connect_auth` (the connect backend refused)
-/// and `connect_auth_unavailable` (it gave no usable answer: 503). The pattern cost limits add theirs
+/// and `connect_auth_unavailable` (it gave no usable answer: 503),
+/// `call_not_allowed` and `calls_in_flight` (calls), `tcp_service_limit`
+/// (a nodefony TCP backend connection beyond its per-client or per-node
+/// bound). The pattern cost limits add theirs
 /// ([`crate::pattern_cost::REASONS`]).
-pub const REFUSAL_REASONS: [&str; 19] = [
+pub const REFUSAL_REASONS: [&str; 20] = [
     "call_not_allowed",
     "calls_in_flight",
+    "tcp_service_limit",
     "connect_auth",
     "connect_auth_unavailable",
     "max_connections",

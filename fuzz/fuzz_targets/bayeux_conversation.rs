@@ -12,7 +12,11 @@
 //!   publish's answer has no `data`;
 //! - `release` and `unknown` render JSON arrays of objects too;
 //! - a request's channel or topic is never under `/meta/` and a publish is
-//!   never to a wildcard.
+//!   never to a wildcard;
+//! - a `/service/<name>` request names one segment, and every answer to it
+//!   (acks done and refused, data, an ended line) renders a JSON array of
+//!   objects, a publish ack without `data`, a data message with string
+//!   `data`.
 
 #![no_main]
 
@@ -21,10 +25,12 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use wsgate::protocol::bayeux::conversation::{BayeuxConversation, BayeuxRender, Endpoint};
+use wsgate::protocol::bayeux::conversation::{
+    BayeuxConversation, BayeuxRender, Endpoint, ServiceMap,
+};
 use wsgate::protocol::bayeux::message::Limits;
 use wsgate::protocol::{
-    Ack, AckKind, Answer, Conversation, Frame, Inbound, Refusal, Request, Step,
+    Ack, AckKind, Answer, Conversation, Frame, Inbound, Refusal, Request, ServiceOp, Step,
 };
 
 /// One JSON array of objects, or a panic saying what it was.
@@ -52,6 +58,45 @@ fn refusals() -> [Option<Refusal>; 9] {
     ]
 }
 
+/// What a session may refuse a service request with.
+fn service_refusals() -> Vec<Option<Refusal>> {
+    let mut all = refusals().to_vec();
+    for text in ["no such service", "payload too large", "too many calls in flight"] {
+        all.push(Some(Refusal::Other(text.into())));
+    }
+    all
+}
+
+/// Every answer a service request may get, checked.
+fn service_answers(conv: &mut BayeuxConversation, kind: ServiceOp, service: &str, id: Option<&str>) {
+    assert!(
+        !service.is_empty() && !service.contains('/') && !service.contains('*'),
+        "{service:?}"
+    );
+    for error in service_refusals() {
+        let mut out = Vec::new();
+        let ack = Answer::ServiceAck { kind, service, id, error: error.as_ref() };
+        conv.answer(ack, &mut out);
+        for f in &out {
+            for m in check(f, "service ack") {
+                if kind == ServiceOp::Publish {
+                    assert!(m.get("data").is_none(), "ack with data: {m}");
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    conv.answer(Answer::ServiceData { service, id, data: "READY \"\u{0}" }, &mut out);
+    conv.answer(Answer::ServiceEnded { service, reason: "gone: \"x\"" }, &mut out);
+    for f in &out {
+        for m in check(f, "service data") {
+            if m["channel"] != "/meta/unsubscribe" {
+                assert!(m["data"].is_string(), "{m}");
+            }
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let endpoint = Arc::new(Endpoint {
         render: Arc::new(BayeuxRender),
@@ -59,7 +104,10 @@ fuzz_target!(|data: &[u8]| {
         session_timeout: Duration::from_secs(60),
         limits: Limits::new(64 * 1024),
         verifier: None,
-        nodefony: data.first().is_some_and(|b| b & 2 != 0),
+        nodefony: data.first().is_some_and(|b| b & 2 != 0).then(|| ServiceMap {
+            tcp: vec!["random".into()],
+            registered: Box::new(|| vec!["billing".into(), "random".into()]),
+        }),
     });
     let mut conv = BayeuxConversation::new(endpoint, None);
     let mut steps = Vec::new();
@@ -123,6 +171,16 @@ fuzz_target!(|data: &[u8]| {
                             }
                         }
                     }
+                }
+                Step::Request(Request::ServiceSubscribe { service, id }) => {
+                    service_answers(&mut conv, ServiceOp::Subscribe, &service, id.as_deref());
+                }
+                Step::Request(Request::ServiceUnsubscribe { service, id }) => {
+                    service_answers(&mut conv, ServiceOp::Unsubscribe, &service, id.as_deref());
+                }
+                Step::Request(Request::ServicePublish { service, id, data }) => {
+                    assert!(serde_json::from_slice::<Value>(&data).is_ok(), "{data:?}");
+                    service_answers(&mut conv, ServiceOp::Publish, &service, id.as_deref());
                 }
                 Step::Request(_) => {}
                 Step::Route(key) => {

@@ -348,6 +348,10 @@ pub enum Answer<'a> {
     ServiceData {
         /// The service's name.
         service: &'a str,
+        /// The id of the [`Request::ServicePublish`] this answers (a
+        /// JSON-RPC reply), so that a client correlating by message id
+        /// (cometd's `remoteCall`) finds it; `None` for a backend's line.
+        id: Option<&'a str>,
         /// The text, as it is to appear in `data`.
         data: &'a str,
     },

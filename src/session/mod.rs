@@ -61,10 +61,11 @@ pub mod clients;
 pub mod control;
 pub mod link;
 mod requests;
+pub mod services;
 pub mod users;
 
 pub use clients::Clients;
-pub use control::{Control, Inbox};
+pub use control::{Control, Inbox, InboxSender};
 pub use link::{Attach, BoxSocket, Poll};
 pub use requests::{Outcome, Session};
 pub use users::Users;
@@ -174,6 +175,9 @@ pub struct SessionContext {
     pub max_calls_in_flight: usize,
     /// This node's sessions by user, for the operator's orders.
     pub users: Users,
+    /// nodefony's TCP backends (`WSGATE_TCP_SERVICES`), their bounds and the
+    /// node's places.
+    pub tcp: Arc<services::TcpBackends>,
 }
 
 /// The link a session starts with.

@@ -23,6 +23,7 @@ use tracing::warn;
 
 use super::control::{Control, Inbox};
 use super::link::End;
+use super::services::{self, Lines, ServiceDone};
 use super::users::Registration;
 use super::{SessionContext, AUTHZ_UNAVAILABLE, BROKER_UNAVAILABLE, NOT_ALLOWED};
 use crate::auth::Identity;
@@ -34,7 +35,6 @@ use crate::outbox::{Item, State};
 use crate::pattern_cost;
 use crate::protocol::{
     Ack, AckKind, Answer, Call, Conversation, Frame, Notice, NoticeKind, Refusal, Request,
-    ServiceOp,
 };
 use crate::rpc::{CallError, Outgoing};
 
@@ -52,6 +52,9 @@ pub enum Outcome {
     Called(Option<String>, Result<Bytes, CallError>),
     /// A message of the session's inbox (see [`super::control`]).
     Control(Control),
+    /// A TCP backend connection was opened, or a JSON-RPC call ended
+    /// (see [`super::services`]).
+    Service(ServiceDone),
     /// The broker answered a publish (or the wait timed out).
     Published(Bytes, Option<String>, Result<(), PublishError>),
     /// The broker answered (or the wait timed out).
@@ -62,7 +65,9 @@ pub enum Outcome {
 
 /// The next finished wait in a lazily allocated set; `None` at once when
 /// nothing waits (which disables that `select!` branch for the iteration).
-async fn next_done<F: Future + Unpin>(set: &mut Option<FuturesUnordered<F>>) -> Option<F::Output> {
+pub(super) async fn next_done<F: Future + Unpin>(
+    set: &mut Option<FuturesUnordered<F>>,
+) -> Option<F::Output> {
     match set {
         Some(s) => s.next().await,
         None => None,
@@ -135,6 +140,8 @@ pub struct Session {
     /// Orders and backend lines addressed to this session; created on first
     /// use ([`Session::inbox`]).
     inbox: Inbox,
+    /// Its lines to services (`/service/<name>`); allocated on first use.
+    pub(super) lines: Option<Box<Lines>>,
     /// Which inbound message the requests being served came in (a
     /// long-poll's number): every wait remembers it, so that its answer goes
     /// back to that poll.
@@ -197,6 +204,7 @@ impl Session {
             publishing: None,
             calling: None,
             inbox: Inbox::default(),
+            lines: None,
             origin: 0,
             origins: Vec::new(),
             capture: RefCell::new(None),
@@ -250,9 +258,21 @@ impl Session {
         self.origins.contains(&origin)
     }
 
-    fn started(&mut self) -> u64 {
+    /// Records a wait for a request of the current inbound message: its
+    /// poll is answered once the wait ends. Returns that message's origin.
+    pub(super) fn started(&mut self) -> u64 {
         self.origins.push(self.origin);
         self.origin
+    }
+
+    /// Takes a token of the subscribe rate limit, if there is one.
+    pub(super) fn take_token(&mut self) -> bool {
+        self.bucket.take()
+    }
+
+    /// Calls of this connection waiting for their services.
+    pub(super) fn calls_in_flight(&self) -> usize {
+        self.calling.as_ref().map_or(0, FuturesUnordered::len)
     }
 
     /// Queues a frame, if there is one.
@@ -304,35 +324,15 @@ impl Session {
             } => self.publish(ctx, conv, channel, payload, id),
             Request::Call(call) => self.call(ctx, conv, call),
             Request::ServiceSubscribe { service, id } => {
-                self.service_refused(conv, ServiceOp::Subscribe, &service, id)
+                self.service_subscribe(ctx, conv, service, id)
             }
             Request::ServiceUnsubscribe { service, id } => {
-                self.service_refused(conv, ServiceOp::Unsubscribe, &service, id)
+                self.service_unsubscribe(conv, service, id)
             }
-            Request::ServicePublish { service, id, .. } => {
-                self.service_refused(conv, ServiceOp::Publish, &service, id)
+            Request::ServicePublish { service, data, id } => {
+                self.service_publish(ctx, conv, service, data, id)
             }
         }
-    }
-
-    /// A service line this node cannot open: `no such service`.
-    fn service_refused(
-        &mut self,
-        conv: &mut dyn Conversation,
-        kind: ServiceOp,
-        service: &str,
-        id: Option<String>,
-    ) {
-        let error = Refusal::Other(CallError::NoSuchService.message());
-        self.answer(
-            conv,
-            Answer::ServiceAck {
-                kind,
-                service,
-                id: id.as_deref(),
-                error: Some(&error),
-            },
-        );
     }
 
     /// A call: checked against the call rights (`WSGATE_CALL_ALLOW` or the
@@ -345,7 +345,8 @@ impl Session {
                 .identity
                 .as_ref()
                 .is_some_and(|id| id.call_acl.allows_publish(destination.as_bytes()));
-        let in_flight = self.calling.as_ref().map_or(0, FuturesUnordered::len);
+        let in_flight =
+            self.calls_in_flight() + self.lines.as_ref().map_or(0, |l| l.calls_in_flight());
         let refusal = if !may {
             Some((Some("call_not_allowed"), CallError::NotAllowed))
         } else if call.params.len() > ctx.max_call_bytes {
@@ -530,7 +531,10 @@ impl Session {
     /// (a `select!` branch that never fires).
     pub async fn next_outcome(&mut self) -> (u64, Outcome) {
         let (origin, outcome) = self.next_done().await;
-        if matches!(outcome, Outcome::Control(_)) {
+        if matches!(
+            outcome,
+            Outcome::Control(_) | Outcome::Service(ServiceDone::Called(_))
+        ) {
             return (origin, outcome); // no request of the client waited for it
         }
         if let Some(at) = self.origins.iter().position(|o| *o == origin) {
@@ -560,6 +564,7 @@ impl Session {
                 }
                 (origin, Outcome::Called(id, outcome))
             }
+            Some((origin, done)) = services::next(&mut self.lines) => (origin, Outcome::Service(done)),
             Some((origin, (channel, id, outcome))) = next_done(&mut self.publishing) => {
                 if self.publishing.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     self.publishing = None;
@@ -575,6 +580,10 @@ impl Session {
         match outcome {
             // Served by the loop (it may end the session).
             Outcome::Control(_) => {}
+            Outcome::Service(ServiceDone::Connected(done)) => {
+                self.service_connected(ctx, conv, done)
+            }
+            Outcome::Service(ServiceDone::Called(done)) => self.service_called(conv, done),
             Outcome::Called(id, outcome) => {
                 let outcome = outcome.as_ref().map(|r| &r[..]);
                 self.answer(
@@ -1033,7 +1042,7 @@ impl Session {
 
     /// A sender to this session's inbox, for whoever will address it later
     /// (a TCP backend's reader, the operator's orders).
-    pub fn inbox(&mut self) -> tokio::sync::mpsc::Sender<Control> {
+    pub fn inbox(&mut self) -> super::control::InboxSender {
         self.inbox.sender()
     }
 
@@ -1062,20 +1071,16 @@ impl Session {
                     let _ = done.send(held);
                 }
             }
-            Control::ServiceData { service, data } => self.answer(
-                conv,
-                Answer::ServiceData {
-                    service: &service,
-                    data: &data,
-                },
-            ),
-            Control::ServiceEnded { service, reason } => self.answer(
-                conv,
-                Answer::ServiceEnded {
-                    service: &service,
-                    reason: &reason,
-                },
-            ),
+            Control::ServiceData {
+                service,
+                line,
+                data,
+            } => self.service_line(conv, &service, line, &data),
+            Control::ServiceEnded {
+                service,
+                line,
+                reason,
+            } => self.service_ended(conv, &service, line, &reason),
         }
         None
     }
@@ -1092,6 +1097,9 @@ impl Session {
             }
         }
         self.held.clear();
+        // Closes every TCP backend connection (their tasks see it) and
+        // drops the calls and connects still waiting.
+        self.lines = None;
     }
 }
 

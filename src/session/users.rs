@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use super::control::Control;
+use super::control::{Control, InboxSender};
 use crate::rpc::{NodeCommand, NodeOrder, NodeOrders};
 
 /// Close code of a connection the operator disconnected (`POST
@@ -46,7 +46,7 @@ pub const ORDERS_AT_ONCE: usize = 16;
 struct Entry {
     /// The hub's id of the session (unique per process).
     id: u64,
-    inbox: mpsc::Sender<Control>,
+    inbox: InboxSender,
 }
 
 /// See the module docs. Cloning shares the map.
@@ -64,7 +64,7 @@ impl Users {
 
     /// Registers session `id` of `user`, reachable through `inbox`, until
     /// the returned registration is dropped.
-    pub fn register(&self, user: &str, id: u64, inbox: mpsc::Sender<Control>) -> Registration {
+    pub fn register(&self, user: &str, id: u64, inbox: InboxSender) -> Registration {
         self.lock()
             .entry(user.to_owned())
             .or_default()
@@ -77,7 +77,7 @@ impl Users {
     }
 
     /// The inboxes of `user`'s sessions on this node, copied out.
-    fn inboxes(&self, user: &str) -> Vec<mpsc::Sender<Control>> {
+    fn inboxes(&self, user: &str) -> Vec<InboxSender> {
         self.lock()
             .get(user)
             .map(|entries| entries.iter().map(|e| e.inbox.clone()).collect())
@@ -194,12 +194,15 @@ pub async fn serve(users: Users, mut orders: NodeOrders) {
 mod tests {
     use super::*;
     use crate::broker::Topic;
+    use crate::session::control::Inbox;
     use bytes::Bytes;
+    use tokio::sync::mpsc;
 
     #[test]
     fn registrations_are_removed_on_drop() {
         let users = Users::default();
-        let (tx, _rx) = mpsc::channel(1);
+        let mut inbox = Inbox::default();
+        let tx = inbox.sender();
         let a = users.register("alice", 1, tx.clone());
         let b = users.register("alice", 2, tx.clone());
         let c = users.register("bob", 3, tx);
@@ -214,9 +217,8 @@ mod tests {
     #[tokio::test]
     async fn orders_reach_the_users_sessions_and_count_those_that_acted() {
         let users = Users::default();
-        let (alice1, mut rx1) = mpsc::channel(4);
-        let (alice2, mut rx2) = mpsc::channel(4);
-        let (bob, mut rx3) = mpsc::channel(4);
+        let (mut rx1, mut rx2, mut rx3) = (Inbox::default(), Inbox::default(), Inbox::default());
+        let (alice1, alice2, bob) = (rx1.sender(), rx2.sender(), rx3.sender());
         let _r1 = users.register("alice", 1, alice1);
         let _r2 = users.register("alice", 2, alice2);
         let _r3 = users.register("bob", 3, bob);
@@ -225,11 +227,11 @@ mod tests {
         let answering = tokio::spawn(async move {
             for (rx, held) in [(&mut rx1, true), (&mut rx2, false)] {
                 match rx.recv().await {
-                    Some(Control::Revoke {
+                    Control::Revoke {
                         topic,
                         reason,
                         done: Some(done),
-                    }) => {
+                    } => {
                         assert_eq!(topic, Topic::Channel(Bytes::from_static(b"news")));
                         assert_eq!(reason, UNSUBSCRIBED);
                         let _ = done.send(held);
@@ -244,13 +246,13 @@ mod tests {
         };
         assert_eq!(act(&users, &command).await, 1);
         assert!(answering.await.is_ok());
-        assert!(rx3.try_recv().is_err(), "bob is not alice");
+        assert!(rx3.try_recv().is_none(), "bob is not alice");
         // Nobody answers in time: nothing counted, after the timeout.
         tokio::time::pause();
         let disconnect = NodeCommand::Disconnect { user: "bob".into() };
         assert_eq!(act(&users, &disconnect).await, 0);
         match rx3.try_recv() {
-            Ok(Control::Close { code, reason, .. }) => {
+            Some(Control::Close { code, reason, .. }) => {
                 assert_eq!((code, &*reason), (CLOSE_DISCONNECTED, DISCONNECTED))
             }
             other => panic!("{other:?}"),
@@ -270,10 +272,10 @@ mod tests {
     #[tokio::test]
     async fn an_order_is_answered_with_the_count() {
         let users = Users::default();
-        let (tx, mut rx) = mpsc::channel(4);
-        let _r = users.register("alice", 1, tx);
+        let mut rx = Inbox::default();
+        let _r = users.register("alice", 1, rx.sender());
         tokio::spawn(async move {
-            if let Some(Control::Close { done: Some(d), .. }) = rx.recv().await {
+            if let Control::Close { done: Some(d), .. } = rx.recv().await {
                 let _ = d.send(true);
             }
         });

@@ -6,7 +6,8 @@
 //
 // Events: as faye_client.js: handshake, connect, subscribed /
 // subscribe_failed, ready, message {subscription, channel, data}, delivery,
-// meta, ack, published, unsubscribed, disconnected, error.
+// meta, ack, published, unsubscribed, disconnected, error; and called {ref,
+// successful, data, error} for a remoteCall's answer (the `call` command).
 
 import { adapt } from "cometd-nodejs-client";
 import { CometD } from "cometd";
@@ -99,6 +100,16 @@ commands({
     publish: (cmd) =>
         cometd.publish(cmd.channel, cmd.data, (reply) =>
             emit({ event: "published", ref: cmd.ref, ok: !!reply.successful, error: reply.error }),
+        ),
+    call: (cmd) =>
+        cometd.remoteCall(cmd.target, cmd.data, 15000, (reply) =>
+            emit({
+                event: "called",
+                ref: cmd.ref,
+                successful: !!reply.successful,
+                data: reply.data,
+                error: reply.error,
+            }),
         ),
     subscribe,
     unsubscribe(channel) {

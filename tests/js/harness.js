@@ -10,6 +10,7 @@
 //     {"cmd":"publish","channel":"/foo/bar","data":<any>,"ref":"p1"}
 //     {"cmd":"subscribe","channel":"/x"}
 //     {"cmd":"unsubscribe","channel":"/foo/*"}
+//     {"cmd":"call","target":"billing","data":<any>,"ref":"c1"}  (cometd's remoteCall)
 //     {"cmd":"disconnect"}
 //   End of input means disconnect.
 // Nothing else is printed on stdout; the clients' own logs go to stderr.
@@ -107,6 +108,13 @@ export function commands(client) {
             case "unsubscribe":
                 if (!client.unsubscribe(cmd.channel)) {
                     emit({ event: "error", error: `not subscribed to ${cmd.channel}` });
+                }
+                break;
+            case "call":
+                if (!client.call) {
+                    emit({ event: "error", error: "this client has no remote calls" });
+                } else {
+                    client.call(cmd);
                 }
                 break;
             case "disconnect":

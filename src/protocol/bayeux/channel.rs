@@ -170,6 +170,14 @@ pub fn class(name: &str) -> Class {
     }
 }
 
+/// The service a `/service/<name>` channel names: exactly one segment
+/// after `/service/`, no wildcard. Deeper and wildcard service channels
+/// name none (they stay `404 No such service`).
+pub fn service_name(name: &str) -> Option<&str> {
+    let service = name.strip_prefix("/service/")?;
+    is_segment(service.as_bytes()).then_some(service)
+}
+
 /// Channels under `/meta/`, `/service/` or `/wsgate/` are never delivered
 /// from Redis, whatever subscription covers them.
 fn reserved(channel: &[u8]) -> bool {
@@ -193,8 +201,9 @@ pub enum SubscribeError {
     /// `403:<name>:Forbidden`.
     #[error("forbidden channel")]
     Forbidden,
-    /// `/service/**`: `404:<name>:No such service`, until services give those
-    /// channels a meaning.
+    /// `/service/**` other than `/service/<name>` (a wildcard, or deeper):
+    /// `404:<name>:No such service`. `/service/<name>` itself is a line to a
+    /// service, asked of the session ([`service_name`]).
     #[error("no such service")]
     NoSuchService,
 }
@@ -322,6 +331,24 @@ pub fn delivers(topic: &Topic, channel: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::pattern::matches;
+
+    #[test]
+    fn service_names() {
+        assert_eq!(service_name("/service/random"), Some("random"));
+        assert_eq!(service_name("/service/a-b_c!"), Some("a-b_c!"));
+        for name in [
+            "/service",
+            "/service/",
+            "/service/*",
+            "/service/**",
+            "/service/a/b",
+            "/service/a.b",
+            "/services/a",
+            "/foo/service/a",
+        ] {
+            assert_eq!(service_name(name), None, "{name}");
+        }
+    }
 
     fn chan(s: &str) -> Topic {
         Topic::Channel(Bytes::copy_from_slice(s.as_bytes()))

@@ -14,6 +14,12 @@
 //! - `/meta/subscribe` and `/meta/unsubscribe` become one request per
 //!   channel, each answered on its own; [`GAP_CHANNEL`] is answered here.
 //! - A publish becomes a [`Request::Publish`] of the JSON text of `data`.
+//! - `/service/<name>` is a line to a service, not a channel: its subscribe,
+//!   unsubscribe and publish become [`Request::ServiceSubscribe`],
+//!   [`Request::ServiceUnsubscribe`] and [`Request::ServicePublish`] (which
+//!   need call rights, never publish rights), answered in Bayeux's shapes;
+//!   what the service sends back arrives as messages on that channel for
+//!   this client alone.
 //! - A message naming a clientId this conversation does not hold is routed
 //!   ([`Step::Route`]) when the conversation is fresh (Faye handshakes over
 //!   HTTP, then opens a WebSocket), and otherwise answered `402`.
@@ -31,8 +37,10 @@ use super::reply::{self, Advice, Batch, Error};
 use crate::auth::{AuthError, Verifier};
 use crate::broker::BrokerMessage;
 use crate::protocol::{
-    Ack, AckKind, Answer, Conversation, Frame, Inbound, Notice, Refusal, Render, Request, Step,
+    Ack, AckKind, Answer, Conversation, Frame, Inbound, Notice, Refusal, Render, Request,
+    ServiceOp, Step,
 };
+use crate::rpc::CallError;
 
 /// What every Bayeux conversation of one endpoint shares.
 pub struct Endpoint {
@@ -46,8 +54,49 @@ pub struct Endpoint {
     pub limits: Limits,
     /// Token verification, when authentication is on.
     pub verifier: Option<Arc<Verifier>>,
-    /// nodefony's endpoint: connect replies carry `data` (its service map).
-    pub nodefony: bool,
+    /// nodefony's endpoint: connect replies carry `data`, the services
+    /// available ([`ServiceMap`]); `None` on `/bayeux`.
+    pub nodefony: Option<ServiceMap>,
+}
+
+/// The services nodefony's connect reply lists, as nodefony's realtime
+/// bundle does (its `getServices()`: an object keyed by service name):
+/// `{"random":{"type":"tcp"},"billing":{"type":"service"}}`. The TCP
+/// backends come first, in configuration order, then the registered
+/// services, sorted; a name that is both is listed once, as `tcp` (its
+/// subscribe opens the backend). Unlike nodefony, no `port` nor `domain`:
+/// where a backend runs is the operator's business, not the client's.
+pub struct ServiceMap {
+    /// `WSGATE_TCP_SERVICES`'s names.
+    pub tcp: Vec<String>,
+    /// The registered services, as this node's view of the directory has
+    /// them when asked (`Rpc::services`).
+    pub registered: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+}
+
+impl ServiceMap {
+    /// The map as JSON text.
+    pub fn render(&self) -> String {
+        let mut out = String::from("{");
+        let registered = (self.registered)();
+        let tcp = self.tcp.iter().map(|n| (n, "tcp"));
+        let others = registered
+            .iter()
+            .filter(|n| !self.tcp.contains(n))
+            .map(|n| (n, "service"));
+        for (name, kind) in tcp.chain(others) {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            // A serialised &str is always valid JSON.
+            out.push_str(&serde_json::to_string(name).unwrap_or_else(|_| "\"\"".into()));
+            out.push_str(":{\"type\":\"");
+            out.push_str(kind);
+            out.push_str("\"}");
+        }
+        out.push('}');
+        out
+    }
 }
 
 /// Bayeux deliveries and gap notices: rendered once per message for every
@@ -201,13 +250,21 @@ impl BayeuxConversation {
                     id: tag(),
                 }));
             }
-            Kind::Service { channel, .. } => {
-                out.push(&reply::failure(
+            Kind::Service { channel, data } => match channel::service_name(&channel) {
+                Some(service) => {
+                    flush(out, steps);
+                    steps.push(Step::Request(Request::ServicePublish {
+                        service: service.to_owned(),
+                        data: Bytes::from(String::from(Box::<str>::from(data)).into_bytes()),
+                        id: tag(),
+                    }));
+                }
+                None => out.push(&reply::failure(
                     Some(&channel),
                     id,
                     &Error::NoSuchService(&channel),
-                ));
-            }
+                )),
+            },
         }
     }
 
@@ -228,6 +285,16 @@ impl BayeuxConversation {
             AckKind::Unsubscribe => reply::unsubscribe,
         };
         for name in names {
+            if let Some(service) = channel::service_name(&name) {
+                flush(out, steps);
+                let service = service.to_owned();
+                let id = id.map(|i| i.json().get().to_owned());
+                steps.push(Step::Request(match kind {
+                    AckKind::Subscribe => Request::ServiceSubscribe { service, id },
+                    AckKind::Unsubscribe => Request::ServiceUnsubscribe { service, id },
+                }));
+                continue;
+            }
             let topic = match Subscription::parse(&name) {
                 Err(e) => {
                     out.push(&render(id, self.cid(), &name, Some(&e.error(&name))));
@@ -255,11 +322,10 @@ impl BayeuxConversation {
     }
 
     fn connect_reply(&self, id: Option<&Id>, advice: Option<&Advice>) -> String {
-        let data = self
-            .endpoint
-            .nodefony
-            .then(|| serde_json::from_str::<&RawValue>("{}").ok())
-            .flatten();
+        let map = self.endpoint.nodefony.as_ref().map(ServiceMap::render);
+        let data = map
+            .as_deref()
+            .and_then(|m| serde_json::from_str::<&RawValue>(m).ok());
         reply::connect(id, self.cid(), advice, None, data)
     }
 
@@ -281,6 +347,52 @@ impl BayeuxConversation {
             Refusal::Unavailable(_) => refused(503, refusal.message()),
         })
     }
+
+    /// The Bayeux error for a refused service request on `channel`, or
+    /// `None` when Bayeux counts it as done (opening a line already open,
+    /// closing one not open). A refusal naming a call error
+    /// (`docs/services.md`) takes that error's code: `404:<channel>:No such
+    /// service`, `413:<channel>:payload too large`, `429:<channel>:too many
+    /// calls in flight`...
+    fn service_refusal<'a>(
+        kind: ServiceOp,
+        refusal: &'a Refusal,
+        channel: &'a str,
+    ) -> Option<Error<'a>> {
+        let refused = |code, message| Error::Refused {
+            code,
+            args: channel,
+            message,
+        };
+        Some(match refusal {
+            Refusal::AlreadySubscribed | Refusal::NotSubscribed if kind != ServiceOp::Publish => {
+                return None
+            }
+            Refusal::NotSubscribed => refused(404, "not subscribed"),
+            Refusal::Other(text) => match call_error(text) {
+                Some(CallError::NoSuchService) => Error::NoSuchService(channel),
+                Some(e) => refused(u16::try_from(e.code()).unwrap_or(500), text),
+                None => refused(403, text),
+            },
+            _ => return Self::refusal(refusal, channel),
+        })
+    }
+}
+
+/// The call error whose text `text` is, if any (the session phrases a
+/// refused service request by its call error's text).
+fn call_error(text: &str) -> Option<CallError> {
+    [
+        CallError::NoSuchService,
+        CallError::NoSuchMethod,
+        CallError::Timeout,
+        CallError::ServiceGone,
+        CallError::Busy,
+        CallError::TooLarge,
+        CallError::Unavailable,
+    ]
+    .into_iter()
+    .find(|e| e.message() == text)
 }
 
 /// Moves the replies gathered so far into a step of their own, so that they
@@ -406,13 +518,33 @@ impl Conversation for BayeuxConversation {
                 }
                 batch.finish()
             }
+            Answer::ServiceAck {
+                kind,
+                service,
+                id,
+                error,
+            } => {
+                let name = format!("/service/{service}");
+                let id = untag(id);
+                let error = error.and_then(|r| Self::service_refusal(kind, r, &name));
+                let (id, error) = (id.as_ref(), error.as_ref());
+                wrap(&match kind {
+                    ServiceOp::Subscribe => reply::subscribe(id, self.cid(), &name, error),
+                    ServiceOp::Unsubscribe => reply::unsubscribe(id, self.cid(), &name, error),
+                    ServiceOp::Publish => reply::publish(id, &name, error),
+                })
+            }
+            Answer::ServiceData { service, id, data } => {
+                let name = format!("/service/{service}");
+                wrap(&reply::service_message(&name, untag(id).as_ref(), data))
+            }
+            Answer::ServiceEnded { service, reason } => {
+                reply::service_ended(&format!("/service/{service}"), self.cid(), reason)
+            }
             Answer::Pong { .. }
             | Answer::Refreshed { .. }
             | Answer::Revoked { .. }
-            | Answer::Called { .. }
-            | Answer::ServiceAck { .. }
-            | Answer::ServiceData { .. }
-            | Answer::ServiceEnded { .. } => return,
+            | Answer::Called { .. } => return,
         };
         out.push(Frame::text(text));
     }

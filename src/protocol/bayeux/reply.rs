@@ -111,7 +111,8 @@ pub enum Error<'a> {
     Forbidden(&'a str),
     /// `404:<channel>:Unknown channel`: a `/meta/` channel not in Bayeux.
     UnknownChannel(&'a str),
-    /// `404:<channel>:No such service`: `/service/**`, until services exist.
+    /// `404:<channel>:No such service`: a `/service/**` channel that names
+    /// no service of this gateway.
     NoSuchService(&'a str),
     /// `405:<channel>:Invalid channel`: not a channel name (or a publish to
     /// a wildcard).
@@ -334,6 +335,43 @@ pub fn publish(id: Option<&Id>, channel: &str, error: Option<&Error<'_>>) -> Str
     .render()
 }
 
+/// A message on a `/service/<name>` channel for one client: a line of its
+/// TCP backend or the JSON-RPC response to its call, `data` always a JSON
+/// string of `text`. A call's response names the publish it answers (`id`,
+/// with `"successful":true`), as a CometD server answers a remote call, so
+/// that cometd's `remoteCall` hands it to its callback; both clients take a
+/// message with `data` for a delivery (the publish was acknowledged
+/// before), never for an acknowledgement.
+pub fn service_message(channel: &str, id: Option<&Id>, text: &str) -> String {
+    let mut out = String::with_capacity(48 + channel.len() + text.len() * 5 / 4);
+    out.push_str("{\"channel\":");
+    push_json_str(&mut out, channel);
+    if let Some(id) = id {
+        out.push_str(",\"id\":");
+        out.push_str(id.json().get());
+        out.push_str(",\"successful\":true");
+    }
+    out.push_str(",\"data\":");
+    push_json_str(&mut out, text);
+    out.push('}');
+    out
+}
+
+/// What a client whose service line ended unasked reads, in order (one
+/// batch): a message on the channel whose `data` is the JSON text
+/// `{"error":<reason>}`, then an unsubscribe notice for the channel
+/// (`successful`, no `id`: no request of the client is answered), as
+/// nodefony sends when its backend socket ends.
+pub fn service_ended(channel: &str, client_id: &str, reason: &str) -> String {
+    let mut error = String::from("{\"error\":");
+    push_json_str(&mut error, reason);
+    error.push('}');
+    let mut batch = Batch::new();
+    batch.push(&service_message(channel, None, &error));
+    batch.push(&unsubscribe(None, client_id, channel, None));
+    batch.finish()
+}
+
 /// A refusal of any message on `channel` (`None`: the message had none
 /// readable), with the error's advice: `402 Unknown client` is answered this
 /// way on whatever channel it came, a refused handshake too.
@@ -514,6 +552,28 @@ mod tests {
 
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn service_messages() {
+        assert_eq!(
+            service_message("/service/random", None, "READY"),
+            r#"{"channel":"/service/random","data":"READY"}"#
+        );
+        assert_eq!(
+            service_message(
+                "/service/billing",
+                Id::from_json("5").as_ref(),
+                r#"{"id":7}"#
+            ),
+            r#"{"channel":"/service/billing","id":5,"successful":true,"data":"{\"id\":7}"}"#
+        );
+        assert_eq!(
+            service_ended("/service/random", CID, "service closed: the connection"),
+            format!(
+                r#"[{{"channel":"/service/random","data":"{{\"error\":\"service closed: the connection\"}}"}},{{"channel":"/meta/unsubscribe","successful":true,"clientId":"{CID}","subscription":"/service/random"}}]"#
+            )
+        );
     }
 
     #[test]
