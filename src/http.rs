@@ -61,6 +61,9 @@ pub fn routes(
     let ws = socket_route(app.clone(), conn.clone(), |a| {
         (Mount::Native, &a.config.ws_path)
     });
+    let services = socket_route(app.clone(), conn.clone(), |a| {
+        (Mount::Services, &a.config.services_path)
+    });
     let more = dialects::routes(app.clone(), conn.clone());
     let sse = sse_route(app.clone(), conn.clone());
     let bayeux = bayeux_routes(app.clone(), conn.clone());
@@ -111,6 +114,8 @@ pub fn routes(
             ws.or(bayeux)
                 .unify()
                 .or(more)
+                .unify()
+                .or(services)
                 .unify()
                 .or(sse)
                 .unify()

@@ -24,7 +24,9 @@ use prometheus::{
 /// answered 503 and closed), `connect_auth` (the connect backend refused)
 /// and `connect_auth_unavailable` (it gave no usable answer: 503). The pattern cost limits add theirs
 /// ([`crate::pattern_cost::REASONS`]).
-pub const REFUSAL_REASONS: [&str; 17] = [
+pub const REFUSAL_REASONS: [&str; 19] = [
+    "call_not_allowed",
+    "calls_in_flight",
     "connect_auth",
     "connect_auth_unavailable",
     "max_connections",
@@ -369,6 +371,12 @@ impl Metrics {
         for phase in HTTP_TIMEOUT_PHASES {
             self.http_timeouts.with_label_values(&[phase]).inc_by(0);
         }
+    }
+
+    /// Adds a collector of another module (the services router's) to this
+    /// server's registry; a duplicate name is ignored.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        let _ = self.registry.register(collector);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -368,6 +368,7 @@ impl Session {
             params: call.params,
             consumer: self.identity.as_ref().map(|i| i.subject.clone()),
             timeout: call.timeout.map_or(deadline, |t| t.min(deadline)),
+            responder: None,
         };
         let done = ctx.rpc.call(outgoing);
         let id = call.id;

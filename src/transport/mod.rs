@@ -16,6 +16,7 @@ pub mod admission;
 pub mod engineio;
 pub mod event_stream;
 pub mod polling;
+pub mod services;
 pub mod sse;
 pub mod websocket;
 

@@ -41,6 +41,9 @@ pub enum Mount {
     RoadRunner,
     /// SocketStream 0.4 (`WSGATE_SOCKETSTREAM_PATH`).
     SocketStream(Arc<socketstream::Endpoint>),
+    /// Service and consumer processes (`WSGATE_SERVICES_PATH`): not a
+    /// client session ([`super::services`]).
+    Services,
 }
 
 /// Answers the WebSocket handshake and starts the session once hyper hands
@@ -67,7 +70,7 @@ pub async fn upgrade(
     };
     let token = match &mount {
         Mount::Native | Mount::RoadRunner | Mount::SocketStream(_) => Token::AtConnect,
-        Mount::Bayeux(_) => Token::ByDialect,
+        Mount::Bayeux(_) | Mount::Services => Token::ByDialect,
     };
     let hello = Hello {
         method: &Method::GET,
@@ -81,6 +84,16 @@ pub async fn upgrade(
     };
     let client_ip = admitted.client_ip;
     let conv: Box<dyn Conversation> = match mount {
+        Mount::Services => {
+            return super::services::accept(
+                app,
+                admitted,
+                headers,
+                query,
+                upgrade,
+                switching(&accept),
+            )
+        }
         Mount::Native => Box::new(NativeConversation),
         Mount::Bayeux(endpoint) => {
             let token = auth::request_token(headers, query).ok();

@@ -16,6 +16,7 @@
 //! reached Redis. Every connection of the node (these two, and the Bayeux
 //! handoff store's) is opened by [`conn`]: the same URL forms and handshake.
 
+pub(crate) mod commands;
 pub(crate) mod conn;
 mod cover;
 mod publish;
