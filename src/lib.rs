@@ -34,6 +34,8 @@
 //! - [`protocol`]: the dialect contract (`Conversation`, `Render`, requests and
 //!   answers), the native JSON dialect and Bayeux.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
+//! - [`rpc`]: services: the directory of instances (Redis with leases, or
+//!   memory), calls routed across nodes over node channels, the events.
 //! - [`broker`]: the `Broker` trait; Redis and in-memory implementations.
 //! - [`handoff`]: fresh Bayeux sessions adoptable by exactly one node (Redis
 //!   `GETDEL`, or in memory).
@@ -45,12 +47,13 @@
 //!
 //! # What it does not do
 //!
-//! It stores nothing: Redis pub/sub is at-most-once, and so is wsgate (no
-//! history, no replay). It does not speak Redis Cluster's sharded pub/sub,
-//! TLS to Redis, or HTTP/2 WebSockets, and does not terminate TLS itself (put
-//! it behind a TLS proxy). Bayeux (Faye, CometD, nodefony) is served beside
-//! the native protocol; the other dialects (RoadRunner,
-//! realizehit, SocketStream) are not built yet. Security (tokens, ACLs, the
+//! It stores no messages: Redis pub/sub is at-most-once, and so is wsgate
+//! (no history, no replay; calls too are at most once, `docs/services.md`).
+//! It does not speak Redis Cluster's sharded pub/sub, TLS to Redis, or
+//! HTTP/2 WebSockets, and does not terminate TLS itself (put it behind a TLS
+//! proxy). Every dialect (native, Bayeux for Faye, CometD and nodefony,
+//! realizehit over Engine.IO, RoadRunner, SocketStream, SSE) is served by
+//! the same sessions (`docs/dialects/`). Security (tokens, ACLs, the
 //! callback, limits) is described in `docs/security.md`.
 
 pub mod acl;

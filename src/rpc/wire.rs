@@ -21,8 +21,10 @@ pub fn node_channel(id: &str) -> Bytes {
 /// The channel every node holds, for orders to all of them.
 pub const NODES_CHANNEL: &str = "wsgate:nodes";
 
-/// One message between nodes.
-#[derive(Debug, Serialize, Deserialize)]
+/// One message between nodes. Serialized with its tag `t`; read in two
+/// steps ([`Wire::decode`]), since serde's tagged enums buffer their
+/// content and a raw payload cannot be read from that buffer.
+#[derive(Debug, Serialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Wire {
     /// A call for an instance of the receiving node.
@@ -36,10 +38,10 @@ pub enum Wire {
         /// `service:method`.
         destination: String,
         /// Who calls.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         consumer: Option<String>,
         /// The caller's callback name, passed through.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         responder: Option<String>,
         /// Time left before the caller gives up.
         timeout_ms: u64,
@@ -51,10 +53,10 @@ pub enum Wire {
         /// The caller node's number for the call.
         seq: u64,
         /// The result, on success.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         payload: Option<Box<RawValue>>,
         /// The error, on failure.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<WireError>,
     },
     /// An order for every node's sessions.
@@ -202,7 +204,76 @@ impl Wire {
 
     /// Parses a node channel message; `None` for anything else.
     pub fn decode(bytes: &[u8]) -> Option<Wire> {
-        serde_json::from_slice(bytes).ok()
+        #[derive(Deserialize)]
+        struct Tag<'a> {
+            #[serde(borrow)]
+            t: &'a str,
+        }
+        #[derive(Deserialize)]
+        struct CallBody {
+            from: String,
+            seq: u64,
+            instance: String,
+            destination: String,
+            consumer: Option<String>,
+            responder: Option<String>,
+            timeout_ms: u64,
+            payload: Box<RawValue>,
+        }
+        #[derive(Deserialize)]
+        struct ReplyBody {
+            seq: u64,
+            payload: Option<Box<RawValue>>,
+            error: Option<WireError>,
+        }
+        #[derive(Deserialize)]
+        struct OrderBody {
+            from: String,
+            seq: u64,
+            command: WireCommand,
+        }
+        #[derive(Deserialize)]
+        struct CountBody {
+            seq: u64,
+            n: u64,
+        }
+        let tag: Tag<'_> = serde_json::from_slice(bytes).ok()?;
+        Some(match tag.t {
+            "call" => {
+                let b: CallBody = serde_json::from_slice(bytes).ok()?;
+                Wire::Call {
+                    from: b.from,
+                    seq: b.seq,
+                    instance: b.instance,
+                    destination: b.destination,
+                    consumer: b.consumer,
+                    responder: b.responder,
+                    timeout_ms: b.timeout_ms,
+                    payload: b.payload,
+                }
+            }
+            "reply" => {
+                let b: ReplyBody = serde_json::from_slice(bytes).ok()?;
+                Wire::Reply {
+                    seq: b.seq,
+                    payload: b.payload,
+                    error: b.error,
+                }
+            }
+            "order" => {
+                let b: OrderBody = serde_json::from_slice(bytes).ok()?;
+                Wire::Order {
+                    from: b.from,
+                    seq: b.seq,
+                    command: b.command,
+                }
+            }
+            "count" => {
+                let b: CountBody = serde_json::from_slice(bytes).ok()?;
+                Wire::Count { seq: b.seq, n: b.n }
+            }
+            _ => return None,
+        })
     }
 }
 
