@@ -5,6 +5,8 @@
 #   - calls-10k: 10,000 calls/s offered for 10 s, and the direct Redis round
 #     trip (PUBLISH, an echo subscriber PUBLISHing back) at the same rate and
 #     duration right before it; targets p99 <= 3x the direct p99, no errors;
+#   - calls-10k-concurrent: the same, the direct round trip measured at the
+#     same time as the calls (both under the same load);
 #   - calls-max: every caller keeps its window full for 10 s; target >= 20,000
 #     calls/s through the node pair.
 # Prints the JSON result lines and a table; the figures go to docs/benchmarks.md.
@@ -101,6 +103,8 @@ run() { # label, extra args...
 
 for round in $(seq 1 "$ROUNDS"); do
     run "calls-10k-r$round" --rate "$RATE" --check 'p99_ratio<=3' --check 'failed_calls==0'
+    run "calls-10k-concurrent-r$round" --rate "$RATE" --direct concurrent \
+        --check 'p99_ratio<=3' --check 'failed_calls==0'
     run "calls-max-r$round" --rate max --check 'calls_per_sec>=20000' --check 'failed_calls==0'
 done
 
@@ -117,8 +121,12 @@ if [[ ${CALLS_PERF:-0} == 1 ]]; then
         run "profile-calls-$mode" --rate "$rate" --direct off
         wait "$pa" "$pb" || true
         for n in a b; do
-            perf report -i "$WORK/perf-$mode-$n.data" --no-children --sort symbol --stdio 2>/dev/null |
-                grep -v '^#' | grep -v '^$' | head -40 >"$WORK/perf-$mode-$n.txt" || true
+            {
+                perf report -i "$WORK/perf-$mode-$n.data" --no-children --sort dso --stdio -g none
+                perf report -i "$WORK/perf-$mode-$n.data" --no-children --sort symbol --stdio -g none
+                perf report -i "$WORK/perf-$mode-$n.data" --children --sort symbol --stdio -g none
+            } 2>/dev/null | grep -v '^#' | grep '%' | awk 'NR<=8 || /\[k\]|\[\.\]/' |
+                head -120 | cut -c1-160 >"$WORK/perf-$mode-$n.txt" || true
         done
     done
     log "profiles: $WORK/perf-*.txt"
