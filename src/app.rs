@@ -70,6 +70,8 @@ pub struct App {
     pub rpc: crate::rpc::Rpc,
     /// `WSGATE_CALL_ALLOW`.
     pub call_allow: Arc<Acl>,
+    /// This node's sessions by user (the operator API's orders).
+    pub users: crate::session::Users,
     /// nodefony's TCP backends and the node's places for their connections.
     pub tcp: Arc<TcpBackends>,
 }
@@ -153,6 +155,7 @@ impl App {
             tcp,
             rpc,
             call_allow,
+            users: crate::session::Users::default(),
             realizehit,
             roadrunner_async: Arc::new(tokio::sync::Semaphore::new(ROADRUNNER_ASYNC_IN_FLIGHT)),
             socketstream,
@@ -203,6 +206,7 @@ impl App {
             call_allow: self.call_allow.clone(),
             max_call_bytes: self.config.max_call_bytes.get(),
             max_calls_in_flight: self.config.max_calls_in_flight.get(),
+            users: self.users.clone(),
             tcp: self.tcp.clone(),
             hub: self.hub.clone(),
             metrics: self.metrics.clone(),

@@ -11,6 +11,8 @@
 //! - `POST /publish`: publish one message or a batch through the broker;
 //!   with `WSGATE_API_KEY`, only with `Authorization: Bearer <key>` (401
 //!   before the body is read).
+//! - `POST /disconnect`, `POST /unsubscribe`: the operator API
+//!   ([`operator`]), behind the same key and body bound as `/publish`.
 //! - `GET /healthz` (process alive), `GET /readyz` (broker connected and
 //!   synced), `GET /metrics` (Prometheus text).
 //!
@@ -42,6 +44,7 @@ use crate::transport::websocket::{self, Mount};
 use crate::transport::{json, json_error, polling, unauthorised};
 
 mod dialects;
+mod operator;
 
 /// All routes, for one connection (`conn`: its peer and pending place).
 ///
@@ -68,6 +71,7 @@ pub fn routes(
     let sse = sse_route(app.clone(), conn.clone());
     let bayeux = bayeux_routes(app.clone(), conn.clone());
     let realizehit = realizehit_routes(app.clone(), conn);
+    let operator = operator::routes(app.clone());
     let publish = warp::path("publish").and(warp::path::end()).and(
         warp::post()
             .and(authorised_body(app.clone()))
@@ -122,6 +126,8 @@ pub fn routes(
                 .or(realizehit)
                 .unify()
                 .or(publish)
+                .unify()
+                .or(operator)
                 .unify()
                 .or(healthz)
                 .unify()

@@ -73,7 +73,9 @@ pub struct Metrics {
     registry: Registry,
     /// `wsgate_connections`: open WebSocket connections.
     pub connections: IntGauge,
-    /// `wsgate_local_subscriptions{kind}`: client subscriptions held on this node.
+    /// `wsgate_local_subscriptions{kind}`: subscriptions held on this node:
+    /// its clients', and the services router's eight channels
+    /// (`docs/services.md`).
     pub local_subscriptions: IntGaugeVec,
     /// `wsgate_broker_subscriptions{kind}`: distinct channels/patterns the
     /// broker holds for this node (after refcounting).

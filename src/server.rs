@@ -125,8 +125,9 @@ pub async fn run(
         handoff.clone(),
         rpc.clone(),
     ));
-    // Orders from other nodes (the operator API) for this node's sessions.
-    drop(node_orders);
+    // The operator API's orders (from any node, this one too) for this
+    // node's sessions.
+    let executor = tokio::spawn(crate::session::users::serve(app.users.clone(), node_orders));
 
     let mut accepting = Box::pin(accept_loop(&listener, &app));
     let stop = tokio::select! {
@@ -171,6 +172,7 @@ pub async fn run(
     hub.close();
     handoff.close();
     rpc.close();
+    executor.abort();
     info!("stopped");
     Ok(())
 }

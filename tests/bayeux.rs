@@ -416,9 +416,15 @@ impl Bus<'_> {
                 let addr = gw.addr;
                 for kind in ["pattern", "channel"] {
                     let series = format!("wsgate_broker_subscriptions{{kind=\"{kind}\"}}");
-                    wait_until(&format!("{series} = 0"), WAIT, || {
+                    // Nothing but the services router's channels.
+                    let own = if kind == "channel" {
+                        common::ROUTER_CHANNELS as f64
+                    } else {
+                        0.0
+                    };
+                    wait_until(&format!("{series} = {own}"), WAIT, || {
                         let series = series.clone();
-                        async move { metric_value(addr, &series).await.unwrap_or(0.0) == 0.0 }
+                        async move { metric_value(addr, &series).await.unwrap_or(0.0) == own }
                     })
                     .await;
                 }

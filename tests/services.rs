@@ -3,6 +3,8 @@
 //! (instance gone, node killed, no reply), refusals; on real Redis, and on
 //! the embedded broker.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -14,9 +14,10 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use common::node::Script;
-use common::{http, test_config, wait_until, Client, Gateway, Redis, WAIT};
+use common::{http, metric_value, test_config, wait_until, Client, Gateway, Redis, WAIT};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
+use wsgate::Config;
 
 const PATH: &str = "/socketstream";
 
@@ -122,11 +123,11 @@ async fn connect_discover_subscribe_and_deliver_byte_for_byte() {
         r#"1|5|{"e":{"message":"not subscribed"}}"#,
     )
     .await;
-    // Other services do not exist until the services registry does.
+    // Other methods are calls to services: this connection has no call right.
     exchange(
         &mut c,
         r#"1|6|{"m":"demo.square","p":[5]}"#,
-        r#"1|6|{"e":{"message":"no such service"}}"#,
+        r#"1|6|{"e":{"message":"not allowed"}}"#,
     )
     .await;
     d.expect_silence(Duration::from_millis(100)).await;
@@ -384,4 +385,179 @@ async fn a_prism_style_client_runs_the_handed_out_handlers_across_dialects() {
     drop(native);
     drop(road);
     redis.wait_numsub("room", 0).await;
+}
+
+/// An rpc call to an application service (`<service>.<method>`, the method
+/// may hold dots) is a call through the session: refused `not allowed`
+/// without a call right (`WSGATE_CALL_ALLOW` here), handed to the router
+/// with one (no instance registered: `no such service`), answered on its
+/// callback in rpc's `{"e":..}` shape, by raw frames and by the handed-out
+/// handler in Node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_to_a_service_is_a_call_with_the_call_rights() {
+    let redis = Redis::start().await;
+    let mut config = test_config(Some(redis.url()));
+    config.call_allow = vec!["billing:*".into()];
+    let gw = Gateway::start(config).await;
+    let mut c = ss(&gw).await;
+    for (frame, want) in [
+        (
+            r#"1|1|{"m":"billing.charge","p":[5]}"#,
+            r#"1|1|{"e":{"message":"no such service"}}"#,
+        ),
+        (
+            r#"1|2|{"m":"billing.charge.v2","p":[]}"#,
+            r#"1|2|{"e":{"message":"no such service"}}"#,
+        ),
+        (
+            r#"1|3|{"m":"payroll.run","p":[1]}"#,
+            r#"1|3|{"e":{"message":"not allowed"}}"#,
+        ),
+        (
+            r#"1||{"m":"payroll.run"}"#,
+            r#"1||{"e":{"message":"not allowed"}}"#,
+        ),
+        (
+            r#"1|4|{"m":"wsgate.publish","p":["x"]}"#,
+            r#"1|4|{"e":{"message":"no such method"}}"#,
+        ),
+        (
+            r#"1|5|{"m":"billing","p":[]}"#,
+            r#"1|5|{"e":{"message":"method \"billing\" must be <service>.<method>"}}"#,
+        ),
+        (
+            r#"1|6|{"m":"billing.charge","p":{"amount":5}}"#,
+            r#"1|6|{"e":{"message":"billing.charge takes its arguments as an array \"p\""}}"#,
+        ),
+    ] {
+        exchange(&mut c, frame, want).await;
+    }
+    assert_eq!(
+        metric_value(
+            gw.addr,
+            r#"wsgate_refused_total{reason="call_not_allowed"}"#
+        )
+        .await,
+        Some(2.0)
+    );
+    // The real client: an rpc error reaches no callback; the handler logs it.
+    let url = format!("ws://{}{PATH}", gw.addr);
+    let mut s = Script::spawn("socketstream_client.js", &["--url", &url]);
+    s.expect("ready").await;
+    s.send(json!({"cmd":"rpc","method":"billing.charge","params":[5],"ref":"b"}))
+        .await;
+    let logged = s.expect("console_error").await;
+    assert_eq!(logged["message"], "rpc billing.charge: no such service");
+    s.send(json!({"cmd":"rpc","method":"payroll.run","params":[],"ref":"p"}))
+        .await;
+    let logged = s.expect("console_error").await;
+    assert_eq!(logged["message"], "rpc payroll.run: not allowed");
+    let (status, _) = s.finish(WAIT).await;
+    assert!(status.success());
+    drop(c);
+    gw.stop().await;
+}
+
+/// The service key of the rpc tests' service process.
+const SERVICE_KEY: &str = "socketstream-test-service-key";
+
+/// rpc through the registry, across nodes: a service process registered on
+/// node A, the real Prism-style client on node B. The service receives the
+/// arguments as the client sent them; its result reaches the handed-out
+/// handler's callback as the responder's argument, its error reaches
+/// `console.error`; a method with dots is the method after the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_reaches_a_registered_service_on_another_node() {
+    let redis = Redis::start().await;
+    let mut config = test_config(Some(redis.url()));
+    config.call_allow = vec!["billing:*".into()];
+    config.service_key =
+        Config::from_vars([("WSGATE_SERVICE_KEY".to_owned(), SERVICE_KEY.to_owned())])
+            .unwrap()
+            .service_key;
+    let mut ca = config.clone();
+    ca.node_id = "ss-a".into();
+    let mut cb = config;
+    cb.node_id = "ss-b".into();
+    let a = Gateway::start(ca).await;
+    let b = Gateway::start(cb).await;
+    let bearer = format!("Bearer {SERVICE_KEY}");
+    let mut service = Client::try_connect(a.addr, "/services", &[("authorization", &bearer)])
+        .await
+        .unwrap_or_else(|r| panic!("service refused: {r:?}"));
+    service
+        .send_text(r#"{"type":"register","name":"billing","version":"1.0.0","methods":["charge","charge.v2"]}"#)
+        .await;
+    let registered: Value = serde_json::from_str(&service.recv_text().await).unwrap();
+    assert_eq!(registered["type"], "registered", "{registered}");
+    // Node B knows billing once a method it lacks is "no such method".
+    let mut probe = ss(&b).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for n in 1.. {
+        probe
+            .send_text(&format!(r#"1|{n}|{{"m":"billing.refund","p":[]}}"#))
+            .await;
+        let answer = probe.recv_text().await;
+        if answer == format!(r#"1|{n}|{{"e":{{"message":"no such method"}}}}"#) {
+            break;
+        }
+        assert_eq!(
+            answer,
+            format!(r#"1|{n}|{{"e":{{"message":"no such service"}}}}"#)
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node B never saw billing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let url = format!("ws://{}{PATH}", b.addr);
+    let mut s = Script::spawn("socketstream_client.js", &["--url", &url]);
+    s.expect("ready").await;
+    s.send(
+        json!({"cmd":"rpc","method":"billing.charge","params":[5,"eur",{"card":"4242"}],"ref":"c"}),
+    )
+    .await;
+    assert_eq!(
+        service.recv_text().await,
+        r#"{"type":"message","id":"1","destination":"billing:charge","payload":[5,"eur",{"card":"4242"}]}"#
+    );
+    service
+        .send_text(r#"{"type":"reply","id":"1","payload":{"charged":5,"currency":"eur"}}"#)
+        .await;
+    let replied = s.expect("rpc").await;
+    assert_eq!(
+        replied,
+        json!({"event":"rpc","ref":"c","args":[{"charged":5,"currency":"eur"}]})
+    );
+    // A method with a dot; the service's error.
+    s.send(json!({"cmd":"rpc","method":"billing.charge.v2","params":[],"ref":"v2"}))
+        .await;
+    assert_eq!(
+        service.recv_text().await,
+        r#"{"type":"message","id":"2","destination":"billing:charge.v2","payload":[]}"#
+    );
+    service
+        .send_text(r#"{"type":"reply","id":"2","error":{"code":402,"message":"card declined"}}"#)
+        .await;
+    let logged = s.expect("console_error").await;
+    assert_eq!(logged["message"], "rpc billing.charge.v2: card declined");
+    // By raw frames, the same byte for byte.
+    probe
+        .send_text(r#"1|90|{"m":"billing.charge","p":[1]}"#)
+        .await;
+    assert_eq!(
+        service.recv_text().await,
+        r#"{"type":"message","id":"3","destination":"billing:charge","payload":[1]}"#
+    );
+    service
+        .send_text(r#"{"type":"reply","id":"3","payload":"ok"}"#)
+        .await;
+    assert_eq!(probe.recv_text().await, r#"1|90|{"p":["ok"]}"#);
+    let (status, _) = s.finish(WAIT).await;
+    assert!(status.success());
+    drop((probe, service));
+    a.stop().await;
+    b.stop().await;
 }

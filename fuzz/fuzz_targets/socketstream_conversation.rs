@@ -10,7 +10,8 @@
 //! - every frame the conversation queues is `0|..`, `1|..` or `2|..` with a
 //!   JSON payload after its slots;
 //! - every request it makes, answered done and refused, renders such a
-//!   frame, and a delivery of the frame's bytes renders `2|{"e":..,"p":[..]}`
+//!   frame (a call's arguments are a JSON array, and its result or error
+//!   renders an rpc frame), and a delivery of the frame's bytes renders `2|{"e":..,"p":[..]}`
 //!   that a strict JSON reader accepts.
 
 #![no_main]
@@ -24,8 +25,9 @@ use wsgate::broker::{BrokerMessage, Topic};
 use wsgate::protocol::socketstream::frame::{self, Service};
 use wsgate::protocol::socketstream::{reply, Endpoint, SocketStreamConversation};
 use wsgate::protocol::{
-    Ack, AckKind, Answer, Conversation, Frame, Inbound, Refusal, Request, Step,
+    Ack, AckKind, Answer, Call, Conversation, Frame, Inbound, Refusal, Request, Step,
 };
+use wsgate::rpc::CallError;
 
 /// A frame the client reads: `<id>|[<cb>|]<json>`.
 fn check(frame: &Frame, what: &str) {
@@ -82,10 +84,31 @@ fuzz_target!(|data: &[u8]| {
             Step::Request(Request::Unsubscribe { topic, id }) => {
                 answer(&mut conv, AckKind::Unsubscribe, &topic, id.as_deref())
             }
+            Step::Request(Request::Call(call)) => called(&mut conv, &call),
             other => panic!("unexpected step {other:?}"),
         }
     }
 });
+
+/// A call's arguments are a JSON array; its end, a result or any error,
+/// renders an rpc frame.
+fn called(conv: &mut SocketStreamConversation, call: &Call) {
+    let args = serde_json::from_slice::<Value>(&call.params);
+    assert!(matches!(args, Ok(Value::Array(_))), "{call:?}");
+    assert!(!call.service.is_empty() && !call.method.is_empty() && call.service != "wsgate");
+    let failed = CallError::Failed {
+        code: 1,
+        message: "x\"|y".into(),
+    };
+    for outcome in [Ok(&call.params[..]), Err(&CallError::Timeout), Err(&failed)] {
+        let mut out = Vec::new();
+        let id = call.id.as_deref();
+        conv.answer(Answer::Called { id, outcome }, &mut out);
+        for f in &out {
+            check(f, "called");
+        }
+    }
+}
 
 fn answer(conv: &mut SocketStreamConversation, kind: AckKind, topic: &Topic, id: Option<&str>) {
     for error in [

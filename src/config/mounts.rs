@@ -54,7 +54,14 @@ pub fn mounted(config: &Config) -> Vec<(&'static str, String)> {
     // Services.
     paths.push(("WSGATE_SERVICES_PATH", config.services_path.clone()));
     // Built in.
-    for path in ["/publish", "/healthz", "/readyz", "/metrics"] {
+    for path in [
+        "/publish",
+        "/disconnect",
+        "/unsubscribe",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
         paths.push(("the built-in route", path.to_owned()));
     }
     paths
@@ -122,6 +129,10 @@ mod tests {
                 ("WSGATE_SOCKETSTREAM_PATH", "/rr-async"),
             ]),
             "WSGATE_ROADRUNNER_PUBLISH_PATH and WSGATE_SOCKETSTREAM_PATH both mount /rr-async: give each endpoint its own path"
+        );
+        assert_eq!(
+            refusal(&[("WSGATE_SSE_PATH", "/disconnect")]),
+            "WSGATE_SSE_PATH and the built-in route both mount /disconnect: give each endpoint its own path"
         );
         assert_eq!(
             refusal(&[("WSGATE_NODEFONY_PATH", "/metrics")]),

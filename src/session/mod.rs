@@ -62,11 +62,13 @@ pub mod control;
 pub mod link;
 mod requests;
 pub mod services;
+pub mod users;
 
 pub use clients::Clients;
-pub use control::{Control, Inbox};
+pub use control::{Control, Inbox, InboxSender};
 pub use link::{Attach, BoxSocket, Poll};
 pub use requests::{Outcome, Session};
+pub use users::Users;
 
 use link::{End, Io, Writer};
 
@@ -171,6 +173,8 @@ pub struct SessionContext {
     pub max_call_bytes: usize,
     /// Calls one connection may have waiting.
     pub max_calls_in_flight: usize,
+    /// This node's sessions by user, for the operator's orders.
+    pub users: Users,
     /// nodefony's TCP backends (`WSGATE_TCP_SERVICES`), their bounds and the
     /// node's places.
     pub tcp: Arc<services::TcpBackends>,
@@ -240,7 +244,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     ctx.metrics.connections.inc();
     let mut session = Session::new(member.clone(), ctx.subscribe_rate);
     if let Some(identity) = ctx.identity.take() {
-        session.set_identity(identity);
+        session.set_identity(&ctx, identity);
     }
     let mut items = VecDeque::new();
     let mut socket: Option<BoxSocket> = None;
@@ -594,7 +598,7 @@ fn take_steps(
                 ctx.metrics.malformed_frames.inc();
                 session.reply(frame);
             }
-            Step::Authenticated(identity) => session.set_identity(identity),
+            Step::Authenticated(identity) => session.set_identity(ctx, identity),
             Step::Bind(key) => fx.bind = Some(key),
             Step::Route(key) => {
                 fx.route = Some(key);
@@ -664,7 +668,7 @@ async fn act(
             if let Some(identity) = handoff::adopt(&ctx.handoff, &key).await {
                 if conv.adopt(&key) {
                     if let Some(identity) = identity {
-                        session.set_identity(identity);
+                        session.set_identity(ctx, identity);
                     }
                     bind(ctx, key, binding);
                     return Acted::Again(raw.to_owned());

@@ -24,6 +24,7 @@ use tracing::warn;
 use super::control::{Control, Inbox};
 use super::link::End;
 use super::services::{self, Lines, ServiceDone};
+use super::users::Registration;
 use super::{SessionContext, AUTHZ_UNAVAILABLE, BROKER_UNAVAILABLE, NOT_ALLOWED};
 use crate::auth::Identity;
 use crate::authz::{AuthzError, Decision, Question};
@@ -156,6 +157,8 @@ pub struct Session {
     identity: Option<Identity>,
     /// When the token expires: the socket is closed with 4001 then.
     expires_at: Option<tokio::time::Instant>,
+    /// Its entry among this node's sessions of its user, while it has one.
+    user: Option<Registration>,
 }
 
 /// Subscribe rate limit: `rate` tokens per second, holding at most `rate`.
@@ -209,6 +212,7 @@ impl Session {
             bucket: TokenBucket::new(subscribe_rate),
             expires_at: None,
             identity: None,
+            user: None,
         }
     }
 
@@ -412,8 +416,24 @@ impl Session {
     /// Takes `identity` and arms the expiry timer. An `exp` too far ahead to
     /// be represented as an instant (centuries) arms none, rather than
     /// overflowing.
-    pub fn set_identity(&mut self, identity: Identity) {
+    ///
+    /// The session is registered under the identity's subject for the
+    /// operator's orders ([`super::users`]), once per subject: a refresh
+    /// (same subject) keeps the registration.
+    pub fn set_identity(&mut self, ctx: &SessionContext, identity: Identity) {
         self.expires_at = tokio::time::Instant::now().checked_add(identity.remaining());
+        let registered = self
+            .user
+            .as_ref()
+            .is_some_and(|r| r.user() == identity.subject);
+        if !registered {
+            self.user = None;
+            if !identity.subject.is_empty() {
+                let inbox = self.inbox();
+                let id = self.member.id;
+                self.user = Some(ctx.users.register(&identity.subject, id, inbox));
+            }
+        }
         self.identity = Some(identity);
     }
 
@@ -956,7 +976,7 @@ impl Session {
         if !same_subject {
             return refused(self, conv, "token is for another subject");
         }
-        self.set_identity(identity);
+        self.set_identity(ctx, identity);
         self.answer(conv, Answer::Refreshed { id, error: None });
         let mut revoked: Vec<Topic> = self
             .held
@@ -1022,7 +1042,7 @@ impl Session {
 
     /// A sender to this session's inbox, for whoever will address it later
     /// (a TCP backend's reader, the operator's orders).
-    pub fn inbox(&mut self) -> tokio::sync::mpsc::Sender<Control> {
+    pub fn inbox(&mut self) -> super::control::InboxSender {
         self.inbox.sender()
     }
 
@@ -1065,8 +1085,9 @@ impl Session {
         None
     }
 
-    /// Leaves every topic: the connection is ending.
+    /// Leaves every topic, and its user's sessions: the connection is ending.
     pub fn leave(&mut self, ctx: &SessionContext) {
+        self.user = None;
         for (topic, held) in &self.held {
             if let Stage::Active(sub) = &held.stage {
                 sub.stop();

@@ -32,7 +32,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use super::control::Control;
+use super::control::{Control, InboxSender};
 use super::requests::{next_done, Session};
 use super::SessionContext;
 use crate::broker::Topic;
@@ -649,7 +649,7 @@ struct LineTask {
     service: String,
     line: u64,
     max: usize,
-    inbox: mpsc::Sender<Control>,
+    inbox: InboxSender,
     queued: mpsc::Receiver<Bytes>,
     closed: oneshot::Receiver<()>,
     /// This connection's place among `WSGATE_TCP_SERVICES_PER_NODE`, given

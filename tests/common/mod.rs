@@ -230,7 +230,9 @@ impl Redis {
         }
     }
 
-    /// `PUBSUB CHANNELS`: every exact channel with at least one subscriber.
+    /// `PUBSUB CHANNELS`: every exact channel with at least one subscriber,
+    /// except the services router's own ([`is_router_channel`]): what the
+    /// gateways hold for their clients.
     pub async fn channels(&self) -> Vec<String> {
         match self.cmd(&["PUBSUB", "CHANNELS"]).await {
             redis::Value::Array(v) => v
@@ -239,6 +241,7 @@ impl Redis {
                     redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
                     other => panic!("{other:?}"),
                 })
+                .filter(|c| !is_router_channel(c))
                 .collect(),
             other => panic!("CHANNELS reply {other:?}"),
         }
@@ -273,7 +276,13 @@ impl Redis {
     /// Redis checks PSUBSCRIBE against channel ACLs literally, so with `ok.*`
     /// even the pattern `ok.a*` is refused.
     pub async fn restricted_url(&self, channels: &[&str]) -> String {
-        let allowed: Vec<String> = channels.iter().map(|c| format!("&{c}")).collect();
+        // A gateway's own channels (the services router's) are always
+        // allowed, as docs/security.md tells operators to.
+        let allowed: Vec<String> = channels
+            .iter()
+            .chain(&["wsgate:*", "/wsgate/services/*"])
+            .map(|c| format!("&{c}"))
+            .collect();
         let mut args = vec!["ACL", "SETUSER", "limited", "on", ">pw", "resetchannels"];
         args.extend(allowed.iter().map(String::as_str));
         args.extend(["~*", "+@all"]);
@@ -281,7 +290,9 @@ impl Redis {
         format!("redis://limited:pw@127.0.0.1:{}", self.port)
     }
 
-    /// The `CLIENT LIST` lines of pub/sub connections, with their `sub=`/`psub=` counts.
+    /// The `CLIENT LIST` lines of pub/sub connections, with their `sub=`/`psub=`
+    /// counts; a gateway's (`wsgate:<node>:pubsub`) without the services
+    /// router's [`ROUTER_CHANNELS`], so the counts are its clients' share.
     pub async fn pubsub_clients(&self) -> Vec<(i64, i64)> {
         self.client_list()
             .await
@@ -293,7 +304,12 @@ impl Redis {
                         .and_then(|v| v.parse::<i64>().ok())
                         .unwrap_or(0)
                 };
-                let (sub, psub) = (field("sub="), field("psub="));
+                let gateway = line.split(' ').any(|kv| {
+                    kv.strip_prefix("name=wsgate:")
+                        .is_some_and(|n| n.ends_with(":pubsub"))
+                });
+                let router = if gateway { ROUTER_CHANNELS } else { 0 };
+                let (sub, psub) = ((field("sub=") - router).max(0), field("psub="));
                 (sub > 0 || psub > 0).then_some((sub, psub))
             })
             .collect()
@@ -362,6 +378,18 @@ impl RawSub {
             );
         }
     }
+}
+
+/// Channels every gateway node holds for its services router
+/// (`docs/services.md`): its node channel, the orders channel and the six
+/// event channels.
+pub const ROUTER_CHANNELS: i64 = 8;
+
+/// Whether `channel` is one of a node's router channels.
+pub fn is_router_channel(channel: &str) -> bool {
+    channel.starts_with("wsgate:node:")
+        || channel == "wsgate:nodes"
+        || channel.starts_with("/wsgate/services/")
 }
 
 // ---------------------------------------------------------------- gateway

@@ -13,6 +13,9 @@
 //   --subscribe was answered; {"event":"error","error":..}.
 // stdin: {"cmd":"rpc","method":"..","params":[..],"ref":".."} -> {"event":"rpc","ref":..,"args":[..]};
 //   end of input closes.
+// An rpc error reaches no callback: the handed-out handler logs it with
+// console.error (as SocketStream's rpc client did), printed here as
+// {"event":"console_error","message":".."}.
 
 import WebSocket from "ws";
 import { createRequire } from "node:module";
@@ -36,6 +39,8 @@ if (!url) {
     process.exit(64);
 }
 guard(maxMs);
+
+console.error = (...a) => emit({ event: "console_error", message: a.map(String).join(" ") });
 
 const ws = new WebSocket(url);
 // What realtime-service-client calls `services`: the connection it writes to.

@@ -32,13 +32,22 @@ WORKLOADS:
             TYPE pubsub: time from the kill to each client's `interrupted` (p50/p99/max),
             clients later `resumed`, lock holds during the outage. The gateway needs
             WSGATE_MAX_SUBSCRIPTIONS >= T and a high WSGATE_SUBSCRIBE_RATE
+  calls     request/response across two nodes: --services echo instances of service
+            `bench` on node A (--service-url ws://A/services), --callers native sockets
+            on node B (--url ws://B/ws) calling bench:echo at R calls/s in total (or
+            --rate max: every caller keeps its window full), at most --window in flight
+            per caller, for D seconds: calls/s, latency p50/p99/p999, errors by kind,
+            gateway CPU per call; and a direct Redis round trip at the same rate (a
+            PUBLISH whose subscriber PUBLISHes it back) and the ratio of the p99s.
+            The gateways need WSGATE_CALL_ALLOW=bench:echo and WSGATE_SERVICE_KEY
 
 OPTIONS:
   --url URL               gateway WebSocket URL; repeatable (sockets spread round-robin)
   --pid PID               gateway process id for CPU/RSS; repeatable, same order as --url
   --redis URL             Redis the gateways use (redis://127.0.0.1:PORT)
   --subscribers C         sockets for fanout/channels/cluster/idle/joinstorm/outage [1000]
-  --rate R                messages per second published [100]
+  --rate R                messages per second published [100]; calls: calls per second
+                          over all callers, or `max` (saturation) [10000]
   --messages M            messages to publish [R x duration]
   --payload-bytes N       published payload size, at least ~45 [100]
   --duration-secs D       publish time when --messages is absent; idle hold; churn time [10]
@@ -58,7 +67,18 @@ OPTIONS:
                           the topic. realizehit and roadrunner: channels only
   --connect-concurrency N connection attempts in flight [256]
   --connections N         churn: connections [100]
-  --window W              churn: requests in flight per connection [32]
+  --window W              churn: requests in flight per connection; calls: calls in
+                          flight per caller (<= WSGATE_MAX_CALLS_IN_FLIGHT) [32]
+  --callers N             calls: caller sockets on the --url gateways [8]
+  --services N            calls: service instances on the --service-url gateway [1]
+  --service-url URL       calls: the /services endpoint of node A (ws://HOST:PORT/services)
+  --service-pid PID       calls: node A's process id, for its CPU
+  --service-key KEY       calls: WSGATE_SERVICE_KEY (sent as Authorization: Bearer);
+                          default: the environment's WSGATE_SERVICE_KEY
+  --call-timeout-ms MS    calls: the timeout_ms each call asks for [none: the gateway's]
+  --direct MODE           calls: the direct Redis round trip, `before` the calls (same
+                          rate and duration), `concurrent` with them, or `off` [before;
+                          off with --rate max]
   --patterns P            resync: distinct patterns [1000]
   --per-conn N            resync: patterns per connection (<= WSGATE_MAX_SUBSCRIPTIONS and
                           WSGATE_MAX_PATTERNS_PER_CONNECTION; the gateway also needs
@@ -94,6 +114,7 @@ pub(crate) enum Workload {
     Resync,
     JoinStorm,
     Outage,
+    Calls,
 }
 
 impl Workload {
@@ -107,6 +128,7 @@ impl Workload {
             Workload::Resync => "resync",
             Workload::JoinStorm => "joinstorm",
             Workload::Outage => "outage",
+            Workload::Calls => "calls",
         }
     }
 }
@@ -178,6 +200,28 @@ impl Dialect {
                 .map(|(v, k)| format!("{k}:{v}"))
                 .collect::<Vec<_>>()
                 .join("|"),
+        }
+    }
+}
+
+/// When `calls` measures the direct Redis round trip it compares with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direct {
+    /// A phase of its own right before the calls: the same rate and
+    /// duration on an otherwise quiet machine (the harder baseline).
+    Before,
+    /// At the same time as the calls, sharing the cores with them.
+    Concurrent,
+    /// Not measured.
+    Off,
+}
+
+impl Direct {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Direct::Before => "before",
+            Direct::Concurrent => "concurrent",
+            Direct::Off => "off",
         }
     }
 }
@@ -261,6 +305,15 @@ pub(crate) struct Opts {
     pub(crate) threads: usize,
     pub(crate) label: String,
     pub(crate) checks: Vec<Check>,
+    /// calls: every caller keeps its window full instead of a paced rate.
+    pub(crate) saturate: bool,
+    pub(crate) callers: usize,
+    pub(crate) services: usize,
+    pub(crate) service_url: Option<String>,
+    pub(crate) service_pid: Option<u32>,
+    pub(crate) service_key: Option<String>,
+    pub(crate) call_timeout_ms: Option<u64>,
+    pub(crate) direct: Direct,
 }
 
 /// What the command line asks for.
@@ -302,6 +355,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         "resync" => Workload::Resync,
         "joinstorm" => Workload::JoinStorm,
         "outage" => Workload::Outage,
+        "calls" => Workload::Calls,
         "table" => {
             return match args.get(1..) {
                 Some([path]) => Ok(Command::Table(path.clone())),
@@ -314,7 +368,8 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut pids = Vec::new();
     let mut redis = None;
     let mut subscribers = 1000usize;
-    let mut rate = 100u64;
+    let mut rate = None;
+    let mut saturate = false;
     let mut messages = None;
     let mut payload_bytes = 100usize;
     let mut duration_secs = 10.0f64;
@@ -339,6 +394,13 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut threads = super::sys::nproc();
     let mut label = None;
     let mut checks = Vec::new();
+    let mut callers = 8usize;
+    let mut services = 1usize;
+    let mut service_url = None;
+    let mut service_pid = None;
+    let mut service_key = None;
+    let mut call_timeout_ms = None;
+    let mut direct = None;
 
     let mut it = args[1..].iter();
     while let Some(arg) = it.next() {
@@ -363,7 +425,11 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
             "--pid" => pids.push(num(flag, v)?),
             "--redis" => redis = Some(value.clone()),
             "--subscribers" => subscribers = num(flag, v)?,
-            "--rate" => rate = num(flag, v)?,
+            "--rate" if v == "max" => saturate = true,
+            "--rate" => {
+                rate = Some(num(flag, v)?);
+                saturate = false;
+            }
             "--messages" => messages = Some(num(flag, v)?),
             "--payload-bytes" => payload_bytes = num(flag, v)?,
             "--duration-secs" => duration_secs = num(flag, v)?,
@@ -411,6 +477,24 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
             "--threads" => threads = num(flag, v)?,
             "--label" => label = Some(value.clone()),
             "--check" => checks.push(Check::parse(v).map_err(UsageError)?),
+            "--callers" => callers = num(flag, v)?,
+            "--services" => services = num(flag, v)?,
+            "--service-url" => service_url = Some(value.clone()),
+            "--service-pid" => service_pid = Some(num(flag, v)?),
+            "--service-key" => service_key = Some(value.clone()),
+            "--call-timeout-ms" => call_timeout_ms = Some(num(flag, v)?),
+            "--direct" => {
+                direct = Some(match v {
+                    "before" => Direct::Before,
+                    "concurrent" => Direct::Concurrent,
+                    "off" => Direct::Off,
+                    _ => {
+                        return Err(UsageError(format!(
+                            "--direct {v:?}: before, concurrent or off"
+                        )))
+                    }
+                })
+            }
             _ => return Err(UsageError(format!("unknown option {flag:?}"))),
         }
     }
@@ -428,6 +512,25 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     if workload == Workload::Cluster && urls.len() < 2 {
         return bad("cluster needs two or more --url");
     }
+    if workload == Workload::Calls && service_url.is_none() {
+        return bad("calls needs --service-url (node A's /services endpoint)");
+    }
+    if saturate && workload != Workload::Calls {
+        return bad("--rate max is for calls");
+    }
+    if callers == 0 || services == 0 || call_timeout_ms == Some(0) {
+        return bad("--callers, --services and --call-timeout-ms must be >= 1");
+    }
+    let rate = rate.unwrap_or(if workload == Workload::Calls {
+        10_000
+    } else {
+        100
+    });
+    let direct = match direct {
+        Some(d) => d,
+        None if saturate => Direct::Off,
+        None => Direct::Before,
+    };
     if workload == Workload::Resync && restart_redis.is_some() == drop_pubsub {
         return bad("resync needs exactly one of --restart-redis CMD or --drop-pubsub");
     }
@@ -468,7 +571,8 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         | Workload::Idle
         | Workload::Churn
         | Workload::JoinStorm
-        | Workload::Outage => TopicKind::Channel,
+        | Workload::Outage
+        | Workload::Calls => TopicKind::Channel,
     });
     let topic_kind = if dialect.has_patterns() {
         topic_kind
@@ -517,6 +621,14 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         threads,
         label,
         checks,
+        saturate,
+        callers,
+        services,
+        service_url,
+        service_pid,
+        service_key,
+        call_timeout_ms,
+        direct,
     })))
 }
 
@@ -579,5 +691,59 @@ mod tests {
         ]
         .concat();
         assert!(opts(&rr_pattern).is_err());
+    }
+
+    #[test]
+    fn calls() {
+        let base = [
+            "calls",
+            "--url",
+            "ws://127.0.0.1:1/ws",
+            "--service-url",
+            "ws://127.0.0.1:2/services",
+            "--redis",
+            "redis://127.0.0.1:3",
+        ];
+        let o = opts(&base).ok();
+        assert_eq!(o.as_ref().map(|o| o.rate), Some(10_000));
+        assert_eq!(o.as_ref().map(|o| o.saturate), Some(false));
+        assert_eq!(o.as_ref().map(|o| o.direct), Some(Direct::Before));
+        assert_eq!(
+            o.as_ref().map(|o| (o.callers, o.services, o.window)),
+            Some((8, 1, 32))
+        );
+        let max = opts(&[&base[..], &["--rate", "max"]].concat()).ok();
+        assert_eq!(
+            max.as_ref().map(|o| (o.saturate, o.direct)),
+            Some((true, Direct::Off))
+        );
+        let both = [
+            &base[..],
+            &["--rate=max", "--direct", "concurrent", "--rate", "5"],
+        ]
+        .concat();
+        let both = opts(&both).ok();
+        assert_eq!(
+            both.map(|o| (o.saturate, o.rate, o.direct)),
+            Some((false, 5, Direct::Concurrent))
+        );
+        assert!(opts(&base[..5]).is_err(), "--redis is required");
+        assert!(
+            opts(&[&base[..3], &base[5..]].concat()).is_err(),
+            "--service-url too"
+        );
+        assert!(opts(&[&base[..], &["--direct", "after"]].concat()).is_err());
+        assert!(opts(&[&base[..], &["--callers", "0"]].concat()).is_err());
+        let fanout_max = [
+            "fanout",
+            "--url",
+            "ws://a:1/",
+            "--redis",
+            "r",
+            "--rate",
+            "max",
+        ];
+        assert!(opts(&fanout_max).is_err());
+        assert_eq!(opts(&fanout_max[..5]).map(|o| o.rate).ok(), Some(100));
     }
 }

@@ -7,10 +7,13 @@
 //! `PUBLISH` paced to a rate, takes latency from the send time carried in
 //! each payload (a byte scan, no JSON parse), and reads the gateway's CPU
 //! time and RSS from `/proc`. Every run is bounded in count and in time, and
-//! ends with one JSON line on stdout and a table on stderr. `--help` lists
-//! the workloads and options; `scripts/bench.sh` runs the standard suite.
+//! ends with one JSON line on stdout and a table on stderr. `calls` also
+//! plays the service processes of `/services` and a direct Redis round
+//! trip to compare calls with. `--help` lists the workloads and options; `scripts/bench.sh` runs the standard suite.
 
 mod bayeux;
+mod caller;
+mod calls;
 mod churn;
 mod cli;
 mod dialects;
@@ -24,6 +27,8 @@ mod rds;
 mod recv;
 mod report;
 mod resync;
+mod rtt;
+mod service;
 mod sse;
 mod sys;
 
@@ -81,6 +86,7 @@ fn run(opts: &Opts) -> Result<(), String> {
     let sockets = match opts.workload {
         Workload::Churn => opts.connections,
         Workload::Resync => opts.patterns.div_ceil(opts.per_conn),
+        Workload::Calls => opts.callers + opts.services + 8,
         _ => opts.subscribers,
     };
     if sockets as u64 + 64 > fd_soft {
@@ -126,6 +132,7 @@ fn run(opts: &Opts) -> Result<(), String> {
             Workload::Resync => resync::run(opts, &gateways, deadline).await,
             Workload::JoinStorm => joinstorm::run(opts, &gateways, deadline).await,
             Workload::Outage => outage::run(opts, &gateways, deadline).await,
+            Workload::Calls => calls::run(opts, &gateways, deadline).await,
         }
     });
     // Sockets still open are simply dropped.

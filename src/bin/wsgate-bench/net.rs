@@ -61,6 +61,34 @@ pub(crate) async fn connect(gw: &Gateway, src: Ipv4Addr, read_buffer: usize) -> 
     Ok(ws)
 }
 
+/// [`connect`], presenting `key` as `Authorization: Bearer <key>` on the
+/// upgrade (how a service process proves itself to `/services`).
+pub(crate) async fn connect_bearer(
+    gw: &Gateway,
+    src: Ipv4Addr,
+    read_buffer: usize,
+    key: Option<&str>,
+) -> Result<Ws, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{header, HeaderValue};
+    let mut req = gw
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("{}: {e}", gw.url))?;
+    if let Some(key) = key {
+        let value = HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| "the service key is not a valid header value".to_owned())?;
+        req.headers_mut().insert(header::AUTHORIZATION, value);
+    }
+    let stream = tcp(gw, src).await?;
+    let config = WebSocketConfig::default().read_buffer_size(read_buffer);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+        .await
+        .map_err(|e| format!("handshake {}: {e}", gw.url))?;
+    Ok(ws)
+}
+
 /// A TCP connection to `gw` from `src`, without delay.
 pub(crate) async fn tcp(gw: &Gateway, src: Ipv4Addr) -> Result<TcpStream, String> {
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
@@ -236,6 +264,56 @@ pub(crate) async fn metric_sum(gws: &[Gateway], names: &[&str]) -> Vec<f64> {
     out
 }
 
+/// Every sample whose metric name starts with one of `prefixes`, keyed by
+/// the sample's name and labels and summed over the gateways; histogram
+/// buckets are left out (their `_sum` and `_count` stay). For figures whose
+/// names the bench need not know in advance (the router's).
+pub(crate) async fn metrics_by_prefix(
+    gws: &[Gateway],
+    prefixes: &[&str],
+) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for gw in gws {
+        if let Ok(text) = http_get(gw.addr, "/metrics").await {
+            add_samples(&mut out, &text, prefixes);
+        }
+    }
+    out
+}
+
+fn add_samples(out: &mut std::collections::BTreeMap<String, f64>, text: &str, prefixes: &[&str]) {
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        if !prefixes.iter().any(|p| l.starts_with(p)) {
+            continue;
+        }
+        let Some((key, value)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let name = key.split('{').next().unwrap_or(key);
+        if name.ends_with("_bucket") {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *out.entry(key.to_owned()).or_default() += v;
+        }
+    }
+}
+
+/// What changed from `before` to `after` ([`metrics_by_prefix`] readings):
+/// the samples that moved, rounded to 6 decimals.
+pub(crate) fn metrics_delta(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> serde_json::Map<String, serde_json::Value> {
+    after
+        .iter()
+        .filter_map(|(k, a)| {
+            let d = a - before.get(k).copied().unwrap_or(0.0);
+            (d != 0.0).then(|| (k.clone(), serde_json::json!((d * 1e6).round() / 1e6)))
+        })
+        .collect()
+}
+
 /// The hub's registry-lock metrics of the gateways, at one moment:
 /// `wsgate_hub_lock_hold_max_seconds` (longest hold since start, max over
 /// gateways) and the `wsgate_hub_lock_hold_seconds` histogram (cumulative
@@ -387,6 +465,23 @@ mod tests {
         assert_eq!(source(0, 50, 0), Ipv4Addr::new(127, 0, 0, 1));
         assert_eq!(source(51, 50, 0), Ipv4Addr::new(127, 0, 0, 2));
         assert_eq!(source(300, 1000, 0), Ipv4Addr::new(127, 0, 1, 45));
+    }
+
+    #[test]
+    fn samples_by_prefix() {
+        let text = "# TYPE wsgate_calls_total counter\nwsgate_calls_total{outcome=\"ok\"} 5\n\
+                    wsgate_call_seconds_bucket{le=\"0.001\"} 3\nwsgate_call_seconds_count 5\n\
+                    wsgate_connections 2\n";
+        let mut a = std::collections::BTreeMap::new();
+        add_samples(&mut a, text, &["wsgate_call"]);
+        add_samples(&mut a, text, &["wsgate_call"]);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a["wsgate_calls_total{outcome=\"ok\"}"], 10.0);
+        let mut b = a.clone();
+        b.insert("wsgate_call_seconds_count".into(), 12.0);
+        let d = metrics_delta(&a, &b);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d["wsgate_call_seconds_count"], serde_json::json!(2.0));
     }
 
     #[test]

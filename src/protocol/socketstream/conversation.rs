@@ -6,8 +6,12 @@
 //!   session store, so a client's own id is never taken over); `discover`
 //!   lists rpc and pubsub with their client handlers.
 //! - rpc (1): `wsgate.subscribe` / `wsgate.unsubscribe` (one channel or
-//!   glob) become session requests answered on the call's callback; every
-//!   other method is `no such service` until the services registry exists.
+//!   glob) become session requests answered on the call's callback; any
+//!   other `<service>.<method>` is a [`Request::Call`] of the services
+//!   registry (the method is everything after the first dot), whose end is
+//!   answered on the callback: `{"p":[<result>]}` or `{"e":{"message":..}}`.
+//!   A subscription the server ends is told as the pubsub event
+//!   `wsgate:unsubscribed`.
 //! - pubsub (2): server pushes only. On open, the connection asks for
 //!   `WSGATE_SOCKETSTREAM_CHANNELS` ([`Conversation::open`]); a refusal of
 //!   one of those is told on the system service.
@@ -17,6 +21,8 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::frame::{self, Service};
@@ -24,7 +30,11 @@ use super::reply;
 use super::SocketStreamRender;
 use crate::broker::Topic;
 use crate::protocol::bayeux::client_id::ClientId;
-use crate::protocol::{Ack, Answer, Conversation, Frame, Inbound, Render, Request, Step};
+use crate::protocol::{Ack, Answer, Call, Conversation, Frame, Inbound, Render, Request, Step};
+use crate::rpc::CallError;
+
+/// The service name of wsgate's own rpc methods (`wsgate.subscribe`).
+const WSGATE: &str = "wsgate";
 
 /// What every SocketStream connection shares.
 #[derive(Debug, Default)]
@@ -114,8 +124,8 @@ impl SocketStreamConversation {
     }
 
     fn rpc(&mut self, callback: Option<u64>, payload: &str, steps: &mut Vec<Step>) {
-        let call = match object(Service::Rpc, payload) {
-            Ok(call) => call,
+        let message = match object(Service::Rpc, payload) {
+            Ok(message) => message,
             Err(why) => return malformed(steps, &why),
         };
         let refuse = |steps: &mut Vec<Step>, why: &str| {
@@ -123,18 +133,15 @@ impl SocketStreamConversation {
                 callback, why,
             ))));
         };
-        let Some(method) = call.get("m").and_then(Value::as_str) else {
+        let Some(method) = message.get("m").and_then(Value::as_str) else {
             return refuse(steps, "missing method name \"m\"");
         };
         let subscribe = match method {
             "wsgate.subscribe" => true,
             "wsgate.unsubscribe" => false,
-            _ => {
-                let text = reply::rpc_error(callback, "no such service");
-                return steps.push(Step::Reply(Frame::text(text)));
-            }
+            _ => return call(callback, method, payload, steps),
         };
-        let name = match call.get("p") {
+        let name = match message.get("p") {
             Some(Value::Array(params)) => match params.as_slice() {
                 [Value::String(name)] => Some(name.as_str()),
                 _ => None,
@@ -148,7 +155,7 @@ impl SocketStreamConversation {
             );
         };
         let topic = topic(name);
-        let id = Some(callback.map_or_else(String::new, |cb| cb.to_string()));
+        let id = Some(callback_id(callback));
         steps.push(Step::Request(if subscribe {
             Request::Subscribe {
                 topic,
@@ -159,6 +166,66 @@ impl SocketStreamConversation {
             Request::Unsubscribe { topic, id }
         }));
     }
+}
+
+/// The session's id of a request answered on `callback`: its number, or
+/// empty for an empty slot (answered with an empty slot).
+fn callback_id(callback: Option<u64>) -> String {
+    callback.map_or_else(String::new, |cb| cb.to_string())
+}
+
+/// The arguments of an rpc message, as the client wrote them.
+#[derive(Deserialize)]
+struct Arguments<'a> {
+    #[serde(borrow, default)]
+    p: Option<&'a RawValue>,
+}
+
+/// A call to an application service: `<service>.<method>` (the method may
+/// hold dots itself) with the arguments `p` (an array, kept as the JSON
+/// text the client sent), answered on the callback when the call ends.
+/// wsgate's own methods (`wsgate.*`) are never a service's.
+fn call(callback: Option<u64>, method: &str, payload: &str, steps: &mut Vec<Step>) {
+    let refuse = |steps: &mut Vec<Step>, why: &str| {
+        steps.push(Step::Malformed(Frame::text(reply::rpc_error(
+            callback, why,
+        ))));
+    };
+    let (service, name) = match method.split_once('.') {
+        Some((service, name)) if !service.is_empty() && !name.is_empty() => (service, name),
+        _ => {
+            return refuse(
+                steps,
+                &format!("method {method:?} must be <service>.<method>"),
+            )
+        }
+    };
+    if service == WSGATE {
+        let text = reply::rpc_error(callback, &CallError::NoSuchMethod.message());
+        return steps.push(Step::Reply(Frame::text(text)));
+    }
+    // Already read as an object by the caller: this second read only takes
+    // `p` as its raw text (serde_json would reorder an object's keys and
+    // round big numbers).
+    let params = match serde_json::from_str::<Arguments<'_>>(payload) {
+        Ok(Arguments { p: None }) => Bytes::from_static(b"[]"),
+        Ok(Arguments { p: Some(p) }) if p.get().starts_with('[') => {
+            Bytes::copy_from_slice(p.get().as_bytes())
+        }
+        Ok(_) | Err(_) => {
+            return refuse(
+                steps,
+                &format!("{method} takes its arguments as an array \"p\""),
+            )
+        }
+    };
+    steps.push(Step::Request(Request::Call(Call {
+        service: service.to_owned(),
+        method: name.to_owned(),
+        params,
+        id: Some(callback_id(callback)),
+        timeout: None,
+    })));
 }
 
 /// An error on the system service, for a frame that is not one.
@@ -209,27 +276,44 @@ impl Conversation for SocketStreamConversation {
     }
 
     fn answer(&mut self, answer: Answer<'_>, out: &mut Vec<Frame>) {
-        let Answer::Ack(Ack {
-            topic, id, error, ..
-        }) = answer
-        else {
-            return;
-        };
-        let text = match (id, error) {
-            // Asked on open: only a refusal is worth a word.
-            (None, None) => return,
-            (None, Some(refusal)) => {
-                let name = String::from_utf8_lossy(topic.name());
-                reply::error(&format!(
-                    "cannot subscribe to {name}: {}",
-                    refusal.message()
-                ))
+        let text = match answer {
+            Answer::Ack(ack) => match acked(&ack) {
+                Some(text) => text,
+                None => return,
+            },
+            Answer::Called { id, outcome } => {
+                let callback = id.and_then(|id| id.parse().ok());
+                match outcome {
+                    // The service's result is JSON text already (checked
+                    // where it entered the gateway): the responder's one
+                    // argument.
+                    Ok(result) => reply::rpc_result(callback, &String::from_utf8_lossy(result)),
+                    Err(e) => reply::rpc_error(callback, &e.message()),
+                }
             }
-            (Some(cb), None) => reply::rpc_result(cb.parse().ok(), "true"),
-            (Some(cb), Some(refusal)) => reply::rpc_error(cb.parse().ok(), refusal.message()),
+            Answer::Revoked { topic, reason } => reply::unsubscribed(topic, reason),
+            _ => return,
         };
         out.push(Frame::text(text));
     }
+}
+
+/// The answer to a subscribe or unsubscribe: on its callback, or (asked on
+/// open) a refusal on the system service.
+fn acked(ack: &Ack<'_>) -> Option<String> {
+    Some(match (ack.id, ack.error) {
+        // Asked on open: only a refusal is worth a word.
+        (None, None) => return None,
+        (None, Some(refusal)) => {
+            let name = String::from_utf8_lossy(ack.topic.name());
+            reply::error(&format!(
+                "cannot subscribe to {name}: {}",
+                refusal.message()
+            ))
+        }
+        (Some(cb), None) => reply::rpc_result(cb.parse().ok(), "true"),
+        (Some(cb), Some(refusal)) => reply::rpc_error(cb.parse().ok(), refusal.message()),
+    })
 }
 
 #[cfg(test)]
@@ -291,8 +375,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            reply_of(r#"1|4|{"m":"demo.square","p":[5]}"#),
-            r#"1|4|{"e":{"message":"no such service"}}"#
+            reply_of(r#"1|4|{"m":"wsgate.square","p":[5]}"#),
+            r#"1|4|{"e":{"message":"no such method"}}"#
         );
         assert_eq!(
             reply_of(r#"1|5|{"m":"wsgate.subscribe","p":[1]}"#),
@@ -319,6 +403,112 @@ mod tests {
         assert_eq!(
             reply_of(r#"0|1|{"c":"dance"}"#),
             r#"0||{"type":"error","message":"unknown system command \"dance\": expected connect or discover"}"#
+        );
+    }
+
+    /// The call a frame decodes to.
+    fn call_of(input: &str) -> Call {
+        match decode(input).as_slice() {
+            [Step::Request(Request::Call(call))] => call.clone(),
+            other => panic!("{input}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rpc_to_services_are_calls() {
+        let call =
+            call_of(r#"1|4|{"m":"billing.charge","p":[5, {"b":1,"a":12345678901234567890}]}"#);
+        assert_eq!(
+            call,
+            Call {
+                service: "billing".into(),
+                method: "charge".into(),
+                params: Bytes::from_static(br#"[5, {"b":1,"a":12345678901234567890}]"#),
+                id: Some("4".into()),
+                timeout: None,
+            }
+        );
+        // Dots after the first belong to the method.
+        let call = call_of(r#"1|5|{"m":"billing.charge.v2","p":[]}"#);
+        assert_eq!((&*call.service, &*call.method), ("billing", "charge.v2"));
+        // No arguments (or null) are an empty argument list; an empty slot an
+        // empty id.
+        let call = call_of(r#"1||{"m":"a.b"}"#);
+        assert_eq!(
+            (&call.params[..], call.id.as_deref()),
+            (&b"[]"[..], Some(""))
+        );
+        assert_eq!(&call_of(r#"1|6|{"m":"a.b","p":null}"#).params[..], b"[]");
+    }
+
+    #[test]
+    fn malformed_calls_are_answered_on_their_callback() {
+        for (input, want) in [
+            (
+                r#"1|7|{"m":"billing","p":[]}"#,
+                r#"1|7|{"e":{"message":"method \"billing\" must be <service>.<method>"}}"#,
+            ),
+            (
+                r#"1|8|{"m":".charge"}"#,
+                r#"1|8|{"e":{"message":"method \".charge\" must be <service>.<method>"}}"#,
+            ),
+            (
+                r#"1|9|{"m":"billing."}"#,
+                r#"1|9|{"e":{"message":"method \"billing.\" must be <service>.<method>"}}"#,
+            ),
+            (
+                r#"1|10|{"m":"billing.charge","p":5}"#,
+                r#"1|10|{"e":{"message":"billing.charge takes its arguments as an array \"p\""}}"#,
+            ),
+            (
+                r#"1|11|{"m":"billing.charge","p":{"x":1}}"#,
+                r#"1|11|{"e":{"message":"billing.charge takes its arguments as an array \"p\""}}"#,
+            ),
+        ] {
+            match decode(input).as_slice() {
+                [Step::Malformed(f)] => assert_eq!(f.as_text(), Some(want), "{input}"),
+                other => panic!("{input}: {other:?}"),
+            }
+        }
+    }
+
+    fn answered(answer: Answer<'_>) -> Vec<String> {
+        let mut out = Vec::new();
+        SocketStreamConversation::new(Arc::new(Endpoint::default())).answer(answer, &mut out);
+        out.iter()
+            .filter_map(|f| f.as_text().map(str::to_owned))
+            .collect()
+    }
+
+    #[test]
+    fn call_results_and_errors_are_rpc_replies() {
+        let ok = answered(Answer::Called {
+            id: Some("4"),
+            outcome: Ok(br#"{"charged":25}"#),
+        });
+        assert_eq!(ok, [r#"1|4|{"p":[{"charged":25}]}"#]);
+        let failed = CallError::Failed {
+            code: 402,
+            message: "card \"x\" declined".into(),
+        };
+        let err = answered(Answer::Called {
+            id: Some("5"),
+            outcome: Err(&failed),
+        });
+        assert_eq!(err, [r#"1|5|{"e":{"message":"card \"x\" declined"}}"#]);
+        let err = answered(Answer::Called {
+            id: Some(""),
+            outcome: Err(&CallError::NotAllowed),
+        });
+        assert_eq!(err, [r#"1||{"e":{"message":"not allowed"}}"#]);
+        let topic = Topic::Channel(Bytes::from_static(b"news"));
+        let revoked = answered(Answer::Revoked {
+            topic: &topic,
+            reason: "unsubscribed by the server",
+        });
+        assert_eq!(
+            revoked,
+            [r#"2|{"e":"wsgate:unsubscribed","p":["news","unsubscribed by the server"]}"#]
         );
     }
 }

@@ -14,6 +14,9 @@ pub const VERSION: &str = "0.0.1";
 pub const INTERRUPTED: &str = "wsgate:interrupted";
 /// The event of a gap notice's end.
 pub const RESUMED: &str = "wsgate:resumed";
+/// The event of a subscription the server ended (the operator API's
+/// `POST /unsubscribe`).
+pub const UNSUBSCRIBED: &str = "wsgate:unsubscribed";
 
 /// The client side of the rpc service, which `discover` hands out: calls
 /// `<service>.<method>` with the arguments, then the callback (a last
@@ -200,6 +203,17 @@ pub fn notice(notice: &Notice<'_>) -> String {
     format!("2|{body}")
 }
 
+/// A subscription the server ended, as a pubsub event:
+/// `2|{"e":"wsgate:unsubscribed","p":["<topic>","<reason>"]}`.
+pub fn unsubscribed(topic: &Topic, reason: &str) -> String {
+    let name = String::from_utf8_lossy(topic.name());
+    let body = to_json(&Event {
+        e: UNSUBSCRIBED,
+        p: (&*name, reason),
+    });
+    format!("2|{body}")
+}
+
 fn push_json_str(out: &mut String, s: &str) {
     if let Ok(quoted) = serde_json::to_string(s) {
         out.push_str(&quoted);
@@ -276,5 +290,10 @@ mod tests {
             reason: None,
         };
         assert_eq!(notice(&n), r#"2|{"e":"wsgate:resumed","p":[["a"]]}"#);
+        let pattern = Topic::Pattern(Bytes::from_static(b"news.*"));
+        assert_eq!(
+            unsubscribed(&pattern, "unsubscribed by the server"),
+            r#"2|{"e":"wsgate:unsubscribed","p":["news.*","unsubscribed by the server"]}"#
+        );
     }
 }
