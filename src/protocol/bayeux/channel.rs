@@ -178,8 +178,20 @@ pub fn service_name(name: &str) -> Option<&str> {
     is_segment(service.as_bytes()).then_some(service)
 }
 
+/// The services' event channels (`/wsgate/services/online`, ...,
+/// `docs/services.md`): the one part of `/wsgate/**` a client may subscribe
+/// to, by name or by a wildcard under it, and the only one delivered from
+/// Redis, to those subscriptions alone.
+pub const SERVICE_EVENTS: &str = "/wsgate/services/";
+
+/// Whether `name` is under [`SERVICE_EVENTS`].
+fn service_event(name: &[u8]) -> bool {
+    name.len() > SERVICE_EVENTS.len() && name.starts_with(SERVICE_EVENTS.as_bytes())
+}
+
 /// Channels under `/meta/`, `/service/` or `/wsgate/` are never delivered
-/// from Redis, whatever subscription covers them.
+/// from Redis, whatever subscription covers them (the services' events
+/// excepted, see [`delivers`]).
 fn reserved(channel: &[u8]) -> bool {
     [&b"/meta"[..], b"/service", b"/wsgate"]
         .iter()
@@ -241,6 +253,7 @@ impl Subscription {
                     wildcard: None,
                 })
             }
+            Class::Gateway if service_event(name.as_bytes()) => {}
             Class::Gateway => return Err(SubscribeError::Forbidden),
             Class::Broadcast => {}
         }
@@ -291,7 +304,9 @@ pub fn subscription_name(topic: &Topic) -> Cow<'_, str> {
 /// Does a message published on `channel`, which Redis delivered for `topic`,
 /// reach a Bayeux subscriber of that topic?
 ///
-/// - never for a channel under `/meta/`, `/service/` or `/wsgate/`;
+/// - never for a channel under `/meta/`, `/service/` or `/wsgate/`, except
+///   a services event (`/wsgate/services/<event>`) for a subscription under
+///   `/wsgate/services/`;
 /// - for an exact channel, when it is that channel;
 /// - for `/p/*` (Redis `/p/*`), when the channel is `/p/` plus exactly one
 ///   valid segment; for `/p/**` (Redis `/p/?*`), one or more valid segments;
@@ -301,7 +316,11 @@ pub fn subscription_name(topic: &Topic) -> Cow<'_, str> {
 /// allocation), so it runs once per message per render key.
 pub fn delivers(topic: &Topic, channel: &[u8]) -> bool {
     if reserved(channel) {
-        return false;
+        // An event reaches only subscriptions under the events' own prefix
+        // (never a root `/**`), then by the wildcard rules below.
+        if !(service_event(channel) && service_event(topic.name())) {
+            return false;
+        }
     }
     match topic {
         Topic::Channel(name) => name.as_ref() == channel,
@@ -527,5 +546,36 @@ mod tests {
         assert!(!delivers(&pat("/foo/?"), b"/foo/a"));
         // Non-UTF-8 bytes are not segment bytes.
         assert!(!delivers(&pat("/foo/*"), b"/foo/\xff"));
+    }
+
+    #[test]
+    fn the_services_events_are_the_one_part_of_wsgate_a_client_may_subscribe_to() {
+        let online = Subscription::parse("/wsgate/services/online").unwrap();
+        assert_eq!(
+            online.topic,
+            Some(Topic::Channel(Bytes::from_static(
+                b"/wsgate/services/online"
+            )))
+        );
+        let any = Subscription::parse("/wsgate/services/*").unwrap();
+        let any = any.topic.unwrap();
+        assert!(delivers(&any, b"/wsgate/services/offline"));
+        assert!(delivers(
+            &Topic::Channel(Bytes::from_static(b"/wsgate/services/online")),
+            b"/wsgate/services/online"
+        ));
+        // A root wildcard never receives them; the rest of /wsgate stays closed.
+        assert!(!delivers(
+            &Topic::Pattern(Bytes::from_static(b"/?*")),
+            b"/wsgate/services/online"
+        ));
+        assert_eq!(
+            Subscription::parse("/wsgate/other"),
+            Err(SubscribeError::Forbidden)
+        );
+        assert_eq!(
+            Subscription::parse("/wsgate/services"),
+            Err(SubscribeError::Forbidden)
+        );
     }
 }
