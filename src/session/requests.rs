@@ -335,31 +335,39 @@ impl Session {
         }
     }
 
+    /// Why a call to `destination` with `params` bytes may not go now, if
+    /// it may not (counted in `wsgate_refused_total`): the call rights
+    /// (`WSGATE_CALL_ALLOW` or the token's `call` claim), the size, this
+    /// connection's calls in flight (its own and its service lines').
+    pub(super) fn call_refusal(
+        &self,
+        ctx: &SessionContext,
+        destination: &str,
+        params: usize,
+    ) -> Option<CallError> {
+        let in_flight =
+            self.calls_in_flight() + self.lines.as_ref().map_or(0, |l| l.calls_in_flight());
+        let (reason, error) = if !self.may_call(ctx, destination) {
+            (Some("call_not_allowed"), CallError::NotAllowed)
+        } else if params > ctx.max_call_bytes {
+            (None, CallError::TooLarge)
+        } else if in_flight >= ctx.max_calls_in_flight {
+            (Some("calls_in_flight"), CallError::Busy)
+        } else {
+            return None;
+        };
+        if let Some(reason) = reason {
+            ctx.metrics.refused.with_label_values(&[reason]).inc();
+        }
+        Some(error)
+    }
+
     /// A call: checked against the call rights (`WSGATE_CALL_ALLOW` or the
     /// token's `call` claim), the size and this connection's calls in
     /// flight, then handed to the router; answered when it ends.
     fn call(&mut self, ctx: &SessionContext, conv: &mut dyn Conversation, call: Call) {
         let destination = format!("{}:{}", call.service, call.method);
-        let may = ctx.call_allow.allows_publish(destination.as_bytes())
-            || self
-                .identity
-                .as_ref()
-                .is_some_and(|id| id.call_acl.allows_publish(destination.as_bytes()));
-        let in_flight =
-            self.calls_in_flight() + self.lines.as_ref().map_or(0, |l| l.calls_in_flight());
-        let refusal = if !may {
-            Some((Some("call_not_allowed"), CallError::NotAllowed))
-        } else if call.params.len() > ctx.max_call_bytes {
-            Some((None, CallError::TooLarge))
-        } else if in_flight >= ctx.max_calls_in_flight {
-            Some((Some("calls_in_flight"), CallError::Busy))
-        } else {
-            None
-        };
-        if let Some((reason, error)) = refusal {
-            if let Some(reason) = reason {
-                ctx.metrics.refused.with_label_values(&[reason]).inc();
-            }
+        if let Some(error) = self.call_refusal(ctx, &destination, call.params.len()) {
             let refused = Answer::Called {
                 id: call.id.as_deref(),
                 outcome: Err(&error),

@@ -259,7 +259,7 @@ impl Session {
     }
 
     /// May this connection call `service:method`?
-    fn may_call(&self, ctx: &SessionContext, destination: &str) -> bool {
+    pub(super) fn may_call(&self, ctx: &SessionContext, destination: &str) -> bool {
         ctx.call_allow.allows_publish(destination.as_bytes())
             || self
                 .identity()
@@ -513,21 +513,7 @@ impl Session {
             }
         };
         let destination = format!("{service}:{}", call.method);
-        let in_flight =
-            self.calls_in_flight() + self.lines.as_ref().map_or(0, |l| l.calls_in_flight());
-        let error = if !self.may_call(ctx, &destination) {
-            Some((Some("call_not_allowed"), CallError::NotAllowed))
-        } else if call.params.len() > ctx.max_call_bytes {
-            Some((None, CallError::TooLarge))
-        } else if in_flight >= ctx.max_calls_in_flight {
-            Some((Some("calls_in_flight"), CallError::Busy))
-        } else {
-            None
-        };
-        if let Some((reason, error)) = error {
-            if let Some(reason) = reason {
-                ctx.metrics.refused.with_label_values(&[reason]).inc();
-            }
+        if let Some(error) = self.call_refusal(ctx, &destination, call.params.len()) {
             return refused(self, conv, refusal(&error));
         }
         self.service_ack(conv, ServiceOp::Publish, &service, id.as_deref(), None);
