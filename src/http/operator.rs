@@ -84,32 +84,11 @@ fn command(max_pattern_bytes: usize, name: &str, body: &[u8]) -> Result<NodeComm
         (None, Some(p)) => Topic::Pattern(Bytes::from(p)),
         _ => return Err(format!("give one of \"channel\" or \"pattern\": {usage}")),
     };
-    check_topic(&topic, max_pattern_bytes)?;
+    crate::session::validate(&topic, max_pattern_bytes)?;
     Ok(NodeCommand::Unsubscribe {
         user: user_of(body.user)?,
         topic,
     })
-}
-
-/// A name no connection could hold is refused, with the rule a subscribe
-/// breaks.
-fn check_topic(topic: &Topic, max_bytes: usize) -> Result<(), String> {
-    let (name, kind) = (topic.name(), topic.kind());
-    if name.is_empty() {
-        return Err(format!("invalid {kind}: empty"));
-    }
-    if name.len() > max_bytes {
-        return Err(format!(
-            "{kind} too long ({} bytes, max {max_bytes})",
-            name.len()
-        ));
-    }
-    if name.iter().any(|b| b.is_ascii_control()) {
-        return Err(format!(
-            "invalid {kind}: control characters are not allowed"
-        ));
-    }
-    Ok(())
 }
 
 /// Serves one order: read, sent to every node, answered with the count.

@@ -67,7 +67,7 @@ pub mod users;
 pub use clients::Clients;
 pub use control::{Control, Inbox, InboxSender};
 pub use link::{Attach, BoxSocket, Poll};
-pub use requests::{Outcome, Session};
+pub use requests::{validate, Outcome, Session};
 pub use users::Users;
 
 use link::{End, Io, Writer};

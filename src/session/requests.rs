@@ -1111,8 +1111,9 @@ impl Session {
     }
 }
 
-/// Checks a channel or pattern name against the server's rules.
-fn validate(topic: &Topic, max_bytes: usize) -> Result<(), String> {
+/// Checks a channel or pattern name against the server's rules (the
+/// operator API's orders are held to them too).
+pub fn validate(topic: &Topic, max_bytes: usize) -> Result<(), String> {
     let (name, kind) = (topic.name(), topic.kind());
     if name.is_empty() {
         return Err(format!("invalid {kind}: empty"));

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
 use super::{DirectoryError, Instance};
 use crate::broker::redis::commands::{CommandOptions, Commands};
@@ -237,9 +237,4 @@ impl RedisDirectory {
             other => Err(DirectoryError(format!("unexpected reply {other:?}"))),
         }
     }
-}
-
-/// The JSON of `instance`, for tests of the scripts' payloads.
-pub fn payload(instance: &Instance) -> Bytes {
-    Bytes::from(instance.to_json())
 }
