@@ -54,7 +54,15 @@ pub struct Outbox {
     /// Wakes the session when the outbox overflowed, even mid-write.
     overflow: Notify,
     limit: usize,
+    /// For a member that serves what it receives at once (the services
+    /// router): items go to this handler, on the pusher's thread, instead of
+    /// the queue, saving the hand-off to another task on every message.
+    inline: Option<Inline>,
 }
+
+/// What an inline outbox calls for every item, in order. It must be short
+/// and never block: it runs inside the hub's dispatcher.
+pub type Inline = Box<dyn Fn(Item) + Send + Sync>;
 
 struct Inner {
     frames: VecDeque<Item>,
@@ -102,6 +110,16 @@ impl Outbox {
             ready: Notify::new(),
             overflow: Notify::new(),
             limit,
+            inline: None,
+        }
+    }
+
+    /// An outbox that queues nothing: every frame and mark goes to
+    /// `handler` as it is pushed (it never overflows).
+    pub fn inline(handler: Inline) -> Outbox {
+        Outbox {
+            inline: Some(handler),
+            ..Outbox::new(usize::MAX)
         }
     }
 
@@ -156,6 +174,11 @@ impl Outbox {
         if inner.state != State::Open {
             return Pushed::Refused;
         }
+        if let Some(handler) = &self.inline {
+            drop(inner);
+            handler(Item::Frame(frame));
+            return Pushed::Queued;
+        }
         if inner.bytes + len > self.limit {
             inner.state = State::Overflowed;
             inner.frames = VecDeque::new();
@@ -181,7 +204,15 @@ impl Outbox {
     /// and one of a kind right after another of the same kind is redundant).
     pub fn mark(&self, kind: NoticeKind) {
         let mut inner = self.lock();
-        if inner.state != State::Open || inner.marks >= MAX_MARKS {
+        if inner.state != State::Open {
+            return;
+        }
+        if let Some(handler) = &self.inline {
+            drop(inner);
+            handler(Item::Mark(kind));
+            return;
+        }
+        if inner.marks >= MAX_MARKS {
             return;
         }
         if matches!(inner.frames.back(), Some(Item::Mark(k)) if *k == kind) {

@@ -5,13 +5,12 @@
 //! calls waiting on other nodes (`broker unavailable`); the resync reads the
 //! directory again. A second task renews this node's leases.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
-use tracing::{debug, error, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use super::directory::Instance;
 use super::process::ToProcess;
@@ -19,12 +18,9 @@ use super::wire::{node_channel, Wire, NODES_CHANNEL};
 use super::{lock, CallError, Event, Rpc};
 use crate::broker::{BrokerMessage, Topic};
 use crate::hub::{Joined, Member, Sub};
-use crate::outbox::{Item, Outbox, State};
+use crate::outbox::{Item, Outbox};
 use crate::protocol::{Frame, Notice, NoticeKind, Render};
 
-/// Bytes the router's queue may hold before it counts as overflowed (then
-/// it joins the hub afresh).
-const QUEUE_BYTES: usize = 256 << 20;
 /// Pause before holding a topic again after the broker refused it.
 const RETRY: Duration = Duration::from_millis(200);
 
@@ -87,37 +83,27 @@ fn topics(rpc: &Rpc) -> Vec<Topic> {
 async fn serve(rpc: Rpc) {
     let mut closing = rpc.shared().closing.subscribe();
     let hub = rpc.shared().hub.clone();
-    loop {
-        let render = Arc::new(NodeRender {
-            own: node_channel(&rpc.shared().node_id),
-        });
-        let member = hub.join_node(Arc::new(Outbox::new(QUEUE_BYTES)), render);
-        let holding = futures_util::future::join_all(
-            topics(&rpc).into_iter().map(|t| hold(&rpc, &member, t)),
-        );
-        let held = tokio::select! {
-            held = holding => held,
-            _ = closing.wait_for(|c| *c) => Vec::new(),
-        };
-        let overflowed = if *closing.borrow() {
-            false
-        } else {
-            drain(&rpc, &member, &mut closing).await
-        };
-        for (topic, sub) in &held {
-            sub.stop();
-            hub.unsubscribe(member.id, topic, Some(sub));
-        }
-        hub.leave_node(member.id);
-        member.outbox.close();
-        if !overflowed {
-            return;
-        }
-        error!("the router's queue overflowed: joining the hub again");
-        rpc.shared()
-            .calls
-            .fail_remote(&rpc.shared().node_id, &CallError::Unavailable);
+    let render = Arc::new(NodeRender {
+        own: node_channel(&rpc.shared().node_id),
+    });
+    // The member's items are served inside the dispatcher, as they come:
+    // a call or a reply costs no hand-off to this task.
+    let inline = rpc.clone();
+    let outbox = Outbox::inline(Box::new(move |item| served(&inline, item)));
+    let member = hub.join_node(Arc::new(outbox), render);
+    let holding =
+        futures_util::future::join_all(topics(&rpc).into_iter().map(|t| hold(&rpc, &member, t)));
+    let held = tokio::select! {
+        held = holding => held,
+        _ = closing.wait_for(|c| *c) => Vec::new(),
+    };
+    let _ = closing.wait_for(|c| *c).await;
+    for (topic, sub) in &held {
+        sub.stop();
+        hub.unsubscribe(member.id, topic, Some(sub));
     }
+    hub.leave_node(member.id);
+    member.outbox.close();
 }
 
 /// Holds `topic` for `member` until it is active.
@@ -151,40 +137,20 @@ async fn hold(rpc: &Rpc, member: &Arc<Member>, topic: Topic) -> (Topic, Arc<Sub>
     }
 }
 
-/// Serves what the member receives until the router closes (`false`) or
-/// its queue overflows (`true`).
-async fn drain(
-    rpc: &Rpc,
-    member: &Arc<Member>,
-    closing: &mut tokio::sync::watch::Receiver<bool>,
-) -> bool {
-    let mut batch = VecDeque::new();
-    loop {
-        match member.outbox.take(&mut batch) {
-            State::Open => {}
-            State::Overflowed => return true,
-            State::Closed => return false,
+/// One item for the router, on the dispatcher's thread.
+fn served(rpc: &Rpc, item: Item) {
+    match item {
+        Item::Frame(Frame::Binary(frame)) => received(rpc, &frame),
+        Item::Frame(_) => {}
+        Item::Mark(NoticeKind::Interrupted) => {
+            // Replies may be lost while the link is down.
+            rpc.shared()
+                .calls
+                .fail_remote(&rpc.shared().node_id, &CallError::Unavailable);
         }
-        for item in batch.drain(..) {
-            match item {
-                Item::Frame(Frame::Binary(frame)) => received(rpc, &frame),
-                Item::Frame(_) => {}
-                Item::Mark(NoticeKind::Interrupted) => {
-                    // Replies may be lost while the link is down.
-                    rpc.shared()
-                        .calls
-                        .fail_remote(&rpc.shared().node_id, &CallError::Unavailable);
-                }
-                Item::Mark(NoticeKind::Resumed) => {
-                    let rpc = rpc.clone();
-                    tokio::spawn(async move { rpc.refresh(None).await });
-                }
-            }
-        }
-        tokio::select! {
-            biased;
-            _ = closing.wait_for(|c| *c) => return false,
-            () = member.outbox.ready() => {}
+        Item::Mark(NoticeKind::Resumed) => {
+            let rpc = rpc.clone();
+            tokio::spawn(async move { rpc.refresh(None).await });
         }
     }
 }
