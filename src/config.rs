@@ -298,6 +298,10 @@ pub struct Config {
     /// `WSGATE_REQUIRE_ORIGIN`: `true` refuses upgrades without an `Origin`
     /// header (non-browser clients). Default `false`.
     pub require_origin: bool,
+    /// `WSGATE_DIRECT_WRITES`: `on` (default) lets the dispatcher write
+    /// deliveries straight to an idle WebSocket (`docs/design.md`, "The
+    /// direct write path"); `off` keeps every write in the session's task.
+    pub direct_writes: bool,
     /// `WSGATE_MAX_CONNECTIONS_PER_IP`: open WebSocket connections per client
     /// address (IPv6: per /64). Default: unset, no limit.
     pub max_connections_per_ip: Option<NonZeroUsize>,
@@ -439,6 +443,7 @@ impl Default for Config {
             api_key: None,
             allowed_origins: None,
             require_origin: false,
+            direct_writes: true,
             max_connections_per_ip: None,
             new_connections_per_ip_per_sec: None,
             trusted_proxies: Vec::new(),
@@ -533,6 +538,7 @@ struct RawConfig {
     api_key: Option<String>,
     allowed_origins: Option<String>,
     require_origin: Option<String>,
+    direct_writes: Option<String>,
     max_connections_per_ip: Option<String>,
     new_connections_per_ip_per_sec: Option<String>,
     trusted_proxies: Option<String>,
@@ -690,6 +696,17 @@ impl Config {
                     (!origins.iter().any(|o| o == "*")).then_some(origins)
                 }
             },
+            direct_writes: parse_or(
+                raw.direct_writes,
+                d.direct_writes,
+                "WSGATE_DIRECT_WRITES",
+                |v| match v {
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    _ => None,
+                },
+                "on or off",
+            )?,
             require_origin: parse_or(
                 raw.require_origin,
                 d.require_origin,
@@ -1471,6 +1488,11 @@ const HELP: &[Help] = &[
         "allowed_origins",
         "",
         "comma-separated origins allowed to open sockets, or *",
+    ),
+    help(
+        "direct_writes",
+        "on",
+        "on: the dispatcher writes deliveries straight to idle sockets; off: the session task writes",
     ),
     help(
         "require_origin",

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{Broker, BrokerEvent, BrokerMessage, CoveredMessage, Topic, MAX_BATCH};
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, Pushed};
+use crate::outbox::{Out, Outbox, Pushed};
 use crate::pattern_cost::Refusal;
 use crate::protocol::{Frame, Notice, NoticeKind, Render};
 use publishes::Publishes;
@@ -465,7 +465,7 @@ impl Shared {
     /// subscribers are told instead.
     /// `publish` numbers the publish the message belongs to
     /// ([`publishes`]): a member that takes one message per publish gets it once.
-    fn deliver(&self, msg: &BrokerMessage, seq: u64, publish: u64) {
+    fn deliver(&self, msg: &BrokerMessage, seq: u64, publish: u64, touched: &mut Vec<Arc<Member>>) {
         let Some(subs) = self.lock().receivers(&msg.topic) else {
             return;
         };
@@ -481,8 +481,14 @@ impl Shared {
                 continue;
             }
             let once = sub.once.then_some(publish);
-            if sub.member.outbox.push_live(frame, sub.since(), seq, once) == Pushed::Overflowed {
-                self.metrics.slow_consumer_closes.inc();
+            match sub
+                .member
+                .outbox
+                .push_deferred(frame, sub.since(), seq, once)
+            {
+                Pushed::Overflowed => self.metrics.slow_consumer_closes.inc(),
+                Pushed::Deferred => touched.push(sub.member.clone()),
+                Pushed::Queued | Pushed::Refused => {}
             }
         }
         if too_large {
@@ -534,12 +540,31 @@ impl Renders {
 }
 
 impl Shared {
+    /// Writes the direct outboxes a batch filled: what the batch brought
+    /// for a socket goes out in one write. Where the socket was full or a
+    /// gap mark waits, its session is woken to finish.
+    fn write_out(&self, touched: &mut Vec<Arc<Member>>) {
+        for member in touched.drain(..) {
+            let (frames, out) = member.outbox.write_out();
+            self.metrics.frames_out.inc_by(frames);
+            if out != Out::Done {
+                member.outbox.wake();
+            }
+        }
+    }
+
     /// A message that came through a Redis pattern standing for several
     /// client patterns: delivered to each that matches, as Redis itself
     /// would have decided (`crate::pattern` is its matcher byte for byte).
     /// Each matching pattern is one subscription, rendered once per dialect,
     /// exactly as if Redis had sent one `pmessage` per pattern.
-    fn deliver_covered(&self, msg: &CoveredMessage, seq: u64, publish: u64) {
+    fn deliver_covered(
+        &self,
+        msg: &CoveredMessage,
+        seq: u64,
+        publish: u64,
+        touched: &mut Vec<Arc<Member>>,
+    ) {
         for pattern in msg.patterns.iter() {
             if *pattern == msg.via || crate::pattern::matches(pattern, &msg.channel) {
                 let one = BrokerMessage {
@@ -547,7 +572,7 @@ impl Shared {
                     channel: msg.channel.clone(),
                     payload: msg.payload.clone(),
                 };
-                self.deliver(&one, seq, publish);
+                self.deliver(&one, seq, publish, touched);
             }
         }
     }
@@ -630,6 +655,8 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
     let mut closing = shared.closing.subscribe();
     let mut batch = Vec::with_capacity(DISPATCH_BATCH);
     let mut publishes = Publishes::default();
+    // Direct outboxes given deliveries in this batch, written at its end.
+    let mut touched = Vec::new();
     loop {
         let n = tokio::select! {
             n = events.recv_many(&mut batch, DISPATCH_BATCH) => n,
@@ -646,15 +673,16 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
                         Topic::Channel(_) => None,
                     };
                     let publish = publishes.number(pattern, &msg.channel, &msg.payload);
-                    shared.deliver(&msg, shared.next_seq(), publish);
+                    shared.deliver(&msg, shared.next_seq(), publish, &mut touched);
                 }
                 BrokerEvent::Covered(msg) => {
                     let publish = publishes.number(Some(&msg.via), &msg.channel, &msg.payload);
-                    shared.deliver_covered(&msg, shared.next_seq(), publish);
+                    shared.deliver_covered(&msg, shared.next_seq(), publish, &mut touched);
                 }
                 BrokerEvent::Gap(topics) => shared.gap(topics, "messages dropped: node overloaded"),
                 state => shared.link_event(state),
             }
         }
+        shared.write_out(&mut touched);
     }
 }

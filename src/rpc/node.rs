@@ -141,7 +141,7 @@ async fn hold(rpc: &Rpc, member: &Arc<Member>, topic: Topic) -> (Topic, Arc<Sub>
 fn served(rpc: &Rpc, item: Item) {
     match item {
         Item::Frame(Frame::Binary(frame)) => received(rpc, &frame),
-        Item::Frame(_) => {}
+        Item::Frame(_) | Item::Raw(_) => {}
         Item::Mark(NoticeKind::Interrupted) => {
             // Replies may be lost while the link is down.
             rpc.shared()

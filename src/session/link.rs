@@ -10,6 +10,7 @@ use std::task::{ready, Context, Poll as TaskPoll};
 use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -18,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tracing::debug;
 
 use super::CLOSE_SLOW_CONSUMER;
+use crate::outbox::{Out, Outbox};
 use crate::protocol::Frame;
 
 /// How long a closing handshake may take before the socket is just dropped:
@@ -203,6 +205,52 @@ pub async fn finish(ws: &mut BoxSocket, mut writer: Writer, rest: VecDeque<Frame
             }
         }
         ws.send(Message::Close(Some(frame))).await?;
+        while let Some(msg) = ws.next().await {
+            msg?;
+        }
+        Ok::<(), WsError>(())
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, handshake).await;
+}
+
+/// [`finish`] for a socket whose outbox writes itself: what is queued goes
+/// out first, then the close frame (the library frames it into the
+/// outbox), each write waiting for the socket to drain, all within
+/// [`CLOSE_GRACE`] (a slow consumer's queue holds at most the rest of a
+/// frame begun before it overflowed).
+pub async fn finish_direct(ws: &mut BoxSocket, outbox: &Outbox, stream: &TcpStream, end: End) {
+    let close = match end {
+        End::Gone => return,
+        // The library queued its echo of the client's close: flushing it
+        // hands it to the outbox.
+        End::ClientClosed => None,
+        End::Close(code, reason) => Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into_owned().into(),
+        }),
+    };
+    if !outbox.reopen_for_close() {
+        return;
+    }
+    let handshake = async {
+        match close {
+            Some(frame) => ws.send(Message::Close(Some(frame))).await?,
+            None => ws.flush().await?,
+        }
+        loop {
+            match outbox.write_out().1 {
+                Out::Done => break,
+                Out::Blocked => {
+                    stream.writable().await?;
+                    outbox.unblock();
+                }
+                // Nobody renders notices any more.
+                Out::Mark => {
+                    outbox.take_mark();
+                }
+                Out::Failed => return Ok(()),
+            }
+        }
         while let Some(msg) = ws.next().await {
             msg?;
         }

@@ -42,7 +42,9 @@ use std::task::Poll as TaskPoll;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
 use crate::acl::Acl;
@@ -52,13 +54,14 @@ use crate::handoff::{self, Handoff, Record};
 use crate::hub::Hub;
 use crate::limits::IpSlot;
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, State};
+use crate::outbox::{Out, Outbox, State};
 use crate::pattern_cost::PatternLimits;
 use crate::protocol::{Answer, Conversation, Frame, Inbound, Step};
 use crate::shutdown::Phase;
 
 pub mod clients;
 pub mod control;
+pub mod direct;
 pub mod link;
 mod requests;
 pub mod services;
@@ -184,6 +187,8 @@ pub struct SessionContext {
 pub enum Link {
     /// An upgraded WebSocket.
     Socket(BoxSocket),
+    /// An upgraded WebSocket whose outbox writes it directly.
+    Direct(direct::Direct),
     /// A long-poll (a Bayeux handshake over HTTP).
     Poll(Poll),
 }
@@ -238,9 +243,21 @@ const MAX_POLLS: usize = 4;
 
 /// Runs a session until it ends.
 pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionContext) {
-    let member = ctx
-        .hub
-        .join_node(Arc::new(Outbox::new(ctx.queue_bytes)), conv.render());
+    let (outbox, first) = match first {
+        Link::Direct(d) => {
+            let stream = Arc::new(d.stream);
+            let outbox = Arc::new(Outbox::direct(ctx.queue_bytes, stream.clone()));
+            let io = direct::SplitIo::new(stream, d.prefix, outbox.clone());
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(d.config)).await;
+            (outbox, Link::Socket(Box::new(ws)))
+        }
+        link => (Arc::new(Outbox::new(ctx.queue_bytes)), link),
+    };
+    let member = ctx.hub.join_node(outbox, conv.render());
+    // The socket the outbox writes itself, if it does; `blocked` while it is
+    // full and the session waits for it to drain.
+    let direct = member.outbox.stream().cloned();
+    let mut blocked = false;
     ctx.metrics.connections.inc();
     let mut session = Session::new(member.clone(), ctx.subscribe_rate);
     if let Some(identity) = ctx.identity.take() {
@@ -256,6 +273,7 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     let mut first_text = None;
     match first {
         Link::Socket(s) => socket = Some(s),
+        Link::Direct(_) => {}
         Link::Poll(poll) => {
             serials += 1;
             first_text = Some((poll.text, serials));
@@ -454,10 +472,22 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
                     }
                 }
             },
+            _ = writable(&direct), if blocked => {
+                member.outbox.unblock();
+                match write_direct(&ctx, &mut session) {
+                    Ok(b) => blocked = b,
+                    Err(end) => break end,
+                }
+            }
             _ = member.outbox.ready(), if socket.is_none() || !writer.busy() => {
                 // Without a socket, waking is enough: the top of the loop
                 // answers a held long-poll connect with what was queued.
-                if socket.is_some() {
+                if direct.is_some() {
+                    match write_direct(&ctx, &mut session) {
+                        Ok(b) => blocked = b,
+                        Err(end) => break end,
+                    }
+                } else if socket.is_some() {
                     if let Some(end) = refill(&ctx, &mut session, &mut items, &mut writer) {
                         break end;
                     }
@@ -514,7 +544,9 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
     ctx.hub.leave_node(member.id);
     ctx.metrics.connections.dec();
     let mut rest = VecDeque::new();
-    if session.drain(&ctx.metrics, &mut items, &mut rest) != State::Open {
+    if direct.is_some() {
+        // What is queued stays in the outbox: the close goes out after it.
+    } else if session.drain(&ctx.metrics, &mut items, &mut rest) != State::Open {
         rest.clear();
     }
     // Replies go to the polls that asked (a disconnect's to its own); a
@@ -530,7 +562,10 @@ pub async fn run(first: Link, mut conv: Box<dyn Conversation>, mut ctx: SessionC
         }
     }
     if let Some(mut s) = socket.take() {
-        link::finish(&mut s, writer, rest, end).await;
+        match &direct {
+            Some(stream) => link::finish_direct(&mut s, &member.outbox, stream, end).await,
+            None => link::finish(&mut s, writer, rest, end).await,
+        }
     }
     member.outbox.close();
     drop(binding);
@@ -550,6 +585,38 @@ fn lost(conv: &dyn Conversation, socket: &mut Option<BoxSocket>, end: End) -> Op
         });
     }
     None
+}
+
+/// Resolves when the direct socket can take bytes again (never without one).
+async fn writable(direct: &Option<Arc<tokio::net::TcpStream>>) {
+    match direct {
+        Some(stream) => {
+            // An error shows again on the next write, which ends the session.
+            let _ = stream.writable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes a direct outbox until it is written or the socket is full
+/// (`Ok(true)`: wait for it to drain), rendering the gap marks it reaches
+/// from this session's own subscriptions.
+fn write_direct(ctx: &SessionContext, session: &mut Session) -> Result<bool, End> {
+    loop {
+        let (frames, out) = session.member.outbox.write_out();
+        ctx.metrics.frames_out.inc_by(frames);
+        match out {
+            Out::Done => return Ok(false),
+            Out::Blocked => return Ok(true),
+            Out::Mark => session.render_front_mark(&ctx.metrics),
+            Out::Failed => {
+                return Err(match session.member.outbox.state() {
+                    State::Overflowed => End::Close(CLOSE_SLOW_CONSUMER, "slow consumer".into()),
+                    _ => End::Gone,
+                })
+            }
+        }
+    }
 }
 
 /// Moves what is queued into the writer. `Some` when the session must end.

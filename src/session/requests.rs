@@ -859,6 +859,7 @@ impl Session {
         for item in items.drain(..) {
             match item {
                 Item::Frame(frame) => out.push_back(frame),
+                Item::Raw(_) => {} // only in direct outboxes, never drained
                 Item::Mark(kind) => {
                     if let Some(frame) = self.render_mark(kind) {
                         metrics.gap_notices.inc();
@@ -868,6 +869,17 @@ impl Session {
             }
         }
         state
+    }
+
+    /// Direct outboxes: renders the gap mark at the front of the outbox in
+    /// its place.
+    pub fn render_front_mark(&mut self, metrics: &Metrics) {
+        if let Some(kind) = self.member.outbox.take_mark() {
+            if let Some(frame) = self.render_mark(kind) {
+                metrics.gap_notices.inc();
+                self.member.outbox.push_front(frame);
+            }
+        }
     }
 
     /// The gap notice a mark stands for: `interrupted` names the active

@@ -12,6 +12,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -28,6 +29,7 @@ use crate::protocol::native::NativeConversation;
 use crate::protocol::roadrunner::RoadRunnerConversation;
 use crate::protocol::socketstream::{self, SocketStreamConversation};
 use crate::protocol::Conversation;
+use crate::session::direct::Direct;
 use crate::session::{self, Link};
 
 /// Which dialect a path serves (the mount table is the config plus this).
@@ -109,22 +111,48 @@ pub async fn upgrade(
         admitted.identity,
     );
     let config = app.ws_config();
+    // A session that outlives its socket (Bayeux) keeps the session task's
+    // writes: its outbox outlives the socket too.
+    let direct = app.config.direct_writes && conv.linger().is_none();
     let span =
         tracing::info_span!("conn", peer = %peer, client = %client_ip, dialect = conv.name());
     tokio::spawn(
         async move {
-            match upgrade.await {
-                Ok(upgraded) => {
+            let upgraded = match upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    debug!(cause = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let link = if direct {
+                match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    Ok(parts) => Ok(Link::Direct(Direct {
+                        stream: parts.io.into_inner(),
+                        prefix: parts.read_buf,
+                        config,
+                    })),
+                    Err(upgraded) => {
+                        debug!("not a plain TCP connection: the session task writes");
+                        Err(upgraded)
+                    }
+                }
+            } else {
+                Err(upgraded)
+            };
+            let link = match link {
+                Ok(link) => link,
+                Err(upgraded) => {
                     let ws = WebSocketStream::from_raw_socket(
                         TokioIo::new(upgraded),
                         Role::Server,
                         Some(config),
                     )
                     .await;
-                    session::run(Link::Socket(Box::new(ws)), conv, ctx).await;
+                    Link::Socket(Box::new(ws))
                 }
-                Err(e) => debug!(cause = %e, "upgrade failed"),
-            }
+            };
+            session::run(link, conv, ctx).await;
         }
         .instrument(span),
     );
