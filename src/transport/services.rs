@@ -207,7 +207,7 @@ async fn serve(
                 Some(Ok(_)) => None,
             },
             msg = mailbox.recv() => match msg {
-                Some(msg) => conn.to_process(msg),
+                Some(msg) => conn.frame_for(msg),
                 None => break,
             },
             Some((id, responder, outcome)) = conn.made.next(), if !conn.made.is_empty() => {
@@ -250,7 +250,7 @@ async fn write(
         let Ok(msg) = mailbox.try_recv() else {
             break;
         };
-        if let Some(text) = conn.to_process(msg) {
+        if let Some(text) = conn.frame_for(msg) {
             ws.feed(Message::text(text)).await?;
         }
     }
@@ -259,7 +259,7 @@ async fn write(
 
 impl Connection {
     /// The frame for what the router sent this process, if any.
-    fn to_process(&mut self, msg: ToProcess) -> Option<String> {
+    fn frame_for(&mut self, msg: ToProcess) -> Option<String> {
         match msg {
             ToProcess::Call(call) => self.handed(call),
             ToProcess::Text(text) => Some(text),
