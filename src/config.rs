@@ -298,9 +298,10 @@ pub struct Config {
     /// `WSGATE_REQUIRE_ORIGIN`: `true` refuses upgrades without an `Origin`
     /// header (non-browser clients). Default `false`.
     pub require_origin: bool,
-    /// `WSGATE_DIRECT_WRITES`: `on` (default) lets the dispatcher write
-    /// deliveries straight to an idle WebSocket (`docs/design.md`, "The
-    /// direct write path"); `off` keeps every write in the session's task.
+    /// `WSGATE_DIRECT_WRITES`: `on` lets the dispatcher write deliveries
+    /// straight to an idle WebSocket (`docs/design.md`, "The direct write
+    /// path"); `off` (default until it is benchmarked) keeps every write in
+    /// the session's task.
     pub direct_writes: bool,
     /// `WSGATE_MAX_CONNECTIONS_PER_IP`: open WebSocket connections per client
     /// address (IPv6: per /64). Default: unset, no limit.
@@ -443,7 +444,7 @@ impl Default for Config {
             api_key: None,
             allowed_origins: None,
             require_origin: false,
-            direct_writes: true,
+            direct_writes: false,
             max_connections_per_ip: None,
             new_connections_per_ip_per_sec: None,
             trusted_proxies: Vec::new(),
@@ -1491,7 +1492,7 @@ const HELP: &[Help] = &[
     ),
     help(
         "direct_writes",
-        "on",
+        "off",
         "on: the dispatcher writes deliveries straight to idle sockets; off: the session task writes",
     ),
     help(
