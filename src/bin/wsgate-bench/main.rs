@@ -136,7 +136,7 @@ fn run(opts: &Opts) -> Result<(), String> {
         .map_err(|e| format!("runtime: {e}"))?;
     let result = rt.block_on(async {
         match opts.workload {
-            Workload::Fanout | Workload::Channels | Workload::Cluster => {
+            Workload::Fanout | Workload::Spread | Workload::Channels | Workload::Cluster => {
                 fanout::run(opts, &gateways, deadline).await
             }
             Workload::Idle => idle::run(opts, &gateways, deadline).await,
