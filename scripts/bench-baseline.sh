@@ -190,22 +190,22 @@ jq -rs --arg load "$LOAD_START -> $LOAD_END" '
   def rate_h: if . >= 1000 then "\(. / 1000)M" else "\(.)k" end;
   def mean: if length == 0 then null else add / length end;
   [.[] | select(.results)] as $all
-  | def get(label): ($all | map(select(.label == label)) | first);
+  | def get($lb): ($all | map(select(.label == $lb)) | first);
   ($all | map(.label | capture("^fanout-(?<rate>[0-9]+)-(?<s>[a-z]+)-r(?<r>[0-9]+)$")?) ) as $keys
   | ($keys | map(.rate) | unique | map(tonumber) | sort) as $rates
   | ($keys | map(.r) | unique) as $rounds
   | "Load average \($load).\n",
-    "| deliveries/s | round | wsgate µs CPU/delivery | reference | ratio | wsgate p99 ms | reference p99 ms | ratio | wsgate loss | reference loss |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| deliveries/s | round | wsgate µs CPU/delivery | reference | ratio | wsgate p99 ms | reference p99 ms | ratio | wsgate lost | reference lost | wsgate delivered/s | reference delivered/s |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ($rates[] as $rate | ($rounds[] as $n
       | get("fanout-\($rate)-wsgate-r\($n)") as $w | get("fanout-\($rate)-reference-r\($n)") as $b
       | select($w != null and $b != null)
-      | "| \($rate | rate_h) | \($n) | \($w | r("gateway_cpu_us_per_delivery") | fmt(3)) | \($b | r("gateway_cpu_us_per_delivery") | fmt(3)) | \(ratio($w | r("gateway_cpu_us_per_delivery"); $b | r("gateway_cpu_us_per_delivery")) | fmt(2))x | \($w | r("p99_ms") | fmt(2)) | \($b | r("p99_ms") | fmt(2)) | \(ratio($w | r("p99_ms"); $b | r("p99_ms")) | fmt(2))x | \($w | r("lost")) | \($b | r("lost")) |"),
+      | "| \($rate | rate_h) | \($n) | \($w | r("gateway_cpu_us_per_delivery") | fmt(3)) | \($b | r("gateway_cpu_us_per_delivery") | fmt(3)) | \(ratio($w | r("gateway_cpu_us_per_delivery"); $b | r("gateway_cpu_us_per_delivery")) | fmt(2))x | \($w | r("p99_ms") | fmt(2)) | \($b | r("p99_ms") | fmt(2)) | \(ratio($w | r("p99_ms"); $b | r("p99_ms")) | fmt(2))x | \($w | r("lost")) | \($b | r("lost")) | \($w | r("deliveries_per_sec")) | \($b | r("deliveries_per_sec")) |"),
       ([$rounds[] as $n | get("fanout-\($rate)-wsgate-r\($n)") as $w | get("fanout-\($rate)-reference-r\($n)") as $b
         | select($w != null and $b != null)
         | [ratio($w | r("gateway_cpu_us_per_delivery"); $b | r("gateway_cpu_us_per_delivery")),
            ratio($w | r("p99_ms"); $b | r("p99_ms"))]] as $rs
-      | "| \($rate | rate_h) | mean | | | **\($rs | map(.[0] | select(. != null)) | mean | fmt(2))x** | | | **\($rs | map(.[1] | select(. != null)) | mean | fmt(2))x** | | |")),
+      | "| \($rate | rate_h) | mean | | | **\($rs | map(.[0] | select(. != null)) | mean | fmt(2))x** | | | **\($rs | map(.[1] | select(. != null)) | mean | fmt(2))x** | | | | |")),
     "",
     (get("spread-10k-wsgate") as $w | get("spread-10k-reference") as $b
       | "| one message to 10,000 subscribers | wsgate | reference | ratio |",

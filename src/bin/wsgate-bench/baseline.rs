@@ -39,7 +39,8 @@ USAGE:
   --listen ADDR    address to serve WebSockets on (any path)
   --redis URL      Redis to PSUBSCRIBE/SUBSCRIBE on
   --threads N      runtime worker threads [number of CPUs, as wsgate]
-  --queue FRAMES   frames queued per socket before drops [65536]
+  --queue FRAMES   frames queued per socket before drops [5600: 1 MiB of the bench's
+                   100-byte-payload frames (~188 B), as WSGATE_CLIENT_QUEUE_BYTES]
 Runs until SIGINT/SIGTERM or until the Redis link is lost.
 ";
 
@@ -60,7 +61,9 @@ pub(crate) fn main(args: &[String]) -> Result<(), String> {
     }
     let (mut listen, mut redis_url) = (None, None);
     let mut threads = crate::sys::nproc();
-    let mut queue = 65536usize;
+    // wsgate's default WSGATE_CLIENT_QUEUE_BYTES (1 MiB) in the bench's
+    // frames, so that both servers give up on a slow reader at the same depth.
+    let mut queue = 5600usize;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
