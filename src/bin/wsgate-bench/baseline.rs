@@ -165,7 +165,11 @@ fn dispatch(registry: &Registry, dropped: &AtomicU64, msg: &redis::Msg) {
         .ok()
         .flatten()
         .map(|p| String::from_utf8_lossy(&p).into_owned());
-    let frame = Utf8Bytes::from(delivery(pattern.as_deref(), &channel, msg.get_payload_bytes()));
+    let frame = Utf8Bytes::from(delivery(
+        pattern.as_deref(),
+        &channel,
+        msg.get_payload_bytes(),
+    ));
     let key = match pattern {
         Some(p) => (true, p),
         None => (false, channel),

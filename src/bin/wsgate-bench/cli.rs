@@ -709,6 +709,27 @@ mod tests {
     }
 
     #[test]
+    fn spread_defaults() {
+        let o = opts(&["spread", "--url", "ws://a:1/ws", "--redis", "r"]).ok();
+        assert_eq!(
+            o.as_ref()
+                .map(|o| (o.subscribers, o.rate, o.messages, o.topic_kind)),
+            Some((10_000, 5, 20, TopicKind::Pattern))
+        );
+        let o = opts(&[
+            "spread",
+            "--url",
+            "ws://a:1/ws",
+            "--redis",
+            "r",
+            "--messages",
+            "3",
+        ])
+        .ok();
+        assert_eq!(o.map(|o| o.messages), Some(3));
+    }
+
+    #[test]
     fn calls() {
         let base = [
             "calls",
