@@ -19,6 +19,9 @@ WORKLOADS:
   channels  C subscribers, each on its own exact channel (--topic-kind pattern: its own
             pattern); messages published round-robin over them
   cluster   fanout with subscribers spread over several gateways (two or more --url)
+  spread    fanout of one message at a time (default 10,000 subscribers, 5 msg/s x 20):
+            each message's arrival spread over its subscribers (arrival minus that
+            message's first arrival), p50/p99/max, and its span (last - first)
   idle      C subscribed idle sockets held for D seconds: gateway RSS per socket
   churn     N connections subscribing/unsubscribing distinct topics, W requests in
             flight each, for D seconds: ops/s, Redis commands per op (INFO commandstats)
@@ -107,6 +110,7 @@ Exit status: 0 when the run completed (whether or not checks were met), 1 on err
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Workload {
     Fanout,
+    Spread,
     Channels,
     Cluster,
     Idle,
@@ -121,6 +125,7 @@ impl Workload {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Workload::Fanout => "fanout",
+            Workload::Spread => "spread",
             Workload::Channels => "channels",
             Workload::Cluster => "cluster",
             Workload::Idle => "idle",
@@ -348,6 +353,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     }
     let workload = match first.as_str() {
         "fanout" => Workload::Fanout,
+        "spread" => Workload::Spread,
         "channels" => Workload::Channels,
         "cluster" => Workload::Cluster,
         "idle" => Workload::Idle,
@@ -367,7 +373,11 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut urls = Vec::new();
     let mut pids = Vec::new();
     let mut redis = None;
-    let mut subscribers = 1000usize;
+    let mut subscribers = if workload == Workload::Spread {
+        10_000usize
+    } else {
+        1000
+    };
     let mut rate = None;
     let mut saturate = false;
     let mut messages = None;
@@ -521,11 +531,14 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     if callers == 0 || services == 0 || call_timeout_ms == Some(0) {
         return bad("--callers, --services and --call-timeout-ms must be >= 1");
     }
-    let rate = rate.unwrap_or(if workload == Workload::Calls {
-        10_000
-    } else {
-        100
+    let rate = rate.unwrap_or(match workload {
+        Workload::Calls => 10_000,
+        Workload::Spread => 5,
+        _ => 100,
     });
+    if workload == Workload::Spread && messages.is_none() {
+        messages = Some(20);
+    }
     let direct = match direct {
         Some(d) => d,
         None if saturate => Direct::Off,
@@ -566,7 +579,9 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let messages = messages.unwrap_or(((rate as f64) * duration_secs).round().max(1.0) as u64);
     let explicit_kind = topic_kind.is_some();
     let topic_kind = topic_kind.unwrap_or(match workload {
-        Workload::Fanout | Workload::Cluster | Workload::Resync => TopicKind::Pattern,
+        Workload::Fanout | Workload::Spread | Workload::Cluster | Workload::Resync => {
+            TopicKind::Pattern
+        }
         Workload::Channels
         | Workload::Idle
         | Workload::Churn
@@ -691,6 +706,27 @@ mod tests {
         ]
         .concat();
         assert!(opts(&rr_pattern).is_err());
+    }
+
+    #[test]
+    fn spread_defaults() {
+        let o = opts(&["spread", "--url", "ws://a:1/ws", "--redis", "r"]).ok();
+        assert_eq!(
+            o.as_ref()
+                .map(|o| (o.subscribers, o.rate, o.messages, o.topic_kind)),
+            Some((10_000, 5, 20, TopicKind::Pattern))
+        );
+        let o = opts(&[
+            "spread",
+            "--url",
+            "ws://a:1/ws",
+            "--redis",
+            "r",
+            "--messages",
+            "3",
+        ])
+        .ok();
+        assert_eq!(o.map(|o| o.messages), Some(3));
     }
 
     #[test]

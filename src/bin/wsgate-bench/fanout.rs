@@ -21,6 +21,10 @@ const COUNTERS: [&str; 4] = [
     "wsgate_frames_out_total",
 ];
 
+/// Messages whose arrival times `spread` keeps per socket (bounds memory:
+/// 10,000 sockets x 256 x 16 bytes).
+const SPREAD_MESSAGES: usize = 256;
+
 /// The pool's connection settings from the options.
 pub(crate) fn spec(opts: &Opts, gws: &[Gateway]) -> Spec {
     Spec {
@@ -30,6 +34,11 @@ pub(crate) fn spec(opts: &Opts, gws: &[Gateway]) -> Spec {
         read_buffer: opts.read_buffer,
         concurrency: opts.connect_concurrency,
         timeout: Duration::from_secs_f64(opts.subscribe_timeout_secs),
+        arrivals: if opts.workload == Workload::Spread {
+            SPREAD_MESSAGES
+        } else {
+            0
+        },
     }
 }
 
@@ -230,6 +239,20 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     run.result("gateway_slow_closes", (m_after[1] - m_before[1]) as u64);
     run.result("gateway_gap_notices", (m_after[2] - m_before[2]) as u64);
     run.result("gateway_frames_out", (m_after[3] - m_before[3]) as u64);
+    if opts.workload == Workload::Spread {
+        run.result("spread_samples", out.spread.count());
+        run.result("spread_messages", out.span.count());
+        run.float("spread_p50_ms", ms(out.spread.quantile(0.50)), 3);
+        run.float("spread_p99_ms", ms(out.spread.quantile(0.99)), 3);
+        run.float("spread_max_ms", ms(out.spread.max()), 3);
+        run.float("span_p50_ms", ms(out.span.quantile(0.50)), 3);
+        run.float("span_max_ms", ms(out.span.max()), 3);
+        if opts.messages as usize > SPREAD_MESSAGES {
+            run.notes.push(format!(
+                "spread from the first {SPREAD_MESSAGES} messages of each socket"
+            ));
+        }
+    }
     run.result("client_interrupted", out.interrupted);
     run.result("client_closes", json!(out.closes));
     run.result("client_broken", out.broken);
@@ -255,10 +278,21 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
         run.notes
             .push("no --pid: gateway CPU and RSS not measured".to_owned());
     }
+    let spread = if opts.workload == Workload::Spread {
+        format!(
+            "; arrival spread p50 {:.2} / p99 {:.2} / max {:.2} ms (span p50 {:.2} ms)",
+            ms(out.spread.quantile(0.5)),
+            ms(out.spread.quantile(0.99)),
+            ms(out.spread.max()),
+            ms(out.span.quantile(0.5)),
+        )
+    } else {
+        String::new()
+    };
     run.summary = format!(
         "{} subs{}{}, {} msg/s x {} ({} B) = {}/s nominal: {}/{} delivered ({} lost), {:.0}/s; \
          latency p50 {:.2} / p90 {:.2} / p99 {:.2} / max {:.2} ms; gateway {:.3} µs/delivery \
-         ({:.2} cores), bench {:.3} µs/delivery",
+         ({:.2} cores), bench {:.3} µs/delivery{}",
         subscribed,
         match d {
             Dialect::Native => String::new(),
@@ -284,6 +318,7 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
         per(gw_cpu),
         gw_cpu / window.max(1e-9),
         per(bench_cpu),
+        spread,
     );
     Ok(run)
 }

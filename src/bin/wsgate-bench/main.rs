@@ -9,8 +9,10 @@
 //! time and RSS from `/proc`. Every run is bounded in count and in time, and
 //! ends with one JSON line on stdout and a table on stderr. `calls` also
 //! plays the service processes of `/services` and a direct Redis round
-//! trip to compare calls with. `--help` lists the workloads and options; `scripts/bench.sh` runs the standard suite.
+//! trip to compare calls with. `baseline` is not a workload but the
+//! reference fan-out server wsgate is measured against (issue 13). `--help` lists the workloads and options; `scripts/bench.sh` runs the standard suite.
 
+mod baseline;
 mod bayeux;
 mod caller;
 mod calls;
@@ -40,6 +42,16 @@ use net::Gateway;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("baseline") {
+        // The reference server (issue 13), not a workload: it serves until stopped.
+        return match baseline::main(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wsgate-bench baseline: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let opts = match cli::parse(&args) {
         Ok(Command::Help) => {
             print!("{}", cli::USAGE);
@@ -124,7 +136,7 @@ fn run(opts: &Opts) -> Result<(), String> {
         .map_err(|e| format!("runtime: {e}"))?;
     let result = rt.block_on(async {
         match opts.workload {
-            Workload::Fanout | Workload::Channels | Workload::Cluster => {
+            Workload::Fanout | Workload::Spread | Workload::Channels | Workload::Cluster => {
                 fanout::run(opts, &gateways, deadline).await
             }
             Workload::Idle => idle::run(opts, &gateways, deadline).await,

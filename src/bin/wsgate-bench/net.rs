@@ -195,7 +195,17 @@ pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// The send time carried by a bench payload (`"t":<unix nanos>`), if any.
 pub(crate) fn sent_nanos(frame: &[u8]) -> Option<u64> {
-    let at = find(frame, b"\"t\":")? + 4;
+    number_after(frame, b"\"t\":")
+}
+
+/// The sequence number of a bench payload (`"s":<seq>`, after `"t"`), if any.
+pub(crate) fn seq(frame: &[u8]) -> Option<u64> {
+    number_after(frame, b",\"s\":")
+}
+
+/// The decimal number right after the first `key` in `frame`.
+fn number_after(frame: &[u8], key: &[u8]) -> Option<u64> {
+    let at = find(frame, key)? + key.len();
     let mut v: u64 = 0;
     let mut digits = 0;
     for &b in frame.get(at..)? {
@@ -457,6 +467,7 @@ mod tests {
     fn scans() {
         let f = br#"{"action":"message","pattern":"b.*","channel":"b.x","payload":{"t":1712345678901234567,"s":3,"p":"xx"}}"#;
         assert_eq!(sent_nanos(f), Some(1_712_345_678_901_234_567));
+        assert_eq!(seq(f), Some(3));
         assert_eq!(sent_nanos(b"{\"action\":\"resumed\"}"), None);
         assert_eq!(find(b"abcabd", b"abd"), Some(3));
         assert_eq!(find(b"ab", b"abc"), None);

@@ -86,6 +86,9 @@ struct RecvOut {
     other: u64,
     close: Option<u16>,
     error: bool,
+    /// (sequence number, unix nanos) of the first `Spec::arrivals` bench
+    /// messages, for the arrival spread.
+    arrivals: Vec<(u64, u64)>,
 }
 
 /// Everything the pool's sockets saw.
@@ -109,6 +112,11 @@ pub(crate) struct Outcome {
     pub(crate) broken: u64,
     /// Tasks that did not stop in time (aborted).
     pub(crate) stuck: u64,
+    /// With `Spec::arrivals`: each arrival minus its message's first
+    /// arrival (over every socket), µs.
+    pub(crate) spread: Hist,
+    /// With `Spec::arrivals`: per message, last arrival minus first, µs.
+    pub(crate) span: Hist,
 }
 
 /// What one socket subscribes, in its dialect.
@@ -144,6 +152,9 @@ pub(crate) struct Spec {
     pub(crate) concurrency: usize,
     /// Bound on each connect and on each subscribe phase.
     pub(crate) timeout: Duration,
+    /// Arrival times kept per socket for the spread (0: none), the first
+    /// this many bench messages.
+    pub(crate) arrivals: usize,
 }
 
 impl Pool {
@@ -185,6 +196,7 @@ impl Pool {
                 subs: Some(subs),
                 read_buffer: spec.read_buffer,
                 timeout: spec.timeout,
+                arrivals: spec.arrivals,
                 sem: sem.clone(),
                 shared: shared.clone(),
                 slot,
@@ -338,6 +350,7 @@ impl Pool {
         let mut out = Outcome::default();
         let hist = self.shared.hist.as_ref();
         let until = Instant::now() + timeout;
+        let mut arrivals: std::collections::HashMap<u64, Vec<u64>> = Default::default();
         for h in self.handles {
             let abort = h.abort_handle();
             let r = match tokio::time::timeout_at(until.into(), h).await {
@@ -368,6 +381,17 @@ impl Pool {
                 *out.closes.entry(code).or_default() += 1;
             }
             out.broken += u64::from(r.error);
+            for (seq, ns) in r.arrivals {
+                arrivals.entry(seq).or_default().push(ns);
+            }
+        }
+        for times in arrivals.values() {
+            let first = times.iter().copied().min().unwrap_or(0);
+            let last = times.iter().copied().max().unwrap_or(0);
+            for &t in times {
+                out.spread.record((t - first) / 1000);
+            }
+            out.span.record((last - first) / 1000);
         }
         if let Some(h) = hist {
             out.hist = h.merged();
@@ -383,6 +407,7 @@ struct Task {
     subs: Option<Subs>,
     read_buffer: usize,
     timeout: Duration,
+    arrivals: usize,
     sem: Arc<Semaphore>,
     shared: Arc<Shared>,
     slot: Arc<Slot>,
@@ -565,6 +590,11 @@ impl Task {
     fn native_frame(&self, b: &[u8], out: &mut RecvOut) {
         if let Some(sent) = net::sent_nanos(b) {
             self.delivered(sent, out);
+            if out.arrivals.len() < self.arrivals {
+                if let Some(seq) = net::seq(b) {
+                    out.arrivals.push((seq, out.last_ns));
+                }
+            }
         } else if b.starts_with(b"{\"action\":\"interrupted\"") {
             self.interrupted(out);
         } else if b.starts_with(b"{\"action\":\"resumed\"") {
