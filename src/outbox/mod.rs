@@ -609,6 +609,20 @@ mod tests {
         buf
     }
 
+    /// Writes `out` until it is all written, waiting for the socket.
+    async fn write_all(out: &Outbox, server: &TcpStream) {
+        loop {
+            match out.write_out().1 {
+                Out::Done => return,
+                Out::Blocked => {
+                    server.writable().await.unwrap();
+                    out.unblock();
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn direct_writes_frames_in_order_and_stops_at_a_mark() {
         let (server, mut client) = pair().await;
@@ -661,16 +675,7 @@ mod tests {
                 assert_eq!(read_exactly(&mut client, one.len()).await, one);
             }
         });
-        loop {
-            match out.write_out().1 {
-                Out::Done => break,
-                Out::Blocked => {
-                    server.writable().await.unwrap();
-                    out.unblock();
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        write_all(&out, &server).await;
         reader.await.unwrap();
     }
 
@@ -702,16 +707,7 @@ mod tests {
             .await;
             all
         });
-        loop {
-            match out.write_out().1 {
-                Out::Done => break,
-                Out::Blocked => {
-                    server.writable().await.unwrap();
-                    out.unblock();
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        write_all(&out, &server).await;
         drop(out);
         drop(server);
         let all = reader.await.unwrap();
