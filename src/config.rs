@@ -251,6 +251,14 @@ pub struct Config {
     /// `WSGATE_REDIS_BACKOFF_MAX_MS`: cap of the reconnect backoff (exponential from
     /// 50 ms, with jitter; retries never stop). Default 1000 ms.
     pub redis_backoff_max: Duration,
+    /// `WSGATE_REDIS_PUBSUB_CONNECTIONS`: pub/sub connections per node (K),
+    /// patterns spread over them by a hash of their name (exact channels on
+    /// the first), because before Redis 7.2 a `PSUBSCRIBE` costs O(patterns
+    /// that connection holds). `None` (`auto`, the default): enough that none
+    /// holds more than 512 Redis patterns when the node holds
+    /// min(`WSGATE_MAX_PATTERNS`, `WSGATE_MAX_REDIS_PATTERNS`), at most 256;
+    /// 1 with the defaults. 1 to 1024 when set.
+    pub redis_pubsub_connections: Option<NonZeroUsize>,
     /// `WSGATE_JWT_SECRET` (HS256, at least 32 bytes, used as its UTF-8 bytes) or
     /// `WSGATE_JWT_PUBLIC_KEY` (a PEM public key, or the path of a PEM file: RSA
     /// for RS256, P-256 for ES256). Setting either switches JWT authentication
@@ -431,6 +439,7 @@ impl Default for Config {
             redis_probe_interval: Duration::from_millis(1000),
             redis_probe_timeout: Duration::from_millis(3000),
             redis_backoff_max: Duration::from_millis(1000),
+            redis_pubsub_connections: None,
             jwt_key: None,
             jwt_audiences: Vec::new(),
             jwt_issuers: Vec::new(),
@@ -525,6 +534,7 @@ struct RawConfig {
     redis_probe_interval_ms: Option<String>,
     redis_probe_timeout_ms: Option<String>,
     redis_backoff_max_ms: Option<String>,
+    redis_pubsub_connections: Option<String>,
     jwt_secret: Option<String>,
     jwt_public_key: Option<String>,
     jwt_audience: Option<String>,
@@ -568,6 +578,20 @@ struct RawConfig {
 }
 
 impl Config {
+    /// K, the pub/sub connections this node opens: the variable, or its
+    /// `auto` value.
+    pub fn pubsub_connections(&self) -> usize {
+        self.redis_pubsub_connections.map_or_else(
+            || {
+                crate::broker::redis::auto_links(
+                    self.max_patterns.get(),
+                    self.max_redis_patterns.get(),
+                )
+            },
+            NonZeroUsize::get,
+        )
+    }
+
     /// Reads and validates every `WSGATE_*` variable of the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         // `std::env::vars()` panics on a value that is not unicode, anywhere in
@@ -964,6 +988,20 @@ impl Config {
                 raw.redis_backoff_max_ms,
                 d.redis_backoff_max,
                 "WSGATE_REDIS_BACKOFF_MAX_MS",
+            )?,
+            redis_pubsub_connections: parse_or(
+                raw.redis_pubsub_connections,
+                d.redis_pubsub_connections,
+                "WSGATE_REDIS_PUBSUB_CONNECTIONS",
+                |v| match v {
+                    "auto" => Some(None),
+                    n => n
+                        .parse::<NonZeroUsize>()
+                        .ok()
+                        .filter(|n| n.get() <= crate::broker::redis::MAX_LINKS)
+                        .map(Some),
+                },
+                "auto, or a whole number from 1 to 1024",
             )?,
             node_id: parse_or(
                 raw.node_id,
@@ -1441,6 +1479,11 @@ const HELP: &[Help] = &[
         "unanswered PING this long: the connection is replaced",
     ),
     help("redis_backoff_max_ms", "1000", "reconnect backoff cap"),
+    help(
+        "redis_pubsub_connections",
+        "auto",
+        "pub/sub connections per node (1-1024); auto: from the pattern caps",
+    ),
     help(
         "jwt_secret",
         "",

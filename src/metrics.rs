@@ -85,8 +85,13 @@ pub struct Metrics {
     /// `wsgate_broker_messages_dropped_total`: messages dropped because the
     /// dispatcher could not keep up (its bounded buffer was full).
     pub broker_messages_dropped: IntCounter,
-    /// `wsgate_broker_up`: 1 while the broker is connected, else 0.
+    /// `wsgate_broker_up`: 1 while the broker is connected (every one of
+    /// its links), else 0.
     pub broker_up: IntGauge,
+    /// `wsgate_broker_links_up`: the broker's links (Redis pub/sub
+    /// connections) connected now; below `WSGATE_REDIS_PUBSUB_CONNECTIONS`
+    /// during a partial outage.
+    pub broker_links_up: IntGauge,
     /// `wsgate_frames_out_total`: WebSocket frames written to clients.
     pub frames_out: IntCounter,
     /// `wsgate_slow_consumer_closes_total`: connections closed with 4008.
@@ -182,6 +187,11 @@ impl Metrics {
             broker_messages_dropped: IntCounter::new(
                 "wsgate_broker_messages_dropped_total",
                 "Broker messages dropped because dispatch could not keep up",
+            )
+            .unwrap_or_else(never),
+            broker_links_up: IntGauge::new(
+                "wsgate_broker_links_up",
+                "broker links (Redis pub/sub connections) connected now",
             )
             .unwrap_or_else(never),
             broker_up: IntGauge::new("wsgate_broker_up", "1 while the broker is connected")
@@ -330,7 +340,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 28] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 29] = [
             Box::new(self.connect_auth.clone()),
             Box::new(self.connect_auth_seconds.clone()),
             Box::new(self.connections.clone()),
@@ -339,6 +349,7 @@ impl Metrics {
             Box::new(self.broker_messages.clone()),
             Box::new(self.broker_messages_dropped.clone()),
             Box::new(self.broker_up.clone()),
+            Box::new(self.broker_links_up.clone()),
             Box::new(self.frames_out.clone()),
             Box::new(self.slow_consumer_closes.clone()),
             Box::new(self.publish_requests.clone()),

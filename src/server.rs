@@ -92,6 +92,7 @@ pub async fn run(
                 node_id: config.node_id.clone(),
                 idempotency_ttl: config.idempotency_ttl,
                 max_redis_patterns: config.max_redis_patterns.get(),
+                pubsub_connections: config.pubsub_connections(),
             };
             Arc::new(RedisBroker::start(
                 url,

@@ -107,9 +107,11 @@ impl MemoryBroker {
         // The channel is new and empty, so this cannot find it full; if the
         // receiver is already gone there is nobody to tell.
         let _ = events.try_state(BrokerEvent::Up {
+            link: 0,
             generation: GENERATION,
         });
         metrics.broker_up.set(1);
+        metrics.broker_links_up.set(1);
         MemoryBroker {
             subscriptions: Mutex::new(Subscriptions::default()),
             numpat: metrics.redis_numpat.clone(),
@@ -160,6 +162,7 @@ impl MemoryBroker {
 impl Broker for MemoryBroker {
     fn apply(
         &self,
+        _link: usize,
         _generation: u64,
         changes: Changes,
     ) -> BoxFuture<'static, Result<Applied, BrokerError>> {

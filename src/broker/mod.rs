@@ -4,9 +4,15 @@
 //! patterns) and publishes. It is told *what* to hold by the hub's reconciler
 //! ([`Broker::apply`]), and reports what arrives as [`BrokerEvent`]s on a
 //! bounded channel handed to it at construction. Two implementations:
-//! [`redis`] (one pub/sub connection per node, shared by every node of a
+//! [`redis`] (K pub/sub connections per node, shared by every node of a
 //! cluster through Redis) and [`memory`] (in-process, for a single node with
 //! no Redis).
+//!
+//! A broker may hold its topics over several *links* (the Redis broker's
+//! pub/sub connections), each topic on exactly one ([`Broker::link_of`]).
+//! Every link connects, fails and reconnects on its own and reports its own
+//! `Up`/`Down`, so a link that fails interrupts only the topics it held;
+//! the hub keeps a resync per link and never learns what a link is.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,16 +94,27 @@ pub enum BrokerEvent {
     Message(BrokerMessage),
     /// A message for whichever of several client patterns match it.
     Covered(CoveredMessage),
-    /// The broker is connected and holds no subscriptions: everything the
-    /// hub wants must be applied again, on this connection `generation`.
+    /// Link `link` is connected and holds no subscriptions: everything the
+    /// hub wants of that link's topics must be applied again, on this
+    /// connection `generation`.
     Up {
-        /// Increases with every new connection; [`Broker::apply`] names it.
+        /// Which link ([`Broker::link_of`]).
+        link: usize,
+        /// Increases with every new connection of that link; [`Broker::apply`]
+        /// names it.
         generation: u64,
     },
-    /// The connection is gone; every subscription is lost until the next `Up`.
-    Down,
-    /// The broker is trying to connect again (after a `Down`, or at start).
-    Reconnecting,
+    /// Link `link`'s connection is gone; every subscription it held is lost
+    /// until its next `Up`. Topics on other links are unaffected.
+    Down {
+        /// Which link.
+        link: usize,
+    },
+    /// Link `link` is trying to connect again (after a `Down`, or at start).
+    Reconnecting {
+        /// Which link.
+        link: usize,
+    },
     /// Messages for these topics were dropped because the event channel was
     /// full (`None`: too many topics to list; treat as all). The hub tells the
     /// affected subscribers.
@@ -145,6 +162,13 @@ impl EventSink {
             pending_gap: false,
             metrics,
         }
+    }
+
+    /// Another sink on the same channel and message count, with its own
+    /// record of dropped topics: one per broker link, so that a link's
+    /// `Down` clears only its own pending gap.
+    pub fn sibling(&self) -> EventSink {
+        EventSink::new(self.tx.clone(), self.metrics.clone(), self.queued.clone())
     }
 
     /// Hands over one message without waiting (see the type docs).
@@ -243,7 +267,7 @@ impl EventSink {
     /// Sends a state event, waiting for room. `Down` supersedes any pending
     /// gap: the hub tells every subscriber about the outage anyway.
     pub async fn state(&mut self, event: BrokerEvent) -> Result<(), HubGone> {
-        if matches!(event, BrokerEvent::Down) {
+        if matches!(event, BrokerEvent::Down { .. }) {
             self.pending_gap = false;
             self.dropped = Some(HashSet::new());
         }
@@ -360,16 +384,30 @@ impl PublishError {
 /// are boxed because they are off the hot path (subscribe changes and publishes,
 /// not deliveries).
 pub trait Broker: Send + Sync + 'static {
-    /// Applies subscription changes on connection `generation` (from the last
-    /// [`BrokerEvent::Up`] the hub processed), resolving once the broker
-    /// answered all of them: after `Ok`, a message published to a subscribed
-    /// topic is delivered, except for the topics listed as refused. On any
-    /// other connection it fails with `Unavailable` and sends nothing.
+    /// Applies subscription changes on link `link`'s connection `generation`
+    /// (from the last [`BrokerEvent::Up`] of that link the hub processed),
+    /// resolving once the broker answered all of them: after `Ok`, a message
+    /// published to a subscribed topic is delivered, except for the topics
+    /// listed as refused. On any other connection it fails with
+    /// `Unavailable` and sends nothing. Every topic in `changes` is on `link`.
     fn apply(
         &self,
+        link: usize,
         generation: u64,
         changes: Changes,
     ) -> BoxFuture<'static, Result<Applied, BrokerError>>;
+
+    /// How many links the broker spreads its topics over (at least 1): the
+    /// hub keeps one link state and one resync per link.
+    fn links(&self) -> usize {
+        1
+    }
+
+    /// The link that holds `topic`, below [`Broker::links`]; stable for the
+    /// life of the broker (the hub records it once per topic).
+    fn link_of(&self, _topic: &Topic) -> usize {
+        0
+    }
 
     /// Publishes one message; returns how many subscriptions (across all nodes)
     /// received it, as Redis's `PUBLISH` does.

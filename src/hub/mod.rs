@@ -3,7 +3,9 @@
 //! Sessions add and remove themselves per topic; the hub refcounts by keeping
 //! the members of each topic, and a single *reconciler* task brings the broker
 //! in line with it (first member: subscribe; last one gone: unsubscribe) in
-//! batches of up to [`MAX_BATCH`] topics. A *dispatcher* task consumes the
+//! batches of up to [`MAX_BATCH`] topics, one batch in flight per broker link
+//! (so K links resync side by side; a topic's commands stay in order because
+//! a topic is on one link). A *dispatcher* task consumes the
 //! broker's events in order: each message is rendered once per render key
 //! and the same frame is pushed into every member's outbox, never waiting on
 //! any of them. The hub never knows which dialect a member speaks; it only
@@ -22,17 +24,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::broker::{Broker, BrokerEvent, BrokerMessage, CoveredMessage, Topic, MAX_BATCH};
+use crate::broker::{
+    Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, CoveredMessage, Topic,
+    MAX_BATCH,
+};
 use crate::metrics::Metrics;
 use crate::outbox::{Out, Outbox, Pushed};
 use crate::pattern_cost::Refusal;
 use crate::protocol::{Frame, Notice, NoticeKind, Render};
 use publishes::Publishes;
-use registry::Registry;
 pub use registry::{Confirmation, Joined, LinkState, Member, Removed, Sub, NOT_LIVE};
+use registry::{Members, Registry, Step};
 
 /// Pause after a failed broker apply before trying again, so that a broker
 /// that refuses at once (disconnected) does not spin the reconciler; the
@@ -45,6 +51,10 @@ const DISPATCH_BATCH: usize = 256;
 
 /// The `seq` of a gap notice: for every live subscription.
 const ANY: u64 = NOT_LIVE - 1;
+
+/// Reason given to the subscribers of the topics of a broker link that was
+/// lost while the others carry on (the words a whole outage's notice uses).
+pub const LINK_LOST: &str = "broker connection lost";
 
 /// Reason given to subscribers of a message too large to deliver.
 pub const TOO_LARGE: &str = "message too large";
@@ -143,8 +153,13 @@ impl Hub {
         metrics: Metrics,
         options: HubOptions,
     ) -> Hub {
+        let router_broker = broker.clone();
+        let registry = Registry::with_links(
+            broker.links(),
+            Arc::new(move |topic: &Topic| router_broker.link_of(topic)),
+        );
         let shared = Arc::new(Shared {
-            registry: Mutex::new(Registry::default()),
+            registry: Mutex::new(registry),
             sessions: Mutex::new(HashMap::new()),
             broker,
             dirty: Notify::new(),
@@ -381,23 +396,29 @@ impl Shared {
     fn link_event(&self, event: BrokerEvent) {
         let mut registry = self.lock();
         let before = registry.link();
-        let mut down = false;
+        let single = registry.link_count() == 1;
+        let mut down = None;
         match event {
-            BrokerEvent::Up { generation } => {
-                registry.broker_up(generation);
+            BrokerEvent::Up { link, generation } => {
+                registry.broker_up(link, generation);
                 if generation > 1 {
                     self.metrics.broker_reconnects.inc();
                 }
             }
-            BrokerEvent::Down => {
-                registry.broker_down();
-                down = true;
+            BrokerEvent::Down { link } => {
+                registry.broker_down(link);
+                down = Some(link);
             }
-            BrokerEvent::Reconnecting => registry.broker_reconnecting(),
+            BrokerEvent::Reconnecting { link } => registry.broker_reconnecting(link),
             BrokerEvent::Message(_) | BrokerEvent::Covered(_) | BrokerEvent::Gap(_) => {}
         }
         self.update_gauges(&registry);
         let after = registry.link();
+        // A partial outage: who holds that link's topics, to tell them.
+        let concerned = match down {
+            Some(link) if !single => registry.members_of_link(link),
+            _ => Vec::new(),
+        };
         drop(registry);
         if before != after {
             match after {
@@ -409,8 +430,13 @@ impl Shared {
                 ),
             }
         }
-        if down {
-            self.mark_all(NoticeKind::Interrupted);
+        if let Some(link) = down {
+            if single {
+                self.mark_all(NoticeKind::Interrupted);
+            } else {
+                warn!(link, topics = concerned.len(), "broker link down");
+                self.notify_groups(concerned, NoticeKind::Interrupted, Some(LINK_LOST));
+            }
         }
         self.dirty.notify_one();
     }
@@ -427,7 +453,26 @@ impl Shared {
             }
             return;
         }
-        // Several topics: one notice per member naming its topics among them.
+        let both = [
+            (NoticeKind::Interrupted, Some(reason)),
+            (NoticeKind::Resumed, None),
+        ];
+        self.notify_members(groups, &both);
+    }
+
+    /// Tells the members of `groups` (topics with their members) about
+    /// `kind`: one notice per member naming its topics among them.
+    fn notify_groups(&self, groups: Vec<(Topic, Members)>, kind: NoticeKind, reason: Option<&str>) {
+        self.notify_members(groups, &[(kind, reason)]);
+    }
+
+    /// One notice per member and per `(kind, reason)` of `notices`, naming
+    /// the member's topics among `groups`.
+    fn notify_members(
+        &self,
+        groups: Vec<(Topic, Members)>,
+        notices: &[(NoticeKind, Option<&str>)],
+    ) {
         let mut per_member: HashMap<u64, (Arc<Sub>, Vec<Topic>)> = HashMap::new();
         for (topic, subs) in groups {
             for sub in subs.iter() {
@@ -440,10 +485,7 @@ impl Shared {
         }
         for (_, (sub, mut topics)) in per_member {
             topics.sort();
-            for (kind, why) in [
-                (NoticeKind::Interrupted, Some(reason)),
-                (NoticeKind::Resumed, None),
-            ] {
+            for &(kind, why) in notices {
                 let Some(frame) = sub.member.render.notice(&Notice {
                     kind,
                     topics: &topics,
@@ -578,74 +620,157 @@ impl Shared {
     }
 }
 
-/// Brings the broker in line with the registry, one batch at a time. Being a
-/// single task is what keeps the broker's commands in the order decided.
+/// What one in-flight reconciler job ended with.
+enum Done {
+    /// A batch of `link` was answered.
+    Applied {
+        link: usize,
+        generation: u64,
+        changes: Changes,
+        result: Result<Applied, BrokerError>,
+    },
+    /// A failed link's pause is over.
+    Paused(usize),
+}
+
+/// Brings the broker in line with the registry, one batch per link at a
+/// time (links side by side). Being a single task that never has two
+/// batches of one link in flight is what keeps each topic's commands in the
+/// order decided.
 async fn reconcile(shared: Arc<Shared>) {
     let mut closing = shared.closing.subscribe();
+    let links = shared.lock().link_count();
+    let mut busy = vec![false; links];
+    let mut jobs = FuturesUnordered::new();
     loop {
-        let step = {
+        let steps: Vec<Step> = {
             let mut registry = shared.lock();
-            let step = registry.take_changes(MAX_BATCH);
+            let steps = (0..links)
+                .filter(|&l| !busy[l])
+                .map(|l| registry.take_changes(l, MAX_BATCH))
+                .filter(|s| {
+                    s.resynced.is_some()
+                        || s.node_resynced.is_some()
+                        || !s.changes.subscribe.is_empty()
+                        || !s.changes.unsubscribe.is_empty()
+                })
+                .collect();
             shared.update_gauges(&registry);
-            step
+            steps
         };
-        let (generation, changes) = (step.generation, step.changes);
-        if let Some(took) = step.resynced {
-            shared
-                .metrics
-                .broker_resync_seconds
-                .observe(took.as_secs_f64());
-            info!(took_ms = took.as_millis() as u64, "broker link resynced");
-            shared.mark_all(NoticeKind::Resumed);
-        }
-        if changes.subscribe.is_empty() && changes.unsubscribe.is_empty() {
-            tokio::select! {
-                _ = shared.dirty.notified() => continue,
-                _ = closing.wait_for(|c| *c) => return,
+        for step in steps {
+            if step.resynced.is_some() {
+                shared.link_resynced(step.link, links);
             }
+            if let Some(took) = step.node_resynced {
+                shared
+                    .metrics
+                    .broker_resync_seconds
+                    .observe(took.as_secs_f64());
+                info!(took_ms = took.as_millis() as u64, "broker link resynced");
+            }
+            let (link, generation, changes) = (step.link, step.generation, step.changes);
+            if changes.subscribe.is_empty() && changes.unsubscribe.is_empty() {
+                continue;
+            }
+            debug!(
+                link,
+                subscribe = changes.subscribe.len(),
+                unsubscribe = changes.unsubscribe.len(),
+                "applying"
+            );
+            busy[link] = true;
+            let apply = shared.broker.apply(link, generation, changes.clone());
+            jobs.push(Box::pin(async move {
+                Done::Applied {
+                    link,
+                    generation,
+                    changes,
+                    result: apply.await,
+                }
+            })
+                as futures_util::future::BoxFuture<'static, Done>);
         }
-        debug!(
-            subscribe = changes.subscribe.len(),
-            unsubscribe = changes.unsubscribe.len(),
-            "applying"
-        );
-        let result = tokio::select! {
-            r = shared.broker.apply(generation, changes.clone()) => r,
+        let done = tokio::select! {
+            Some(done) = jobs.next(), if !jobs.is_empty() => done,
+            _ = shared.dirty.notified() => continue,
             _ = closing.wait_for(|c| *c) => return,
         };
+        match done {
+            Done::Paused(link) => busy[link] = false,
+            Done::Applied {
+                link,
+                generation,
+                changes,
+                result,
+            } => {
+                if shared.applied(link, generation, &changes, result) {
+                    // Failed: the link is down or going; wait a little before
+                    // its next batch (its `Up` normally comes first anyway).
+                    jobs.push(Box::pin(async move {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        Done::Paused(link)
+                    }));
+                } else {
+                    busy[link] = false;
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Link `link` (of `links`) is caught up again: its subscribers are told
+    /// delivery has resumed (every session at once when there is one link).
+    fn link_resynced(&self, link: usize, links: usize) {
+        if links == 1 {
+            self.mark_all(NoticeKind::Resumed);
+            return;
+        }
+        let groups = self.lock().members_of_link(link);
+        info!(link, topics = groups.len(), "broker link caught up");
+        self.notify_groups(groups, NoticeKind::Resumed, None);
+    }
+
+    /// Records a batch's answer and tells whom it concerns; `true` if the
+    /// batch failed.
+    fn applied(
+        &self,
+        link: usize,
+        generation: u64,
+        changes: &Changes,
+        result: Result<Applied, BrokerError>,
+    ) -> bool {
         let failed = result.is_err();
         match &result {
-            Err(e) => debug!(cause = %e, "apply failed; will retry after reconnect"),
+            Err(e) => debug!(link, cause = %e, "apply failed; will retry after reconnect"),
             Ok(applied) => {
                 for (topic, why) in &applied.refused {
                     warn!(topic = %String::from_utf8_lossy(topic.name()), kind = topic.kind(), reason = %why, "broker refused a subscription");
-                    shared.metrics.broker_refusals.inc();
+                    self.metrics.broker_refusals.inc();
                 }
             }
         }
         let done = {
-            let mut registry = shared.lock();
-            let done = registry.complete(generation, &changes, result);
-            shared.update_gauges(&registry);
+            let mut registry = self.lock();
+            let done = registry.complete(link, generation, changes, result);
+            self.update_gauges(&registry);
             done
         };
         for (round, answer) in done.answers {
             round.send_replace(Some(answer));
         }
         for (kind, n) in done.refused_waiters {
-            shared
-                .metrics
+            self.metrics
                 .local_subscriptions
                 .with_label_values(&[kind])
                 .sub(n as i64);
         }
         drop(done.dropped);
         for (topic, subs, why) in done.refused_active {
-            shared.notify_topic(&topic, &subs, NoticeKind::Interrupted, Some(&why));
+            self.notify_topic(&topic, &subs, NoticeKind::Interrupted, Some(&why));
         }
-        if failed {
-            tokio::time::sleep(RETRY_PAUSE).await;
-        }
+        failed
     }
 }
 

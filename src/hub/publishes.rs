@@ -11,48 +11,67 @@
 //! Redis writes the messages of one `PUBLISH` to a subscriber back to back:
 //! the `message` first (if the connection holds the channel), then one
 //! `pmessage` per matching pattern, each pattern once; the embedded broker
-//! does the same. So a message continues the current publish when it is a
-//! `pmessage` of the same channel and payload through a pattern not seen yet
-//! in it; anything else starts the next. Two identical publishes in a row are
-//! still told apart (the second repeats a pattern, or starts with a
-//! `message`); the one case left ambiguous, a pattern subscribed between two
-//! identical publishes and iterated first, at worst merges a duplicate into
-//! the publish before it: never a loss of a distinct message.
+//! does the same. With several broker links (`WSGATE_REDIS_PUBSUB_CONNECTIONS`)
+//! the messages of one publish come over several connections, so they may
+//! arrive in any order and interleaved with other publishes. So a message
+//! joins the most recent of the last [`WINDOW`] publishes of the same channel
+//! and payload that has not come through its subscription yet (its pattern,
+//! or the channel itself: `None`); otherwise it starts the next publish. Each
+//! publish reaches the node at most once per subscription, so no two
+//! messages of one publish are ever numbered apart, except when they are
+//! more than [`WINDOW`] publishes apart, and two identical publishes are
+//! still told apart (the second repeats a subscription). Misnumbering
+//! between identical publishes is harmless: a member takes one message per
+//! number change, never fewer than there were publishes, so at worst a
+//! duplicate of identical bytes, never a loss.
+
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-/// The current publish; see the module docs.
-#[derive(Default)]
-pub struct Publishes {
+/// Recent publishes a message may join.
+const WINDOW: usize = 16;
+
+/// One recent publish.
+struct Recent {
     number: u64,
     channel: Bytes,
     payload: Bytes,
-    /// The Redis patterns the current publish came through.
-    via: Vec<Bytes>,
+    /// The subscriptions it came through (`None`: the channel).
+    via: Vec<Option<Bytes>>,
+}
+
+/// The recent publishes; see the module docs.
+#[derive(Default)]
+pub struct Publishes {
+    number: u64,
+    /// Newest last.
+    recent: VecDeque<Recent>,
 }
 
 impl Publishes {
     /// The number of the publish a message belongs to. `pattern` is the
     /// Redis pattern it came through (`None`: a `message`, for a channel).
     pub fn number(&mut self, pattern: Option<&Bytes>, channel: &Bytes, payload: &Bytes) -> u64 {
-        let continues = match pattern {
-            None => false,
-            Some(p) => {
-                self.number != 0
-                    && self.channel == *channel
-                    && same(&self.payload, payload)
-                    && !self.via.contains(p)
-            }
-        };
-        if continues {
-            self.via.extend(pattern.cloned());
-            return self.number;
+        let via = pattern.cloned();
+        let joined =
+            self.recent.iter_mut().rev().find(|r| {
+                r.channel == *channel && same(&r.payload, payload) && !r.via.contains(&via)
+            });
+        if let Some(r) = joined {
+            r.via.push(via);
+            return r.number;
         }
         self.number += 1;
-        self.channel = channel.clone();
-        self.payload = payload.clone();
-        self.via.clear();
-        self.via.extend(pattern.cloned());
+        if self.recent.len() == WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(Recent {
+            number: self.number,
+            channel: channel.clone(),
+            payload: payload.clone(),
+            via: vec![via],
+        });
         self.number
     }
 }
@@ -92,6 +111,18 @@ mod tests {
         assert_eq!(p.number(Some(&pat("/a/?*")), &b("/a/b"), &b("x")), three);
         let four = p.number(Some(&pat("/a/?*")), &b("/a/b"), &b("x"));
         assert_ne!(four, three);
+    }
+
+    /// Over several links: the pmessage before the message, and another
+    /// publish in between, still one publish.
+    #[test]
+    fn messages_of_one_publish_over_several_links_are_one_publish() {
+        let mut p = Publishes::default();
+        let one = p.number(Some(&pat("/a/*")), &b("/a/b"), &b("x"));
+        let other = p.number(CHANNEL, &b("/c"), &b("y"));
+        assert_ne!(one, other);
+        assert_eq!(p.number(CHANNEL, &b("/a/b"), &b("x")), one);
+        assert_eq!(p.number(Some(&pat("/a/?*")), &b("/a/b"), &b("x")), one);
     }
 
     #[test]

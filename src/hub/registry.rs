@@ -17,11 +17,13 @@
 //! each topic once and no member at all (the hub then marks each session's
 //! queue; the sessions render their own notices).
 //!
-//! The registry also holds the broker link's [`LinkState`] and the progress
-//! of a resync, which is bounded: it ends when every topic wanted at the
-//! reconnect has been answered, however much churn continues meanwhile.
+//! The registry also holds each broker link's [`LinkState`] and the progress
+//! of its resync, which is bounded: it ends when every topic of the link
+//! wanted at the reconnect has been answered, however much churn continues
+//! meanwhile. Every topic is on one link (the broker says which, once, when
+//! the topic's entry is made); a link's `Up`/`Down` touches its topics only.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,6 +148,8 @@ pub struct Waiter {
 }
 
 struct Entry {
+    /// The broker link that holds it.
+    link: usize,
     /// Members receiving deliveries; copy-on-write, so the dispatcher iterates
     /// a clone of the `Arc` without the lock.
     active: Members,
@@ -162,8 +166,9 @@ struct Entry {
 }
 
 impl Entry {
-    fn new() -> Entry {
+    fn new(link: usize) -> Entry {
         Entry {
+            link,
             active: Arc::new(Vec::new()),
             pending: HashMap::new(),
             round: None,
@@ -278,12 +283,39 @@ impl LinkState {
 /// What the reconciler gets from [`Registry::take_changes`].
 #[derive(Default)]
 pub struct Step {
+    /// The link the changes are for.
+    pub link: usize,
     /// The connection generation the changes are for.
     pub generation: u64,
     /// What to send to the broker (possibly nothing).
     pub changes: Changes,
-    /// Set when this call finished a resync: how long it took.
+    /// Set when this call finished the link's resync: how long it took.
     pub resynced: Option<Duration>,
+    /// Set when this call finished the node's resync (every link connected
+    /// and caught up again): how long since the first link came back.
+    pub node_resynced: Option<Duration>,
+}
+
+/// Which broker link holds a topic ([`crate::broker::Broker::link_of`]).
+pub type Router = Arc<dyn Fn(&Topic) -> usize + Send + Sync>;
+
+/// One broker link as the registry sees it.
+#[derive(Default)]
+struct Link {
+    state: LinkState,
+    /// The connection its `held` states describe (from its last `Up`).
+    /// Changes are applied only on that connection, and answers from
+    /// another are treated as failures, so a quick reconnect racing the
+    /// `Down`/`Up` events cannot leave a stale state behind.
+    generation: u64,
+    /// When its current resync started (its last `Up`).
+    resync_started: Option<Instant>,
+    /// Its entries with `resync` set.
+    resync_left: usize,
+    /// Its dirty topics, in order.
+    dirty: VecDeque<Topic>,
+    /// Its topics (every entry on it).
+    topics: HashSet<Topic>,
 }
 
 /// A topic's active members, as the dispatcher iterates them.
@@ -308,22 +340,19 @@ pub struct Completed {
 }
 
 /// All topics of one node; see the module docs.
-#[derive(Default)]
 pub struct Registry {
     entries: HashMap<Topic, Entry>,
-    dirty: VecDeque<Topic>,
-    link: LinkState,
-    /// When the current resync started (the last `Up`).
-    resync_started: Option<Instant>,
-    /// Entries with `resync` set.
-    resync_left: usize,
+    links: Vec<Link>,
+    router: Router,
+    /// What `/readyz` says: true once every link is connected and caught
+    /// up, false again only when no link holding topics is connected (a
+    /// partial outage keeps the node ready: most of its topics flow).
+    ready: bool,
+    /// When the node's resync started: the first `Up` since every link was
+    /// last connected and caught up (or since start).
+    node_resync: Option<Instant>,
     /// Subscribers waiting for confirmation (the held-requests gauge).
     waiting: usize,
-    /// The broker connection the registry's `held` states describe (from the
-    /// last `Up`). Changes are applied only on that connection, and answers
-    /// from another are treated as failures, so a quick reconnect racing the
-    /// `Down`/`Up` events cannot leave a stale state behind.
-    generation: u64,
     held: HeldCounts,
     /// `WSGATE_MAX_PATTERNS` and the count it bounds; see [`PatternCap`].
     patterns: PatternCap,
@@ -360,7 +389,34 @@ impl PatternCap {
     }
 }
 
+impl Default for Registry {
+    /// One link, holding every topic.
+    fn default() -> Registry {
+        Registry::with_links(1, Arc::new(|_: &Topic| 0))
+    }
+}
+
 impl Registry {
+    /// An empty registry over `links` broker links (at least one); `router`
+    /// says which holds a topic.
+    pub fn with_links(links: usize, router: Router) -> Registry {
+        Registry {
+            entries: HashMap::new(),
+            links: (0..links.max(1)).map(|_| Link::default()).collect(),
+            router,
+            ready: false,
+            node_resync: None,
+            waiting: 0,
+            held: HeldCounts::default(),
+            patterns: PatternCap::default(),
+        }
+    }
+
+    /// How many broker links there are.
+    pub fn link_count(&self) -> usize {
+        self.links.len()
+    }
+
     /// Caps the distinct patterns the node holds (`WSGATE_MAX_PATTERNS`).
     pub fn set_max_patterns(&mut self, max: usize) {
         self.patterns.max = Some(max);
@@ -378,7 +434,14 @@ impl Registry {
         if !wanted {
             self.patterns.changed(&topic, true);
         }
-        let entry = self.entries.entry(topic.clone()).or_insert_with(Entry::new);
+        let entry = match self.entries.entry(topic.clone()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let link = (self.router)(&topic).min(self.links.len() - 1);
+                self.links[link].topics.insert(topic.clone());
+                v.insert(Entry::new(link))
+            }
+        };
         if entry.held == Held::Present {
             entry.insert(sub.clone());
             return Ok(Joined::Active(sub));
@@ -469,7 +532,7 @@ impl Registry {
         if let Some(entry) = self.entries.get_mut(topic) {
             if !entry.dirty {
                 entry.dirty = true;
-                self.dirty.push_back(topic.clone());
+                self.links[entry.link].dirty.push_back(topic.clone());
             }
         }
     }
@@ -479,20 +542,24 @@ impl Registry {
         self.entries.get(topic).map(|e| e.active.clone())
     }
 
-    /// Takes up to `max` dirty topics whose broker state differs from what is
-    /// wanted, and marks them in flight. Empty when the broker is down or
-    /// nothing differs.
-    pub fn take_changes(&mut self, max: usize) -> Step {
+    /// Takes up to `max` dirty topics of `link` whose broker state differs
+    /// from what is wanted, and marks them in flight. Empty when the link is
+    /// down or nothing differs.
+    pub fn take_changes(&mut self, link: usize, max: usize) -> Step {
         let mut changes = Changes::default();
-        if !self.link.is_up() {
+        let Some(l) = self.links.get(link) else {
+            return Step::default();
+        };
+        let generation = l.generation;
+        if !l.state.is_up() {
             return Step {
-                generation: self.generation,
-                changes,
-                resynced: None,
+                link,
+                generation,
+                ..Step::default()
             };
         }
         while changes.subscribe.len() + changes.unsubscribe.len() < max {
-            let Some(topic) = self.dirty.pop_front() else {
+            let Some(topic) = self.links[link].dirty.pop_front() else {
                 break;
             };
             let Some(entry) = self.entries.get_mut(&topic) else {
@@ -514,19 +581,27 @@ impl Registry {
             }
         }
         let mut resynced = None;
-        if self.link == LinkState::Resyncing && self.resync_left == 0 {
-            self.link = LinkState::Connected;
+        let mut node_resynced = None;
+        let l = &mut self.links[link];
+        if l.state == LinkState::Resyncing && l.resync_left == 0 {
+            l.state = LinkState::Connected;
             resynced = Some(
-                self.resync_started
+                l.resync_started
                     .take()
                     .map(|t| t.elapsed())
                     .unwrap_or_default(),
             );
+            if self.links.iter().all(|l| l.state == LinkState::Connected) {
+                self.ready = true;
+                node_resynced = self.node_resync.take().map(|t| t.elapsed());
+            }
         }
         Step {
-            generation: self.generation,
+            link,
+            generation,
             changes,
             resynced,
+            node_resynced,
         }
     }
 
@@ -535,30 +610,35 @@ impl Registry {
         if let Some(entry) = self.entries.get_mut(topic) {
             if entry.resync && !matches!(entry.held, Held::Subscribing | Held::Unsubscribing) {
                 entry.resync = false;
-                self.resync_left -= 1;
+                self.links[entry.link].resync_left -= 1;
             }
         }
     }
 
     fn remove_entry(&mut self, topic: &Topic) {
         if let Some(entry) = self.entries.remove(topic) {
+            let link = &mut self.links[entry.link];
             if entry.resync {
-                self.resync_left -= 1;
+                link.resync_left -= 1;
             }
+            link.topics.remove(topic);
             self.waiting -= entry.pending.len();
         }
     }
 
-    /// Records the broker's answer to changes from [`Registry::take_changes`].
+    /// Records the broker's answer to changes from [`Registry::take_changes`]
+    /// for `link`.
     pub fn complete(
         &mut self,
+        link: usize,
         generation: u64,
         changes: &Changes,
         result: Result<Applied, BrokerError>,
     ) -> Completed {
         let mut out = Completed::default();
+        let current = self.links.get(link).map(|l| l.generation);
         let result = match result {
-            Ok(_) if generation != self.generation => Err(BrokerError::ConnectionLost),
+            Ok(_) if current != Some(generation) => Err(BrokerError::ConnectionLost),
             other => other,
         };
         let refused: HashMap<&Topic, &str> = match &result {
@@ -645,44 +725,74 @@ impl Registry {
         }
     }
 
-    /// The broker connected with nothing held: everything wanted is dirty,
-    /// and the resync lasts until each of those topics is answered.
-    pub fn broker_up(&mut self, generation: u64) {
-        self.link = LinkState::Resyncing;
-        self.resync_started = Some(Instant::now());
-        self.generation = generation;
-        self.resync_left = 0;
-        let topics: Vec<Topic> = self.entries.keys().cloned().collect();
+    /// Link `link` connected with nothing held: every wanted topic of it is
+    /// dirty, and its resync lasts until each of those is answered.
+    pub fn broker_up(&mut self, link: usize, generation: u64) {
+        let Some(l) = self.links.get_mut(link) else {
+            return;
+        };
+        l.state = LinkState::Resyncing;
+        l.resync_started = Some(Instant::now());
+        l.generation = generation;
+        l.resync_left = 0;
+        self.node_resync.get_or_insert_with(Instant::now);
+        let topics: Vec<Topic> = l.topics.iter().cloned().collect();
         for topic in topics {
             self.set_held(&topic, Held::Absent);
             if let Some(entry) = self.entries.get_mut(&topic) {
                 entry.resync = true;
-                self.resync_left += 1;
+                self.links[link].resync_left += 1;
             }
             self.mark_dirty(&topic);
         }
     }
 
-    /// The broker connection is gone, and with it everything it held. O(topics):
-    /// the hub tells the sessions through their queues.
-    pub fn broker_down(&mut self) {
-        self.link = LinkState::Down;
-        self.resync_started = None;
-        self.resync_left = 0;
-        let topics: Vec<Topic> = self.entries.keys().cloned().collect();
+    /// Link `link`'s connection is gone, and with it everything it held.
+    /// O(its topics): the hub tells their subscribers. The node stays ready
+    /// while another link holding topics is connected.
+    pub fn broker_down(&mut self, link: usize) {
+        let Some(l) = self.links.get_mut(link) else {
+            return;
+        };
+        l.state = LinkState::Down;
+        l.resync_started = None;
+        l.resync_left = 0;
+        let topics: Vec<Topic> = l.topics.iter().cloned().collect();
         for topic in &topics {
             self.set_held(topic, Held::Absent);
             if let Some(entry) = self.entries.get_mut(topic) {
                 entry.resync = false;
             }
         }
+        let flowing = self
+            .links
+            .iter()
+            .any(|l| l.state == LinkState::Connected && !l.topics.is_empty());
+        if !flowing {
+            self.ready = false;
+        }
     }
 
-    /// The broker is trying to connect again.
-    pub fn broker_reconnecting(&mut self) {
-        if !self.link.is_up() {
-            self.link = LinkState::Reconnecting;
+    /// Link `link` is trying to connect again.
+    pub fn broker_reconnecting(&mut self, link: usize) {
+        if let Some(l) = self.links.get_mut(link) {
+            if !l.state.is_up() {
+                l.state = LinkState::Reconnecting;
+            }
         }
+    }
+
+    /// The topics link `link` holds (or should), with their active members:
+    /// whom its outage or its resync concerns.
+    pub fn members_of_link(&self, link: usize) -> Vec<(Topic, Members)> {
+        let Some(l) = self.links.get(link) else {
+            return Vec::new();
+        };
+        l.topics
+            .iter()
+            .filter_map(|t| self.entries.get(t).map(|e| (t.clone(), e.active.clone())))
+            .filter(|(_, members)| !members.is_empty())
+            .collect()
     }
 
     /// The active members of each of `topics` (`None`: of every topic): who
@@ -701,14 +811,33 @@ impl Registry {
         }
     }
 
-    /// Connected and caught up: what `/readyz` reports.
+    /// What `/readyz` reports: every link connected and caught up, or a
+    /// partial outage of a node that was (see the field's docs).
     pub fn is_ready(&self) -> bool {
-        self.link == LinkState::Connected
+        self.ready
     }
 
-    /// The broker link's state.
+    /// The broker's state: connected when every link is, else the least
+    /// advanced link's state (down, reconnecting, resyncing).
     pub fn link(&self) -> LinkState {
-        self.link
+        self.links
+            .iter()
+            .map(|l| l.state)
+            .min_by_key(|s| match s {
+                LinkState::Down => 0,
+                LinkState::Reconnecting => 1,
+                LinkState::Resyncing => 2,
+                LinkState::Connected => 3,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Links connected and caught up.
+    pub fn links_connected(&self) -> usize {
+        self.links
+            .iter()
+            .filter(|l| l.state == LinkState::Connected)
+            .count()
     }
 
     /// Subscribers waiting for the broker to confirm.
@@ -741,11 +870,11 @@ mod tests {
     }
 
     fn held_channel(r: &mut Registry, t: &Topic) {
-        r.broker_up(1);
+        r.broker_up(0, 1);
         let sub = new_sub(0);
         let _ = r.subscribe(sub, t.clone());
-        let step = r.take_changes(10);
-        r.complete(1, &step.changes, Ok(Applied::default()));
+        let step = r.take_changes(0, 10);
+        r.complete(0, 1, &step.changes, Ok(Applied::default()));
         assert!(r.activate(new_sub(0), t).is_some());
     }
 
@@ -804,7 +933,7 @@ mod tests {
         for t in &topics {
             let _ = r.subscribe(new_sub(1), t.clone());
         }
-        r.broker_up(1);
+        r.broker_up(0, 1);
         let mut churn = 100;
         let mut done = false;
         for _ in 0..50 {
@@ -814,12 +943,12 @@ mod tests {
                 new_sub(churn),
                 Topic::Channel(Bytes::from(format!("churn{churn}"))),
             );
-            let step = r.take_changes(4);
+            let step = r.take_changes(0, 4);
             if step.resynced.is_some() {
                 done = true;
                 break;
             }
-            r.complete(1, &step.changes, Ok(Applied::default()));
+            r.complete(0, 1, &step.changes, Ok(Applied::default()));
         }
         assert!(done, "resync never finished under churn");
         assert!(r.is_ready());
@@ -830,7 +959,7 @@ mod tests {
     #[test]
     fn ten_thousand_waiters_are_one_answer() {
         let mut r = Registry::default();
-        r.broker_up(1);
+        r.broker_up(0, 1);
         let t = Topic::Channel(Bytes::from_static(b"storm"));
         let mut waits = Vec::new();
         for id in 0..10_000 {
@@ -839,8 +968,8 @@ mod tests {
             };
             waits.push(c);
         }
-        let step = r.take_changes(10);
-        let done = r.complete(1, &step.changes, Ok(Applied::default()));
+        let step = r.take_changes(0, 10);
+        let done = r.complete(0, 1, &step.changes, Ok(Applied::default()));
         assert_eq!(done.answers.len(), 1);
         for (tx, res) in done.answers {
             tx.send_replace(Some(res));
@@ -857,23 +986,23 @@ mod tests {
     #[test]
     fn a_refused_topic_refuses_its_waiters_and_is_not_retried() {
         let mut r = Registry::default();
-        r.broker_up(1);
+        r.broker_up(0, 1);
         let t = Topic::Channel(Bytes::from_static(b"secret"));
         let Ok(Joined::Pending(mut conf)) = r.subscribe(new_sub(1), t.clone()) else {
             panic!("expected pending");
         };
-        let step = r.take_changes(10);
+        let step = r.take_changes(0, 10);
         let applied = Applied {
             refused: vec![(t.clone(), "not permitted by Redis".to_owned())],
         };
-        let done = r.complete(1, &step.changes, Ok(applied));
+        let done = r.complete(0, 1, &step.changes, Ok(applied));
         assert_eq!(done.answers.len(), 1);
         for (tx, res) in done.answers {
             tx.send_replace(Some(res));
         }
         let answer = conf.borrow_and_update().clone();
         assert!(matches!(answer, Some(Err(BrokerError::Refused(_)))));
-        assert!(r.take_changes(10).changes.subscribe.is_empty());
+        assert!(r.take_changes(0, 10).changes.subscribe.is_empty());
         assert_eq!(r.waiting(), 0);
     }
 }

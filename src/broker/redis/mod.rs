@@ -1,60 +1,73 @@
-//! The Redis broker: one dedicated pub/sub connection per node, as an actor.
+//! The Redis broker: K dedicated pub/sub connections per node (*links*),
+//! each owned by an actor ([`link`]), plus one connection for publishing.
 //!
-//! A single task owns the pub/sub socket. It takes [`Changes`] from a bounded
-//! request channel, writes them as multi-argument `SUBSCRIBE`/`PSUBSCRIBE`/
-//! `UNSUBSCRIBE`/`PUNSUBSCRIBE` commands, and answers each request once Redis
-//! has confirmed every topic in it. Messages go to the hub as [`BrokerEvent`]s
-//! without ever blocking the reader. When the connection is lost the task
-//! reports `Down`, reconnects with capped, jittered backoff for as long as it
-//! takes, and reports `Up`: the hub, whose registry is the source of truth,
-//! then re-applies everything. The task ends when every handle is dropped.
+//! Why K: before Redis 7.2 a client's pattern set is a linked list, so a
+//! `PSUBSCRIBE` of one pattern costs O(patterns that connection already
+//! holds), and resubscribing P patterns on one connection costs O(P²) in
+//! Redis (100k patterns: 32 s on 7.0). Spread over K connections, the same
+//! resync costs O(P²/K). Every topic lives on exactly one link, chosen by a
+//! stable hash of its name ([`RedisBroker::link_of`]): patterns spread over
+//! all K, exact channels (O(1) per `SUBSCRIBE` in every Redis) stay on link
+//! 0. Each link has its own refcounted subscriptions, batching, PING probes,
+//! coalescing ([`cover`], with its share of `WSGATE_MAX_REDIS_PATTERNS`) and
+//! gap notices; a link that fails reports `Down` for its own topics only.
+//! `WSGATE_REDIS_PUBSUB_CONNECTIONS` sets K; by default it follows from how
+//! many patterns the node may hold in Redis ([`auto_links`]), so a node that
+//! coalesces into few Redis patterns keeps one connection.
 //!
-//! We speak RESP2 ourselves on this connection (see [`resp`]) rather than use
+//! We speak RESP2 ourselves on these connections (see [`resp`]) rather than use
 //! redis-rs's pub/sub types: those either do not reconnect or buffer pushes in
 //! an unbounded channel, and they copy every payload. Publishing has its own
 //! connection and task ([`publish`]), which knows whether a failed publish
-//! reached Redis. Every connection of the node (these two, and the Bayeux
+//! reached Redis. Every connection of the node (these, and the Bayeux
 //! handoff store's) is opened by [`conn`]: the same URL forms and handshake.
 
 pub(crate) mod commands;
 pub(crate) mod conn;
 mod cover;
+mod link;
 mod publish;
 pub(crate) mod resp;
 
-use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, Instrument};
 
-use super::{
-    Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, CoveredMessage, EventSink,
-    HubGone, Publication, PublishError, Topic,
-};
-use crate::backoff::backoff;
+use super::{Applied, Broker, BrokerError, Changes, EventSink, Publication, PublishError, Topic};
 use crate::metrics::Metrics;
-use conn::{Handshake, Target};
-use cover::{Commands, Covers, Route};
-use resp::Value;
+use conn::Target;
+use link::{Actor, Link, Siblings};
 
-/// Requests waiting for the actor. Only the hub's reconciler sends, one batch
-/// at a time, so a handful is plenty; a full channel makes the sender wait.
+/// Requests waiting for one link's actor. Only the hub's reconciler sends,
+/// one batch per link at a time, so a handful is plenty; a full channel
+/// makes the sender wait.
 const REQUEST_CAPACITY: usize = 16;
-/// First reconnect delay; doubles per failure up to [`RedisOptions::backoff_max`].
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-/// Bytes read from the socket per read call (the buffer grows for larger messages).
-const READ_CHUNK: usize = 64 * 1024;
-/// A connection that lived less than this counts as a failure for the
-/// reconnect backoff: one that dies right after connecting (a refused
-/// command, a proxy that drops us) must not retry at the minimum pace forever.
-const STABLE_AFTER: Duration = Duration::from_secs(2);
 /// What subscribers of a topic refused by a Redis ACL are told.
 pub const NOT_PERMITTED: &str = "not permitted by Redis";
+
+/// Most patterns [`auto_links`] lets one link hold: measured on Redis 7.0
+/// (docs/benchmarks.md, "Pattern resync over K connections"), where each
+/// `PSUBSCRIBE` scans the connection's list, a few hundred patterns per
+/// connection keep that scan below Redis's fixed cost per command.
+pub const AUTO_PATTERNS_PER_LINK: usize = 512;
+/// Most links [`auto_links`] opens.
+pub const AUTO_MAX_LINKS: usize = 256;
+/// Most links `WSGATE_REDIS_PUBSUB_CONNECTIONS` may ask for.
+pub const MAX_LINKS: usize = 1024;
+
+/// The default K: enough links that none holds more than
+/// [`AUTO_PATTERNS_PER_LINK`] Redis patterns when the node holds all it may
+/// (`WSGATE_MAX_PATTERNS` client patterns, coalesced into at most
+/// `WSGATE_MAX_REDIS_PATTERNS`), at most [`AUTO_MAX_LINKS`]. With the
+/// defaults (4096 and 64) that is one link: coalescing already keeps what
+/// one connection holds small.
+pub fn auto_links(max_patterns: usize, max_redis_patterns: usize) -> usize {
+    let held = max_patterns.min(max_redis_patterns);
+    held.div_ceil(AUTO_PATTERNS_PER_LINK)
+        .clamp(1, AUTO_MAX_LINKS)
+}
 
 /// Why the Redis URL cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +83,7 @@ pub enum RedisConfigError {
 /// Timing and naming of the node's Redis connections (from [`crate::Config`]).
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// How often the connection is probed with PING.
+    /// How often each pub/sub connection is probed with PING.
     pub probe_interval: Duration,
     /// How long a probe, a connect or a write may take before the connection
     /// counts as dead.
@@ -81,17 +94,33 @@ pub struct RedisOptions {
     pub node_id: String,
     /// How long publish idempotency keys live in Redis.
     pub idempotency_ttl: Duration,
-    /// `WSGATE_MAX_REDIS_PATTERNS`: patterns this node may hold in Redis;
-    /// client patterns beyond are coalesced (see [`cover`]).
+    /// `WSGATE_MAX_REDIS_PATTERNS`: patterns this node may hold in Redis,
+    /// shared evenly by the links; client patterns beyond are coalesced
+    /// (see [`cover`]).
     pub max_redis_patterns: usize,
+    /// K, the pub/sub connections (`WSGATE_REDIS_PUBSUB_CONNECTIONS`, or
+    /// [`auto_links`]); at least 1.
+    pub pubsub_connections: usize,
 }
 
-/// Handle to the Redis broker actor; dropping every handle stops it.
+/// The `CLIENT SETNAME` of pub/sub link `index`: `wsgate:<node>:pubsub` for
+/// link 0 (the only one when K = 1), `wsgate:<node>:pubsub-<index>` beyond,
+/// so an operator can tell them apart in `CLIENT LIST` (and kill one).
+pub fn link_name(node_id: &str, index: usize) -> String {
+    if index == 0 {
+        format!("wsgate:{node_id}:pubsub")
+    } else {
+        format!("wsgate:{node_id}:pubsub-{index}")
+    }
+}
+
+/// Handle to the Redis broker's link actors; dropping every handle stops them.
 pub struct RedisBroker {
-    requests: mpsc::Sender<Request>,
+    links: Vec<mpsc::Sender<Request>>,
     publisher: publish::Publisher,
 }
 
+/// One batch of changes for one link's connection `generation`.
 struct Request {
     generation: u64,
     changes: Changes,
@@ -99,7 +128,8 @@ struct Request {
 }
 
 impl RedisBroker {
-    /// Parses `url` and starts the pub/sub actor; it connects in the background.
+    /// Parses `url` and starts K link actors (each with a sink of its own
+    /// on `events`'s channel); they connect in the background.
     pub fn start(
         url: &str,
         events: EventSink,
@@ -113,43 +143,64 @@ impl RedisBroker {
             timeout: options.probe_timeout,
             idempotency_ttl: options.idempotency_ttl,
         });
-        let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
-        tokio::spawn(
-            poll_numpat(
-                client,
-                tx.downgrade(),
-                metrics.clone(),
-                options.probe_interval,
-            )
-            .instrument(tracing::info_span!("redis_numpat")),
-        );
-        let covers = Covers::new(options.max_redis_patterns);
-        let actor = Actor {
-            target,
-            requests: rx,
-            events,
-            metrics,
-            options,
-            covers,
-            follow_up: BytesMut::new(),
-        };
-        let span = tracing::info_span!("redis_pubsub", addr = %actor.target.addr());
-        tokio::spawn(actor.run().instrument(span));
-        Ok(RedisBroker {
-            requests: tx,
-            publisher,
-        })
+        let k = options.pubsub_connections.clamp(1, MAX_LINKS);
+        let budget = options.max_redis_patterns.div_ceil(k).max(1);
+        let siblings = Siblings::new(k);
+        let mut links = Vec::with_capacity(k);
+        for index in 0..k {
+            let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
+            let actor = Actor::new(Link {
+                index,
+                name: link_name(&options.node_id, index),
+                target: target.clone(),
+                requests: rx,
+                events: events.sibling(),
+                metrics: metrics.clone(),
+                options: options.clone(),
+                budget,
+                siblings: siblings.clone(),
+            });
+            let span = tracing::info_span!("redis_pubsub", link = index, addr = %actor.addr());
+            tokio::spawn(actor.run().instrument(span));
+            links.push(tx);
+        }
+        drop(events);
+        if let Some(first) = links.first() {
+            tokio::spawn(
+                poll_numpat(
+                    client,
+                    first.downgrade(),
+                    metrics.clone(),
+                    options.probe_interval,
+                )
+                .instrument(tracing::info_span!("redis_numpat")),
+            );
+        }
+        Ok(RedisBroker { links, publisher })
     }
+}
+
+/// A stable 64-bit hash of a topic name (FNV-1a): the same link for the
+/// same pattern on every node and every start, whatever Rust's hasher does.
+fn stable_hash(name: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 impl Broker for RedisBroker {
     fn apply(
         &self,
+        link: usize,
         generation: u64,
         changes: Changes,
     ) -> BoxFuture<'static, Result<Applied, BrokerError>> {
-        let requests = self.requests.clone();
+        let requests = self.links.get(link).cloned();
         async move {
+            let requests = requests.ok_or(BrokerError::Unavailable)?;
             let (done, confirmed) = oneshot::channel();
             requests
                 .send(Request {
@@ -164,6 +215,18 @@ impl Broker for RedisBroker {
         .boxed()
     }
 
+    fn links(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Channels on link 0; patterns by [`stable_hash`] over every link.
+    fn link_of(&self, topic: &Topic) -> usize {
+        match topic {
+            Topic::Channel(_) => 0,
+            Topic::Pattern(p) => (stable_hash(p) % self.links.len().max(1) as u64) as usize,
+        }
+    }
+
     fn publish_batch(
         &self,
         messages: Vec<Publication>,
@@ -175,608 +238,6 @@ impl Broker for RedisBroker {
     fn name(&self) -> &'static str {
         "redis"
     }
-}
-
-/// How a connected period ended.
-enum Exit {
-    /// Every handle is gone: stop for good.
-    Shutdown,
-    /// The connection failed; reconnect.
-    Lost(String),
-}
-
-/// The task that owns the pub/sub connection.
-struct Actor {
-    target: Target,
-    requests: mpsc::Receiver<Request>,
-    events: EventSink,
-    metrics: Metrics,
-    options: RedisOptions,
-    /// Which Redis patterns stand for which client patterns, on the current
-    /// connection (empty again on every new one).
-    covers: Covers,
-    /// Commands the coalescing decided on while reading (letting go of
-    /// patterns a wider one replaced), written once the read is handled.
-    follow_up: BytesMut,
-}
-
-/// The `req` of the node's own follow-up commands: nobody waits on them.
-const FOLLOW_UP: u64 = u64::MAX;
-
-/// One command written to Redis whose replies have not all arrived. Redis
-/// answers commands in order: one confirmation per topic, or one error for
-/// the whole command (an ACL refuses a SUBSCRIBE if any of its channels is
-/// not permitted), so the front command is always the one answered.
-struct Cmd {
-    /// The request it belongs to.
-    req: u64,
-    /// Its topics, in argument order.
-    topics: Vec<Topic>,
-    /// (P)SUBSCRIBE rather than (P)UNSUBSCRIBE.
-    subscribe: bool,
-    /// A single-pattern `PSUBSCRIBE` of a Redis pattern chosen by the
-    /// coalescing ([`cover`]): its topic is the Redis pattern, and a refusal
-    /// refuses the client patterns waiting for it.
-    cover: bool,
-    /// Confirmations still expected.
-    remaining: usize,
-}
-
-/// A request from the hub, answered when all its commands are.
-struct Open {
-    seq: u64,
-    /// Commands of this request still in flight.
-    commands: usize,
-    refused: Vec<(Topic, String)>,
-    done: Option<oneshot::Sender<Result<Applied, BrokerError>>>,
-}
-
-/// Everything in flight on one connection.
-#[derive(Default)]
-struct InFlight {
-    cmds: VecDeque<Cmd>,
-    open: VecDeque<Open>,
-    next_seq: u64,
-    /// Topics of a refused multi-topic SUBSCRIBE, to send again one per
-    /// command so that exactly the refused ones are known.
-    resend: Vec<(u64, Topic)>,
-}
-
-impl InFlight {
-    /// The Redis pattern of the front command, if it is a coalesced `PSUBSCRIBE`.
-    fn front_cover(&self) -> Option<bytes::Bytes> {
-        self.cmds
-            .front()
-            .filter(|c| c.cover)
-            .and_then(|c| c.topics.first())
-            .map(|t| t.name().clone())
-    }
-
-    /// The front command got one confirmation (or, with `refused`, its error;
-    /// `clients`: for a coalesced `PSUBSCRIBE`, the client patterns refused).
-    fn answer(&mut self, refused: Option<String>, clients: Vec<bytes::Bytes>) -> Result<(), Exit> {
-        let Some(cmd) = self.cmds.front_mut() else {
-            return Err(Exit::Lost("reply with nothing in flight".to_owned()));
-        };
-        match refused {
-            None => {
-                cmd.remaining -= 1;
-                if cmd.remaining > 0 {
-                    return Ok(());
-                }
-            }
-            Some(why) => {
-                if !cmd.subscribe {
-                    // Redis's state after a refused unsubscribe is unknown: start over.
-                    return Err(Exit::Lost(format!("redis refused an unsubscribe: {why}")));
-                }
-                let reason = if why.starts_with("NOPERM") {
-                    NOT_PERMITTED.to_owned()
-                } else {
-                    format!("refused by Redis: {why}")
-                };
-                let req = cmd.req;
-                if cmd.cover {
-                    if let Some(open) = self.open.iter_mut().find(|o| o.seq == req) {
-                        for c in clients {
-                            open.refused.push((Topic::Pattern(c), reason.clone()));
-                        }
-                    }
-                } else if cmd.topics.len() == 1 {
-                    let topic = cmd.topics[0].clone();
-                    if let Some(open) = self.open.iter_mut().find(|o| o.seq == req) {
-                        open.refused.push((topic, reason));
-                    }
-                } else {
-                    let n = cmd.topics.len();
-                    for topic in cmd.topics.drain(..) {
-                        self.resend.push((req, topic));
-                    }
-                    if let Some(open) = self.open.iter_mut().find(|o| o.seq == req) {
-                        open.commands += n;
-                    }
-                }
-            }
-        }
-        let Some(cmd) = self.cmds.pop_front() else {
-            return Ok(());
-        };
-        self.command_done(cmd.req);
-        Ok(())
-    }
-
-    fn command_done(&mut self, req: u64) {
-        let Some(at) = self.open.iter().position(|o| o.seq == req) else {
-            return;
-        };
-        let open = &mut self.open[at];
-        open.commands -= 1;
-        if open.commands == 0 {
-            if let Some(open) = self.open.remove(at) {
-                if let Some(done) = open.done {
-                    let _ = done.send(Ok(Applied {
-                        refused: open.refused,
-                    }));
-                }
-            }
-        }
-    }
-
-    /// The connection ended: nothing in flight will be answered.
-    fn fail(self) {
-        for open in self.open {
-            if let Some(done) = open.done {
-                let _ = done.send(Err(BrokerError::ConnectionLost));
-            }
-        }
-    }
-}
-
-impl Actor {
-    async fn run(mut self) {
-        let mut failures: u32 = 0;
-        let mut generation: u64 = 0;
-        loop {
-            match self.connect().await {
-                Ok(Some(stream)) => {
-                    let connected_at = Instant::now();
-                    generation += 1;
-                    info!(generation, "connected");
-                    if self
-                        .events
-                        .state(BrokerEvent::Up { generation })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    self.metrics.broker_up.set(1);
-                    let exit = self.serve(stream, generation).await;
-                    self.metrics.broker_up.set(0);
-                    // Only a connection that lasted resets the backoff.
-                    if connected_at.elapsed() >= STABLE_AFTER {
-                        failures = 0;
-                    } else {
-                        failures = failures.saturating_add(1);
-                    }
-                    // Tell the hub before anything else: every subscription is gone.
-                    if self.events.state(BrokerEvent::Down).await.is_err() {
-                        return;
-                    }
-                    match exit {
-                        Exit::Shutdown => return,
-                        Exit::Lost(cause) => warn!(%cause, "pub/sub connection lost"),
-                    }
-                }
-                Ok(None) => return,
-                Err(cause) => {
-                    failures = failures.saturating_add(1);
-                    if failures == 1 || failures % 10 == 0 {
-                        warn!(%cause, failures, "cannot connect to redis");
-                    }
-                }
-            }
-            let pause = backoff(failures, BACKOFF_MIN, self.options.backoff_max);
-            if self.refuse_while(tokio::time::sleep(pause)).await.is_none() {
-                return;
-            }
-            if self.events.state(BrokerEvent::Reconnecting).await.is_err() {
-                return;
-            }
-        }
-    }
-
-    /// Runs `fut` while answering every request with `Unavailable`; `None` if
-    /// the handles are all gone (shutdown).
-    async fn refuse_while<T>(&mut self, fut: impl std::future::Future<Output = T>) -> Option<T> {
-        tokio::pin!(fut);
-        loop {
-            tokio::select! {
-                out = &mut fut => return Some(out),
-                req = self.requests.recv() => match req {
-                    Some(req) => { let _ = req.done.send(Err(BrokerError::Unavailable)); }
-                    None => return None,
-                },
-            }
-        }
-    }
-
-    /// Connects, authenticates and checks that Redis answers a PING, all
-    /// within the probe timeout (a frozen Redis still accepts TCP connections
-    /// through the kernel; the PING is what proves it alive). `Ok(None)` means
-    /// shutdown was requested meanwhile.
-    async fn connect(&mut self) -> Result<Option<TcpStream>, String> {
-        let name = format!("wsgate:{}:pubsub", self.options.node_id);
-        // Pub/sub ignores databases: no SELECT.
-        let mut handshake = Handshake::new(&self.target, &name, false);
-        handshake.push("PING", &[b"PING"]);
-        let target = self.target.clone();
-        let attempt = async move {
-            let (stream, replies) = handshake.run(&target).await?;
-            for (_, reply) in replies {
-                if !matches!(reply, Value::Simple(_)) {
-                    return Err(format!("handshake refused: {reply:?}"));
-                }
-            }
-            Ok::<_, String>(stream)
-        };
-        match self
-            .refuse_while(tokio::time::timeout(self.options.probe_timeout, attempt))
-            .await
-        {
-            None => Ok(None),
-            Some(Ok(result)) => result.map(Some),
-            Some(Err(_)) => Err("connect or handshake timed out".to_owned()),
-        }
-    }
-
-    /// Serves one connected period until the connection fails or shutdown.
-    /// Queues the coalescing's own `PUNSUBSCRIBE`s, written after the read
-    /// that decided them; nobody waits for their confirmations.
-    fn follow_ups(&mut self, follow: Commands, inflight: &mut InFlight) {
-        if follow.punsubscribe.is_empty() {
-            return;
-        }
-        encode(&mut self.follow_up, b"PUNSUBSCRIBE", &follow.punsubscribe);
-        inflight.cmds.push_back(Cmd {
-            req: FOLLOW_UP,
-            topics: follow
-                .punsubscribe
-                .into_iter()
-                .map(Topic::Pattern)
-                .collect(),
-            subscribe: false,
-            cover: false,
-            remaining: 0,
-        });
-        if let Some(cmd) = inflight.cmds.back_mut() {
-            cmd.remaining = cmd.topics.len();
-        }
-    }
-
-    async fn serve(&mut self, stream: TcpStream, generation: u64) -> Exit {
-        self.covers = Covers::new(self.options.max_redis_patterns);
-        self.follow_up.clear();
-        let (mut rd, mut wr) = stream.into_split();
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let mut out = BytesMut::new();
-        let mut inflight = InFlight::default();
-        let mut probe = tokio::time::interval(self.options.probe_interval);
-        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When the outstanding PING was sent; `None` when none is outstanding.
-        let mut pinged: Option<Instant> = None;
-        // When Redis last sent anything. A busy Redis (e.g. working through a
-        // large PSUBSCRIBE batch, which costs O(patterns held) per pattern
-        // before Redis 7.2) answers our PING late but is alive: any byte read
-        // since the PING counts as a sign of life.
-        let mut last_read = Instant::now();
-        let write_timeout = self.options.probe_timeout;
-        let exit = loop {
-            tokio::select! {
-                req = self.requests.recv() => {
-                    let Some(req) = req else { break Exit::Shutdown };
-                    if req.generation != generation {
-                        let _ = req.done.send(Err(BrokerError::Unavailable));
-                        continue;
-                    }
-                    out.clear();
-                    let cmds = encode_changes(&mut out, &req.changes, &mut self.covers);
-                    self.metrics.redis_patterns.set(self.covers.redis_patterns() as i64);
-                    if cmds.is_empty() {
-                        let _ = req.done.send(Ok(Applied::default()));
-                        continue;
-                    }
-                    let seq = inflight.next_seq;
-                    inflight.next_seq += 1;
-                    inflight.open.push_back(Open { seq, commands: cmds.len(), refused: Vec::new(), done: Some(req.done) });
-                    for (topics, subscribe, cover) in cmds {
-                        let remaining = topics.len();
-                        inflight.cmds.push_back(Cmd { req: seq, topics, subscribe, cover, remaining });
-                    }
-                    if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
-                        break Exit::Lost(cause);
-                    }
-                }
-                read = read_some(&mut rd, &mut buf) => {
-                    last_read = Instant::now();
-                    if let Err(cause) = read {
-                        break Exit::Lost(cause);
-                    }
-                    if let Err(exit) = self.drain(&mut buf, &mut inflight, &mut pinged) {
-                        break exit;
-                    }
-                    if !self.follow_up.is_empty() {
-                        self.metrics.redis_patterns.set(self.covers.redis_patterns() as i64);
-                        let written = write_within(&mut wr, &self.follow_up, write_timeout).await;
-                        self.follow_up.clear();
-                        if let Err(cause) = written {
-                            break Exit::Lost(cause);
-                        }
-                    }
-                    if !inflight.resend.is_empty() {
-                        out.clear();
-                        for (req, topic) in inflight.resend.drain(..) {
-                            let args: [&[u8]; 2] = [subscribe_command(&topic), topic.name()];
-                            resp::encode_command(&mut out, args.into_iter());
-                            inflight.cmds.push_back(Cmd { req, topics: vec![topic], subscribe: true, cover: false, remaining: 1 });
-                        }
-                        if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
-                            break Exit::Lost(cause);
-                        }
-                    }
-                }
-                tick = probe.tick() => {
-                    if self.events.flush_gap().is_err() {
-                        break Exit::Shutdown;
-                    }
-                    // Ages are measured between ticks (the PING is stamped with
-                    // the tick that sent it), so the timeout expires exactly on a
-                    // tick: detection within interval + timeout, not one more interval.
-                    let now = tick.into_std();
-                    match pinged {
-                        Some(at) if now.duration_since(at.max(last_read)) >= self.options.probe_timeout => {
-                            break Exit::Lost(format!("no PING reply within {:?}", self.options.probe_timeout));
-                        }
-                        Some(_) => {}
-                        None => {
-                            out.clear();
-                            resp::encode_command(&mut out, [&b"PING"[..]].into_iter());
-                            if let Err(cause) = write_within(&mut wr, &out, write_timeout).await {
-                                break Exit::Lost(cause);
-                            }
-                            pinged = Some(now);
-                        }
-                    }
-                }
-            }
-        };
-        inflight.fail();
-        self.metrics.redis_patterns.set(0);
-        exit
-    }
-
-    /// Handles every complete value in `buf`.
-    fn drain(
-        &mut self,
-        buf: &mut BytesMut,
-        inflight: &mut InFlight,
-        pinged: &mut Option<Instant>,
-    ) -> Result<(), Exit> {
-        while let Some(value) = resp::parse(buf).map_err(|e| Exit::Lost(e.to_string()))? {
-            self.handle(value, inflight, pinged)?;
-        }
-        Ok(())
-    }
-
-    fn handle(
-        &mut self,
-        value: Value,
-        inflight: &mut InFlight,
-        pinged: &mut Option<Instant>,
-    ) -> Result<(), Exit> {
-        let items = match value {
-            Value::Array(items) => items,
-            // PING on a connection with no subscriptions (RESP2 normal mode).
-            Value::Simple(s) if s.eq_ignore_ascii_case(b"PONG") => {
-                *pinged = None;
-                return Ok(());
-            }
-            Value::Error(e) => {
-                // A refused (P)SUBSCRIBE: Redis applied none of its topics.
-                // Only those topics' subscribers are told; the connection and
-                // everyone else's delivery carry on.
-                let msg = String::from_utf8_lossy(&e).into_owned();
-                debug!(reason = %msg, "redis refused a command");
-                let clients = match inflight.front_cover() {
-                    Some(pattern) => {
-                        let mut follow = Commands::default();
-                        let clients = self.covers.refused(&pattern, &mut follow);
-                        self.follow_ups(follow, inflight);
-                        clients
-                    }
-                    None => Vec::new(),
-                };
-                return inflight.answer(Some(msg), clients);
-            }
-            other => return Err(Exit::Lost(format!("unexpected reply {other:?}"))),
-        };
-        let mut items = items.into_iter();
-        let kind = match items.next() {
-            Some(Value::Bulk(kind)) => kind,
-            other => return Err(Exit::Lost(format!("unexpected push {other:?}"))),
-        };
-        match (&kind[..], items.next(), items.next(), items.next()) {
-            (b"message", Some(Value::Bulk(channel)), Some(Value::Bulk(payload)), None) => {
-                let topic = Topic::Channel(channel.clone());
-                self.deliver(BrokerMessage {
-                    topic,
-                    channel,
-                    payload,
-                })
-            }
-            (
-                b"pmessage",
-                Some(Value::Bulk(pattern)),
-                Some(Value::Bulk(channel)),
-                Some(Value::Bulk(payload)),
-            ) => match self.covers.route(&pattern) {
-                Route::Nobody => Ok(()),
-                Route::Itself => self.deliver(BrokerMessage {
-                    topic: Topic::Pattern(pattern),
-                    channel,
-                    payload,
-                }),
-                Route::Covered(patterns) => self
-                    .events
-                    .covered(CoveredMessage {
-                        via: pattern,
-                        patterns,
-                        channel,
-                        payload,
-                    })
-                    .map_err(|HubGone| Exit::Shutdown),
-            },
-            (b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe", topic, _, _) => {
-                if let (b"psubscribe", Some(Value::Bulk(pattern))) = (&kind[..], &topic) {
-                    let mut follow = Commands::default();
-                    self.covers
-                        .confirmed(pattern, &mut follow)
-                        .map_err(Exit::Lost)?;
-                    self.follow_ups(follow, inflight);
-                }
-                inflight.answer(None, Vec::new())
-            }
-            (b"pong", _, _, _) => {
-                *pinged = None;
-                Ok(())
-            }
-            _ => Err(Exit::Lost(format!(
-                "unexpected push {:?}",
-                String::from_utf8_lossy(&kind)
-            ))),
-        }
-    }
-
-    /// Hands a message to the hub without waiting: a full buffer drops it
-    /// (counted, and announced to its subscribers as a gap).
-    fn deliver(&mut self, msg: BrokerMessage) -> Result<(), Exit> {
-        self.events.message(msg).map_err(|HubGone| Exit::Shutdown)
-    }
-}
-
-/// Writes `bytes` or fails after `limit`: a frozen Redis stops reading, and a
-/// write that never finishes must not hang the connection's task.
-async fn write_within(
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
-    bytes: &[u8],
-    limit: Duration,
-) -> Result<(), String> {
-    match tokio::time::timeout(limit, wr.write_all(bytes)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("write to redis took longer than {limit:?}")),
-    }
-}
-
-/// Reads at least one byte into `buf`; EOF is an error (Redis closed on us).
-async fn read_some(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    buf: &mut BytesMut,
-) -> Result<(), String> {
-    buf.reserve(READ_CHUNK);
-    match rd.read_buf(buf).await {
-        Ok(0) => Err("connection closed by redis".to_owned()),
-        Ok(_) => Ok(()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// The command that subscribes `topic`.
-fn subscribe_command(topic: &Topic) -> &'static [u8] {
-    match topic {
-        Topic::Channel(_) => b"SUBSCRIBE",
-        Topic::Pattern(_) => b"PSUBSCRIBE",
-    }
-}
-
-/// Encodes `changes`: channels as up to two batched commands; patterns go
-/// through `covers`, which decides what Redis holds for them (every removal
-/// before any addition, so a `PUNSUBSCRIBE` never follows a `PSUBSCRIBE` of
-/// the same batch), each `PSUBSCRIBE` alone so that a refusal names exactly
-/// one Redis pattern. Returns each command's topics (Redis confirms each
-/// one), whether it subscribes, and whether it is a coalesced `PSUBSCRIBE`.
-fn encode_changes(
-    out: &mut BytesMut,
-    changes: &Changes,
-    covers: &mut Covers,
-) -> Vec<(Vec<Topic>, bool, bool)> {
-    let channels = |topics: &[Topic]| -> Vec<Bytes> {
-        topics
-            .iter()
-            .filter_map(|t| match t {
-                Topic::Channel(n) => Some(n.clone()),
-                Topic::Pattern(_) => None,
-            })
-            .collect()
-    };
-    let mut patterns = Commands::default();
-    for t in &changes.unsubscribe {
-        if let Topic::Pattern(p) = t {
-            covers.remove(p, &mut patterns);
-        }
-    }
-    for t in &changes.subscribe {
-        if let Topic::Pattern(p) = t {
-            covers.add(p.clone(), &mut patterns);
-        }
-    }
-    let mut cmds = Vec::new();
-    let unsubscribe = channels(&changes.unsubscribe);
-    if !unsubscribe.is_empty() {
-        encode(out, b"UNSUBSCRIBE", &unsubscribe);
-        cmds.push((
-            unsubscribe.into_iter().map(Topic::Channel).collect(),
-            false,
-            false,
-        ));
-    }
-    if !patterns.punsubscribe.is_empty() {
-        encode(out, b"PUNSUBSCRIBE", &patterns.punsubscribe);
-        cmds.push((
-            patterns
-                .punsubscribe
-                .into_iter()
-                .map(Topic::Pattern)
-                .collect(),
-            false,
-            false,
-        ));
-    }
-    let subscribe = channels(&changes.subscribe);
-    if !subscribe.is_empty() {
-        encode(out, b"SUBSCRIBE", &subscribe);
-        cmds.push((
-            subscribe.into_iter().map(Topic::Channel).collect(),
-            true,
-            false,
-        ));
-    }
-    for p in patterns.psubscribe {
-        encode(out, b"PSUBSCRIBE", std::slice::from_ref(&p));
-        cmds.push((vec![Topic::Pattern(p)], true, true));
-    }
-    cmds
-}
-
-/// Appends `command names...` to `out`, unless there are no names.
-fn encode(out: &mut BytesMut, command: &[u8], names: &[Bytes]) {
-    if names.is_empty() {
-        return;
-    }
-    let args: Vec<&[u8]> = std::iter::once(command)
-        .chain(names.iter().map(|n| &n[..]))
-        .collect();
-    resp::encode_command(out, args.into_iter());
 }
 
 /// Keeps `wsgate_redis_numpat` at what Redis reports, polling `PUBSUB
@@ -822,34 +283,27 @@ async fn poll_numpat(
 mod tests {
     use super::*;
 
-    /// Channels are batched; each pattern is its own `PSUBSCRIBE` (so a
-    /// refusal names one), and `b?`, not cheap for Redis, is held as `b*`.
+    /// The default K: one link while coalescing keeps Redis's share small,
+    /// more as the node may hold more Redis patterns, capped.
     #[test]
-    fn changes_become_batched_commands() {
-        let mut out = BytesMut::new();
-        let changes = Changes {
-            subscribe: vec![
-                Topic::Pattern(Bytes::from_static(b"a*")),
-                Topic::Channel(Bytes::from_static(b"c")),
-                Topic::Pattern(Bytes::from_static(b"b?")),
-            ],
-            unsubscribe: vec![Topic::Channel(Bytes::from_static(b"d"))],
-        };
-        let cmds = encode_changes(&mut out, &changes, &mut Covers::new(64));
-        let counts: Vec<(usize, bool, bool)> =
-            cmds.iter().map(|(t, s, c)| (t.len(), *s, *c)).collect();
-        assert_eq!(
-            counts,
-            [
-                (1, false, false),
-                (1, true, false),
-                (1, true, true),
-                (1, true, true)
-            ]
-        );
-        assert_eq!(
-            &out[..],
-            &b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$1\r\nd\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n*2\r\n$10\r\nPSUBSCRIBE\r\n$2\r\na*\r\n*2\r\n$10\r\nPSUBSCRIBE\r\n$2\r\nb*\r\n"[..]
-        );
+    fn auto_links_follow_the_pattern_budget() {
+        assert_eq!(auto_links(4096, 64), 1);
+        assert_eq!(auto_links(100, 1_000_000), 1);
+        assert_eq!(auto_links(4096, 4096), 8);
+        assert_eq!(auto_links(1_000_000, 1_000_000), AUTO_MAX_LINKS);
+    }
+
+    /// Link names keep the single-connection name for link 0.
+    #[test]
+    fn link_names() {
+        assert_eq!(link_name("n1", 0), "wsgate:n1:pubsub");
+        assert_eq!(link_name("n1", 7), "wsgate:n1:pubsub-7");
+    }
+
+    /// The hash is FNV-1a, fixed: the same link on every node.
+    #[test]
+    fn stable_hash_is_fixed() {
+        assert_eq!(stable_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(stable_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 }
