@@ -639,9 +639,12 @@ async fn storm_client(
 
 /// Runs the storm on a fresh Redis + gateway and checks that what Redis holds
 /// is exactly what the model says at least one live client holds.
-async fn storm(patterns: usize, channels: usize, seed: u64) {
+/// `links`: the gateway's `WSGATE_REDIS_PUBSUB_CONNECTIONS` (`None`: auto).
+async fn storm(patterns: usize, channels: usize, seed: u64, links: Option<usize>) {
     let redis = Redis::start().await;
-    let gw = Gateway::start(test_config(Some(redis.url()))).await;
+    let mut config = test_config(Some(redis.url()));
+    config.redis_pubsub_connections = links.and_then(std::num::NonZeroUsize::new);
+    let gw = Gateway::start(config).await;
     let topics = storm_topics(patterns, channels);
     let started = Instant::now();
     let tasks: Vec<_> = (0..STORM_CLIENTS)
@@ -769,13 +772,21 @@ async fn storm(patterns: usize, channels: usize, seed: u64) {
 /// 50 clients, 20 patterns, 30 random steps each, concurrently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn storm_patterns_redis_matches_registry() {
-    storm(20, 0, 0x5EED_0001).await;
+    storm(20, 0, 0x5EED_0001, None).await;
 }
 
 /// The same with 10 exact channels mixed in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn storm_patterns_and_channels_redis_matches_registry() {
-    storm(20, 10, 0x5EED_0002).await;
+    storm(20, 10, 0x5EED_0002, None).await;
+}
+
+/// The same over four pub/sub connections: every pattern on the link its
+/// hash names, each link refcounted on its own, and Redis still holds
+/// exactly the model (CLIENT LIST summed over the node's connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storm_over_four_links_redis_matches_registry() {
+    storm(20, 10, 0x5EED_0003, Some(4)).await;
 }
 
 // ---------------------------------------------------------------- 5. losing Redis

@@ -291,28 +291,56 @@ impl Redis {
     }
 
     /// The `CLIENT LIST` lines of pub/sub connections, with their `sub=`/`psub=`
-    /// counts; a gateway's (`wsgate:<node>:pubsub`) without the services
-    /// router's [`ROUTER_CHANNELS`], so the counts are its clients' share.
+    /// counts; a gateway's pub/sub connections (`wsgate:<node>:pubsub`, and
+    /// `wsgate:<node>:pubsub-<i>` when it has several) summed into one entry
+    /// per node, without the services router's [`ROUTER_CHANNELS`], so the
+    /// counts are its clients' share.
     pub async fn pubsub_clients(&self) -> Vec<(i64, i64)> {
-        self.client_list()
-            .await
-            .lines()
-            .filter_map(|line| {
-                let field = |k: &str| {
-                    line.split(' ')
-                        .find_map(|kv| kv.strip_prefix(k))
-                        .and_then(|v| v.parse::<i64>().ok())
-                        .unwrap_or(0)
-                };
-                let gateway = line.split(' ').any(|kv| {
-                    kv.strip_prefix("name=wsgate:")
-                        .is_some_and(|n| n.ends_with(":pubsub"))
-                });
-                let router = if gateway { ROUTER_CHANNELS } else { 0 };
-                let (sub, psub) = ((field("sub=") - router).max(0), field("psub="));
+        let list = self.client_list().await;
+        // (node name or None for any other client, sub, psub), in list order.
+        let mut rows: Vec<(Option<String>, i64, i64)> = Vec::new();
+        for line in list.lines() {
+            let field = |k: &str| {
+                line.split(' ')
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(0)
+            };
+            let node = line.split(' ').find_map(|kv| {
+                let n = kv.strip_prefix("name=wsgate:")?;
+                let (node, role) = n.rsplit_once(':')?;
+                (role == "pubsub"
+                    || role
+                        .strip_prefix("pubsub-")
+                        .is_some_and(|i| i.parse::<usize>().is_ok()))
+                .then(|| node.to_owned())
+            });
+            let (sub, psub) = (field("sub="), field("psub="));
+            match rows.iter_mut().find(|r| node.is_some() && r.0 == node) {
+                Some(row) => {
+                    row.1 += sub;
+                    row.2 += psub;
+                }
+                None => rows.push((node, sub, psub)),
+            }
+        }
+        rows.into_iter()
+            .filter_map(|(node, sub, psub)| {
+                let router = if node.is_some() { ROUTER_CHANNELS } else { 0 };
+                let sub = (sub - router).max(0);
                 (sub > 0 || psub > 0).then_some((sub, psub))
             })
             .collect()
+    }
+
+    /// The `id=` of the pub/sub connection named `name` (`CLIENT LIST`).
+    pub async fn client_id(&self, name: &str) -> Option<i64> {
+        let list = self.client_list().await;
+        let wanted = format!("name={name}");
+        list.lines()
+            .find(|l| l.split(' ').any(|kv| kv == wanted))
+            .and_then(|l| l.split(' ').find_map(|kv| kv.strip_prefix("id=")))
+            .and_then(|v| v.parse().ok())
     }
 }
 
@@ -842,6 +870,31 @@ impl Client {
     pub async fn expect_interrupted(&mut self, patterns: &[&str], channels: &[&str]) {
         self.expect_notice("interrupted", Some(REASON_LOST), patterns, channels)
             .await;
+    }
+
+    /// Notices `action` (with `reason`) until together they name exactly
+    /// `patterns`, each pattern once: a node with several pub/sub
+    /// connections sends one notice per connection a client's topics were on.
+    pub async fn expect_notices_naming(
+        &mut self,
+        action: &str,
+        reason: Option<&str>,
+        patterns: &[&str],
+    ) {
+        let want: std::collections::BTreeSet<String> =
+            patterns.iter().map(|p| (*p).to_owned()).collect();
+        let mut named = std::collections::BTreeSet::new();
+        while named.len() < want.len() {
+            let v = self.recv().await;
+            assert_eq!(v["action"], action, "{v}");
+            assert_eq!(v["reason"].as_str(), reason, "{v}");
+            assert_eq!(v["channels"], serde_json::json!([]), "{v}");
+            for p in v["patterns"].as_array().expect("patterns") {
+                let p = p.as_str().expect("a pattern").to_owned();
+                assert!(want.contains(&p), "{p} not the client's");
+                assert!(named.insert(p), "named twice: {v}");
+            }
+        }
     }
 
     /// `resumed` with these topics.

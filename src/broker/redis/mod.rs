@@ -180,6 +180,16 @@ impl RedisBroker {
     }
 }
 
+/// The link of `topic` among `links`: channels on link 0, patterns by a
+/// stable hash of their text. Public so that tests and tools can tell which
+/// of a node's connections (named by [`link_name`]) holds a pattern.
+pub fn link_for(topic: &Topic, links: usize) -> usize {
+    match topic {
+        Topic::Channel(_) => 0,
+        Topic::Pattern(p) => (stable_hash(p) % links.max(1) as u64) as usize,
+    }
+}
+
 /// A stable 64-bit hash of a topic name (FNV-1a): the same link for the
 /// same pattern on every node and every start, whatever Rust's hasher does.
 fn stable_hash(name: &[u8]) -> u64 {
@@ -221,10 +231,7 @@ impl Broker for RedisBroker {
 
     /// Channels on link 0; patterns by [`stable_hash`] over every link.
     fn link_of(&self, topic: &Topic) -> usize {
-        match topic {
-            Topic::Channel(_) => 0,
-            Topic::Pattern(p) => (stable_hash(p) % self.links.len().max(1) as u64) as usize,
-        }
+        link_for(topic, self.links.len())
     }
 
     fn publish_batch(
