@@ -642,10 +642,18 @@ async fn reconcile(shared: Arc<Shared>) {
     let links = shared.lock().link_count();
     let mut busy = vec![false; links];
     let mut jobs = FuturesUnordered::new();
+    // Links to look at besides those the registry queued: at start every
+    // one, then each link whose batch was just answered.
+    let mut also: Vec<usize> = (0..links).collect();
     loop {
         let steps: Vec<Step> = {
             let mut registry = shared.lock();
-            let steps = (0..links)
+            let mut visit = registry.links_to_visit();
+            visit.append(&mut also);
+            visit.sort_unstable();
+            visit.dedup();
+            let steps = visit
+                .into_iter()
                 .filter(|&l| !busy[l])
                 .map(|l| registry.take_changes(l, MAX_BATCH))
                 .filter(|s| {
@@ -697,7 +705,10 @@ async fn reconcile(shared: Arc<Shared>) {
             _ = closing.wait_for(|c| *c) => return,
         };
         match done {
-            Done::Paused(link) => busy[link] = false,
+            Done::Paused(link) => {
+                busy[link] = false;
+                also.push(link);
+            }
             Done::Applied {
                 link,
                 generation,
@@ -713,6 +724,7 @@ async fn reconcile(shared: Arc<Shared>) {
                     }));
                 } else {
                     busy[link] = false;
+                    also.push(link);
                 }
             }
         }

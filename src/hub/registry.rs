@@ -316,6 +316,8 @@ struct Link {
     dirty: VecDeque<Topic>,
     /// Its topics (every entry on it).
     topics: HashSet<Topic>,
+    /// In [`Registry::visit`]: the reconciler should look at it.
+    queued: bool,
 }
 
 /// A topic's active members, as the dispatcher iterates them.
@@ -351,6 +353,9 @@ pub struct Registry {
     /// When the node's resync started: the first `Up` since every link was
     /// last connected and caught up (or since start).
     node_resync: Option<Instant>,
+    /// Links the reconciler should look at (dirty topics, or a resync that
+    /// may be over), so that a wake costs O(links touched), not O(K).
+    visit: VecDeque<usize>,
     /// Subscribers waiting for confirmation (the held-requests gauge).
     waiting: usize,
     held: HeldCounts,
@@ -406,10 +411,29 @@ impl Registry {
             router,
             ready: false,
             node_resync: None,
+            visit: VecDeque::new(),
             waiting: 0,
             held: HeldCounts::default(),
             patterns: PatternCap::default(),
         }
+    }
+
+    /// Queues `link` for the reconciler's next look.
+    fn wake(&mut self, link: usize) {
+        if let Some(l) = self.links.get_mut(link) {
+            if !std::mem::replace(&mut l.queued, true) {
+                self.visit.push_back(link);
+            }
+        }
+    }
+
+    /// The links to look at now (each once), emptying the queue.
+    pub fn links_to_visit(&mut self) -> Vec<usize> {
+        let links: Vec<usize> = self.visit.drain(..).collect();
+        for &l in &links {
+            self.links[l].queued = false;
+        }
+        links
     }
 
     /// How many broker links there are.
@@ -532,7 +556,9 @@ impl Registry {
         if let Some(entry) = self.entries.get_mut(topic) {
             if !entry.dirty {
                 entry.dirty = true;
-                self.links[entry.link].dirty.push_back(topic.clone());
+                let link = entry.link;
+                self.links[link].dirty.push_back(topic.clone());
+                self.wake(link);
             }
         }
     }
@@ -745,6 +771,7 @@ impl Registry {
             }
             self.mark_dirty(&topic);
         }
+        self.wake(link);
     }
 
     /// Link `link`'s connection is gone, and with it everything it held.
