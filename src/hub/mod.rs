@@ -633,36 +633,56 @@ enum Done {
     Paused(usize),
 }
 
+/// Most batches in flight across all links. One batch per link keeps each
+/// topic's commands in order; this bound across links is what lets changes
+/// made while batches are answered net out (a topic unsubscribed and
+/// resubscribed meanwhile sends nothing), as they do with one link, instead
+/// of each change going out alone to an idle link. Eight batches of
+/// [`MAX_BATCH`] still keep Redis busy through a resync (measured in
+/// `docs/benchmarks.md`, "Pattern resync over K connections").
+const MAX_IN_FLIGHT: usize = 8;
+
 /// Brings the broker in line with the registry, one batch per link at a
-/// time (links side by side). Being a single task that never has two
-/// batches of one link in flight is what keeps each topic's commands in the
-/// order decided.
+/// time (links side by side, at most [`MAX_IN_FLIGHT`] at once). Being a
+/// single task that never has two batches of one link in flight is what
+/// keeps each topic's commands in the order decided.
 async fn reconcile(shared: Arc<Shared>) {
     let mut closing = shared.closing.subscribe();
     let links = shared.lock().link_count();
     let mut busy = vec![false; links];
+    let mut in_flight = 0usize;
     let mut jobs = FuturesUnordered::new();
-    // Links to look at besides those the registry queued: at start every
-    // one, then each link whose batch was just answered.
+    // Links to look at, first come first served so that none waits behind
+    // busier ones: at start every one, then those the registry queued and
+    // each link whose batch was just answered.
+    let mut waiting = std::collections::VecDeque::with_capacity(links);
+    let mut queued = vec![false; links];
     let mut also: Vec<usize> = (0..links).collect();
     loop {
         let steps: Vec<Step> = {
             let mut registry = shared.lock();
-            let mut visit = registry.links_to_visit();
-            visit.append(&mut also);
-            visit.sort_unstable();
-            visit.dedup();
-            let steps = visit
-                .into_iter()
-                .filter(|&l| !busy[l])
-                .map(|l| registry.take_changes(l, MAX_BATCH))
-                .filter(|s| {
-                    s.resynced.is_some()
-                        || s.node_resynced.is_some()
-                        || !s.changes.subscribe.is_empty()
-                        || !s.changes.unsubscribe.is_empty()
-                })
-                .collect();
+            for l in registry.links_to_visit().into_iter().chain(also.drain(..)) {
+                if !std::mem::replace(&mut queued[l], true) {
+                    waiting.push_back(l);
+                }
+            }
+            let mut steps = Vec::new();
+            let mut slots = MAX_IN_FLIGHT.saturating_sub(in_flight);
+            while slots > 0 {
+                let Some(l) = waiting.pop_front() else { break };
+                queued[l] = false;
+                if busy[l] {
+                    // Looked at again when its batch is answered.
+                    continue;
+                }
+                let step = registry.take_changes(l, MAX_BATCH);
+                if !step.changes.subscribe.is_empty() || !step.changes.unsubscribe.is_empty() {
+                    slots -= 1;
+                } else if step.resynced.is_none() && step.node_resynced.is_none() {
+                    continue;
+                }
+                steps.push(step);
+            }
             shared.update_gauges(&registry);
             steps
         };
@@ -688,6 +708,7 @@ async fn reconcile(shared: Arc<Shared>) {
                 "applying"
             );
             busy[link] = true;
+            in_flight += 1;
             let apply = shared.broker.apply(link, generation, changes.clone());
             jobs.push(Box::pin(async move {
                 Done::Applied {
@@ -715,6 +736,7 @@ async fn reconcile(shared: Arc<Shared>) {
                 changes,
                 result,
             } => {
+                in_flight -= 1;
                 if shared.applied(link, generation, &changes, result) {
                     // Failed: the link is down or going; wait a little before
                     // its next batch (its `Up` normally comes first anyway).
@@ -820,6 +842,32 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
                 state => shared.link_event(state),
             }
         }
-        shared.write_out(&mut touched);
+        write_out(&shared, &mut touched).await;
+    }
+}
+
+/// Most sockets one core writes at the end of a dispatch batch: past this,
+/// the other half goes to a second thread, so a message to many sockets
+/// uses both cores (issue 13). Order per socket holds whoever writes: a
+/// socket's writes start at its queue's front, under its lock.
+const SPLIT_WRITES: usize = 512;
+
+/// Writes what a dispatch batch queued for direct sockets
+/// ([`Shared::write_out`]), split over two threads when there are many;
+/// returns once both halves are written, so the next batch's deliveries
+/// never overtake this one's on any socket.
+async fn write_out(shared: &Arc<Shared>, touched: &mut Vec<Arc<Member>>) {
+    if touched.len() < SPLIT_WRITES {
+        shared.write_out(touched);
+        return;
+    }
+    let mut half = touched.split_off(touched.len() / 2);
+    let other = shared.clone();
+    // A blocking-pool thread, not a spawned task: a task spawned from here
+    // would wait in this worker's LIFO slot, where no other worker steals it.
+    let task = tokio::task::spawn_blocking(move || other.write_out(&mut half));
+    shared.write_out(touched);
+    if let Err(e) = task.await {
+        warn!(cause = %e, "a fan-out writer failed");
     }
 }
