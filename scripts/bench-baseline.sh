@@ -8,6 +8,7 @@
 #   BASELINE_ROUNDS=3 scripts/bench-baseline.sh # more rounds (order alternates per round)
 #   BASELINE_D=3 scripts/bench-baseline.sh      # shorter fan-out runs (seconds)
 #   BASELINE_PERF=1 scripts/bench-baseline.sh   # also perf record -g of wsgate at 100k/s
+#   BASELINE_ENV='WSGATE_DIRECT_WRITES=off' scripts/bench-baseline.sh  # extra wsgate settings
 #
 # Runs, each against both servers: fanout of 1,000 subscribers of one pattern at
 # 100k, 450k, 2M and 4M deliveries/s; one message at a time to 10,000 subscribers
@@ -22,6 +23,7 @@ ROOT=$(pwd)
 ROUNDS=${BASELINE_ROUNDS:-2}
 D=${BASELINE_D:-5}
 PERF=${BASELINE_PERF:-0}
+read -r -a EXTRA_ENV <<<"${BASELINE_ENV:-}"
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 GW=$TARGET/release/wsgate
 BENCH=$TARGET/release/wsgate-bench
@@ -100,11 +102,11 @@ start_servers() {
     local tag=$1 port
     port=$(free_port)
     env WSGATE_LISTEN="127.0.0.1:$port" WSGATE_REDIS_URL="$REDIS_URL" WSGATE_LOG=warn \
-        "$GW" >"$WORK/wsgate-$tag.log" 2>&1 &
+        "${EXTRA_ENV[@]}" "$GW" >"$WORK/wsgate-$tag.log" 2>&1 &
     WS_PID=$!
     PIDS+=("$WS_PID")
     WS_URL=ws://127.0.0.1:$port/ws
-    echo "# $tag: WSGATE_LISTEN=127.0.0.1:$port WSGATE_REDIS_URL=$REDIS_URL WSGATE_LOG=warn wsgate" >>"$COMMANDS"
+    echo "# $tag: WSGATE_LISTEN=127.0.0.1:$port WSGATE_REDIS_URL=$REDIS_URL WSGATE_LOG=warn ${EXTRA_ENV[*]} wsgate" >>"$COMMANDS"
     for _ in $(seq 1 200); do
         curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
         sleep 0.05
