@@ -48,6 +48,10 @@ pub(super) struct Commands {
     pub(super) punsubscribe: Vec<Bytes>,
     /// Patterns to `PSUBSCRIBE`.
     pub(super) psubscribe: Vec<Bytes>,
+    /// What `psubscribe` holds, with the epoch each was sent for: one
+    /// `PSUBSCRIBE` per held pattern and batch, found in O(1) (a batch of
+    /// a resync has hundreds).
+    sent: HashSet<(Bytes, u64)>,
 }
 
 /// Where a message arriving through one Redis pattern goes.
@@ -255,8 +259,13 @@ impl Covers {
         if self.is_home(&natural) {
             return natural;
         }
+        if self.homes < self.budget {
+            return natural;
+        }
+        // The budget is full. A held cover of a prefix of the literal
+        // receives everything the pattern needs (a scan of what is held:
+        // only once coalescing has begun, never on the way there).
         let lit = literal_prefix(pattern);
-        // A held cover of a prefix of `lit` receives everything it needs.
         let covering = self
             .held
             .iter()
@@ -264,12 +273,7 @@ impl Covers {
             .map(|(text, _)| text)
             .max_by_key(|text| text.len());
         if let Some(c) = covering {
-            if self.homes >= self.budget {
-                return c.clone();
-            }
-        }
-        if self.homes < self.budget {
-            return natural;
+            return c.clone();
         }
         self.merge(lit, natural, out)
     }
@@ -353,8 +357,7 @@ impl Covers {
             return;
         };
         let entry = (home, held.epoch);
-        let this_batch = self.expected.iter().rev().take(out.psubscribe.len());
-        if this_batch.into_iter().any(|e| *e == entry) {
+        if !out.sent.insert(entry.clone()) {
             return;
         }
         out.psubscribe.push(entry.0.clone());
