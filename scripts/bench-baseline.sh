@@ -160,14 +160,25 @@ if [[ $PERF == 1 ]] && perf stat -e cpu-clock true >/dev/null 2>&1; then
     run "profile-fanout-100-wsgate" wsgate fanout --subscribers 1000 --rate 100 --duration-secs "$D"
     wait "$PERF_PID" 2>/dev/null || true
     echo "perf record -e cpu-clock -F 999 -g -p <wsgate pid> -- sleep $((D + 2))" >>"$COMMANDS"
-    {
-        echo "### Self time by binary"
-        perf report -i "$WORK/perf.data" --stdio --no-children --sort dso 2>/dev/null |
-            grep -E '^ +[0-9]' | sed -n '1,6p'
-        echo "### Top functions by self time"
-        perf report -i "$WORK/perf.data" --stdio --no-children --sort dso,sym -g none 2>/dev/null |
-            grep -E '^ +[0-9]' | sed -n '1,25p' | cut -c1-150
-    } >>"$PROFILE"
+    log "perf record -g on wsgate during the 10,000-subscriber spread run"
+    perf record -e cpu-clock -F 999 -g -p "$WS_PID" -o "$WORK/perf-spread.data" -- sleep 12 \
+        >"$WORK/perf-record-spread.log" 2>&1 &
+    PERF_PID=$!
+    PIDS+=("$PERF_PID")
+    sleep 0.5
+    run "profile-spread-10k-wsgate" wsgate spread --subscribers 10000 --rate 5 --messages 20 \
+        --sources 100 --subscribe-timeout-secs 60 --max-secs 120
+    wait "$PERF_PID" 2>/dev/null || true
+    for data in perf perf-spread; do
+        {
+            echo "### $data: self time by binary"
+            perf report -i "$WORK/$data.data" --stdio --no-children --sort dso 2>/dev/null |
+                grep -E '^ +[0-9]' | sed -n '1,6p'
+            echo "### $data: top functions by self time"
+            perf report -i "$WORK/$data.data" --stdio --no-children --sort dso,sym -g none 2>/dev/null |
+                grep -E '^ +[0-9]' | sed -n '1,25p' | cut -c1-150
+        } >>"$PROFILE"
+    done
 fi
 stop_pid "$WS_PID"
 stop_pid "$REF_PID"

@@ -308,8 +308,9 @@ pub struct Config {
     pub require_origin: bool,
     /// `WSGATE_DIRECT_WRITES`: `on` lets the dispatcher write deliveries
     /// straight to an idle WebSocket (`docs/design.md`, "The direct write
-    /// path"); `off` (default until it is benchmarked) keeps every write in
-    /// the session's task.
+    /// path"; the default, measured cheaper than the session's writes at
+    /// every rate in `docs/benchmarks.md`); `off` keeps every write in the
+    /// session's task.
     pub direct_writes: bool,
     /// `WSGATE_MAX_CONNECTIONS_PER_IP`: open WebSocket connections per client
     /// address (IPv6: per /64). Default: unset, no limit.
@@ -453,7 +454,7 @@ impl Default for Config {
             api_key: None,
             allowed_origins: None,
             require_origin: false,
-            direct_writes: false,
+            direct_writes: true,
             max_connections_per_ip: None,
             new_connections_per_ip_per_sec: None,
             trusted_proxies: Vec::new(),
@@ -1535,7 +1536,7 @@ const HELP: &[Help] = &[
     ),
     help(
         "direct_writes",
-        "off",
+        "on",
         "on: the dispatcher writes deliveries straight to idle sockets; off: the session task writes",
     ),
     help(

