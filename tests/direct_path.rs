@@ -4,6 +4,8 @@
 //! scenario runs with `WSGATE_DIRECT_WRITES` on and off and the two
 //! transcripts are compared byte for byte.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -89,7 +91,10 @@ async fn direct_and_queued_paths_write_the_same_transcript() {
         .await
         .expect("direct run timed out");
     let mut want: Vec<String> = (0..BURST).map(delivery).collect();
-    for (action, reason) in [("interrupted", Some(common::REASON_LOST)), ("resumed", None)] {
+    for (action, reason) in [
+        ("interrupted", Some(common::REASON_LOST)),
+        ("resumed", None),
+    ] {
         want.push(common::notice(action, reason, &[], &["d.slow"]).to_string());
     }
     want.push(json!({"action":"pong"}).to_string());

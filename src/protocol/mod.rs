@@ -434,6 +434,13 @@ pub trait Conversation: Send + 'static {
     fn linger(&self) -> Option<Duration> {
         None
     }
+    /// Whether a session of this dialect may ever outlive its link (or be
+    /// handed another one), even if it does not yet: such a session keeps
+    /// its writes in its own task instead of owning one socket's writes
+    /// (the direct write path, `docs/design.md`).
+    fn may_linger(&self) -> bool {
+        false
+    }
     /// The key this conversation's session is known by, once it has one.
     fn key(&self) -> Option<&str> {
         None

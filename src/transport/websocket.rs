@@ -113,7 +113,7 @@ pub async fn upgrade(
     let config = app.ws_config();
     // A session that outlives its socket (Bayeux) keeps the session task's
     // writes: its outbox outlives the socket too.
-    let direct = app.config.direct_writes && conv.linger().is_none();
+    let direct = app.config.direct_writes && !conv.may_linger();
     let span =
         tracing::info_span!("conn", peer = %peer, client = %client_ip, dialect = conv.name());
     tokio::spawn(
@@ -152,7 +152,10 @@ pub async fn upgrade(
                     Link::Socket(Box::new(ws))
                 }
             };
-            session::run(link, conv, ctx).await;
+            // The session is a task of its own, so this one's state (the
+            // upgrade, the context it was given) is freed now, not kept
+            // beside the session's for the socket's whole life.
+            tokio::spawn(session::run(link, conv, ctx).in_current_span());
         }
         .instrument(span),
     );

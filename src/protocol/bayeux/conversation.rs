@@ -557,6 +557,10 @@ impl Conversation for BayeuxConversation {
         Some(Frame::text(wrap(&self.connect_reply(id.as_ref(), None))))
     }
 
+    fn may_linger(&self) -> bool {
+        true
+    }
+
     fn linger(&self) -> Option<Duration> {
         (self.client_id.is_some() && !self.disconnected).then_some(self.endpoint.session_timeout)
     }
