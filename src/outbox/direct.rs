@@ -29,6 +29,8 @@ pub fn parts(item: &Item) -> Option<(Option<u8>, &[u8])> {
         Item::Frame(Frame::Text(t)) => Some((Some(0x81), t.as_bytes())),
         Item::Frame(Frame::Binary(b)) => Some((Some(0x82), b)),
         Item::Frame(Frame::Ping) => Some((Some(0x89), &[])),
+        // FIN, RSV1 (compressed), text.
+        Item::Frame(Frame::Deflated(b)) => Some((Some(0xc1), b)),
         Item::Raw(b) => Some((None, b)),
         Item::Mark(_) => None,
     }
