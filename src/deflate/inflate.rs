@@ -720,6 +720,90 @@ mod tests {
         }
     }
 
+    /// The fuzz target's property (fuzz/fuzz_targets/deflate.rs), on
+    /// mutations of a real stream: the same whole messages whatever the
+    /// reads.
+    #[test]
+    fn reads_of_any_size_make_the_same_messages() {
+        let text = json(300);
+        let d = deflate(text.as_bytes()).unwrap();
+        let (a, b) = d.split_at(d.len() / 2);
+        let mut base = frame(0x41, a, [1, 2, 3, 4]);
+        base.extend(frame(0x89, b"hi", [5, 6, 7, 8]));
+        base.extend(frame(0x80, b, [9, 9, 9, 9]));
+        base.extend(frame(0x81, b"plain", [0, 1, 0, 1]));
+        base.extend(frame(0xc1, &deflate(&vec![b'a'; 100_000]).unwrap(), [2; 4]));
+        base.extend(frame(0xc1, &d, [3; 4]));
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..120 {
+            let mut input = base.clone();
+            for _ in 0..(round % 4) {
+                let at = rand() as usize % input.len();
+                input[at] ^= 1 << (rand() % 8);
+            }
+            let whole = joined(&run(LIMIT, &input, input.len()));
+            let stepped = joined(&run(LIMIT, &input, (rand() % 16 + 1) as usize));
+            assert_eq!(whole, stepped, "round {round}");
+            if round == 0 {
+                assert!(whole.starts_with(text.as_bytes()));
+            }
+        }
+    }
+
+    const LIMIT: usize = 64 * 1024;
+
+    /// The messages the data frames in `wire` make (see the fuzz target).
+    fn joined(mut wire: &[u8]) -> Vec<u8> {
+        let mut joined = Vec::new();
+        let mut message = Vec::new();
+        while wire.len() >= 2 {
+            let (len, mut at) = match wire[1] & 0x7f {
+                126 if wire.len() >= 4 => (u64::from(u16::from_be_bytes([wire[2], wire[3]])), 4),
+                127 if wire.len() >= 10 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&wire[2..10]);
+                    (u64::from_be_bytes(b), 10)
+                }
+                126 | 127 => break,
+                n => (u64::from(n), 2),
+            };
+            let mut mask = [0u8; 4];
+            if wire[1] & 0x80 != 0 {
+                if wire.len() < at + 4 {
+                    break;
+                }
+                mask.copy_from_slice(&wire[at..at + 4]);
+                at += 4;
+            }
+            if len > (wire.len() - at) as u64 {
+                break;
+            }
+            let len = len as usize;
+            let opcode = wire[0] & 0x0f;
+            if wire[0] & 0x70 != 0 {
+                message.clear(); // a failure (or a client's reserved bits)
+            } else if opcode < 8 {
+                message.extend(
+                    wire[at..at + len]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| b ^ mask[i % 4]),
+                );
+                if wire[0] & 0x80 != 0 {
+                    joined.append(&mut message);
+                }
+            }
+            wire = &wire[at + len..];
+        }
+        joined
+    }
+
     #[tokio::test]
     async fn tungstenite_reads_what_the_shim_makes() {
         use futures_util::StreamExt;
