@@ -286,7 +286,7 @@ async fn wire(direct: bool) {
     for c in [&mut deflating, &mut plain, &mut second] {
         assert_eq!(c.text().await, (false, delivery("w", "\"short\"")));
     }
-    let long = format!("[{}]", vec![p.as_str(); 3].join(","));
+    let long = format!("[{}]", [p.as_str(); 3].join(","));
     redis.publish("w", long.as_bytes()).await;
     assert_eq!(deflating.text().await, (true, delivery("w", &long)));
     assert_eq!(
