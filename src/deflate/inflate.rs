@@ -43,7 +43,8 @@ const HEADER_ROOM: usize = 8;
 /// admits (2^63 - 1).
 const TOO_BIG: [u8; 10] = [0x82, 0x7f, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
 
-/// The frame a protocol violation ends with: RSV2 set, masked, empty.
+/// The frame a protocol violation ends with: RSV2 set, masked, empty (its
+/// first two bytes, unmasked, for a client).
 const VIOLATION: [u8; 6] = [0xa2, 0x80, 0, 0, 0, 0];
 
 /// Where the parser is in the client's byte stream.
@@ -89,10 +90,14 @@ struct Message {
 /// any bytes (the fuzz target does).
 pub struct Inflater {
     limit: usize,
+    /// Reading a client's frames (masked) as a server; else a server's.
+    masked: bool,
     state: State,
     head: [u8; 14],
     head_len: usize,
     message: Option<Message>,
+    /// Compressed messages inflated to their end.
+    messages: u64,
 }
 
 /// What a header says.
@@ -106,14 +111,27 @@ struct Head {
 }
 
 impl Inflater {
-    /// A codec for messages of at most `limit` bytes (inflated).
+    /// A server's codec for client messages of at most `limit` bytes
+    /// (inflated).
     pub fn new(limit: usize) -> Inflater {
+        Inflater::with_role(limit, true)
+    }
+
+    /// A client's codec for a server's (unmasked) frames: the load client
+    /// of `wsgate-bench --deflate`.
+    pub fn for_client(limit: usize) -> Inflater {
+        Inflater::with_role(limit, false)
+    }
+
+    fn with_role(limit: usize, masked: bool) -> Inflater {
         Inflater {
             limit,
+            masked,
             state: State::Header,
             head: [0; 14],
             head_len: 0,
             message: None,
+            messages: 0,
         }
     }
 
@@ -293,12 +311,14 @@ impl Inflater {
     /// Acts on a complete header.
     fn start(&mut self, head: Head, out: &mut Vec<u8>) {
         let data = head.opcode < 8;
-        let inflate = match (&mut self.message, head.rsv1, data, head.mask) {
+        // Client frames are masked, a server's are not.
+        let masking = head.mask.is_some() == self.masked && !head.rsv23;
+        let inflate = match (&mut self.message, head.rsv1, data, masking) {
             // Control frames (masked or not, RSV1 or not: the library
             // judges them) go through, also inside a compressed message.
             (_, _, false, _) => false,
             // The first frame of a compressed message.
-            (None, true, true, Some(_)) if !head.rsv23 && matches!(head.opcode, 1 | 2) => {
+            (None, true, true, true) if matches!(head.opcode, 1 | 2) => {
                 self.message = Some(Message {
                     opcode: head.opcode,
                     started: false,
@@ -310,7 +330,7 @@ impl Inflater {
                 true
             }
             // Its continuations: opcode 0, RSV1 clear (RFC 7692 section 6.1).
-            (Some(_), false, true, Some(_)) if !head.rsv23 && head.opcode == 0 => true,
+            (Some(_), false, true, true) if head.opcode == 0 => true,
             // Anything else inside a compressed message, or RSV1 where it
             // cannot be: fail.
             (Some(_), _, true, _) | (None, true, true, _) => {
@@ -332,7 +352,8 @@ impl Inflater {
             };
             return;
         }
-        let (Some(message), Some(mask)) = (&mut self.message, head.mask) else {
+        let mask = head.mask.unwrap_or([0; 4]);
+        let Some(message) = &mut self.message else {
             return;
         };
         message.deflated += head.len;
@@ -352,7 +373,7 @@ impl Inflater {
     /// the input bytes used, `None` when it does not inflate. With `last`,
     /// the fragment that leaves the inflater empty ends the message.
     fn inflate(&mut self, input: &[u8], last: bool, out: &mut Vec<u8>) -> Option<usize> {
-        let limit = self.limit;
+        let (limit, masked) = (self.limit, self.masked);
         let message = self.message.as_mut()?;
         let room = PIECE_BYTES.saturating_sub(out.len()).max(1024);
         let start = out.len();
@@ -401,13 +422,15 @@ impl Inflater {
         message.started = true;
         let mut h = [0u8; HEADER_ROOM];
         h[0] = opcode | if done { 0x80 } else { 0 };
+        let mask_bit = if masked { 0x80 } else { 0 };
+        let key = if masked { 4 } else { 0 }; // a zero key: bytes as they are
         let hlen = if made < 126 {
-            h[1] = 0x80 | made as u8;
-            6
+            h[1] = mask_bit | made as u8;
+            2 + key
         } else {
-            h[1] = 0x80 | 126;
+            h[1] = mask_bit | 126;
             h[2..4].copy_from_slice(&(made as u16).to_be_bytes());
-            8
+            4 + key
         };
         out[start..start + hlen].copy_from_slice(&h[..hlen]);
         out.copy_within(
@@ -417,6 +440,7 @@ impl Inflater {
         out.truncate(start + hlen + made);
         if done {
             self.message = None;
+            self.messages += 1;
         }
         Some(used)
     }
@@ -424,7 +448,11 @@ impl Inflater {
     /// Ends the message as a protocol violation (1002).
     fn fail(&mut self, then: State, out: &mut Vec<u8>) {
         self.message = None;
-        out.extend_from_slice(&VIOLATION);
+        if self.masked {
+            out.extend_from_slice(&VIOLATION);
+        } else {
+            out.extend_from_slice(&[VIOLATION[0], 0]);
+        }
         self.state = then;
     }
 
@@ -440,7 +468,8 @@ impl Inflater {
 /// through.
 pub struct InflateIo<S> {
     inner: S,
-    codec: Inflater,
+    /// `None`: reads go straight through (nothing was agreed).
+    codec: Option<Inflater>,
     /// Client bytes read but not yet taken by the codec (only while it has
     /// output waiting; empty, with no allocation, otherwise).
     input: Vec<u8>,
@@ -450,11 +479,37 @@ pub struct InflateIo<S> {
 }
 
 impl<S> InflateIo<S> {
-    /// `inner`, inflating messages of at most `limit` bytes.
+    /// `inner`, inflating client messages of at most `limit` bytes.
     pub fn new(inner: S, limit: usize) -> InflateIo<S> {
+        InflateIo::with(inner, Some(Inflater::new(limit)))
+    }
+
+    /// `inner` with reads going straight through until
+    /// [`InflateIo::inflate_server`] (a client's stream: its handshake is
+    /// read before it knows what was agreed).
+    pub fn plain(inner: S) -> InflateIo<S> {
+        InflateIo::with(inner, None)
+    }
+
+    /// From now on, inflates a server's messages of at most `limit` bytes.
+    pub fn inflate_server(&mut self, limit: usize) {
+        self.codec = Some(Inflater::for_client(limit));
+    }
+
+    /// The stream underneath.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Compressed messages inflated so far.
+    pub fn inflated(&self) -> u64 {
+        self.codec.as_ref().map_or(0, |c| c.messages)
+    }
+
+    fn with(inner: S, codec: Option<Inflater>) -> InflateIo<S> {
         InflateIo {
             inner,
-            codec: Inflater::new(limit),
+            codec,
             input: Vec::new(),
             output: Vec::new(),
             sent: 0,
@@ -469,6 +524,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for InflateIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let Some(codec) = this.codec.as_mut() else {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        };
         loop {
             if this.sent < this.output.len() {
                 let n = (this.output.len() - this.sent).min(buf.remaining());
@@ -481,8 +539,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for InflateIo<S> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            if !this.input.is_empty() || this.codec.finishing() {
-                let used = this.codec.feed(&this.input, &mut this.output);
+            if !this.input.is_empty() || codec.finishing() {
+                let used = codec.feed(&this.input, &mut this.output);
                 this.input.drain(..used);
                 if this.input.is_empty() {
                     this.input = Vec::new();
@@ -493,10 +551,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for InflateIo<S> {
             }
             // A long frame passed through: straight into the library's
             // buffer, when all of it is payload.
-            if this.input.is_empty() && this.codec.passing() >= buf.remaining() as u64 {
+            if this.input.is_empty() && codec.passing() >= buf.remaining() as u64 {
                 let before = buf.filled().len();
                 ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-                this.codec.passed(buf.filled().len() - before);
+                codec.passed(buf.filled().len() - before);
                 return Poll::Ready(Ok(()));
             }
             let mut stack = [0u8; READ_BYTES];
@@ -506,7 +564,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for InflateIo<S> {
             if got.is_empty() {
                 return Poll::Ready(Ok(())); // end of stream
             }
-            let used = this.codec.feed(got, &mut this.output);
+            let used = codec.feed(got, &mut this.output);
             this.input.extend_from_slice(&got[used..]);
         }
     }
@@ -669,6 +727,28 @@ mod tests {
         let d = deflate(text.as_bytes()).unwrap();
         let out = run(1 << 20, &frame(0xc1, &d, [3, 1, 4, 1]), 4096);
         assert_eq!(frames(&out), vec![(0x81, text.into_bytes())]);
+    }
+
+    #[test]
+    fn a_client_reads_a_servers_unmasked_frames() {
+        let text = json(100);
+        let d = deflate(text.as_bytes()).unwrap();
+        let mut wire = vec![0xc1, 126];
+        wire.extend_from_slice(&(d.len() as u16).to_be_bytes());
+        wire.extend_from_slice(&d);
+        let mut codec = Inflater::for_client(1 << 20);
+        let mut out = Vec::new();
+        assert_eq!(codec.feed(&wire, &mut out), wire.len());
+        let mut want = vec![0x81, 126];
+        want.extend_from_slice(&(text.len() as u16).to_be_bytes());
+        want.extend_from_slice(text.as_bytes());
+        assert_eq!(out, want, "unmasked, RSV1 cleared");
+        assert_eq!(codec.messages, 1);
+        // A masked frame from a server is the library's to refuse.
+        let masked = frame(0xc1, &d, [1, 2, 3, 4]);
+        let mut out = Vec::new();
+        codec.feed(&masked, &mut out);
+        assert_eq!(out, [0xa2, 0x00]);
     }
 
     #[test]
