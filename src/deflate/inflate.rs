@@ -98,6 +98,10 @@ pub struct Inflater {
     message: Option<Message>,
     /// Compressed messages inflated to their end.
     messages: u64,
+    /// A client's inflater, kept between messages (reset for each): a load
+    /// client inflates every delivery, and a fresh inflater is some 40 KiB
+    /// to allocate and clear. A server drops it, so idle sockets stay small.
+    spare: Option<Box<Decompress>>,
 }
 
 /// What a header says.
@@ -132,6 +136,7 @@ impl Inflater {
             head_len: 0,
             message: None,
             messages: 0,
+            spare: None,
         }
     }
 
@@ -325,7 +330,13 @@ impl Inflater {
                     inflated: 0,
                     deflated: 0,
                     ended: false,
-                    z: Box::new(Decompress::new(false)),
+                    z: match self.spare.take() {
+                        Some(mut z) => {
+                            z.reset(false);
+                            z
+                        }
+                        None => Box::new(Decompress::new(false)),
+                    },
                 });
                 true
             }
@@ -439,7 +450,11 @@ impl Inflater {
         );
         out.truncate(start + hlen + made);
         if done {
-            self.message = None;
+            if let Some(message) = self.message.take() {
+                if !masked {
+                    self.spare = Some(message.z);
+                }
+            }
             self.messages += 1;
         }
         Some(used)
