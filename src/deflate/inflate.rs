@@ -367,7 +367,7 @@ impl Inflater {
         let Some(message) = &mut self.message else {
             return;
         };
-        message.deflated += head.len;
+        message.deflated = message.deflated.saturating_add(head.len);
         if message.deflated > self.limit as u64 {
             self.fail_too_big(State::Skip(head.len), out);
             return;
@@ -793,6 +793,18 @@ mod tests {
         // Compressed bytes count too.
         let big = frame(0xc1, &vec![0u8; limit + 1], [0; 4]);
         assert_eq!(run(limit, &big, 4096), TOO_BIG);
+    }
+
+    /// Found by the fuzz target: compressed lengths summed past u64.
+    #[test]
+    fn huge_compressed_lengths_are_too_big_not_an_overflow() {
+        let ok = deflate(json(20).as_bytes()).unwrap();
+        let mut wire = frame(0x41, &ok[..10], [0; 4]);
+        wire.extend_from_slice(&[0x00, 0xff]);
+        wire.extend_from_slice(&[0xff; 8]);
+        wire.extend_from_slice(&[0; 4]);
+        let out = run(1 << 20, &wire, 4096);
+        assert!(out.ends_with(&TOO_BIG), "{out:?}");
     }
 
     #[test]
