@@ -297,6 +297,20 @@ bench cluster-3x-450k cluster "${CL_ARGS[@]}" --redis "$REDIS_URL" \
     --subscribers 1000 --rate 450 --duration-secs $D --check 'loss==0' --check 'p99_ms<=10'
 for pid in "${CL_PIDS[@]}"; do stop_gateway "$pid"; done
 
+# ------------------------------------------------------------------ compression
+
+# permessage-deflate (issue 13): the same 2 KiB JSON fan-out to 1,000 sockets on one
+# gateway with WSGATE_COMPRESSION=on, first uncompressed (no offer), then with every
+# subscriber offering it. Target: CPU per delivery <= 1.3x and wire bytes per
+# delivery <= 0.4x the uncompressed run's (gateway_cpu_us_per_delivery,
+# client_wire_bytes_per_delivery).
+start_gateway compression WSGATE_COMPRESSION=on
+CMP=(--url "ws://127.0.0.1:$GW_PORT/ws" --pid "$GW_PID" --redis "$REDIS_URL" --subscribers 1000
+    --rate 100 --duration-secs $D --payload-bytes 2048 --payload-shape json --check 'loss==0')
+bench compression-plain-100k fanout "${CMP[@]}"
+bench compression-deflate-100k fanout "${CMP[@]}" --deflate --check 'client_inflated>0'
+stop_gateway "$GW_PID"
+
 # ------------------------------------------------------------------ idle
 
 start_gateway idle

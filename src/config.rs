@@ -312,6 +312,12 @@ pub struct Config {
     /// every rate in `docs/benchmarks.md`); `off` keeps every write in the
     /// session's task.
     pub direct_writes: bool,
+    /// `WSGATE_COMPRESSION`: `on` answers a client's `permessage-deflate`
+    /// offer (RFC 7692; `docs/design.md`, "Compression"): deliveries are
+    /// deflated once per message for every member that agreed, client
+    /// messages inflated within `WSGATE_MAX_MESSAGE_BYTES`. `off` (default)
+    /// ignores the offer: it costs CPU that only slow links repay.
+    pub compression: bool,
     /// `WSGATE_MAX_CONNECTIONS_PER_IP`: open WebSocket connections per client
     /// address (IPv6: per /64). Default: unset, no limit.
     pub max_connections_per_ip: Option<NonZeroUsize>,
@@ -455,6 +461,7 @@ impl Default for Config {
             allowed_origins: None,
             require_origin: false,
             direct_writes: true,
+            compression: false,
             max_connections_per_ip: None,
             new_connections_per_ip_per_sec: None,
             trusted_proxies: Vec::new(),
@@ -551,6 +558,7 @@ struct RawConfig {
     allowed_origins: Option<String>,
     require_origin: Option<String>,
     direct_writes: Option<String>,
+    compression: Option<String>,
     max_connections_per_ip: Option<String>,
     new_connections_per_ip_per_sec: Option<String>,
     trusted_proxies: Option<String>,
@@ -726,6 +734,17 @@ impl Config {
                 raw.direct_writes,
                 d.direct_writes,
                 "WSGATE_DIRECT_WRITES",
+                |v| match v {
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    _ => None,
+                },
+                "on or off",
+            )?,
+            compression: parse_or(
+                raw.compression,
+                d.compression,
+                "WSGATE_COMPRESSION",
                 |v| match v {
                     "on" => Some(true),
                     "off" => Some(false),
@@ -1538,6 +1557,11 @@ const HELP: &[Help] = &[
         "direct_writes",
         "on",
         "on: the dispatcher writes deliveries straight to idle sockets; off: the session task writes",
+    ),
+    help(
+        "compression",
+        "off",
+        "on: answer permessage-deflate offers, deflating each delivery once for every socket that agreed",
     ),
     help(
         "require_origin",

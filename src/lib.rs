@@ -31,6 +31,8 @@
 //! - [`session`]: one client session over its links (a WebSocket, long-polls),
 //!   dialect-blind: limits, ACLs, the callback, hub calls.
 //! - [`outbox`]: a connection's byte-bounded queue of shared frames and gap marks.
+//! - [`deflate`]: permessage-deflate: the offer, deliveries deflated once per
+//!   message, client messages inflated under the WebSocket library.
 //! - [`protocol`]: the dialect contract (`Conversation`, `Render`, requests and
 //!   answers), the native JSON dialect and Bayeux.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
@@ -66,6 +68,7 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod connect_auth;
+pub mod deflate;
 pub mod fdlimit;
 pub mod forwarded;
 pub mod handoff;

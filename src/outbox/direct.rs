@@ -29,6 +29,8 @@ pub fn parts(item: &Item) -> Option<(Option<u8>, &[u8])> {
         Item::Frame(Frame::Text(t)) => Some((Some(0x81), t.as_bytes())),
         Item::Frame(Frame::Binary(b)) => Some((Some(0x82), b)),
         Item::Frame(Frame::Ping) => Some((Some(0x89), &[])),
+        // FIN, RSV1 (compressed), text.
+        Item::Frame(Frame::Deflated(b)) => Some((Some(0xc1), b)),
         Item::Raw(b) => Some((None, b)),
         Item::Mark(_) => None,
     }
@@ -128,6 +130,12 @@ mod tests {
         assert_eq!(wire_len(&Item::Frame(Frame::text("abc".into()))), 5);
         assert_eq!(wire_len(&Item::Frame(Frame::Ping)), 2);
         assert_eq!(wire_len(&Item::Raw(bytes::Bytes::from_static(b"xyz"))), 3);
+        // A deflated text message: FIN, RSV1, text; its compressed bytes
+        // are what the queue and the wire count.
+        let deflated = Item::Frame(Frame::Deflated(bytes::Bytes::from_static(&[0xab; 200])));
+        assert_eq!(parts(&deflated).map(|p| p.0), Some(Some(0xc1)));
+        assert_eq!(wire_len(&deflated), 4 + 200);
+        assert_eq!(deflated.cost(), 200);
         assert_eq!(
             wire_len(&Item::Mark(crate::protocol::NoticeKind::Resumed)),
             0

@@ -43,6 +43,10 @@ pub enum Frame {
     Binary(Bytes),
     /// A WebSocket ping (keepalive); nothing on other transports.
     Ping,
+    /// A text message deflated for sockets that agreed permessage-deflate
+    /// ([`crate::deflate`]): raw DEFLATE without its sync-flush tail, sent
+    /// as one text frame with RSV1. Only such sockets' renders make it.
+    Deflated(Bytes),
 }
 
 impl Frame {
@@ -55,7 +59,7 @@ impl Frame {
     pub fn len(&self) -> usize {
         match self {
             Frame::Text(t) => t.len(),
-            Frame::Binary(b) => b.len(),
+            Frame::Binary(b) | Frame::Deflated(b) => b.len(),
             Frame::Ping => 0,
         }
     }

@@ -25,6 +25,9 @@ pub struct Direct {
     pub prefix: Bytes,
     /// The WebSocket settings.
     pub config: WebSocketConfig,
+    /// permessage-deflate was agreed: client messages are inflated under
+    /// the library ([`crate::deflate::inflate`]).
+    pub inflate: bool,
 }
 
 /// The socket as the WebSocket library sees it: reads come from the socket

@@ -13,7 +13,8 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data as OpData, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::debug;
@@ -140,6 +141,11 @@ pub fn message(frame: Frame) -> Message {
         Frame::Text(t) => Message::Text(t),
         Frame::Binary(b) => Message::Binary(b),
         Frame::Ping => Message::Ping(bytes::Bytes::new()),
+        Frame::Deflated(b) => {
+            let mut frame = WsFrame::message(b, OpCode::Data(OpData::Text), true);
+            frame.header_mut().rsv1 = true;
+            Message::Frame(frame)
+        }
     }
 }
 

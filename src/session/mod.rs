@@ -262,8 +262,14 @@ async fn session_loop(first: Link, mut conv: Box<dyn Conversation>, mut ctx: Box
             let stream = Arc::new(d.stream);
             let outbox = Arc::new(Outbox::direct(ctx.queue_bytes, stream.clone()));
             let io = direct::SplitIo::new(stream, d.prefix, outbox.clone());
-            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(d.config)).await;
-            (outbox, Link::Socket(Box::new(ws)))
+            let ws: BoxSocket = if d.inflate {
+                let limit = d.config.max_message_size.unwrap_or(usize::MAX);
+                let io = crate::deflate::inflate::InflateIo::new(io, limit);
+                Box::new(WebSocketStream::from_raw_socket(io, Role::Server, Some(d.config)).await)
+            } else {
+                Box::new(WebSocketStream::from_raw_socket(io, Role::Server, Some(d.config)).await)
+            };
+            (outbox, Link::Socket(ws))
         }
         link => (Arc::new(Outbox::new(ctx.queue_bytes)), link),
     };

@@ -23,6 +23,8 @@ use super::admission::{admit, Carrier, Hello, Token};
 use super::json_error;
 use crate::app::App;
 use crate::auth;
+use crate::deflate::inflate::InflateIo;
+use crate::deflate::{offer, DeflateConversation};
 use crate::pending::PendingSlot;
 use crate::protocol::bayeux::conversation::{BayeuxConversation, Endpoint};
 use crate::protocol::native::NativeConversation;
@@ -70,6 +72,19 @@ pub async fn upgrade(
         Ok(ok) => ok,
         Err(refused) => return *refused,
     };
+    // Only dialects whose session ends with its socket: a lingering Bayeux
+    // session may be handed sockets that did not agree.
+    let deflate = match mount {
+        Mount::Native | Mount::RoadRunner | Mount::SocketStream(_) if app.config.compression => {
+            offer::negotiate(
+                headers
+                    .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            )
+        }
+        _ => None,
+    };
     let token = match &mount {
         Mount::Native | Mount::RoadRunner | Mount::SocketStream(_) => Token::AtConnect,
         Mount::Bayeux(_) | Mount::Services => Token::ByDialect,
@@ -93,7 +108,7 @@ pub async fn upgrade(
                 headers,
                 query,
                 upgrade,
-                switching(&accept),
+                switching(&accept, None),
             )
         }
         Mount::Native => Box::new(NativeConversation),
@@ -104,6 +119,11 @@ pub async fn upgrade(
         Mount::RoadRunner => Box::new(RoadRunnerConversation::new()),
         Mount::SocketStream(endpoint) => Box::new(SocketStreamConversation::new(endpoint)),
     };
+    let conv: Box<dyn Conversation> = match &deflate {
+        Some((agreed, _)) => Box::new(DeflateConversation::new(conv, *agreed)),
+        None => conv,
+    };
+    let inflate = deflate.is_some();
     let ctx = app.session_context(
         admitted.slot,
         admitted.ip_slot,
@@ -131,6 +151,7 @@ pub async fn upgrade(
                         stream: parts.io.into_inner(),
                         prefix: parts.read_buf,
                         config,
+                        inflate,
                     })),
                     Err(upgraded) => {
                         debug!("not a plain TCP connection: the session task writes");
@@ -142,6 +163,12 @@ pub async fn upgrade(
             };
             let link = match link {
                 Ok(link) => link,
+                Err(upgraded) if inflate => {
+                    let limit = config.max_message_size.unwrap_or(usize::MAX);
+                    let io = InflateIo::new(TokioIo::new(upgraded), limit);
+                    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                    Link::Socket(Box::new(ws))
+                }
                 Err(upgraded) => {
                     let ws = WebSocketStream::from_raw_socket(
                         TokioIo::new(upgraded),
@@ -159,7 +186,7 @@ pub async fn upgrade(
         }
         .instrument(span),
     );
-    switching(&accept)
+    switching(&accept, deflate.as_ref().map(|(_, answer)| answer.as_str()))
 }
 
 /// Checks an upgrade request strictly (see [`upgrade`]): the
@@ -212,8 +239,9 @@ pub fn checked(
     Ok((derive_accept_key(key.as_bytes()), upgrade))
 }
 
-/// The `101 Switching Protocols` answer.
-pub fn switching(accept: &str) -> warp::reply::Response {
+/// The `101 Switching Protocols` answer, with the extension agreed (our
+/// `Sec-WebSocket-Extensions` answer), if any.
+pub fn switching(accept: &str, extensions: Option<&str>) -> warp::reply::Response {
     let mut res = Response::new(Bytes::new().into());
     *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = res.headers_mut();
@@ -221,6 +249,9 @@ pub fn switching(accept: &str) -> warp::reply::Response {
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(v) = HeaderValue::from_str(accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(v) = extensions.and_then(|e| HeaderValue::from_str(e).ok()) {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
     }
     res
 }

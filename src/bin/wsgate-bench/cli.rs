@@ -53,6 +53,8 @@ OPTIONS:
                           over all callers, or `max` (saturation) [10000]
   --messages M            messages to publish [R x duration]
   --payload-bytes N       published payload size, at least ~45 [100]
+  --payload-shape S       pad: a timestamp padded with x; json: records with varied names
+                          and numbers, about N bytes (what compression is measured on) [pad]
   --duration-secs D       publish time when --messages is absent; idle hold; churn time [10]
   --max-secs S            bound on the whole run; the process exits 3 at S + 30 [60]
   --sources K             client source addresses 127.0.0.1 .. (IP_BIND_ADDRESS_NO_PORT) [50]
@@ -90,6 +92,9 @@ OPTIONS:
   --restart-redis CMD     resync: shell command that stops Redis and starts it again on the
                           same port; it should return without waiting for Redis to be ready
   --drop-pubsub           resync: CLIENT KILL TYPE pubsub instead of a restart
+  --deflate               fanout/channels/cluster/spread: subscribers offer permessage-deflate
+                          (the gateway needs WSGATE_COMPRESSION=on) and inflate RSV1 frames;
+                          every run reports client_wire_bytes_per_delivery
   --before-phase CMD      joinstorm/outage: shell command run (and waited for) right before
                           the measured phase, e.g. to start a profiler on the gateway
   --subscribe-timeout-secs S  bound on each connect and each socket's subscribe phase [10]
@@ -302,6 +307,12 @@ pub(crate) struct Opts {
     pub(crate) topics: usize,
     pub(crate) restart_redis: Option<String>,
     pub(crate) drop_pubsub: bool,
+    /// Subscribers offer permessage-deflate (the gateway needs
+    /// WSGATE_COMPRESSION=on) and inflate what comes compressed.
+    pub(crate) deflate: bool,
+    /// Published payloads are JSON records (`--payload-shape json`), not
+    /// padding.
+    pub(crate) payload_json: bool,
     pub(crate) before_phase: Option<String>,
     pub(crate) settle_ms: u64,
     pub(crate) subscribe_timeout_secs: f64,
@@ -396,6 +407,8 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut topics = 256usize;
     let mut restart_redis = None;
     let mut drop_pubsub = false;
+    let mut deflate = false;
+    let mut payload_json = false;
     let mut before_phase = None;
     let mut settle_ms = 1000u64;
     let mut subscribe_timeout_secs = 10.0f64;
@@ -420,6 +433,10 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         };
         if flag == "--drop-pubsub" {
             drop_pubsub = true;
+            continue;
+        }
+        if flag == "--deflate" {
+            deflate = true;
             continue;
         }
         let value = match inline {
@@ -483,6 +500,13 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
             "--settle-ms" => settle_ms = num(flag, v)?,
             "--subscribe-timeout-secs" => subscribe_timeout_secs = num(flag, v)?,
             "--read-buffer" => read_buffer = Some(num(flag, v)?),
+            "--payload-shape" => {
+                payload_json = match v {
+                    "json" => true,
+                    "pad" => false,
+                    _ => return Err(UsageError(format!("--payload-shape {v:?}: json or pad"))),
+                }
+            }
             "--tick-ms" => tick_ms = num(flag, v)?,
             "--threads" => threads = num(flag, v)?,
             "--label" => label = Some(value.clone()),
@@ -628,6 +652,8 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         topics,
         restart_redis,
         drop_pubsub,
+        deflate,
+        payload_json,
         before_phase,
         settle_ms,
         subscribe_timeout_secs,

@@ -32,6 +32,7 @@ pub(crate) fn spec(opts: &Opts, gws: &[Gateway]) -> Spec {
         sources: opts.sources,
         source_offset: opts.source_offset,
         read_buffer: opts.read_buffer,
+        deflate: opts.deflate,
         concurrency: opts.connect_concurrency,
         timeout: Duration::from_secs_f64(opts.subscribe_timeout_secs),
         arrivals: if opts.workload == Workload::Spread {
@@ -70,6 +71,10 @@ fn spawn_publisher(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let url = opts.redis.clone().unwrap_or_default();
     let (rate, messages, bytes) = (opts.rate, opts.messages, opts.payload_bytes);
+    let shape = rds::Shape {
+        bytes,
+        json: opts.payload_json,
+    };
     let tick = Duration::from_millis(opts.tick_ms);
     std::thread::spawn(move || {
         let r = match tokio::runtime::Builder::new_current_thread()
@@ -77,7 +82,7 @@ fn spawn_publisher(
             .build()
         {
             Ok(rt) => rt.block_on(rds::publish(
-                &url, rate, messages, bytes, tick, deadline, channel,
+                &url, rate, messages, shape, tick, deadline, channel,
             )),
             Err(e) => Err(format!("publisher runtime: {e}")),
         };
@@ -239,6 +244,18 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     run.result("gateway_slow_closes", (m_after[1] - m_before[1]) as u64);
     run.result("gateway_gap_notices", (m_after[2] - m_before[2]) as u64);
     run.result("gateway_frames_out", (m_after[3] - m_before[3]) as u64);
+    run.param("deflate", opts.deflate);
+    run.param(
+        "payload_shape",
+        if opts.payload_json { "json" } else { "pad" },
+    );
+    run.result("client_wire_bytes", out.wire_bytes);
+    run.float(
+        "client_wire_bytes_per_delivery",
+        out.wire_bytes as f64 / delivered.max(1) as f64,
+        1,
+    );
+    run.result("client_inflated", out.inflated);
     if opts.workload == Workload::Spread {
         run.result("spread_samples", out.spread.count());
         run.result("spread_messages", out.span.count());
@@ -292,7 +309,7 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     run.summary = format!(
         "{} subs{}{}, {} msg/s x {} ({} B) = {}/s nominal: {}/{} delivered ({} lost), {:.0}/s; \
          latency p50 {:.2} / p90 {:.2} / p99 {:.2} / max {:.2} ms; gateway {:.3} µs/delivery \
-         ({:.2} cores), bench {:.3} µs/delivery{}",
+         ({:.2} cores), bench {:.3} µs/delivery; {:.0} B/delivery on the wire{}{}",
         subscribed,
         match d {
             Dialect::Native => String::new(),
@@ -318,6 +335,12 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
         per(gw_cpu),
         gw_cpu / window.max(1e-9),
         per(bench_cpu),
+        out.wire_bytes as f64 / delivered.max(1) as f64,
+        if opts.deflate {
+            format!(" ({} inflated)", out.inflated)
+        } else {
+            String::new()
+        },
         spread,
     );
     Ok(run)

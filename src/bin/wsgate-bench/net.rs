@@ -11,9 +11,18 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use wsgate::deflate::inflate::InflateIo;
 
-/// A client WebSocket over a plain TCP stream.
-pub(crate) type Ws = WebSocketStream<TcpStream>;
+/// A client WebSocket over a plain TCP stream, read through the gateway's
+/// own inflating codec when permessage-deflate was agreed (`--deflate`;
+/// tungstenite refuses RSV1 frames), straight otherwise.
+pub(crate) type Ws = WebSocketStream<InflateIo<TcpStream>>;
+
+/// What `--deflate` offers.
+const DEFLATE_OFFER: &str = "permessage-deflate";
+
+/// Largest message the load client inflates (tungstenite's default limit).
+const MAX_INFLATED: usize = 64 << 20;
 
 /// One gateway: its WebSocket URL, socket address and (optional) pid.
 #[derive(Clone, Debug)]
@@ -52,13 +61,77 @@ pub(crate) fn source(i: usize, sources: u32, offset: u32) -> Ipv4Addr {
 /// Opens a WebSocket to `gw` from `src` (port chosen at connect time, thanks
 /// to `IP_BIND_ADDRESS_NO_PORT`, so sources are not limited to one port range each).
 pub(crate) async fn connect(gw: &Gateway, src: Ipv4Addr, read_buffer: usize) -> Result<Ws, String> {
-    let stream = tcp(gw, src).await?;
+    connect_with(gw, src, read_buffer, false).await
+}
+
+/// [`connect`], offering permessage-deflate when `deflate`; a gateway that
+/// agrees has its compressed frames inflated on read. (The codec starts
+/// after the handshake: the gateway sends nothing before the first
+/// subscribe, so no frame can have been read with the 101.)
+pub(crate) async fn connect_with(
+    gw: &Gateway,
+    src: Ipv4Addr,
+    read_buffer: usize,
+    deflate: bool,
+) -> Result<Ws, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{header, HeaderValue};
+    let mut req = gw
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("{}: {e}", gw.url))?;
+    if deflate {
+        req.headers_mut().insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(DEFLATE_OFFER),
+        );
+    }
+    let stream = InflateIo::plain(tcp(gw, src).await?);
     let config = WebSocketConfig::default().read_buffer_size(read_buffer);
-    let (ws, _) =
-        tokio_tungstenite::client_async_with_config(gw.url.as_str(), stream, Some(config))
-            .await
-            .map_err(|e| format!("handshake {}: {e}", gw.url))?;
+    let (mut ws, res) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+        .await
+        .map_err(|e| format!("handshake {}: {e}", gw.url))?;
+    let agreed = res
+        .headers()
+        .get(header::SEC_WEBSOCKET_EXTENSIONS)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(DEFLATE_OFFER));
+    if deflate && !agreed {
+        return Err(format!(
+            "{}: permessage-deflate was not agreed (WSGATE_COMPRESSION=on?)",
+            gw.url
+        ));
+    }
+    if agreed {
+        ws.get_mut().inflate_server(MAX_INFLATED);
+    }
     Ok(ws)
+}
+
+/// Bytes the kernel received on `ws`'s connection so far (`TCP_INFO`'s
+/// `tcpi_bytes_received`: what came over the wire, WebSocket headers
+/// included, TCP/IP headers not); 0 if it cannot be read.
+pub(crate) fn wire_bytes(ws: &Ws) -> u64 {
+    let fd = ws.get_ref().get_ref().as_raw_fd();
+    // SAFETY: zeroed tcp_info is a valid value; getsockopt writes at most
+    // `len` bytes into it, and `fd` is the open socket `ws` owns.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        if rc == 0 {
+            info.tcpi_bytes_received
+        } else {
+            0
+        }
+    }
 }
 
 /// [`connect`], presenting `key` as `Authorization: Bearer <key>` on the
@@ -81,7 +154,7 @@ pub(crate) async fn connect_bearer(
             .map_err(|_| "the service key is not a valid header value".to_owned())?;
         req.headers_mut().insert(header::AUTHORIZATION, value);
     }
-    let stream = tcp(gw, src).await?;
+    let stream = InflateIo::plain(tcp(gw, src).await?);
     let config = WebSocketConfig::default().read_buffer_size(read_buffer);
     let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
         .await

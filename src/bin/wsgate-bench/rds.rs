@@ -124,7 +124,7 @@ pub(crate) async fn publish(
     url: &str,
     rate: u64,
     messages: u64,
-    payload_bytes: usize,
+    shape: Shape,
     tick: Duration,
     deadline: Instant,
     channel: impl Fn(u64) -> String,
@@ -151,7 +151,7 @@ pub(crate) async fn publish(
             for seq in sent..sent + batch {
                 pipe.cmd("PUBLISH")
                     .arg(channel(seq))
-                    .arg(payload(t, seq, payload_bytes));
+                    .arg(shape.payload(t, seq));
             }
             let replies: Vec<i64> = pipe
                 .query_async(&mut conn)
@@ -184,9 +184,83 @@ pub(crate) fn payload(t: u64, seq: u64, bytes: usize) -> String {
     p
 }
 
+/// What the publisher's payloads look like: their size, and JSON records
+/// or padding.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    /// About this many bytes.
+    pub(crate) bytes: usize,
+    /// [`json_payload`] rather than [`payload`].
+    pub(crate) json: bool,
+}
+
+impl Shape {
+    /// Message `seq`'s payload, sent at `t`.
+    pub(crate) fn payload(self, t: u64, seq: u64) -> String {
+        if self.json {
+            json_payload(t, seq, self.bytes)
+        } else {
+            payload(t, seq, self.bytes)
+        }
+    }
+}
+
+/// The payload of message `seq` sent at `t` as an application would send
+/// it (`--payload-shape json`): an array of records with varied names and
+/// numbers, about `bytes` long (within one record), so that a compressor
+/// finds what it finds in real JSON, not a run of `x`.
+pub(crate) fn json_payload(t: u64, seq: u64, bytes: usize) -> String {
+    const SIDES: [&str; 2] = ["buy", "sell"];
+    const VENUES: [&str; 4] = ["XNYS", "XNAS", "BATS", "ARCX"];
+    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut p = format!("{{\"t\":{t},\"s\":{seq},\"trades\":[");
+    let mut i = 0;
+    while p.len() + 2 < bytes {
+        let r = next();
+        let sym: String = (0..4)
+            .map(|k| char::from(b'A' + ((r >> (8 * k)) % 26) as u8))
+            .collect();
+        if i > 0 {
+            p.push(',');
+        }
+        p.push_str(&format!(
+            "{{\"id\":{},\"sym\":\"{sym}\",\"px\":{}.{:02},\"qty\":{},\"side\":\"{}\",\"venue\":\"{}\"}}",
+            seq * 100 + i,
+            (r >> 32) % 1000,
+            (r >> 44) % 100,
+            (r >> 20) % 5000 + 1,
+            SIDES[(r >> 5) as usize % 2],
+            VENUES[(r >> 9) as usize % 4],
+        ));
+        i += 1;
+    }
+    p.push_str("]}");
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_payload_is_json_of_about_the_size_asked() {
+        let p = json_payload(1_712_345_678_901_234_567, 42, 2048);
+        assert!((2048..2048 + 120).contains(&p.len()), "{}", p.len());
+        let v: serde_json::Value = serde_json::from_str(&p).unwrap_or_default();
+        assert_eq!(v["s"], 42);
+        assert!(v["trades"].as_array().is_some_and(|a| a.len() > 20));
+        assert_eq!(
+            crate::net::sent_nanos(p.as_bytes()),
+            Some(1_712_345_678_901_234_567)
+        );
+        assert_ne!(p, json_payload(1_712_345_678_901_234_567, 43, 2048));
+    }
 
     #[test]
     fn payload_is_json_of_the_size_asked() {

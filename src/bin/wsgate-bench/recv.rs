@@ -89,6 +89,8 @@ struct RecvOut {
     /// (sequence number, unix nanos) of the first `Spec::arrivals` bench
     /// messages, for the arrival spread.
     arrivals: Vec<(u64, u64)>,
+    wire_bytes: u64,
+    inflated: u64,
 }
 
 /// Everything the pool's sockets saw.
@@ -117,6 +119,11 @@ pub(crate) struct Outcome {
     pub(crate) spread: Hist,
     /// With `Spec::arrivals`: per message, last arrival minus first, µs.
     pub(crate) span: Hist,
+    /// Bytes the sockets received on the wire from their subscribe replies
+    /// to their end (`TCP_INFO`).
+    pub(crate) wire_bytes: u64,
+    /// Compressed messages the sockets inflated (`Spec::deflate`).
+    pub(crate) inflated: u64,
 }
 
 /// What one socket subscribes, in its dialect.
@@ -155,6 +162,8 @@ pub(crate) struct Spec {
     /// Arrival times kept per socket for the spread (0: none), the first
     /// this many bench messages.
     pub(crate) arrivals: usize,
+    /// Offer permessage-deflate (and inflate what comes compressed).
+    pub(crate) deflate: bool,
 }
 
 impl Pool {
@@ -195,6 +204,7 @@ impl Pool {
                 src,
                 subs: Some(subs),
                 read_buffer: spec.read_buffer,
+                deflate: spec.deflate,
                 timeout: spec.timeout,
                 arrivals: spec.arrivals,
                 sem: sem.clone(),
@@ -381,6 +391,8 @@ impl Pool {
                 *out.closes.entry(code).or_default() += 1;
             }
             out.broken += u64::from(r.error);
+            out.wire_bytes += r.wire_bytes;
+            out.inflated += r.inflated;
             for (seq, ns) in r.arrivals {
                 arrivals.entry(seq).or_default().push(ns);
             }
@@ -406,6 +418,7 @@ struct Task {
     src: std::net::Ipv4Addr,
     subs: Option<Subs>,
     read_buffer: usize,
+    deflate: bool,
     timeout: Duration,
     arrivals: usize,
     sem: Arc<Semaphore>,
@@ -425,7 +438,7 @@ impl Task {
         let permit = self.sem.clone().acquire_owned().await.ok();
         let connected = tokio::time::timeout(
             self.timeout,
-            net::connect(&self.gw, self.src, self.read_buffer),
+            net::connect_with(&self.gw, self.src, self.read_buffer, self.deflate),
         )
         .await
         .unwrap_or_else(|_| Err(format!("connect to {} timed out", self.gw.addr)));
@@ -495,6 +508,7 @@ impl Task {
         }
         drop(permit);
         self.shared.ready.fetch_add(1, Ordering::AcqRel);
+        let wire_start = net::wire_bytes(&ws);
 
         let mut stop = self.stop.clone();
         // Gives `()`, not the (not `Send`) watch guard, so an arm may await.
@@ -554,6 +568,8 @@ impl Task {
                 }
             }
         }
+        out.wire_bytes = net::wire_bytes(&ws).saturating_sub(wire_start);
+        out.inflated = ws.get_ref().inflated();
         self.slot.ended.store(true, Ordering::Relaxed);
         out
     }

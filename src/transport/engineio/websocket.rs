@@ -114,7 +114,7 @@ pub async fn upgrade(
             }
             .instrument(span),
         );
-        return switching(&accept);
+        return switching(&accept, None);
     }
     let hello = Hello {
         method: &Method::GET,
@@ -161,7 +161,7 @@ pub async fn upgrade(
         }
         .instrument(span),
     );
-    switching(&accept)
+    switching(&accept, None)
 }
 
 /// The probe exchange; `true` once the client sent `5`.
