@@ -33,6 +33,7 @@
 //! - [`outbox`]: a connection's byte-bounded queue of shared frames and gap marks.
 //! - [`protocol`]: the dialect contract (`Conversation`, `Render`, requests and
 //!   answers), the native JSON dialect and Bayeux.
+//! - [`history`]: `WSGATE_HISTORY` rules, offsets and epochs, the Redis envelope.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
 //! - [`rpc`]: services: the directory of instances (Redis with leases, or
 //!   memory), calls routed across nodes over node channels, the events.
@@ -48,8 +49,9 @@
 //!
 //! # What it does not do
 //!
-//! It stores no messages: Redis pub/sub is at-most-once, and so is wsgate
-//! (no history, no replay; calls too are at most once, `docs/services.md`).
+//! It stores no messages except for channels configured for history
+//! (`WSGATE_HISTORY`, `docs/history.md`): Redis pub/sub is at-most-once, and
+//! so is wsgate elsewhere (calls too are at most once, `docs/services.md`).
 //! It does not speak Redis Cluster's sharded pub/sub, TLS to Redis, or
 //! HTTP/2 WebSockets, and does not terminate TLS itself (put it behind a TLS
 //! proxy). Every dialect (native, Bayeux for Faye, CometD and nodefony,
@@ -69,6 +71,7 @@ pub mod connect_auth;
 pub mod fdlimit;
 pub mod forwarded;
 pub mod handoff;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod jsonrpc;
