@@ -25,15 +25,16 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::broker::{Applied, BrokerError, Changes, Topic};
+use crate::history::Position;
 use crate::outbox::Outbox;
 use crate::pattern_cost::{self, Refusal};
-use crate::protocol::Render;
+use crate::protocol::{Frame, Render};
 
 /// One session as the hub sees it: where to put frames, and how to render them.
 pub struct Member {
@@ -67,6 +68,51 @@ pub struct Sub {
     pos: AtomicUsize,
     /// The broker's count of queued messages, read when starting.
     queued: Arc<AtomicU64>,
+    /// Set once, before [`Sub::start`], by a subscribe that recovers
+    /// history (`since`): see [`Recovery`].
+    recovery: OnceLock<Recovery>,
+}
+
+/// Most bytes of live deliveries a recovering subscription holds while its
+/// history read is in flight; beyond, it drops them and the recovery is
+/// reported `recovered:false` (the client refetches).
+pub const MAX_HELD_BYTES: usize = 4 << 20;
+
+/// A subscription that recovers history: from [`Sub::start`] until the
+/// session's history read is answered, live deliveries are *held* here
+/// (the read and the live stream overlap); [`Sub::release`] then queues,
+/// under this lock, the recovered messages and the held ones not already
+/// among them, so no delivery overtakes them. Afterwards a delivery at or
+/// below the recovered position (same epoch) is skipped: a message the read
+/// returned may still arrive live, later, from Redis.
+pub struct Recovery {
+    state: Mutex<RecoveryState>,
+}
+
+struct RecoveryState {
+    /// `Some` while holding.
+    held: Option<HeldDeliveries>,
+    /// After release: deliveries at or below it are duplicates.
+    floor: Option<Position>,
+}
+
+/// Live deliveries held during a recovery read.
+#[derive(Default)]
+pub struct HeldDeliveries {
+    /// The frames in delivery order, with their positions.
+    pub frames: Vec<(Frame, Option<Position>)>,
+    bytes: usize,
+    /// More than [`MAX_HELD_BYTES`] arrived: `frames` is incomplete (emptied).
+    pub overflowed: bool,
+}
+
+/// What the dispatcher does with one delivery to a recovering subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Queue it as usual.
+    Push,
+    /// Held (or dropped as a duplicate): nothing more to do.
+    Taken,
 }
 
 /// `Sub::since` of a subscription that receives nothing.
@@ -84,7 +130,67 @@ impl Sub {
             since: AtomicU64::new(NOT_LIVE),
             pos: AtomicUsize::new(usize::MAX),
             queued,
+            recovery: OnceLock::new(),
         })
+    }
+
+    /// Holds live deliveries from [`Sub::start`] on until [`Sub::release`]
+    /// (call before starting).
+    pub fn recover(&self) {
+        let _ = self.recovery.set(Recovery {
+            state: Mutex::new(RecoveryState {
+                held: Some(HeldDeliveries::default()),
+                floor: None,
+            }),
+        });
+    }
+
+    /// True for a subscription that recovered (or is recovering) history:
+    /// its deliveries go through [`Sub::admit`].
+    pub fn recovering(&self) -> bool {
+        self.recovery.get().is_some()
+    }
+
+    /// Decides one delivery (`seq`, at `position`) of a recovering
+    /// subscription: held while the read is in flight, skipped when at or
+    /// below the recovered position, else pushed as usual.
+    pub fn admit(&self, frame: &Frame, position: Option<&Position>, seq: u64) -> Admit {
+        let Some(recovery) = self.recovery.get() else {
+            return Admit::Push;
+        };
+        let mut state = recovery.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = &mut state.held {
+            if seq <= self.since.load(Ordering::Acquire) || held.overflowed {
+                return Admit::Taken;
+            }
+            held.bytes += frame.len();
+            if held.bytes > MAX_HELD_BYTES {
+                held.overflowed = true;
+                held.frames = Vec::new();
+            } else {
+                held.frames.push((frame.clone(), position.cloned()));
+            }
+            return Admit::Taken;
+        }
+        match (&state.floor, position) {
+            (Some(floor), Some(p)) if p.epoch == floor.epoch && p.offset <= floor.offset => {
+                Admit::Taken
+            }
+            _ => Admit::Push,
+        }
+    }
+
+    /// Ends the hold: `queue` gets what was held and queues it, with the
+    /// recovered messages before it, while deliveries wait; from then on
+    /// deliveries at or below `floor` are skipped.
+    pub fn release(&self, floor: Option<Position>, queue: impl FnOnce(HeldDeliveries)) {
+        let Some(recovery) = self.recovery.get() else {
+            return;
+        };
+        let mut state = recovery.state.lock().unwrap_or_else(|p| p.into_inner());
+        let held = state.held.take().unwrap_or_default();
+        queue(held);
+        state.floor = floor;
     }
 
     /// Deliveries may flow, for messages the node receives from now on (call

@@ -28,7 +28,8 @@ use super::users::Registration;
 use super::{SessionContext, AUTHZ_UNAVAILABLE, BROKER_UNAVAILABLE, NOT_ALLOWED};
 use crate::auth::Identity;
 use crate::authz::{AuthzError, Decision, Question};
-use crate::broker::{BrokerError, Publication, PublishError, Topic};
+use crate::broker::{BrokerError, BrokerMessage, Publication, PublishError, Topic};
+use crate::history::{self, Position, Query, Read};
 use crate::hub::{Joined, Member, Removed, Sub};
 use crate::metrics::Metrics;
 use crate::outbox::{Item, State};
@@ -61,6 +62,8 @@ pub enum Outcome {
     Confirmed(Topic, u64, Result<(), BrokerError>),
     /// The authorisation callback answered.
     Authorised(Topic, u64, Result<Decision, AuthzError>),
+    /// A recovering subscribe's history read ended (or timed out).
+    Recovered(Topic, u64, Position, Result<Read, BrokerError>),
 }
 
 /// The next finished wait in a lazily allocated set; `None` at once when
@@ -77,6 +80,11 @@ pub(super) async fn next_done<F: Future + Unpin>(
 /// A subscribe waiting for the broker: resolves to (topic, seq, outcome).
 type Waiting = Pin<Box<dyn Future<Output = (u64, (Topic, u64, Result<(), BrokerError>))> + Send>>;
 
+/// A recovering subscribe's history read: resolves to (topic, seq, the
+/// position it recovers from, the read).
+type Recovering =
+    Pin<Box<dyn Future<Output = (u64, (Topic, u64, Position, Result<Read, BrokerError>))> + Send>>;
+
 /// A subscribe waiting for the authorisation callback.
 type Authorising =
     Pin<Box<dyn Future<Output = (u64, (Topic, u64, Result<Decision, AuthzError>))> + Send>>;
@@ -91,6 +99,8 @@ struct Held {
     stage: Stage,
     /// Told `interrupted` and not yet `resumed`.
     told: bool,
+    /// The history position the subscribe recovers from (`since`).
+    since: Option<Position>,
 }
 
 /// Where a held subscription is. Every stage counts against the limit and
@@ -134,6 +144,8 @@ pub struct Session {
     authorising: Option<FuturesUnordered<Authorising>>,
     /// Publishes waiting for the broker; likewise lazy.
     publishing: Option<FuturesUnordered<Publishing>>,
+    /// Recovering subscribes' history reads; likewise lazy.
+    recovering: Option<FuturesUnordered<Recovering>>,
     /// Calls waiting for their services; likewise lazy, and at most
     /// `WSGATE_MAX_CALLS_IN_FLIGHT`.
     calling: Option<FuturesUnordered<Calling>>,
@@ -202,6 +214,7 @@ impl Session {
             waiting: None,
             authorising: None,
             publishing: None,
+            recovering: None,
             calling: None,
             inbox: Inbox::default(),
             lines: None,
@@ -306,6 +319,7 @@ impl Session {
                 topic,
                 id,
                 error,
+                recovered: None,
             }),
         );
     }
@@ -313,7 +327,12 @@ impl Session {
     /// Serves one request; its answer is queued now or when it is decided.
     pub fn handle(&mut self, ctx: &SessionContext, conv: &mut dyn Conversation, request: Request) {
         match request {
-            Request::Subscribe { topic, id, ext } => self.subscribe(ctx, conv, topic, id, ext),
+            Request::Subscribe {
+                topic,
+                id,
+                ext,
+                since,
+            } => self.subscribe(ctx, conv, topic, id, ext, since),
             Request::Unsubscribe { topic, id } => self.unsubscribe(ctx, conv, topic, id),
             Request::Ping { id } => self.answer(conv, Answer::Pong { id: id.as_deref() }),
             Request::Refresh { token, id } => self.refresh(ctx, conv, &token, id.as_deref()),
@@ -479,6 +498,7 @@ impl Session {
         topic: Topic,
         id: Option<String>,
         ext: Option<String>,
+        since: Option<Position>,
     ) {
         if let Some(error) = self.refusal(ctx, &topic) {
             return self.ack(
@@ -519,6 +539,7 @@ impl Session {
                             id,
                             stage: Stage::Authorising,
                             told: false,
+                            since,
                         },
                     );
                     let origin = self.started();
@@ -531,7 +552,7 @@ impl Session {
                 }
             }
         }
-        self.join(ctx, conv, topic, id, seq);
+        self.join(ctx, conv, topic, id, seq, since);
     }
 
     /// The next answer of the callback or the broker, when one is awaited,
@@ -559,6 +580,12 @@ impl Session {
                     self.waiting = None; // give its allocation back while idle
                 }
                 (origin, Outcome::Confirmed(topic, seq, outcome))
+            }
+            Some((origin, (topic, seq, since, read))) = next_done(&mut self.recovering) => {
+                if self.recovering.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    self.recovering = None;
+                }
+                (origin, Outcome::Recovered(topic, seq, since, read))
             }
             Some((origin, (topic, seq, outcome))) = next_done(&mut self.authorising) => {
                 if self.authorising.as_ref().is_some_and(FuturesUnordered::is_empty) {
@@ -604,6 +631,9 @@ impl Session {
             }
             Outcome::Confirmed(topic, seq, o) => self.confirmed(ctx, conv, topic, seq, o),
             Outcome::Authorised(topic, seq, o) => self.authorised(ctx, conv, topic, seq, o),
+            Outcome::Recovered(topic, seq, since, read) => {
+                self.recovered(conv, topic, seq, since, read)
+            }
             Outcome::Published(channel, id, outcome) => {
                 let error = outcome.as_ref().err();
                 let refusal = error.map(|e| match e {
@@ -691,9 +721,12 @@ impl Session {
         if !current {
             return; // unsubscribed or revoked meanwhile, and already answered
         }
-        let id = self.held.remove(&topic).and_then(|h| h.id);
+        let (id, since) = match self.held.remove(&topic) {
+            Some(h) => (h.id, h.since),
+            None => (None, None),
+        };
         match outcome {
-            Ok(Decision::Allow) => self.join(ctx, conv, topic, id, seq),
+            Ok(Decision::Allow) => self.join(ctx, conv, topic, id, seq, since),
             Ok(Decision::Deny(reason)) => {
                 let denied = Refusal::Denied(reason);
                 self.refuse(ctx, conv, "authz_denied", &topic, id.as_deref(), denied)
@@ -715,6 +748,7 @@ impl Session {
         topic: Topic,
         id: Option<String>,
         seq: u64,
+        since: Option<Position>,
     ) {
         let joined = match ctx.hub.subscribe(&self.member, topic.clone()) {
             Ok(joined) => joined,
@@ -730,6 +764,7 @@ impl Session {
                 id,
                 stage: Stage::Pending,
                 told: false,
+                since,
             },
         );
         self.joined(ctx, conv, topic, seq, joined);
@@ -751,6 +786,39 @@ impl Session {
                     return;
                 };
                 let id = held.id.clone();
+                let since = held.since.clone();
+                let history = match &topic {
+                    Topic::Channel(c) => ctx.hub.history_rule(c).is_some(),
+                    Topic::Pattern(_) => false,
+                };
+                if let (Some(since), true, Topic::Channel(channel)) = (&since, history, &topic) {
+                    // Reply once the read is in: see `Session::recovered`.
+                    sub.recover();
+                    sub.start();
+                    if let Some(held) = self.held.get_mut(&topic) {
+                        held.stage = Stage::Active(sub);
+                    }
+                    let hub = ctx.hub.clone();
+                    let query = Query::After {
+                        offset: since.offset,
+                        epoch: since.epoch.clone(),
+                        limit: history::RECOVERY_LIMIT,
+                    };
+                    let channel = channel.clone();
+                    let read = async move { hub.read_history(channel, query).await };
+                    let timeout = ctx.subscribe_timeout;
+                    let origin = self.started();
+                    let since = since.clone();
+                    self.recovering
+                        .get_or_insert_with(FuturesUnordered::new)
+                        .push(Box::pin(async move {
+                            let read = tokio::time::timeout(timeout, read)
+                                .await
+                                .unwrap_or(Err(BrokerError::Unavailable));
+                            (origin, (topic, seq, since, read))
+                        }));
+                    return;
+                }
                 self.answer(
                     conv,
                     Answer::Ack(Ack {
@@ -758,6 +826,8 @@ impl Session {
                         topic: &topic,
                         id: id.as_deref(),
                         error: None,
+                        // Asked to recover a channel without history.
+                        recovered: since.map(|_| false),
                     }),
                 );
                 sub.start();
@@ -786,6 +856,83 @@ impl Session {
                     }));
             }
         }
+    }
+
+    /// A recovering subscribe's read ended: under the subscription's hold,
+    /// the reply (`recovered` true or false), then the recovered messages,
+    /// then the live ones held meanwhile that the read did not return; the
+    /// rest arrive as usual, minus those at or below the recovered position.
+    fn recovered(
+        &mut self,
+        conv: &mut dyn Conversation,
+        topic: Topic,
+        seq: u64,
+        since: Position,
+        read: Result<Read, BrokerError>,
+    ) {
+        let (sub, id) = match self.held.get(&topic) {
+            Some(Held {
+                seq: s,
+                stage: Stage::Active(sub),
+                id,
+                ..
+            }) if *s == seq => (sub.clone(), id.clone()),
+            _ => return, // unsubscribed meanwhile, and already answered
+        };
+        if let Err(e) = &read {
+            warn!(cause = %e, "history read for a recovery failed");
+        }
+        let read = read.ok();
+        let complete = read
+            .as_ref()
+            .is_some_and(|r| history::recovered(&since, r, history::RECOVERY_LIMIT));
+        let floor = read.as_ref().filter(|_| complete).map(|r| Position {
+            offset: r.entries.last().map_or(since.offset, |e| e.offset),
+            epoch: r.epoch.clone(),
+        });
+        let render = self.member.render.clone();
+        sub.release(floor.clone(), |held| {
+            let complete = complete && !held.overflowed;
+            self.answer(
+                conv,
+                Answer::Ack(Ack {
+                    kind: AckKind::Subscribe,
+                    topic: &topic,
+                    id: id.as_deref(),
+                    error: None,
+                    recovered: Some(complete),
+                }),
+            );
+            let (Topic::Channel(channel), Some(read)) =
+                (&topic, read.as_ref().filter(|_| complete))
+            else {
+                for (frame, _) in held.frames {
+                    self.reply(frame);
+                }
+                return;
+            };
+            for entry in &read.entries {
+                let msg = BrokerMessage {
+                    topic: topic.clone(),
+                    channel: channel.clone(),
+                    payload: entry.payload.clone(),
+                    position: Some(Position {
+                        offset: entry.offset,
+                        epoch: read.epoch.clone(),
+                    }),
+                };
+                self.reply_opt(render.delivery(&msg));
+            }
+            for (frame, position) in held.frames {
+                let duplicate = match (&floor, &position) {
+                    (Some(f), Some(p)) => p.epoch == f.epoch && p.offset <= f.offset,
+                    _ => false,
+                };
+                if !duplicate {
+                    self.reply(frame);
+                }
+            }
+        });
     }
 
     /// A wait for the broker ended.
