@@ -12,8 +12,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use warp::filters::BoxedFilter;
 use warp::http::{HeaderMap, StatusCode};
-use warp::{Filter, Rejection};
+use warp::Filter;
 
 use super::recover_on;
 use crate::app::App;
@@ -23,24 +24,25 @@ use crate::history::{Query, DEFAULT_PAGE, PAGE_LIMIT};
 use crate::protocol::native::{push_json_str, push_payload};
 use crate::transport::{json, json_error, unauthorised};
 
-
-/// `GET /history`.
-pub(super) fn route(
-    app: Arc<App>,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+/// `GET /history`, boxed: the route tree's type is near the compiler's
+/// depth limit already.
+pub(super) fn route(app: Arc<App>) -> BoxedFilter<(warp::reply::Response,)> {
     let with_app = {
         let app = app.clone();
         warp::any().map(move || app.clone())
     };
-    warp::path("history").and(warp::path::end()).and(
-        warp::get()
-            .and(with_app)
-            .and(warp::header::headers_cloned())
-            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-            .then(history)
-            .recover(recover_on("GET", app))
-            .unify(),
-    )
+    warp::path("history")
+        .and(warp::path::end())
+        .and(
+            warp::get()
+                .and(with_app)
+                .and(warp::header::headers_cloned())
+                .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+                .then(history)
+                .recover(recover_on("GET", app))
+                .unify(),
+        )
+        .boxed()
 }
 
 /// The parameters, decoded.

@@ -228,7 +228,9 @@ mod tests {
     fn requests_and_errors() {
         assert_eq!(
             one(r#"{"id":"s1","act":"sub","pat":{"foo":"bar"}}"#),
-            [r#"Subscribe { topic: Channel(b"foo:bar"), id: Some("\"s1\""), ext: None, since: None }"#]
+            [
+                r#"Subscribe { topic: Channel(b"foo:bar"), id: Some("\"s1\""), ext: None, since: None }"#
+            ]
         );
         assert_eq!(
             one(r#"{"id":7,"act":"unsub","pat":"foo:bar"}"#),
