@@ -103,13 +103,25 @@ fn params(query: &str) -> Result<Params, String> {
     })
 }
 
+/// Why a request may not read a channel's history.
+enum Denied {
+    /// No usable credential: 401 with this message and challenge.
+    Unauthorised(&'static str, &'static str),
+    /// A valid token whose ACL does not cover the channel: 403.
+    Forbidden,
+}
+
+impl Denied {
+    fn response(self) -> warp::reply::Response {
+        match self {
+            Denied::Unauthorised(why, challenge) => unauthorised(why, challenge),
+            Denied::Forbidden => json_error(StatusCode::FORBIDDEN, "not allowed"),
+        }
+    }
+}
+
 /// `Ok(())` when the request may read `channel` (see the module docs).
-fn may_read(
-    app: &App,
-    headers: &HeaderMap,
-    query: &str,
-    channel: &Bytes,
-) -> Result<(), warp::reply::Response> {
+fn may_read(app: &App, headers: &HeaderMap, query: &str, channel: &Bytes) -> Result<(), Denied> {
     let bearer = auth::bearer(headers).ok().flatten();
     if let (Some(key), Some(given)) = (&app.config.api_key, &bearer) {
         if auth::secrets_equal(given.as_bytes(), key.expose()) {
@@ -120,13 +132,13 @@ fn may_read(
         if app.config.api_key.is_none() {
             return Ok(()); // an open node
         }
-        return Err(unauthorised("API key required", "Bearer"));
+        return Err(Denied::Unauthorised("API key required", "Bearer"));
     };
     let token = auth::request_token(headers, query)
-        .map_err(|_| unauthorised("a token or the API key is required", "Bearer"))?;
+        .map_err(|_| Denied::Unauthorised("a token or the API key is required", "Bearer"))?;
     let identity = verifier
         .verify(&token)
-        .map_err(|_| unauthorised("invalid token", "Bearer error=\"invalid_token\""))?;
+        .map_err(|_| Denied::Unauthorised("invalid token", "Bearer error=\"invalid_token\""))?;
     let topic = Topic::Channel(channel.clone());
     let server = app.allow.as_ref().is_none_or(|acl| acl.allows(&topic));
     if server && identity.acl.allows(&topic) {
@@ -136,7 +148,7 @@ fn may_read(
             .refused
             .with_label_values(&["not_allowed"])
             .inc();
-        Err(json_error(StatusCode::FORBIDDEN, "not allowed"))
+        Err(Denied::Forbidden)
     }
 }
 
@@ -145,8 +157,8 @@ async fn history(app: Arc<App>, headers: HeaderMap, query: String) -> warp::repl
         Ok(p) => p,
         Err(why) => return json_error(StatusCode::BAD_REQUEST, &why),
     };
-    if let Err(refused) = may_read(&app, &headers, &query, &p.channel) {
-        return refused;
+    if let Err(denied) = may_read(&app, &headers, &query, &p.channel) {
+        return denied.response();
     }
     if app.hub.history_rule(&p.channel).is_none() {
         return json_error(StatusCode::NOT_FOUND, "this channel keeps no history");

@@ -1002,6 +1002,64 @@ mod tests {
         })
     }
 
+    /// A recovering subscription holds deliveries until released, then
+    /// skips those at or below the recovered position of the same epoch.
+    #[test]
+    fn recovery_holds_then_skips_duplicates() {
+        let queued = Arc::new(AtomicU64::new(0));
+        let sub = Sub::new(member(1), queued.clone());
+        let at = |offset, epoch: &'static [u8]| Position {
+            offset,
+            epoch: Bytes::from_static(epoch),
+        };
+        let frame = |t: &str| Frame::text(t.to_owned());
+        assert!(!sub.recovering());
+        sub.recover();
+        queued.store(10, Ordering::Release);
+        sub.start();
+        assert!(sub.recovering());
+        // Before the start (seq 10): not for this subscription.
+        assert_eq!(
+            sub.admit(&frame("old"), Some(&at(4, b"e")), 10),
+            Admit::Taken
+        );
+        assert_eq!(sub.admit(&frame("5"), Some(&at(5, b"e")), 11), Admit::Taken);
+        assert_eq!(sub.admit(&frame("6"), Some(&at(6, b"e")), 12), Admit::Taken);
+        assert_eq!(sub.admit(&frame("plain"), None, 13), Admit::Taken);
+        let mut released = Vec::new();
+        sub.release(Some(at(5, b"e")), |held| {
+            assert!(!held.overflowed);
+            released = held.frames;
+        });
+        let offsets: Vec<_> = released
+            .iter()
+            .map(|(_, p)| p.as_ref().map(|p| p.offset))
+            .collect();
+        assert_eq!(offsets, [Some(5), Some(6), None]);
+        // After the release: at or below the floor is a duplicate; another
+        // epoch, or no position, is not.
+        assert_eq!(sub.admit(&frame("5"), Some(&at(5, b"e")), 14), Admit::Taken);
+        assert_eq!(sub.admit(&frame("7"), Some(&at(7, b"e")), 15), Admit::Push);
+        assert_eq!(sub.admit(&frame("1"), Some(&at(1, b"f")), 16), Admit::Push);
+        assert_eq!(sub.admit(&frame("p"), None, 17), Admit::Push);
+    }
+
+    /// Holding is bounded: past `MAX_HELD_BYTES` everything held is dropped
+    /// and the release says so.
+    #[test]
+    fn recovery_hold_is_bounded() {
+        let sub = Sub::new(member(1), Arc::default());
+        sub.recover();
+        sub.start();
+        let big = Frame::text("x".repeat(MAX_HELD_BYTES / 2 + 1));
+        assert_eq!(sub.admit(&big, None, 1), Admit::Taken);
+        assert_eq!(sub.admit(&big, None, 2), Admit::Taken);
+        sub.release(None, |held| {
+            assert!(held.overflowed);
+            assert!(held.frames.is_empty());
+        });
+    }
+
     fn held_channel(r: &mut Registry, t: &Topic) {
         r.broker_up(0, 1);
         let sub = new_sub(0);
