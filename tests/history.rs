@@ -436,3 +436,43 @@ async fn malformed_since_is_rejected() {
     }
     gw.stop().await;
 }
+
+/// A Redis restarted without persistence forgets the library and the
+/// history: the publish connection loads the library again when it
+/// reconnects, the next message starts a new epoch at offset 1, and a
+/// client resuming from the old epoch is told `recovered:false`.
+#[tokio::test]
+async fn a_redis_restart_reloads_the_library_and_resets_the_epoch() {
+    let mut redis = Redis::start().await;
+    let gw = Gateway::start(config(Some(&redis))).await;
+    let mut c = gw.client().await;
+    let old = first_epoch(&gw, &mut c, "news.sport").await;
+    redis.restart().await;
+    c.expect_interrupted(&[], &["news.sport"]).await;
+    c.expect_resumed(&[], &["news.sport"]).await;
+    let addr = gw.addr;
+    let body = json!({"channel":"news.sport","payload":{"n":1}}).to_string();
+    wait_until("a publish after the restart", WAIT, || {
+        let body = body.clone();
+        async move { http(addr, "POST", "/publish", Some(&body)).await.0 == 200 }
+    })
+    .await;
+    let text = c.recv_text().await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let new = v["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert_eq!(text, delivery("news.sport", 1, 1, &new));
+    assert_eq!(
+        redis
+            .int(&["FCALL", "wsgate_publish", "1", "news.sport", r#"{"n":2}"#])
+            .await,
+        1
+    );
+    assert_eq!(c.recv_text().await, delivery("news.sport", 2, 2, &new));
+    let mut d = gw.client().await;
+    assert_eq!(
+        subscribe_since(&mut d, "news.sport", 1, &old).await,
+        recovered("news.sport", false)
+    );
+    gw.stop().await;
+}

@@ -101,6 +101,9 @@ struct Held {
     told: bool,
     /// The history position the subscribe recovers from (`since`).
     since: Option<Position>,
+    /// Active, but its reply waits for the history read (see
+    /// `Session::recovered`): an unsubscribe meanwhile answers it first.
+    recovering: bool,
 }
 
 /// Where a held subscription is. Every stage counts against the limit and
@@ -540,6 +543,7 @@ impl Session {
                             stage: Stage::Authorising,
                             told: false,
                             since,
+                            recovering: false,
                         },
                     );
                     let origin = self.started();
@@ -765,6 +769,7 @@ impl Session {
                 stage: Stage::Pending,
                 told: false,
                 since,
+                recovering: false,
             },
         );
         self.joined(ctx, conv, topic, seq, joined);
@@ -797,6 +802,7 @@ impl Session {
                     sub.start();
                     if let Some(held) = self.held.get_mut(&topic) {
                         held.stage = Stage::Active(sub);
+                        held.recovering = true;
                     }
                     let hub = ctx.hub.clone();
                     let query = Query::After {
@@ -879,6 +885,9 @@ impl Session {
             }) if *s == seq => (sub.clone(), id.clone()),
             _ => return, // unsubscribed meanwhile, and already answered
         };
+        if let Some(held) = self.held.get_mut(&topic) {
+            held.recovering = false;
+        }
         if let Err(e) = &read {
             warn!(cause = %e, "history read for a recovery failed");
         }
@@ -1083,12 +1092,12 @@ impl Session {
         if let Stage::Active(sub) = &held.stage {
             sub.stop();
         }
-        if held.stage.is_authorising()
+        let unanswered = held.stage.is_authorising()
             || ctx
                 .hub
                 .unsubscribe(self.member.id, &topic, held.stage.sub())
-                == Removed::Pending
-        {
+                == Removed::Pending;
+        if unanswered || held.recovering {
             // The subscribe never completed: answer it before the unsubscribe.
             let error = Refusal::Cancelled;
             self.ack(
