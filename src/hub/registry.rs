@@ -69,8 +69,9 @@ pub struct Sub {
     /// The broker's count of queued messages, read when starting.
     queued: Arc<AtomicU64>,
     /// Set once, before [`Sub::start`], by a subscribe that recovers
-    /// history (`since`): see [`Recovery`].
-    recovery: OnceLock<Recovery>,
+    /// history (`since`): see [`Recovery`]. Boxed: every subscription pays
+    /// for the empty cell, only recovering ones for the state.
+    recovery: OnceLock<Box<Recovery>>,
 }
 
 /// Most bytes of live deliveries a recovering subscription holds while its
@@ -137,12 +138,12 @@ impl Sub {
     /// Holds live deliveries from [`Sub::start`] on until [`Sub::release`]
     /// (call before starting).
     pub fn recover(&self) {
-        let _ = self.recovery.set(Recovery {
+        let _ = self.recovery.set(Box::new(Recovery {
             state: Mutex::new(RecoveryState {
                 held: Some(HeldDeliveries::default()),
                 floor: None,
             }),
-        });
+        }));
     }
 
     /// True for a subscription that recovered (or is recovering) history:
