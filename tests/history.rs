@@ -476,3 +476,35 @@ async fn a_redis_restart_reloads_the_library_and_resets_the_epoch() {
     );
     gw.stop().await;
 }
+
+/// Two nodes on one Redis: a message published through one carries its
+/// offset to the other's clients, and a client of the second recovers what
+/// was published through the first.
+#[tokio::test]
+async fn offsets_cross_nodes() {
+    let redis = Redis::start().await;
+    let one = Gateway::start(config(Some(&redis))).await;
+    let two = Gateway::start(config(Some(&redis))).await;
+    let mut c = two.client().await;
+    c.subscribe("news.sport").await;
+    publish_range(&one, "news.sport", 0, 0).await;
+    let text = c.recv_text().await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let epoch = v["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(text, delivery("news.sport", 0, 1, &epoch));
+    drop(c);
+    publish_range(&one, "news.sport", 1, 10).await;
+    let mut d = two.client().await;
+    assert_eq!(
+        subscribe_since(&mut d, "news.sport", 1, &epoch).await,
+        recovered("news.sport", true)
+    );
+    for n in 1..=10 {
+        assert_eq!(
+            d.recv_text().await,
+            delivery("news.sport", n, n + 1, &epoch)
+        );
+    }
+    one.stop().await;
+    two.stop().await;
+}
