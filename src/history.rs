@@ -143,6 +143,14 @@ pub struct Position {
     pub epoch: Bytes,
 }
 
+/// Where a recovering subscribe resumes: per channel, the last position
+/// the client has (one entry for a channel subscribe; for a pattern, the
+/// channels it names, each matching the pattern).
+pub type Since = Vec<(Bytes, Position)>;
+
+/// Most channels one pattern subscribe's `since` map may name.
+pub const MAX_SINCE_CHANNELS: usize = 64;
+
 /// Longest epoch an envelope may carry (ours are 16 to 24 characters).
 pub const MAX_EPOCH_BYTES: usize = 64;
 

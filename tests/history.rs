@@ -508,3 +508,76 @@ async fn offsets_cross_nodes() {
     one.stop().await;
     two.stop().await;
 }
+
+/// The exact pattern delivery frame of payload `{"n":n}`.
+fn pattern_delivery(pattern: &str, channel: &str, n: u64, offset: u64, epoch: &str) -> String {
+    format!(
+        r#"{{"action":"message","pattern":"{pattern}","channel":"{channel}","payload":{{"n":{n}}},"offset":{offset},"epoch":"{epoch}"}}"#
+    )
+}
+
+/// A pattern subscribe's `since` maps channels to positions: each is
+/// recovered (channel by channel, each in order), then live messages of
+/// every channel the pattern matches follow.
+async fn pattern_since_recovers_each_channel(redis: Option<&Redis>) {
+    let gw = Gateway::start(config(redis)).await;
+    let mut a = gw.client().await;
+    let ea = first_epoch(&gw, &mut a, "news.a").await;
+    let mut b = gw.client().await;
+    let eb = first_epoch(&gw, &mut b, "news.b").await;
+    drop((a, b));
+    publish_range(&gw, "news.a", 1, 5).await;
+    publish_range(&gw, "news.b", 1, 3).await;
+    let mut c = gw.client().await;
+    c.send_json(json!({"action":"subscribe","pattern":"news.*","since":{
+        "news.a":{"offset":1,"epoch":ea},
+        "news.b":{"offset":2,"epoch":eb},
+    }}))
+    .await;
+    assert_eq!(
+        c.recv_text().await,
+        r#"{"action":"subscribe","pattern":"news.*","status":true,"recovered":true}"#
+    );
+    let mut got = Vec::new();
+    for _ in 0..(5 + 2) {
+        got.push(c.recv_text().await);
+    }
+    let mut want: Vec<String> = (1..=5)
+        .map(|n| pattern_delivery("news.*", "news.a", n, n + 1, &ea))
+        .collect();
+    want.extend((2..=3).map(|n| pattern_delivery("news.*", "news.b", n, n + 1, &eb)));
+    assert_eq!(got, want);
+    publish_range(&gw, "news.b", 4, 4).await;
+    assert_eq!(
+        c.recv_text().await,
+        pattern_delivery("news.*", "news.b", 4, 5, &eb)
+    );
+    // One channel of the map without history: recovered:false.
+    let mut d = gw.client().await;
+    d.send_json(json!({"action":"subscribe","pattern":"*","since":{
+        "news.a":{"offset":6,"epoch":ea},
+        "plain":{"offset":1,"epoch":"x"},
+    }}))
+    .await;
+    assert_eq!(
+        d.recv_text().await,
+        r#"{"action":"subscribe","pattern":"*","status":true,"recovered":false}"#
+    );
+    // A channel the pattern does not match is refused.
+    let v = d
+        .request(json!({"action":"subscribe","pattern":"chat.*","since":{"news.a":{"offset":1,"epoch":ea}}}))
+        .await;
+    assert_eq!(v["action"], "error", "{v}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn redis_pattern_since_recovers_each_channel() {
+    let redis = Redis::start().await;
+    pattern_since_recovers_each_channel(Some(&redis)).await;
+}
+
+#[tokio::test]
+async fn memory_pattern_since_recovers_each_channel() {
+    pattern_since_recovers_each_channel(None).await;
+}

@@ -540,7 +540,9 @@ impl Shared {
                 too_large = true;
                 continue;
             }
-            if sub.recovering() && sub.admit(&frame, msg.position.as_ref(), seq) == Admit::Taken {
+            if sub.recovering()
+                && sub.admit(&frame, &msg.channel, msg.position.as_ref(), seq) == Admit::Taken
+            {
                 continue;
             }
             let once = sub.once.then_some(publish);

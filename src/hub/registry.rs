@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::broker::{Applied, BrokerError, Changes, Topic};
@@ -93,15 +94,16 @@ pub struct Recovery {
 struct RecoveryState {
     /// `Some` while holding.
     held: Option<HeldDeliveries>,
-    /// After release: deliveries at or below it are duplicates.
-    floor: Option<Position>,
+    /// After release, per recovered channel: deliveries at or below it
+    /// are duplicates.
+    floors: Vec<(Bytes, Position)>,
 }
 
 /// Live deliveries held during a recovery read.
 #[derive(Default)]
 pub struct HeldDeliveries {
-    /// The frames in delivery order, with their positions.
-    pub frames: Vec<(Frame, Option<Position>)>,
+    /// The frames in delivery order, with their channels and positions.
+    pub frames: Vec<(Frame, Bytes, Option<Position>)>,
     bytes: usize,
     /// More than [`MAX_HELD_BYTES`] arrived: `frames` is incomplete (emptied).
     pub overflowed: bool,
@@ -141,7 +143,7 @@ impl Sub {
         let _ = self.recovery.set(Box::new(Recovery {
             state: Mutex::new(RecoveryState {
                 held: Some(HeldDeliveries::default()),
-                floor: None,
+                floors: Vec::new(),
             }),
         }));
     }
@@ -155,7 +157,13 @@ impl Sub {
     /// Decides one delivery (`seq`, at `position`) of a recovering
     /// subscription: held while the read is in flight, skipped when at or
     /// below the recovered position, else pushed as usual.
-    pub fn admit(&self, frame: &Frame, position: Option<&Position>, seq: u64) -> Admit {
+    pub fn admit(
+        &self,
+        frame: &Frame,
+        channel: &Bytes,
+        position: Option<&Position>,
+        seq: u64,
+    ) -> Admit {
         let Some(recovery) = self.recovery.get() else {
             return Admit::Push;
         };
@@ -169,29 +177,36 @@ impl Sub {
                 held.overflowed = true;
                 held.frames = Vec::new();
             } else {
-                held.frames.push((frame.clone(), position.cloned()));
+                held.frames
+                    .push((frame.clone(), channel.clone(), position.cloned()));
             }
             return Admit::Taken;
         }
-        match (&state.floor, position) {
-            (Some(floor), Some(p)) if p.epoch == floor.epoch && p.offset <= floor.offset => {
-                Admit::Taken
-            }
-            _ => Admit::Push,
+        let Some(p) = position else {
+            return Admit::Push;
+        };
+        let duplicate = state
+            .floors
+            .iter()
+            .any(|(c, f)| c == channel && p.epoch == f.epoch && p.offset <= f.offset);
+        if duplicate {
+            Admit::Taken
+        } else {
+            Admit::Push
         }
     }
 
     /// Ends the hold: `queue` gets what was held and queues it, with the
     /// recovered messages before it, while deliveries wait; from then on
-    /// deliveries at or below `floor` are skipped.
-    pub fn release(&self, floor: Option<Position>, queue: impl FnOnce(HeldDeliveries)) {
+    /// deliveries at or below a channel's floor are skipped.
+    pub fn release(&self, floors: Vec<(Bytes, Position)>, queue: impl FnOnce(HeldDeliveries)) {
         let Some(recovery) = self.recovery.get() else {
             return;
         };
         let mut state = recovery.state.lock().unwrap_or_else(|p| p.into_inner());
         let held = state.held.take().unwrap_or_default();
         queue(held);
-        state.floor = floor;
+        state.floors = floors;
     }
 
     /// Deliveries may flow, for messages the node receives from now on (call
@@ -1013,6 +1028,7 @@ mod tests {
             offset,
             epoch: Bytes::from_static(epoch),
         };
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
         let frame = |t: &str| Frame::text(t.to_owned());
         assert!(!sub.recovering());
         sub.recover();
@@ -1021,28 +1037,47 @@ mod tests {
         assert!(sub.recovering());
         // Before the start (seq 10): not for this subscription.
         assert_eq!(
-            sub.admit(&frame("old"), Some(&at(4, b"e")), 10),
+            sub.admit(&frame("old"), &a, Some(&at(4, b"e")), 10),
             Admit::Taken
         );
-        assert_eq!(sub.admit(&frame("5"), Some(&at(5, b"e")), 11), Admit::Taken);
-        assert_eq!(sub.admit(&frame("6"), Some(&at(6, b"e")), 12), Admit::Taken);
-        assert_eq!(sub.admit(&frame("plain"), None, 13), Admit::Taken);
+        assert_eq!(
+            sub.admit(&frame("5"), &a, Some(&at(5, b"e")), 11),
+            Admit::Taken
+        );
+        assert_eq!(
+            sub.admit(&frame("6"), &a, Some(&at(6, b"e")), 12),
+            Admit::Taken
+        );
+        assert_eq!(sub.admit(&frame("plain"), &a, None, 13), Admit::Taken);
         let mut released = Vec::new();
-        sub.release(Some(at(5, b"e")), |held| {
+        sub.release(vec![(a.clone(), at(5, b"e"))], |held| {
             assert!(!held.overflowed);
             released = held.frames;
         });
         let offsets: Vec<_> = released
             .iter()
-            .map(|(_, p)| p.as_ref().map(|p| p.offset))
+            .map(|(_, _, p)| p.as_ref().map(|p| p.offset))
             .collect();
         assert_eq!(offsets, [Some(5), Some(6), None]);
-        // After the release: at or below the floor is a duplicate; another
-        // epoch, or no position, is not.
-        assert_eq!(sub.admit(&frame("5"), Some(&at(5, b"e")), 14), Admit::Taken);
-        assert_eq!(sub.admit(&frame("7"), Some(&at(7, b"e")), 15), Admit::Push);
-        assert_eq!(sub.admit(&frame("1"), Some(&at(1, b"f")), 16), Admit::Push);
-        assert_eq!(sub.admit(&frame("p"), None, 17), Admit::Push);
+        // After the release: at or below the channel's floor is a duplicate;
+        // another epoch, another channel, or no position, is not.
+        assert_eq!(
+            sub.admit(&frame("5"), &a, Some(&at(5, b"e")), 14),
+            Admit::Taken
+        );
+        assert_eq!(
+            sub.admit(&frame("7"), &a, Some(&at(7, b"e")), 15),
+            Admit::Push
+        );
+        assert_eq!(
+            sub.admit(&frame("1"), &a, Some(&at(1, b"f")), 16),
+            Admit::Push
+        );
+        assert_eq!(
+            sub.admit(&frame("b"), &b, Some(&at(1, b"e")), 17),
+            Admit::Push
+        );
+        assert_eq!(sub.admit(&frame("p"), &a, None, 18), Admit::Push);
     }
 
     /// Holding is bounded: past `MAX_HELD_BYTES` everything held is dropped
@@ -1052,10 +1087,11 @@ mod tests {
         let sub = Sub::new(member(1), Arc::default());
         sub.recover();
         sub.start();
+        let c = Bytes::from_static(b"c");
         let big = Frame::text("x".repeat(MAX_HELD_BYTES / 2 + 1));
-        assert_eq!(sub.admit(&big, None, 1), Admit::Taken);
-        assert_eq!(sub.admit(&big, None, 2), Admit::Taken);
-        sub.release(None, |held| {
+        assert_eq!(sub.admit(&big, &c, None, 1), Admit::Taken);
+        assert_eq!(sub.admit(&big, &c, None, 2), Admit::Taken);
+        sub.release(Vec::new(), |held| {
             assert!(held.overflowed);
             assert!(held.frames.is_empty());
         });

@@ -99,7 +99,7 @@ pub enum Request {
         ext: Option<String>,
         /// The last position the client has of a history channel: deliver
         /// what came after it first (`docs/history.md`).
-        since: Option<crate::history::Position>,
+        since: Option<crate::history::Since>,
     },
     /// Stop receiving messages for a channel or pattern.
     Unsubscribe {

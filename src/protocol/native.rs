@@ -207,10 +207,7 @@ impl Native {
         match action {
             "subscribe" => {
                 let topic = topic(&obj, id.as_deref())?;
-                let since = since(&obj, id.as_deref())?;
-                if since.is_some() && matches!(topic, Topic::Pattern(_)) {
-                    return Err(reject(id, "\"since\" is for channels, not patterns"));
-                }
+                let since = since(&obj, &topic, id.as_deref())?;
                 Ok(Request::Subscribe {
                     topic,
                     id,
@@ -498,30 +495,58 @@ fn topic(obj: &serde_json::Map<String, Value>, id: Option<&str>) -> Result<Topic
     }
 }
 
-/// The optional `"since":{"offset":<n>,"epoch":"<e>"}` of a subscribe.
+/// The optional `since` of a subscribe: `{"offset":<n>,"epoch":"<e>"}` for
+/// a channel; for a pattern, a map of channels it matches to such objects
+/// (at most [`crate::history::MAX_SINCE_CHANNELS`]).
 fn since(
     obj: &serde_json::Map<String, Value>,
+    topic: &Topic,
     id: Option<&str>,
-) -> Result<Option<crate::history::Position>, Rejection> {
+) -> Result<Option<crate::history::Since>, Rejection> {
     const SHAPE: &str =
         "\"since\" must be {\"offset\":<whole number>,\"epoch\":<string>} as a delivery gave them";
+    const MAP: &str = "\"since\" of a pattern must map channels the pattern matches (at most 64) to {\"offset\":<whole number>,\"epoch\":<string>}";
+    let bad = |why: &str| reject(id.map(str::to_owned), why);
     let since = match obj.get("since") {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Object(since)) => since,
-        Some(_) => return Err(reject(id.map(str::to_owned), SHAPE)),
+        Some(_) => return Err(bad(SHAPE)),
     };
-    match (since.get("offset"), since.get("epoch")) {
+    let position = |v: &serde_json::Map<String, Value>| match (v.get("offset"), v.get("epoch")) {
         (Some(Value::Number(n)), Some(Value::String(e)))
-            if n.as_u64().is_some()
-                && !e.is_empty()
-                && e.len() <= crate::history::MAX_EPOCH_BYTES =>
+            if !e.is_empty() && e.len() <= crate::history::MAX_EPOCH_BYTES =>
         {
-            Ok(Some(crate::history::Position {
-                offset: n.as_u64().unwrap_or(0),
+            n.as_u64().map(|offset| crate::history::Position {
+                offset,
                 epoch: Bytes::copy_from_slice(e.as_bytes()),
-            }))
+            })
         }
-        _ => Err(reject(id.map(str::to_owned), SHAPE)),
+        _ => None,
+    };
+    match topic {
+        Topic::Channel(channel) => match position(since) {
+            Some(p) => Ok(Some(vec![(channel.clone(), p)])),
+            None => Err(bad(SHAPE)),
+        },
+        Topic::Pattern(pattern) => {
+            if since.len() > crate::history::MAX_SINCE_CHANNELS {
+                return Err(bad(MAP));
+            }
+            let mut out = Vec::with_capacity(since.len());
+            for (channel, v) in since {
+                let p = match v {
+                    Value::Object(v) => position(v),
+                    _ => None,
+                };
+                match p {
+                    Some(p) if crate::pattern::matches(pattern, channel.as_bytes()) => {
+                        out.push((Bytes::copy_from_slice(channel.as_bytes()), p))
+                    }
+                    _ => return Err(bad(MAP)),
+                }
+            }
+            Ok(Some(out))
+        }
     }
 }
 

@@ -29,7 +29,7 @@ use super::{SessionContext, AUTHZ_UNAVAILABLE, BROKER_UNAVAILABLE, NOT_ALLOWED};
 use crate::auth::Identity;
 use crate::authz::{AuthzError, Decision, Question};
 use crate::broker::{BrokerError, BrokerMessage, Publication, PublishError, Topic};
-use crate::history::{self, Position, Query, Read};
+use crate::history::{self, Position, Query, Read, Since};
 use crate::hub::{Joined, Member, Removed, Sub};
 use crate::metrics::Metrics;
 use crate::outbox::{Item, State};
@@ -62,8 +62,9 @@ pub enum Outcome {
     Confirmed(Topic, u64, Result<(), BrokerError>),
     /// The authorisation callback answered.
     Authorised(Topic, u64, Result<Decision, AuthzError>),
-    /// A recovering subscribe's history read ended (or timed out).
-    Recovered(Topic, u64, Position, Result<Read, BrokerError>),
+    /// A recovering subscribe's history reads ended (`None`: timed out);
+    /// `false`: some channel of its `since` keeps no history.
+    Recovered(Topic, u64, Option<Vec<ChannelRead>>, bool),
 }
 
 /// The next finished wait in a lazily allocated set; `None` at once when
@@ -80,10 +81,14 @@ pub(super) async fn next_done<F: Future + Unpin>(
 /// A subscribe waiting for the broker: resolves to (topic, seq, outcome).
 type Waiting = Pin<Box<dyn Future<Output = (u64, (Topic, u64, Result<(), BrokerError>))> + Send>>;
 
-/// A recovering subscribe's history read: resolves to (topic, seq, the
-/// position it recovers from, the read).
+/// One channel's recovery read: the channel, where it resumes, the read.
+type ChannelRead = (Bytes, Position, Result<Read, BrokerError>);
+
+/// A recovering subscribe's history reads: resolves to (topic, seq, the
+/// reads, or `None` when they timed out, and whether every channel of its
+/// `since` keeps history).
 type Recovering =
-    Pin<Box<dyn Future<Output = (u64, (Topic, u64, Position, Result<Read, BrokerError>))> + Send>>;
+    Pin<Box<dyn Future<Output = (u64, (Topic, u64, Option<Vec<ChannelRead>>, bool))> + Send>>;
 
 /// A subscribe waiting for the authorisation callback.
 type Authorising =
@@ -99,8 +104,8 @@ struct Held {
     stage: Stage,
     /// Told `interrupted` and not yet `resumed`.
     told: bool,
-    /// The history position the subscribe recovers from (`since`).
-    since: Option<Position>,
+    /// The history positions the subscribe recovers from (`since`).
+    since: Option<Since>,
     /// Active, but its reply waits for the history read (see
     /// `Session::recovered`): an unsubscribe meanwhile answers it first.
     recovering: bool,
@@ -501,7 +506,7 @@ impl Session {
         topic: Topic,
         id: Option<String>,
         ext: Option<String>,
-        since: Option<Position>,
+        since: Option<Since>,
     ) {
         if let Some(error) = self.refusal(ctx, &topic) {
             return self.ack(
@@ -585,11 +590,11 @@ impl Session {
                 }
                 (origin, Outcome::Confirmed(topic, seq, outcome))
             }
-            Some((origin, (topic, seq, since, read))) = next_done(&mut self.recovering) => {
+            Some((origin, (topic, seq, reads, all))) = next_done(&mut self.recovering) => {
                 if self.recovering.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     self.recovering = None;
                 }
-                (origin, Outcome::Recovered(topic, seq, since, read))
+                (origin, Outcome::Recovered(topic, seq, reads, all))
             }
             Some((origin, (topic, seq, outcome))) = next_done(&mut self.authorising) => {
                 if self.authorising.as_ref().is_some_and(FuturesUnordered::is_empty) {
@@ -635,8 +640,8 @@ impl Session {
             }
             Outcome::Confirmed(topic, seq, o) => self.confirmed(ctx, conv, topic, seq, o),
             Outcome::Authorised(topic, seq, o) => self.authorised(ctx, conv, topic, seq, o),
-            Outcome::Recovered(topic, seq, since, read) => {
-                self.recovered(conv, topic, seq, since, read)
+            Outcome::Recovered(topic, seq, reads, all) => {
+                self.recovered(conv, topic, seq, reads, all)
             }
             Outcome::Published(channel, id, outcome) => {
                 let error = outcome.as_ref().err();
@@ -752,7 +757,7 @@ impl Session {
         topic: Topic,
         id: Option<String>,
         seq: u64,
-        since: Option<Position>,
+        since: Option<Since>,
     ) {
         let joined = match ctx.hub.subscribe(&self.member, topic.clone()) {
             Ok(joined) => joined,
@@ -792,36 +797,40 @@ impl Session {
                 };
                 let id = held.id.clone();
                 let since = held.since.clone();
-                let history = match &topic {
-                    Topic::Channel(c) => ctx.hub.history_rule(c).is_some(),
-                    Topic::Pattern(_) => false,
-                };
-                if let (Some(since), true, Topic::Channel(channel)) = (&since, history, &topic) {
-                    // Reply once the read is in: see `Session::recovered`.
+                let (with, without): (Vec<_>, Vec<_>) = since
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .partition(|(c, _)| ctx.hub.history_rule(c).is_some());
+                if !with.is_empty() {
+                    // Reply once the reads are in: see `Session::recovered`.
                     sub.recover();
                     sub.start();
                     if let Some(held) = self.held.get_mut(&topic) {
                         held.stage = Stage::Active(sub);
                         held.recovering = true;
                     }
-                    let hub = ctx.hub.clone();
-                    let query = Query::After {
-                        offset: since.offset,
-                        epoch: since.epoch.clone(),
-                        limit: history::RECOVERY_LIMIT,
-                    };
-                    let channel = channel.clone();
-                    let read = async move { hub.read_history(channel, query).await };
+                    let reads = with.into_iter().map(|(channel, since)| {
+                        let hub = ctx.hub.clone();
+                        let query = Query::After {
+                            offset: since.offset,
+                            epoch: since.epoch.clone(),
+                            limit: history::RECOVERY_LIMIT,
+                        };
+                        async move {
+                            let read = hub.read_history(channel.clone(), query).await;
+                            (channel, since, read)
+                        }
+                    });
+                    let reads = futures_util::future::join_all(reads);
                     let timeout = ctx.subscribe_timeout;
                     let origin = self.started();
-                    let since = since.clone();
+                    let all = without.is_empty();
                     self.recovering
                         .get_or_insert_with(FuturesUnordered::new)
                         .push(Box::pin(async move {
-                            let read = tokio::time::timeout(timeout, read)
-                                .await
-                                .unwrap_or(Err(BrokerError::Unavailable));
-                            (origin, (topic, seq, since, read))
+                            let reads = tokio::time::timeout(timeout, reads).await.ok();
+                            (origin, (topic, seq, reads, all))
                         }));
                     return;
                 }
@@ -864,43 +873,57 @@ impl Session {
         }
     }
 
-    /// A recovering subscribe's read ended: under the subscription's hold,
-    /// the reply (`recovered` true or false), then the recovered messages,
-    /// then the live ones held meanwhile that the read did not return; the
-    /// rest arrive as usual, minus those at or below the recovered position.
+    /// A recovering subscribe's reads ended: under the subscription's hold,
+    /// the reply (`recovered` true or false), then each channel's recovered
+    /// messages, then the live ones held meanwhile that the reads did not
+    /// return; the rest arrive as usual, minus those at or below a recovered
+    /// position.
     fn recovered(
         &mut self,
         conv: &mut dyn Conversation,
         topic: Topic,
         seq: u64,
-        since: Position,
-        read: Result<Read, BrokerError>,
+        reads: Option<Vec<ChannelRead>>,
+        all: bool,
     ) {
-        let (sub, id) = match self.held.get(&topic) {
-            Some(Held {
-                seq: s,
-                stage: Stage::Active(sub),
-                id,
-                ..
-            }) if *s == seq => (sub.clone(), id.clone()),
+        let (sub, id) = match self.held.get_mut(&topic) {
+            Some(held) if held.seq == seq => match &held.stage {
+                Stage::Active(sub) => {
+                    held.recovering = false;
+                    (sub.clone(), held.id.clone())
+                }
+                _ => return,
+            },
             _ => return, // unsubscribed meanwhile, and already answered
         };
-        if let Some(held) = self.held.get_mut(&topic) {
-            held.recovering = false;
+        let mut complete = all && reads.is_some();
+        let mut found = Vec::new();
+        for (channel, since, read) in reads.into_iter().flatten() {
+            match read {
+                Ok(read) => {
+                    complete &= history::recovered(&since, &read, history::RECOVERY_LIMIT);
+                    found.push((channel, since, read));
+                }
+                Err(e) => {
+                    warn!(cause = %e, "history read for a recovery failed");
+                    complete = false;
+                }
+            }
         }
-        if let Err(e) = &read {
-            warn!(cause = %e, "history read for a recovery failed");
-        }
-        let read = read.ok();
-        let complete = read
-            .as_ref()
-            .is_some_and(|r| history::recovered(&since, r, history::RECOVERY_LIMIT));
-        let floor = read.as_ref().filter(|_| complete).map(|r| Position {
-            offset: r.entries.last().map_or(since.offset, |e| e.offset),
-            epoch: r.epoch.clone(),
-        });
+        let floors: Vec<(Bytes, Position)> = if complete {
+            found
+                .iter()
+                .map(|(channel, since, read)| {
+                    let offset = read.entries.last().map_or(since.offset, |e| e.offset);
+                    let epoch = read.epoch.clone();
+                    (channel.clone(), Position { offset, epoch })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let render = self.member.render.clone();
-        sub.release(floor.clone(), |held| {
+        sub.release(floors.clone(), |held| {
             let complete = complete && !held.overflowed;
             self.answer(
                 conv,
@@ -912,31 +935,28 @@ impl Session {
                     recovered: Some(complete),
                 }),
             );
-            let (Topic::Channel(channel), Some(read)) =
-                (&topic, read.as_ref().filter(|_| complete))
-            else {
-                for (frame, _) in held.frames {
-                    self.reply(frame);
+            if complete {
+                for (channel, _, read) in &found {
+                    for entry in &read.entries {
+                        let msg = BrokerMessage {
+                            topic: topic.clone(),
+                            channel: channel.clone(),
+                            payload: entry.payload.clone(),
+                            position: Some(Position {
+                                offset: entry.offset,
+                                epoch: read.epoch.clone(),
+                            }),
+                        };
+                        self.reply_opt(render.delivery(&msg));
+                    }
                 }
-                return;
-            };
-            for entry in &read.entries {
-                let msg = BrokerMessage {
-                    topic: topic.clone(),
-                    channel: channel.clone(),
-                    payload: entry.payload.clone(),
-                    position: Some(Position {
-                        offset: entry.offset,
-                        epoch: read.epoch.clone(),
-                    }),
-                };
-                self.reply_opt(render.delivery(&msg));
             }
-            for (frame, position) in held.frames {
-                let duplicate = match (&floor, &position) {
-                    (Some(f), Some(p)) => p.epoch == f.epoch && p.offset <= f.offset,
-                    _ => false,
-                };
+            for (frame, channel, position) in held.frames {
+                let duplicate = position.is_some_and(|p| {
+                    floors
+                        .iter()
+                        .any(|(c, f)| *c == channel && p.epoch == f.epoch && p.offset <= f.offset)
+                });
                 if !duplicate {
                     self.reply(frame);
                 }
