@@ -581,3 +581,31 @@ async fn redis_pattern_since_recovers_each_channel() {
 async fn memory_pattern_since_recovers_each_channel() {
     pattern_since_recovers_each_channel(None).await;
 }
+
+/// An idempotent publish to a history channel is stored and published once.
+async fn idempotent_history_publish(redis: Option<&Redis>) {
+    let gw = Gateway::start(config(redis)).await;
+    let mut c = gw.client().await;
+    let epoch = first_epoch(&gw, &mut c, "news.once").await;
+    let body = json!({"channel":"news.once","payload":{"n":1},"idempotency_key":"k1"});
+    assert_eq!(
+        gw.publish(body.clone()).await,
+        (200, json!({"receivers":1}))
+    );
+    assert_eq!(gw.publish(body).await, (200, json!({"receivers":1})));
+    assert_eq!(c.recv_text().await, delivery("news.once", 1, 2, &epoch));
+    publish_range(&gw, "news.once", 2, 2).await;
+    assert_eq!(c.recv_text().await, delivery("news.once", 2, 3, &epoch));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn redis_idempotent_history_publish() {
+    let redis = Redis::start().await;
+    idempotent_history_publish(Some(&redis)).await;
+}
+
+#[tokio::test]
+async fn memory_idempotent_history_publish() {
+    idempotent_history_publish(None).await;
+}

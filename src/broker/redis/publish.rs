@@ -23,7 +23,10 @@
 //!
 //! Idempotent publishes run [`SCRIPT`] (`SET NX` + `PUBLISH` in one atomic
 //! script), loaded with `SCRIPT LOAD` on every new connection and called with
-//! `EVALSHA` (`EVAL` if the load failed or Redis lost the script).
+//! `EVALSHA` (`EVAL` if the load failed or Redis lost the script). Publishes
+//! to history channels (`WSGATE_HISTORY`) are `FCALL wsgate_publish` instead,
+//! idempotency included ([`history`]); the library is loaded with `FUNCTION
+//! LOAD REPLACE` in the same handshake. Other channels' commands are unchanged.
 
 use std::collections::VecDeque;
 use std::time::Duration;
