@@ -64,6 +64,14 @@ pub enum ConfigError {
         /// The path both mount.
         path: String,
     },
+    /// `WSGATE_HISTORY` holds an entry that cannot be used.
+    #[error("WSGATE_HISTORY={value:?} is invalid: {why}; expected glob:size:ttl entries separated by commas, e.g. news.*:100:300s")]
+    History {
+        /// The value as given.
+        value: String,
+        /// Which entry, and what is wrong with it.
+        why: String,
+    },
     /// envy could not map the variables (not expected: every field is a string).
     #[error("cannot read WSGATE_* environment: {0}")]
     Env(#[from] envy::Error),
@@ -388,6 +396,10 @@ pub struct Config {
     /// `WSGATE_TCP_SERVICES`: nodefony's TCP backends, `name=host:port`
     /// entries, reached through Bayeux's `/service/<name>`. Default: none.
     pub tcp_services: Vec<(String, String)>,
+    /// `WSGATE_HISTORY`: `glob:size:ttl` entries; channels matching a glob
+    /// keep their last `size` messages for `ttl` (`docs/history.md`).
+    /// Default: none (no channel keeps history).
+    pub history: crate::history::Rules,
     /// `WSGATE_TCP_SERVICE_CONNECT_TIMEOUT_MS`: how long opening a client's
     /// connection to a TCP backend may take. Default 2000 ms.
     pub tcp_service_connect_timeout: Duration,
@@ -483,6 +495,7 @@ impl Default for Config {
             max_call_bytes: nz(65_536),
             max_calls_in_flight: nz(64),
             tcp_services: Vec::new(),
+            history: crate::history::Rules::default(),
             tcp_service_connect_timeout: Duration::from_millis(2000),
             tcp_services_per_client: nz(4),
             tcp_services_per_node: nz(1024),
@@ -580,6 +593,7 @@ struct RawConfig {
     max_call_bytes: Option<String>,
     max_calls_in_flight: Option<String>,
     tcp_services: Option<String>,
+    history: Option<String>,
     tcp_service_connect_timeout_ms: Option<String>,
     tcp_services_per_client: Option<String>,
     tcp_services_per_node: Option<String>,
@@ -1124,6 +1138,11 @@ impl Config {
                 d.max_calls_in_flight,
                 "WSGATE_MAX_CALLS_IN_FLIGHT",
             )?,
+            history: match raw.history.filter(|v| !v.trim().is_empty()) {
+                None => crate::history::Rules::default(),
+                Some(v) => crate::history::Rules::parse(&v)
+                    .map_err(|why| ConfigError::History { value: v, why })?,
+            },
             tcp_services: match raw.tcp_services {
                 None => Vec::new(),
                 Some(v) => tcp_services(&v)?,
@@ -1622,6 +1641,11 @@ const HELP: &[Help] = &[
         "shared key a service process presents to register (Bearer or ?key=)",
     ),
     help("call_allow", "", "service:method globs every connection may call"),
+    help(
+        "history",
+        "",
+        "glob:size:ttl entries: matching channels keep their last size messages for ttl",
+    ),
     help("call_timeout_ms", "10000", "a call's deadline (callers may ask less)"),
     help(
         "service_lease_ms",
@@ -1982,12 +2006,24 @@ mod tests {
             ("WSGATE_MAX_PATTERN_WILDCARDS", "-1", "0 or more"),
             ("WSGATE_MAX_PATTERN_CLASSES", "two", "0 or more"),
             ("WSGATE_MAX_REDIS_PATTERNS", "0", "greater than 0"),
+            ("WSGATE_HISTORY", "news.*:100", "glob:size:ttl"),
+            ("WSGATE_HISTORY", "news.*:100:300", "ttl \"300\""),
+            ("WSGATE_HISTORY", "a:1:1s,news.*:0:5m", "size \"0\""),
         ] {
             let err = vars(&[(var, value)]).unwrap_err().to_string();
             assert!(err.starts_with(var), "{err}");
             assert!(err.contains(expect), "{err}");
             assert!(!err.contains('\n'), "{err}");
         }
+    }
+
+    #[test]
+    fn history_rules() {
+        assert!(vars(&[]).unwrap().history.is_empty());
+        let c = vars(&[("WSGATE_HISTORY", "news.*:100:300s,chat.*:10:1h")]).unwrap();
+        let rule = c.history.of(b"chat.room").unwrap();
+        assert_eq!((rule.size, rule.ttl), (10, Duration::from_secs(3600)));
+        assert!(c.history.of(b"other").is_none());
     }
 
     #[test]

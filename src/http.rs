@@ -13,6 +13,7 @@
 //!   before the body is read).
 //! - `POST /disconnect`, `POST /unsubscribe`: the operator API
 //!   ([`operator`]), behind the same key and body bound as `/publish`.
+//! - `GET /history`: a page of a history channel ([`history`]).
 //! - `GET /healthz` (process alive), `GET /readyz` (broker connected and
 //!   synced), `GET /metrics` (Prometheus text).
 //!
@@ -44,6 +45,7 @@ use crate::transport::websocket::{self, Mount};
 use crate::transport::{json, json_error, polling, unauthorised};
 
 mod dialects;
+mod history;
 mod operator;
 
 /// All routes, for one connection (`conn`: its peer and pending place).
@@ -72,6 +74,7 @@ pub fn routes(
     let bayeux = bayeux_routes(app.clone(), conn.clone());
     let realizehit = realizehit_routes(app.clone(), conn);
     let operator = operator::routes(app.clone());
+    let history = history::route(app.clone());
     let publish = warp::path("publish").and(warp::path::end()).and(
         warp::post()
             .and(authorised_body(app.clone()))
@@ -127,7 +130,7 @@ pub fn routes(
                 .unify()
                 .or(publish)
                 .unify()
-                .or(operator)
+                .or(operator.or(history).unify().boxed())
                 .unify()
                 .or(healthz)
                 .unify()

@@ -35,6 +35,7 @@
 //!   message, client messages inflated under the WebSocket library.
 //! - [`protocol`]: the dialect contract (`Conversation`, `Render`, requests and
 //!   answers), the native JSON dialect and Bayeux.
+//! - [`history`]: `WSGATE_HISTORY` rules, offsets and epochs, the Redis envelope.
 //! - [`hub`]: per-node registry, refcounts, reconciler and fan-out.
 //! - [`rpc`]: services: the directory of instances (Redis with leases, or
 //!   memory), calls routed across nodes over node channels, the events.
@@ -50,8 +51,9 @@
 //!
 //! # What it does not do
 //!
-//! It stores no messages: Redis pub/sub is at-most-once, and so is wsgate
-//! (no history, no replay; calls too are at most once, `docs/services.md`).
+//! It stores no messages except for channels configured for history
+//! (`WSGATE_HISTORY`, `docs/history.md`): Redis pub/sub is at-most-once, and
+//! so is wsgate elsewhere (calls too are at most once, `docs/services.md`).
 //! It does not speak Redis Cluster's sharded pub/sub, TLS to Redis, or
 //! HTTP/2 WebSockets, and does not terminate TLS itself (put it behind a TLS
 //! proxy). Every dialect (native, Bayeux for Faye, CometD and nodefony,
@@ -72,6 +74,7 @@ pub mod deflate;
 pub mod fdlimit;
 pub mod forwarded;
 pub mod handoff;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod jsonrpc;

@@ -93,6 +93,7 @@ pub async fn run(
                 idempotency_ttl: config.idempotency_ttl,
                 max_redis_patterns: config.max_redis_patterns.get(),
                 pubsub_connections: config.pubsub_connections(),
+                history: config.history.clone(),
             };
             Arc::new(RedisBroker::start(
                 url,
@@ -101,11 +102,10 @@ pub async fn run(
                 options,
             )?)
         }
-        None => Arc::new(MemoryBroker::new(
-            events_tx,
-            metrics.clone(),
-            config.idempotency_ttl,
-        )),
+        None => Arc::new(
+            MemoryBroker::new(events_tx, metrics.clone(), config.idempotency_ttl)
+                .with_history(config.history.clone()),
+        ),
     };
     info!(addr = %listener.local_addr()?, broker = broker.name(), "listening");
     info!("{}", protections(&config));

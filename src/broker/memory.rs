@@ -9,6 +9,11 @@
 //! Idempotency keys live in a map bounded in time (the TTL) and in entries
 //! ([`MAX_IDEMPOTENCY_KEYS`], oldest evicted first), the in-process
 //! counterpart of the keys the Redis broker keeps in Redis.
+//!
+//! History channels (`WSGATE_HISTORY`) keep their messages here as the Redis
+//! broker keeps them in Streams ([`Histories`]): the same dense offsets, an
+//! epoch per history (new when it expired), the same envelope on the
+//! message the hub receives, and the same reads.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -21,6 +26,7 @@ use super::{
     Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, EventSink, Publication,
     PublishError, Topic,
 };
+use crate::history::{self, Entry, Position, Query, Read, Rules};
 use crate::metrics::Metrics;
 use crate::pattern;
 
@@ -46,6 +52,88 @@ pub struct MemoryBroker {
     /// remember) so two publishes with the same key cannot both go out; never
     /// across an await.
     idempotency: Mutex<Idempotency>,
+    /// `WSGATE_HISTORY`.
+    rules: Rules,
+    /// History channels' messages. Locked while a history publish is
+    /// appended *and* handed to the hub, so offsets reach the hub in order;
+    /// never across an await.
+    histories: Mutex<Histories>,
+}
+
+/// Most history channels kept at once: when full, expired ones go first,
+/// then the one closest to expiry (its epoch is lost, as a TTL would).
+pub const MAX_HISTORY_CHANNELS: usize = 65_536;
+
+/// Every history channel's stored messages.
+#[derive(Default)]
+struct Histories {
+    channels: HashMap<Bytes, Stored>,
+}
+
+/// One channel's history: the in-memory counterpart of its Stream and meta key.
+struct Stored {
+    epoch: Bytes,
+    top: u64,
+    entries: VecDeque<Entry>,
+    expires: Instant,
+}
+
+impl Histories {
+    /// `channel`'s live history, created (new epoch, empty) if it has none
+    /// or it expired.
+    fn live(&mut self, channel: &Bytes, ttl: Duration, now: Instant) -> &mut Stored {
+        let stale = self.channels.get(channel).is_none_or(|s| s.expires <= now);
+        if stale {
+            if !self.channels.contains_key(channel) && self.channels.len() >= MAX_HISTORY_CHANNELS {
+                self.channels.retain(|_, s| s.expires > now);
+                if self.channels.len() >= MAX_HISTORY_CHANNELS {
+                    let first = self
+                        .channels
+                        .iter()
+                        .min_by_key(|(_, s)| s.expires)
+                        .map(|(c, _)| c.clone());
+                    if let Some(first) = first {
+                        self.channels.remove(&first);
+                    }
+                }
+            }
+            let old = self.channels.get(channel).map(|s| s.epoch.clone());
+            self.channels.insert(
+                channel.clone(),
+                Stored {
+                    epoch: new_epoch(old.as_ref()),
+                    top: 0,
+                    entries: VecDeque::new(),
+                    expires: now + ttl,
+                },
+            );
+        }
+        match self.channels.get_mut(channel) {
+            Some(stored) => stored,
+            None => unreachable!("inserted above"),
+        }
+    }
+}
+
+/// A random epoch: std's per-process random hasher keys, over a counter and
+/// the clock (no RNG crate for one value per history), never `old`.
+fn new_epoch(old: Option<&Bytes>) -> Bytes {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        let epoch = Bytes::from(format!("{:016x}", h.finish()));
+        if old != Some(&epoch) {
+            return epoch;
+        }
+    }
 }
 
 /// Idempotency keys (per channel) seen within the TTL, with the receiver
@@ -117,7 +205,45 @@ impl MemoryBroker {
             numpat: metrics.redis_numpat.clone(),
             events: Mutex::new(events),
             idempotency: Mutex::new(Idempotency::new(idempotency_ttl, MAX_IDEMPOTENCY_KEYS)),
+            rules: Rules::default(),
+            histories: Mutex::new(Histories::default()),
         }
+    }
+
+    /// Keeps history for the channels `rules` (`WSGATE_HISTORY`) name.
+    pub fn with_history(mut self, rules: Rules) -> MemoryBroker {
+        self.rules = rules;
+        self
+    }
+
+    /// Publishes one message: on a history channel, appended to its history
+    /// and delivered in an envelope, both under the history lock.
+    fn publish_one(&self, channel: Bytes, payload: Bytes) -> u64 {
+        let Some(rule) = (!self.rules.is_empty())
+            .then(|| self.rules.of(&channel))
+            .flatten()
+        else {
+            return self.deliver(channel, payload);
+        };
+        let now = Instant::now();
+        let mut histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
+        let stored = histories.live(&channel, rule.ttl, now);
+        stored.top += 1;
+        stored.expires = now + rule.ttl;
+        stored.entries.push_back(Entry {
+            offset: stored.top,
+            payload: payload.clone(),
+        });
+        while stored.entries.len() as u64 > rule.size {
+            stored.entries.pop_front();
+        }
+        let position = Position {
+            offset: stored.top,
+            epoch: stored.epoch.clone(),
+        };
+        let receivers = self.deliver(channel, history::envelope(&position, &payload));
+        drop(histories);
+        receivers
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
@@ -136,6 +262,7 @@ impl MemoryBroker {
                 topic,
                 channel: channel.clone(),
                 payload: payload.clone(),
+                position: None,
             };
             // Only fails when the hub is gone (shutting down): nobody to deliver to.
             let _ = events.message(msg);
@@ -193,19 +320,71 @@ impl Broker for MemoryBroker {
             .into_iter()
             .map(|m| {
                 let Some(key) = m.idempotency_key else {
-                    return Ok(self.deliver(m.channel, m.payload));
+                    return Ok(self.publish_one(m.channel, m.payload));
                 };
                 let key = (m.channel, key);
                 if let Some(first) = idempotency.get(&key, now) {
                     return Ok(first);
                 }
-                let receivers = self.deliver(key.0.clone(), m.payload);
+                let receivers = self.publish_one(key.0.clone(), m.payload);
                 idempotency.insert(key, receivers, now);
                 Ok(receivers)
             })
             .collect();
         drop(idempotency);
         future::ready(results).boxed()
+    }
+
+    fn history(&self) -> &Rules {
+        &self.rules
+    }
+
+    fn read_history(
+        &self,
+        channel: Bytes,
+        query: Query,
+    ) -> BoxFuture<'static, Result<Read, BrokerError>> {
+        let Some(rule) = self.rules.of(&channel) else {
+            return future::ready(Err(BrokerError::Refused(
+                "no history for this channel".to_owned(),
+            )))
+            .boxed();
+        };
+        let mut histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
+        let stored = histories.live(&channel, rule.ttl, Instant::now());
+        let entries = match &query {
+            Query::Latest { limit } => {
+                let skip = stored.entries.len().saturating_sub(*limit);
+                stored.entries.iter().skip(skip).cloned().collect()
+            }
+            Query::After {
+                offset,
+                epoch,
+                limit,
+            } => {
+                if *epoch == stored.epoch && *offset > stored.top {
+                    // The client saw more than we hold: history was reset.
+                    stored.epoch = new_epoch(Some(&stored.epoch));
+                }
+                if *epoch != stored.epoch {
+                    Vec::new()
+                } else {
+                    stored
+                        .entries
+                        .iter()
+                        .filter(|e| e.offset > *offset)
+                        .take(*limit)
+                        .cloned()
+                        .collect()
+                }
+            }
+        };
+        let read = Read {
+            epoch: stored.epoch.clone(),
+            top: stored.top,
+            entries,
+        };
+        future::ready(Ok(read)).boxed()
     }
 
     fn name(&self) -> &'static str {

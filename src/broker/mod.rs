@@ -22,6 +22,7 @@ use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use tokio::sync::mpsc;
 
+use crate::history::{Position, Query, Read, Rules};
 use crate::metrics::Metrics;
 
 pub mod memory;
@@ -67,8 +68,11 @@ pub struct BrokerMessage {
     pub topic: Topic,
     /// The channel the message was published to.
     pub channel: Bytes,
-    /// The payload, untouched.
+    /// The payload, untouched (for a history channel: what the envelope held).
     pub payload: Bytes,
+    /// Its place in the channel's history: set by the hub for a history
+    /// channel's enveloped message ([`crate::history`]), `None` otherwise.
+    pub position: Option<Position>,
 }
 
 /// One message Redis delivered through a pattern that stands for several
@@ -431,6 +435,18 @@ pub trait Broker: Send + Sync + 'static {
         &self,
         messages: Vec<Publication>,
     ) -> BoxFuture<'static, Vec<Result<u64, PublishError>>>;
+
+    /// The `WSGATE_HISTORY` rules the broker keeps history for: the hub opens
+    /// envelopes on these channels only.
+    fn history(&self) -> &Rules;
+
+    /// Reads `channel`'s history (a history channel: [`Broker::history`]
+    /// has a rule for it), as `query` says.
+    fn read_history(
+        &self,
+        channel: Bytes,
+        query: Query,
+    ) -> BoxFuture<'static, Result<Read, BrokerError>>;
 
     /// A short name for logs and metrics: `redis` or `memory`.
     fn name(&self) -> &'static str;

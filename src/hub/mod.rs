@@ -32,12 +32,16 @@ use crate::broker::{
     Applied, Broker, BrokerError, BrokerEvent, BrokerMessage, Changes, CoveredMessage, Topic,
     MAX_BATCH,
 };
+use crate::history::{self, Position, Query, Read, Rule};
 use crate::metrics::Metrics;
 use crate::outbox::{Out, Outbox, Pushed};
 use crate::pattern_cost::Refusal;
 use crate::protocol::{Frame, Notice, NoticeKind, Render};
 use publishes::Publishes;
-pub use registry::{Confirmation, Joined, LinkState, Member, Removed, Sub, NOT_LIVE};
+pub use registry::{
+    Admit, Confirmation, HeldDeliveries, Joined, LinkState, Member, Removed, Sub, MAX_HELD_BYTES,
+    NOT_LIVE,
+};
 use registry::{Members, Registry, Step};
 
 /// Pause after a failed broker apply before trying again, so that a broker
@@ -297,6 +301,20 @@ impl Hub {
         self.shared.broker.publish_batch(messages).await
     }
 
+    /// The `WSGATE_HISTORY` rule of `channel`, if it keeps history.
+    pub fn history_rule(&self, channel: &[u8]) -> Option<Rule> {
+        self.shared.broker.history().of(channel).cloned()
+    }
+
+    /// Reads `channel`'s history through the broker.
+    pub async fn read_history(
+        &self,
+        channel: bytes::Bytes,
+        query: Query,
+    ) -> Result<Read, BrokerError> {
+        self.shared.broker.read_history(channel, query).await
+    }
+
     /// Broker connected and every wanted topic confirmed since: `/readyz`.
     pub fn is_ready(&self) -> bool {
         self.shared.lock().is_ready()
@@ -522,6 +540,11 @@ impl Shared {
                 too_large = true;
                 continue;
             }
+            if sub.recovering()
+                && sub.admit(&frame, &msg.channel, msg.position.as_ref(), seq) == Admit::Taken
+            {
+                continue;
+            }
             let once = sub.once.then_some(publish);
             match sub
                 .member
@@ -548,6 +571,20 @@ impl Shared {
             self.notify_topic(&msg.topic, &over, NoticeKind::Interrupted, Some(TOO_LARGE));
             self.notify_topic(&msg.topic, &over, NoticeKind::Resumed, None);
         }
+    }
+}
+
+impl Shared {
+    /// The position and payload of a history channel's enveloped message;
+    /// `None` for anything else (delivered as it came). An envelope on a
+    /// channel without history is not opened: it is some other
+    /// publisher's bytes (`docs/history.md`, "What a plain publisher can do").
+    fn open(&self, channel: &[u8], payload: &bytes::Bytes) -> Option<(Position, bytes::Bytes)> {
+        if !payload.starts_with(history::MAGIC) {
+            return None;
+        }
+        self.broker.history().of(channel)?;
+        history::open(payload)
     }
 }
 
@@ -603,6 +640,7 @@ impl Shared {
     fn deliver_covered(
         &self,
         msg: &CoveredMessage,
+        position: Option<&Position>,
         seq: u64,
         publish: u64,
         touched: &mut Vec<Arc<Member>>,
@@ -613,6 +651,7 @@ impl Shared {
                     topic: Topic::Pattern(pattern.clone()),
                     channel: msg.channel.clone(),
                     payload: msg.payload.clone(),
+                    position: position.cloned(),
                 };
                 self.deliver(&one, seq, publish, touched);
             }
@@ -826,17 +865,27 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
         }
         for event in batch.drain(..) {
             match event {
-                BrokerEvent::Message(msg) => {
+                BrokerEvent::Message(mut msg) => {
                     let pattern = match &msg.topic {
                         Topic::Pattern(p) => Some(p),
                         Topic::Channel(_) => None,
                     };
                     let publish = publishes.number(pattern, &msg.channel, &msg.payload);
+                    if let Some((position, payload)) = shared.open(&msg.channel, &msg.payload) {
+                        msg.position = Some(position);
+                        msg.payload = payload;
+                    }
                     shared.deliver(&msg, shared.next_seq(), publish, &mut touched);
                 }
-                BrokerEvent::Covered(msg) => {
+                BrokerEvent::Covered(mut msg) => {
                     let publish = publishes.number(Some(&msg.via), &msg.channel, &msg.payload);
-                    shared.deliver_covered(&msg, shared.next_seq(), publish, &mut touched);
+                    let mut position = None;
+                    if let Some((at, payload)) = shared.open(&msg.channel, &msg.payload) {
+                        position = Some(at);
+                        msg.payload = payload;
+                    }
+                    let seq = shared.next_seq();
+                    shared.deliver_covered(&msg, position.as_ref(), seq, publish, &mut touched);
                 }
                 BrokerEvent::Gap(topics) => shared.gap(topics, "messages dropped: node overloaded"),
                 state => shared.link_event(state),

@@ -25,15 +25,17 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::broker::{Applied, BrokerError, Changes, Topic};
+use crate::history::Position;
 use crate::outbox::Outbox;
 use crate::pattern_cost::{self, Refusal};
-use crate::protocol::Render;
+use crate::protocol::{Frame, Render};
 
 /// One session as the hub sees it: where to put frames, and how to render them.
 pub struct Member {
@@ -67,6 +69,53 @@ pub struct Sub {
     pos: AtomicUsize,
     /// The broker's count of queued messages, read when starting.
     queued: Arc<AtomicU64>,
+    /// Set once, before [`Sub::start`], by a subscribe that recovers
+    /// history (`since`): see [`Recovery`]. Boxed: every subscription pays
+    /// for the empty cell, only recovering ones for the state.
+    recovery: OnceLock<Box<Recovery>>,
+}
+
+/// Most bytes of live deliveries a recovering subscription holds while its
+/// history read is in flight; beyond, it drops them and the recovery is
+/// reported `recovered:false` (the client refetches).
+pub const MAX_HELD_BYTES: usize = 4 << 20;
+
+/// A subscription that recovers history: from [`Sub::start`] until the
+/// session's history read is answered, live deliveries are *held* here
+/// (the read and the live stream overlap); [`Sub::release`] then queues,
+/// under this lock, the recovered messages and the held ones not already
+/// among them, so no delivery overtakes them. Afterwards a delivery at or
+/// below the recovered position (same epoch) is skipped: a message the read
+/// returned may still arrive live, later, from Redis.
+pub struct Recovery {
+    state: Mutex<RecoveryState>,
+}
+
+struct RecoveryState {
+    /// `Some` while holding.
+    held: Option<HeldDeliveries>,
+    /// After release, per recovered channel: deliveries at or below it
+    /// are duplicates.
+    floors: Vec<(Bytes, Position)>,
+}
+
+/// Live deliveries held during a recovery read.
+#[derive(Default)]
+pub struct HeldDeliveries {
+    /// The frames in delivery order, with their channels and positions.
+    pub frames: Vec<(Frame, Bytes, Option<Position>)>,
+    bytes: usize,
+    /// More than [`MAX_HELD_BYTES`] arrived: `frames` is incomplete (emptied).
+    pub overflowed: bool,
+}
+
+/// What the dispatcher does with one delivery to a recovering subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Queue it as usual.
+    Push,
+    /// Held (or dropped as a duplicate): nothing more to do.
+    Taken,
 }
 
 /// `Sub::since` of a subscription that receives nothing.
@@ -84,7 +133,80 @@ impl Sub {
             since: AtomicU64::new(NOT_LIVE),
             pos: AtomicUsize::new(usize::MAX),
             queued,
+            recovery: OnceLock::new(),
         })
+    }
+
+    /// Holds live deliveries from [`Sub::start`] on until [`Sub::release`]
+    /// (call before starting).
+    pub fn recover(&self) {
+        let _ = self.recovery.set(Box::new(Recovery {
+            state: Mutex::new(RecoveryState {
+                held: Some(HeldDeliveries::default()),
+                floors: Vec::new(),
+            }),
+        }));
+    }
+
+    /// True for a subscription that recovered (or is recovering) history:
+    /// its deliveries go through [`Sub::admit`].
+    pub fn recovering(&self) -> bool {
+        self.recovery.get().is_some()
+    }
+
+    /// Decides one delivery (`seq`, at `position`) of a recovering
+    /// subscription: held while the read is in flight, skipped when at or
+    /// below the recovered position, else pushed as usual.
+    pub fn admit(
+        &self,
+        frame: &Frame,
+        channel: &Bytes,
+        position: Option<&Position>,
+        seq: u64,
+    ) -> Admit {
+        let Some(recovery) = self.recovery.get() else {
+            return Admit::Push;
+        };
+        let mut state = recovery.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = &mut state.held {
+            if seq <= self.since.load(Ordering::Acquire) || held.overflowed {
+                return Admit::Taken;
+            }
+            held.bytes += frame.len();
+            if held.bytes > MAX_HELD_BYTES {
+                held.overflowed = true;
+                held.frames = Vec::new();
+            } else {
+                held.frames
+                    .push((frame.clone(), channel.clone(), position.cloned()));
+            }
+            return Admit::Taken;
+        }
+        let Some(p) = position else {
+            return Admit::Push;
+        };
+        let duplicate = state
+            .floors
+            .iter()
+            .any(|(c, f)| c == channel && p.epoch == f.epoch && p.offset <= f.offset);
+        if duplicate {
+            Admit::Taken
+        } else {
+            Admit::Push
+        }
+    }
+
+    /// Ends the hold: `queue` gets what was held and queues it, with the
+    /// recovered messages before it, while deliveries wait; from then on
+    /// deliveries at or below a channel's floor are skipped.
+    pub fn release(&self, floors: Vec<(Bytes, Position)>, queue: impl FnOnce(HeldDeliveries)) {
+        let Some(recovery) = self.recovery.get() else {
+            return;
+        };
+        let mut state = recovery.state.lock().unwrap_or_else(|p| p.into_inner());
+        let held = state.held.take().unwrap_or_default();
+        queue(held);
+        state.floors = floors;
     }
 
     /// Deliveries may flow, for messages the node receives from now on (call
@@ -894,6 +1016,85 @@ mod tests {
             outbox: Arc::new(Outbox::new(1 << 20)),
             render: Arc::new(Native),
         })
+    }
+
+    /// A recovering subscription holds deliveries until released, then
+    /// skips those at or below the recovered position of the same epoch.
+    #[test]
+    fn recovery_holds_then_skips_duplicates() {
+        let queued = Arc::new(AtomicU64::new(0));
+        let sub = Sub::new(member(1), queued.clone());
+        let at = |offset, epoch: &'static [u8]| Position {
+            offset,
+            epoch: Bytes::from_static(epoch),
+        };
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        let frame = |t: &str| Frame::text(t.to_owned());
+        assert!(!sub.recovering());
+        sub.recover();
+        queued.store(10, Ordering::Release);
+        sub.start();
+        assert!(sub.recovering());
+        // Before the start (seq 10): not for this subscription.
+        assert_eq!(
+            sub.admit(&frame("old"), &a, Some(&at(4, b"e")), 10),
+            Admit::Taken
+        );
+        assert_eq!(
+            sub.admit(&frame("5"), &a, Some(&at(5, b"e")), 11),
+            Admit::Taken
+        );
+        assert_eq!(
+            sub.admit(&frame("6"), &a, Some(&at(6, b"e")), 12),
+            Admit::Taken
+        );
+        assert_eq!(sub.admit(&frame("plain"), &a, None, 13), Admit::Taken);
+        let mut released = Vec::new();
+        sub.release(vec![(a.clone(), at(5, b"e"))], |held| {
+            assert!(!held.overflowed);
+            released = held.frames;
+        });
+        let offsets: Vec<_> = released
+            .iter()
+            .map(|(_, _, p)| p.as_ref().map(|p| p.offset))
+            .collect();
+        assert_eq!(offsets, [Some(5), Some(6), None]);
+        // After the release: at or below the channel's floor is a duplicate;
+        // another epoch, another channel, or no position, is not.
+        assert_eq!(
+            sub.admit(&frame("5"), &a, Some(&at(5, b"e")), 14),
+            Admit::Taken
+        );
+        assert_eq!(
+            sub.admit(&frame("7"), &a, Some(&at(7, b"e")), 15),
+            Admit::Push
+        );
+        assert_eq!(
+            sub.admit(&frame("1"), &a, Some(&at(1, b"f")), 16),
+            Admit::Push
+        );
+        assert_eq!(
+            sub.admit(&frame("b"), &b, Some(&at(1, b"e")), 17),
+            Admit::Push
+        );
+        assert_eq!(sub.admit(&frame("p"), &a, None, 18), Admit::Push);
+    }
+
+    /// Holding is bounded: past `MAX_HELD_BYTES` everything held is dropped
+    /// and the release says so.
+    #[test]
+    fn recovery_hold_is_bounded() {
+        let sub = Sub::new(member(1), Arc::default());
+        sub.recover();
+        sub.start();
+        let c = Bytes::from_static(b"c");
+        let big = Frame::text("x".repeat(MAX_HELD_BYTES / 2 + 1));
+        assert_eq!(sub.admit(&big, &c, None, 1), Admit::Taken);
+        assert_eq!(sub.admit(&big, &c, None, 2), Admit::Taken);
+        sub.release(Vec::new(), |held| {
+            assert!(held.overflowed);
+            assert!(held.frames.is_empty());
+        });
     }
 
     fn held_channel(r: &mut Registry, t: &Topic) {

@@ -101,6 +101,9 @@ pub enum Request {
         /// Extra fields for the authorisation callback: Bayeux's `ext`, as
         /// the JSON text the client sent (an object).
         ext: Option<String>,
+        /// The last position the client has of a history channel: deliver
+        /// what came after it first (`docs/history.md`).
+        since: Option<crate::history::Since>,
     },
     /// Stop receiving messages for a channel or pattern.
     Unsubscribe {
@@ -240,6 +243,9 @@ pub struct Ack<'a> {
     pub id: Option<&'a str>,
     /// `None` when done; the reason when refused.
     pub error: Option<&'a Refusal>,
+    /// For a subscribe that asked to recover (`since`): whether every
+    /// message after the position was delivered (see `docs/history.md`).
+    pub recovered: Option<bool>,
 }
 
 /// Why the session refused a request: a closed set, so each dialect can

@@ -55,6 +55,8 @@ struct AckFrame<'a> {
     status: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
 }
 
 /// The reply to `publish`: the subscribe reply's shape (`status`, `error`),
@@ -203,11 +205,16 @@ impl Native {
             Some(_) => return Err(reject(id, "\"action\" must be a string")),
         };
         match action {
-            "subscribe" => topic(&obj, id.as_deref()).map(|topic| Request::Subscribe {
-                topic,
-                id,
-                ext: None,
-            }),
+            "subscribe" => {
+                let topic = topic(&obj, id.as_deref())?;
+                let since = since(&obj, &topic, id.as_deref())?;
+                Ok(Request::Subscribe {
+                    topic,
+                    id,
+                    ext: None,
+                    since,
+                })
+            }
             "unsubscribe" => {
                 topic(&obj, id.as_deref()).map(|topic| Request::Unsubscribe { topic, id })
             }
@@ -248,6 +255,7 @@ impl Native {
             id: ack.id,
             status: ack.error.is_none(),
             error: ack.error.map(Refusal::message),
+            recovered: ack.recovered,
         })
     }
 
@@ -381,6 +389,12 @@ impl Native {
         push_json_str(out, &msg.channel);
         out.push_str(",\"payload\":");
         push_payload(out, &msg.payload);
+        if let Some(position) = &msg.position {
+            out.push_str(",\"offset\":");
+            out.push_str(&position.offset.to_string());
+            out.push_str(",\"epoch\":");
+            push_json_str(out, &position.epoch);
+        }
         out.push('}');
     }
 }
@@ -481,6 +495,61 @@ fn topic(obj: &serde_json::Map<String, Value>, id: Option<&str>) -> Result<Topic
     }
 }
 
+/// The optional `since` of a subscribe: `{"offset":<n>,"epoch":"<e>"}` for
+/// a channel; for a pattern, a map of channels it matches to such objects
+/// (at most [`crate::history::MAX_SINCE_CHANNELS`]).
+fn since(
+    obj: &serde_json::Map<String, Value>,
+    topic: &Topic,
+    id: Option<&str>,
+) -> Result<Option<crate::history::Since>, Rejection> {
+    const SHAPE: &str =
+        "\"since\" must be {\"offset\":<whole number>,\"epoch\":<string>} as a delivery gave them";
+    const MAP: &str = "\"since\" of a pattern must map channels the pattern matches (at most 64) to {\"offset\":<whole number>,\"epoch\":<string>}";
+    let bad = |why: &str| reject(id.map(str::to_owned), why);
+    let since = match obj.get("since") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(since)) => since,
+        Some(_) => return Err(bad(SHAPE)),
+    };
+    let position = |v: &serde_json::Map<String, Value>| match (v.get("offset"), v.get("epoch")) {
+        (Some(Value::Number(n)), Some(Value::String(e)))
+            if !e.is_empty() && e.len() <= crate::history::MAX_EPOCH_BYTES =>
+        {
+            n.as_u64().map(|offset| crate::history::Position {
+                offset,
+                epoch: Bytes::copy_from_slice(e.as_bytes()),
+            })
+        }
+        _ => None,
+    };
+    match topic {
+        Topic::Channel(channel) => match position(since) {
+            Some(p) => Ok(Some(vec![(channel.clone(), p)])),
+            None => Err(bad(SHAPE)),
+        },
+        Topic::Pattern(pattern) => {
+            if since.len() > crate::history::MAX_SINCE_CHANNELS {
+                return Err(bad(MAP));
+            }
+            let mut out = Vec::with_capacity(since.len());
+            for (channel, v) in since {
+                let p = match v {
+                    Value::Object(v) => position(v),
+                    _ => None,
+                };
+                match p {
+                    Some(p) if crate::pattern::matches(pattern, channel.as_bytes()) => {
+                        out.push((Bytes::copy_from_slice(channel.as_bytes()), p))
+                    }
+                    _ => return Err(bad(MAP)),
+                }
+            }
+            Ok(Some(out))
+        }
+    }
+}
+
 /// Serialises a reply. Our reply structs hold only strings and bools, for
 /// which serde_json cannot fail; the fallback keeps this total anyway.
 fn json_frame<T: Serialize>(value: &T) -> Frame {
@@ -490,7 +559,7 @@ fn json_frame<T: Serialize>(value: &T) -> Frame {
 }
 
 /// Appends `bytes` as a JSON string (invalid UTF-8 replaced, see docs).
-fn push_json_str(out: &mut String, bytes: &[u8]) {
+pub(crate) fn push_json_str(out: &mut String, bytes: &[u8]) {
     let s = String::from_utf8_lossy(bytes);
     // Serialising a &str into a String cannot fail.
     if let Ok(quoted) = serde_json::to_string(&*s) {
@@ -499,7 +568,7 @@ fn push_json_str(out: &mut String, bytes: &[u8]) {
 }
 
 /// Appends the payload: raw JSON if it is JSON, a string if UTF-8, else base64.
-fn push_payload(out: &mut String, payload: &[u8]) {
+pub(crate) fn push_payload(out: &mut String, payload: &[u8]) {
     match std::str::from_utf8(payload) {
         Ok(text) if is_strict_json(text, MAX_PAYLOAD_DEPTH) => out.push_str(text),
         Ok(text) => {
@@ -624,6 +693,7 @@ mod tests {
             topic,
             channel: Bytes::from_static(channel),
             payload: Bytes::from_static(payload),
+            position: None,
         }
     }
 
@@ -635,6 +705,7 @@ mod tests {
                 topic: Topic::Pattern(Bytes::from_static(b"news.*")),
                 id: Some("c1".into()),
                 ext: None,
+                since: None,
             })
         );
         assert_eq!(
@@ -824,6 +895,7 @@ mod tests {
             topic: &t,
             id: Some("c1"),
             error: None,
+            recovered: None,
         };
         assert_eq!(
             text(Native.ack(&ack)),
@@ -835,6 +907,7 @@ mod tests {
             topic: &c,
             id: None,
             error: Some(&Refusal::NotSubscribed),
+            recovered: None,
         };
         assert_eq!(
             text(Native.ack(&ack)),
@@ -857,6 +930,7 @@ mod tests {
             let m = msg(Topic::Channel(Bytes::from_static(b"c")), b"c", b"");
             let m = BrokerMessage {
                 payload: Bytes::from(payload.clone()),
+                position: None,
                 ..m
             };
             let frame = text(Native.delivery(&m));

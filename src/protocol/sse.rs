@@ -87,6 +87,7 @@ impl Conversation for SseConversation {
                 topic,
                 id: None,
                 ext: None,
+                since: None,
             })
         }));
     }
@@ -182,6 +183,7 @@ mod tests {
             topic: Topic::Channel(Bytes::from_static(b"news")),
             channel: Bytes::from_static(b"news"),
             payload: Bytes::from_static(payload),
+            position: None,
         }
     }
 

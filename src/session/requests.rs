@@ -28,7 +28,8 @@ use super::users::Registration;
 use super::{SessionContext, AUTHZ_UNAVAILABLE, BROKER_UNAVAILABLE, NOT_ALLOWED};
 use crate::auth::Identity;
 use crate::authz::{AuthzError, Decision, Question};
-use crate::broker::{BrokerError, Publication, PublishError, Topic};
+use crate::broker::{BrokerError, BrokerMessage, Publication, PublishError, Topic};
+use crate::history::{self, Position, Query, Read, Since};
 use crate::hub::{Joined, Member, Removed, Sub};
 use crate::metrics::Metrics;
 use crate::outbox::{Item, State};
@@ -61,6 +62,9 @@ pub enum Outcome {
     Confirmed(Topic, u64, Result<(), BrokerError>),
     /// The authorisation callback answered.
     Authorised(Topic, u64, Result<Decision, AuthzError>),
+    /// A recovering subscribe's history reads ended (`None`: timed out);
+    /// `false`: some channel of its `since` keeps no history.
+    Recovered(Topic, u64, Option<Vec<ChannelRead>>, bool),
 }
 
 /// The next finished wait in a lazily allocated set; `None` at once when
@@ -77,6 +81,15 @@ pub(super) async fn next_done<F: Future + Unpin>(
 /// A subscribe waiting for the broker: resolves to (topic, seq, outcome).
 type Waiting = Pin<Box<dyn Future<Output = (u64, (Topic, u64, Result<(), BrokerError>))> + Send>>;
 
+/// One channel's recovery read: the channel, where it resumes, the read.
+type ChannelRead = (Bytes, Position, Result<Read, BrokerError>);
+
+/// A recovering subscribe's history reads: resolves to (topic, seq, the
+/// reads, or `None` when they timed out, and whether every channel of its
+/// `since` keeps history).
+type Recovering =
+    Pin<Box<dyn Future<Output = (u64, (Topic, u64, Option<Vec<ChannelRead>>, bool))> + Send>>;
+
 /// A subscribe waiting for the authorisation callback.
 type Authorising =
     Pin<Box<dyn Future<Output = (u64, (Topic, u64, Result<Decision, AuthzError>))> + Send>>;
@@ -91,6 +104,11 @@ struct Held {
     stage: Stage,
     /// Told `interrupted` and not yet `resumed`.
     told: bool,
+    /// The history positions the subscribe recovers from (`since`).
+    since: Option<Since>,
+    /// Active, but its reply waits for the history read (see
+    /// `Session::recovered`): an unsubscribe meanwhile answers it first.
+    recovering: bool,
 }
 
 /// Where a held subscription is. Every stage counts against the limit and
@@ -134,6 +152,8 @@ pub struct Session {
     authorising: Option<FuturesUnordered<Authorising>>,
     /// Publishes waiting for the broker; likewise lazy.
     publishing: Option<FuturesUnordered<Publishing>>,
+    /// Recovering subscribes' history reads; likewise lazy.
+    recovering: Option<FuturesUnordered<Recovering>>,
     /// Calls waiting for their services; likewise lazy, and at most
     /// `WSGATE_MAX_CALLS_IN_FLIGHT`.
     calling: Option<FuturesUnordered<Calling>>,
@@ -202,6 +222,7 @@ impl Session {
             waiting: None,
             authorising: None,
             publishing: None,
+            recovering: None,
             calling: None,
             inbox: Inbox::default(),
             lines: None,
@@ -306,6 +327,7 @@ impl Session {
                 topic,
                 id,
                 error,
+                recovered: None,
             }),
         );
     }
@@ -313,7 +335,12 @@ impl Session {
     /// Serves one request; its answer is queued now or when it is decided.
     pub fn handle(&mut self, ctx: &SessionContext, conv: &mut dyn Conversation, request: Request) {
         match request {
-            Request::Subscribe { topic, id, ext } => self.subscribe(ctx, conv, topic, id, ext),
+            Request::Subscribe {
+                topic,
+                id,
+                ext,
+                since,
+            } => self.subscribe(ctx, conv, topic, id, ext, since),
             Request::Unsubscribe { topic, id } => self.unsubscribe(ctx, conv, topic, id),
             Request::Ping { id } => self.answer(conv, Answer::Pong { id: id.as_deref() }),
             Request::Refresh { token, id } => self.refresh(ctx, conv, &token, id.as_deref()),
@@ -479,6 +506,7 @@ impl Session {
         topic: Topic,
         id: Option<String>,
         ext: Option<String>,
+        since: Option<Since>,
     ) {
         if let Some(error) = self.refusal(ctx, &topic) {
             return self.ack(
@@ -519,6 +547,8 @@ impl Session {
                             id,
                             stage: Stage::Authorising,
                             told: false,
+                            since,
+                            recovering: false,
                         },
                     );
                     let origin = self.started();
@@ -531,7 +561,7 @@ impl Session {
                 }
             }
         }
-        self.join(ctx, conv, topic, id, seq);
+        self.join(ctx, conv, topic, id, seq, since);
     }
 
     /// The next answer of the callback or the broker, when one is awaited,
@@ -559,6 +589,12 @@ impl Session {
                     self.waiting = None; // give its allocation back while idle
                 }
                 (origin, Outcome::Confirmed(topic, seq, outcome))
+            }
+            Some((origin, (topic, seq, reads, all))) = next_done(&mut self.recovering) => {
+                if self.recovering.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    self.recovering = None;
+                }
+                (origin, Outcome::Recovered(topic, seq, reads, all))
             }
             Some((origin, (topic, seq, outcome))) = next_done(&mut self.authorising) => {
                 if self.authorising.as_ref().is_some_and(FuturesUnordered::is_empty) {
@@ -604,6 +640,9 @@ impl Session {
             }
             Outcome::Confirmed(topic, seq, o) => self.confirmed(ctx, conv, topic, seq, o),
             Outcome::Authorised(topic, seq, o) => self.authorised(ctx, conv, topic, seq, o),
+            Outcome::Recovered(topic, seq, reads, all) => {
+                self.recovered(conv, topic, seq, reads, all)
+            }
             Outcome::Published(channel, id, outcome) => {
                 let error = outcome.as_ref().err();
                 let refusal = error.map(|e| match e {
@@ -691,9 +730,12 @@ impl Session {
         if !current {
             return; // unsubscribed or revoked meanwhile, and already answered
         }
-        let id = self.held.remove(&topic).and_then(|h| h.id);
+        let (id, since) = match self.held.remove(&topic) {
+            Some(h) => (h.id, h.since),
+            None => (None, None),
+        };
         match outcome {
-            Ok(Decision::Allow) => self.join(ctx, conv, topic, id, seq),
+            Ok(Decision::Allow) => self.join(ctx, conv, topic, id, seq, since),
             Ok(Decision::Deny(reason)) => {
                 let denied = Refusal::Denied(reason);
                 self.refuse(ctx, conv, "authz_denied", &topic, id.as_deref(), denied)
@@ -715,6 +757,7 @@ impl Session {
         topic: Topic,
         id: Option<String>,
         seq: u64,
+        since: Option<Since>,
     ) {
         let joined = match ctx.hub.subscribe(&self.member, topic.clone()) {
             Ok(joined) => joined,
@@ -730,6 +773,8 @@ impl Session {
                 id,
                 stage: Stage::Pending,
                 told: false,
+                since,
+                recovering: false,
             },
         );
         self.joined(ctx, conv, topic, seq, joined);
@@ -751,6 +796,44 @@ impl Session {
                     return;
                 };
                 let id = held.id.clone();
+                let since = held.since.clone();
+                let (with, without): (Vec<_>, Vec<_>) = since
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .partition(|(c, _)| ctx.hub.history_rule(c).is_some());
+                if !with.is_empty() {
+                    // Reply once the reads are in: see `Session::recovered`.
+                    sub.recover();
+                    sub.start();
+                    if let Some(held) = self.held.get_mut(&topic) {
+                        held.stage = Stage::Active(sub);
+                        held.recovering = true;
+                    }
+                    let reads = with.into_iter().map(|(channel, since)| {
+                        let hub = ctx.hub.clone();
+                        let query = Query::After {
+                            offset: since.offset,
+                            epoch: since.epoch.clone(),
+                            limit: history::RECOVERY_LIMIT,
+                        };
+                        async move {
+                            let read = hub.read_history(channel.clone(), query).await;
+                            (channel, since, read)
+                        }
+                    });
+                    let reads = futures_util::future::join_all(reads);
+                    let timeout = ctx.subscribe_timeout;
+                    let origin = self.started();
+                    let all = without.is_empty();
+                    self.recovering
+                        .get_or_insert_with(FuturesUnordered::new)
+                        .push(Box::pin(async move {
+                            let reads = tokio::time::timeout(timeout, reads).await.ok();
+                            (origin, (topic, seq, reads, all))
+                        }));
+                    return;
+                }
                 self.answer(
                     conv,
                     Answer::Ack(Ack {
@@ -758,6 +841,8 @@ impl Session {
                         topic: &topic,
                         id: id.as_deref(),
                         error: None,
+                        // Asked to recover a channel without history.
+                        recovered: since.map(|_| false),
                     }),
                 );
                 sub.start();
@@ -786,6 +871,97 @@ impl Session {
                     }));
             }
         }
+    }
+
+    /// A recovering subscribe's reads ended: under the subscription's hold,
+    /// the reply (`recovered` true or false), then each channel's recovered
+    /// messages, then the live ones held meanwhile that the reads did not
+    /// return; the rest arrive as usual, minus those at or below a recovered
+    /// position.
+    fn recovered(
+        &mut self,
+        conv: &mut dyn Conversation,
+        topic: Topic,
+        seq: u64,
+        reads: Option<Vec<ChannelRead>>,
+        all: bool,
+    ) {
+        let (sub, id) = match self.held.get_mut(&topic) {
+            Some(held) if held.seq == seq => match &held.stage {
+                Stage::Active(sub) => {
+                    held.recovering = false;
+                    (sub.clone(), held.id.clone())
+                }
+                _ => return,
+            },
+            _ => return, // unsubscribed meanwhile, and already answered
+        };
+        let mut complete = all && reads.is_some();
+        let mut found = Vec::new();
+        for (channel, since, read) in reads.into_iter().flatten() {
+            match read {
+                Ok(read) => {
+                    complete &= history::recovered(&since, &read, history::RECOVERY_LIMIT);
+                    found.push((channel, since, read));
+                }
+                Err(e) => {
+                    warn!(cause = %e, "history read for a recovery failed");
+                    complete = false;
+                }
+            }
+        }
+        let floors: Vec<(Bytes, Position)> = if complete {
+            found
+                .iter()
+                .map(|(channel, since, read)| {
+                    let offset = read.entries.last().map_or(since.offset, |e| e.offset);
+                    let epoch = read.epoch.clone();
+                    (channel.clone(), Position { offset, epoch })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let render = self.member.render.clone();
+        sub.release(floors.clone(), |held| {
+            let complete = complete && !held.overflowed;
+            self.answer(
+                conv,
+                Answer::Ack(Ack {
+                    kind: AckKind::Subscribe,
+                    topic: &topic,
+                    id: id.as_deref(),
+                    error: None,
+                    recovered: Some(complete),
+                }),
+            );
+            if complete {
+                for (channel, _, read) in &found {
+                    for entry in &read.entries {
+                        let msg = BrokerMessage {
+                            topic: topic.clone(),
+                            channel: channel.clone(),
+                            payload: entry.payload.clone(),
+                            position: Some(Position {
+                                offset: entry.offset,
+                                epoch: read.epoch.clone(),
+                            }),
+                        };
+                        self.reply_opt(render.delivery(&msg));
+                    }
+                }
+            }
+            for (frame, channel, position) in held.frames {
+                let duplicate = position.is_some_and(|p| {
+                    floors
+                        .iter()
+                        .any(|(c, f)| *c == channel && p.epoch == f.epoch && p.offset <= f.offset)
+                });
+                if !duplicate {
+                    self.reply(frame);
+                }
+            }
+        });
     }
 
     /// A wait for the broker ended.
@@ -936,12 +1112,12 @@ impl Session {
         if let Stage::Active(sub) = &held.stage {
             sub.stop();
         }
-        if held.stage.is_authorising()
+        let unanswered = held.stage.is_authorising()
             || ctx
                 .hub
                 .unsubscribe(self.member.id, &topic, held.stage.sub())
-                == Removed::Pending
-        {
+                == Removed::Pending;
+        if unanswered || held.recovering {
             // The subscribe never completed: answer it before the unsubscribe.
             let error = Refusal::Cancelled;
             self.ack(

@@ -590,6 +590,7 @@ impl Actor {
                     topic,
                     channel,
                     payload,
+                    position: None,
                 })
             }
             (
@@ -603,6 +604,7 @@ impl Actor {
                     topic: Topic::Pattern(pattern),
                     channel,
                     payload,
+                    position: None,
                 }),
                 Route::Covered(patterns) => self
                     .events

@@ -25,17 +25,21 @@
 pub(crate) mod commands;
 pub(crate) mod conn;
 mod cover;
+pub(crate) mod history;
 mod link;
 mod publish;
 pub(crate) mod resp;
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use futures_util::future::{BoxFuture, FutureExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, Instrument};
 
 use super::{Applied, Broker, BrokerError, Changes, EventSink, Publication, PublishError, Topic};
+use crate::history::{Query, Read, Rules};
 use crate::metrics::Metrics;
 use conn::Target;
 use link::{Actor, Link, Siblings};
@@ -101,7 +105,15 @@ pub struct RedisOptions {
     /// K, the pub/sub connections (`WSGATE_REDIS_PUBSUB_CONNECTIONS`, or
     /// [`auto_links`]); at least 1.
     pub pubsub_connections: usize,
+    /// `WSGATE_HISTORY`: channels whose publishes go through the Function
+    /// library and whose history can be read ([`history`]).
+    pub history: Rules,
 }
+
+/// Largest reply a history read may bring (a recovery reads at most
+/// [`crate::history::RECOVERY_LIMIT`] messages): a larger one drops the
+/// history connection and the read fails, rather than buffer without bound.
+const MAX_HISTORY_REPLY_BYTES: usize = 64 << 20;
 
 /// The `CLIENT SETNAME` of pub/sub link `index`: `wsgate:<node>:pubsub` for
 /// link 0 (the only one when K = 1), `wsgate:<node>:pubsub-<index>` beyond,
@@ -118,6 +130,10 @@ pub fn link_name(node_id: &str, index: usize) -> String {
 pub struct RedisBroker {
     links: Vec<mpsc::Sender<Request>>,
     publisher: publish::Publisher,
+    history: Rules,
+    /// History reads, on their own connection (`wsgate:<node>:history`);
+    /// `None` without history rules.
+    reader: Option<history::Reader>,
 }
 
 /// One batch of changes for one link's connection `generation`.
@@ -142,7 +158,25 @@ impl RedisBroker {
             client_name: format!("wsgate:{}:publish", options.node_id),
             timeout: options.probe_timeout,
             idempotency_ttl: options.idempotency_ttl,
+            history: options.history.clone(),
         });
+        let reader = if options.history.is_empty() {
+            None
+        } else {
+            let commands = commands::Commands::start(
+                url,
+                commands::CommandOptions {
+                    name: format!("wsgate:{}:history", options.node_id),
+                    timeout: options.probe_timeout,
+                    backoff_max: options.backoff_max,
+                    max_reply_bytes: MAX_HISTORY_REPLY_BYTES,
+                },
+            )?;
+            Some(history::Reader::new(
+                commands,
+                &history::library(&options.history),
+            ))
+        };
         let k = options.pubsub_connections.clamp(1, MAX_LINKS);
         let budget = options.max_redis_patterns.div_ceil(k).max(1);
         let siblings = Siblings::new(k);
@@ -176,7 +210,12 @@ impl RedisBroker {
                 .instrument(tracing::info_span!("redis_numpat")),
             );
         }
-        Ok(RedisBroker { links, publisher })
+        Ok(RedisBroker {
+            links,
+            publisher,
+            history: options.history,
+            reader,
+        })
     }
 }
 
@@ -240,6 +279,28 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'static, Vec<Result<u64, PublishError>>> {
         let publisher = self.publisher.clone();
         async move { publisher.publish(messages).await }.boxed()
+    }
+
+    fn history(&self) -> &Rules {
+        &self.history
+    }
+
+    fn read_history(
+        &self,
+        channel: Bytes,
+        query: Query,
+    ) -> BoxFuture<'static, Result<Read, BrokerError>> {
+        let reader = self.reader.clone();
+        let ttl = self.history.of(&channel).map(|r| r.ttl.as_millis());
+        async move {
+            match (reader, ttl) {
+                (Some(reader), Some(ttl)) => reader.read(&channel, &query, ttl).await,
+                _ => Err(BrokerError::Refused(
+                    "no history for this channel".to_owned(),
+                )),
+            }
+        }
+        .boxed()
     }
 
     fn name(&self) -> &'static str {

@@ -23,7 +23,10 @@
 //!
 //! Idempotent publishes run [`SCRIPT`] (`SET NX` + `PUBLISH` in one atomic
 //! script), loaded with `SCRIPT LOAD` on every new connection and called with
-//! `EVALSHA` (`EVAL` if the load failed or Redis lost the script).
+//! `EVALSHA` (`EVAL` if the load failed or Redis lost the script). Publishes
+//! to history channels (`WSGATE_HISTORY`) are `FCALL wsgate_publish` instead,
+//! idempotency included ([`history`]); the library is loaded with `FUNCTION
+//! LOAD REPLACE` in the same handshake. Other channels' commands are unchanged.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -37,8 +40,10 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use super::conn::{Handshake, Target};
+use super::history;
 use super::resp::{self, Value};
 use crate::broker::{Publication, PublishError};
+use crate::history::Rules;
 
 /// Jobs waiting for the task; further HTTP requests wait for room.
 const JOB_CAPACITY: usize = 1024;
@@ -82,6 +87,9 @@ pub(super) struct Settings {
     pub(super) timeout: Duration,
     /// How long idempotency keys live.
     pub(super) idempotency_ttl: Duration,
+    /// `WSGATE_HISTORY`: publishes to these channels go through the
+    /// Function library ([`history`]), loaded on every new connection.
+    pub(super) history: Rules,
 }
 
 /// Why one message was not confirmed (inside this module; callers see
@@ -279,6 +287,13 @@ impl Task {
         let s = &self.settings;
         let mut handshake = Handshake::new(&s.target, &s.client_name, true);
         handshake.push("SCRIPT LOAD", &[b"SCRIPT", b"LOAD", SCRIPT.as_bytes()]);
+        let library = (!s.history.is_empty()).then(|| history::library(&s.history));
+        if let Some(library) = &library {
+            handshake.push(
+                "FUNCTION LOAD",
+                &[b"FUNCTION", b"LOAD", b"REPLACE", library.as_bytes()],
+            );
+        }
         let attempt = handshake.run(&s.target);
         let (stream, replies) = match tokio::time::timeout(s.timeout, attempt).await {
             Err(_) => return Err(("connect or handshake timed out".to_owned(), false)),
@@ -292,6 +307,10 @@ impl Task {
                 ("SCRIPT LOAD", other) => {
                     debug!(reply = ?other, "SCRIPT LOAD failed: idempotent publishes use EVAL")
                 }
+                ("FUNCTION LOAD", Value::Error(e)) => warn!(
+                    error = %String::from_utf8_lossy(&e),
+                    "FUNCTION LOAD refused (Redis 7 or later is needed): publishes to history channels will fail"
+                ),
                 ("CLIENT SETNAME", Value::Error(e)) => warn!(
                     error = %String::from_utf8_lossy(&e),
                     "CLIENT SETNAME refused: the publish connection is unnamed"
@@ -430,8 +449,28 @@ impl Task {
         }
     }
 
-    /// Appends the command for `m`: `PUBLISH`, or the idempotent script.
+    /// Appends the command for `m`: `PUBLISH`, or the idempotent script,
+    /// or, on a history channel, `FCALL wsgate_publish`.
     fn encode(&self, out: &mut BytesMut, m: &Publication) {
+        let rules = &self.settings.history;
+        if let Some(rule) = (!rules.is_empty()).then(|| rules.of(&m.channel)).flatten() {
+            let size = rule.size.to_string();
+            let ttl = rule.ttl.as_millis().to_string();
+            let key = m
+                .idempotency_key
+                .as_ref()
+                .map(|key| idempotency_key(&m.channel, key));
+            let once = key.as_deref().map(|k| (k, &self.ttl_arg[..]));
+            history::encode_publish(
+                out,
+                &m.channel,
+                &m.payload,
+                size.as_bytes(),
+                ttl.as_bytes(),
+                once,
+            );
+            return;
+        }
         let Some(key) = &m.idempotency_key else {
             resp::encode_command(out, [&b"PUBLISH"[..], &m.channel, &m.payload].into_iter());
             return;

@@ -315,6 +315,7 @@ impl BayeuxConversation {
                     topic,
                     id,
                     ext: ext.clone(),
+                    since: None,
                 },
                 AckKind::Unsubscribe => Request::Unsubscribe { topic, id },
             }));
@@ -488,6 +489,7 @@ impl Conversation for BayeuxConversation {
                 topic,
                 id,
                 error,
+                ..
             }) => {
                 let name = channel::subscription_name(topic);
                 let id = untag(id);

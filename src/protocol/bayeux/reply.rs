@@ -784,6 +784,7 @@ mod tests {
             topic,
             channel: Bytes::from_static(channel),
             payload: Bytes::from_static(payload),
+            position: None,
         }
     }
 

@@ -156,6 +156,7 @@ fn decode(text: &str) -> Result<Request, (Option<String>, String)> {
                 topic: Topic::Channel(Bytes::from(channel)),
                 id: Some(id),
                 ext: None,
+                since: None,
             })
         }
         Some("unsub") => {
@@ -227,7 +228,9 @@ mod tests {
     fn requests_and_errors() {
         assert_eq!(
             one(r#"{"id":"s1","act":"sub","pat":{"foo":"bar"}}"#),
-            [r#"Subscribe { topic: Channel(b"foo:bar"), id: Some("\"s1\""), ext: None }"#]
+            [
+                r#"Subscribe { topic: Channel(b"foo:bar"), id: Some("\"s1\""), ext: None, since: None }"#
+            ]
         );
         assert_eq!(
             one(r#"{"id":7,"act":"unsub","pat":"foo:bar"}"#),
@@ -262,6 +265,7 @@ mod tests {
             topic: Topic::Channel(Bytes::from_static(b"channel:cnn|tvshow:simpsons")),
             channel: Bytes::from_static(b"channel:cnn|tvshow:simpsons"),
             payload: Bytes::from_static(b"\"Hello world\""),
+            position: None,
         };
         let frame = RealizehitRender.delivery(&msg);
         assert_eq!(

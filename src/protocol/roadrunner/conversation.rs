@@ -61,6 +61,7 @@ impl RoadRunnerConversation {
                     topic,
                     id,
                     ext: None,
+                    since: None,
                 },
                 AckKind::Unsubscribe => Request::Unsubscribe { topic, id },
             }));
@@ -222,6 +223,7 @@ mod tests {
                 topic,
                 id: Some(id),
                 error: error.as_ref(),
+                recovered: None,
             }),
             &mut out,
         );

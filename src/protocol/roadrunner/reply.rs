@@ -110,6 +110,7 @@ mod tests {
             topic: Topic::Channel(Bytes::from_static(b"chat")),
             channel: Bytes::from_static(b"chat"),
             payload: Bytes::from_static(b"{\"html\":\"<b>&\"}\xff"),
+            position: None,
         };
         assert_eq!(
             delivery(&m),

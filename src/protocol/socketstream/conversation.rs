@@ -161,6 +161,7 @@ impl SocketStreamConversation {
                 topic,
                 id,
                 ext: None,
+                since: None,
             }
         } else {
             Request::Unsubscribe { topic, id }
@@ -249,6 +250,7 @@ impl Conversation for SocketStreamConversation {
                 topic: topic.clone(),
                 id: None,
                 ext: None,
+                since: None,
             }));
         }
     }

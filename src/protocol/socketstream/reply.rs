@@ -230,6 +230,7 @@ mod tests {
             topic: Topic::Pattern(Bytes::from_static(b"news.*")),
             channel: Bytes::from_static(b"news.a"),
             payload: Bytes::from_static(payload),
+            position: None,
         }
     }
 
@@ -251,6 +252,7 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(126), "]".repeat(126));
         let frame = delivery(&BrokerMessage {
             payload: Bytes::from(deep.clone()),
+            position: None,
             ..msg(b"")
         });
         let v: serde_json::Value = serde_json::from_str(&frame[2..]).unwrap_or_default();
