@@ -187,8 +187,10 @@ pub struct SessionContext {
 pub enum Link {
     /// An upgraded WebSocket.
     Socket(BoxSocket),
-    /// An upgraded WebSocket whose outbox writes it directly.
-    Direct(direct::Direct),
+    /// An upgraded WebSocket whose outbox writes it directly. Boxed: it is
+    /// turned into a socket as the session starts, and the session's
+    /// future keeps room for its argument for its whole life.
+    Direct(Box<direct::Direct>),
     /// A long-poll (a Bayeux handshake over HTTP).
     Poll(Poll),
 }
@@ -235,6 +237,13 @@ struct Effects {
     route: Option<String>,
     bind: Option<String>,
     end: bool,
+}
+
+impl Effects {
+    /// True when carrying these out needs the handoff store ([`act`]).
+    fn waits(&self) -> bool {
+        self.bind.is_some() || self.route.is_some()
+    }
 }
 
 /// The most long-polls waiting for their requests' answers; one more is
@@ -345,7 +354,7 @@ async fn session_loop(first: Link, mut conv: Box<dyn Conversation>, mut ctx: Box
             } else {
                 session.capture(serial);
             }
-            if !claimed(&ctx, &mut offered).await {
+            if offered.is_some() && !Box::pin(claimed(&ctx, &mut offered)).await {
                 if let Some(key) = binding.as_ref().map(|b| b.key().to_owned()) {
                     session.reply_opt(conv.unknown(Inbound::Text(&text), &key));
                 }
@@ -356,20 +365,34 @@ async fn session_loop(first: Link, mut conv: Box<dyn Conversation>, mut ctx: Box
             if serial != 0 {
                 gathered_into(&mut session, &mut polls, serial);
             }
-            match act(
-                &ctx,
-                &mut session,
-                conv.as_mut(),
-                fx,
-                Inbound::Text(&text),
-                &mut socket,
-                &mut polls,
-                &mut holding,
-                &mut binding,
-                &mut offered,
-            )
-            .await
-            {
+            let acted = if fx.waits() {
+                Box::pin(act(
+                    &ctx,
+                    &mut session,
+                    conv.as_mut(),
+                    fx,
+                    Inbound::Text(&text),
+                    &mut socket,
+                    &mut polls,
+                    &mut holding,
+                    &mut binding,
+                    &mut offered,
+                ))
+                .await
+            } else {
+                let (hold, end) = (fx.hold, fx.end);
+                settle(
+                    &ctx,
+                    &mut session,
+                    conv.as_mut(),
+                    hold,
+                    end,
+                    &mut socket,
+                    &mut polls,
+                    &mut holding,
+                )
+            };
+            match acted {
                 Acted::Continue => {}
                 Acted::End(end) => break 'run end,
                 Acted::Again(text) => pending_text = Some((text, serial)),
@@ -475,17 +498,23 @@ async fn session_loop(first: Link, mut conv: Box<dyn Conversation>, mut ctx: Box
                         _ => continue, // pings and pongs: only signs of life
                     };
                     session.set_origin(0);
-                    if !claimed(&ctx, &mut offered).await {
+                    if offered.is_some() && !Box::pin(claimed(&ctx, &mut offered)).await {
                         if let Some(key) = binding.as_ref().map(|b| b.key().to_owned()) {
                             session.reply_opt(conv.unknown(inbound, &key));
                         }
                         break End::Close(1000, "client served elsewhere".into());
                     }
                     let fx = serve(&ctx, &mut session, conv.as_mut(), inbound);
-                    match act(
-                        &ctx, &mut session, conv.as_mut(), fx, inbound, &mut socket,
-                        &mut polls, &mut holding, &mut binding, &mut offered,
-                    ).await {
+                    let acted = if fx.waits() {
+                        Box::pin(act(
+                            &ctx, &mut session, conv.as_mut(), fx, inbound, &mut socket,
+                            &mut polls, &mut holding, &mut binding, &mut offered,
+                        )).await
+                    } else {
+                        let (hold, end) = (fx.hold, fx.end);
+                        settle(&ctx, &mut session, conv.as_mut(), hold, end, &mut socket, &mut polls, &mut holding)
+                    };
+                    match acted {
                         Acted::Continue => {}
                         Acted::End(end) => break end,
                         Acted::Again(text) => pending_text = Some((text, 0)),
@@ -764,7 +793,26 @@ async fn act(
         }
         session.answer(conv, Answer::UnknownClient { key: &key });
     }
-    if let Some(wait) = fx.hold {
+    settle(ctx, session, conv, fx.hold, fx.end, socket, polls, holding)
+}
+
+/// The part of [`act`] that never waits: holding a connect, bounding the
+/// waiting polls, ending. Most messages need only this, so the loop calls
+/// it directly and boxes `act`'s future only for a message that binds or
+/// routes a client (the session's future would otherwise keep room for it
+/// on every idle socket).
+#[allow(clippy::too_many_arguments)]
+fn settle(
+    ctx: &SessionContext,
+    session: &mut Session,
+    conv: &mut dyn Conversation,
+    hold: Option<Duration>,
+    end: bool,
+    socket: &mut Option<BoxSocket>,
+    polls: &mut VecDeque<Pending>,
+    holding: &mut Option<Holding>,
+) -> Acted {
+    if let Some(wait) = hold {
         if let Some(h) = holding.take() {
             let mut items = VecDeque::new();
             release(ctx, session, conv, &mut items, h);
@@ -786,7 +834,7 @@ async fn act(
             oldest.answer(Vec::new());
         }
     }
-    if fx.end {
+    if end {
         return Acted::End(End::Close(1000, "disconnected".into()));
     }
     Acted::Continue

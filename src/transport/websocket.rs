@@ -147,12 +147,12 @@ pub async fn upgrade(
             };
             let link = if direct {
                 match upgraded.downcast::<TokioIo<TcpStream>>() {
-                    Ok(parts) => Ok(Link::Direct(Direct {
+                    Ok(parts) => Ok(Link::Direct(Box::new(Direct {
                         stream: parts.io.into_inner(),
                         prefix: parts.read_buf,
                         config,
                         inflate,
-                    })),
+                    }))),
                     Err(upgraded) => {
                         debug!("not a plain TCP connection: the session task writes");
                         Err(upgraded)
