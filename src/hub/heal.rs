@@ -217,7 +217,7 @@ impl Healer {
 
     /// The reads to start now: channels not read yet whose topics wait for
     /// no link. Each reads from the oldest position among its topics.
-    pub(super) fn to_read(&mut self) -> Vec<ToRead> {
+    pub(super) fn reads_due(&mut self) -> Vec<ToRead> {
         let mut out = Vec::new();
         for (channel, healing) in &mut self.healing {
             if healing.reading
@@ -426,11 +426,11 @@ mod tests {
         h.record(&msg(&t, 3), |_| {});
         let members: Members = Arc::new(Vec::new());
         assert_eq!(h.plan(&[(t.clone(), members)], Some(0)), vec![t.clone()]);
-        assert!(h.to_read().is_empty(), "waits for the link");
+        assert!(h.reads_due().is_empty(), "waits for the link");
         assert!(h.take(msg(&t, 6), 1, 1).is_none());
         assert!(h.take(msg(&t, 7), 2, 2).is_none());
         h.resynced(0);
-        let reads = h.to_read();
+        let reads = h.reads_due();
         assert_eq!(reads.len(), 1);
         let (_, query, generation) = reads.into_iter().next().unwrap();
         assert_eq!(
@@ -484,7 +484,7 @@ mod tests {
             epoch: Bytes::from_static(b"f"),
         });
         assert!(h.take(other, 1, 1).is_none());
-        let (_, _, generation) = h.to_read().into_iter().next().unwrap();
+        let (_, _, generation) = h.reads_due().into_iter().next().unwrap();
         let read = Read {
             epoch: Bytes::from_static(b"f"),
             top: 1,

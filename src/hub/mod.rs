@@ -994,7 +994,7 @@ impl Shared {
     /// ([`HEAL_READS_AT_ONCE`]), each bounded by the heal timeout; their
     /// answers come back to the dispatcher.
     fn start_heal_reads(self: &Arc<Self>, healer: &mut Healer) {
-        let reads = healer.to_read();
+        let reads = healer.reads_due();
         if reads.is_empty() {
             return;
         }
