@@ -110,6 +110,9 @@ pub struct Metrics {
     pub broker_resync_seconds: Histogram,
     /// `wsgate_gap_notices_total`: `interrupted`/`resumed` notices sent to clients.
     pub gap_notices: IntCounter,
+    /// `wsgate_gap_healed_total`: messages delivered by gap healing (read
+    /// from history after an outage, per topic that missed them).
+    pub gap_healed: IntCounter,
     /// `wsgate_subscribes_held`: subscribe requests waiting for the broker.
     pub subscribes_held: IntGauge,
     /// `wsgate_refused_total{reason}`: requests refused by a limit or a
@@ -239,6 +242,11 @@ impl Metrics {
                 ]),
             )
             .unwrap_or_else(never),
+            gap_healed: IntCounter::new(
+                "wsgate_gap_healed_total",
+                "Messages delivered by gap healing, read from history",
+            )
+            .unwrap_or_else(never),
             gap_notices: IntCounter::new("wsgate_gap_notices_total", "Gap notices sent to clients")
                 .unwrap_or_else(never),
             subscribes_held: IntGauge::new(
@@ -340,7 +348,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 29] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 30] = [
             Box::new(self.connect_auth.clone()),
             Box::new(self.connect_auth_seconds.clone()),
             Box::new(self.connections.clone()),
@@ -358,6 +366,7 @@ impl Metrics {
             Box::new(self.broker_reconnects.clone()),
             Box::new(self.broker_resync_seconds.clone()),
             Box::new(self.gap_notices.clone()),
+            Box::new(self.gap_healed.clone()),
             Box::new(self.subscribes_held.clone()),
             Box::new(self.refused.clone()),
             Box::new(self.hub_lock_hold.clone()),

@@ -114,6 +114,7 @@ pub async fn run(
             .max_delivery_bytes
             .get()
             .min(config.client_queue_bytes.get()),
+        heal_timeout: config.subscribe_timeout,
     };
     let hub = Hub::start(broker, events_rx, queued, metrics.clone(), hub_options);
     hub.set_max_patterns(config.max_patterns.get());

@@ -16,6 +16,7 @@
 //! (`wsgate_hub_lock_hold_seconds`). Broker outages reach sessions as marks
 //! in their queues ([`crate::outbox`]): one push per session.
 
+mod heal;
 pub mod publishes;
 pub mod registry;
 
@@ -37,6 +38,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Out, Outbox, Pushed};
 use crate::pattern_cost::Refusal;
 use crate::protocol::{Frame, Notice, NoticeKind, Render};
+use heal::Healer;
 use publishes::Publishes;
 pub use registry::{
     Admit, Confirmation, HeldDeliveries, Joined, LinkState, Member, Removed, Sub, MAX_HELD_BYTES,
@@ -69,12 +71,17 @@ pub struct HubOptions {
     /// Largest delivery frame; a larger message is not delivered and its
     /// subscribers get a gap notice instead of being closed as slow.
     pub max_delivery_bytes: usize,
+    /// How long gap healing waits for one channel's history read
+    /// (`WSGATE_SUBSCRIBE_TIMEOUT_MS`); past it the channel is
+    /// `recovered:false`.
+    pub heal_timeout: Duration,
 }
 
 impl Default for HubOptions {
     fn default() -> Self {
         HubOptions {
             max_delivery_bytes: 1 << 20,
+            heal_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -106,7 +113,24 @@ struct Shared {
     longest_hold: AtomicU64,
     metrics: Metrics,
     options: HubOptions,
+    /// Links whose resync just ended, for the dispatcher to heal (set by
+    /// the reconciler; at most one flag per link).
+    resynced: Mutex<Vec<bool>>,
+    /// Wakes the dispatcher for `resynced`.
+    heal_wake: Notify,
+    /// Where heal reads report to the dispatcher.
+    heal_reads: mpsc::Sender<HealRead>,
+    /// Topics whose `resumed` the dispatcher sends after healing: left out
+    /// of the notices of a link's resync.
+    healing: Mutex<std::collections::HashSet<Topic>>,
 }
+
+/// One channel's heal read, answered: the channel, the plan generation it
+/// was made for, and what it found.
+type HealRead = (bytes::Bytes, u64, Result<Read, BrokerError>);
+
+/// Heal reads a node makes side by side.
+const HEAL_READS_AT_ONCE: usize = 16;
 
 /// The registry, locked; measures how long it is held.
 struct Locked<'a> {
@@ -162,6 +186,8 @@ impl Hub {
             broker.links(),
             Arc::new(move |topic: &Topic| router_broker.link_of(topic)),
         );
+        let links = registry.link_count();
+        let (heal_reads, heal_rx) = mpsc::channel(HEAL_READS_AT_ONCE * 4);
         let shared = Arc::new(Shared {
             registry: Mutex::new(registry),
             sessions: Mutex::new(HashMap::new()),
@@ -174,10 +200,14 @@ impl Hub {
             longest_hold: AtomicU64::new(0),
             metrics,
             options,
+            resynced: Mutex::new(vec![false; links]),
+            heal_wake: Notify::new(),
+            heal_reads,
+            healing: Mutex::new(std::collections::HashSet::new()),
         });
         tokio::spawn(reconcile(shared.clone()).instrument(tracing::info_span!("reconciler")));
         tokio::spawn(
-            dispatch(shared.clone(), events).instrument(tracing::info_span!("dispatcher")),
+            dispatch(shared.clone(), events, heal_rx).instrument(tracing::info_span!("dispatcher")),
         );
         Hub { shared }
     }
@@ -391,12 +421,14 @@ impl Shared {
         subs: &[Arc<Sub>],
         kind: NoticeKind,
         reason: Option<&str>,
+        recovered: Option<bool>,
     ) {
         let topics = std::slice::from_ref(topic);
         let notice = Notice {
             kind,
             topics,
             reason,
+            recovered,
         };
         let mut rendered = Renders::default();
         for sub in subs {
@@ -462,12 +494,25 @@ impl Shared {
     /// Messages for `topics` were dropped: tell their subscribers both that
     /// delivery was interrupted and that it has resumed (it has: the drop was
     /// noticed because a later message got through).
-    fn gap(&self, topics: Option<Vec<Topic>>, reason: &str) {
-        let groups = self.lock().members_of(topics.as_deref());
+    /// Topics the node can heal (history channels with a position) are told
+    /// `interrupted` now and `resumed` once healed (`docs/history.md`).
+    fn gap(self: &Arc<Self>, topics: Option<Vec<Topic>>, reason: &str, healer: &mut Healer) {
+        let mut groups = self.lock().members_of(topics.as_deref());
+        if !self.broker.history().is_empty() {
+            let (heal, rest): (Vec<_>, Vec<_>) =
+                groups.into_iter().partition(|(t, _)| healer.knows(t));
+            groups = rest;
+            for (topic, subs) in &heal {
+                self.notify_topic(topic, subs, NoticeKind::Interrupted, Some(reason), None);
+            }
+            let planned = healer.plan(&heal, None);
+            self.healing_topics().extend(planned);
+            self.start_heal_reads(healer);
+        }
         if groups.len() == 1 {
             for (topic, subs) in &groups {
-                self.notify_topic(topic, subs, NoticeKind::Interrupted, Some(reason));
-                self.notify_topic(topic, subs, NoticeKind::Resumed, None);
+                self.notify_topic(topic, subs, NoticeKind::Interrupted, Some(reason), None);
+                self.notify_topic(topic, subs, NoticeKind::Resumed, None, None);
             }
             return;
         }
@@ -508,6 +553,7 @@ impl Shared {
                     kind,
                     topics: &topics,
                     reason: why,
+                    recovered: None,
                 }) else {
                     continue;
                 };
@@ -529,6 +575,19 @@ impl Shared {
         let Some(subs) = self.lock().receivers(&msg.topic) else {
             return;
         };
+        self.deliver_to(msg, &subs, seq, publish, touched);
+    }
+
+    /// [`Shared::deliver`] to `subs` (the topic's members, or those a
+    /// healed gap is for).
+    fn deliver_to(
+        &self,
+        msg: &BrokerMessage,
+        subs: &[Arc<Sub>],
+        seq: u64,
+        publish: u64,
+        touched: &mut Vec<Arc<Member>>,
+    ) {
         let mut rendered = Renders::default();
         let max = self.options.max_delivery_bytes;
         let mut too_large = false;
@@ -568,8 +627,14 @@ impl Shared {
                 })
                 .cloned()
                 .collect();
-            self.notify_topic(&msg.topic, &over, NoticeKind::Interrupted, Some(TOO_LARGE));
-            self.notify_topic(&msg.topic, &over, NoticeKind::Resumed, None);
+            self.notify_topic(
+                &msg.topic,
+                &over,
+                NoticeKind::Interrupted,
+                Some(TOO_LARGE),
+                None,
+            );
+            self.notify_topic(&msg.topic, &over, NoticeKind::Resumed, None, None);
         }
     }
 }
@@ -641,8 +706,8 @@ impl Shared {
         &self,
         msg: &CoveredMessage,
         position: Option<&Position>,
-        seq: u64,
-        publish: u64,
+        (seq, publish): (u64, u64),
+        healer: &mut Healer,
         touched: &mut Vec<Arc<Member>>,
     ) {
         for pattern in msg.patterns.iter() {
@@ -653,7 +718,7 @@ impl Shared {
                     payload: msg.payload.clone(),
                     position: position.cloned(),
                 };
-                self.deliver(&one, seq, publish, touched);
+                self.take(one, seq, publish, healer, touched);
             }
         }
     }
@@ -795,14 +860,28 @@ async fn reconcile(shared: Arc<Shared>) {
 impl Shared {
     /// Link `link` (of `links`) is caught up again: its subscribers are told
     /// delivery has resumed (every session at once when there is one link).
+    /// Topics being healed are left out: the dispatcher tells them once
+    /// healed, and is woken here to start their reads.
     fn link_resynced(&self, link: usize, links: usize) {
         if links == 1 {
             self.mark_all(NoticeKind::Resumed);
-            return;
+        } else {
+            let mut groups = self.lock().members_of_link(link);
+            {
+                let healing = self.healing_topics();
+                if !healing.is_empty() {
+                    groups.retain(|(t, _)| !healing.contains(t));
+                }
+            }
+            info!(link, topics = groups.len(), "broker link caught up");
+            self.notify_groups(groups, NoticeKind::Resumed, None);
         }
-        let groups = self.lock().members_of_link(link);
-        info!(link, topics = groups.len(), "broker link caught up");
-        self.notify_groups(groups, NoticeKind::Resumed, None);
+        if !self.broker.history().is_empty() {
+            if let Some(flag) = self.resynced_links().get_mut(link) {
+                *flag = true;
+            }
+            self.heal_wake.notify_one();
+        }
     }
 
     /// Records a batch's answer and tells whom it concerns; `true` if the
@@ -841,27 +920,203 @@ impl Shared {
         }
         drop(done.dropped);
         for (topic, subs, why) in done.refused_active {
-            self.notify_topic(&topic, &subs, NoticeKind::Interrupted, Some(&why));
+            self.notify_topic(&topic, &subs, NoticeKind::Interrupted, Some(&why), None);
         }
         failed
     }
 }
 
+/// Gap healing's I/O and deliveries; the bookkeeping is [`heal::Healer`],
+/// owned by the dispatcher.
+impl Shared {
+    fn healing_topics(&self) -> MutexGuard<'_, std::collections::HashSet<Topic>> {
+        self.healing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn resynced_links(&self) -> MutexGuard<'_, Vec<bool>> {
+        self.resynced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A message from the broker, in order: held or dropped while its
+    /// channel heals, else delivered and its position remembered.
+    fn take(
+        &self,
+        msg: BrokerMessage,
+        seq: u64,
+        publish: u64,
+        healer: &mut Healer,
+        touched: &mut Vec<Arc<Member>>,
+    ) {
+        let msg = if healer.is_idle() {
+            msg
+        } else {
+            match healer.take(msg, seq, publish) {
+                Some(msg) => msg,
+                None => return,
+            }
+        };
+        self.deliver(&msg, seq, publish, touched);
+        if msg.position.is_some() {
+            healer.record(&msg, |seen| {
+                let registry = self.lock();
+                seen.retain(|t, _| registry.is_wanted(t));
+            });
+        }
+    }
+
+    /// Link `link` went down: its topics with a position are healed when
+    /// it is back. With one link the sessions render `resumed` from a mark,
+    /// so those subscriptions are flagged for the session to leave out.
+    fn plan_outage(&self, link: usize, healer: &mut Healer) {
+        if self.broker.history().is_empty() {
+            return;
+        }
+        let (groups, single) = {
+            let registry = self.lock();
+            (registry.members_of_link(link), registry.link_count() == 1)
+        };
+        let planned = healer.plan(&groups, Some(link));
+        if planned.is_empty() {
+            return;
+        }
+        if single {
+            for (topic, subs) in &groups {
+                if planned.contains(topic) {
+                    subs.iter().for_each(|s| s.set_healing());
+                }
+            }
+        }
+        debug!(link, topics = planned.len(), "gap healing planned");
+        self.healing_topics().extend(planned);
+    }
+
+    /// Starts the reads of every channel ready to heal, side by side
+    /// ([`HEAL_READS_AT_ONCE`]), each bounded by the heal timeout; their
+    /// answers come back to the dispatcher.
+    fn start_heal_reads(self: &Arc<Self>, healer: &mut Healer) {
+        let reads = healer.reads_due();
+        if reads.is_empty() {
+            return;
+        }
+        debug!(channels = reads.len(), "gap healing reads");
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let timeout = shared.options.heal_timeout;
+            let mut answers = futures_util::stream::iter(reads)
+                .map(|(channel, query, generation)| {
+                    let broker = shared.broker.clone();
+                    async move {
+                        let read = tokio::time::timeout(
+                            timeout,
+                            read_until_connected(&*broker, &channel, query),
+                        )
+                        .await
+                        .unwrap_or(Err(BrokerError::Unavailable));
+                        (channel, generation, read)
+                    }
+                })
+                .buffer_unordered(HEAL_READS_AT_ONCE);
+            while let Some(answer) = answers.next().await {
+                if shared.heal_reads.send(answer).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// A heal read is in: the missed messages to the members that missed
+    /// them, the held live ones after, then the `resumed` of each topic
+    /// whose every channel is done.
+    fn healed(
+        &self,
+        (channel, generation, read): HealRead,
+        healer: &mut Healer,
+        publishes: &mut Publishes,
+        touched: &mut Vec<Arc<Member>>,
+    ) {
+        if let Err(e) = &read {
+            warn!(channel = %String::from_utf8_lossy(&channel), cause = %e, "gap healing read failed");
+        }
+        let Some(out) = healer.release(&channel, generation, read) else {
+            return;
+        };
+        self.metrics.gap_healed.inc_by(out.healed.len() as u64);
+        for (msg, members) in &out.healed {
+            let via = match &msg.topic {
+                Topic::Pattern(p) => Some(p),
+                Topic::Channel(_) => None,
+            };
+            let publish = publishes.number(via, &msg.channel, &msg.payload);
+            self.deliver_to(msg, members, ANY, publish, touched);
+        }
+        for held in out.held {
+            self.take(held.msg, held.seq, held.publish, healer, touched);
+        }
+        for (topic, members, recovered) in out.resumed {
+            self.healing_topics().remove(&topic);
+            self.notify_topic(&topic, &members, NoticeKind::Resumed, None, Some(recovered));
+        }
+    }
+}
+
+/// Longest pause between two tries of a heal read whose connection is
+/// not back yet.
+const HEAL_RETRY_MAX: Duration = Duration::from_millis(400);
+
+/// Reads `channel`'s history, trying again while the broker's read
+/// connection is still reconnecting (the pub/sub link can be back first);
+/// the caller bounds it with the heal timeout.
+async fn read_until_connected(
+    broker: &dyn Broker,
+    channel: &bytes::Bytes,
+    query: Query,
+) -> Result<Read, BrokerError> {
+    let mut pause = Duration::from_millis(25);
+    loop {
+        match broker.read_history(channel.clone(), query.clone()).await {
+            Err(BrokerError::Unavailable | BrokerError::ConnectionLost) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(HEAL_RETRY_MAX);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Consumes broker events in order: messages fan out, `Up`/`Down` update the
 /// registry. Per-channel order holds because there is one consumer.
-async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) {
+async fn dispatch(
+    shared: Arc<Shared>,
+    mut events: mpsc::Receiver<BrokerEvent>,
+    mut heal_reads: mpsc::Receiver<HealRead>,
+) {
     let mut closing = shared.closing.subscribe();
     let mut batch = Vec::with_capacity(DISPATCH_BATCH);
     let mut publishes = Publishes::default();
+    let mut healer = Healer::default();
     // Direct outboxes given deliveries in this batch, written at its end.
     let mut touched = Vec::new();
     loop {
-        let n = tokio::select! {
-            n = events.recv_many(&mut batch, DISPATCH_BATCH) => n,
+        tokio::select! {
+            n = events.recv_many(&mut batch, DISPATCH_BATCH) => {
+                if n == 0 {
+                    return; // the broker is gone
+                }
+            }
+            Some(read) = heal_reads.recv() => {
+                shared.healed(read, &mut healer, &mut publishes, &mut touched);
+            }
+            _ = shared.heal_wake.notified() => {
+                let links: Vec<usize> = {
+                    let mut flags = shared.resynced_links();
+                    (0..flags.len()).filter(|&l| std::mem::take(&mut flags[l])).collect()
+                };
+                for link in links {
+                    healer.resynced(link);
+                }
+                shared.start_heal_reads(&mut healer);
+            }
             _ = closing.wait_for(|c| *c) => return,
-        };
-        if n == 0 {
-            return; // the broker is gone
         }
         for event in batch.drain(..) {
             match event {
@@ -875,7 +1130,8 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
                         msg.position = Some(position);
                         msg.payload = payload;
                     }
-                    shared.deliver(&msg, shared.next_seq(), publish, &mut touched);
+                    let seq = shared.next_seq();
+                    shared.take(msg, seq, publish, &mut healer, &mut touched);
                 }
                 BrokerEvent::Covered(mut msg) => {
                     let publish = publishes.number(Some(&msg.via), &msg.channel, &msg.payload);
@@ -885,10 +1141,27 @@ async fn dispatch(shared: Arc<Shared>, mut events: mpsc::Receiver<BrokerEvent>) 
                         msg.payload = payload;
                     }
                     let seq = shared.next_seq();
-                    shared.deliver_covered(&msg, position.as_ref(), seq, publish, &mut touched);
+                    shared.deliver_covered(
+                        &msg,
+                        position.as_ref(),
+                        (seq, publish),
+                        &mut healer,
+                        &mut touched,
+                    );
                 }
-                BrokerEvent::Gap(topics) => shared.gap(topics, "messages dropped: node overloaded"),
-                state => shared.link_event(state),
+                BrokerEvent::Gap(topics) => {
+                    shared.gap(topics, "messages dropped: node overloaded", &mut healer)
+                }
+                state => {
+                    let down = match &state {
+                        BrokerEvent::Down { link } => Some(*link),
+                        _ => None,
+                    };
+                    shared.link_event(state);
+                    if let Some(link) = down {
+                        shared.plan_outage(link, &mut healer);
+                    }
+                }
             }
         }
         write_out(&shared, &mut touched).await;

@@ -24,7 +24,7 @@
 //! the topic's entry is made); a link's `Up`/`Down` touches its topics only.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,10 @@ pub struct Sub {
     /// history (`since`): see [`Recovery`]. Boxed: every subscription pays
     /// for the empty cell, only recovering ones for the state.
     recovery: OnceLock<Box<Recovery>>,
+    /// Set by the hub when an outage of this subscription is being healed
+    /// (`super::heal`): its `resumed` comes from the hub, after the healed
+    /// messages, so the session leaves it out of the one it renders.
+    healing: AtomicBool,
 }
 
 /// Most bytes of live deliveries a recovering subscription holds while its
@@ -134,6 +138,7 @@ impl Sub {
             pos: AtomicUsize::new(usize::MAX),
             queued,
             recovery: OnceLock::new(),
+            healing: AtomicBool::new(false),
         })
     }
 
@@ -207,6 +212,18 @@ impl Sub {
         let held = state.held.take().unwrap_or_default();
         queue(held);
         state.floors = floors;
+    }
+
+    /// The hub heals this subscription's current gap and will send its
+    /// `resumed` itself.
+    pub fn set_healing(&self) {
+        self.healing.store(true, Ordering::Release);
+    }
+
+    /// Whether the hub sends this subscription's next `resumed` (asked once
+    /// per `resumed` the session renders: the answer is consumed).
+    pub fn take_healing(&self) -> bool {
+        self.healing.swap(false, Ordering::AcqRel)
     }
 
     /// Deliveries may flow, for messages the node receives from now on (call
@@ -683,6 +700,12 @@ impl Registry {
                 self.wake(link);
             }
         }
+    }
+
+    /// Whether `topic` has members (active or waiting): a topic without is
+    /// about to be dropped.
+    pub fn is_wanted(&self, topic: &Topic) -> bool {
+        self.entries.get(topic).is_some_and(Entry::wanted)
     }
 
     /// The members to deliver a message for `topic` to (a reference count).

@@ -396,6 +396,10 @@ pub struct Notice<'a> {
     pub topics: &'a [Topic],
     /// Why delivery was interrupted (for `Interrupted`).
     pub reason: Option<&'a str>,
+    /// For a `Resumed` of history channels the node healed (gap healing,
+    /// `docs/history.md`): whether every message missed was delivered
+    /// before it. `None` for every other notice (unchanged bytes).
+    pub recovered: Option<bool>,
 }
 
 /// What the hub holds for a member: how its deliveries and notices look.

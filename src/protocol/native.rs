@@ -91,6 +91,8 @@ struct NoticeFrame<'a> {
     reason: Option<&'a str>,
     patterns: Vec<std::borrow::Cow<'a, str>>,
     channels: Vec<std::borrow::Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
 }
 
 /// The reply to `refresh`.
@@ -295,6 +297,7 @@ impl Native {
             reason: notice.reason,
             patterns: names(true),
             channels: names(false),
+            recovered: notice.recovered,
         })
     }
 
@@ -958,6 +961,7 @@ mod tests {
             kind: NoticeKind::Interrupted,
             topics: &topics,
             reason: Some("broker connection lost"),
+            recovered: None,
         };
         assert_eq!(
             text(Native.notice(&n)),
@@ -967,6 +971,7 @@ mod tests {
             kind: NoticeKind::Resumed,
             topics: &topics[..1],
             reason: None,
+            recovered: None,
         };
         assert_eq!(
             text(Native.notice(&n)),

@@ -224,6 +224,7 @@ mod tests {
             kind: NoticeKind::Interrupted,
             topics: &topics,
             reason: Some("broker connection lost"),
+            recovered: None,
         };
         assert_eq!(
             SseRender.notice(&notice).unwrap().as_text().unwrap(),

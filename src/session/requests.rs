@@ -1068,8 +1068,11 @@ impl Session {
                     matches!(held.stage, Stage::Active(_))
                         && !std::mem::replace(&mut held.told, true)
                 }
+                // A subscription the hub heals gets its `resumed` from the
+                // hub, after the healed messages (`docs/history.md`).
                 NoticeKind::Resumed => {
-                    std::mem::take(&mut held.told) && matches!(held.stage, Stage::Active(_))
+                    std::mem::take(&mut held.told)
+                        && matches!(&held.stage, Stage::Active(sub) if !sub.take_healing())
                 }
             };
             if concerned {
@@ -1089,6 +1092,7 @@ impl Session {
             kind,
             topics: &topics,
             reason,
+            recovered: None,
         })
     }
 

@@ -66,11 +66,24 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    /// `--appendonly yes --appendfsync always`: a `kill -9` loses no
+    /// acknowledged write (the gap-healing fault test, tests/history_heal.rs).
+    aof: bool,
 }
 
 impl Redis {
     /// Starts redis-server and waits until it answers PING.
     pub async fn start() -> Redis {
+        Redis::start_with(false).await
+    }
+
+    /// As [`Redis::start`], with the append-only file on and fsynced per
+    /// write, so a restart (`kill` + `restart`) keeps every acknowledged write.
+    pub async fn start_aof() -> Redis {
+        Redis::start_with(true).await
+    }
+
+    async fn start_with(aof: bool) -> Redis {
         let dir = std::env::temp_dir().join(format!(
             "wsgate-test-redis-{}-{}",
             std::process::id(),
@@ -81,6 +94,7 @@ impl Redis {
             child: None,
             port: 0,
             dir,
+            aof,
         };
         for _ in 0..5 {
             redis.port = free_port();
@@ -103,7 +117,9 @@ impl Redis {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.aof { "yes" } else { "no" },
+                "--appendfsync",
+                "always",
             ])
             .arg("--dir")
             .arg(&self.dir)
@@ -157,7 +173,9 @@ impl Redis {
         );
     }
 
-    async fn try_cmd(&self, args: &[&str]) -> Option<redis::Value> {
+    /// One command on a fresh connection; `None` if Redis is unreachable or
+    /// answered an error.
+    pub async fn try_cmd(&self, args: &[&str]) -> Option<redis::Value> {
         let client = redis::Client::open(self.url()).ok()?;
         let mut conn = tokio::time::timeout(
             Duration::from_secs(1),

@@ -869,6 +869,7 @@ mod tests {
             kind: NoticeKind::Interrupted,
             topics: &topics,
             reason: Some("broker connection lost"),
+            recovered: None,
         };
         assert_eq!(
             gap(&interrupted),
@@ -878,6 +879,7 @@ mod tests {
             kind: NoticeKind::Resumed,
             topics: &topics[1..],
             reason: None,
+            recovered: None,
         };
         let (a, b) = (gap_data(&interrupted), gap_data(&resumed));
         assert_eq!(b, r#"{"state":"resumed","subscriptions":["/chat/room1"]}"#);

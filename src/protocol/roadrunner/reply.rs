@@ -125,6 +125,7 @@ mod tests {
             kind: NoticeKind::Interrupted,
             topics: &topics,
             reason: Some("message too large"),
+            recovered: None,
         };
         assert_eq!(
             notice(&n),
@@ -134,6 +135,7 @@ mod tests {
             kind: NoticeKind::Resumed,
             topics: &topics,
             reason: None,
+            recovered: None,
         };
         assert_eq!(notice(&n), r##"{"topic":"#resumed","payload":["a"]}"##);
     }

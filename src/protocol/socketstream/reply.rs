@@ -281,6 +281,7 @@ mod tests {
             kind: NoticeKind::Interrupted,
             topics: &topics,
             reason: Some("broker connection lost"),
+            recovered: None,
         };
         assert_eq!(
             notice(&n),
@@ -290,6 +291,7 @@ mod tests {
             kind: NoticeKind::Resumed,
             topics: &topics,
             reason: None,
+            recovered: None,
         };
         assert_eq!(notice(&n), r#"2|{"e":"wsgate:resumed","p":[["a"]]}"#);
         let pattern = Topic::Pattern(Bytes::from_static(b"news.*"));
