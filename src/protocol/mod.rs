@@ -28,6 +28,7 @@ pub mod bayeux;
 pub mod native;
 pub mod realizehit;
 pub mod roadrunner;
+pub mod since;
 pub mod socketstream;
 pub mod sse;
 

@@ -515,40 +515,16 @@ fn since(
         Some(Value::Object(since)) => since,
         Some(_) => return Err(bad(SHAPE)),
     };
-    let position = |v: &serde_json::Map<String, Value>| match (v.get("offset"), v.get("epoch")) {
-        (Some(Value::Number(n)), Some(Value::String(e)))
-            if !e.is_empty() && e.len() <= crate::history::MAX_EPOCH_BYTES =>
-        {
-            n.as_u64().map(|offset| crate::history::Position {
-                offset,
-                epoch: Bytes::copy_from_slice(e.as_bytes()),
-            })
-        }
-        _ => None,
-    };
     match topic {
-        Topic::Channel(channel) => match position(since) {
+        Topic::Channel(channel) => match super::since::position(since) {
             Some(p) => Ok(Some(vec![(channel.clone(), p)])),
             None => Err(bad(SHAPE)),
         },
         Topic::Pattern(pattern) => {
-            if since.len() > crate::history::MAX_SINCE_CHANNELS {
-                return Err(bad(MAP));
+            match super::since::map(since, |c| crate::pattern::matches(pattern, c)) {
+                Some(out) => Ok(Some(out)),
+                None => Err(bad(MAP)),
             }
-            let mut out = Vec::with_capacity(since.len());
-            for (channel, v) in since {
-                let p = match v {
-                    Value::Object(v) => position(v),
-                    _ => None,
-                };
-                match p {
-                    Some(p) if crate::pattern::matches(pattern, channel.as_bytes()) => {
-                        out.push((Bytes::copy_from_slice(channel.as_bytes()), p))
-                    }
-                    _ => return Err(bad(MAP)),
-                }
-            }
-            Ok(Some(out))
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::app::App;
 use crate::auth;
 use crate::broker::Topic;
 use crate::pending::PendingSlot;
-use crate::protocol::sse::{retry_field, SseConversation};
+use crate::protocol::sse::{retry_field, LastEventId, SseConversation};
 use crate::session::{self, Link};
 
 /// EventSource's reconnection delay, before jitter: a stream the server
@@ -64,7 +64,12 @@ pub async fn serve(
     let client_ip = admitted.client_ip;
     let retry = Bytes::from(retry_field(RETRY_BASE_MS + jitter(RETRY_JITTER_MS)));
     let (sink, body) = pipe(retry, conn);
-    let conv = Box::new(SseConversation::new(topics));
+    // EventSource sends back the last `id:` it took when it reconnects.
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(LastEventId::parse);
+    let conv = Box::new(SseConversation::new(topics, resume));
     let ctx = app.session_context(
         admitted.slot,
         admitted.ip_slot,

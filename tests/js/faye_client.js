@@ -9,7 +9,8 @@
 // message {subscription, channel, data} (one per matching subscription, as
 // faye dispatches); delivery {channel, data, message} (one per message on
 // the wire); meta {message} (every /meta reply as received); ack {message}
-// (every publish acknowledgement as received); published {ref, ok, error?};
+// (every publish acknowledgement as received); --since JSON puts
+// ext.wsgate.since on every /meta/subscribe; published {ref, ok, error?};
 // unsubscribed {subscription, successful}; disconnected; error {error}.
 
 import faye from "faye";
@@ -26,6 +27,12 @@ client.addExtension({
     outgoing(message, callback) {
         if (message.channel === "/meta/handshake" && opts.token) {
             message.ext = Object.assign({}, message.ext, { token: opts.token });
+        }
+        // A resume position for history channels (docs/dialects/bayeux.md):
+        // what an application's extension would write from the last
+        // delivery's ext.wsgate.
+        if (message.channel === "/meta/subscribe" && opts.since) {
+            message.ext = Object.assign({}, message.ext, { wsgate: { since: opts.since } });
         }
         if (message.channel === "/meta/connect" && message.connectionType !== lastType) {
             lastType = message.connectionType;

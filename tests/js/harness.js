@@ -18,7 +18,7 @@
 import { createInterface } from "node:readline";
 
 export const USAGE = `usage: node SCRIPT --url URL --transport websocket|long-polling
-         [--subscribe CHANNEL]... [--token JWT] [--max-ms N]
+         [--subscribe CHANNEL]... [--token JWT] [--max-ms N] [--since JSON]
 
 Runs a real Bayeux client against URL (e.g. http://127.0.0.1:8080/bayeux):
 handshakes, subscribes (default /foo/* and /foo/bar), prints
@@ -28,7 +28,7 @@ unsubscribe, disconnect; end of input = disconnect).`;
 
 /** Parses argv (without node and the script); exits on --help or bad use. */
 export function parseArgs(argv) {
-    const opts = { url: null, transport: null, subscribe: [], token: null, maxMs: 60000 };
+    const opts = { url: null, transport: null, subscribe: [], token: null, maxMs: 60000, since: null };
     for (let i = 0; i < argv.length; i++) {
         const arg = argv[i];
         const value = () => {
@@ -46,6 +46,7 @@ export function parseArgs(argv) {
             case "--subscribe": opts.subscribe.push(value()); break;
             case "--token": opts.token = value(); break;
             case "--max-ms": opts.maxMs = Number(value()); break;
+            case "--since": opts.since = JSON.parse(value()); break;
             default: usage(`unknown argument ${arg}`);
         }
     }

@@ -6,7 +6,8 @@
 //   through the client's fetch hook) [--max-ms N] (default 60000);
 // - stdout: one JSON object per line:
 //     {"event":"open","opens":N}                 each (re)connection
-//     {"event":"message","data":"<text>"}       an unnamed event (a delivery)
+//     {"event":"message","data":"<text>","id":"<lastEventId>"} an unnamed
+//                                                event (a delivery)
 //     {"event":"named","type":T,"data":"<text>"} subscribe, interrupted,
 //                                                resumed, close
 //     {"event":"es_error","readyState":N,"status":S} EventSource's error
@@ -47,7 +48,7 @@ if (opts.bearer) {
 const es = new EventSource(opts.url, init);
 let opens = 0;
 es.onopen = () => emit({ event: "open", opens: ++opens });
-es.onmessage = (e) => emit({ event: "message", data: e.data });
+es.onmessage = (e) => emit({ event: "message", data: e.data, id: e.lastEventId });
 for (const type of ["subscribe", "interrupted", "resumed", "close"]) {
     es.addEventListener(type, (e) => emit({ event: "named", type, data: e.data }));
 }

@@ -34,6 +34,7 @@ use super::channel::{self, Meta, Subscription, GAP_CHANNEL};
 use super::client_id::ClientId;
 use super::message::{self, Decoded, Id, Kind, Limits};
 use super::reply::{self, Advice, Batch, Error};
+use super::resume::Resume;
 use crate::auth::{AuthError, Verifier};
 use crate::broker::BrokerMessage;
 use crate::protocol::{
@@ -280,6 +281,9 @@ impl BayeuxConversation {
         steps: &mut Vec<Step>,
         out: &mut Batch,
     ) {
+        let count = names.len();
+        // `ext.wsgate.since`: where a subscribe resumes (unsubscribes carry no ext).
+        let resume = Resume::read(ext.as_deref());
         let render = match kind {
             AckKind::Subscribe => reply::subscribe,
             AckKind::Unsubscribe => reply::unsubscribe,
@@ -308,6 +312,11 @@ impl BayeuxConversation {
                     Some(topic) => topic.clone(),
                 },
             };
+            let Ok(since) = resume.since_for(&topic, count) else {
+                let bad = Error::BadRequest(super::resume::BAD);
+                out.push(&render(id, self.cid(), &name, Some(&bad)));
+                continue;
+            };
             flush(out, steps);
             let id = id.map(|i| i.json().get().to_owned());
             steps.push(Step::Request(match kind {
@@ -315,7 +324,7 @@ impl BayeuxConversation {
                     topic,
                     id,
                     ext: ext.clone(),
-                    since: None,
+                    since,
                 },
                 AckKind::Unsubscribe => Request::Unsubscribe { topic, id },
             }));
@@ -489,16 +498,19 @@ impl Conversation for BayeuxConversation {
                 topic,
                 id,
                 error,
-                ..
+                recovered,
             }) => {
                 let name = channel::subscription_name(topic);
                 let id = untag(id);
                 let error = error.and_then(|r| Self::refusal(r, &name));
-                let one = match kind {
-                    AckKind::Subscribe => {
+                let one = match (kind, recovered) {
+                    (AckKind::Subscribe, Some(recovered)) if error.is_none() => {
+                        reply::subscribe_recovered(id.as_ref(), self.cid(), &name, recovered)
+                    }
+                    (AckKind::Subscribe, _) => {
                         reply::subscribe(id.as_ref(), self.cid(), &name, error.as_ref())
                     }
-                    AckKind::Unsubscribe => {
+                    (AckKind::Unsubscribe, _) => {
                         reply::unsubscribe(id.as_ref(), self.cid(), &name, error.as_ref())
                     }
                 };

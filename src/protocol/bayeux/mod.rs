@@ -25,3 +25,4 @@ pub mod client_id;
 pub mod conversation;
 pub mod message;
 pub mod reply;
+pub mod resume;

@@ -18,12 +18,15 @@
 //! carries `data` either, for the same reason, except where nodefony's
 //! endpoint expects it in the connect reply.
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::channel::{self, GAP_CHANNEL};
 use super::message::{ConnectionType, DecodeError, Id, JsonpCallback, MessageError};
 use crate::broker::BrokerMessage;
+use crate::history::Position;
 use crate::protocol::native::is_strict_json;
 use crate::protocol::{Notice, NoticeKind};
 
@@ -270,7 +273,40 @@ pub fn subscribe(
     subscription: &str,
     error: Option<&Error<'_>>,
 ) -> String {
-    subscription_reply(channel::Meta::Subscribe, id, client_id, subscription, error)
+    subscription_reply(
+        channel::Meta::Subscribe,
+        id,
+        client_id,
+        subscription,
+        error,
+        None,
+    )
+}
+
+/// The reply to a successful subscribe that asked to resume
+/// (`ext.wsgate.since`): as [`subscribe`], with
+/// `"ext":{"wsgate":{"recovered":true|false}}` saying whether every message
+/// after the position follows (`docs/dialects/bayeux.md`, History).
+pub fn subscribe_recovered(
+    id: Option<&Id>,
+    client_id: &str,
+    subscription: &str,
+    recovered: bool,
+) -> String {
+    let ext = if recovered {
+        r#"{"wsgate":{"recovered":true}}"#
+    } else {
+        r#"{"wsgate":{"recovered":false}}"#
+    };
+    let ext = serde_json::from_str::<&RawValue>(ext).ok();
+    subscription_reply(
+        channel::Meta::Subscribe,
+        id,
+        client_id,
+        subscription,
+        None,
+        ext,
+    )
 }
 
 /// The reply for one channel of a `/meta/unsubscribe`, as [`subscribe`].
@@ -286,6 +322,7 @@ pub fn unsubscribe(
         client_id,
         subscription,
         error,
+        None,
     )
 }
 
@@ -295,6 +332,7 @@ fn subscription_reply(
     client_id: &str,
     subscription: &str,
     error: Option<&Error<'_>>,
+    ext: Option<&RawValue>,
 ) -> String {
     Reply {
         channel: Some(meta.channel()),
@@ -304,6 +342,7 @@ fn subscription_reply(
         subscription: Some(subscription),
         error: error.map(ToString::to_string),
         advice: error.and_then(Error::advice),
+        ext,
         ..Reply::default()
     }
     .render()
@@ -414,8 +453,13 @@ pub fn bad_body(error: &DecodeError) -> String {
 /// when the Bayeux meaning of that subscription does not cover the channel
 /// ([`channel::delivers`]). Called once per message per render key.
 pub fn render(message: &BrokerMessage) -> Option<String> {
-    channel::delivers(&message.topic, &message.channel)
-        .then(|| delivery(&message.channel, &message.payload))
+    channel::delivers(&message.topic, &message.channel).then(|| {
+        delivery_at(
+            &message.channel,
+            &message.payload,
+            message.position.as_ref(),
+        )
+    })
 }
 
 /// A delivery frame, `[{"channel":..,"data":..}]`, from the channel and the
@@ -425,10 +469,20 @@ pub fn render(message: &BrokerMessage) -> Option<String> {
 /// `"ext":{"encoding":"base64"}` saying so, so that no byte is lost. No
 /// per-client field: the same bytes serve every subscriber.
 pub fn delivery(channel: &[u8], payload: &[u8]) -> String {
-    let mut out = String::with_capacity(32 + channel.len() + payload.len() * 4 / 3);
+    delivery_at(channel, payload, None)
+}
+
+/// [`delivery`] of a history channel's message: its place in the history
+/// rides in `ext`, `"ext":{"wsgate":{"offset":42,"epoch":"e1"}}` (after
+/// `"encoding":"base64"` when there is one), where Faye and CometD
+/// extensions read it and the subscribers' callbacks never see it
+/// (`docs/dialects/bayeux.md`, History).
+pub fn delivery_at(channel: &[u8], payload: &[u8], position: Option<&Position>) -> String {
+    let mut out = String::with_capacity(64 + channel.len() + payload.len() * 4 / 3);
     out.push_str("[{\"channel\":");
     push_json_str(&mut out, &String::from_utf8_lossy(channel));
     out.push_str(",\"data\":");
+    let mut ext_open = false;
     match std::str::from_utf8(payload) {
         Ok(text) if is_strict_json(text, MAX_DATA_DEPTH) => out.push_str(text),
         Ok(text) => push_json_str(&mut out, text),
@@ -436,8 +490,23 @@ pub fn delivery(channel: &[u8], payload: &[u8]) -> String {
             use base64::Engine as _;
             out.push('"');
             base64::engine::general_purpose::STANDARD.encode_string(payload, &mut out);
-            out.push_str("\",\"ext\":{\"encoding\":\"base64\"}");
+            out.push_str("\",\"ext\":{\"encoding\":\"base64\"");
+            ext_open = true;
         }
+    }
+    if let Some(p) = position {
+        out.push_str(if ext_open { "," } else { ",\"ext\":{" });
+        out.push_str("\"wsgate\":{\"offset\":");
+        // Writing into a String cannot fail.
+        let _ = write!(out, "{}", p.offset);
+        out.push_str(",\"epoch\":");
+        // Epochs are ASCII letters and digits ([`crate::history::open`]).
+        push_json_str(&mut out, &String::from_utf8_lossy(&p.epoch));
+        out.push('}');
+        ext_open = true;
+    }
+    if ext_open {
+        out.push('}');
     }
     out.push_str("}]");
     out
@@ -819,6 +888,26 @@ mod tests {
         assert_eq!(
             delivery(b"/a\"b", b"1"),
             r#"[{"channel":"/a\"b","data":1}]"#
+        );
+    }
+
+    #[test]
+    fn history_deliveries_carry_their_position_in_ext() {
+        let p = Position {
+            offset: 42,
+            epoch: bytes::Bytes::from_static(b"e1"),
+        };
+        assert_eq!(
+            delivery_at(b"/a", b"{\"x\":1}", Some(&p)),
+            r#"[{"channel":"/a","data":{"x":1},"ext":{"wsgate":{"offset":42,"epoch":"e1"}}}]"#
+        );
+        assert_eq!(
+            delivery_at(b"/a", b"\xff\x00", Some(&p)),
+            r#"[{"channel":"/a","data":"/wA=","ext":{"encoding":"base64","wsgate":{"offset":42,"epoch":"e1"}}}]"#
+        );
+        assert_eq!(
+            subscribe_recovered(None, "c", "/a", false),
+            r#"{"channel":"/meta/subscribe","successful":true,"clientId":"c","subscription":"/a","ext":{"wsgate":{"recovered":false}}}"#
         );
     }
 
