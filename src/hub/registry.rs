@@ -73,6 +73,9 @@ pub struct Sub {
     /// history (`since`): see [`Recovery`]. Boxed: every subscription pays
     /// for the empty cell, only recovering ones for the state.
     recovery: OnceLock<Box<Recovery>>,
+    /// Receives the channel's join and leave events (`"join_leave":true`
+    /// on a presence channel); set before [`Sub::start`].
+    join_leave: std::sync::atomic::AtomicBool,
 }
 
 /// Most bytes of live deliveries a recovering subscription holds while its
@@ -134,7 +137,18 @@ impl Sub {
             pos: AtomicUsize::new(usize::MAX),
             queued,
             recovery: OnceLock::new(),
+            join_leave: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// From now on this subscription receives join and leave events.
+    pub fn want_join_leave(&self) {
+        self.join_leave.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether it receives join and leave events.
+    pub fn join_leave(&self) -> bool {
+        self.join_leave.load(Ordering::Relaxed)
     }
 
     /// Holds live deliveries from [`Sub::start`] on until [`Sub::release`]

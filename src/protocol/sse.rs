@@ -88,6 +88,7 @@ impl Conversation for SseConversation {
                 id: None,
                 ext: None,
                 since: None,
+                join_leave: false,
             })
         }));
     }
@@ -101,6 +102,7 @@ impl Conversation for SseConversation {
             Answer::Revoked { .. } => "unsubscribed",
             Answer::Published { .. } => "publish",
             Answer::UnknownClient { .. }
+            | Answer::Presence { .. }
             | Answer::Called { .. }
             | Answer::ServiceAck { .. }
             | Answer::ServiceData { .. }

@@ -316,6 +316,7 @@ impl BayeuxConversation {
                     id,
                     ext: ext.clone(),
                     since: None,
+                    join_leave: false,
                 },
                 AckKind::Unsubscribe => Request::Unsubscribe { topic, id },
             }));
@@ -546,6 +547,7 @@ impl Conversation for BayeuxConversation {
             Answer::Pong { .. }
             | Answer::Refreshed { .. }
             | Answer::Revoked { .. }
+            | Answer::Presence { .. }
             | Answer::Called { .. } => return,
         };
         out.push(Frame::text(text));
