@@ -520,6 +520,8 @@ impl Session {
         self.ack(conv, AckKind::Subscribe, topic, id, Some(&error));
     }
 
+    // The request's own fields, passed on as they came (a struct would only rename them).
+    #[allow(clippy::too_many_arguments)]
     fn subscribe(
         &mut self,
         ctx: &SessionContext,
@@ -798,6 +800,7 @@ impl Session {
     }
 
     /// Joins the topic in the hub: an authorised subscribe.
+    #[allow(clippy::too_many_arguments)]
     fn join(
         &mut self,
         ctx: &SessionContext,
