@@ -115,7 +115,7 @@ async fn two_members(a: &Gateway, na: &str, b: &Gateway, nb: &str) {
     .await;
     bob.subscribe("chat.room").await;
     let him = expect_event(&mut obs, "join", "chat.room", "bob", info, nb).await;
-    let mut sorted = vec![member(&me, "alice", "null"), member(&him, "bob", info)];
+    let mut sorted = [member(&me, "alice", "null"), member(&him, "bob", info)];
     sorted.sort();
     let members = format!("[{}]", sorted.join(","));
     for c in [&mut obs, &mut bob] {
