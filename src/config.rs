@@ -72,6 +72,14 @@ pub enum ConfigError {
         /// Which entry, and what is wrong with it.
         why: String,
     },
+    /// `WSGATE_PRESENCE` holds an entry that cannot be used.
+    #[error("WSGATE_PRESENCE={value:?} is invalid: {why}; expected channel globs separated by commas, e.g. chat.*,lobby")]
+    Presence {
+        /// The value as given.
+        value: String,
+        /// Which entry, and what is wrong with it.
+        why: String,
+    },
     /// envy could not map the variables (not expected: every field is a string).
     #[error("cannot read WSGATE_* environment: {0}")]
     Env(#[from] envy::Error),
@@ -400,6 +408,12 @@ pub struct Config {
     /// keep their last `size` messages for `ttl` (`docs/history.md`).
     /// Default: none (no channel keeps history).
     pub history: crate::history::Rules,
+    /// `WSGATE_PRESENCE`: channel globs whose subscribers are kept,
+    /// cluster-wide (`docs/presence.md`). Default: none.
+    pub presence: crate::presence::Rules,
+    /// `WSGATE_PRESENCE_LEASE_MS`: how long a node's members outlive its
+    /// last renewal (renewed every third of it). Default 30000 ms.
+    pub presence_lease: Duration,
     /// `WSGATE_TCP_SERVICE_CONNECT_TIMEOUT_MS`: how long opening a client's
     /// connection to a TCP backend may take. Default 2000 ms.
     pub tcp_service_connect_timeout: Duration,
@@ -496,6 +510,8 @@ impl Default for Config {
             max_calls_in_flight: nz(64),
             tcp_services: Vec::new(),
             history: crate::history::Rules::default(),
+            presence: crate::presence::Rules::default(),
+            presence_lease: crate::presence::DEFAULT_LEASE,
             tcp_service_connect_timeout: Duration::from_millis(2000),
             tcp_services_per_client: nz(4),
             tcp_services_per_node: nz(1024),
@@ -594,6 +610,8 @@ struct RawConfig {
     max_calls_in_flight: Option<String>,
     tcp_services: Option<String>,
     history: Option<String>,
+    presence: Option<String>,
+    presence_lease_ms: Option<String>,
     tcp_service_connect_timeout_ms: Option<String>,
     tcp_services_per_client: Option<String>,
     tcp_services_per_node: Option<String>,
@@ -1143,6 +1161,25 @@ impl Config {
                 Some(v) => crate::history::Rules::parse(&v)
                     .map_err(|why| ConfigError::History { value: v, why })?,
             },
+            presence: match raw.presence.filter(|v| !v.trim().is_empty()) {
+                None => crate::presence::Rules::default(),
+                Some(v) => crate::presence::Rules::parse(&v)
+                    .map_err(|why| ConfigError::Presence { value: v, why })?,
+            },
+            presence_lease: parse_or(
+                raw.presence_lease_ms,
+                d.presence_lease,
+                "WSGATE_PRESENCE_LEASE_MS",
+                |v| {
+                    v.parse::<u64>()
+                        .ok()
+                        .map(Duration::from_millis)
+                        .filter(|l| {
+                            (crate::presence::MIN_LEASE..=crate::presence::MAX_LEASE).contains(l)
+                        })
+                },
+                "a whole number of milliseconds from 300 to 86400000",
+            )?,
             tcp_services: match raw.tcp_services {
                 None => Vec::new(),
                 Some(v) => tcp_services(&v)?,
@@ -1646,6 +1683,16 @@ const HELP: &[Help] = &[
         "",
         "glob:size:ttl entries: matching channels keep their last size messages for ttl",
     ),
+    help(
+        "presence",
+        "",
+        "channel globs whose subscribers are kept cluster-wide (presence)",
+    ),
+    help(
+        "presence_lease_ms",
+        "30000",
+        "how long a dead node's presence members stay listed",
+    ),
     help("call_timeout_ms", "10000", "a call's deadline (callers may ask less)"),
     help(
         "service_lease_ms",
@@ -2024,6 +2071,31 @@ mod tests {
         let rule = c.history.of(b"chat.room").unwrap();
         assert_eq!((rule.size, rule.ttl), (10, Duration::from_secs(3600)));
         assert!(c.history.of(b"other").is_none());
+    }
+
+    #[test]
+    fn presence_rules_and_lease() {
+        let d = vars(&[]).unwrap();
+        assert!(d.presence.is_empty());
+        assert_eq!(d.presence_lease, Duration::from_millis(30_000));
+        let c = vars(&[
+            ("WSGATE_PRESENCE", "chat.*,lobby"),
+            ("WSGATE_PRESENCE_LEASE_MS", "1000"),
+        ])
+        .unwrap();
+        assert!(c.presence.covers(b"chat.a") && c.presence.covers(b"lobby"));
+        assert_eq!(c.presence_lease, Duration::from_millis(1000));
+        let bad = vars(&[("WSGATE_PRESENCE", "chat.*,,x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("WSGATE_PRESENCE=\"chat.*,,x\" is invalid: entry 2 is empty"),
+            "{bad}"
+        );
+        let bad = vars(&[("WSGATE_PRESENCE_LEASE_MS", "10")])
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("WSGATE_PRESENCE_LEASE_MS"), "{bad}");
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub mod outbox;
 pub mod pattern;
 pub mod pattern_cost;
 pub mod pending;
+pub mod presence;
 pub mod protocol;
 pub mod publish;
 pub mod rpc;

@@ -94,6 +94,7 @@ pub async fn run(
                 max_redis_patterns: config.max_redis_patterns.get(),
                 pubsub_connections: config.pubsub_connections(),
                 history: config.history.clone(),
+                presence: config.presence.clone(),
             };
             Arc::new(RedisBroker::start(
                 url,
@@ -104,7 +105,8 @@ pub async fn run(
         }
         None => Arc::new(
             MemoryBroker::new(events_tx, metrics.clone(), config.idempotency_ttl)
-                .with_history(config.history.clone()),
+                .with_history(config.history.clone())
+                .with_presence(config.presence.clone()),
         ),
     };
     info!(addr = %listener.local_addr()?, broker = broker.name(), "listening");
@@ -118,6 +120,7 @@ pub async fn run(
     };
     let hub = Hub::start(broker, events_rx, queued, metrics.clone(), hub_options);
     hub.set_max_patterns(config.max_patterns.get());
+    hub.start_presence(&config.node_id, config.presence_lease);
     let handoff = Handoff::for_config(&config)?;
     let (rpc, node_orders) = Rpc::start(hub.clone(), &config, metrics.clone())?;
     let app = Arc::new(App::new(

@@ -58,6 +58,12 @@ pub struct MemoryBroker {
     /// appended *and* handed to the hub, so offsets reach the hub in order;
     /// never across an await.
     histories: Mutex<Histories>,
+    /// `WSGATE_PRESENCE`.
+    presence_rules: crate::presence::Rules,
+    /// Presence channels' members: channel -> client -> stored value
+    /// (`crate::presence::stored`). One node, so no lease: a member goes
+    /// when its session leaves. Never locked across an await.
+    presence: Mutex<HashMap<Bytes, HashMap<String, Bytes>>>,
 }
 
 /// Most history channels kept at once: when full, expired ones go first,
@@ -207,7 +213,15 @@ impl MemoryBroker {
             idempotency: Mutex::new(Idempotency::new(idempotency_ttl, MAX_IDEMPOTENCY_KEYS)),
             rules: Rules::default(),
             histories: Mutex::new(Histories::default()),
+            presence_rules: crate::presence::Rules::default(),
+            presence: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Keeps presence for the channels `rules` (`WSGATE_PRESENCE`) name.
+    pub fn with_presence(mut self, rules: crate::presence::Rules) -> MemoryBroker {
+        self.presence_rules = rules;
+        self
     }
 
     /// Keeps history for the channels `rules` (`WSGATE_HISTORY`) name.
@@ -337,6 +351,68 @@ impl Broker for MemoryBroker {
 
     fn history(&self) -> &Rules {
         &self.rules
+    }
+
+    fn presence(&self) -> &crate::presence::Rules {
+        &self.presence_rules
+    }
+
+    fn sync_presence(
+        &self,
+        batch: crate::presence::Batch,
+    ) -> BoxFuture<'static, Result<crate::presence::Synced, BrokerError>> {
+        use crate::presence::Op;
+        let mut table = self.presence.lock().unwrap_or_else(|p| p.into_inner());
+        if batch.reset {
+            let prefix = format!("{}\n", batch.node);
+            table.retain(|_, members| {
+                members.retain(|_, v| !v.starts_with(prefix.as_bytes()));
+                !members.is_empty()
+            });
+        }
+        for op in batch.ops {
+            match op {
+                Op::Join {
+                    channel,
+                    client,
+                    stored,
+                } => {
+                    table.entry(channel).or_default().insert(client, stored);
+                }
+                Op::Leave {
+                    channel, client, ..
+                } => {
+                    if let Some(members) = table.get_mut(&channel) {
+                        members.remove(&client);
+                        if members.is_empty() {
+                            table.remove(&channel);
+                        }
+                    }
+                }
+            }
+        }
+        drop(table);
+        for (channel, event) in batch.events {
+            self.deliver(channel, event);
+        }
+        future::ready(Ok(crate::presence::Synced::Done)).boxed()
+    }
+
+    fn read_presence(&self, channel: Bytes) -> BoxFuture<'static, Result<Vec<Bytes>, BrokerError>> {
+        let table = self.presence.lock().unwrap_or_else(|p| p.into_inner());
+        let found = table
+            .get(&channel)
+            .map(|members| {
+                members
+                    .values()
+                    .filter_map(|v| {
+                        let nl = v.iter().position(|b| *b == b'\n')?;
+                        Some(v.slice(nl + 1..))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        future::ready(Ok(found)).boxed()
     }
 
     fn read_history(

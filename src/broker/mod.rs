@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::history::{Position, Query, Read, Rules};
 use crate::metrics::Metrics;
+use crate::presence;
 
 pub mod memory;
 pub mod redis;
@@ -447,6 +448,21 @@ pub trait Broker: Send + Sync + 'static {
         channel: Bytes,
         query: Query,
     ) -> BoxFuture<'static, Result<Read, BrokerError>>;
+
+    /// The `WSGATE_PRESENCE` rules: the hub opens join/leave envelopes on
+    /// these channels only.
+    fn presence(&self) -> &presence::Rules;
+
+    /// Applies one node's presence batch (`docs/presence.md`): its member
+    /// changes, its lease, its events; and reaps nodes whose lease ran out.
+    fn sync_presence(
+        &self,
+        batch: presence::Batch,
+    ) -> BoxFuture<'static, Result<presence::Synced, BrokerError>>;
+
+    /// The stored members of `channel` (leave events, see
+    /// [`presence::stored`], their node stripped) whose node's lease holds.
+    fn read_presence(&self, channel: Bytes) -> BoxFuture<'static, Result<Vec<Bytes>, BrokerError>>;
 
     /// A short name for logs and metrics: `redis` or `memory`.
     fn name(&self) -> &'static str;

@@ -104,7 +104,7 @@ fn params(query: &str) -> Result<Params, String> {
 }
 
 /// Why a request may not read a channel's history.
-enum Denied {
+pub(super) enum Denied {
     /// No usable credential: 401 with this message and challenge.
     Unauthorised(&'static str, &'static str),
     /// A valid token whose ACL does not cover the channel: 403.
@@ -112,7 +112,7 @@ enum Denied {
 }
 
 impl Denied {
-    fn response(self) -> warp::reply::Response {
+    pub(super) fn response(self) -> warp::reply::Response {
         match self {
             Denied::Unauthorised(why, challenge) => unauthorised(why, challenge),
             Denied::Forbidden => json_error(StatusCode::FORBIDDEN, "not allowed"),
@@ -121,7 +121,12 @@ impl Denied {
 }
 
 /// `Ok(())` when the request may read `channel` (see the module docs).
-fn may_read(app: &App, headers: &HeaderMap, query: &str, channel: &Bytes) -> Result<(), Denied> {
+pub(super) fn may_read(
+    app: &App,
+    headers: &HeaderMap,
+    query: &str,
+    channel: &Bytes,
+) -> Result<(), Denied> {
     let bearer = auth::bearer(headers).ok().flatten();
     if let (Some(key), Some(given)) = (&app.config.api_key, &bearer) {
         if auth::secrets_equal(given.as_bytes(), key.expose()) {

@@ -37,6 +37,7 @@ use crate::history::{self, Position, Query, Read, Rule};
 use crate::metrics::Metrics;
 use crate::outbox::{Out, Outbox, Pushed};
 use crate::pattern_cost::Refusal;
+use crate::presence;
 use crate::protocol::{Frame, Notice, NoticeKind, Render};
 use heal::Healer;
 use publishes::Publishes;
@@ -123,6 +124,9 @@ struct Shared {
     /// Topics whose `resumed` the dispatcher sends after healing: left out
     /// of the notices of a link's resync.
     healing: Mutex<std::collections::HashSet<Topic>>,
+    /// The node's presence, when `WSGATE_PRESENCE` names channels
+    /// ([`Hub::start_presence`]).
+    presence: std::sync::OnceLock<crate::presence::tracker::Tracker>,
 }
 
 /// One channel's heal read, answered: the channel, the plan generation it
@@ -204,6 +208,7 @@ impl Hub {
             heal_wake: Notify::new(),
             heal_reads,
             healing: Mutex::new(std::collections::HashSet::new()),
+            presence: std::sync::OnceLock::new(),
         });
         tokio::spawn(reconcile(shared.clone()).instrument(tracing::info_span!("reconciler")));
         tokio::spawn(
@@ -343,6 +348,36 @@ impl Hub {
         query: Query,
     ) -> Result<Read, BrokerError> {
         self.shared.broker.read_history(channel, query).await
+    }
+
+    /// Starts the node's presence (`docs/presence.md`) when the broker has
+    /// presence rules: `node` is `WSGATE_NODE_ID`, `lease` its lease.
+    pub fn start_presence(&self, node: &str, lease: std::time::Duration) {
+        if self.shared.broker.presence().is_empty() {
+            return;
+        }
+        let tracker =
+            crate::presence::tracker::Tracker::start(self.shared.broker.clone(), node, lease);
+        let _ = self.shared.presence.set(tracker);
+    }
+
+    /// The node's presence tracker, when presence is on.
+    pub fn presence(&self) -> Option<&crate::presence::tracker::Tracker> {
+        self.shared.presence.get()
+    }
+
+    /// Whether `channel` keeps presence.
+    pub fn has_presence(&self, channel: &[u8]) -> bool {
+        self.shared.presence.get().is_some() && self.shared.broker.presence().covers(channel)
+    }
+
+    /// `channel`'s live members, cluster-wide.
+    pub async fn read_presence(
+        &self,
+        channel: bytes::Bytes,
+    ) -> Result<crate::presence::Members, BrokerError> {
+        let read = self.shared.broker.read_presence(channel.clone()).await?;
+        Ok(crate::presence::Members::from_read(&channel, &read))
     }
 
     /// Broker connected and every wanted topic confirmed since: `/readyz`.
@@ -640,6 +675,41 @@ impl Shared {
 }
 
 impl Shared {
+    /// Whether a message is a presence channel's join or leave event
+    /// (`docs/presence.md`): the envelope on a channel with presence.
+    fn is_presence_event(&self, channel: &[u8], payload: &[u8]) -> bool {
+        payload.starts_with(presence::MAGIC)
+            && self.presence.get().is_some()
+            && self.broker.presence().covers(channel)
+    }
+
+    /// Fans a join or leave event out to the channel's subscribers that
+    /// asked for them (`join_leave`), rendered once per render key.
+    fn deliver_event(&self, msg: &BrokerMessage, seq: u64, touched: &mut Vec<Arc<Member>>) {
+        let Some(subs) = self.lock().receivers(&msg.topic) else {
+            return;
+        };
+        let event = &msg.payload[presence::MAGIC.len()..];
+        let mut rendered = Renders::default();
+        for sub in subs.iter().filter(|s| s.join_leave()) {
+            let Some(frame) = rendered.get(sub, |r| r.presence_event(&msg.channel, event)) else {
+                continue;
+            };
+            if sub.recovering() && sub.admit(&frame, &msg.channel, None, seq) == Admit::Taken {
+                continue;
+            }
+            match sub
+                .member
+                .outbox
+                .push_deferred(frame, sub.since(), seq, None)
+            {
+                Pushed::Overflowed => self.metrics.slow_consumer_closes.inc(),
+                Pushed::Deferred => touched.push(sub.member.clone()),
+                Pushed::Queued | Pushed::Refused => {}
+            }
+        }
+    }
+
     /// The position and payload of a history channel's enveloped message;
     /// `None` for anything else (delivered as it came). An envelope on a
     /// channel without history is not opened: it is some other
@@ -1125,6 +1195,13 @@ async fn dispatch(
                         Topic::Pattern(p) => Some(p),
                         Topic::Channel(_) => None,
                     };
+                    if shared.is_presence_event(&msg.channel, &msg.payload) {
+                        if pattern.is_none() {
+                            let seq = shared.next_seq();
+                            shared.deliver_event(&msg, seq, &mut touched);
+                        }
+                        continue;
+                    }
                     let publish = publishes.number(pattern, &msg.channel, &msg.payload);
                     if let Some((position, payload)) = shared.open(&msg.channel, &msg.payload) {
                         msg.position = Some(position);
@@ -1134,6 +1211,9 @@ async fn dispatch(
                     shared.take(msg, seq, publish, &mut healer, &mut touched);
                 }
                 BrokerEvent::Covered(mut msg) => {
+                    if shared.is_presence_event(&msg.channel, &msg.payload) {
+                        continue; // join/leave go to channel subscribers only
+                    }
                     let publish = publishes.number(Some(&msg.via), &msg.channel, &msg.payload);
                     let mut position = None;
                     if let Some((at, payload)) = shared.open(&msg.channel, &msg.payload) {

@@ -77,6 +77,9 @@ pub struct Sub {
     /// (`super::heal`): its `resumed` comes from the hub, after the healed
     /// messages, so the session leaves it out of the one it renders.
     healing: AtomicBool,
+    /// Receives the channel's join and leave events (`"join_leave":true`
+    /// on a presence channel); set before [`Sub::start`].
+    join_leave: std::sync::atomic::AtomicBool,
 }
 
 /// Most bytes of live deliveries a recovering subscription holds while its
@@ -139,7 +142,18 @@ impl Sub {
             queued,
             recovery: OnceLock::new(),
             healing: AtomicBool::new(false),
+            join_leave: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// From now on this subscription receives join and leave events.
+    pub fn want_join_leave(&self) {
+        self.join_leave.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether it receives join and leave events.
+    pub fn join_leave(&self) -> bool {
+        self.join_leave.load(Ordering::Relaxed)
     }
 
     /// Holds live deliveries from [`Sub::start`] on until [`Sub::release`]

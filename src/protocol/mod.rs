@@ -105,6 +105,19 @@ pub enum Request {
         /// The last position the client has of a history channel: deliver
         /// what came after it first (`docs/history.md`).
         since: Option<crate::history::Since>,
+        /// Also receive the channel's join and leave events (a presence
+        /// channel, `docs/presence.md`).
+        join_leave: bool,
+    },
+    /// Who is subscribed to a presence channel, cluster-wide; with
+    /// `stats`, only how many clients and distinct users.
+    Presence {
+        /// The channel.
+        channel: Bytes,
+        /// Correlation, echoed in the answer.
+        id: Option<String>,
+        /// Counts only (`presence_stats`).
+        stats: bool,
     },
     /// Stop receiving messages for a channel or pattern.
     Unsubscribe {
@@ -366,6 +379,17 @@ pub enum Answer<'a> {
         /// The text, as it is to appear in `data`.
         data: &'a str,
     },
+    /// The answer to a [`Request::Presence`].
+    Presence {
+        /// The channel.
+        channel: &'a [u8],
+        /// The request's id.
+        id: Option<&'a str>,
+        /// Counts only.
+        stats: bool,
+        /// The members, or why not.
+        outcome: Result<&'a crate::presence::Members, &'a Refusal>,
+    },
     /// The line to `service` ended without the client asking (its TCP
     /// backend went away): the client is told why, and is no longer
     /// subscribed to it.
@@ -414,6 +438,12 @@ pub trait Render: Send + Sync + 'static {
     fn delivery(&self, message: &BrokerMessage) -> Option<Frame>;
     /// Renders a gap notice.
     fn notice(&self, notice: &Notice<'_>) -> Option<Frame>;
+    /// Renders a presence channel's join or leave `event` (its JSON,
+    /// `docs/presence.md`) for subscribers that asked for them, once per
+    /// event per key; `None`: this dialect has no way to say it.
+    fn presence_event(&self, _channel: &[u8], _event: &[u8]) -> Option<Frame> {
+        None
+    }
     /// Whether a member receives a published message once even when several
     /// of its subscriptions match it (Bayeux), rather than once per
     /// subscription (the native protocol names the pattern that matched).

@@ -157,6 +157,12 @@ impl Conversation for NativeConversation {
                 maybe_published,
             } => Native.published(channel, id, error, maybe_published),
             Answer::Called { id, outcome } => Native.called(id, outcome),
+            Answer::Presence {
+                channel,
+                id,
+                stats,
+                outcome,
+            } => Native.presence(channel, id, stats, outcome),
             Answer::UnknownClient { .. }
             | Answer::ServiceAck { .. }
             | Answer::ServiceData { .. }
@@ -176,6 +182,13 @@ impl Render for Native {
 
     fn notice(&self, notice: &Notice<'_>) -> Option<Frame> {
         Some(Native::notice(self, notice))
+    }
+
+    /// The event's JSON as it is: wsgate wrote it (a forged envelope that
+    /// is not JSON text is not delivered).
+    fn presence_event(&self, _channel: &[u8], event: &[u8]) -> Option<Frame> {
+        let text = std::str::from_utf8(event).ok()?;
+        is_strict_json(text, MAX_PAYLOAD_DEPTH).then(|| Frame::text(text.to_owned()))
     }
 }
 
@@ -210,13 +223,30 @@ impl Native {
             "subscribe" => {
                 let topic = topic(&obj, id.as_deref())?;
                 let since = since(&obj, &topic, id.as_deref())?;
+                let join_leave = match obj.get("join_leave") {
+                    None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+                    Some(Value::Bool(true)) if matches!(topic, Topic::Channel(_)) => true,
+                    Some(Value::Bool(true)) => {
+                        return Err(reject(id, "\"join_leave\" is for channels, not patterns"))
+                    }
+                    Some(_) => return Err(reject(id, "\"join_leave\" must be a boolean")),
+                };
                 Ok(Request::Subscribe {
                     topic,
                     id,
                     ext: None,
                     since,
+                    join_leave,
                 })
             }
+            "presence" | "presence_stats" => match topic(&obj, id.as_deref())? {
+                Topic::Channel(channel) => Ok(Request::Presence {
+                    channel,
+                    id,
+                    stats: action == "presence_stats",
+                }),
+                Topic::Pattern(_) => Err(reject(id, "presence is for channels, not patterns")),
+            },
             "unsubscribe" => {
                 topic(&obj, id.as_deref()).map(|topic| Request::Unsubscribe { topic, id })
             }
@@ -233,7 +263,7 @@ impl Native {
             },
             other => {
                 let msg = format!(
-                    "unknown action {other:?}: expected subscribe, unsubscribe, publish, call, ping or refresh"
+                    "unknown action {other:?}: expected subscribe, unsubscribe, publish, call, presence, presence_stats, ping or refresh"
                 );
                 Err(reject(id, &msg))
             }
@@ -366,6 +396,50 @@ impl Native {
                 out.push_str("\"status\":false,\"error\":");
                 push_json_str(&mut out, e.message().as_bytes());
                 out.push_str(&format!(",\"code\":{}", e.code()));
+            }
+        }
+        out.push('}');
+        Frame::text(out)
+    }
+
+    /// The answer to `presence` / `presence_stats`:
+    /// `{"action":"presence","channel":..,"id":..,"status":true,"members":[..]}`,
+    /// `{..."status":true,"clients":N,"users":M}`, or `"status":false` with
+    /// `error`, as a refused subscribe.
+    pub fn presence(
+        &self,
+        channel: &[u8],
+        id: Option<&str>,
+        stats: bool,
+        outcome: Result<&crate::presence::Members, &Refusal>,
+    ) -> Frame {
+        let mut out = String::from("{\"action\":");
+        out.push_str(if stats {
+            "\"presence_stats\""
+        } else {
+            "\"presence\""
+        });
+        out.push_str(",\"channel\":");
+        push_json_str(&mut out, channel);
+        if let Some(id) = id {
+            out.push_str(",\"id\":");
+            push_json_str(&mut out, id.as_bytes());
+        }
+        match outcome {
+            Ok(members) if stats => {
+                out.push_str(&format!(
+                    ",\"status\":true,\"clients\":{},\"users\":{}",
+                    members.members.len(),
+                    members.users
+                ));
+            }
+            Ok(members) => {
+                out.push_str(",\"status\":true,\"members\":");
+                out.push_str(&members.json_array());
+            }
+            Err(refusal) => {
+                out.push_str(",\"status\":false,\"error\":");
+                push_json_str(&mut out, refusal.message().as_bytes());
             }
         }
         out.push('}');
@@ -685,6 +759,7 @@ mod tests {
                 id: Some("c1".into()),
                 ext: None,
                 since: None,
+                join_leave: false,
             })
         );
         assert_eq!(

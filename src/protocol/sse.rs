@@ -114,6 +114,7 @@ impl Conversation for SseConversation {
                 id: None,
                 ext: None,
                 since,
+                join_leave: false,
             })
         }));
     }
@@ -127,6 +128,7 @@ impl Conversation for SseConversation {
             Answer::Revoked { .. } => "unsubscribed",
             Answer::Published { .. } => "publish",
             Answer::UnknownClient { .. }
+            | Answer::Presence { .. }
             | Answer::Called { .. }
             | Answer::ServiceAck { .. }
             | Answer::ServiceData { .. }

@@ -34,6 +34,7 @@ use crate::hub::{Joined, Member, Removed, Sub};
 use crate::metrics::Metrics;
 use crate::outbox::{Item, State};
 use crate::pattern_cost;
+use crate::presence::{Members, Who};
 use crate::protocol::{
     Ack, AckKind, Answer, Call, Conversation, Frame, Notice, NoticeKind, Refusal, Request,
 };
@@ -62,6 +63,8 @@ pub enum Outcome {
     Confirmed(Topic, u64, Result<(), BrokerError>),
     /// The authorisation callback answered.
     Authorised(Topic, u64, Result<Decision, AuthzError>),
+    /// A presence read ended (or timed out).
+    Presence(Bytes, Option<String>, bool, Result<Members, Refusal>),
     /// A recovering subscribe's history reads ended (`None`: timed out);
     /// `false`: some channel of its `since` keeps no history.
     Recovered(Topic, u64, Option<Vec<ChannelRead>>, bool),
@@ -90,6 +93,15 @@ type ChannelRead = (Bytes, Position, Result<Read, BrokerError>);
 type Recovering =
     Pin<Box<dyn Future<Output = (u64, (Topic, u64, Option<Vec<ChannelRead>>, bool))> + Send>>;
 
+/// A presence read: resolves to (channel, id, stats, outcome).
+type Presencing = Pin<
+    Box<dyn Future<Output = (u64, (Bytes, Option<String>, bool, Result<Members, Refusal>))> + Send>,
+>;
+
+/// Why a presence request (or `join_leave`) is refused on a channel that
+/// keeps no presence.
+pub(super) const NO_PRESENCE: &str = "channel has no presence";
+
 /// A subscribe waiting for the authorisation callback.
 type Authorising =
     Pin<Box<dyn Future<Output = (u64, (Topic, u64, Result<Decision, AuthzError>))> + Send>>;
@@ -109,6 +121,8 @@ struct Held {
     /// Active, but its reply waits for the history read (see
     /// `Session::recovered`): an unsubscribe meanwhile answers it first.
     recovering: bool,
+    /// Asked for the channel's join and leave events (`docs/presence.md`).
+    join_leave: bool,
 }
 
 /// Where a held subscription is. Every stage counts against the limit and
@@ -154,6 +168,8 @@ pub struct Session {
     publishing: Option<FuturesUnordered<Publishing>>,
     /// Recovering subscribes' history reads; likewise lazy.
     recovering: Option<FuturesUnordered<Recovering>>,
+    /// Presence reads; likewise lazy.
+    presencing: Option<FuturesUnordered<Presencing>>,
     /// Calls waiting for their services; likewise lazy, and at most
     /// `WSGATE_MAX_CALLS_IN_FLIGHT`.
     calling: Option<FuturesUnordered<Calling>>,
@@ -223,6 +239,7 @@ impl Session {
             authorising: None,
             publishing: None,
             recovering: None,
+            presencing: None,
             calling: None,
             inbox: Inbox::default(),
             lines: None,
@@ -340,7 +357,11 @@ impl Session {
                 id,
                 ext,
                 since,
-            } => self.subscribe(ctx, conv, topic, id, ext, since),
+                join_leave,
+            } => self.subscribe(ctx, conv, topic, id, ext, since, join_leave),
+            Request::Presence { channel, id, stats } => {
+                self.presence(ctx, conv, channel, id, stats)
+            }
             Request::Unsubscribe { topic, id } => self.unsubscribe(ctx, conv, topic, id),
             Request::Ping { id } => self.answer(conv, Answer::Pong { id: id.as_deref() }),
             Request::Refresh { token, id } => self.refresh(ctx, conv, &token, id.as_deref()),
@@ -499,6 +520,8 @@ impl Session {
         self.ack(conv, AckKind::Subscribe, topic, id, Some(&error));
     }
 
+    // The request's own fields, passed on as they came (a struct would only rename them).
+    #[allow(clippy::too_many_arguments)]
     fn subscribe(
         &mut self,
         ctx: &SessionContext,
@@ -507,7 +530,18 @@ impl Session {
         id: Option<String>,
         ext: Option<String>,
         since: Option<Since>,
+        join_leave: bool,
     ) {
+        if join_leave && !ctx.hub.has_presence(topic.name()) {
+            let error = Refusal::Other(NO_PRESENCE.to_owned());
+            return self.ack(
+                conv,
+                AckKind::Subscribe,
+                &topic,
+                id.as_deref(),
+                Some(&error),
+            );
+        }
         if let Some(error) = self.refusal(ctx, &topic) {
             return self.ack(
                 conv,
@@ -549,6 +583,7 @@ impl Session {
                             told: false,
                             since,
                             recovering: false,
+                            join_leave,
                         },
                     );
                     let origin = self.started();
@@ -561,7 +596,7 @@ impl Session {
                 }
             }
         }
-        self.join(ctx, conv, topic, id, seq, since);
+        self.join(ctx, conv, topic, id, seq, since, join_leave);
     }
 
     /// The next answer of the callback or the broker, when one is awaited,
@@ -595,6 +630,12 @@ impl Session {
                     self.recovering = None;
                 }
                 (origin, Outcome::Recovered(topic, seq, reads, all))
+            }
+            Some((origin, (channel, id, stats, outcome))) = next_done(&mut self.presencing) => {
+                if self.presencing.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    self.presencing = None;
+                }
+                (origin, Outcome::Presence(channel, id, stats, outcome))
             }
             Some((origin, (topic, seq, outcome))) = next_done(&mut self.authorising) => {
                 if self.authorising.as_ref().is_some_and(FuturesUnordered::is_empty) {
@@ -643,6 +684,15 @@ impl Session {
             Outcome::Recovered(topic, seq, reads, all) => {
                 self.recovered(conv, topic, seq, reads, all)
             }
+            Outcome::Presence(channel, id, stats, outcome) => self.answer(
+                conv,
+                Answer::Presence {
+                    channel: &channel,
+                    id: id.as_deref(),
+                    stats,
+                    outcome: outcome.as_ref(),
+                },
+            ),
             Outcome::Published(channel, id, outcome) => {
                 let error = outcome.as_ref().err();
                 let refusal = error.map(|e| match e {
@@ -730,12 +780,12 @@ impl Session {
         if !current {
             return; // unsubscribed or revoked meanwhile, and already answered
         }
-        let (id, since) = match self.held.remove(&topic) {
-            Some(h) => (h.id, h.since),
-            None => (None, None),
+        let (id, since, join_leave) = match self.held.remove(&topic) {
+            Some(h) => (h.id, h.since, h.join_leave),
+            None => (None, None, false),
         };
         match outcome {
-            Ok(Decision::Allow) => self.join(ctx, conv, topic, id, seq, since),
+            Ok(Decision::Allow) => self.join(ctx, conv, topic, id, seq, since, join_leave),
             Ok(Decision::Deny(reason)) => {
                 let denied = Refusal::Denied(reason);
                 self.refuse(ctx, conv, "authz_denied", &topic, id.as_deref(), denied)
@@ -750,6 +800,7 @@ impl Session {
     }
 
     /// Joins the topic in the hub: an authorised subscribe.
+    #[allow(clippy::too_many_arguments)]
     fn join(
         &mut self,
         ctx: &SessionContext,
@@ -758,6 +809,7 @@ impl Session {
         id: Option<String>,
         seq: u64,
         since: Option<Since>,
+        join_leave: bool,
     ) {
         let joined = match ctx.hub.subscribe(&self.member, topic.clone()) {
             Ok(joined) => joined,
@@ -775,6 +827,7 @@ impl Session {
                 told: false,
                 since,
                 recovering: false,
+                join_leave,
             },
         );
         self.joined(ctx, conv, topic, seq, joined);
@@ -805,6 +858,7 @@ impl Session {
                 if !with.is_empty() {
                     // Reply once the reads are in: see `Session::recovered`.
                     sub.recover();
+                    self.activated(ctx, &topic, &sub);
                     sub.start();
                     if let Some(held) = self.held.get_mut(&topic) {
                         held.stage = Stage::Active(sub);
@@ -845,6 +899,7 @@ impl Session {
                         recovered: since.map(|_| false),
                     }),
                 );
+                self.activated(ctx, &topic, &sub);
                 sub.start();
                 if let Some(held) = self.held.get_mut(&topic) {
                     held.stage = Stage::Active(sub);
@@ -1115,6 +1170,7 @@ impl Session {
         };
         if let Stage::Active(sub) = &held.stage {
             sub.stop();
+            self.departed(ctx, &topic);
         }
         let unanswered = held.stage.is_authorising()
             || ctx
@@ -1211,6 +1267,7 @@ impl Session {
         ctx.metrics.refused.with_label_values(&[label]).inc();
         if let Stage::Active(sub) = &held.stage {
             sub.stop();
+            self.departed(ctx, &topic);
         }
         let answered = !held.stage.is_authorising()
             && ctx
@@ -1238,6 +1295,104 @@ impl Session {
             );
         }
         true
+    }
+
+    /// A subscription is about to start: it takes join/leave events if it
+    /// asked, and the connection becomes a member of a presence channel.
+    fn activated(&self, ctx: &SessionContext, topic: &Topic, sub: &Sub) {
+        let Topic::Channel(channel) = topic else {
+            return;
+        };
+        if !ctx.hub.has_presence(channel) {
+            return;
+        }
+        if self.held.get(topic).is_some_and(|h| h.join_leave) {
+            sub.want_join_leave();
+        }
+        if let Some(tracker) = ctx.hub.presence() {
+            let identity = self.identity.as_ref();
+            let who = Who::new(
+                &ctx.node_id,
+                self.member.id,
+                identity.map(|i| i.subject.as_str()),
+                identity.and_then(|i| i.claims.get("info")),
+            );
+            tracker.join(channel, &who);
+        }
+    }
+
+    /// An active subscription ended: the connection leaves the channel's
+    /// presence (nothing if it keeps none).
+    fn departed(&self, ctx: &SessionContext, topic: &Topic) {
+        let Topic::Channel(channel) = topic else {
+            return;
+        };
+        if let Some(tracker) = ctx.hub.presence() {
+            if tracker.rules().covers(channel) {
+                tracker.leave(channel, &Who::client_id(&ctx.node_id, self.member.id));
+            }
+        }
+    }
+
+    /// `presence` / `presence_stats`: checked as a subscribe of the channel
+    /// would be (name, rate, ACLs; not the callback), then read from the
+    /// broker within the subscribe timeout.
+    fn presence(
+        &mut self,
+        ctx: &SessionContext,
+        conv: &mut dyn Conversation,
+        channel: Bytes,
+        id: Option<String>,
+        stats: bool,
+    ) {
+        let topic = Topic::Channel(channel.clone());
+        let refusal = if let Err(error) = validate(&topic, ctx.max_pattern_bytes) {
+            Some(Refusal::Other(error))
+        } else if !ctx.hub.has_presence(&channel) {
+            Some(Refusal::Other(NO_PRESENCE.to_owned()))
+        } else if !self.bucket.take() {
+            ctx.metrics
+                .refused
+                .with_label_values(&["rate_limited"])
+                .inc();
+            Some(Refusal::RateLimited)
+        } else if !self.permitted(ctx, &topic) {
+            ctx.metrics
+                .refused
+                .with_label_values(&["not_allowed"])
+                .inc();
+            Some(Refusal::NotAllowed)
+        } else {
+            None
+        };
+        if let Some(error) = refusal {
+            return self.answer(
+                conv,
+                Answer::Presence {
+                    channel: &channel,
+                    id: id.as_deref(),
+                    stats,
+                    outcome: Err(&error),
+                },
+            );
+        }
+        let hub = ctx.hub.clone();
+        let timeout = ctx.subscribe_timeout;
+        let origin = self.started();
+        self.presencing
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(Box::pin(async move {
+                let read = tokio::time::timeout(timeout, hub.read_presence(channel.clone())).await;
+                let outcome = match read {
+                    Ok(Ok(members)) => Ok(members),
+                    Ok(Err(e)) => {
+                        warn!(cause = %e, "presence read failed");
+                        Err(Refusal::Unavailable(BROKER_UNAVAILABLE.to_owned()))
+                    }
+                    Err(_) => Err(Refusal::Unavailable(BROKER_UNAVAILABLE.to_owned())),
+                };
+                (origin, (channel, id, stats, outcome))
+            }));
     }
 
     /// A sender to this session's inbox, for whoever will address it later
@@ -1291,6 +1446,7 @@ impl Session {
         for (topic, held) in &self.held {
             if let Stage::Active(sub) = &held.stage {
                 sub.stop();
+                self.departed(ctx, topic);
             }
             if !held.stage.is_authorising() {
                 ctx.hub.unsubscribe(self.member.id, topic, held.stage.sub());

@@ -27,6 +27,7 @@ pub(crate) mod conn;
 mod cover;
 pub(crate) mod history;
 mod link;
+pub(crate) mod presence;
 mod publish;
 pub(crate) mod resp;
 
@@ -108,6 +109,8 @@ pub struct RedisOptions {
     /// `WSGATE_HISTORY`: channels whose publishes go through the Function
     /// library and whose history can be read ([`history`]).
     pub history: Rules,
+    /// `WSGATE_PRESENCE`: channels whose members are kept ([`presence`]).
+    pub presence: crate::presence::Rules,
 }
 
 /// Largest reply a history read may bring (a recovery reads at most
@@ -134,6 +137,10 @@ pub struct RedisBroker {
     /// History reads, on their own connection (`wsgate:<node>:history`);
     /// `None` without history rules.
     reader: Option<history::Reader>,
+    presence_rules: crate::presence::Rules,
+    /// Presence batches and reads, on their own connection
+    /// (`wsgate:<node>:presence`); `None` without presence rules.
+    presence: Option<presence::Store>,
 }
 
 /// One batch of changes for one link's connection `generation`.
@@ -177,6 +184,20 @@ impl RedisBroker {
                 &history::library(&options.history),
             ))
         };
+        let presence = if options.presence.is_empty() {
+            None
+        } else {
+            let commands = commands::Commands::start(
+                url,
+                commands::CommandOptions {
+                    name: format!("wsgate:{}:presence", options.node_id),
+                    timeout: options.probe_timeout,
+                    backoff_max: options.backoff_max,
+                    max_reply_bytes: MAX_HISTORY_REPLY_BYTES,
+                },
+            )?;
+            Some(presence::Store::new(commands))
+        };
         let k = options.pubsub_connections.clamp(1, MAX_LINKS);
         let budget = options.max_redis_patterns.div_ceil(k).max(1);
         let siblings = Siblings::new(k);
@@ -215,6 +236,8 @@ impl RedisBroker {
             publisher,
             history: options.history,
             reader,
+            presence_rules: options.presence,
+            presence,
         })
     }
 }
@@ -283,6 +306,39 @@ impl Broker for RedisBroker {
 
     fn history(&self) -> &Rules {
         &self.history
+    }
+
+    fn presence(&self) -> &crate::presence::Rules {
+        &self.presence_rules
+    }
+
+    fn sync_presence(
+        &self,
+        batch: crate::presence::Batch,
+    ) -> BoxFuture<'static, Result<crate::presence::Synced, BrokerError>> {
+        let store = self.presence.clone();
+        async move {
+            match store {
+                Some(store) => store.sync(&batch).await,
+                None => Err(BrokerError::Refused(
+                    "presence is not configured".to_owned(),
+                )),
+            }
+        }
+        .boxed()
+    }
+
+    fn read_presence(&self, channel: Bytes) -> BoxFuture<'static, Result<Vec<Bytes>, BrokerError>> {
+        let store = self.presence.clone();
+        async move {
+            match store {
+                Some(store) => store.read(&channel).await,
+                None => Err(BrokerError::Refused(
+                    "presence is not configured".to_owned(),
+                )),
+            }
+        }
+        .boxed()
     }
 
     fn read_history(

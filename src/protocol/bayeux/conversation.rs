@@ -325,6 +325,7 @@ impl BayeuxConversation {
                     id,
                     ext: ext.clone(),
                     since,
+                    join_leave: false,
                 },
                 AckKind::Unsubscribe => Request::Unsubscribe { topic, id },
             }));
@@ -558,6 +559,7 @@ impl Conversation for BayeuxConversation {
             Answer::Pong { .. }
             | Answer::Refreshed { .. }
             | Answer::Revoked { .. }
+            | Answer::Presence { .. }
             | Answer::Called { .. } => return,
         };
         out.push(Frame::text(text));

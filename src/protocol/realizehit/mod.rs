@@ -126,6 +126,7 @@ impl Conversation for RealizehitConversation {
                 Some(e) => reply::error(id, e.message()),
             },
             Answer::UnknownClient { .. }
+            | Answer::Presence { .. }
             | Answer::Called { .. }
             | Answer::ServiceAck { .. }
             | Answer::ServiceData { .. }
@@ -157,6 +158,7 @@ fn decode(text: &str) -> Result<Request, (Option<String>, String)> {
                 id: Some(id),
                 ext: None,
                 since: None,
+                join_leave: false,
             })
         }
         Some("unsub") => {

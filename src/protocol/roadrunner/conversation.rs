@@ -62,6 +62,7 @@ impl RoadRunnerConversation {
                     id,
                     ext: None,
                     since: None,
+                    join_leave: false,
                 },
                 AckKind::Unsubscribe => Request::Unsubscribe { topic, id },
             }));

@@ -162,6 +162,7 @@ impl SocketStreamConversation {
                 id,
                 ext: None,
                 since: None,
+                join_leave: false,
             }
         } else {
             Request::Unsubscribe { topic, id }
@@ -251,6 +252,7 @@ impl Conversation for SocketStreamConversation {
                 id: None,
                 ext: None,
                 since: None,
+                join_leave: false,
             }));
         }
     }
