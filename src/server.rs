@@ -94,6 +94,7 @@ pub async fn run(
                 max_redis_patterns: config.max_redis_patterns.get(),
                 pubsub_connections: config.pubsub_connections(),
                 history: config.history.clone(),
+                security: config.redis_security.clone(),
             };
             Arc::new(RedisBroker::start(
                 url,
