@@ -2020,7 +2020,7 @@ mod tests {
             ("WSGATE_MAX_MESSAGE_BYTES", "0", "greater than 0"),
             ("WSGATE_MAX_SUBSCRIPTIONS", "-4", "whole number"),
             ("WSGATE_LOG_FORMAT", "xml", "text or json"),
-            ("WSGATE_REDIS_URL", "http://x", "redis://"),
+            ("WSGATE_REDIS_URL", "http://x", "redis[s]+sentinel://"),
             ("WSGATE_WS_PATH", "ws", "absolute path"),
             ("WSGATE_LOG", "[[[", "tracing filter"),
             ("WSGATE_JWT_SECRET", "short", "32 bytes"),
