@@ -126,9 +126,15 @@ pub const MIN_API_KEY_BYTES: usize = 16;
 pub struct Config {
     /// `WSGATE_LISTEN`: address the HTTP/WebSocket server binds. Default `0.0.0.0:8080`.
     pub listen: SocketAddr,
-    /// `WSGATE_REDIS_URL`: `redis://[user:password@]host[:port][/db]`. Unset means the
-    /// embedded in-process broker (single node, no Redis needed).
+    /// `WSGATE_REDIS_URL`: `redis[s]://[user:password@]host[:port][/db]`, or
+    /// `redis[s]+sentinel://[user:password@]host:port[,host:port...]/master[/db]`
+    /// (docs/redis.md). Unset means the embedded in-process broker (single
+    /// node, no Redis needed).
     pub redis_url: Option<String>,
+    /// `WSGATE_REDIS_SENTINEL_PASSWORD`, `WSGATE_REDIS_CA_FILE`,
+    /// `WSGATE_REDIS_CERT_FILE`, `WSGATE_REDIS_KEY_FILE`: what every
+    /// connection to Redis needs beyond its URL.
+    pub redis_security: crate::broker::redis::Security,
     /// `WSGATE_WS_PATH`: path of the WebSocket endpoint. Default `/ws`.
     pub ws_path: String,
     /// `WSGATE_BAYEUX_PATH`: the Bayeux endpoint (WebSocket and long-polling,
@@ -433,6 +439,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             redis_url: None,
+            redis_security: crate::broker::redis::Security::default(),
             ws_path: "/ws".to_owned(),
             bayeux_path: "/bayeux".to_owned(),
             nodefony_path: "/realtime".to_owned(),
@@ -534,6 +541,10 @@ const fn nz(n: usize) -> NonZeroUsize {
 struct RawConfig {
     listen: Option<String>,
     redis_url: Option<String>,
+    redis_sentinel_password: Option<String>,
+    redis_ca_file: Option<String>,
+    redis_cert_file: Option<String>,
+    redis_key_file: Option<String>,
     ws_path: Option<String>,
     bayeux_path: Option<String>,
     nodefony_path: Option<String>,
@@ -834,11 +845,36 @@ impl Config {
             )?,
             redis_url: match raw.redis_url.filter(|v| !v.is_empty()) {
                 None => None,
-                Some(url) if url.starts_with("redis://") => Some(url),
-                Some(url) => {
-                    return Err(invalid("WSGATE_REDIS_URL", url,
-                        "a URL of the form redis://[user:password@]host[:port][/db], or unset for the embedded broker"));
+                Some(url)
+                    if [
+                        "redis://",
+                        "rediss://",
+                        "redis+sentinel://",
+                        "rediss+sentinel://",
+                    ]
+                    .iter()
+                    .any(|s| url.starts_with(s)) =>
+                {
+                    Some(url)
                 }
+                Some(url) => {
+                    return Err(invalid(
+                        "WSGATE_REDIS_URL",
+                        url,
+                        "a URL of the form redis[s]://[user:password@]host[:port][/db] or \
+                         redis[s]+sentinel://[user:password@]host:port[,host:port...]/master[/db], \
+                         or unset for the embedded broker",
+                    ));
+                }
+            },
+            redis_security: crate::broker::redis::Security {
+                sentinel_password: raw.redis_sentinel_password.filter(|v| !v.is_empty()),
+                ca_file: raw.redis_ca_file.filter(|v| !v.is_empty()).map(Into::into),
+                cert_file: raw
+                    .redis_cert_file
+                    .filter(|v| !v.is_empty())
+                    .map(Into::into),
+                key_file: raw.redis_key_file.filter(|v| !v.is_empty()).map(Into::into),
             },
             ws_path: parse_or(
                 raw.ws_path,
@@ -1373,7 +1409,27 @@ const HELP: &[Help] = &[
     help(
         "redis_url",
         "",
-        "redis://[user:password@]host[:port][/db]; unset: embedded in-process broker (one node)",
+        "redis[s]://[user:password@]host[:port][/db] or redis[s]+sentinel://[user:password@]host:port,.../master[/db]; unset: embedded in-process broker (one node)",
+    ),
+    help(
+        "redis_sentinel_password",
+        "",
+        "AUTH password of the sentinels themselves",
+    ),
+    help(
+        "redis_ca_file",
+        "",
+        "PEM CA bundle for rediss:// (required with TLS)",
+    ),
+    help(
+        "redis_cert_file",
+        "",
+        "PEM client certificate for rediss:// (with WSGATE_REDIS_KEY_FILE)",
+    ),
+    help(
+        "redis_key_file",
+        "",
+        "PEM private key of WSGATE_REDIS_CERT_FILE",
     ),
     help("ws_path", "/ws", "WebSocket endpoint path"),
     help(
@@ -2011,7 +2067,7 @@ mod tests {
             ("WSGATE_MAX_MESSAGE_BYTES", "0", "greater than 0"),
             ("WSGATE_MAX_SUBSCRIPTIONS", "-4", "whole number"),
             ("WSGATE_LOG_FORMAT", "xml", "text or json"),
-            ("WSGATE_REDIS_URL", "http://x", "redis://"),
+            ("WSGATE_REDIS_URL", "http://x", "redis[s]+sentinel://"),
             ("WSGATE_WS_PATH", "ws", "absolute path"),
             ("WSGATE_LOG", "[[[", "tracing filter"),
             ("WSGATE_JWT_SECRET", "short", "32 bytes"),

@@ -95,6 +95,7 @@ pub async fn run(
                 pubsub_connections: config.pubsub_connections(),
                 history: config.history.clone(),
                 presence: config.presence.clone(),
+                security: config.redis_security.clone(),
             };
             Arc::new(RedisBroker::start(
                 url,

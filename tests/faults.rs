@@ -31,7 +31,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -154,82 +154,6 @@ impl Drop for Node {
 /// `wsgate_broker_state{state="..."}`.
 fn state(s: &str) -> String {
     format!("wsgate_broker_state{{state=\"{s}\"}}")
-}
-
-// ---------------------------------------------------------------- /readyz watcher
-
-/// Samples `/readyz` every 5 ms in the background and records each change of
-/// status with the time it was seen.
-struct ReadyWatch {
-    transitions: Arc<Mutex<Vec<(Instant, u16)>>>,
-    task: JoinHandle<()>,
-}
-
-impl ReadyWatch {
-    fn start(addr: SocketAddr) -> ReadyWatch {
-        let transitions = Arc::new(Mutex::new(Vec::new()));
-        let seen = transitions.clone();
-        let task = tokio::spawn(async move {
-            let mut last = None;
-            loop {
-                let status = http(addr, "GET", "/readyz", None).await.0;
-                let at = Instant::now();
-                if last != Some(status) {
-                    seen.lock().unwrap().push((at, status));
-                    last = Some(status);
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-        ReadyWatch { transitions, task }
-    }
-
-    /// When `/readyz` was first seen answering `status` at or after `after`.
-    async fn wait_for(&self, status: u16, after: Instant, bound: Duration) -> Instant {
-        let deadline = Instant::now() + bound;
-        loop {
-            let hit = self
-                .transitions
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(at, s)| *at >= after && *s == status)
-                .map(|(at, _)| *at);
-            if let Some(at) = hit {
-                return at;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz never answered {status} within {bound:?}; transitions: {:?}",
-                self.describe(after)
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    fn describe(&self, since: Instant) -> Vec<(i128, u16)> {
-        self.transitions
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(at, s)| (signed_ms(since, *at), *s))
-            .collect()
-    }
-}
-
-impl Drop for ReadyWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// `to - from` in ms, negative when `to` is earlier.
-fn signed_ms(from: Instant, to: Instant) -> i128 {
-    if to >= from {
-        (to - from).as_millis() as i128
-    } else {
-        -((from - to).as_millis() as i128)
-    }
 }
 
 // ---------------------------------------------------------------- client tap

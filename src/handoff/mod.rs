@@ -115,6 +115,7 @@ impl Handoff {
                 url,
                 HandoffOptions {
                     backoff_max: config.redis_backoff_max,
+                    security: config.redis_security.clone(),
                     ..HandoffOptions::new(&config.node_id)
                 },
             ),

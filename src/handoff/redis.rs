@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use super::{key, HandoffError, HANDOFF_TIMEOUT, MAX_RECORD_BYTES};
 use crate::broker::redis::commands::{CommandOptions, Commands};
 use crate::broker::redis::resp::{self, Value};
-use crate::broker::redis::RedisConfigError;
+use crate::broker::redis::{RedisConfigError, Security};
 
 /// How the Redis store connects and how long calls may take.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub struct HandoffOptions {
     pub timeout: Duration,
     /// Reconnect backoff cap (`WSGATE_REDIS_BACKOFF_MAX_MS`, as the broker).
     pub backoff_max: Duration,
+    /// The sentinels' password and the TLS files (as the broker's).
+    pub security: Security,
 }
 
 impl HandoffOptions {
@@ -32,6 +34,7 @@ impl HandoffOptions {
             node_id: node_id.to_owned(),
             timeout: HANDOFF_TIMEOUT,
             backoff_max: Duration::from_secs(1),
+            security: Security::default(),
         }
     }
 }
@@ -54,6 +57,7 @@ impl RedisHandoff {
                 backoff_max: options.backoff_max,
                 // A record wsgate wrote, with room for the reply's framing.
                 max_reply_bytes: MAX_RECORD_BYTES + 1024,
+                security: options.security,
             },
         )?;
         Ok(RedisHandoff { commands })

@@ -323,6 +323,7 @@ impl Rpc {
                 config.service_lease,
                 config.subscribe_timeout.max(Duration::from_secs(1)),
                 config.redis_backoff_max,
+                &config.redis_security,
             )?),
             None => Directory::memory(hub.clone()),
         };

@@ -13,6 +13,7 @@
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -66,24 +67,26 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
-    /// `--appendonly yes --appendfsync always`: a `kill -9` loses no
-    /// acknowledged write (the gap-healing fault test, tests/history_heal.rs).
-    aof: bool,
+    /// Arguments beyond the defaults (e.g. `--replicaof`), kept for restarts.
+    extra: Vec<String>,
 }
 
 impl Redis {
     /// Starts redis-server and waits until it answers PING.
     pub async fn start() -> Redis {
-        Redis::start_with(false).await
+        Redis::start_with(&[]).await
     }
 
     /// As [`Redis::start`], with the append-only file on and fsynced per
-    /// write, so a restart (`kill` + `restart`) keeps every acknowledged write.
+    /// write, so a restart (`kill` + `restart`) keeps every acknowledged write
+    /// (the gap-healing fault test, tests/history_heal.rs).
     pub async fn start_aof() -> Redis {
-        Redis::start_with(true).await
+        Redis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await
     }
 
-    async fn start_with(aof: bool) -> Redis {
+    /// Starts redis-server with `extra` arguments after the defaults (a
+    /// replica: `--replicaof 127.0.0.1 <port>`), and waits for PING.
+    pub async fn start_with(extra: &[&str]) -> Redis {
         let dir = std::env::temp_dir().join(format!(
             "wsgate-test-redis-{}-{}",
             std::process::id(),
@@ -94,7 +97,7 @@ impl Redis {
             child: None,
             port: 0,
             dir,
-            aof,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
         };
         for _ in 0..5 {
             redis.port = free_port();
@@ -117,12 +120,11 @@ impl Redis {
                 "--save",
                 "",
                 "--appendonly",
-                if self.aof { "yes" } else { "no" },
-                "--appendfsync",
-                "always",
+                "no",
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -176,22 +178,7 @@ impl Redis {
     /// One command on a fresh connection; `None` if Redis is unreachable or
     /// answered an error.
     pub async fn try_cmd(&self, args: &[&str]) -> Option<redis::Value> {
-        let client = redis::Client::open(self.url()).ok()?;
-        let mut conn = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        tokio::time::timeout(Duration::from_secs(2), cmd.query_async(&mut conn))
-            .await
-            .ok()?
-            .ok()
+        try_cmd_at(&self.url(), args).await
     }
 
     /// Runs one command on a fresh connection (as redis-cli would).
@@ -362,6 +349,27 @@ impl Redis {
     }
 }
 
+/// Runs one command on a fresh connection to `url` (as redis-cli would);
+/// `None` when it failed or took over 2 s.
+pub async fn try_cmd_at(url: &str, args: &[&str]) -> Option<redis::Value> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    tokio::time::timeout(Duration::from_secs(2), cmd.query_async(&mut conn))
+        .await
+        .ok()?
+        .ok()
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
@@ -373,6 +381,115 @@ impl Drop for Redis {
 /// what Redis actually published, byte for byte. Shared by the publish tests
 /// over HTTP (tests/publish.rs) and over the native protocol
 /// (tests/client_publish.rs), which both check what reached Redis.
+/// A Redis Sentinel (`redis-server <conf> --sentinel`) on a free loopback
+/// port, watching the master `mymaster` with ~1 s detection, killed on drop.
+pub struct Sentinel {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Sentinel {
+    /// Starts a sentinel watching `127.0.0.1:<master_port>` as `mymaster`
+    /// (quorum 2, `down-after-milliseconds` 1000, `failover-timeout`
+    /// 3000), and waits until it answers PING.
+    pub async fn start(master_port: u16) -> Sentinel {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!(
+                "wsgate-test-sentinel-{}-{port}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 3000\n\
+                     sentinel parallel-syncs mymaster 1\n",
+                    dir.display()
+                ),
+            )
+            .expect("sentinel.conf");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server (with --sentinel) must be on PATH");
+            let mut sentinel = Sentinel {
+                child: Some(child),
+                port,
+                dir,
+            };
+            let deadline = Instant::now() + WAIT;
+            while Instant::now() < deadline {
+                if try_cmd_at(&sentinel.url(), &["PING"]).await.is_some() {
+                    return sentinel;
+                }
+                if let Some(Ok(Some(_))) = sentinel.child.as_mut().map(Child::try_wait) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sentinel.kill();
+        }
+        panic!("redis-server --sentinel did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn cmd(&self, args: &[&str]) -> Option<redis::Value> {
+        try_cmd_at(&self.url(), args).await
+    }
+
+    /// The master's port as this sentinel reports it.
+    pub async fn master_port(&self) -> Option<u16> {
+        match self
+            .cmd(&["SENTINEL", "get-master-addr-by-name", "mymaster"])
+            .await?
+        {
+            redis::Value::Array(v) => match v.get(1) {
+                Some(redis::Value::BulkString(p)) => std::str::from_utf8(p).ok()?.parse().ok(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// How many replicas and other sentinels this sentinel knows of.
+    pub async fn known(&self) -> (usize, usize) {
+        let count = |v: Option<redis::Value>| match v {
+            Some(redis::Value::Array(v)) => v.len(),
+            _ => 0,
+        };
+        (
+            count(self.cmd(&["SENTINEL", "replicas", "mymaster"]).await),
+            count(self.cmd(&["SENTINEL", "sentinels", "mymaster"]).await),
+        )
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 pub struct RawSub {
     _sink: redis::aio::PubSubSink,
     stream: redis::aio::PubSubStream,
@@ -436,6 +553,83 @@ pub fn is_router_channel(channel: &str) -> bool {
     channel.starts_with("wsgate:node:")
         || channel == "wsgate:nodes"
         || channel.starts_with("/wsgate/services/")
+}
+
+// ---------------------------------------------------------------- /readyz watcher
+
+/// Samples `/readyz` every 5 ms (shared by tests/faults.rs and
+/// tests/redis_topologies.rs) in the background and records each change of
+/// status with the time it was seen.
+pub struct ReadyWatch {
+    transitions: Arc<Mutex<Vec<(Instant, u16)>>>,
+    task: JoinHandle<()>,
+}
+
+impl ReadyWatch {
+    pub fn start(addr: SocketAddr) -> ReadyWatch {
+        let transitions = Arc::new(Mutex::new(Vec::new()));
+        let seen = transitions.clone();
+        let task = tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let status = http(addr, "GET", "/readyz", None).await.0;
+                let at = Instant::now();
+                if last != Some(status) {
+                    seen.lock().unwrap().push((at, status));
+                    last = Some(status);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        ReadyWatch { transitions, task }
+    }
+
+    /// When `/readyz` was first seen answering `status` at or after `after`.
+    pub async fn wait_for(&self, status: u16, after: Instant, bound: Duration) -> Instant {
+        let deadline = Instant::now() + bound;
+        loop {
+            let hit = self
+                .transitions
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(at, s)| *at >= after && *s == status)
+                .map(|(at, _)| *at);
+            if let Some(at) = hit {
+                return at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never answered {status} within {bound:?}; transitions: {:?}",
+                self.describe(after)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn describe(&self, since: Instant) -> Vec<(i128, u16)> {
+        self.transitions
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, s)| (signed_ms(since, *at), *s))
+            .collect()
+    }
+}
+
+impl Drop for ReadyWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `to - from` in ms, negative when `to` is earlier.
+pub fn signed_ms(from: Instant, to: Instant) -> i128 {
+    if to >= from {
+        (to - from).as_millis() as i128
+    } else {
+        -((from - to).as_millis() as i128)
+    }
 }
 
 // ---------------------------------------------------------------- gateway

@@ -24,14 +24,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use super::conn::{Handshake, Target};
+use super::conn::{Connected, Handshake, Security, Target};
 use super::resp::Value;
+use super::sentinel::Moved;
+use super::stream::{ReadHalf, Stream, WriteHalf};
 use super::RedisConfigError;
 use crate::backoff::backoff;
 
@@ -74,6 +74,8 @@ pub(crate) struct CommandOptions {
     /// An unfinished reply larger than this is not one this use expects:
     /// the connection is dropped rather than buffer it.
     pub(crate) max_reply_bytes: usize,
+    /// The sentinels' password and the TLS files (as the broker's).
+    pub(crate) security: Security,
 }
 
 /// Handle to the command connection task; clones share it.
@@ -95,7 +97,13 @@ impl Commands {
     /// Parses `url` (the broker's URL forms) and starts the task, which
     /// connects at once in the background.
     pub(crate) fn start(url: &str, options: CommandOptions) -> Result<Commands, RedisConfigError> {
-        let (target, _) = Target::parse(url)?;
+        let target = Target::parse(url, &options.security)?;
+        Ok(Commands::start_target(target, options))
+    }
+
+    /// Starts the task for an already parsed `target` (the broker's own
+    /// connections share its [`Target`], Sentinel watch included).
+    pub(crate) fn start_target(target: Target, options: CommandOptions) -> Commands {
         let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
         let (closing, closed) = watch::channel(false);
         let span =
@@ -110,11 +118,11 @@ impl Commands {
             closing: closed,
         };
         tokio::spawn(task.run().instrument(span));
-        Ok(Commands {
+        Commands {
             requests: tx,
             closing: Arc::new(closing),
             timeout: options.timeout,
-        })
+        }
     }
 
     /// Stops the task: in-flight and later calls answer `Unavailable`.
@@ -177,12 +185,12 @@ impl Task {
                 return;
             };
             match connected {
-                Ok(Ok(stream)) => {
+                Ok(Ok((stream, moved))) => {
                     if failures > 0 {
                         info!(after = failures, "redis command connection restored");
                     }
                     let since = Instant::now();
-                    match self.serve(stream).await {
+                    match self.serve(stream, moved).await {
                         End::Shutdown => return,
                         End::Lost(cause) => warn!(%cause, "redis command connection lost"),
                     }
@@ -215,8 +223,8 @@ impl Task {
     }
 
     /// Serves one connected period.
-    async fn serve(&mut self, stream: TcpStream) -> End {
-        let (mut rd, mut wr) = stream.into_split();
+    async fn serve(&mut self, stream: Stream, mut moved: Moved) -> End {
+        let (mut rd, mut wr) = stream.split();
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut out = BytesMut::new();
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
@@ -227,6 +235,7 @@ impl Task {
                 // command is written to it.
                 biased;
                 () = closed(&mut self.closing) => break End::Shutdown,
+                () = moved.wait() => break End::Lost("sentinel announced a new master".to_owned()),
                 read = read_some(&mut rd, &mut buf) => {
                     if let Err(cause) = read.and_then(|()| drain(&mut buf, &mut inflight, self.max_reply_bytes)) {
                         break End::Lost(cause);
@@ -255,7 +264,7 @@ impl Task {
     async fn write(
         &mut self,
         first: Request,
-        wr: &mut OwnedWriteHalf,
+        wr: &mut WriteHalf,
         out: &mut BytesMut,
         inflight: &mut VecDeque<InFlight>,
     ) -> Result<(), String> {
@@ -274,7 +283,11 @@ impl Task {
         if batch.is_empty() {
             return Ok(());
         }
-        let written = tokio::time::timeout(self.timeout, wr.write_all(out)).await;
+        let written = tokio::time::timeout(self.timeout, async {
+            wr.write_all(out).await?;
+            wr.flush().await
+        })
+        .await;
         let failure = match written {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
@@ -297,9 +310,13 @@ impl Task {
 
 /// Connects and runs the handshake (`AUTH`, `SELECT`, `CLIENT SETNAME`);
 /// the caller bounds it.
-async fn connect(target: &Target, name: &str) -> Result<TcpStream, String> {
+async fn connect(target: &Target, name: &str) -> Result<(Stream, Moved), String> {
     let handshake = Handshake::new(target, name, true);
-    let (stream, replies) = handshake.run(target).await?;
+    let Connected {
+        stream,
+        replies,
+        moved,
+    } = handshake.run(target).await?;
     for (step, reply) in replies {
         match (step, reply) {
             ("CLIENT SETNAME", Value::Error(e)) => warn!(
@@ -312,7 +329,7 @@ async fn connect(target: &Target, name: &str) -> Result<TcpStream, String> {
             _ => {}
         }
     }
-    Ok(stream)
+    Ok((stream, moved))
 }
 
 /// Hands every complete reply in `buf` to the call it answers, in order.
@@ -370,7 +387,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Reads at least one byte into `buf`; EOF is an error (Redis closed on us).
-async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<(), String> {
+async fn read_some(rd: &mut ReadHalf, buf: &mut BytesMut) -> Result<(), String> {
     buf.reserve(READ_CHUNK);
     match rd.read_buf(buf).await {
         Ok(0) => Err("connection closed by redis".to_owned()),

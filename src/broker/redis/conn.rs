@@ -1,60 +1,205 @@
 //! Opening a connection to Redis, shared by every connection a node has
-//! (pub/sub, publish, and the Bayeux handoff store): which URLs are accepted
-//! ([`Target::parse`]) and the handshake each connection starts with
+//! (pub/sub, publish, history, the `PUBSUB NUMPAT` poll, the Bayeux handoff
+//! store and the service directory): which URLs are accepted
+//! ([`Target::parse`]: `redis://`, `rediss://`, `redis+sentinel://`,
+//! `rediss+sentinel://`), where the server is *now* (asked again on every
+//! connect: Sentinel or DNS may have moved it), the byte stream (TCP or
+//! TLS, [`super::stream`]) and the handshake each connection starts with
 //! ([`Handshake`]: `AUTH`, `SELECT`, `CLIENT SETNAME`, then whatever the
-//! connection's role needs), so that a URL form or a handshake step is
-//! added in one place for all of them.
+//! connection's role needs, then `ROLE` behind Sentinel), so that a URL
+//! form or a handshake step is added in one place for all of them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::resp::{self, Value};
+use super::sentinel::{self, Moved, Sentinel};
+use super::stream::{Stream, Tls};
 use super::RedisConfigError;
+
+/// What a Redis URL alone cannot say: the sentinels' own password and the
+/// TLS files (`WSGATE_REDIS_SENTINEL_PASSWORD`, `WSGATE_REDIS_CA_FILE`,
+/// `WSGATE_REDIS_CERT_FILE`, `WSGATE_REDIS_KEY_FILE`), the same for every
+/// connection of the node.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    /// `AUTH` on the sentinels (not on the master: that is the URL's).
+    pub sentinel_password: Option<String>,
+    /// PEM CA bundle that `rediss://` servers' certificates must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain, with [`Security::key_file`].
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of [`Security::cert_file`].
+    pub key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field(
+                "sentinel_password",
+                &self.sentinel_password.as_ref().map(|_| "***"),
+            )
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
+/// Where the server is: named by the URL, or asked of Sentinel.
+#[derive(Debug, Clone)]
+enum Locate {
+    /// `redis[s]://host:port` (DNS resolved again on every connect).
+    Direct { host: String, port: u16 },
+    /// `redis[s]+sentinel://...`: asked on every connect.
+    Sentinel(Arc<Sentinel>),
+}
 
 /// Where a node's Redis is and how to log in, from `WSGATE_REDIS_URL`.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
-    /// Redis host (resolved again on every connect: a failover moves DNS).
-    pub(crate) host: String,
-    /// Redis port.
-    pub(crate) port: u16,
+    locate: Locate,
     /// `AUTH [user] password`, from the URL.
     pub(crate) auth: Option<(Option<String>, String)>,
     /// The database of the URL's path (`/3`); 0 by default.
     pub(crate) db: i64,
+    /// `rediss://`: TLS on every connection (sentinels included).
+    tls: Option<Tls>,
 }
 
 impl Target {
     /// Parses `url` the way every connection of the node reads it:
-    /// `redis://[user:password@]host[:port][/db]`, plain TCP only (no TLS,
-    /// no Unix socket). Also returns redis-rs's client for the same URL, for
-    /// the one connection that uses redis-rs (the `PUBSUB NUMPAT` poll).
-    pub(crate) fn parse(url: &str) -> Result<(Target, redis::Client), RedisConfigError> {
-        let client = redis::Client::open(url)?;
-        let info = client.get_connection_info();
-        let (host, port) = match info.addr() {
-            redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+    /// `redis[s]://[user:password@]host[:port][/db]` or
+    /// `redis[s]+sentinel://[user:password@]host:port[,host:port...]/master[/db]`
+    /// (the credentials are the master's; the sentinels' password is
+    /// [`Security::sentinel_password`]; a sentinel without a port is on
+    /// 26379). No Unix sockets. TLS files are loaded here: a bad one
+    /// refuses the start.
+    pub(crate) fn parse(url: &str, security: &Security) -> Result<Target, RedisConfigError> {
+        let (scheme, rest) = url.split_once("://").ok_or(RedisConfigError::Unsupported)?;
+        let (tls, sentinel) = match scheme {
+            "redis" => (false, false),
+            "rediss" => (true, false),
+            "redis+sentinel" => (false, true),
+            "rediss+sentinel" => (true, true),
             _ => return Err(RedisConfigError::Unsupported),
         };
-        let settings = info.redis_settings();
-        let auth = settings.password().map(|password| {
-            let user = settings.username().map(str::to_owned);
-            (user, password.to_owned())
-        });
-        let target = Target {
-            host,
-            port,
-            auth,
-            db: settings.db(),
+        let tls = if tls {
+            let tls = Tls::load(
+                security.ca_file.as_deref(),
+                security.cert_file.as_deref(),
+                security.key_file.as_deref(),
+            )
+            .map_err(RedisConfigError::Tls)?;
+            Some(tls)
+        } else {
+            None
         };
-        Ok((target, client))
+        if !sentinel {
+            // redis-rs parses the rest (percent-decoding, defaults) as it did.
+            let info = redis::Client::open(format!("redis://{rest}"))?
+                .get_connection_info()
+                .clone();
+            let (host, port) = match info.addr() {
+                redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+                _ => return Err(RedisConfigError::Unsupported),
+            };
+            let (auth, db) = auth_and_db(&info);
+            return Ok(Target {
+                locate: Locate::Direct { host, port },
+                auth,
+                db,
+                tls,
+            });
+        }
+        let bad =
+            |why: &str| RedisConfigError::Sentinel(format!("{why} in {scheme}://{}", redact(rest)));
+        let (authority, path) = rest.split_once('/').ok_or_else(|| bad("no /master name"))?;
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let mut nodes = Vec::new();
+        for node in hosts.split(',') {
+            let (host, port) = match node.rsplit_once(':') {
+                Some((h, p)) => (h, p.parse().map_err(|_| bad("a bad sentinel port"))?),
+                None => (node, 26379),
+            };
+            if host.is_empty() {
+                return Err(bad("an empty sentinel host"));
+            }
+            nodes.push((host.trim_matches(['[', ']']).to_owned(), port));
+        }
+        let (master, db) = match path.split_once('/') {
+            Some((m, db)) => (m, db),
+            None => (path, ""),
+        };
+        if master.is_empty() {
+            return Err(bad("no master name"));
+        }
+        // Credentials and database through redis-rs, as for a single Redis.
+        let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+        let info = redis::Client::open(format!("redis://{userinfo}localhost/{db}"))?
+            .get_connection_info()
+            .clone();
+        let (auth, db) = auth_and_db(&info);
+        let sentinel = Sentinel::new(
+            nodes,
+            master.to_owned(),
+            security.sentinel_password.clone(),
+            tls.clone(),
+        );
+        Ok(Target {
+            locate: Locate::Sentinel(Arc::new(sentinel)),
+            auth,
+            db,
+            tls,
+        })
     }
 
-    /// `host:port`, for log spans.
+    /// What log spans show: `host:port`, or the sentinels and master name.
     pub(crate) fn addr(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        match &self.locate {
+            Locate::Direct { host, port } => format!("{host}:{port}"),
+            Locate::Sentinel(s) => {
+                let nodes: Vec<String> = s.nodes.iter().map(|(h, p)| format!("{h}:{p}")).collect();
+                format!("sentinel {} master {}", nodes.join(","), s.master)
+            }
+        }
     }
+}
+
+/// The URL's `AUTH` credentials and database.
+fn auth_and_db(info: &redis::ConnectionInfo) -> (Option<(Option<String>, String)>, i64) {
+    let settings = info.redis_settings();
+    let auth = settings.password().map(|password| {
+        let user = settings.username().map(str::to_owned);
+        (user, password.to_owned())
+    });
+    (auth, settings.db())
+}
+
+/// `rest` of a URL without its password, for error messages.
+fn redact(rest: &str) -> String {
+    match rest.split_once('@') {
+        Some((_, after)) => format!("***@{after}"),
+        None => rest.to_owned(),
+    }
+}
+
+/// One connection, handshake done.
+pub(crate) struct Connected {
+    /// The stream, ready for the connection's own commands.
+    pub(crate) stream: Stream,
+    /// Each handshake step's name with its reply, in order.
+    pub(crate) replies: Vec<(&'static str, Value)>,
+    /// Resolves when Sentinel announces another master: the connection
+    /// should then end and connect again.
+    pub(crate) moved: Moved,
 }
 
 /// The commands a new connection sends before anything else, pipelined in
@@ -97,61 +242,122 @@ impl Handshake {
         self.steps.push(step);
     }
 
-    /// Connects to `target`, writes every command and reads one reply per
-    /// command: each step's name with its reply, in order, for the caller
-    /// to judge (a refused `CLIENT SETNAME` matters less than a refused
-    /// `AUTH`). No timeout of its own: the caller bounds it (a frozen Redis
-    /// still accepts TCP connections through the kernel; its replies are what
+    /// Connects to `target` (asking Sentinel first when the URL names
+    /// sentinels), writes every command and reads one reply per command:
+    /// each step's name with its reply, in order, for the caller to judge (a
+    /// refused `CLIENT SETNAME` matters less than a refused `AUTH`). Behind
+    /// Sentinel a last `ROLE` must say master, or the connect fails. No
+    /// timeout of its own: the caller bounds it (a frozen Redis still
+    /// accepts TCP connections through the kernel; its replies are what
     /// prove it alive).
-    pub(crate) async fn run(
-        self,
-        target: &Target,
-    ) -> Result<(TcpStream, Vec<(&'static str, Value)>), String> {
-        let addr = (target.host.clone(), target.port);
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        stream
-            .write_all(&self.cmd)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = BytesMut::with_capacity(256);
-        let mut replies = Vec::with_capacity(self.steps.len());
-        while replies.len() < self.steps.len() {
-            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                return Err("connection closed during handshake".to_owned());
+    pub(crate) async fn run(mut self, target: &Target) -> Result<Connected, String> {
+        let ((host, port), moved) = match &target.locate {
+            Locate::Direct { host, port } => ((host.clone(), *port), Moved::never()),
+            Locate::Sentinel(s) => {
+                self.push("ROLE", &[b"ROLE"]);
+                s.resolve().await?
             }
-            while let Some(v) = resp::parse(&mut buf).map_err(|e| e.to_string())? {
-                replies.push(v);
+        };
+        let mut stream = Stream::connect(&host, port, target.tls.as_ref()).await?;
+        let replies = exchange(&mut stream, &self.cmd, self.steps.len()).await?;
+        let mut replies: Vec<_> = self.steps.into_iter().zip(replies).collect();
+        if let Locate::Sentinel(_) = target.locate {
+            if let Some((_, role)) = replies.pop() {
+                sentinel::is_master(&role).map_err(|e| format!("{host}:{port}: {e}"))?;
             }
         }
-        if replies.len() > self.steps.len() {
-            return Err("more replies than commands during handshake".to_owned());
-        }
-        Ok((stream, self.steps.into_iter().zip(replies).collect()))
+        Ok(Connected {
+            stream,
+            replies,
+            moved,
+        })
     }
+}
+
+/// Writes `cmd` (complete RESP, `expected` commands) and reads exactly
+/// `expected` replies. Unbounded: callers bound it.
+pub(crate) async fn exchange(
+    stream: &mut Stream,
+    cmd: &[u8],
+    expected: usize,
+) -> Result<Vec<Value>, String> {
+    stream.write_all(cmd).await.map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(256);
+    let mut replies = Vec::with_capacity(expected);
+    while replies.len() < expected {
+        if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("connection closed during handshake".to_owned());
+        }
+        while let Some(v) = resp::parse(&mut buf).map_err(|e| e.to_string())? {
+            replies.push(v);
+        }
+    }
+    if replies.len() > expected {
+        return Err("more replies than commands during handshake".to_owned());
+    }
+    Ok(replies)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(url: &str) -> Result<Target, RedisConfigError> {
+        Target::parse(url, &Security::default())
+    }
+
     #[test]
     fn parses_the_url_forms_the_node_accepts() {
-        let (t, _) = Target::parse("redis://user:pw@127.0.0.1:6390/3").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 6390, 3));
+        let t = parse("redis://user:pw@127.0.0.1:6390/3").unwrap();
+        assert_eq!((t.addr().as_str(), t.db), ("127.0.0.1:6390", 3));
         assert_eq!(t.auth, Some((Some("user".to_owned()), "pw".to_owned())));
-        let (t, _) = Target::parse("redis://localhost").unwrap();
-        assert_eq!((t.port, t.db, t.auth), (6379, 0, None));
+        let t = parse("redis://localhost").unwrap();
+        assert_eq!(
+            (t.addr().as_str(), t.db, t.auth),
+            ("localhost:6379", 0, None)
+        );
         assert!(matches!(
-            Target::parse("redis+unix:///tmp/redis.sock"),
+            parse("redis+unix:///tmp/redis.sock"),
             Err(RedisConfigError::Unsupported)
         ));
-        assert!(Target::parse("http://x").is_err());
+        assert!(parse("http://x").is_err());
+        // rediss:// without a CA file is refused with the variable named.
+        match parse("rediss://127.0.0.1:1") {
+            Err(RedisConfigError::Tls(e)) => assert!(e.contains("WSGATE_REDIS_CA_FILE"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_sentinel_urls() {
+        let t = parse("redis+sentinel://u:p%40w@h1:26379,h2:26380,h3/mymaster/2").unwrap();
+        assert_eq!(
+            t.addr(),
+            "sentinel h1:26379,h2:26380,h3:26379 master mymaster"
+        );
+        assert_eq!(t.auth, Some((Some("u".to_owned()), "p@w".to_owned())));
+        assert_eq!(t.db, 2);
+        let t = parse("redis+sentinel://h1:5000/m").unwrap();
+        assert_eq!(
+            (t.addr().as_str(), t.db, t.auth),
+            ("sentinel h1:5000 master m", 0, None)
+        );
+        for bad in [
+            "redis+sentinel://h1:5000",
+            "redis+sentinel://h1:5000/",
+            "redis+sentinel://h1:x/m",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(RedisConfigError::Sentinel(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
     fn handshake_selects_only_when_asked_and_needed() {
-        let (t, _) = Target::parse("redis://:pw@127.0.0.1:1/2").unwrap();
+        let t = parse("redis://:pw@127.0.0.1:1/2").unwrap();
         let h = Handshake::new(&t, "wsgate:n:role", true);
         assert_eq!(h.steps, ["AUTH", "SELECT", "CLIENT SETNAME"]);
         assert_eq!(
@@ -163,7 +369,7 @@ mod tests {
             Handshake::new(&t, "x", false).steps,
             ["AUTH", "CLIENT SETNAME"]
         );
-        let (t, _) = Target::parse("redis://127.0.0.1:1").unwrap();
+        let t = parse("redis://127.0.0.1:1").unwrap();
         assert_eq!(Handshake::new(&t, "x", true).steps, ["CLIENT SETNAME"]);
     }
 }

@@ -18,13 +18,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use super::conn::{Handshake, Target};
+use super::conn::{Connected, Handshake, Target};
 use super::cover::{Commands, Covers, Route};
 use super::resp::{self, Value};
+use super::sentinel::Moved;
+use super::stream::{ReadHalf, Stream, WriteHalf};
 use super::{RedisOptions, Request, NOT_PERMITTED};
 use crate::backoff::backoff;
 use crate::broker::{
@@ -297,7 +298,7 @@ impl Actor {
             // From here on, a sibling's connect ends this link's next pause.
             reached.mark_unchanged();
             match self.connect().await {
-                Ok(Some(stream)) => {
+                Ok(Some((stream, moved))) => {
                     let connected_at = Instant::now();
                     generation += 1;
                     info!(generation, "connected");
@@ -312,7 +313,7 @@ impl Actor {
                         return;
                     }
                     self.siblings.set_up(&self.metrics, true);
-                    let exit = self.serve(stream, generation).await;
+                    let exit = self.serve(stream, moved, generation).await;
                     self.siblings.set_up(&self.metrics, false);
                     // Only a connection that lasted resets the backoff.
                     if connected_at.elapsed() >= STABLE_AFTER {
@@ -384,19 +385,23 @@ impl Actor {
     /// within the probe timeout (a frozen Redis still accepts TCP connections
     /// through the kernel; the PING is what proves it alive). `Ok(None)` means
     /// shutdown was requested meanwhile.
-    async fn connect(&mut self) -> Result<Option<TcpStream>, String> {
+    async fn connect(&mut self) -> Result<Option<(Stream, Moved)>, String> {
         // Pub/sub ignores databases: no SELECT.
         let mut handshake = Handshake::new(&self.target, &self.name, false);
         handshake.push("PING", &[b"PING"]);
         let target = self.target.clone();
         let attempt = async move {
-            let (stream, replies) = handshake.run(&target).await?;
+            let Connected {
+                stream,
+                replies,
+                moved,
+            } = handshake.run(&target).await?;
             for (_, reply) in replies {
                 if !matches!(reply, Value::Simple(_)) {
                     return Err(format!("handshake refused: {reply:?}"));
                 }
             }
-            Ok::<_, String>(stream)
+            Ok::<_, String>((stream, moved))
         };
         match self
             .refuse_while(tokio::time::timeout(self.options.probe_timeout, attempt))
@@ -432,10 +437,10 @@ impl Actor {
         }
     }
 
-    async fn serve(&mut self, stream: TcpStream, generation: u64) -> Exit {
+    async fn serve(&mut self, stream: Stream, mut moved: Moved, generation: u64) -> Exit {
         self.covers = Covers::new(self.budget);
         self.follow_up.clear();
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr) = stream.split();
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut out = BytesMut::new();
         let mut inflight = InFlight::default();
@@ -451,6 +456,7 @@ impl Actor {
         let write_timeout = self.options.probe_timeout;
         let exit = loop {
             tokio::select! {
+                () = moved.wait() => break Exit::Lost("sentinel announced a new master".to_owned()),
                 req = self.requests.recv() => {
                     let Some(req) = req else { break Exit::Shutdown };
                     if req.generation != generation {
@@ -646,12 +652,13 @@ impl Actor {
 
 /// Writes `bytes` or fails after `limit`: a frozen Redis stops reading, and a
 /// write that never finishes must not hang the connection's task.
-async fn write_within(
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
-    bytes: &[u8],
-    limit: Duration,
-) -> Result<(), String> {
-    match tokio::time::timeout(limit, wr.write_all(bytes)).await {
+async fn write_within(wr: &mut WriteHalf, bytes: &[u8], limit: Duration) -> Result<(), String> {
+    let write = async {
+        wr.write_all(bytes).await?;
+        // TLS may hold the last record until flushed (a no-op on TCP).
+        wr.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("write to redis took longer than {limit:?}")),
@@ -659,10 +666,7 @@ async fn write_within(
 }
 
 /// Reads at least one byte into `buf`; EOF is an error (Redis closed on us).
-async fn read_some(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    buf: &mut BytesMut,
-) -> Result<(), String> {
+async fn read_some(rd: &mut ReadHalf, buf: &mut BytesMut) -> Result<(), String> {
     buf.reserve(READ_CHUNK);
     match rd.read_buf(buf).await {
         Ok(0) => Err("connection closed by redis".to_owned()),

@@ -20,7 +20,8 @@
 //! an unbounded channel, and they copy every payload. Publishing has its own
 //! connection and task ([`publish`]), which knows whether a failed publish
 //! reached Redis. Every connection of the node (these, and the Bayeux
-//! handoff store's) is opened by [`conn`]: the same URL forms and handshake.
+//! handoff store's) is opened by [`conn`]: the same URL forms (single Redis,
+//! Sentinel, TLS: docs/redis.md) and handshake.
 
 pub(crate) mod commands;
 pub(crate) mod conn;
@@ -30,6 +31,8 @@ mod link;
 pub(crate) mod presence;
 mod publish;
 pub(crate) mod resp;
+mod sentinel;
+mod stream;
 
 use std::time::Duration;
 
@@ -42,6 +45,7 @@ use tracing::{debug, Instrument};
 use super::{Applied, Broker, BrokerError, Changes, EventSink, Publication, PublishError, Topic};
 use crate::history::{Query, Read, Rules};
 use crate::metrics::Metrics;
+pub use conn::Security;
 use conn::Target;
 use link::{Actor, Link, Siblings};
 
@@ -80,9 +84,17 @@ pub enum RedisConfigError {
     /// redis-rs could not parse the URL.
     #[error("invalid redis URL: {0}")]
     Url(#[from] redis::RedisError),
-    /// Only plain TCP is supported for the pub/sub connection.
-    #[error("only redis://host:port URLs are supported")]
+    /// A scheme or address form the node does not speak.
+    #[error(
+        "only redis://, rediss://, redis+sentinel:// and rediss+sentinel:// URLs are supported"
+    )]
     Unsupported,
+    /// A `redis+sentinel://` URL that does not name sentinels and a master.
+    #[error("invalid sentinel URL ({0}): the form is redis+sentinel://[user:password@]host:port[,host:port...]/master[/db]")]
+    Sentinel(String),
+    /// A TLS file is missing or unusable (the node refuses to start).
+    #[error("redis TLS: {0}")]
+    Tls(String),
 }
 
 /// Timing and naming of the node's Redis connections (from [`crate::Config`]).
@@ -111,6 +123,8 @@ pub struct RedisOptions {
     pub history: Rules,
     /// `WSGATE_PRESENCE`: channels whose members are kept ([`presence`]).
     pub presence: crate::presence::Rules,
+    /// The sentinels' password and the TLS files, for every connection.
+    pub security: Security,
 }
 
 /// Largest reply a history read may bring (a recovery reads at most
@@ -159,7 +173,7 @@ impl RedisBroker {
         metrics: Metrics,
         options: RedisOptions,
     ) -> Result<RedisBroker, RedisConfigError> {
-        let (target, client) = Target::parse(url)?;
+        let target = Target::parse(url, &options.security)?;
         let publisher = publish::Publisher::start(publish::Settings {
             target: target.clone(),
             client_name: format!("wsgate:{}:publish", options.node_id),
@@ -177,6 +191,7 @@ impl RedisBroker {
                     timeout: options.probe_timeout,
                     backoff_max: options.backoff_max,
                     max_reply_bytes: MAX_HISTORY_REPLY_BYTES,
+                    security: options.security.clone(),
                 },
             )?;
             Some(history::Reader::new(
@@ -194,6 +209,7 @@ impl RedisBroker {
                     timeout: options.probe_timeout,
                     backoff_max: options.backoff_max,
                     max_reply_bytes: MAX_HISTORY_REPLY_BYTES,
+                    security: options.security.clone(),
                 },
             )?;
             Some(presence::Store::new(commands))
@@ -221,9 +237,19 @@ impl RedisBroker {
         }
         drop(events);
         if let Some(first) = links.first() {
+            let numpat = commands::Commands::start_target(
+                target,
+                commands::CommandOptions {
+                    name: format!("wsgate:{}:numpat", options.node_id),
+                    timeout: options.probe_interval.min(options.probe_timeout),
+                    backoff_max: options.backoff_max,
+                    max_reply_bytes: 1024,
+                    security: options.security.clone(),
+                },
+            );
             tokio::spawn(
                 poll_numpat(
-                    client,
+                    numpat,
                     first.downgrade(),
                     metrics.clone(),
                     options.probe_interval,
@@ -365,40 +391,30 @@ impl Broker for RedisBroker {
 }
 
 /// Keeps `wsgate_redis_numpat` at what Redis reports, polling `PUBSUB
-/// NUMPAT` (O(1) in Redis) every `interval` on a connection of its own
-/// (the pub/sub one, in RESP2 subscribed mode, cannot run it), until the
-/// broker is dropped. A failed poll leaves the last value and reconnects.
+/// NUMPAT` (O(1) in Redis) every `interval` on a command connection of its
+/// own (`wsgate:<node>:numpat`; the pub/sub one, in RESP2 subscribed mode,
+/// cannot run it), until the broker is dropped. A failed poll leaves the
+/// last value; the connection reconnects by itself.
 async fn poll_numpat(
-    client: redis::Client,
+    conn: commands::Commands,
     alive: mpsc::WeakSender<Request>,
     metrics: Metrics,
     interval: Duration,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut conn = None;
+    let mut cmd = bytes::BytesMut::new();
+    resp::encode_command(&mut cmd, [&b"PUBSUB"[..], b"NUMPAT"].into_iter());
+    let cmd = cmd.freeze();
     loop {
         tick.tick().await;
         if alive.upgrade().is_none() {
+            conn.close();
             return;
         }
-        if conn.is_none() {
-            let connect = client.get_multiplexed_async_connection();
-            conn = match tokio::time::timeout(interval, connect).await {
-                Ok(Ok(c)) => Some(c),
-                _ => continue,
-            };
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        let mut cmd = redis::cmd("PUBSUB");
-        cmd.arg("NUMPAT");
-        let asked = cmd.query_async::<i64>(c);
-        match tokio::time::timeout(interval, asked).await {
-            Ok(Ok(n)) => metrics.redis_numpat.set(n),
-            other => {
-                debug!(outcome = ?other.map(|r| r.map_err(|e| e.to_string())), "PUBSUB NUMPAT failed");
-                conn = None;
-            }
+        match conn.call(cmd.clone()).await {
+            Ok(resp::Value::Integer(n)) => metrics.redis_numpat.set(n),
+            other => debug!(outcome = ?other, "PUBSUB NUMPAT failed"),
         }
     }
 }

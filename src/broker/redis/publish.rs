@@ -1,4 +1,4 @@
-//! The publish connection: one plain TCP connection per node for `PUBLISH`
+//! The publish connection: one connection (TCP or TLS) per node for `PUBLISH`
 //! (and the idempotent-publish script), owned by one task.
 //!
 //! Why not redis-rs's `ConnectionManager`: after a failure it cannot say
@@ -33,15 +33,15 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use super::conn::{Handshake, Target};
+use super::conn::{Connected, Handshake, Target};
 use super::history;
 use super::resp::{self, Value};
+use super::sentinel::Moved;
+use super::stream::{ReadHalf, Stream, WriteHalf};
 use crate::broker::{Publication, PublishError};
 use crate::history::Rules;
 
@@ -235,14 +235,14 @@ impl Task {
     async fn run(mut self) {
         // Connect at once, so the connection is ready (and named in `CLIENT
         // LIST`) before the first publish; after a loss, on demand.
-        if let Ok(stream) = self.connect_logged().await {
-            if let End::Shutdown = self.serve(stream, None).await {
+        if let Ok(conn) = self.connect_logged().await {
+            if let End::Shutdown = self.serve(conn, None).await {
                 return;
             }
         }
         while let Some(job) = self.jobs.recv().await {
-            let stream = match self.connect_logged().await {
-                Ok(stream) => stream,
+            let conn = match self.connect_logged().await {
+                Ok(conn) => conn,
                 Err(retry) => {
                     job.fail(Failure::NotSent { retry });
                     // Whatever queued meanwhile would only wait for the next
@@ -253,7 +253,7 @@ impl Task {
                     continue;
                 }
             };
-            if let End::Shutdown = self.serve(stream, Some(job)).await {
+            if let End::Shutdown = self.serve(conn, Some(job)).await {
                 return;
             }
         }
@@ -261,14 +261,14 @@ impl Task {
 
     /// [`Task::connect`], logging the first failure of a series, every
     /// hundredth, and the recovery. `Err(retry)`.
-    async fn connect_logged(&mut self) -> Result<TcpStream, bool> {
+    async fn connect_logged(&mut self) -> Result<(Stream, Moved), bool> {
         match self.connect().await {
-            Ok(stream) => {
+            Ok(conn) => {
                 if self.failures > 0 {
                     info!(after = self.failures, "publish connection restored");
                 }
                 self.failures = 0;
-                Ok(stream)
+                Ok(conn)
             }
             Err((cause, retry)) => {
                 self.failures = self.failures.saturating_add(1);
@@ -283,7 +283,7 @@ impl Task {
     /// Connects and runs the handshake (`AUTH`, `SELECT`, `CLIENT SETNAME`,
     /// `SCRIPT LOAD`) within the timeout: the replies also prove Redis
     /// alive. `Err((cause, retry))`.
-    async fn connect(&mut self) -> Result<TcpStream, (String, bool)> {
+    async fn connect(&mut self) -> Result<(Stream, Moved), (String, bool)> {
         let s = &self.settings;
         let mut handshake = Handshake::new(&s.target, &s.client_name, true);
         handshake.push("SCRIPT LOAD", &[b"SCRIPT", b"LOAD", SCRIPT.as_bytes()]);
@@ -295,7 +295,11 @@ impl Task {
             );
         }
         let attempt = handshake.run(&s.target);
-        let (stream, replies) = match tokio::time::timeout(s.timeout, attempt).await {
+        let Connected {
+            stream,
+            replies,
+            moved,
+        } = match tokio::time::timeout(s.timeout, attempt).await {
             Err(_) => return Err(("connect or handshake timed out".to_owned(), false)),
             Ok(Err(cause)) => return Err((cause, true)),
             Ok(Ok(done)) => done,
@@ -324,12 +328,12 @@ impl Task {
                 _ => {}
             }
         }
-        Ok(stream)
+        Ok((stream, moved))
     }
 
     /// Serves one connected period, starting with `first`.
-    async fn serve(&mut self, stream: TcpStream, first: Option<Job>) -> End {
-        let (mut rd, mut wr) = stream.into_split();
+    async fn serve(&mut self, (stream, mut moved): (Stream, Moved), first: Option<Job>) -> End {
+        let (mut rd, mut wr) = stream.split();
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut out = BytesMut::new();
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
@@ -360,6 +364,10 @@ impl Task {
                         break (End::Lost, Failure::Lost);
                     }
                 }
+                () = moved.wait() => {
+                    info!("sentinel announced a new master: publish connection dropped");
+                    break (End::Lost, Failure::Lost);
+                }
                 () = sleep_until(deadline), if deadline.is_some() => {
                     warn!(timeout = ?self.settings.timeout, "no publish reply in time: connection dropped");
                     break (End::Lost, Failure::TimedOut);
@@ -383,7 +391,7 @@ impl Task {
     async fn write(
         &mut self,
         job: Job,
-        wr: &mut OwnedWriteHalf,
+        wr: &mut WriteHalf,
         out: &mut BytesMut,
         inflight: &mut VecDeque<InFlight>,
     ) -> Result<(), (End, Failure)> {
@@ -501,16 +509,23 @@ impl Task {
         buf: &mut BytesMut,
         inflight: &mut VecDeque<InFlight>,
     ) -> Result<(), String> {
+        let mut readonly = false;
         while let Some(value) = resp::parse(buf).map_err(|e| e.to_string())? {
             let Some(front) = inflight.front_mut() else {
                 return Err(format!("reply without a request: {value:?}"));
             };
+            readonly |= matches!(&value, Value::Error(e) if e.starts_with(b"READONLY"));
             front.results.push(self.result(value));
             if front.results.len() == front.expected {
                 if let Some(done) = inflight.pop_front() {
                     let _ = done.done.send(done.results);
                 }
             }
+        }
+        if readonly {
+            // A failover demoted this server: connect again (behind
+            // Sentinel, to the new master).
+            return Err("READONLY: the server is a replica now".to_owned());
         }
         Ok(())
     }
@@ -519,6 +534,9 @@ impl Task {
     fn result(&mut self, value: Value) -> Result<u64, Failure> {
         match value {
             Value::Integer(n) => Ok(u64::try_from(n).unwrap_or(0)),
+            // A replica refused the write: nothing ran; the connection is
+            // replaced (see `drain`) and the caller retries there.
+            Value::Error(e) if e.starts_with(b"READONLY") => Err(Failure::NotSent { retry: true }),
             Value::Error(e) if e.starts_with(b"NOSCRIPT") => {
                 // Redis lost the script (SCRIPT FLUSH): nothing ran. EVAL
                 // from now on; the caller retries.
@@ -559,7 +577,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// took before the failure (`(written, cause, timed_out)`): a command not
 /// wholly written never runs.
 async fn write_tracked(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut WriteHalf,
     bytes: &[u8],
     limit: Duration,
 ) -> Result<(), (usize, String, bool)> {
@@ -579,11 +597,20 @@ async fn write_tracked(
             }
         }
     }
-    Ok(())
+    // TLS may hold the last record until flushed (a no-op on TCP).
+    match tokio::time::timeout_at(deadline, wr.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err((written, e.to_string(), false)),
+        Err(_) => Err((
+            written,
+            format!("write to redis took longer than {limit:?}"),
+            true,
+        )),
+    }
 }
 
 /// Reads at least one byte into `buf`; EOF is an error (Redis closed on us).
-async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<(), String> {
+async fn read_some(rd: &mut ReadHalf, buf: &mut BytesMut) -> Result<(), String> {
     buf.reserve(READ_CHUNK);
     match rd.read_buf(buf).await {
         Ok(0) => Err("connection closed by redis".to_owned()),

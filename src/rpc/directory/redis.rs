@@ -24,7 +24,7 @@ use bytes::BytesMut;
 use super::{DirectoryError, Instance};
 use crate::broker::redis::commands::{CommandOptions, Commands};
 use crate::broker::redis::resp::{self, Value};
-use crate::broker::redis::RedisConfigError;
+use crate::broker::redis::{RedisConfigError, Security};
 
 /// Reaps the expired instances of service `name` at `now`, publishing their
 /// events; shared by every script below.
@@ -144,6 +144,7 @@ impl RedisDirectory {
         lease: Duration,
         timeout: Duration,
         backoff_max: Duration,
+        security: &Security,
     ) -> Result<RedisDirectory, RedisConfigError> {
         let commands = Commands::start(
             url,
@@ -152,6 +153,7 @@ impl RedisDirectory {
                 timeout,
                 backoff_max,
                 max_reply_bytes: MAX_REPLY_BYTES,
+                security: security.clone(),
             },
         )?;
         Ok(RedisDirectory { commands, lease })
