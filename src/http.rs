@@ -14,6 +14,8 @@
 //! - `POST /disconnect`, `POST /unsubscribe`: the operator API
 //!   ([`operator`]), behind the same key and body bound as `/publish`.
 //! - `GET /history`: a page of a history channel ([`history`]).
+//! - `GET /shard?channel=..`: the Redis server that owns a channel
+//!   ([`shard`]), behind the publish API key.
 //! - `GET /healthz` (process alive), `GET /readyz` (broker connected and
 //!   synced), `GET /metrics` (Prometheus text).
 //!
@@ -47,6 +49,7 @@ use crate::transport::{json, json_error, polling, unauthorised};
 mod dialects;
 mod history;
 mod operator;
+mod shard;
 
 /// All routes, for one connection (`conn`: its peer and pending place).
 ///
@@ -75,6 +78,7 @@ pub fn routes(
     let realizehit = realizehit_routes(app.clone(), conn);
     let operator = operator::routes(app.clone());
     let history = history::route(app.clone());
+    let shard = shard::route(app.clone());
     let publish = warp::path("publish").and(warp::path::end()).and(
         warp::post()
             .and(authorised_body(app.clone()))
@@ -130,7 +134,7 @@ pub fn routes(
                 .unify()
                 .or(publish)
                 .unify()
-                .or(operator.or(history).unify().boxed())
+                .or(operator.or(history).unify().or(shard).unify().boxed())
                 .unify()
                 .or(healthz)
                 .unify()

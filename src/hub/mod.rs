@@ -315,6 +315,12 @@ impl Hub {
         self.shared.broker.read_history(channel, query).await
     }
 
+    /// The Redis server that owns `channel` when the broker shards channels
+    /// over several ([`Broker::shard_of`]): `GET /shard`.
+    pub fn shard_of(&self, channel: &[u8]) -> Option<(usize, String)> {
+        self.shared.broker.shard_of(channel)
+    }
+
     /// Broker connected and every wanted topic confirmed since: `/readyz`.
     pub fn is_ready(&self) -> bool {
         self.shared.lock().is_ready()
