@@ -135,6 +135,13 @@ pub struct Config {
     /// `WSGATE_REDIS_CERT_FILE`, `WSGATE_REDIS_KEY_FILE`: what every
     /// connection to Redis needs beyond its URL.
     pub redis_security: crate::broker::redis::Security,
+    /// `WSGATE_REDIS_SHARDS`: a comma-separated list of `redis://` URLs of
+    /// independent Redis servers, set instead of `WSGATE_REDIS_URL`
+    /// (client-side sharding, `docs/redis-sharding.md`): each exact channel
+    /// lives on the server its name hashes to, patterns on every one. Empty
+    /// when unset. When set, `redis_url` is the first of them: it also holds
+    /// what is node-wide (the service directory, Bayeux handoff records).
+    pub redis_shards: Vec<String>,
     /// `WSGATE_WS_PATH`: path of the WebSocket endpoint. Default `/ws`.
     pub ws_path: String,
     /// `WSGATE_BAYEUX_PATH`: the Bayeux endpoint (WebSocket and long-polling,
@@ -440,6 +447,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             redis_url: None,
             redis_security: crate::broker::redis::Security::default(),
+            redis_shards: Vec::new(),
             ws_path: "/ws".to_owned(),
             bayeux_path: "/bayeux".to_owned(),
             nodefony_path: "/realtime".to_owned(),
@@ -545,6 +553,7 @@ struct RawConfig {
     redis_ca_file: Option<String>,
     redis_cert_file: Option<String>,
     redis_key_file: Option<String>,
+    redis_shards: Option<String>,
     ws_path: Option<String>,
     bayeux_path: Option<String>,
     nodefony_path: Option<String>,
@@ -699,6 +708,8 @@ impl Config {
                 "to be set only together with WSGATE_JWT_SECRET or WSGATE_JWT_PUBLIC_KEY",
             ));
         }
+        let redis_shards = redis_shards(raw.redis_shards)?;
+        let sharded = !redis_shards.is_empty();
         let config = Config {
             jwt_key,
             jwt_audiences,
@@ -843,9 +854,16 @@ impl Config {
                 |v| v.parse().ok(),
                 "a socket address such as 0.0.0.0:8080 or 127.0.0.1:9000",
             )?,
-            redis_url: match raw.redis_url.filter(|v| !v.is_empty()) {
-                None => None,
-                Some(url)
+            redis_url: match (raw.redis_url.filter(|v| !v.is_empty()), &redis_shards) {
+                (None, shards) => shards.first().cloned(),
+                (Some(url), shards) if !shards.is_empty() => {
+                    return Err(invalid(
+                        "WSGATE_REDIS_URL",
+                        url,
+                        "unset when WSGATE_REDIS_SHARDS is set (one or the other)",
+                    ));
+                }
+                (Some(url), _)
                     if [
                         "redis://",
                         "rediss://",
@@ -857,7 +875,7 @@ impl Config {
                 {
                     Some(url)
                 }
-                Some(url) => {
+                (Some(url), _) => {
                     return Err(invalid(
                         "WSGATE_REDIS_URL",
                         url,
@@ -876,6 +894,7 @@ impl Config {
                     .map(Into::into),
                 key_file: raw.redis_key_file.filter(|v| !v.is_empty()).map(Into::into),
             },
+            redis_shards,
             ws_path: parse_or(
                 raw.ws_path,
                 d.ws_path,
@@ -1199,6 +1218,15 @@ impl Config {
             },
             presence: match raw.presence.filter(|v| !v.trim().is_empty()) {
                 None => crate::presence::Rules::default(),
+                // Its store and its join/leave events would live on one
+                // server while the channels' subscribers are on their owners.
+                Some(v) if sharded => {
+                    return Err(invalid(
+                        "WSGATE_PRESENCE",
+                        v,
+                        "unset when WSGATE_REDIS_SHARDS is set (presence over client-side shards is not supported yet)",
+                    ));
+                }
                 Some(v) => crate::presence::Rules::parse(&v)
                     .map_err(|why| ConfigError::Presence { value: v, why })?,
             },
@@ -1430,6 +1458,11 @@ const HELP: &[Help] = &[
         "redis_key_file",
         "",
         "PEM private key of WSGATE_REDIS_CERT_FILE",
+    ),
+    help(
+        "redis_shards",
+        "",
+        "redis:// URLs, comma-separated, instead of redis_url: each channel on the server its name hashes to (docs/redis-sharding.md)",
     ),
     help("ws_path", "/ws", "WebSocket endpoint path"),
     help(
@@ -1861,6 +1894,22 @@ fn list(raw: Option<String>) -> Vec<String> {
         .collect()
 }
 
+/// `WSGATE_REDIS_SHARDS`: `redis://` URLs separated by commas, each once;
+/// empty when unset.
+fn redis_shards(raw: Option<String>) -> Result<Vec<String>, ConfigError> {
+    let accepted = "redis:// URLs separated by commas, each server once, e.g. \
+                    redis://10.0.0.1:6379,redis://10.0.0.2:6379";
+    let Some(raw) = raw.filter(|v| !v.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let urls = non_empty_list(raw.clone(), "WSGATE_REDIS_SHARDS", accepted)?;
+    let distinct: std::collections::HashSet<&String> = urls.iter().collect();
+    if distinct.len() != urls.len() || urls.iter().any(|u| !u.starts_with("redis://")) {
+        return Err(invalid("WSGATE_REDIS_SHARDS", raw, accepted));
+    }
+    Ok(urls)
+}
+
 /// `WSGATE_TCP_SERVICES`: `name=host:port` entries; names as service names
 /// (`[A-Za-z0-9_-]{1,64}`), each once.
 fn tcp_services(raw: &str) -> Result<Vec<(String, String)>, ConfigError> {
@@ -2029,6 +2078,31 @@ mod tests {
         assert_eq!(c.max_redis_patterns.get(), 64);
     }
 
+    /// Shards instead of one URL, never both; the first shard is the
+    /// node-wide Redis.
+    #[test]
+    fn redis_shards_replace_the_redis_url() {
+        let c = vars(&[(
+            "WSGATE_REDIS_SHARDS",
+            "redis://a:1, redis://b:2,redis://c:3",
+        )])
+        .unwrap();
+        assert_eq!(
+            c.redis_shards,
+            ["redis://a:1", "redis://b:2", "redis://c:3"]
+        );
+        assert_eq!(c.redis_url.as_deref(), Some("redis://a:1"));
+        let both = vars(&[
+            ("WSGATE_REDIS_SHARDS", "redis://a:1,redis://b:2"),
+            ("WSGATE_REDIS_URL", "redis://a:1"),
+        ]);
+        let err = both.map(|_| ()).unwrap_err().to_string();
+        assert!(
+            err.contains("WSGATE_REDIS_URL") && err.contains("WSGATE_REDIS_SHARDS"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn values_are_parsed() {
         let c = vars(&[
@@ -2068,6 +2142,12 @@ mod tests {
             ("WSGATE_MAX_SUBSCRIPTIONS", "-4", "whole number"),
             ("WSGATE_LOG_FORMAT", "xml", "text or json"),
             ("WSGATE_REDIS_URL", "http://x", "redis[s]+sentinel://"),
+            ("WSGATE_REDIS_SHARDS", "redis://a,http://b", "redis:// URLs"),
+            (
+                "WSGATE_REDIS_SHARDS",
+                "redis://a,redis://a",
+                "each server once",
+            ),
             ("WSGATE_WS_PATH", "ws", "absolute path"),
             ("WSGATE_LOG", "[[[", "tracing filter"),
             ("WSGATE_JWT_SECRET", "short", "32 bytes"),

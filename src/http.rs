@@ -15,6 +15,8 @@
 //!   ([`operator`]), behind the same key and body bound as `/publish`.
 //! - `GET /history`: a page of a history channel ([`history`]).
 //! - `GET /presence`: a presence channel's members ([`presence`]).
+//! - `GET /shard?channel=..`: the Redis server that owns a channel
+//!   ([`shard`]), behind the publish API key.
 //! - `GET /healthz` (process alive), `GET /readyz` (broker connected and
 //!   synced), `GET /metrics` (Prometheus text).
 //!
@@ -49,6 +51,7 @@ mod dialects;
 mod history;
 mod operator;
 mod presence;
+mod shard;
 
 /// All routes, for one connection (`conn`: its peer and pending place).
 ///
@@ -78,6 +81,7 @@ pub fn routes(
     let operator = operator::routes(app.clone());
     let history = history::route(app.clone());
     let presence = presence::route(app.clone());
+    let shard = shard::route(app.clone());
     let publish = warp::path("publish").and(warp::path::end()).and(
         warp::post()
             .and(authorised_body(app.clone()))
@@ -133,7 +137,14 @@ pub fn routes(
                 .unify()
                 .or(publish)
                 .unify()
-                .or(operator.or(history).unify().or(presence).unify().boxed())
+                .or(operator
+                    .or(history)
+                    .unify()
+                    .or(presence)
+                    .unify()
+                    .or(shard)
+                    .unify()
+                    .boxed())
                 .unify()
                 .or(healthz)
                 .unify()

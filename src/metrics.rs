@@ -85,9 +85,12 @@ pub struct Metrics {
     /// `wsgate_broker_messages_dropped_total`: messages dropped because the
     /// dispatcher could not keep up (its bounded buffer was full).
     pub broker_messages_dropped: IntCounter,
-    /// `wsgate_broker_up`: 1 while the broker is connected (every one of
-    /// its links), else 0.
-    pub broker_up: IntGauge,
+    /// `wsgate_broker_up{link}`: 1 while that broker link (one Redis pub/sub
+    /// connection) is connected, else 0. Links are `0`..`K-1` on one Redis and
+    /// `s<shard>.<i>` with `WSGATE_REDIS_SHARDS` (`i` 0: the shard's exact
+    /// channels; 1..: its share of every pattern), so a partial outage shows
+    /// which connection is down while `/readyz` stays 200.
+    pub broker_up: IntGaugeVec,
     /// `wsgate_broker_links_up`: the broker's links (Redis pub/sub
     /// connections) connected now; below `WSGATE_REDIS_PUBSUB_CONNECTIONS`
     /// during a partial outage.
@@ -197,8 +200,11 @@ impl Metrics {
                 "broker links (Redis pub/sub connections) connected now",
             )
             .unwrap_or_else(never),
-            broker_up: IntGauge::new("wsgate_broker_up", "1 while the broker is connected")
-                .unwrap_or_else(never),
+            broker_up: IntGaugeVec::new(
+                Opts::new("wsgate_broker_up", "1 while that broker link is connected"),
+                &["link"],
+            )
+            .unwrap_or_else(never),
             frames_out: IntCounter::new(
                 "wsgate_frames_out_total",
                 "WebSocket frames written to clients",

@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::app::App;
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::shards::ShardedBroker;
 use crate::broker::redis::{RedisBroker, RedisConfigError, RedisOptions};
 use crate::broker::{Broker, EventSink, EVENT_CAPACITY};
 use crate::config::Config;
@@ -97,12 +98,21 @@ pub async fn run(
                 presence: config.presence.clone(),
                 security: config.redis_security.clone(),
             };
-            Arc::new(RedisBroker::start(
-                url,
-                events_tx,
-                metrics.clone(),
-                options,
-            )?)
+            if config.redis_shards.is_empty() {
+                Arc::new(RedisBroker::start(
+                    url,
+                    events_tx,
+                    metrics.clone(),
+                    options,
+                )?)
+            } else {
+                Arc::new(ShardedBroker::start(
+                    &config.redis_shards,
+                    events_tx,
+                    metrics.clone(),
+                    options,
+                )?)
+            }
         }
         None => Arc::new(
             MemoryBroker::new(events_tx, metrics.clone(), config.idempotency_ttl)

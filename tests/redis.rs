@@ -852,7 +852,7 @@ async fn redis_loss_and_return() {
         c.request(json!({"action":"ping","id":"p1"})).await,
         json!({"action":"pong","id":"p1"})
     );
-    assert_eq!(metric(gw.addr, "wsgate_broker_up").await, 0);
+    assert_eq!(metric(gw.addr, "wsgate_broker_up{link=\"0\"}").await, 0);
     assert_eq!(
         metric(gw.addr, "wsgate_broker_state{state=\"connected\"}").await,
         0

@@ -204,7 +204,7 @@ impl MemoryBroker {
             link: 0,
             generation: GENERATION,
         });
-        metrics.broker_up.set(1);
+        metrics.broker_up.with_label_values(&["0"]).set(1);
         metrics.broker_links_up.set(1);
         MemoryBroker {
             subscriptions: Mutex::new(Subscriptions::default()),

@@ -143,7 +143,14 @@ pub struct EventSink {
     /// True while `dropped` holds something not yet announced.
     pending_gap: bool,
     metrics: Metrics,
+    /// Rewrites (or swallows) this sink's state events: set by a broker made
+    /// of several ([`redis::shards`]), whose links the hub numbers as one set.
+    remap: Option<StateMap>,
 }
+
+/// Turns one inner link's state event into the hub's view of it, or into
+/// nothing (see [`EventSink::remapped`]).
+pub type StateMap = Arc<dyn Fn(BrokerEvent) -> Option<BrokerEvent> + Send + Sync>;
 
 /// Most distinct topics a gap remembers before it means "everything".
 const MAX_GAP_TOPICS: usize = 4096;
@@ -166,14 +173,26 @@ impl EventSink {
             dropped: Some(HashSet::new()),
             pending_gap: false,
             metrics,
+            remap: None,
         }
+    }
+
+    /// This sink with every state event passed through `remap` first: the
+    /// link numbers of an inner broker become the outer broker's, and events
+    /// the outer broker folds together are swallowed. Messages pass as they
+    /// are (they name topics, not links).
+    pub fn remapped(mut self, remap: StateMap) -> EventSink {
+        self.remap = Some(remap);
+        self
     }
 
     /// Another sink on the same channel and message count, with its own
     /// record of dropped topics: one per broker link, so that a link's
     /// `Down` clears only its own pending gap.
     pub fn sibling(&self) -> EventSink {
-        EventSink::new(self.tx.clone(), self.metrics.clone(), self.queued.clone())
+        let mut sink = EventSink::new(self.tx.clone(), self.metrics.clone(), self.queued.clone());
+        sink.remap = self.remap.clone();
+        sink
     }
 
     /// Hands over one message without waiting (see the type docs).
@@ -266,7 +285,17 @@ impl EventSink {
     /// Sends a state event without waiting (a fresh channel has room); `false`
     /// if it could not be sent.
     pub fn try_state(&mut self, event: BrokerEvent) -> bool {
-        self.tx.try_send(event).is_ok()
+        match self.remap(event) {
+            Some(event) => self.tx.try_send(event).is_ok(),
+            None => true,
+        }
+    }
+
+    fn remap(&self, event: BrokerEvent) -> Option<BrokerEvent> {
+        match &self.remap {
+            Some(remap) => remap(event),
+            None => Some(event),
+        }
     }
 
     /// Sends a state event, waiting for room. `Down` supersedes any pending
@@ -276,7 +305,11 @@ impl EventSink {
             self.pending_gap = false;
             self.dropped = Some(HashSet::new());
         }
-        self.tx.send(event).await.map_err(|_| HubGone)
+        match self.remap(event) {
+            Some(event) => self.tx.send(event).await.map_err(|_| HubGone),
+            None if self.tx.is_closed() => Err(HubGone),
+            None => Ok(()),
+        }
     }
 }
 
@@ -412,6 +445,14 @@ pub trait Broker: Send + Sync + 'static {
     /// life of the broker (the hub records it once per topic).
     fn link_of(&self, _topic: &Topic) -> usize {
         0
+    }
+
+    /// The Redis server that owns `channel` when the broker spreads channels
+    /// over several (`WSGATE_REDIS_SHARDS`): its index and its
+    /// `redis://host:port`, without credentials (`GET /shard`). `None` for a
+    /// broker with one server.
+    fn shard_of(&self, _channel: &[u8]) -> Option<(usize, String)> {
+        None
     }
 
     /// Publishes one message; returns how many subscriptions (across all nodes)

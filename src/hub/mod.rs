@@ -380,6 +380,12 @@ impl Hub {
         Ok(crate::presence::Members::from_read(&channel, &read))
     }
 
+    /// The Redis server that owns `channel` when the broker shards channels
+    /// over several ([`Broker::shard_of`]): `GET /shard`.
+    pub fn shard_of(&self, channel: &[u8]) -> Option<(usize, String)> {
+        self.shared.broker.shard_of(channel)
+    }
+
     /// Broker connected and every wanted topic confirmed since: `/readyz`.
     pub fn is_ready(&self) -> bool {
         self.shared.lock().is_ready()

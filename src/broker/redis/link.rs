@@ -12,11 +12,11 @@
 //! re-applies that link's topics. The task ends when every handle is dropped.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use prometheus::IntGauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -44,37 +44,43 @@ const READ_CHUNK: usize = 64 * 1024;
 const STABLE_AFTER: Duration = Duration::from_secs(2);
 
 /// What the links of one broker share: how many are connected (for the
-/// `wsgate_broker_up` and `wsgate_broker_links_up` gauges), and a counter
-/// bumped by every successful connect, which wakes the siblings waiting out
-/// their backoff (Redis is reachable again: no link should wait longer than
-/// the first one that got through).
+/// `wsgate_broker_up{link}` and `wsgate_broker_links_up` gauges), and a
+/// counter bumped by every successful connect, which wakes the siblings
+/// waiting out their backoff (Redis is reachable again: no link should wait
+/// longer than the first one that got through).
 pub(super) struct Siblings {
-    /// Links in the broker.
-    pub(super) links: usize,
-    /// Links connected now.
-    pub(super) connected: AtomicUsize,
+    /// Each link's `wsgate_broker_up{link}` series.
+    up: Vec<IntGauge>,
     /// Bumped on every successful connect.
     pub(super) reached: watch::Sender<u64>,
 }
 
 impl Siblings {
-    /// Shared state of `links` links, none connected.
-    pub(super) fn new(links: usize) -> Arc<Siblings> {
+    /// Shared state of `links` links, none connected; their gauges are
+    /// labelled `<prefix><index>`.
+    pub(super) fn new(links: usize, metrics: &Metrics, prefix: &str) -> Arc<Siblings> {
+        let up = (0..links)
+            .map(|i| {
+                let gauge = metrics
+                    .broker_up
+                    .with_label_values(&[&format!("{prefix}{i}")]);
+                gauge.set(0);
+                gauge
+            })
+            .collect();
         Arc::new(Siblings {
-            links,
-            connected: AtomicUsize::new(0),
+            up,
             reached: watch::Sender::new(0),
         })
     }
 
-    fn set_up(&self, metrics: &Metrics, up: bool) {
-        let now = if up {
-            self.connected.fetch_add(1, Ordering::AcqRel) + 1
-        } else {
-            self.connected.fetch_sub(1, Ordering::AcqRel) - 1
-        };
-        metrics.broker_links_up.set(now as i64);
-        metrics.broker_up.set(i64::from(now == self.links));
+    /// Link `index` connected (`up`) or lost its connection. The links-up
+    /// count is node-wide (several brokers' links add to it).
+    fn set_up(&self, metrics: &Metrics, index: usize, up: bool) {
+        if let Some(gauge) = self.up.get(index) {
+            gauge.set(i64::from(up));
+        }
+        metrics.broker_links_up.add(if up { 1 } else { -1 });
     }
 }
 
@@ -312,9 +318,9 @@ impl Actor {
                     {
                         return;
                     }
-                    self.siblings.set_up(&self.metrics, true);
+                    self.siblings.set_up(&self.metrics, link, true);
                     let exit = self.serve(stream, moved, generation).await;
-                    self.siblings.set_up(&self.metrics, false);
+                    self.siblings.set_up(&self.metrics, link, false);
                     // Only a connection that lasted resets the backoff.
                     if connected_at.elapsed() >= STABLE_AFTER {
                         failures = 0;
@@ -459,7 +465,11 @@ impl Actor {
                 () = moved.wait() => break Exit::Lost("sentinel announced a new master".to_owned()),
                 req = self.requests.recv() => {
                     let Some(req) = req else { break Exit::Shutdown };
-                    if req.generation != generation {
+                    if req.reset && req.generation == generation {
+                        let _ = req.done.send(Ok(Applied::default()));
+                        break Exit::Lost("reset: the same link of another shard failed".to_owned());
+                    }
+                    if req.generation != generation || req.reset {
                         let _ = req.done.send(Err(BrokerError::Unavailable));
                         continue;
                     }

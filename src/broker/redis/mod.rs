@@ -27,11 +27,13 @@ pub(crate) mod commands;
 pub(crate) mod conn;
 mod cover;
 pub(crate) mod history;
+pub mod jump;
 mod link;
 pub(crate) mod presence;
 mod publish;
 pub(crate) mod resp;
 mod sentinel;
+pub mod shards;
 mod stream;
 
 use std::time::Duration;
@@ -146,6 +148,8 @@ pub fn link_name(node_id: &str, index: usize) -> String {
 /// Handle to the Redis broker's link actors; dropping every handle stops them.
 pub struct RedisBroker {
     links: Vec<mpsc::Sender<Request>>,
+    /// `host:port`, for `GET /shard` (never the credentials).
+    addr: String,
     publisher: publish::Publisher,
     history: Rules,
     /// History reads, on their own connection (`wsgate:<node>:history`);
@@ -157,11 +161,27 @@ pub struct RedisBroker {
     presence: Option<presence::Store>,
 }
 
-/// One batch of changes for one link's connection `generation`.
+/// One batch of changes for one link's connection `generation`; or, with
+/// `reset`, the order to drop that connection (and reconnect) instead.
 struct Request {
     generation: u64,
     changes: Changes,
     done: oneshot::Sender<Result<Applied, BrokerError>>,
+    /// Drop connection `generation` rather than apply anything: a sharded
+    /// broker's pattern link does this on every shard when one shard's copy
+    /// failed ([`shards`]), so that all copies resync from nothing together.
+    reset: bool,
+}
+
+/// Which part a [`RedisBroker`] plays in the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The node's only Redis (`WSGATE_REDIS_URL`).
+    Whole,
+    /// Shard `i` of `WSGATE_REDIS_SHARDS`: its links' gauges are labelled
+    /// `s<i>.<link>`, and only shard 0 polls `PUBSUB NUMPAT` (every shard
+    /// holds the same patterns).
+    Shard(usize),
 }
 
 impl RedisBroker {
@@ -173,7 +193,19 @@ impl RedisBroker {
         metrics: Metrics,
         options: RedisOptions,
     ) -> Result<RedisBroker, RedisConfigError> {
+        RedisBroker::start_as(url, events, metrics, options, Role::Whole)
+    }
+
+    /// [`RedisBroker::start`], as `role`.
+    pub(crate) fn start_as(
+        url: &str,
+        events: EventSink,
+        metrics: Metrics,
+        options: RedisOptions,
+        role: Role,
+    ) -> Result<RedisBroker, RedisConfigError> {
         let target = Target::parse(url, &options.security)?;
+        let addr = target.addr();
         let publisher = publish::Publisher::start(publish::Settings {
             target: target.clone(),
             client_name: format!("wsgate:{}:publish", options.node_id),
@@ -216,7 +248,11 @@ impl RedisBroker {
         };
         let k = options.pubsub_connections.clamp(1, MAX_LINKS);
         let budget = options.max_redis_patterns.div_ceil(k).max(1);
-        let siblings = Siblings::new(k);
+        let prefix = match role {
+            Role::Whole => String::new(),
+            Role::Shard(i) => format!("s{i}."),
+        };
+        let siblings = Siblings::new(k, &metrics, &prefix);
         let mut links = Vec::with_capacity(k);
         for index in 0..k {
             let (tx, rx) = mpsc::channel(REQUEST_CAPACITY);
@@ -236,7 +272,8 @@ impl RedisBroker {
             links.push(tx);
         }
         drop(events);
-        if let Some(first) = links.first() {
+        let polls = matches!(role, Role::Whole | Role::Shard(0));
+        if let Some(first) = links.first().filter(|_| polls) {
             let numpat = commands::Commands::start_target(
                 target,
                 commands::CommandOptions {
@@ -259,6 +296,7 @@ impl RedisBroker {
         }
         Ok(RedisBroker {
             links,
+            addr,
             publisher,
             history: options.history,
             reader,
@@ -289,6 +327,19 @@ fn stable_hash(name: &[u8]) -> u64 {
     h
 }
 
+impl RedisBroker {
+    /// Where this broker's Redis is, as `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Weak handles on the link actors' request queues (weak: they must not
+    /// keep the actors alive once the broker is dropped).
+    fn weak_links(&self) -> Vec<mpsc::WeakSender<Request>> {
+        self.links.iter().map(mpsc::Sender::downgrade).collect()
+    }
+}
+
 impl Broker for RedisBroker {
     fn apply(
         &self,
@@ -305,6 +356,7 @@ impl Broker for RedisBroker {
                     generation,
                     changes,
                     done,
+                    reset: false,
                 })
                 .await
                 .map_err(|_| BrokerError::Unavailable)?;
@@ -320,6 +372,11 @@ impl Broker for RedisBroker {
     /// Channels on link 0; patterns by [`stable_hash`] over every link.
     fn link_of(&self, topic: &Topic) -> usize {
         link_for(topic, self.links.len())
+    }
+
+    /// One server owns everything.
+    fn shard_of(&self, _channel: &[u8]) -> Option<(usize, String)> {
+        Some((0, format!("redis://{}", self.addr)))
     }
 
     fn publish_batch(
