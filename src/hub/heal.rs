@@ -407,6 +407,16 @@ mod tests {
         }
     }
 
+    /// One subscriber: a topic nobody holds is not healed.
+    fn members() -> Members {
+        let member = Arc::new(crate::hub::Member {
+            id: 1,
+            outbox: Arc::new(crate::outbox::Outbox::new(1 << 20)),
+            render: Arc::new(crate::protocol::native::Native),
+        });
+        Arc::new(vec![crate::hub::Sub::new(member, Arc::default())])
+    }
+
     fn msg(topic: &Topic, offset: u64) -> BrokerMessage {
         BrokerMessage {
             topic: topic.clone(),
@@ -424,8 +434,7 @@ mod tests {
         let c = Bytes::from_static(b"c");
         let mut h = Healer::default();
         h.record(&msg(&t, 3), |_| {});
-        let members: Members = Arc::new(Vec::new());
-        assert_eq!(h.plan(&[(t.clone(), members)], Some(0)), vec![t.clone()]);
+        assert_eq!(h.plan(&[(t.clone(), members())], Some(0)), vec![t.clone()]);
         assert!(h.reads_due().is_empty(), "waits for the link");
         assert!(h.take(msg(&t, 6), 1, 1).is_none());
         assert!(h.take(msg(&t, 7), 2, 2).is_none());
@@ -477,7 +486,7 @@ mod tests {
         let t = Topic::Channel(Bytes::from_static(b"c"));
         let mut h = Healer::default();
         h.record(&msg(&t, 3), |_| {});
-        h.plan(&[(t.clone(), Arc::new(Vec::new()))], None);
+        h.plan(&[(t.clone(), members())], None);
         let mut other = msg(&t, 1);
         other.position = Some(Position {
             offset: 1,

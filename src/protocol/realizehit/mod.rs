@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(
             one(r#"{"id":"s1","act":"sub","pat":{"foo":"bar"}}"#),
             [
-                r#"Subscribe { topic: Channel(b"foo:bar"), id: Some("\"s1\""), ext: None, since: None }"#
+                r#"Subscribe { topic: Channel(b"foo:bar"), id: Some("\"s1\""), ext: None, since: None, join_leave: false }"#
             ]
         );
         assert_eq!(
