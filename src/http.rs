@@ -485,6 +485,15 @@ pub(crate) fn authorised_body(
         app.config.max_publish_bytes.get() as u64,
         app.config.http_body_timeout,
     );
+    with_api_key(app).and(body_within(limit, deadline))
+}
+
+/// The app, once the request carries the publish API key (when one is
+/// configured); else the request is refused and counted. Shared by every
+/// route behind that key.
+fn with_api_key(
+    app: Arc<App>,
+) -> impl Filter<Extract = (Arc<App>,), Error = warp::Rejection> + Clone {
     warp::any()
         .map(move || app.clone())
         .and(warp::header::headers_cloned())
@@ -496,7 +505,6 @@ pub(crate) fn authorised_body(
                 Err(warp::reject::custom(Unauthorised))
             }
         })
-        .and(body_within(limit, deadline))
 }
 
 fn body_within(

@@ -8,36 +8,23 @@
 use std::sync::Arc;
 
 use warp::filters::BoxedFilter;
-use warp::http::{HeaderMap, StatusCode};
+use warp::http::StatusCode;
 use warp::Filter;
 
-use super::{publish_authorised, recover_on, Unauthorised};
+use super::recover_on;
 use crate::app::App;
 use crate::auth;
 use crate::transport::{json, json_error};
 
 /// `GET /shard` (and `HEAD`), boxed like the other small routes.
 pub(super) fn route(app: Arc<App>) -> BoxedFilter<(warp::reply::Response,)> {
-    let with_app = {
-        let app = app.clone();
-        warp::any().map(move || app.clone())
-    };
     warp::path("shard")
         .and(warp::path::end())
         .and(
             warp::get()
                 .or(warp::head())
                 .unify()
-                .and(with_app)
-                .and(warp::header::headers_cloned())
-                .and_then(|app: Arc<App>, headers: HeaderMap| async move {
-                    if publish_authorised(&app, &headers) {
-                        Ok(app)
-                    } else {
-                        app.metrics.refused.with_label_values(&["api_key"]).inc();
-                        Err(warp::reject::custom(Unauthorised))
-                    }
-                })
+                .and(super::with_api_key(app.clone()))
                 .and(warp::query::raw().or(warp::any().map(String::new)).unify())
                 .map(|app: Arc<App>, query: String| answer(&app, &query))
                 .recover(recover_on("GET, HEAD", app))
