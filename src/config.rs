@@ -137,7 +137,7 @@ pub struct Config {
     pub redis_security: crate::broker::redis::Security,
     /// `WSGATE_REDIS_SHARDS`: a comma-separated list of `redis://` URLs of
     /// independent Redis servers, set instead of `WSGATE_REDIS_URL`
-    /// (client-side sharding, `docs/redis-sharding.md`): each exact channel
+    /// (client-side sharding, `docs/redis.md, "Client-side sharding"`): each exact channel
     /// lives on the server its name hashes to, patterns on every one. Empty
     /// when unset. When set, `redis_url` is the first of them: it also holds
     /// what is node-wide (the service directory, Bayeux handoff records).
@@ -1462,7 +1462,7 @@ const HELP: &[Help] = &[
     help(
         "redis_shards",
         "",
-        "redis:// URLs, comma-separated, instead of redis_url: each channel on the server its name hashes to (docs/redis-sharding.md)",
+        "redis:// or rediss:// URLs, comma-separated, instead of redis_url: each channel on the server its name hashes to (docs/redis.md, client-side sharding)",
     ),
     help("ws_path", "/ws", "WebSocket endpoint path"),
     help(
@@ -1894,17 +1894,22 @@ fn list(raw: Option<String>) -> Vec<String> {
         .collect()
 }
 
-/// `WSGATE_REDIS_SHARDS`: `redis://` URLs separated by commas, each once;
-/// empty when unset.
+/// `WSGATE_REDIS_SHARDS`: `redis://` or `rediss://` URLs separated by
+/// commas, each once; empty when unset. (Sentinel per shard is not offered:
+/// each shard is one server.)
 fn redis_shards(raw: Option<String>) -> Result<Vec<String>, ConfigError> {
-    let accepted = "redis:// URLs separated by commas, each server once, e.g. \
+    let accepted = "redis:// or rediss:// URLs separated by commas, each server once, e.g. \
                     redis://10.0.0.1:6379,redis://10.0.0.2:6379";
     let Some(raw) = raw.filter(|v| !v.is_empty()) else {
         return Ok(Vec::new());
     };
     let urls = non_empty_list(raw.clone(), "WSGATE_REDIS_SHARDS", accepted)?;
     let distinct: std::collections::HashSet<&String> = urls.iter().collect();
-    if distinct.len() != urls.len() || urls.iter().any(|u| !u.starts_with("redis://")) {
+    if distinct.len() != urls.len()
+        || urls
+            .iter()
+            .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+    {
         return Err(invalid("WSGATE_REDIS_SHARDS", raw, accepted));
     }
     Ok(urls)
@@ -2142,7 +2147,11 @@ mod tests {
             ("WSGATE_MAX_SUBSCRIPTIONS", "-4", "whole number"),
             ("WSGATE_LOG_FORMAT", "xml", "text or json"),
             ("WSGATE_REDIS_URL", "http://x", "redis[s]+sentinel://"),
-            ("WSGATE_REDIS_SHARDS", "redis://a,http://b", "redis:// URLs"),
+            (
+                "WSGATE_REDIS_SHARDS",
+                "redis://a,http://b",
+                "rediss:// URLs",
+            ),
             (
                 "WSGATE_REDIS_SHARDS",
                 "redis://a,redis://a",

@@ -10,7 +10,9 @@
 //! registry's channels. TLS: a test CA made with `openssl`, `redis-server
 //! --port 0 --tls-port`, client certificates required, an ACL user; a wrong
 //! CA keeps the node unready with an error naming `WSGATE_REDIS_CA_FILE`,
-//! and a missing one stops the start.
+//! and a missing one stops the start. Sentinel over TLS with passwords on
+//! the sentinel and the master, and client-side shards over TLS with an ACL
+//! user on each server.
 //!
 //! Nothing sleeps to synchronise: waits are on frames, `/readyz` (the
 //! sampling [`ReadyWatch`]), `SENTINEL` and `PUBSUB` answers, each bounded.
@@ -408,10 +410,31 @@ struct TlsRedis {
     ca: String,
     cert: String,
     key: String,
+    /// The server's `--requirepass`, if any.
+    password: Option<String>,
+}
+
+/// A sentinel started by [`TlsRedis::sentinel`], killed on drop.
+struct TlsSentinel {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for TlsSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl TlsRedis {
     async fn start(pki: &Pki) -> TlsRedis {
+        TlsRedis::start_with(pki, &[]).await
+    }
+
+    /// As [`TlsRedis::start`], with more `redis-server` arguments (e.g.
+    /// `--requirepass`); PING is then sent with `AUTH` when one is given.
+    async fn start_with(pki: &Pki, extra: &[&str]) -> TlsRedis {
         let port = free_port();
         let child = Command::new("redis-server")
             .args([
@@ -435,16 +458,23 @@ impl TlsRedis {
                 "yes",
             ])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server");
+        let password = extra
+            .iter()
+            .position(|a| *a == "--requirepass")
+            .and_then(|i| extra.get(i + 1))
+            .map(|p| p.to_string());
         let redis = TlsRedis {
             child,
             port,
             ca: pki.path("ca.crt"),
             cert: pki.path("client.crt"),
             key: pki.path("client.key"),
+            password,
         };
         wait_until("TLS redis answers PING", WAIT, || async {
             redis.cli(&["PING"]).trim() == "PONG"
@@ -453,16 +483,56 @@ impl TlsRedis {
         redis
     }
 
+    /// A sentinel over TLS only (`port 0`, `tls-port`), with its own
+    /// `requirepass`, watching this server as `mymaster` over TLS with the
+    /// server's password (`sentinel auth-pass`).
+    fn sentinel(&self, pki: &Pki, own_password: &str) -> TlsSentinel {
+        let port = free_port();
+        let dir = pki.dir.join(format!("sentinel-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut conf = format!(
+            "port 0\ntls-port {port}\nbind 127.0.0.1\ndir {}\n\
+             tls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients yes\ntls-replication yes\nrequirepass {own_password}\n\
+             sentinel monitor mymaster 127.0.0.1 {} 1\n\
+             sentinel down-after-milliseconds mymaster 1000\n",
+            dir.display(),
+            pki.path("server.crt"),
+            pki.path("server.key"),
+            pki.path("ca.crt"),
+            self.port,
+        );
+        if let Some(pw) = &self.password {
+            conf.push_str(&format!("sentinel auth-pass mymaster {pw}\n"));
+        }
+        let file = dir.join("sentinel.conf");
+        std::fs::write(&file, conf).unwrap();
+        let child = Command::new("redis-server")
+            .arg(&file)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        TlsSentinel { child, port }
+    }
+
     /// `redis-cli --tls` as the default user, output as text.
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args([
-                "--tls", "--cacert", &self.ca, "--cert", &self.cert, "--key", &self.key,
-            ])
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli");
+        self.cli_at(self.port, self.password.as_deref(), args)
+    }
+
+    /// `redis-cli --tls` against `port` (this server or its sentinel).
+    fn cli_at(&self, port: u16, password: Option<&str>, args: &[&str]) -> String {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args([
+            "--tls", "--cacert", &self.ca, "--cert", &self.cert, "--key", &self.key,
+        ])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(pw) = password {
+            cmd.args(["--no-auth-warning", "-a", pw]);
+        }
+        let out = cmd.args(args).output().expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -572,4 +642,141 @@ async fn wrong_or_missing_ca_is_a_clear_start_up_error() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("WSGATE_REDIS_CA_FILE"), "{stderr}");
+}
+
+/// `rediss+sentinel://` with passwords on both sides: the sentinel speaks
+/// TLS only and has its own `requirepass` (`WSGATE_REDIS_SENTINEL_PASSWORD`),
+/// the master speaks TLS only and has another (the URL's). With both right
+/// the node resolves the master through the sentinel and delivers; with the
+/// sentinel's password wrong it stays unready and says the sentinel refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_over_tls_with_sentinel_and_master_passwords() {
+    let pki = Pki::make();
+    let master = TlsRedis::start_with(&pki, &["--requirepass", "master-pw"]).await;
+    let sentinel = master.sentinel(&pki, "sentinel-pw");
+    wait_until("the TLS sentinel names the master", WAIT, || async {
+        let out = master.cli_at(
+            sentinel.port,
+            Some("sentinel-pw"),
+            &["SENTINEL", "get-master-addr-by-name", "mymaster"],
+        );
+        out.lines().nth(1).map(str::trim) == Some(master.port.to_string().as_str())
+    })
+    .await;
+    let url = format!(
+        "rediss+sentinel://:master-pw@127.0.0.1:{}/mymaster",
+        sentinel.port
+    );
+
+    let mut config = tls_config(url.clone(), &pki, "ca.crt");
+    config.redis_security.sentinel_password = Some("sentinel-pw".into());
+    let gw = Gateway::start(config).await;
+    let mut c = gw.client().await;
+    c.subscribe("guarded").await;
+    let (status, body) = gw
+        .publish(json!({"channel": "guarded", "payload": "via sentinel"}))
+        .await;
+    assert_eq!((status, body), (200, json!({"receivers": 1})));
+    assert_eq!(
+        c.recv().await,
+        json!({"action":"message","channel":"guarded","payload":"via sentinel"})
+    );
+    gw.stop().await;
+
+    // The sentinel's password wrong: never ready, and the log says why.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let node = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .env("WSGATE_LISTEN", &listen)
+        .env("WSGATE_LOG", "warn")
+        .env("WSGATE_REDIS_URL", &url)
+        .env("WSGATE_REDIS_SENTINEL_PASSWORD", "not-it")
+        .env("WSGATE_REDIS_CA_FILE", pki.path("ca.crt"))
+        .env("WSGATE_REDIS_CERT_FILE", pki.path("client.crt"))
+        .env("WSGATE_REDIS_KEY_FILE", pki.path("client.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wsgate");
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    wait_until("the node answers /readyz", WAIT, || async {
+        http(addr, "GET", "/readyz", None).await.0 != 0
+    })
+    .await;
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(http(addr, "GET", "/readyz", None).await.0, 503);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(node.id(), "KILL");
+    let out = node.wait_with_output().expect("output");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("AUTH refused"), "{log}");
+}
+
+/// Client-side sharding over two TLS servers with an ACL user on each:
+/// `rediss://` URLs in `WSGATE_REDIS_SHARDS`; a channel owned by each
+/// server is subscribed and published through the gateway, and each server
+/// sees only the ACL user's connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_shards_with_acl_users() {
+    let pki = Pki::make();
+    let servers = [TlsRedis::start(&pki).await, TlsRedis::start(&pki).await];
+    for s in &servers {
+        assert_eq!(
+            s.cli(&["ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all"])
+                .trim(),
+            "OK"
+        );
+    }
+    let urls: Vec<String> = servers
+        .iter()
+        .map(|s| format!("rediss://app:s3cret@127.0.0.1:{}", s.port))
+        .collect();
+    // As the config's parser does: the URL is the first shard (node-wide records).
+    let mut config = tls_config(urls[0].clone(), &pki, "ca.crt");
+    config.redis_shards = urls;
+    // One channel owned by each server.
+    let owned_by = |shard: usize| {
+        (0..)
+            .map(|i| format!("tls.{i}"))
+            .find(|c| wsgate::broker::redis::shards::shard_for(c.as_bytes(), 2) == shard)
+            .unwrap()
+    };
+    let channels = [owned_by(0), owned_by(1)];
+    let gw = Gateway::start(config).await;
+    let mut c = gw.client().await;
+    for ch in &channels {
+        c.subscribe(ch).await;
+    }
+    for (i, ch) in channels.iter().enumerate() {
+        let numsub = |s: &TlsRedis| s.cli(&["PUBSUB", "NUMSUB", ch]);
+        assert_eq!(
+            numsub(&servers[i]),
+            format!("{ch}\n1\n"),
+            "the owner holds {ch}"
+        );
+        assert_eq!(
+            numsub(&servers[1 - i]),
+            format!("{ch}\n0\n"),
+            "the other does not"
+        );
+        let (status, body) = gw.publish(json!({"channel": ch, "payload": i})).await;
+        assert_eq!((status, body), (200, json!({"receivers": 1})));
+        assert_eq!(
+            c.recv().await,
+            json!({"action":"message","channel":ch,"payload":i})
+        );
+    }
+    for s in &servers {
+        let list = s.cli(&["CLIENT", "LIST"]);
+        let ours: Vec<&str> = list
+            .lines()
+            .filter(|l| l.contains(" name=wsgate:"))
+            .collect();
+        assert!(!ours.is_empty(), "{list}");
+        for line in &ours {
+            assert!(line.contains(" user=app "), "{line}");
+        }
+    }
+    gw.stop().await;
 }

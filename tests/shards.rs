@@ -1,5 +1,5 @@
 //! Client-side sharding over independent Redis servers
-//! (`WSGATE_REDIS_SHARDS`, docs/redis-sharding.md), against three real
+//! (`WSGATE_REDIS_SHARDS`, docs/redis.md, "Client-side sharding"), against three real
 //! redis-servers:
 //!
 //! * 1,000 channels spread by the jump hash: the spread is near even, and

@@ -1,6 +1,6 @@
 //! `GET /shard?channel=..`: which Redis server owns a channel, so that a
 //! publisher outside the gateway (`redis-cli PUBLISH`) can publish where the
-//! channel's subscribers are (`docs/redis-sharding.md`). Answers
+//! channel's subscribers are (`docs/redis.md, "Client-side sharding"`). Answers
 //! `{"channel":..,"shard":i,"url":"redis://host:port"}`, never the
 //! credentials; with one Redis, shard 0 and that server. Behind the publish
 //! API key, as `/publish` is: it tells where to publish.
