@@ -48,6 +48,10 @@ OPTIONS:
   --url URL               gateway WebSocket URL; repeatable (sockets spread round-robin)
   --pid PID               gateway process id for CPU/RSS; repeatable, same order as --url
   --redis URL             Redis the gateways use (redis://127.0.0.1:PORT)
+  --shard URL             fanout/channels/cluster: one of the gateways' WSGATE_REDIS_SHARDS,
+                          repeatable, in the same order (replaces --redis): each message is
+                          published on its channel's owner, one pipeline per server; reports
+                          each server's CPU per PUBLISH and how the channels spread
   --subscribers C         sockets for fanout/channels/cluster/idle/joinstorm/outage [1000]
   --rate R                messages per second published [100]; calls: calls per second
                           over all callers, or `max` (saturation) [10000]
@@ -95,7 +99,7 @@ OPTIONS:
   --deflate               fanout/channels/cluster/spread: subscribers offer permessage-deflate
                           (the gateway needs WSGATE_COMPRESSION=on) and inflate RSV1 frames;
                           every run reports client_wire_bytes_per_delivery
-  --before-phase CMD      joinstorm/outage: shell command run (and waited for) right before
+  --before-phase CMD      joinstorm/outage/resync: shell command run (and waited for) right before
                           the measured phase, e.g. to start a profiler on the gateway
   --subscribe-timeout-secs S  bound on each connect and each socket's subscribe phase [10]
   --settle-ms MS          after publishing, wait until counts stop growing this long [1000]
@@ -289,6 +293,8 @@ pub(crate) struct Opts {
     pub(crate) urls: Vec<String>,
     pub(crate) pids: Vec<u32>,
     pub(crate) redis: Option<String>,
+    /// `--shard`: the gateways' `WSGATE_REDIS_SHARDS`, in order.
+    pub(crate) shards: Vec<String>,
     pub(crate) subscribers: usize,
     pub(crate) rate: u64,
     pub(crate) messages: u64,
@@ -384,6 +390,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut urls = Vec::new();
     let mut pids = Vec::new();
     let mut redis = None;
+    let mut shards = Vec::new();
     let mut subscribers = if workload == Workload::Spread {
         10_000usize
     } else {
@@ -451,6 +458,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
             "--url" => urls.push(value.clone()),
             "--pid" => pids.push(num(flag, v)?),
             "--redis" => redis = Some(value.clone()),
+            "--shard" => shards.push(value.clone()),
             "--subscribers" => subscribers = num(flag, v)?,
             "--rate" if v == "max" => saturate = true,
             "--rate" => {
@@ -539,6 +547,18 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     }
     if !pids.is_empty() && pids.len() != urls.len() {
         return bad("give one --pid per --url (same order), or none");
+    }
+    if !shards.is_empty() {
+        if redis.is_some() {
+            return bad("give --redis or --shard, not both");
+        }
+        if !matches!(
+            workload,
+            Workload::Fanout | Workload::Channels | Workload::Cluster
+        ) {
+            return bad("--shard is for fanout, channels and cluster");
+        }
+        redis = shards.first().cloned();
     }
     if redis.is_none() && !matches!(workload, Workload::Idle | Workload::JoinStorm) {
         return bad("--redis is required");
@@ -634,6 +654,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         urls,
         pids,
         redis,
+        shards,
         subscribers,
         rate,
         messages,

@@ -69,7 +69,7 @@ fn spawn_publisher(
     channel: impl Fn(u64) -> String + Send + 'static,
 ) -> tokio::sync::oneshot::Receiver<Result<Published, String>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let url = opts.redis.clone().unwrap_or_default();
+    let urls = servers(opts);
     let (rate, messages, bytes) = (opts.rate, opts.messages, opts.payload_bytes);
     let shape = rds::Shape {
         bytes,
@@ -82,7 +82,7 @@ fn spawn_publisher(
             .build()
         {
             Ok(rt) => rt.block_on(rds::publish(
-                &url, rate, messages, shape, tick, deadline, channel,
+                &urls, rate, messages, shape, tick, deadline, channel,
             )),
             Err(e) => Err(format!("publisher runtime: {e}")),
         };
@@ -91,9 +91,29 @@ fn spawn_publisher(
     rx
 }
 
+/// The Redis servers published to: the `--shard` list, or `--redis`.
+fn servers(opts: &Opts) -> Vec<String> {
+    if opts.shards.is_empty() {
+        opts.redis.iter().cloned().collect()
+    } else {
+        opts.shards.clone()
+    }
+}
+
+/// Each server's CPU seconds so far (`None` where INFO failed).
+async fn servers_cpu(admins: &mut [redis::aio::MultiplexedConnection]) -> Vec<Option<f64>> {
+    let mut out = Vec::with_capacity(admins.len());
+    for admin in admins.iter_mut() {
+        out.push(rds::cpu_secs(admin).await.ok());
+    }
+    out
+}
+
 pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Result<Run, String> {
-    let redis_url = opts.redis.clone().unwrap_or_default();
-    let mut admin = rds::connect(&redis_url, Duration::from_secs(2)).await?;
+    let mut admins = Vec::new();
+    for url in servers(opts) {
+        admins.push(rds::connect(&url, Duration::from_secs(2)).await?);
+    }
     let pids: Vec<u32> = gws.iter().filter_map(|g| g.pid).collect();
     let (c, kind) = (opts.subscribers, opts.topic_kind);
     let per_socket = opts.workload == Workload::Channels;
@@ -133,7 +153,8 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     }
 
     let mut before = Snapshot::take(&pids)?;
-    before.redis_cpu = rds::cpu_secs(&mut admin).await.ok();
+    let cpu_before = servers_cpu(&mut admins).await;
+    before.redis_cpu = cpu_before.iter().copied().sum();
     let m_before = net::metric_sum(gws, &COUNTERS).await;
 
     let published = spawn_publisher(opts, deadline, channel)
@@ -150,7 +171,8 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
         .await;
 
     let mut after = Snapshot::take(&pids)?;
-    after.redis_cpu = rds::cpu_secs(&mut admin).await.ok();
+    let cpu_after = servers_cpu(&mut admins).await;
+    after.redis_cpu = cpu_after.iter().copied().sum();
     let m_after = net::metric_sum(gws, &COUNTERS).await;
     let open_before_stop = pool.len() - pool.ended();
     let (failed, refused, errors) = (pool.failed(), pool.refused(), pool.errors());
@@ -239,6 +261,9 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
             (a - b) * 1e6 / published.messages.max(1) as f64,
             3,
         );
+    }
+    if !opts.shards.is_empty() {
+        shard_results(&mut run, opts, &published, &cpu_before, &cpu_after, &topic);
     }
     run.result("gateway_dropped", (m_after[0] - m_before[0]) as u64);
     run.result("gateway_slow_closes", (m_after[1] - m_before[1]) as u64);
@@ -344,6 +369,45 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
         spread,
     );
     Ok(run)
+}
+
+/// With `--shard`: each server's PUBLISH count and CPU per PUBLISH, and
+/// how the subscribed channels spread over the servers (the largest
+/// deviation from an even share, as a fraction of it).
+fn shard_results(
+    run: &mut Run,
+    opts: &Opts,
+    published: &Published,
+    before: &[Option<f64>],
+    after: &[Option<f64>],
+    topic: &dyn Fn(usize) -> String,
+) {
+    let n = opts.shards.len();
+    let per_us: Vec<Option<f64>> = before
+        .iter()
+        .zip(after)
+        .zip(&published.per_server)
+        .map(|((b, a), &count)| match (a, b) {
+            (Some(a), Some(b)) if count > 0 => Some(((a - b) * 1e9 / count as f64).round() / 1e3),
+            _ => None,
+        })
+        .collect();
+    run.param("shards", n);
+    run.result("shard_publishes", json!(published.per_server));
+    run.result("shard_redis_cpu_us_per_publish", json!(per_us));
+    if opts.workload == Workload::Channels && opts.topic_kind == TopicKind::Channel {
+        let mut held = vec![0u64; n];
+        for i in 0..opts.subscribers {
+            held[wsgate::broker::redis::shards::shard_for(topic(i).as_bytes(), n)] += 1;
+        }
+        let even = opts.subscribers as f64 / n as f64;
+        let worst = held
+            .iter()
+            .map(|&h| (h as f64 - even).abs() / even.max(1e-9))
+            .fold(0.0f64, f64::max);
+        run.result("shard_channels", json!(held));
+        run.float("shard_spread_max_deviation", worst, 4);
+    }
 }
 
 /// 1234567 -> "1.23M".

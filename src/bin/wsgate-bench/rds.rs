@@ -114,14 +114,20 @@ pub(crate) struct Published {
     pub(crate) batches: u64,
     /// Stopped early because the run's time was up.
     pub(crate) timed_out: bool,
+    /// PUBLISH commands sent to each server (one entry without shards).
+    pub(crate) per_server: Vec<u64>,
 }
 
 /// Publishes `messages` messages at `rate` per second, paced per `tick`
-/// (each tick sends, as one pipeline, every message due by then), to the
-/// channel `channel(seq)`. Payload: `{"t":<unix nanos>,"s":<seq>,"p":"x…"}`
-/// padded to `payload_bytes`.
+/// (each tick sends, as one pipeline per server, every message due by
+/// then), to the channel `channel(seq)`. Payload: `{"t":<unix nanos>,"s":<seq>,"p":"x…"}`
+/// padded to `payload_bytes`. With several `urls` (the gateway's
+/// `WSGATE_REDIS_SHARDS`, same order) each message goes to its channel's
+/// owner, the server the gateway subscribed it on, and the servers' pipelines
+/// of one tick are in flight together.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn publish(
-    url: &str,
+    urls: &[String],
     rate: u64,
     messages: u64,
     shape: Shape,
@@ -129,9 +135,14 @@ pub(crate) async fn publish(
     deadline: Instant,
     channel: impl Fn(u64) -> String,
 ) -> Result<Published, String> {
-    let mut conn = connect(url, Duration::from_secs(2)).await?;
+    let mut conns = Vec::with_capacity(urls.len());
+    for url in urls {
+        conns.push(connect(url, Duration::from_secs(2)).await?);
+    }
+    let n = conns.len().max(1);
     let mut out = Published {
         start_ns: unix_nanos(),
+        per_server: vec![0; n],
         ..Published::default()
     };
     let start = Instant::now();
@@ -146,18 +157,32 @@ pub(crate) async fn publish(
         if due > sent {
             // Bound one pipeline; the next round catches up at once.
             let batch = (due - sent).min(4096);
-            let mut pipe = redis::pipe();
+            let mut pipes: Vec<redis::Pipeline> = (0..n).map(|_| redis::pipe()).collect();
             let t = unix_nanos();
             for seq in sent..sent + batch {
-                pipe.cmd("PUBLISH")
-                    .arg(channel(seq))
+                let name = channel(seq);
+                let owner = if n > 1 {
+                    wsgate::broker::redis::shards::shard_for(name.as_bytes(), n)
+                } else {
+                    0
+                };
+                pipes[owner]
+                    .cmd("PUBLISH")
+                    .arg(name)
                     .arg(shape.payload(t, seq));
+                out.per_server[owner] += 1;
             }
-            let replies: Vec<i64> = pipe
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| format!("PUBLISH: {e}"))?;
-            out.receivers += replies.iter().sum::<i64>();
+            let replies = futures_util::future::join_all(
+                conns
+                    .iter_mut()
+                    .zip(&pipes)
+                    .filter(|(_, p)| !p.is_empty())
+                    .map(|(conn, pipe)| pipe.query_async::<Vec<i64>>(conn)),
+            )
+            .await;
+            for r in replies {
+                out.receivers += r.map_err(|e| format!("PUBLISH: {e}"))?.iter().sum::<i64>();
+            }
             sent += batch;
             out.batches += 1;
             continue;

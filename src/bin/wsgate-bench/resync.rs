@@ -9,7 +9,7 @@ use crate::net::{self, Gateway};
 use crate::rds;
 use crate::recv::{Pool, Subs};
 use crate::report::Run;
-use crate::sys::unix_nanos;
+use crate::sys::{self, unix_nanos};
 
 const METRICS: [&str; 3] = [
     "wsgate_broker_resync_seconds_sum",
@@ -93,6 +93,7 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
         .ok()
         .and_then(|t| rds::info_field(&t, "run_id").map(str::to_owned));
 
+    sys::before_phase(opts.before_phase.as_deref()).await?;
     // Cut the gateways off.
     let trigger_ns = unix_nanos();
     let t_trigger = Instant::now();

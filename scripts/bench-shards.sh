@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Issue 15's shard benchmark: the same `channels` load (10,000 sockets, each on
+# its own exact channel, publishes pipelined and paced round-robin over the
+# channels) against a gateway on one Redis and against a gateway on three
+# independent Redis servers (WSGATE_REDIS_SHARDS), at the same total rate, in
+# alternating rounds of one run. It reports each Redis server's CPU per
+# PUBLISH, how the channels spread over the shards, and the gateway's CPU per
+# delivery, and the ratios that issue 15 sets targets on.
+#
+#   scripts/bench-shards.sh                  # 2 rounds, ~3 minutes
+#   SHARDS_RATE=40000 SHARDS_ROUNDS=3 scripts/bench-shards.sh
+#   BIN=/path/to/target/release scripts/bench-shards.sh   # prebuilt binaries
+#
+# Starts its own redis-servers and gateways on free loopback ports (never
+# 6379 or 8080) and stops them on exit. All servers share this machine's
+# cores, so total throughput cannot show what shards add: only the per-server
+# cost and the spread can.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-target/release}
+SUBS=${SHARDS_SUBSCRIBERS:-10000}
+RATE=${SHARDS_RATE:-30000}
+SECS=${SHARDS_SECS:-8}
+ROUNDS=${SHARDS_ROUNDS:-2}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/wsgate-shards.XXXXXX")
+RESULTS=$WORK/results.jsonl
+PIDS=()
+log() { printf '[shards %s] %s\n' "$(date +%T)" "$*" >&2; }
+cleanup() {
+    set +e
+    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null; done
+    sleep 0.3
+    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+    log "logs and raw results kept in $WORK"
+}
+trap cleanup EXIT INT TERM
+ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
+
+free_port() {
+    local p
+    for _ in $(seq 1 200); do
+        p=$((20000 + RANDOM % 12000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return 0
+        fi
+    done
+    log "no free port"
+    return 1
+}
+
+start_redis() { # start_redis NAME: echoes the URL
+    local port
+    port=$(free_port)
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+        --daemonize no >"$WORK/redis-$1.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 1 200); do
+        redis-cli -p "$port" PING >/dev/null 2>&1 && { echo "redis://127.0.0.1:$port"; return 0; }
+        sleep 0.05
+    done
+    log "redis $1 did not start"
+    return 1
+}
+
+GW_PID=
+GW_PORT=
+start_gateway() { # start_gateway NAME VAR=value...
+    local name=$1
+    shift
+    GW_PORT=$(free_port)
+    env WSGATE_LISTEN="127.0.0.1:$GW_PORT" WSGATE_LOG=warn WSGATE_MAX_CONNECTIONS=100000 "$@" \
+        "$BIN/wsgate" >"$WORK/gateway-$name.log" 2>&1 &
+    GW_PID=$!
+    PIDS+=("$GW_PID")
+    echo "# gateway $name: WSGATE_LISTEN=127.0.0.1:$GW_PORT $* wsgate" >>"$WORK/commands.txt"
+    for _ in $(seq 1 200); do
+        curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && return 0
+        sleep 0.05
+    done
+    log "gateway $name not ready (see $WORK/gateway-$name.log)"
+    return 1
+}
+
+SINGLE=$(start_redis single)
+S1=$(start_redis s1)
+S2=$(start_redis s2)
+S3=$(start_redis s3)
+start_gateway single "WSGATE_REDIS_URL=$SINGLE"
+G1_PID=$GW_PID G1_PORT=$GW_PORT
+start_gateway sharded "WSGATE_REDIS_SHARDS=$S1,$S2,$S3"
+G3_PID=$GW_PID G3_PORT=$GW_PORT
+
+COMMON=(channels --subscribers "$SUBS" --rate "$RATE" --duration-secs "$SECS" --max-secs 120
+    --topic-kind channel --sources 50 --subscribe-timeout-secs 60)
+run() { # run LABEL ARGS...
+    local label=$1
+    shift
+    log "run $label"
+    { printf 'wsgate-bench'; printf ' %q' "${COMMON[@]}" "$@" --label "$label"; echo; } >>"$WORK/commands.txt"
+    "$BIN/wsgate-bench" "${COMMON[@]}" "$@" --label "$label" >>"$RESULTS" 2>"$WORK/$label.err" ||
+        { log "$label failed"; cat "$WORK/$label.err" >&2; }
+    tail -n 1 "$WORK/$label.err" >&2
+}
+for r in $(seq 1 "$ROUNDS"); do
+    one=(--url "ws://127.0.0.1:$G1_PORT/ws" --pid "$G1_PID" --redis "$SINGLE")
+    three=(--url "ws://127.0.0.1:$G3_PORT/ws" --pid "$G3_PID" --shard "$S1" --shard "$S2" --shard "$S3")
+    if ((r % 2 == 1)); then
+        run "one-redis-r$r" "${one[@]}"
+        run "three-shards-r$r" "${three[@]}"
+    else
+        run "three-shards-r$r" "${three[@]}"
+        run "one-redis-r$r" "${one[@]}"
+    fi
+done
+
+echo
+echo "Commands:"
+echo '```'
+cat "$WORK/commands.txt"
+echo '```'
+echo
+python3 - "$RESULTS" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+def res(r, k):
+    return r.get("results", {}).get(k)
+print("| run | delivered/s | lost | gateway µs CPU/delivery | Redis µs CPU/PUBLISH (each server) | PUBLISH per server | channels per shard | spread: worst deviation from even |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+by = {}
+for r in rows:
+    label = r.get("label", "?")
+    if "error" in r:
+        print(f"| {label} | error: {r['error']} | | | | | | |")
+        continue
+    shards = res(r, "shard_redis_cpu_us_per_publish")
+    cpu = shards if shards is not None else [res(r, "redis_cpu_us_per_publish")]
+    pubs = res(r, "shard_publishes") or [res(r, "published")]
+    chans = res(r, "shard_channels") or ""
+    dev = res(r, "shard_spread_max_deviation")
+    print(f"| {label} | {res(r,'deliveries_per_sec')} | {res(r,'lost')} | {res(r,'gateway_cpu_us_per_delivery')} | {cpu} | {pubs} | {chans} | {'' if dev is None else f'{dev*100:.1f}%'} |")
+    kind = "three" if label.startswith("three") else "one"
+    by.setdefault(kind, []).append(r)
+print()
+if "one" in by and "three" in by:
+    import statistics as st
+    one_cpu = st.mean(res(r, "redis_cpu_us_per_publish") for r in by["one"])
+    shard_cpu = [c for r in by["three"] for c in res(r, "shard_redis_cpu_us_per_publish") if c is not None]
+    gw1 = st.mean(res(r, "gateway_cpu_us_per_delivery") for r in by["one"])
+    gw3 = st.mean(res(r, "gateway_cpu_us_per_delivery") for r in by["three"])
+    worst = max(abs(c / one_cpu - 1) for c in shard_cpu)
+    dev = max(res(r, "shard_spread_max_deviation") for r in by["three"])
+    print("| target (issue 15) | measured | |")
+    print("| --- | --- | --- |")
+    print(f"| Redis CPU per PUBLISH per shard within 10% of one Redis's | one Redis {one_cpu:.3f} µs; shards {', '.join(f'{c:.3f}' for c in shard_cpu)} µs (worst {worst*100:.1f}% off) | {'met' if worst <= 0.10 else 'not met'} |")
+    print(f"| channels spread within 10% of even | worst shard {dev*100:.1f}% off | {'met' if dev <= 0.10 else 'not met'} |")
+    print(f"| gateway CPU per delivery unchanged within 10% | {gw3:.3f} vs {gw1:.3f} µs ({gw3/gw1:.2f}x) | {'met' if abs(gw3/gw1-1) <= 0.10 else 'not met'} |")
+EOF
