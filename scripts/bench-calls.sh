@@ -52,14 +52,8 @@ trap cleanup EXIT INT TERM
 ( sleep "$SUITE_MAX"; log "exceeded ${SUITE_MAX}s: stopping"; kill -TERM $$ ) 2>/dev/null &
 PIDS+=($!)
 
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
-    done
-    return 1
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 [[ -x $GW && -x $BENCH ]] || cargo build --release --bins
 RP=$(free_port)

@@ -30,17 +30,8 @@ cleanup() {
 trap cleanup EXIT INT TERM
 ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
 
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    return 1
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 RPORT=$(free_port)
 REDIS_URL=redis://127.0.0.1:$RPORT
 REDIS_START="redis-server --port $RPORT --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --pidfile $WORK/redis.pid --dir $WORK --logfile $WORK/redis.log"
@@ -55,7 +46,7 @@ env WSGATE_LISTEN="127.0.0.1:$GW_PORT" WSGATE_REDIS_URL="$REDIS_URL" WSGATE_LOG=
     WSGATE_MAX_REDIS_PATTERNS=1000000 "$BIN/wsgate" >"$WORK/gateway.log" 2>&1 &
 GW_PID=$!
 PIDS+=("$GW_PID")
-for _ in $(seq 1 200); do curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
+wait_ready "$GW_PORT" || { log "gateway not ready (see $WORK/gateway.log)"; exit 1; }
 ARGS=(--url "ws://127.0.0.1:$GW_PORT/ws" --pid "$GW_PID" --redis "$REDIS_URL")
 
 # perf over the whole machine for SECS seconds, in the background.

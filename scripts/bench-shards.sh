@@ -36,18 +36,8 @@ cleanup() {
 trap cleanup EXIT INT TERM
 ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
 
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    log "no free port"
-    return 1
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 start_redis() { # start_redis NAME: echoes the URL
     local port
@@ -74,12 +64,7 @@ start_gateway() { # start_gateway NAME VAR=value...
     GW_PID=$!
     PIDS+=("$GW_PID")
     echo "# gateway $name: WSGATE_LISTEN=127.0.0.1:$GW_PORT $* wsgate" >>"$WORK/commands.txt"
-    for _ in $(seq 1 200); do
-        curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    log "gateway $name not ready (see $WORK/gateway-$name.log)"
-    return 1
+    wait_ready "$GW_PORT" || { log "gateway $name not ready (see $WORK/gateway-$name.log)"; return 1; }
 }
 
 SINGLE=$(start_redis single)
