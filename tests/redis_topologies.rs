@@ -593,21 +593,19 @@ async fn tls_with_client_certificate_and_acl_user() {
     gw.stop().await;
 }
 
-/// A CA that did not sign Redis's certificate: the node stays unready and
-/// says why; no CA file at all: the node refuses to start.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_or_missing_ca_is_a_clear_start_up_error() {
-    let pki = Pki::make();
-    let redis = TlsRedis::start(&pki).await;
-    let url = format!("rediss://127.0.0.1:{}", redis.port);
+/// Starts the real binary on `url` with `env`, checks that it answers
+/// `/readyz` but never with 200 for 2 s (it retries every 50 ms..1 s
+/// meanwhile), kills it and returns its log (stdout).
+async fn never_ready_log(url: &str, env: &[(&str, String)]) -> String {
     let listen = format!("127.0.0.1:{}", free_port());
-    let node = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .env("WSGATE_LISTEN", &listen)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+    cmd.env("WSGATE_LISTEN", &listen)
         .env("WSGATE_LOG", "warn")
-        .env("WSGATE_REDIS_URL", &url)
-        .env("WSGATE_REDIS_CA_FILE", pki.path("wrong-ca.crt"))
-        .env("WSGATE_REDIS_CERT_FILE", pki.path("client.crt"))
-        .env("WSGATE_REDIS_KEY_FILE", pki.path("client.key"))
+        .env("WSGATE_REDIS_URL", url);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let node = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -617,7 +615,6 @@ async fn wrong_or_missing_ca_is_a_clear_start_up_error() {
         http(addr, "GET", "/readyz", None).await.0 != 0
     })
     .await;
-    // Sampled for 2 s (the node retries every 50 ms..1 s meanwhile): never ready.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         assert_eq!(http(addr, "GET", "/readyz", None).await.0, 503);
@@ -625,8 +622,25 @@ async fn wrong_or_missing_ca_is_a_clear_start_up_error() {
     }
     signal(node.id(), "KILL");
     let out = node.wait_with_output().expect("output");
-    // The log goes to stdout.
-    let log = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A CA that did not sign Redis's certificate: the node stays unready and
+/// says why; no CA file at all: the node refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_or_missing_ca_is_a_clear_start_up_error() {
+    let pki = Pki::make();
+    let redis = TlsRedis::start(&pki).await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let log = never_ready_log(
+        &url,
+        &[
+            ("WSGATE_REDIS_CA_FILE", pki.path("wrong-ca.crt")),
+            ("WSGATE_REDIS_CERT_FILE", pki.path("client.crt")),
+            ("WSGATE_REDIS_KEY_FILE", pki.path("client.key")),
+        ],
+    )
+    .await;
     assert!(
         log.contains("TLS handshake with 127.0.0.1")
             && log.contains("wrong-ca.crt")
@@ -684,32 +698,16 @@ async fn sentinel_over_tls_with_sentinel_and_master_passwords() {
     gw.stop().await;
 
     // The sentinel's password wrong: never ready, and the log says why.
-    let listen = format!("127.0.0.1:{}", free_port());
-    let node = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .env("WSGATE_LISTEN", &listen)
-        .env("WSGATE_LOG", "warn")
-        .env("WSGATE_REDIS_URL", &url)
-        .env("WSGATE_REDIS_SENTINEL_PASSWORD", "not-it")
-        .env("WSGATE_REDIS_CA_FILE", pki.path("ca.crt"))
-        .env("WSGATE_REDIS_CERT_FILE", pki.path("client.crt"))
-        .env("WSGATE_REDIS_KEY_FILE", pki.path("client.key"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("wsgate");
-    let addr: std::net::SocketAddr = listen.parse().unwrap();
-    wait_until("the node answers /readyz", WAIT, || async {
-        http(addr, "GET", "/readyz", None).await.0 != 0
-    })
+    let log = never_ready_log(
+        &url,
+        &[
+            ("WSGATE_REDIS_SENTINEL_PASSWORD", "not-it".into()),
+            ("WSGATE_REDIS_CA_FILE", pki.path("ca.crt")),
+            ("WSGATE_REDIS_CERT_FILE", pki.path("client.crt")),
+            ("WSGATE_REDIS_KEY_FILE", pki.path("client.key")),
+        ],
+    )
     .await;
-    let until = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < until {
-        assert_eq!(http(addr, "GET", "/readyz", None).await.0, 503);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    signal(node.id(), "KILL");
-    let out = node.wait_with_output().expect("output");
-    let log = String::from_utf8_lossy(&out.stdout);
     assert!(log.contains("AUTH refused"), "{log}");
 }
 
