@@ -99,8 +99,9 @@ OPTIONS:
   --deflate               fanout/channels/cluster/spread: subscribers offer permessage-deflate
                           (the gateway needs WSGATE_COMPRESSION=on) and inflate RSV1 frames;
                           every run reports client_wire_bytes_per_delivery
-  --before-phase CMD      joinstorm/outage/resync: shell command run (and waited for) right before
-                          the measured phase, e.g. to start a profiler on the gateway
+  --before-phase CMD      joinstorm/outage/resync/fanout/channels: shell command run (and
+                          waited for) right before the measured phase, e.g. to start a
+                          profiler on the gateway
   --subscribe-timeout-secs S  bound on each connect and each socket's subscribe phase [10]
   --settle-ms MS          after publishing, wait until counts stop growing this long [1000]
   --read-buffer BYTES     client WebSocket read buffer [16384; idle: 4096]

@@ -152,6 +152,7 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
         ));
     }
 
+    crate::sys::before_phase(opts.before_phase.as_deref()).await?;
     let mut before = Snapshot::take(&pids)?;
     let cpu_before = servers_cpu(&mut admins).await;
     before.redis_cpu = cpu_before.iter().copied().sum();
