@@ -52,18 +52,27 @@ ARGS=(--url "ws://127.0.0.1:$GW_PORT/ws" --pid "$GW_PID" --redis "$REDIS_URL")
 # perf over the whole machine for SECS seconds, in the background.
 PERF_START="perf record -a -g -F 499 -o $WORK/LABEL.perf -- sleep SECS >/dev/null 2>&1 &"
 
-report() { # report LABEL
+report() { # report LABEL: the split by process, then each busy process's top symbols
     local data=$WORK/$1.perf
     [[ -s $data ]] || { log "no perf data for $1"; return 0; }
+    local redis_pid bench_pid
+    redis_pid=$(cat "$WORK/redis.pid")
+    bench_pid=$(cat "$WORK/bench.pid" 2>/dev/null || echo 0)
     echo
-    echo "#### $1: CPU samples by process (whole machine, both cores)"
+    echo "#### $1: share of all CPU samples (whole machine, both cores)"
     echo '```'
-    perf report -i "$data" --no-children --sort comm --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -8
+    perf script -i "$data" -F pid 2>/dev/null | awk -v gw="$GW_PID" -v rd="$redis_pid" -v bn="$bench_pid" '
+        { n++; if ($1 == gw) g++; else if ($1 == rd) r++; else if ($1 == bn) b++; else if ($1 == 0) i++; else o++ }
+        END { printf "wsgate %.1f%%, redis-server %.1f%%, wsgate-bench %.1f%%, idle %.1f%%, other processes %.1f%% (%d samples)\n",
+              100*g/n, 100*r/n, 100*b/n, 100*i/n, 100*o/n, n }'
     echo '```'
-    echo "#### $1: top symbols (self), all processes"
-    echo '```'
-    perf report -i "$data" --no-children --sort comm,dso,sym --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -25
-    echo '```'
+    for who in "wsgate:$GW_PID" "redis-server:$redis_pid"; do
+        echo "#### $1: ${who%%:*}'s top symbols (self, share of all samples)"
+        echo '```'
+        perf report -i "$data" --pid "${who#*:}" --no-children -g none --sort dso,sym --stdio \
+            2>/dev/null | grep -E '^ +[0-9]' | head -15 || true
+        echo '```'
+    done
 }
 
 run() { # run LABEL PERF_SECS ARGS...
@@ -74,7 +83,9 @@ run() { # run LABEL PERF_SECS ARGS...
     before=${before//SECS/$secs}
     { printf 'wsgate-bench'; printf ' %q' "$@" "${ARGS[@]}" --label "$label"; echo; } >>"$WORK/commands.txt"
     "$BIN/wsgate-bench" "$@" "${ARGS[@]}" --label "$label" --before-phase "$before" \
-        >>"$WORK/results.jsonl" 2>"$WORK/$label.err" || log "$label failed"
+        >>"$WORK/results.jsonl" 2>"$WORK/$label.err" &
+    echo $! >"$WORK/bench.pid"
+    wait $! || log "$label failed"
     tail -n 1 "$WORK/$label.err"
     # perf writes its file when its sleep ends.
     for _ in $(seq 1 600); do
@@ -95,8 +106,9 @@ case ",$RUNS," in *,churn,*)
         sleep 0.5
         log "run $label"
         "$BIN/wsgate-bench" churn "${ARGS[@]}" --connections 100 --window 32 --duration-secs 6 \
-            --topic-kind "$kind" --label "$label" >>"$WORK/results.jsonl" 2>"$WORK/$label.err" ||
-            log "$label failed"
+            --topic-kind "$kind" --label "$label" >>"$WORK/results.jsonl" 2>"$WORK/$label.err" &
+        echo $! >"$WORK/bench.pid"
+        wait $! || log "$label failed"
         tail -n 1 "$WORK/$label.err"
         wait "$perf_pid" || true
         report "$label"
