@@ -84,20 +84,29 @@ pub async fn run(
     let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
     let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let events_tx = EventSink::new(events_tx, metrics.clone(), queued.clone());
-    let broker: Arc<dyn Broker> = match &config.redis_url {
-        Some(url) => {
-            let options = RedisOptions {
-                probe_interval: config.redis_probe_interval,
-                probe_timeout: config.redis_probe_timeout,
-                backoff_max: config.redis_backoff_max,
-                node_id: config.node_id.clone(),
-                idempotency_ttl: config.idempotency_ttl,
-                max_redis_patterns: config.max_redis_patterns.get(),
-                pubsub_connections: config.pubsub_connections(),
-                history: config.history.clone(),
-                presence: config.presence.clone(),
-                security: config.redis_security.clone(),
-            };
+    let redis_options = || RedisOptions {
+        probe_interval: config.redis_probe_interval,
+        probe_timeout: config.redis_probe_timeout,
+        backoff_max: config.redis_backoff_max,
+        node_id: config.node_id.clone(),
+        idempotency_ttl: config.idempotency_ttl,
+        max_redis_patterns: config.max_redis_patterns.get(),
+        pubsub_connections: config.pubsub_connections(),
+        history: config.history.clone(),
+        presence: config.presence.clone(),
+        security: config.redis_security.clone(),
+    };
+    let broker: Arc<dyn Broker> = match (&config.redis_cluster, &config.redis_url) {
+        (Some(seeds), _) => Arc::new(crate::broker::redis::cluster::ClusterBroker::start(
+            seeds,
+            config.redis_cluster_sharded,
+            config.redis_cluster_patterns,
+            events_tx,
+            metrics.clone(),
+            redis_options(),
+        )?),
+        (None, Some(url)) => {
+            let options = redis_options();
             if config.redis_shards.is_empty() {
                 Arc::new(RedisBroker::start(
                     url,
@@ -114,7 +123,7 @@ pub async fn run(
                 )?)
             }
         }
-        None => Arc::new(
+        (None, None) => Arc::new(
             MemoryBroker::new(events_tx, metrics.clone(), config.idempotency_ttl)
                 .with_history(config.history.clone())
                 .with_presence(config.presence.clone()),
