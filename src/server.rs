@@ -74,17 +74,14 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Serves until `shutdown` resolves, then shuts down in order.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = Stop>,
-) -> Result<(), ServerError> {
-    let metrics = Metrics::new();
-    let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
-    let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let events_tx = EventSink::new(events_tx, metrics.clone(), queued.clone());
-    let redis_options = || RedisOptions {
+/// The broker over `WSGATE_REDIS_CLUSTER` (outside [`run`], whose future
+/// is deep enough already).
+fn start_cluster(
+    config: &Config,
+    events: EventSink,
+    metrics: &Metrics,
+) -> Result<Arc<dyn Broker>, RedisConfigError> {
+    let options = RedisOptions {
         probe_interval: config.redis_probe_interval,
         probe_timeout: config.redis_probe_timeout,
         backoff_max: config.redis_backoff_max,
@@ -96,17 +93,44 @@ pub async fn run(
         presence: config.presence.clone(),
         security: config.redis_security.clone(),
     };
-    let broker: Arc<dyn Broker> = match (&config.redis_cluster, &config.redis_url) {
-        (Some(seeds), _) => Arc::new(crate::broker::redis::cluster::ClusterBroker::start(
+    let seeds = config.redis_cluster.as_deref().unwrap_or_default();
+    Ok(Arc::new(
+        crate::broker::redis::cluster::ClusterBroker::start(
             seeds,
             config.redis_cluster_sharded,
             config.redis_cluster_patterns,
-            events_tx,
+            events,
             metrics.clone(),
-            redis_options(),
-        )?),
-        (None, Some(url)) => {
-            let options = redis_options();
+            options,
+        )?,
+    ))
+}
+
+/// Serves until `shutdown` resolves, then shuts down in order.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = Stop>,
+) -> Result<(), ServerError> {
+    let metrics = Metrics::new();
+    let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
+    let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let events_tx = EventSink::new(events_tx, metrics.clone(), queued.clone());
+    let broker: Arc<dyn Broker> = match &config.redis_url {
+        _ if config.redis_cluster.is_some() => start_cluster(&config, events_tx, &metrics)?,
+        Some(url) => {
+            let options = RedisOptions {
+                probe_interval: config.redis_probe_interval,
+                probe_timeout: config.redis_probe_timeout,
+                backoff_max: config.redis_backoff_max,
+                node_id: config.node_id.clone(),
+                idempotency_ttl: config.idempotency_ttl,
+                max_redis_patterns: config.max_redis_patterns.get(),
+                pubsub_connections: config.pubsub_connections(),
+                history: config.history.clone(),
+                presence: config.presence.clone(),
+                security: config.redis_security.clone(),
+            };
             if config.redis_shards.is_empty() {
                 Arc::new(RedisBroker::start(
                     url,
@@ -123,7 +147,7 @@ pub async fn run(
                 )?)
             }
         }
-        (None, None) => Arc::new(
+        None => Arc::new(
             MemoryBroker::new(events_tx, metrics.clone(), config.idempotency_ttl)
                 .with_history(config.history.clone())
                 .with_presence(config.presence.clone()),

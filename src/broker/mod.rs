@@ -320,11 +320,9 @@ impl EventSink {
             self.pending_gap = false;
             self.dropped = Some(HashSet::new());
         }
+        let to = self.divert.as_ref().unwrap_or(&self.tx);
         match self.remap(event) {
-            Some(event) => match &self.divert {
-                Some(divert) => divert.send(event).await.map_err(|_| HubGone),
-                None => self.tx.send(event).await.map_err(|_| HubGone),
-            },
+            Some(event) => to.send(event).await.map_err(|_| HubGone),
             None if self.tx.is_closed() => Err(HubGone),
             None => Ok(()),
         }

@@ -327,28 +327,10 @@ impl Handshake {
                 s.resolve().await?
             }
             Locate::Any(nodes) => {
-                let mut last = "no cluster node known".to_owned();
-                for (i, (host, port)) in nodes.ordered() {
-                    // Advanced before the try: a caller that times out
-                    // here starts on the next node.
-                    nodes
-                        .next
-                        .store(i + 1, std::sync::atomic::Ordering::Relaxed);
-                    match Stream::connect(&host, port, target.tls.as_ref()).await {
-                        Ok(mut stream) => {
-                            nodes.next.store(i, std::sync::atomic::Ordering::Relaxed);
-                            let replies =
-                                exchange(&mut stream, &self.cmd, self.steps.len()).await?;
-                            return Ok(Connected {
-                                stream,
-                                replies: self.steps.into_iter().zip(replies).collect(),
-                                moved: Moved::never(),
-                            });
-                        }
-                        Err(e) => last = format!("{host}:{port}: {e}"),
-                    }
-                }
-                return Err(last);
+                // Boxed: this future is awaited inside deep ones (the
+                // HTTP routes' futures reach the compiler's depth limit).
+                let (cmd, steps) = (self.cmd, self.steps);
+                return Box::pin(connect_any(nodes.clone(), target.tls.clone(), cmd, steps)).await;
             }
         };
         let mut stream = Stream::connect(&host, port, target.tls.as_ref()).await?;
@@ -365,6 +347,37 @@ impl Handshake {
             moved,
         })
     }
+}
+
+/// Connects to the first of `nodes` that accepts (from where the last
+/// connect got through) and runs the handshake `cmd` there.
+async fn connect_any(
+    nodes: Arc<Nodes>,
+    tls: Option<Tls>,
+    cmd: BytesMut,
+    steps: Vec<&'static str>,
+) -> Result<Connected, String> {
+    let mut last = "no cluster node known".to_owned();
+    for (i, (host, port)) in nodes.ordered() {
+        // Advanced before the try: a caller that times out here starts on
+        // the next node.
+        nodes
+            .next
+            .store(i + 1, std::sync::atomic::Ordering::Relaxed);
+        match Stream::connect(&host, port, tls.as_ref()).await {
+            Ok(mut stream) => {
+                nodes.next.store(i, std::sync::atomic::Ordering::Relaxed);
+                let replies = exchange(&mut stream, &cmd, steps.len()).await?;
+                return Ok(Connected {
+                    stream,
+                    replies: steps.into_iter().zip(replies).collect(),
+                    moved: Moved::never(),
+                });
+            }
+            Err(e) => last = format!("{host}:{port}: {e}"),
+        }
+    }
+    Err(last)
 }
 
 /// Writes `cmd` (complete RESP, `expected` commands) and reads exactly
