@@ -226,6 +226,15 @@ pub async fn run(
     Ok(())
 }
 
+/// Spawns one connection's task. A plain function, so that the deep
+/// future of the HTTP routes is laid out once, in this crate (under its
+/// `recursion_limit`), rather than in every crate that calls the generic
+/// [`run`] (each test binary).
+#[inline(never)]
+fn spawn_connection(stream: TcpStream, peer: SocketAddr, app: Arc<App>) {
+    tokio::spawn(serve_connection(stream, peer, app));
+}
+
 /// Accepts until cancelled (the caller drops it).
 async fn accept_loop(listener: &TcpListener, app: &Arc<App>) {
     let mut backoff = Duration::from_millis(5);
@@ -233,7 +242,7 @@ async fn accept_loop(listener: &TcpListener, app: &Arc<App>) {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                tokio::spawn(serve_connection(stream, peer, app.clone()));
+                spawn_connection(stream, peer, app.clone());
             }
             Err(e) => {
                 error!(cause = %e, "accept failed");
