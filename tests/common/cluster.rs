@@ -99,7 +99,35 @@ impl RedisCluster {
             .expect("redis-cli must be on PATH");
         assert!(status.success(), "redis-cli --cluster create failed");
         cluster.wait_ok().await;
+        cluster.wait_replicas().await;
         cluster
+    }
+
+    /// Waits until every master has a replica in `CLUSTER SLOTS` whose
+    /// replication link is up (`cluster_state:ok` comes before the replicas
+    /// are attached, and a master without one cannot fail over).
+    pub async fn wait_replicas(&self) {
+        let deadline = Instant::now() + CLUSTER_WAIT;
+        loop {
+            assert!(Instant::now() < deadline, "replicas did not attach");
+            let slots = self.slots().await;
+            let mut ready = !slots.is_empty();
+            for (_, _, _, replicas) in &slots {
+                let mut synced = false;
+                for r in replicas {
+                    if let Some(redis::Value::BulkString(b)) =
+                        self.cmd(*r, &["INFO", "replication"]).await
+                    {
+                        synced |= String::from_utf8_lossy(&b).contains("master_link_status:up");
+                    }
+                }
+                ready &= synced;
+            }
+            if ready {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until every live node says `cluster_state:ok` and the masters

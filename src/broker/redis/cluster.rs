@@ -455,6 +455,7 @@ async fn keeper(
         match read_map(&s).await {
             Ok(map) => {
                 let (out, settled) = s.apply_map(map, &messages, &state_tx);
+                debug!(events = out.len(), settled, "cluster slot map read");
                 soon = !settled;
                 s.refreshed.send_modify(|n| *n += 1);
                 if send_all(&mut hub, out).await.is_err() {
