@@ -4,7 +4,8 @@
 //!
 //! * classic mode: a pattern and a channel subscription through the
 //!   gateway; `PUBLISH` on any node reaches the clients; `POST /publish`
-//!   too.
+//!   too; `kill -9` of the node holding the pub/sub connection: it moves to
+//!   another node, with `interrupted` and `resumed`.
 //! * sharded mode: 1,000 channels spread over the shards; each master's
 //!   `PUBSUB SHARDCHANNELS` is exactly the set of channels whose slots it
 //!   owns; `SPUBLISH` on the owner reaches the clients; a pattern subscribe
@@ -168,6 +169,45 @@ async fn classic_mode_delivers_publish_from_any_node() {
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap(),
         json!({"channel":"news","shard":slot,"url":format!("redis://127.0.0.1:{owner}")})
+    );
+
+    // The node holding the pub/sub connection dies: it moves to another
+    // node, with interrupted and resumed, and delivers again.
+    let mut cluster = cluster;
+    let mut holder = None;
+    for node in &cluster.nodes {
+        if let Some(redis::Value::BulkString(list)) =
+            cluster.cmd(node.port, &["CLIENT", "LIST"]).await
+        {
+            if String::from_utf8_lossy(&list).contains("name=wsgate:cl-classic:pubsub ") {
+                holder = Some(node.port);
+            }
+        }
+    }
+    let holder = holder.expect("a node holds the pub/sub connection");
+    let killed = Instant::now();
+    cluster.kill(holder);
+    c.expect_interrupted(&[], &["news"]).await;
+    p.expect_interrupted(&["news.*"], &[]).await;
+    c.expect_resumed(&[], &["news"]).await;
+    p.expect_resumed(&["news.*"], &[]).await;
+    println!(
+        "classic mode: kill -9 of the pub/sub connection's node to resumed: {} ms",
+        killed.elapsed().as_millis()
+    );
+    let live = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port != holder)
+        .unwrap()
+        .port;
+    cluster
+        .cmd(live, &["PUBLISH", "news", "\"again\""])
+        .await
+        .expect("PUBLISH");
+    assert_eq!(
+        c.recv().await,
+        json!({"action":"message","channel":"news","payload":"again"})
     );
     gw.stop().await;
 }
