@@ -142,6 +142,20 @@ pub struct Config {
     /// when unset. When set, `redis_url` is the first of them: it also holds
     /// what is node-wide (the service directory, Bayeux handoff records).
     pub redis_shards: Vec<String>,
+    /// `WSGATE_REDIS_CLUSTER`: `redis[s]://[user:password@]host:port[,host:port...]`,
+    /// seed nodes of a Redis Cluster, set instead of `WSGATE_REDIS_URL`
+    /// (docs/redis.md, "Redis Cluster"): the node learns the slot map from
+    /// any of them. `None` when unset.
+    pub redis_cluster: Option<String>,
+    /// `WSGATE_REDIS_CLUSTER_PUBSUB`: `classic` (default: `SUBSCRIBE` on any
+    /// node, Redis broadcasts every `PUBLISH` cluster-wide) or `sharded`
+    /// (`SSUBSCRIBE` on each slot's master, publishes as `SPUBLISH`).
+    pub redis_cluster_sharded: bool,
+    /// `WSGATE_REDIS_CLUSTER_PATTERNS`: `on` lets clients subscribe to
+    /// patterns in sharded mode (held on a classic connection; every
+    /// gateway publish then goes out as both `SPUBLISH` and `PUBLISH`).
+    /// Default `off`: pattern subscribes are refused in sharded mode.
+    pub redis_cluster_patterns: bool,
     /// `WSGATE_WS_PATH`: path of the WebSocket endpoint. Default `/ws`.
     pub ws_path: String,
     /// `WSGATE_BAYEUX_PATH`: the Bayeux endpoint (WebSocket and long-polling,
@@ -448,6 +462,9 @@ impl Default for Config {
             redis_url: None,
             redis_security: crate::broker::redis::Security::default(),
             redis_shards: Vec::new(),
+            redis_cluster: None,
+            redis_cluster_sharded: false,
+            redis_cluster_patterns: false,
             ws_path: "/ws".to_owned(),
             bayeux_path: "/bayeux".to_owned(),
             nodefony_path: "/realtime".to_owned(),
@@ -554,6 +571,9 @@ struct RawConfig {
     redis_cert_file: Option<String>,
     redis_key_file: Option<String>,
     redis_shards: Option<String>,
+    redis_cluster: Option<String>,
+    redis_cluster_pubsub: Option<String>,
+    redis_cluster_patterns: Option<String>,
     ws_path: Option<String>,
     bayeux_path: Option<String>,
     nodefony_path: Option<String>,
@@ -710,6 +730,44 @@ impl Config {
         }
         let redis_shards = redis_shards(raw.redis_shards)?;
         let sharded = !redis_shards.is_empty();
+        let redis_cluster = redis_cluster(raw.redis_cluster)?;
+        let clustered = redis_cluster.is_some();
+        if clustered {
+            let (var, value) = match (&raw.redis_url, &redis_shards) {
+                (Some(url), _) if !url.is_empty() => ("WSGATE_REDIS_URL", url.clone()),
+                (_, shards) if !shards.is_empty() => ("WSGATE_REDIS_SHARDS", shards.join(",")),
+                _ => ("", String::new()),
+            };
+            if !var.is_empty() {
+                return Err(invalid(
+                    var,
+                    value,
+                    "unset when WSGATE_REDIS_CLUSTER is set (one Redis topology only)",
+                ));
+            }
+        }
+        let redis_cluster_sharded = parse_or(
+            raw.redis_cluster_pubsub,
+            false,
+            "WSGATE_REDIS_CLUSTER_PUBSUB",
+            |v| match v {
+                "classic" => Some(false),
+                "sharded" => Some(true),
+                _ => None,
+            },
+            "classic or sharded",
+        )?;
+        let redis_cluster_patterns = parse_or(
+            raw.redis_cluster_patterns,
+            false,
+            "WSGATE_REDIS_CLUSTER_PATTERNS",
+            |v| match v {
+                "on" => Some(true),
+                "off" => Some(false),
+                _ => None,
+            },
+            "on or off",
+        )?;
         let config = Config {
             jwt_key,
             jwt_audiences,
@@ -895,6 +953,9 @@ impl Config {
                 key_file: raw.redis_key_file.filter(|v| !v.is_empty()).map(Into::into),
             },
             redis_shards,
+            redis_cluster,
+            redis_cluster_sharded,
+            redis_cluster_patterns,
             ws_path: parse_or(
                 raw.ws_path,
                 d.ws_path,
@@ -1213,11 +1274,27 @@ impl Config {
             )?,
             history: match raw.history.filter(|v| !v.trim().is_empty()) {
                 None => crate::history::Rules::default(),
+                // Its Function library and streams would have to be called
+                // on each channel's slot owner.
+                Some(v) if clustered => {
+                    return Err(invalid(
+                        "WSGATE_HISTORY",
+                        v,
+                        "unset when WSGATE_REDIS_CLUSTER is set (history over Redis Cluster is not supported yet)",
+                    ));
+                }
                 Some(v) => crate::history::Rules::parse(&v)
                     .map_err(|why| ConfigError::History { value: v, why })?,
             },
             presence: match raw.presence.filter(|v| !v.trim().is_empty()) {
                 None => crate::presence::Rules::default(),
+                Some(v) if clustered => {
+                    return Err(invalid(
+                        "WSGATE_PRESENCE",
+                        v,
+                        "unset when WSGATE_REDIS_CLUSTER is set (presence over Redis Cluster is not supported yet)",
+                    ));
+                }
                 // Its store and its join/leave events would live on one
                 // server while the channels' subscribers are on their owners.
                 Some(v) if sharded => {
@@ -1463,6 +1540,21 @@ const HELP: &[Help] = &[
         "redis_shards",
         "",
         "redis:// or rediss:// URLs, comma-separated, instead of redis_url: each channel on the server its name hashes to (docs/redis.md, client-side sharding)",
+    ),
+    help(
+        "redis_cluster",
+        "",
+        "redis[s]://[user:password@]host:port[,host:port...]: Redis Cluster seed nodes, instead of redis_url (docs/redis.md, Redis Cluster)",
+    ),
+    help(
+        "redis_cluster_pubsub",
+        "classic",
+        "classic (SUBSCRIBE/PUBLISH on any node) or sharded (SSUBSCRIBE on each slot's master, SPUBLISH)",
+    ),
+    help(
+        "redis_cluster_patterns",
+        "off",
+        "on: allow patterns in sharded mode (a classic connection; every publish sent as SPUBLISH and PUBLISH)",
     ),
     help("ws_path", "/ws", "WebSocket endpoint path"),
     help(
@@ -1915,6 +2007,21 @@ fn redis_shards(raw: Option<String>) -> Result<Vec<String>, ConfigError> {
     Ok(urls)
 }
 
+/// `WSGATE_REDIS_CLUSTER`: `redis://` or `rediss://`, optional credentials,
+/// then `host:port` seed nodes separated by commas (no database: a cluster
+/// has only database 0). `None` when unset.
+fn redis_cluster(raw: Option<String>) -> Result<Option<String>, ConfigError> {
+    let accepted = "redis[s]://[user:password@]host:port[,host:port...], e.g. \
+                    redis://10.0.0.1:7000,10.0.0.2:7000 (seed nodes of the cluster; no /db)";
+    let Some(raw) = raw.filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    match crate::broker::redis::cluster::seeds(raw.trim()) {
+        Ok(_) => Ok(Some(raw.trim().to_owned())),
+        Err(_) => Err(invalid("WSGATE_REDIS_CLUSTER", raw, accepted)),
+    }
+}
+
 /// `WSGATE_TCP_SERVICES`: `name=host:port` entries; names as service names
 /// (`[A-Za-z0-9_-]{1,64}`), each once.
 fn tcp_services(raw: &str) -> Result<Vec<(String, String)>, ConfigError> {
@@ -2081,6 +2188,66 @@ mod tests {
         assert_eq!(c.max_pattern_wildcards, 4);
         assert_eq!(c.max_pattern_classes, 2);
         assert_eq!(c.max_redis_patterns.get(), 64);
+    }
+
+    /// A cluster's seeds instead of one URL, never with another topology;
+    /// its pub/sub mode and the patterns option; history and presence
+    /// refused with it.
+    #[test]
+    fn redis_cluster_is_its_own_topology() {
+        let c = vars(&[("WSGATE_REDIS_CLUSTER", "redis://u:p@a:7000,b:7001")]).unwrap();
+        assert_eq!(
+            c.redis_cluster.as_deref(),
+            Some("redis://u:p@a:7000,b:7001")
+        );
+        assert_eq!(c.redis_url, None);
+        assert!(!c.redis_cluster_sharded && !c.redis_cluster_patterns);
+        let c = vars(&[
+            ("WSGATE_REDIS_CLUSTER", "rediss://a:7000"),
+            ("WSGATE_REDIS_CLUSTER_PUBSUB", "sharded"),
+            ("WSGATE_REDIS_CLUSTER_PATTERNS", "on"),
+        ])
+        .unwrap();
+        assert!(c.redis_cluster_sharded && c.redis_cluster_patterns);
+        for (other, value) in [
+            ("WSGATE_REDIS_URL", "redis://a:1"),
+            ("WSGATE_REDIS_SHARDS", "redis://a:1,redis://b:2"),
+        ] {
+            let err = vars(&[("WSGATE_REDIS_CLUSTER", "redis://a:7000"), (other, value)])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(other) && err.contains("WSGATE_REDIS_CLUSTER"),
+                "{err}"
+            );
+        }
+        for bad in [
+            "http://a:1",
+            "redis://a:7000/2",
+            "redis://a:x",
+            "redis://",
+            "redis://a:1,,b:2",
+        ] {
+            let err = vars(&[("WSGATE_REDIS_CLUSTER", bad)])
+                .map(|_| ())
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("WSGATE_REDIS_CLUSTER"),
+                "{bad}: {err}"
+            );
+        }
+        let err = vars(&[("WSGATE_REDIS_CLUSTER_PUBSUB", "both")])
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("classic or sharded"), "{err}");
+        for var in ["WSGATE_HISTORY", "WSGATE_PRESENCE"] {
+            let err = vars(&[("WSGATE_REDIS_CLUSTER", "redis://a:7000"), (var, "chat.*")])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var) && err.contains("Redis Cluster"), "{err}");
+        }
     }
 
     /// Shards instead of one URL, never both; the first shard is the

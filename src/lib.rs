@@ -60,6 +60,9 @@
 //! realizehit over Engine.IO, RoadRunner, SocketStream, SSE) is served by
 //! the same sessions (`docs/dialects/`). Security (tokens, ACLs, the
 //! callback, limits) is described in `docs/security.md`.
+// The HTTP routes' future is deeply nested (warp filters): laid out here
+// (server::spawn_connection), it needs more than the default 128.
+#![recursion_limit = "256"]
 
 pub mod acl;
 pub mod app;

@@ -74,6 +74,38 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// The broker over `WSGATE_REDIS_CLUSTER` (outside [`run`], whose future
+/// is deep enough already).
+fn start_cluster(
+    config: &Config,
+    events: EventSink,
+    metrics: &Metrics,
+) -> Result<Arc<dyn Broker>, RedisConfigError> {
+    let options = RedisOptions {
+        probe_interval: config.redis_probe_interval,
+        probe_timeout: config.redis_probe_timeout,
+        backoff_max: config.redis_backoff_max,
+        node_id: config.node_id.clone(),
+        idempotency_ttl: config.idempotency_ttl,
+        max_redis_patterns: config.max_redis_patterns.get(),
+        pubsub_connections: config.pubsub_connections(),
+        history: config.history.clone(),
+        presence: config.presence.clone(),
+        security: config.redis_security.clone(),
+    };
+    let seeds = config.redis_cluster.as_deref().unwrap_or_default();
+    Ok(Arc::new(
+        crate::broker::redis::cluster::ClusterBroker::start(
+            seeds,
+            config.redis_cluster_sharded,
+            config.redis_cluster_patterns,
+            events,
+            metrics.clone(),
+            options,
+        )?,
+    ))
+}
+
 /// Serves until `shutdown` resolves, then shuts down in order.
 pub async fn run(
     listener: TcpListener,
@@ -85,6 +117,7 @@ pub async fn run(
     let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let events_tx = EventSink::new(events_tx, metrics.clone(), queued.clone());
     let broker: Arc<dyn Broker> = match &config.redis_url {
+        _ if config.redis_cluster.is_some() => start_cluster(&config, events_tx, &metrics)?,
         Some(url) => {
             let options = RedisOptions {
                 probe_interval: config.redis_probe_interval,
@@ -193,6 +226,15 @@ pub async fn run(
     Ok(())
 }
 
+/// Spawns one connection's task. A plain function, so that the deep
+/// future of the HTTP routes is laid out once, in this crate (under its
+/// `recursion_limit`), rather than in every crate that calls the generic
+/// [`run`] (each test binary).
+#[inline(never)]
+fn spawn_connection(stream: TcpStream, peer: SocketAddr, app: Arc<App>) {
+    tokio::spawn(serve_connection(stream, peer, app));
+}
+
 /// Accepts until cancelled (the caller drops it).
 async fn accept_loop(listener: &TcpListener, app: &Arc<App>) {
     let mut backoff = Duration::from_millis(5);
@@ -200,7 +242,7 @@ async fn accept_loop(listener: &TcpListener, app: &Arc<App>) {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                tokio::spawn(serve_connection(stream, peer, app.clone()));
+                spawn_connection(stream, peer, app.clone());
             }
             Err(e) => {
                 error!(cause = %e, "accept failed");

@@ -146,6 +146,10 @@ pub struct EventSink {
     /// Rewrites (or swallows) this sink's state events: set by a broker made
     /// of several ([`redis::shards`]), whose links the hub numbers as one set.
     remap: Option<StateMap>,
+    /// Where state events go instead of the hub (after `remap`): a broker
+    /// that derives the hub's link states from several connections'
+    /// (Redis Cluster: one hub link per hash slot, [`redis::cluster`]).
+    divert: Option<mpsc::Sender<BrokerEvent>>,
 }
 
 /// Turns one inner link's state event into the hub's view of it, or into
@@ -174,7 +178,16 @@ impl EventSink {
             pending_gap: false,
             metrics,
             remap: None,
+            divert: None,
         }
+    }
+
+    /// This sink with every state event sent to `to` rather than to the hub
+    /// (waiting for room there, as [`EventSink::state`] does); messages
+    /// still go to the hub.
+    pub fn diverted(mut self, to: mpsc::Sender<BrokerEvent>) -> EventSink {
+        self.divert = Some(to);
+        self
     }
 
     /// This sink with every state event passed through `remap` first: the
@@ -192,6 +205,7 @@ impl EventSink {
     pub fn sibling(&self) -> EventSink {
         let mut sink = EventSink::new(self.tx.clone(), self.metrics.clone(), self.queued.clone());
         sink.remap = self.remap.clone();
+        sink.divert = self.divert.clone();
         sink
     }
 
@@ -285,9 +299,10 @@ impl EventSink {
     /// Sends a state event without waiting (a fresh channel has room); `false`
     /// if it could not be sent.
     pub fn try_state(&mut self, event: BrokerEvent) -> bool {
-        match self.remap(event) {
-            Some(event) => self.tx.try_send(event).is_ok(),
-            None => true,
+        match (self.remap(event), &self.divert) {
+            (Some(event), Some(divert)) => divert.try_send(event).is_ok(),
+            (Some(event), None) => self.tx.try_send(event).is_ok(),
+            (None, _) => true,
         }
     }
 
@@ -305,8 +320,9 @@ impl EventSink {
             self.pending_gap = false;
             self.dropped = Some(HashSet::new());
         }
+        let to = self.divert.as_ref().unwrap_or(&self.tx);
         match self.remap(event) {
-            Some(event) => self.tx.send(event).await.map_err(|_| HubGone),
+            Some(event) => to.send(event).await.map_err(|_| HubGone),
             None if self.tx.is_closed() => Err(HubGone),
             None => Ok(()),
         }

@@ -431,6 +431,17 @@ impl LinkState {
     fn is_up(self) -> bool {
         matches!(self, LinkState::Connected | LinkState::Resyncing)
     }
+
+    /// How far along it is (down first): the node's state is its least
+    /// advanced link's.
+    fn rank(self) -> usize {
+        match self {
+            LinkState::Down => 0,
+            LinkState::Reconnecting => 1,
+            LinkState::Resyncing => 2,
+            LinkState::Connected => 3,
+        }
+    }
 }
 
 /// What the reconciler gets from [`Registry::take_changes`].
@@ -514,6 +525,10 @@ pub struct Registry {
     held: HeldCounts,
     /// `WSGATE_MAX_PATTERNS` and the count it bounds; see [`PatternCap`].
     patterns: PatternCap,
+    /// How many links are in each state (indexed by [`LinkState::rank`]),
+    /// so that the node's state costs O(1) with thousands of links (a Redis
+    /// Cluster broker has one per hash slot).
+    states: [usize; 4],
 }
 
 /// The node-wide cap on distinct patterns: how many patterns have at least
@@ -568,7 +583,22 @@ impl Registry {
             waiting: 0,
             held: HeldCounts::default(),
             patterns: PatternCap::default(),
+            states: {
+                let mut states = [0; 4];
+                states[LinkState::Reconnecting.rank()] = links.max(1);
+                states
+            },
         }
+    }
+
+    /// Moves link `link` to `state`, keeping the per-state counts.
+    fn set_state(&mut self, link: usize, state: LinkState) {
+        let Some(l) = self.links.get_mut(link) else {
+            return;
+        };
+        let was = std::mem::replace(&mut l.state, state);
+        self.states[was.rank()] -= 1;
+        self.states[state.rank()] += 1;
     }
 
     /// Queues `link` for the reconciler's next look.
@@ -769,14 +799,14 @@ impl Registry {
         let mut node_resynced = None;
         let l = &mut self.links[link];
         if l.state == LinkState::Resyncing && l.resync_left == 0 {
-            l.state = LinkState::Connected;
             resynced = Some(
                 l.resync_started
                     .take()
                     .map(|t| t.elapsed())
                     .unwrap_or_default(),
             );
-            if self.links.iter().all(|l| l.state == LinkState::Connected) {
+            self.set_state(link, LinkState::Connected);
+            if self.states[LinkState::Connected.rank()] == self.links.len() {
                 self.ready = true;
                 node_resynced = self.node_resync.take().map(|t| t.elapsed());
             }
@@ -913,10 +943,10 @@ impl Registry {
     /// Link `link` connected with nothing held: every wanted topic of it is
     /// dirty, and its resync lasts until each of those is answered.
     pub fn broker_up(&mut self, link: usize, generation: u64) {
+        self.set_state(link, LinkState::Resyncing);
         let Some(l) = self.links.get_mut(link) else {
             return;
         };
-        l.state = LinkState::Resyncing;
         l.resync_started = Some(Instant::now());
         l.generation = generation;
         l.resync_left = 0;
@@ -937,10 +967,10 @@ impl Registry {
     /// O(its topics): the hub tells their subscribers. The node stays ready
     /// while another link holding topics is connected.
     pub fn broker_down(&mut self, link: usize) {
+        self.set_state(link, LinkState::Down);
         let Some(l) = self.links.get_mut(link) else {
             return;
         };
-        l.state = LinkState::Down;
         l.resync_started = None;
         l.resync_left = 0;
         let topics: Vec<Topic> = l.topics.iter().cloned().collect();
@@ -961,10 +991,8 @@ impl Registry {
 
     /// Link `link` is trying to connect again.
     pub fn broker_reconnecting(&mut self, link: usize) {
-        if let Some(l) = self.links.get_mut(link) {
-            if !l.state.is_up() {
-                l.state = LinkState::Reconnecting;
-            }
+        if self.links.get(link).is_some_and(|l| !l.state.is_up()) {
+            self.set_state(link, LinkState::Reconnecting);
         }
     }
 
@@ -1006,24 +1034,16 @@ impl Registry {
     /// The broker's state: connected when every link is, else the least
     /// advanced link's state (down, reconnecting, resyncing).
     pub fn link(&self) -> LinkState {
-        self.links
-            .iter()
-            .map(|l| l.state)
-            .min_by_key(|s| match s {
-                LinkState::Down => 0,
-                LinkState::Reconnecting => 1,
-                LinkState::Resyncing => 2,
-                LinkState::Connected => 3,
-            })
+        LinkState::ALL
+            .into_iter()
+            .filter(|s| self.states[s.rank()] > 0)
+            .min_by_key(|s| s.rank())
             .unwrap_or_default()
     }
 
     /// Links connected and caught up.
     pub fn links_connected(&self) -> usize {
-        self.links
-            .iter()
-            .filter(|l| l.state == LinkState::Connected)
-            .count()
+        self.states[LinkState::Connected.rank()]
     }
 
     /// Subscribers waiting for the broker to confirm.

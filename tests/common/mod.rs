@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsgate::Config;
 
+pub mod cluster;
 pub mod node;
 pub mod sse;
 

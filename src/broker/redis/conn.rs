@@ -57,6 +57,53 @@ enum Locate {
     Direct { host: String, port: u16 },
     /// `redis[s]+sentinel://...`: asked on every connect.
     Sentinel(Arc<Sentinel>),
+    /// Any node of a Redis Cluster ([`Nodes`]): classic pub/sub is
+    /// broadcast cluster-wide, so whichever answers will do.
+    Any(Arc<Nodes>),
+}
+
+/// The nodes a cluster connection may use, kept current by the slot map's
+/// refreshes (masters first, then replicas, then the seeds), and where the
+/// last connect got through, so that the next one tries there first and a
+/// dead node is passed over.
+#[derive(Debug)]
+pub(crate) struct Nodes {
+    list: std::sync::Mutex<Vec<(String, u16)>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Nodes {
+    /// The seed nodes, until the first refresh.
+    pub(crate) fn new(seeds: Vec<(String, u16)>) -> Nodes {
+        Nodes {
+            list: std::sync::Mutex::new(seeds),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Replaces the candidates (the start index is kept on the same node
+    /// when it is still listed).
+    pub(crate) fn set(&self, nodes: Vec<(String, u16)>) {
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let at = self.next.load(std::sync::atomic::Ordering::Relaxed);
+        let current = list.get(at).cloned();
+        let keep = current
+            .and_then(|c| nodes.iter().position(|n| *n == c))
+            .unwrap_or(0);
+        *list = nodes;
+        self.next.store(keep, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Every candidate, from where the last connect got through.
+    fn ordered(&self) -> Vec<(usize, (String, u16))> {
+        let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let n = list.len();
+        let start = self.next.load(std::sync::atomic::Ordering::Relaxed);
+        (0..n)
+            .map(|i| (start + i) % n)
+            .filter_map(|i| list.get(i).map(|node| (i, node.clone())))
+            .collect()
+    }
 }
 
 /// Where a node's Redis is and how to log in, from `WSGATE_REDIS_URL`.
@@ -161,9 +208,31 @@ impl Target {
         })
     }
 
+    /// A target on `host:port` with `like`'s credentials and TLS (a node of
+    /// the cluster `like` was made for).
+    pub(crate) fn node(like: &Target, host: &str, port: u16) -> Target {
+        Target {
+            locate: Locate::Direct {
+                host: host.to_owned(),
+                port,
+            },
+            ..like.clone()
+        }
+    }
+
+    /// A target on whichever of `nodes` answers, with `like`'s credentials
+    /// and TLS.
+    pub(crate) fn any(like: &Target, nodes: Arc<Nodes>) -> Target {
+        Target {
+            locate: Locate::Any(nodes),
+            ..like.clone()
+        }
+    }
+
     /// What log spans show: `host:port`, or the sentinels and master name.
     pub(crate) fn addr(&self) -> String {
         match &self.locate {
+            Locate::Any(_) => "any cluster node".to_owned(),
             Locate::Direct { host, port } => format!("{host}:{port}"),
             Locate::Sentinel(s) => {
                 let nodes: Vec<String> = s.nodes.iter().map(|(h, p)| format!("{h}:{p}")).collect();
@@ -257,6 +326,12 @@ impl Handshake {
                 self.push("ROLE", &[b"ROLE"]);
                 s.resolve().await?
             }
+            Locate::Any(nodes) => {
+                // Boxed: this future is awaited inside deep ones (the
+                // HTTP routes' futures reach the compiler's depth limit).
+                let (cmd, steps) = (self.cmd, self.steps);
+                return Box::pin(connect_any(nodes.clone(), target.tls.clone(), cmd, steps)).await;
+            }
         };
         let mut stream = Stream::connect(&host, port, target.tls.as_ref()).await?;
         let replies = exchange(&mut stream, &self.cmd, self.steps.len()).await?;
@@ -272,6 +347,37 @@ impl Handshake {
             moved,
         })
     }
+}
+
+/// Connects to the first of `nodes` that accepts (from where the last
+/// connect got through) and runs the handshake `cmd` there.
+async fn connect_any(
+    nodes: Arc<Nodes>,
+    tls: Option<Tls>,
+    cmd: BytesMut,
+    steps: Vec<&'static str>,
+) -> Result<Connected, String> {
+    let mut last = "no cluster node known".to_owned();
+    for (i, (host, port)) in nodes.ordered() {
+        // Advanced before the try: a caller that times out here starts on
+        // the next node.
+        nodes
+            .next
+            .store(i + 1, std::sync::atomic::Ordering::Relaxed);
+        match Stream::connect(&host, port, tls.as_ref()).await {
+            Ok(mut stream) => {
+                nodes.next.store(i, std::sync::atomic::Ordering::Relaxed);
+                let replies = exchange(&mut stream, &cmd, steps.len()).await?;
+                return Ok(Connected {
+                    stream,
+                    replies: steps.into_iter().zip(replies).collect(),
+                    moved: Moved::never(),
+                });
+            }
+            Err(e) => last = format!("{host}:{port}: {e}"),
+        }
+    }
+    Err(last)
 }
 
 /// Writes `cmd` (complete RESP, `expected` commands) and reads exactly

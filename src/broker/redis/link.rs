@@ -59,11 +59,17 @@ impl Siblings {
     /// Shared state of `links` links, none connected; their gauges are
     /// labelled `<prefix><index>`.
     pub(super) fn new(links: usize, metrics: &Metrics, prefix: &str) -> Arc<Siblings> {
-        let up = (0..links)
-            .map(|i| {
-                let gauge = metrics
-                    .broker_up
-                    .with_label_values(&[&format!("{prefix}{i}")]);
+        let labels: Vec<String> = (0..links).map(|i| format!("{prefix}{i}")).collect();
+        Siblings::labelled(&labels, metrics)
+    }
+
+    /// Shared state of one link per label, none connected; each gauge is
+    /// labelled as given (a cluster shard link: its master's address).
+    pub(super) fn labelled(labels: &[String], metrics: &Metrics) -> Arc<Siblings> {
+        let up = labels
+            .iter()
+            .map(|label| {
+                let gauge = metrics.broker_up.with_label_values(&[label]);
                 gauge.set(0);
                 gauge
             })
@@ -98,6 +104,19 @@ pub(super) struct Link {
     /// Its share of `WSGATE_MAX_REDIS_PATTERNS`.
     pub(super) budget: usize,
     pub(super) siblings: Arc<Siblings>,
+    /// Set on a Redis Cluster shard master's link (sharded pub/sub): its
+    /// channels are `SSUBSCRIBE`d, and what says the slot map changed (a
+    /// `MOVED` reply, a `sunsubscribe` Redis pushed) is reported here.
+    pub(super) shard: Option<ShardHooks>,
+}
+
+/// How a sharded-pub/sub link tells the cluster's slot map keeper that a
+/// slot may have moved.
+#[derive(Clone)]
+pub(super) struct ShardHooks {
+    /// This link's id among the keeper's shard links.
+    pub(super) id: usize,
+    pub(super) signals: Arc<super::cluster::Signals>,
 }
 
 /// How a connected period ended.
@@ -119,6 +138,7 @@ pub(super) struct Actor {
     options: RedisOptions,
     budget: usize,
     siblings: Arc<Siblings>,
+    shard: Option<ShardHooks>,
     /// What this link last added to `wsgate_redis_patterns` (a node-wide sum).
     reported_patterns: i64,
     /// Which Redis patterns stand for which client patterns, on the current
@@ -158,6 +178,9 @@ struct Open {
     commands: usize,
     refused: Vec<(Topic, String)>,
     done: Option<oneshot::Sender<Result<Applied, BrokerError>>>,
+    /// A command of it was redirected (`MOVED`, `ASK`: a cluster slot is
+    /// elsewhere): answered `Unavailable`, the hub tries again.
+    failed: bool,
 }
 
 /// Everything in flight on one connection.
@@ -243,12 +266,40 @@ impl InFlight {
         if open.commands == 0 {
             if let Some(open) = self.open.remove(at) {
                 if let Some(done) = open.done {
-                    let _ = done.send(Ok(Applied {
-                        refused: open.refused,
-                    }));
+                    let _ = done.send(if open.failed {
+                        Err(BrokerError::Unavailable)
+                    } else {
+                        Ok(Applied {
+                            refused: open.refused,
+                        })
+                    });
                 }
             }
         }
+    }
+
+    /// The front command was redirected to another cluster node: none of
+    /// its topics was applied, and its request fails as a whole.
+    fn redirected(&mut self) -> Result<(), Exit> {
+        let Some(cmd) = self.cmds.pop_front() else {
+            return Err(Exit::Lost("reply with nothing in flight".to_owned()));
+        };
+        if let Some(open) = self.open.iter_mut().find(|o| o.seq == cmd.req) {
+            open.failed = true;
+        }
+        self.command_done(cmd.req);
+        Ok(())
+    }
+
+    /// Whether a `sunsubscribe` for `channel` answers the front command
+    /// (else Redis pushed it: the channel's slot left this node).
+    fn expects_sunsubscribe(&self, channel: &Bytes) -> bool {
+        self.cmds.front().is_some_and(|c| {
+            !c.subscribe
+                && c.topics
+                    .iter()
+                    .any(|t| matches!(t, Topic::Channel(n) if n == channel))
+        })
     }
 
     /// The connection ended: nothing in flight will be answered.
@@ -274,6 +325,7 @@ impl Actor {
             options: link.options,
             budget: link.budget,
             siblings: link.siblings,
+            shard: link.shard,
             reported_patterns: 0,
             covers: Covers::new(link.budget),
             follow_up: BytesMut::new(),
@@ -474,7 +526,7 @@ impl Actor {
                         continue;
                     }
                     out.clear();
-                    let cmds = encode_changes(&mut out, &req.changes, &mut self.covers);
+                    let cmds = encode_changes(&mut out, &req.changes, &mut self.covers, self.shard.is_some());
                     self.report_patterns(self.covers.redis_patterns());
                     if cmds.is_empty() {
                         let _ = req.done.send(Ok(Applied::default()));
@@ -482,7 +534,7 @@ impl Actor {
                     }
                     let seq = inflight.next_seq;
                     inflight.next_seq += 1;
-                    inflight.open.push_back(Open { seq, commands: cmds.len(), refused: Vec::new(), done: Some(req.done) });
+                    inflight.open.push_back(Open { seq, commands: cmds.len(), refused: Vec::new(), done: Some(req.done), failed: false });
                     for (topics, subscribe, cover) in cmds {
                         let remaining = topics.len();
                         inflight.cmds.push_back(Cmd { req: seq, topics, subscribe, cover, remaining });
@@ -509,8 +561,9 @@ impl Actor {
                     }
                     if !inflight.resend.is_empty() {
                         out.clear();
+                        let sharded = self.shard.is_some();
                         for (req, topic) in inflight.resend.drain(..) {
-                            let args: [&[u8]; 2] = [subscribe_command(&topic), topic.name()];
+                            let args: [&[u8]; 2] = [subscribe_command(&topic, sharded), topic.name()];
                             resp::encode_command(&mut out, args.into_iter());
                             inflight.cmds.push_back(Cmd { req, topics: vec![topic], subscribe: true, cover: false, remaining: 1 });
                         }
@@ -580,6 +633,13 @@ impl Actor {
                 // Only those topics' subscribers are told; the connection and
                 // everyone else's delivery carry on.
                 let msg = String::from_utf8_lossy(&e).into_owned();
+                if let Some(shard) = &self.shard {
+                    if super::cluster::is_redirect(&msg) {
+                        debug!(reason = %msg, "cluster redirect: the slot map is refreshed");
+                        shard.signals.refresh();
+                        return inflight.redirected();
+                    }
+                }
                 debug!(reason = %msg, "redis refused a command");
                 let clients = match inflight.front_cover() {
                     Some(pattern) => {
@@ -600,7 +660,12 @@ impl Actor {
             other => return Err(Exit::Lost(format!("unexpected push {other:?}"))),
         };
         match (&kind[..], items.next(), items.next(), items.next()) {
-            (b"message", Some(Value::Bulk(channel)), Some(Value::Bulk(payload)), None) => {
+            (
+                b"message" | b"smessage",
+                Some(Value::Bulk(channel)),
+                Some(Value::Bulk(payload)),
+                None,
+            ) => {
                 let topic = Topic::Channel(channel.clone());
                 self.deliver(BrokerMessage {
                     topic,
@@ -632,7 +697,24 @@ impl Actor {
                     })
                     .map_err(|HubGone| Exit::Shutdown),
             },
-            (b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe", topic, _, _) => {
+            (b"sunsubscribe", Some(Value::Bulk(channel)), _, _)
+                if !inflight.expects_sunsubscribe(&channel) =>
+            {
+                // Pushed by Redis: the channel's slot moved off this node.
+                if let Some(shard) = &self.shard {
+                    let slot = super::slot::slot_of(&channel);
+                    info!(slot, "redis dropped a sharded subscription: its slot moved");
+                    shard.signals.lost(shard.id, slot);
+                }
+                Ok(())
+            }
+            (
+                b"subscribe" | b"psubscribe" | b"unsubscribe" | b"punsubscribe" | b"ssubscribe"
+                | b"sunsubscribe",
+                topic,
+                _,
+                _,
+            ) => {
                 if let (b"psubscribe", Some(Value::Bulk(pattern))) = (&kind[..], &topic) {
                     let mut follow = Commands::default();
                     self.covers
@@ -685,12 +767,27 @@ async fn read_some(rd: &mut ReadHalf, buf: &mut BytesMut) -> Result<(), String> 
     }
 }
 
-/// The command that subscribes `topic`.
-fn subscribe_command(topic: &Topic) -> &'static [u8] {
+/// The command that subscribes `topic` (`sharded`: a channel of a cluster
+/// shard's link).
+fn subscribe_command(topic: &Topic, sharded: bool) -> &'static [u8] {
     match topic {
+        Topic::Channel(_) if sharded => b"SSUBSCRIBE",
         Topic::Channel(_) => b"SUBSCRIBE",
         Topic::Pattern(_) => b"PSUBSCRIBE",
     }
+}
+
+/// `names` as one command each slot's channels (`SSUBSCRIBE` takes
+/// channels of one slot only), else as one command.
+fn by_slot(names: Vec<Bytes>, sharded: bool) -> Vec<Vec<Bytes>> {
+    if !sharded || names.is_empty() {
+        return vec![names];
+    }
+    let mut groups: std::collections::BTreeMap<u16, Vec<Bytes>> = Default::default();
+    for n in names {
+        groups.entry(super::slot::slot_of(&n)).or_default().push(n);
+    }
+    groups.into_values().collect()
 }
 
 /// Encodes `changes`: channels as up to two batched commands; patterns go
@@ -699,11 +796,18 @@ fn subscribe_command(topic: &Topic) -> &'static [u8] {
 /// the same batch), each `PSUBSCRIBE` alone so that a refusal names exactly
 /// one Redis pattern. Returns each command's topics (Redis confirms each
 /// one), whether it subscribes, and whether it is a coalesced `PSUBSCRIBE`.
+/// `sharded`: channels as `SSUBSCRIBE`/`SUNSUBSCRIBE`, one per slot.
 fn encode_changes(
     out: &mut BytesMut,
     changes: &Changes,
     covers: &mut Covers,
+    sharded: bool,
 ) -> Vec<(Vec<Topic>, bool, bool)> {
+    let (unsub, sub): (&[u8], &[u8]) = if sharded {
+        (b"SUNSUBSCRIBE", b"SSUBSCRIBE")
+    } else {
+        (b"UNSUBSCRIBE", b"SUBSCRIBE")
+    };
     let channels = |topics: &[Topic]| -> Vec<Bytes> {
         topics
             .iter()
@@ -725,9 +829,11 @@ fn encode_changes(
         }
     }
     let mut cmds = Vec::new();
-    let unsubscribe = channels(&changes.unsubscribe);
-    if !unsubscribe.is_empty() {
-        encode(out, b"UNSUBSCRIBE", &unsubscribe);
+    for unsubscribe in by_slot(channels(&changes.unsubscribe), sharded) {
+        if unsubscribe.is_empty() {
+            continue;
+        }
+        encode(out, unsub, &unsubscribe);
         cmds.push((
             unsubscribe.into_iter().map(Topic::Channel).collect(),
             false,
@@ -746,9 +852,11 @@ fn encode_changes(
             false,
         ));
     }
-    let subscribe = channels(&changes.subscribe);
-    if !subscribe.is_empty() {
-        encode(out, b"SUBSCRIBE", &subscribe);
+    for subscribe in by_slot(channels(&changes.subscribe), sharded) {
+        if subscribe.is_empty() {
+            continue;
+        }
+        encode(out, sub, &subscribe);
         cmds.push((
             subscribe.into_iter().map(Topic::Channel).collect(),
             true,
@@ -790,7 +898,7 @@ mod tests {
             ],
             unsubscribe: vec![Topic::Channel(Bytes::from_static(b"d"))],
         };
-        let cmds = encode_changes(&mut out, &changes, &mut Covers::new(64));
+        let cmds = encode_changes(&mut out, &changes, &mut Covers::new(64), false);
         let counts: Vec<(usize, bool, bool)> =
             cmds.iter().map(|(t, s, c)| (t.len(), *s, *c)).collect();
         assert_eq!(

@@ -23,6 +23,7 @@
 //! handoff store's) is opened by [`conn`]: the same URL forms (single Redis,
 //! Sentinel, TLS: docs/redis.md) and handshake.
 
+pub mod cluster;
 pub(crate) mod commands;
 pub(crate) mod conn;
 mod cover;
@@ -34,6 +35,7 @@ mod publish;
 pub(crate) mod resp;
 mod sentinel;
 pub mod shards;
+pub mod slot;
 mod stream;
 
 use std::time::Duration;
@@ -182,6 +184,9 @@ pub(crate) enum Role {
     /// `s<i>.<link>`, and only shard 0 polls `PUBSUB NUMPAT` (every shard
     /// holds the same patterns).
     Shard(usize),
+    /// The classic pub/sub links of a Redis Cluster (any node): gauges
+    /// labelled `classic.<link>`.
+    Classic,
 }
 
 impl RedisBroker {
@@ -205,6 +210,19 @@ impl RedisBroker {
         role: Role,
     ) -> Result<RedisBroker, RedisConfigError> {
         let target = Target::parse(url, &options.security)?;
+        RedisBroker::start_target(url, target, events, metrics, options, role)
+    }
+
+    /// [`RedisBroker::start_as`] on a target already parsed (`url` only
+    /// serves history and presence, refused with a cluster).
+    pub(crate) fn start_target(
+        url: &str,
+        target: Target,
+        events: EventSink,
+        metrics: Metrics,
+        options: RedisOptions,
+        role: Role,
+    ) -> Result<RedisBroker, RedisConfigError> {
         let addr = target.addr();
         let publisher = publish::Publisher::start(publish::Settings {
             target: target.clone(),
@@ -212,6 +230,7 @@ impl RedisBroker {
             timeout: options.probe_timeout,
             idempotency_ttl: options.idempotency_ttl,
             history: options.history.clone(),
+            mode: publish::Mode::Plain,
         });
         let reader = if options.history.is_empty() {
             None
@@ -251,6 +270,7 @@ impl RedisBroker {
         let prefix = match role {
             Role::Whole => String::new(),
             Role::Shard(i) => format!("s{i}."),
+            Role::Classic => "classic.".to_owned(),
         };
         let siblings = Siblings::new(k, &metrics, &prefix);
         let mut links = Vec::with_capacity(k);
@@ -266,13 +286,14 @@ impl RedisBroker {
                 options: options.clone(),
                 budget,
                 siblings: siblings.clone(),
+                shard: None,
             });
             let span = tracing::info_span!("redis_pubsub", link = index, addr = %actor.addr());
             tokio::spawn(actor.run().instrument(span));
             links.push(tx);
         }
         drop(events);
-        let polls = matches!(role, Role::Whole | Role::Shard(0));
+        let polls = matches!(role, Role::Whole | Role::Shard(0) | Role::Classic);
         if let Some(first) = links.first().filter(|_| polls) {
             let numpat = commands::Commands::start_target(
                 target,

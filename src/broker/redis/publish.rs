@@ -77,6 +77,60 @@ redis.call('SET', KEYS[1], n, 'PX', ARGV[3])
 return n
 ";
 
+/// The same script for a Redis Cluster node, publishing with `publish`
+/// (a Lua expression of `ARGV[1]` and `ARGV[2]`: `PUBLISH`, `SPUBLISH`, or
+/// their sum): the key carries the channel's slot tag, so the script runs on
+/// the channel's owner, where `SPUBLISH` is allowed.
+fn cluster_script(publish: &str) -> String {
+    SCRIPT.replace("redis.pcall('PUBLISH', ARGV[1], ARGV[2])", publish)
+}
+
+/// `SPUBLISH` then `PUBLISH` of one message, their receivers summed (a
+/// cluster in sharded mode with patterns on); `KEYS[1]` only routes it to
+/// the channel's owner.
+const BOTH: &str = "\
+local s = redis.pcall('SPUBLISH', ARGV[1], ARGV[2])
+if type(s) == 'table' and s.err then return s end
+local p = redis.pcall('PUBLISH', ARGV[1], ARGV[2])
+if type(p) == 'table' and p.err then return p end
+return s + p
+";
+
+/// Which commands publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// One Redis (or a shard): `PUBLISH`.
+    Plain,
+    /// A Redis Cluster node owning the channels sent to it: `PUBLISH`
+    /// (classic) or `SPUBLISH` (sharded), or both (sharded with
+    /// patterns); idempotency keys carry the channel's slot tag.
+    Cluster {
+        /// `SPUBLISH` rather than `PUBLISH`.
+        sharded: bool,
+        /// `SPUBLISH` and `PUBLISH` (with `sharded`).
+        both: bool,
+    },
+}
+
+impl Mode {
+    /// The idempotent script this mode loads.
+    fn script(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Mode::Plain | Mode::Cluster { sharded: false, .. } => SCRIPT.into(),
+            Mode::Cluster { both: true, .. } => cluster_script(
+                "(function() local s = redis.pcall('SPUBLISH', ARGV[1], ARGV[2]); \
+                 if type(s) == 'table' and s.err then return s end; \
+                 local p = redis.pcall('PUBLISH', ARGV[1], ARGV[2]); \
+                 if type(p) == 'table' and p.err then return p end; return s + p end)()",
+            )
+            .into(),
+            Mode::Cluster { .. } => {
+                cluster_script("redis.pcall('SPUBLISH', ARGV[1], ARGV[2])").into()
+            }
+        }
+    }
+}
+
 /// Where and how to connect.
 pub(super) struct Settings {
     /// Redis, from the URL; `SELECT`s its database (idempotency keys live in it).
@@ -90,6 +144,8 @@ pub(super) struct Settings {
     /// `WSGATE_HISTORY`: publishes to these channels go through the
     /// Function library ([`history`]), loaded on every new connection.
     pub(super) history: Rules,
+    /// Which commands publish.
+    pub(super) mode: Mode,
 }
 
 /// Why one message was not confirmed (inside this module; callers see
@@ -286,7 +342,8 @@ impl Task {
     async fn connect(&mut self) -> Result<(Stream, Moved), (String, bool)> {
         let s = &self.settings;
         let mut handshake = Handshake::new(&s.target, &s.client_name, true);
-        handshake.push("SCRIPT LOAD", &[b"SCRIPT", b"LOAD", SCRIPT.as_bytes()]);
+        let script = s.mode.script();
+        handshake.push("SCRIPT LOAD", &[b"SCRIPT", b"LOAD", script.as_bytes()]);
         let library = (!s.history.is_empty()).then(|| history::library(&s.history));
         if let Some(library) = &library {
             handshake.push(
@@ -479,14 +536,45 @@ impl Task {
             );
             return;
         }
+        let mode = self.settings.mode;
         let Some(key) = &m.idempotency_key else {
-            resp::encode_command(out, [&b"PUBLISH"[..], &m.channel, &m.payload].into_iter());
+            match mode {
+                Mode::Plain | Mode::Cluster { sharded: false, .. } => {
+                    resp::encode_command(out, [&b"PUBLISH"[..], &m.channel, &m.payload].into_iter())
+                }
+                Mode::Cluster { both: false, .. } => resp::encode_command(
+                    out,
+                    [&b"SPUBLISH"[..], &m.channel, &m.payload].into_iter(),
+                ),
+                Mode::Cluster { .. } => {
+                    let route = format!(
+                        "wsgate:publish:{{{}}}",
+                        super::slot::tag_for(super::slot::slot_of(&m.channel))
+                    );
+                    resp::encode_command(
+                        out,
+                        [
+                            &b"EVAL"[..],
+                            BOTH.as_bytes(),
+                            b"1",
+                            route.as_bytes(),
+                            &m.channel,
+                            &m.payload,
+                        ]
+                        .into_iter(),
+                    )
+                }
+            }
             return;
         };
-        let redis_key = idempotency_key(&m.channel, key);
+        let redis_key = match mode {
+            Mode::Plain => idempotency_key(&m.channel, key),
+            Mode::Cluster { .. } => cluster_idempotency_key(&m.channel, key),
+        };
+        let script = mode.script();
         let (command, script): (&[u8], &[u8]) = match &self.sha {
             Some(sha) => (b"EVALSHA", sha),
-            None => (b"EVAL", SCRIPT.as_bytes()),
+            None => (b"EVAL", script.as_bytes()),
         };
         resp::encode_command(
             out,
@@ -565,6 +653,22 @@ fn idempotency_key(channel: &[u8], key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// [`idempotency_key`] in a Redis Cluster: after the prefix, the hashtag of
+/// the channel's slot ([`super::slot::tag_for`]), so the key lives where
+/// the channel is published.
+fn cluster_idempotency_key(channel: &[u8], key: &[u8]) -> Vec<u8> {
+    let tag = super::slot::tag_for(super::slot::slot_of(channel));
+    let plain = idempotency_key(channel, key);
+    let (prefix, rest) = plain.split_at(IDEMPOTENCY_PREFIX.len());
+    let mut k = Vec::with_capacity(plain.len() + tag.len() + 3);
+    k.extend_from_slice(prefix);
+    k.push(b'{');
+    k.extend_from_slice(tag.as_bytes());
+    k.extend_from_slice(b"}:");
+    k.extend_from_slice(rest);
+    k
+}
+
 /// Waits until `deadline` (forever without one; the branch is disabled then).
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
@@ -627,6 +731,24 @@ mod tests {
     fn idempotency_keys_are_per_channel_and_unambiguous() {
         assert_eq!(idempotency_key(b"a:b", b"c"), b"wsgate:idempotency:3:a:b:c");
         assert_ne!(idempotency_key(b"a", b"b:c"), idempotency_key(b"a:b", b"c"));
+    }
+
+    /// In a cluster the key hashes to the channel's slot, whatever the
+    /// channel's name holds.
+    #[test]
+    fn cluster_idempotency_keys_live_in_the_channel_slot() {
+        use super::super::slot::slot_of;
+        for channel in [&b"news"[..], b"a}b", b"{}", b"x{tag}y", b""] {
+            let k = cluster_idempotency_key(channel, b"k1");
+            assert_eq!(slot_of(&k), slot_of(channel), "{channel:?}");
+            assert!(k.starts_with(IDEMPOTENCY_PREFIX.as_bytes()));
+        }
+        assert!(Mode::Cluster {
+            sharded: true,
+            both: false
+        }
+        .script()
+        .contains("SPUBLISH"));
     }
 
     #[test]
