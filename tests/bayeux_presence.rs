@@ -207,11 +207,19 @@ async fn join_leave_and_members(a: &Gateway, na: &str, b: &Gateway, nb: &str) {
     // Members, sorted by client id, from either node.
     let mut both = [member(&me, None), member(&him, None)];
     both.sort();
-    obs.send_text(&presence_msg(&ocid, "4", &format!(r#"{{"channel":"{room}"}}"#)))
-        .await;
+    obs.send_text(&presence_msg(
+        &ocid,
+        "4",
+        &format!(r#"{{"channel":"{room}"}}"#),
+    ))
+    .await;
     assert_eq!(obs.recv_text().await, presence_answer("4", room, &both));
     quiet
-        .send_text(&presence_msg(&qcid, "4", &format!(r#"{{"channel":"{room}"}}"#)))
+        .send_text(&presence_msg(
+            &qcid,
+            "4",
+            &format!(r#"{{"channel":"{room}"}}"#),
+        ))
         .await;
     assert_eq!(quiet.recv_text().await, presence_answer("4", room, &both));
     // Counts only.
@@ -249,8 +257,12 @@ async fn join_leave_and_members(a: &Gateway, na: &str, b: &Gateway, nb: &str) {
     drop(gone);
     assert_eq!(expect_event(&mut obs, "leave", room, nb, None).await, ghost);
     marker(a, &mut obs, room, 3).await;
-    obs.send_text(&presence_msg(&ocid, "6", &format!(r#"{{"channel":"{room}"}}"#)))
-        .await;
+    obs.send_text(&presence_msg(
+        &ocid,
+        "6",
+        &format!(r#"{{"channel":"{room}"}}"#),
+    ))
+    .await;
     assert_eq!(
         obs.recv_text().await,
         presence_answer("6", room, &[member(&me, None)])
@@ -302,7 +314,14 @@ async fn refusals_and_the_subscribe_acl() {
         )
     );
     assert_eq!(
-        subscribe(&mut c, &cid, "5", "/chat/a", r#"{"wsgate":{"join_leave":1}}"#).await,
+        subscribe(
+            &mut c,
+            &cid,
+            "5",
+            "/chat/a",
+            r#"{"wsgate":{"join_leave":1}}"#
+        )
+        .await,
         refused(
             "5",
             &cid,
@@ -327,7 +346,11 @@ async fn refusals_and_the_subscribe_acl() {
     };
     for (id, data, error) in [
         ("10", r#""x""#, "400:bad presence request:Bad request"),
-        ("11", r#"{"room":"/chat/a"}"#, "400:bad presence request:Bad request"),
+        (
+            "11",
+            r#"{"room":"/chat/a"}"#,
+            "400:bad presence request:Bad request",
+        ),
         (
             "12",
             r#"{"channel":"/chat/*"}"#,
@@ -338,7 +361,11 @@ async fn refusals_and_the_subscribe_acl() {
             r#"{"channel":"/meta/connect"}"#,
             "400:presence is for broadcast channels:Bad request",
         ),
-        ("14", r#"{"channel":"/news"}"#, "403:/news:channel has no presence"),
+        (
+            "14",
+            r#"{"channel":"/news"}"#,
+            "403:/news:channel has no presence",
+        ),
         ("15", r#"{"channel":"/chat/b"}"#, "403:/chat/b:Forbidden"),
     ] {
         c.send_text(&presence_msg(&cid, id, data)).await;
@@ -409,9 +436,15 @@ async fn faye_presence(transport: &str) {
             && e["data"]["member"]["client"] != own_client.as_str()
     })
     .await;
-    assert_eq!(join["message"]["ext"], json!({"wsgate":{"presence":"join"}}));
+    assert_eq!(
+        join["message"]["ext"],
+        json!({"wsgate":{"presence":"join"}})
+    );
     assert_eq!(join["data"]["action"], "join");
-    let raw_client = join["data"]["member"]["client"].as_str().unwrap().to_owned();
+    let raw_client = join["data"]["member"]["client"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_ne!(raw_client, own_client);
 
     faye.send(json!({"cmd":"publish","channel":"/service/wsgate/presence","data":{"channel":room},"ref":"p1"}))
@@ -446,7 +479,10 @@ async fn faye_presence(transport: &str) {
             e["event"] == "delivery" && e["channel"] == room && e["data"]["action"] == "leave"
         })
         .await;
-    assert_eq!(leave["message"]["ext"], json!({"wsgate":{"presence":"leave"}}));
+    assert_eq!(
+        leave["message"]["ext"],
+        json!({"wsgate":{"presence":"leave"}})
+    );
     assert_eq!(leave["data"]["member"]["client"], raw_client.as_str());
     // Exactly once: the marker is the next delivery on the room.
     let (status, body) = http_publish(&gw, room, r#"{"marker":1}"#).await;
@@ -460,7 +496,11 @@ async fn faye_presence(transport: &str) {
         .iter()
         .filter(|e| e["event"] == "delivery" && e["channel"] == room)
         .collect();
-    assert_eq!(on_room.len(), 4, "own join, join, leave, marker: {on_room:?}");
+    assert_eq!(
+        on_room.len(),
+        4,
+        "own join, join, leave, marker: {on_room:?}"
+    );
     faye.close_stdin();
     let (status, _) = faye.finish(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");

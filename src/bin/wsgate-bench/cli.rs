@@ -651,7 +651,9 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         );
     }
     if requests == 0 || probers == 0 || channel.is_empty() || !within(hold_secs, 0.0) {
-        return bad("--requests and --probers must be >= 1, --channel non-empty, --hold-secs in [0, 86400]");
+        return bad(
+            "--requests and --probers must be >= 1, --channel non-empty, --hold-secs in [0, 86400]",
+        );
     }
     if subscribers == 0 || rate == 0 || connections == 0 || window == 0 || patterns == 0 {
         return bad("--subscribers, --rate, --connections, --window, --patterns must be >= 1");

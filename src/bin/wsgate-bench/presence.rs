@@ -176,11 +176,7 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     // Probers first (they are not members): their sources come after the members'.
     let mut probers = Vec::new();
     for i in 0..opts.probers {
-        let src = net::source(
-            opts.subscribers + i,
-            opts.sources,
-            opts.source_offset,
-        );
+        let src = net::source(opts.subscribers + i, opts.sources, opts.source_offset);
         probers.push(Prober::open(&gws[i % gws.len()], src, &channel).await?);
     }
 

@@ -156,7 +156,10 @@ mod tests {
             join_leave(Some(r#"{"wsgate":{"join_leave":false}}"#)),
             Ok(false)
         );
-        assert_eq!(join_leave(Some(r#"{"wsgate":{"join_leave":1}}"#)), Err(BadJoinLeave));
+        assert_eq!(
+            join_leave(Some(r#"{"wsgate":{"join_leave":1}}"#)),
+            Err(BadJoinLeave)
+        );
         assert_eq!(join_leave(Some(r#"{"wsgate":5}"#)), Err(BadJoinLeave));
     }
 
