@@ -38,7 +38,8 @@ pub struct BadJoinLeave;
 
 /// `ext.wsgate.join_leave` of a `/meta/subscribe` (`docs/presence.md`):
 /// whether the message's channel subscriptions also receive the channels'
-/// join and leave events. Absent or `null`: no; `Err` for anything but a
+/// join and leave events. Absent or `null` (or a `wsgate` member that is
+/// no object, which [`Resume::read`] refuses): no; `Err` for anything but a
 /// boolean (each subscription of the message is then refused
 /// [`BAD_JOIN_LEAVE`]).
 pub fn join_leave(ext: Option<&str>) -> Result<bool, BadJoinLeave> {
@@ -55,7 +56,8 @@ pub fn join_leave(ext: Option<&str>) -> Result<bool, BadJoinLeave> {
             Some(Value::Bool(b)) => Ok(b),
             Some(_) => Err(BadJoinLeave),
         },
-        Some(_) => Err(BadJoinLeave),
+        // Not an object: [`Resume::read`] refuses it as a bad `since`.
+        Some(_) => Ok(false),
     }
 }
 
@@ -160,7 +162,7 @@ mod tests {
             join_leave(Some(r#"{"wsgate":{"join_leave":1}}"#)),
             Err(BadJoinLeave)
         );
-        assert_eq!(join_leave(Some(r#"{"wsgate":5}"#)), Err(BadJoinLeave));
+        assert_eq!(join_leave(Some(r#"{"wsgate":5}"#)), Ok(false));
     }
 
     #[test]
