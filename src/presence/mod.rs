@@ -183,7 +183,12 @@ pub fn stored(node: &str, channel: &[u8], member_json: &str) -> Bytes {
 /// broker's read returns, its node already stripped); `None` if it is not
 /// one (nothing but wsgate writes these keys, but Redis is shared).
 pub fn member_of<'a>(channel: &[u8], leave_event: &'a [u8]) -> Option<&'a str> {
-    let head = event_head(Change::Leave, channel);
+    member_after(&event_head(Change::Leave, channel), leave_event)
+}
+
+/// [`member_of`] with the channel's leave head already built (a read of
+/// many members builds it once).
+fn member_after<'a>(head: &str, leave_event: &'a [u8]) -> Option<&'a str> {
     let rest = leave_event.strip_prefix(head.as_bytes())?;
     let member = rest.strip_suffix(b"}")?;
     std::str::from_utf8(member).ok()
@@ -210,10 +215,11 @@ impl Members {
             #[serde(borrow)]
             user: Option<std::borrow::Cow<'a, str>>,
         }
+        let head = event_head(Change::Leave, channel);
         let mut rows: Vec<(String, Option<String>, String)> = read
             .iter()
             .filter_map(|raw| {
-                let json = member_of(channel, raw)?;
+                let json = member_after(&head, raw)?;
                 let ids: Ids<'_> = serde_json::from_str(json).ok()?;
                 Some((
                     ids.client.into_owned(),

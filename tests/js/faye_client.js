@@ -10,7 +10,8 @@
 // faye dispatches); delivery {channel, data, message} (one per message on
 // the wire); meta {message} (every /meta reply as received); ack {message}
 // (every publish acknowledgement as received); --since JSON puts
-// ext.wsgate.since on every /meta/subscribe; published {ref, ok, error?};
+// ext.wsgate.since on every /meta/subscribe, --join-leave puts
+// ext.wsgate.join_leave there (presence events); published {ref, ok, error?};
 // unsubscribed {subscription, successful}; disconnected; error {error}.
 
 import faye from "faye";
@@ -31,8 +32,11 @@ client.addExtension({
         // A resume position for history channels (docs/dialects/bayeux.md):
         // what an application's extension would write from the last
         // delivery's ext.wsgate.
-        if (message.channel === "/meta/subscribe" && opts.since) {
-            message.ext = Object.assign({}, message.ext, { wsgate: { since: opts.since } });
+        if (message.channel === "/meta/subscribe" && (opts.since || opts.joinLeave)) {
+            const wsgate = {};
+            if (opts.since) wsgate.since = opts.since;
+            if (opts.joinLeave) wsgate.join_leave = true;
+            message.ext = Object.assign({}, message.ext, { wsgate });
         }
         if (message.channel === "/meta/connect" && message.connectionType !== lastType) {
             lastType = message.connectionType;

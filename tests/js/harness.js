@@ -4,7 +4,8 @@
 // The protocol, the same for every script:
 // - arguments: --url URL --transport websocket|long-polling
 //   [--subscribe CHANNEL]... (default: /foo/* and /foo/bar) [--token JWT]
-//   [--max-ms N] (the script ends itself after N ms, default 60000);
+//   [--max-ms N] (the script ends itself after N ms, default 60000)
+//   [--join-leave] (faye: ext.wsgate.join_leave on every subscribe);
 // - stdout: one JSON object per line, each with an "event" field;
 // - stdin: one JSON command per line:
 //     {"cmd":"publish","channel":"/foo/bar","data":<any>,"ref":"p1"}
@@ -18,7 +19,7 @@
 import { createInterface } from "node:readline";
 
 export const USAGE = `usage: node SCRIPT --url URL --transport websocket|long-polling
-         [--subscribe CHANNEL]... [--token JWT] [--max-ms N] [--since JSON]
+         [--subscribe CHANNEL]... [--token JWT] [--max-ms N] [--since JSON] [--join-leave]
 
 Runs a real Bayeux client against URL (e.g. http://127.0.0.1:8080/bayeux):
 handshakes, subscribes (default /foo/* and /foo/bar), prints
@@ -28,7 +29,7 @@ unsubscribe, disconnect; end of input = disconnect).`;
 
 /** Parses argv (without node and the script); exits on --help or bad use. */
 export function parseArgs(argv) {
-    const opts = { url: null, transport: null, subscribe: [], token: null, maxMs: 60000, since: null };
+    const opts = { url: null, transport: null, subscribe: [], token: null, maxMs: 60000, since: null, joinLeave: false };
     for (let i = 0; i < argv.length; i++) {
         const arg = argv[i];
         const value = () => {
@@ -47,6 +48,7 @@ export function parseArgs(argv) {
             case "--token": opts.token = value(); break;
             case "--max-ms": opts.maxMs = Number(value()); break;
             case "--since": opts.since = JSON.parse(value()); break;
+            case "--join-leave": opts.joinLeave = true; break;
             default: usage(`unknown argument ${arg}`);
         }
     }

@@ -43,6 +43,15 @@ WORKLOADS:
             gateway CPU per call; and a direct Redis round trip at the same rate (a
             PUBLISH whose subscriber PUBLISHes it back) and the ratio of the p99s.
             The gateways need WSGATE_CALL_ALLOW=bench:echo and WSGATE_SERVICE_KEY
+  presence  C members (--subscribers) of one presence channel (--channel), native sockets
+            round-robin over the --url gateways, the first --join-leave K of them asking
+            for join/leave events; then --requests presence round trips at that count
+            (--probers sockets, one request in flight each): p50/p99/max, and the member
+            count of every answer, which must be C (wrong_counts_C). --steps 1000 also
+            measures at 1,000 members on the way. --ready-file PATH: afterwards, write
+            each node's member count there and hold the members until PATH is deleted
+            (or --hold-secs), for a node kill (scripts/bench-presence.sh). The gateways
+            need WSGATE_PRESENCE covering the channel and a high WSGATE_SUBSCRIBE_RATE
 
 OPTIONS:
   --url URL               gateway WebSocket URL; repeatable (sockets spread round-robin)
@@ -93,6 +102,13 @@ OPTIONS:
                           WSGATE_MAX_PATTERNS_PER_CONNECTION; the gateway also needs
                           WSGATE_MAX_PATTERNS and WSGATE_MAX_REDIS_PATTERNS >= P) [200]
   --topics T              outage: topics every socket subscribes [256]
+  --channel NAME          presence: the presence channel [presence.bench]
+  --steps N,N,...         presence: member counts measured on the way to --subscribers []
+  --requests R            presence: round trips per step [1000], within --duration-secs
+  --probers P             presence: sockets asking, one request in flight each [1]
+  --join-leave K          presence: the first K members subscribe with join_leave [0]
+  --ready-file PATH       presence: hold the members after measuring (see presence)
+  --hold-secs S           presence: longest hold with --ready-file [60]
   --restart-redis CMD     resync: shell command that stops Redis and starts it again on the
                           same port; it should return without waiting for Redis to be ready
   --drop-pubsub           resync: CLIENT KILL TYPE pubsub instead of a restart
@@ -129,6 +145,7 @@ pub(crate) enum Workload {
     JoinStorm,
     Outage,
     Calls,
+    Presence,
 }
 
 impl Workload {
@@ -144,6 +161,7 @@ impl Workload {
             Workload::JoinStorm => "joinstorm",
             Workload::Outage => "outage",
             Workload::Calls => "calls",
+            Workload::Presence => "presence",
         }
     }
 }
@@ -337,6 +355,20 @@ pub(crate) struct Opts {
     pub(crate) service_key: Option<String>,
     pub(crate) call_timeout_ms: Option<u64>,
     pub(crate) direct: Direct,
+    /// presence: the channel.
+    pub(crate) channel: String,
+    /// presence: member counts measured before `subscribers`.
+    pub(crate) steps: Vec<usize>,
+    /// presence: round trips per step.
+    pub(crate) requests: usize,
+    /// presence: sockets asking at once.
+    pub(crate) probers: usize,
+    /// presence: members that ask for join/leave events.
+    pub(crate) join_leave: usize,
+    /// presence: hold the members after measuring, until this file is gone.
+    pub(crate) ready_file: Option<String>,
+    /// presence: longest hold.
+    pub(crate) hold_secs: f64,
 }
 
 /// What the command line asks for.
@@ -380,6 +412,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         "joinstorm" => Workload::JoinStorm,
         "outage" => Workload::Outage,
         "calls" => Workload::Calls,
+        "presence" => Workload::Presence,
         "table" => {
             return match args.get(1..) {
                 Some([path]) => Ok(Command::Table(path.clone())),
@@ -432,6 +465,13 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut service_key = None;
     let mut call_timeout_ms = None;
     let mut direct = None;
+    let mut channel = "presence.bench".to_owned();
+    let mut steps = Vec::new();
+    let mut requests = 1000usize;
+    let mut probers = 1usize;
+    let mut join_leave = 0usize;
+    let mut ready_file = None;
+    let mut hold_secs = 60.0f64;
 
     let mut it = args[1..].iter();
     while let Some(arg) = it.next() {
@@ -526,6 +566,19 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
             "--service-pid" => service_pid = Some(num(flag, v)?),
             "--service-key" => service_key = Some(value.clone()),
             "--call-timeout-ms" => call_timeout_ms = Some(num(flag, v)?),
+            "--channel" => channel = value.clone(),
+            "--steps" => {
+                steps = v
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| num(flag, s))
+                    .collect::<Result<Vec<usize>, _>>()?
+            }
+            "--requests" => requests = num(flag, v)?,
+            "--probers" => probers = num(flag, v)?,
+            "--join-leave" => join_leave = num(flag, v)?,
+            "--ready-file" => ready_file = Some(value.clone()),
+            "--hold-secs" => hold_secs = num(flag, v)?,
             "--direct" => {
                 direct = Some(match v {
                     "before" => Direct::Before,
@@ -561,7 +614,12 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         }
         redis = shards.first().cloned();
     }
-    if redis.is_none() && !matches!(workload, Workload::Idle | Workload::JoinStorm) {
+    if redis.is_none()
+        && !matches!(
+            workload,
+            Workload::Idle | Workload::JoinStorm | Workload::Presence
+        )
+    {
         return bad("--redis is required");
     }
     if workload == Workload::Cluster && urls.len() < 2 {
@@ -613,6 +671,11 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
             "--max-secs and --subscribe-timeout-secs must be in (0, 86400], --duration-secs in [0, 86400]",
         );
     }
+    if requests == 0 || probers == 0 || channel.is_empty() || !within(hold_secs, 0.0) {
+        return bad(
+            "--requests and --probers must be >= 1, --channel non-empty, --hold-secs in [0, 86400]",
+        );
+    }
     if subscribers == 0 || rate == 0 || connections == 0 || window == 0 || patterns == 0 {
         return bad("--subscribers, --rate, --connections, --window, --patterns must be >= 1");
     }
@@ -632,7 +695,8 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         | Workload::Churn
         | Workload::JoinStorm
         | Workload::Outage
-        | Workload::Calls => TopicKind::Channel,
+        | Workload::Calls
+        | Workload::Presence => TopicKind::Channel,
     });
     let topic_kind = if dialect.has_patterns() {
         topic_kind
@@ -646,7 +710,8 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         | Workload::Resync
         | Workload::Churn
         | Workload::JoinStorm
-        | Workload::Outage => 4096,
+        | Workload::Outage
+        | Workload::Presence => 4096,
         _ => 16384,
     });
     let label = label.unwrap_or_else(|| workload.name().to_owned());
@@ -692,6 +757,13 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         service_key,
         call_timeout_ms,
         direct,
+        channel,
+        steps,
+        requests,
+        probers,
+        join_leave,
+        ready_file,
+        hold_secs,
     })))
 }
 
@@ -775,6 +847,28 @@ mod tests {
         ])
         .ok();
         assert_eq!(o.map(|o| o.messages), Some(3));
+    }
+
+    #[test]
+    fn presence() {
+        let o = opts(&[
+            "presence",
+            "--url",
+            "ws://a:1/ws",
+            "--subscribers",
+            "10000",
+            "--steps",
+            "1000",
+            "--join-leave=2",
+        ])
+        .ok();
+        assert_eq!(
+            o.as_ref()
+                .map(|o| (o.steps.clone(), o.requests, o.probers, o.join_leave)),
+            Some((vec![1000], 1000, 1, 2))
+        );
+        assert_eq!(o.map(|o| o.channel), Some("presence.bench".to_owned()));
+        assert!(opts(&["presence", "--url", "ws://a:1/ws", "--probers", "0"]).is_err());
     }
 
     #[test]

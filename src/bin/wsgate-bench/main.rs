@@ -25,6 +25,7 @@ mod idle;
 mod joinstorm;
 mod net;
 mod outage;
+mod presence;
 mod rds;
 mod recv;
 mod report;
@@ -99,6 +100,7 @@ fn run(opts: &Opts) -> Result<(), String> {
         Workload::Churn => opts.connections,
         Workload::Resync => opts.patterns.div_ceil(opts.per_conn),
         Workload::Calls => opts.callers + opts.services + 8,
+        Workload::Presence => opts.subscribers + opts.probers,
         _ => opts.subscribers,
     };
     if sockets as u64 + 64 > fd_soft {
@@ -145,6 +147,7 @@ fn run(opts: &Opts) -> Result<(), String> {
             Workload::JoinStorm => joinstorm::run(opts, &gateways, deadline).await,
             Workload::Outage => outage::run(opts, &gateways, deadline).await,
             Workload::Calls => calls::run(opts, &gateways, deadline).await,
+            Workload::Presence => presence::run(opts, &gateways, deadline).await,
         }
     });
     // Sockets still open are simply dropped.

@@ -15,9 +15,10 @@
 //! `wsgate_presence_sync` is the one round trip per node per period: it
 //! renews the lease, applies the node's changes, publishes its events and
 //! reaps up to 16 nodes whose lease ended (dropping their members and
-//! publishing a leave for each). `wsgate_presence_read` returns a
-//! channel's members whose node's lease holds, so a dead node's members are
-//! gone from answers the moment its lease ends, reaped or not.
+//! publishing a leave for each). A read is `wsgate_presence_live` (the
+//! nodes whose lease holds) with a plain `HVALS` of the channel, filtered
+//! by the node, so a dead node's members are gone from answers the moment
+//! its lease ends, reaped or not.
 
 use bytes::{Bytes, BytesMut};
 
@@ -108,30 +109,15 @@ local function sync(keys, args)
   return 0
 end
 
--- KEYS[1]: the channel. Returns the leave events of members whose node's lease holds.
-local function read(keys, args)
-  local now = now_ms()
-  local all = redis.call('HGETALL', hkey(keys[1]))
-  local alive, out = {}, {}
-  for i = 2, #all, 2 do
-    local v = all[i]
-    local nl = string.find(v, '\n', 1, true)
-    if nl then
-      local n = string.sub(v, 1, nl - 1)
-      local ok = alive[n]
-      if ok == nil then
-        local s = redis.call('ZSCORE', NODES, n)
-        ok = (s and tonumber(s) >= now) or false
-        alive[n] = ok
-      end
-      if ok then out[#out + 1] = string.sub(v, nl + 1) end
-    end
-  end
-  return out
+-- The nodes whose lease holds now, by Redis's clock (O(nodes)): a read
+-- pairs it with a plain HVALS of the channel's hash, so no member passes
+-- through Lua.
+local function live(keys, args)
+  return redis.call('ZRANGEBYSCORE', NODES, now_ms(), '+inf')
 end
 
 redis.register_function('wsgate_presence_sync', sync)
-redis.register_function{function_name = 'wsgate_presence_read', callback = read, flags = {'no-writes'}}
+redis.register_function{function_name = 'wsgate_presence_live', callback = live, flags = {'no-writes'}}
 "#;
 
 /// Presence calls over the node's presence connection.
@@ -201,22 +187,45 @@ impl Store {
         }
     }
 
-    /// The live members of `channel` (their leave events).
+    /// The live members of `channel` (their leave events): `FCALL_RO
+    /// wsgate_presence_live` (the nodes whose lease holds) and `HVALS` of
+    /// the channel's hash, pipelined (one round trip), filtered here. An
+    /// earlier version walked the hash in Lua, which cost Redis about as
+    /// much CPU per member as the whole answer cost the node
+    /// (`docs/benchmarks.md`, Presence); `HVALS` is Redis's own loop.
     pub(crate) async fn read(&self, channel: &[u8]) -> Result<Vec<Bytes>, BrokerError> {
-        let mut cmd = BytesMut::new();
+        let mut live = BytesMut::new();
         resp::encode_command(
-            &mut cmd,
-            [&b"FCALL_RO"[..], b"wsgate_presence_read", b"1", channel].into_iter(),
+            &mut live,
+            [&b"FCALL_RO"[..], b"wsgate_presence_live", b"0"].into_iter(),
         );
-        match self.call_loaded(cmd.freeze()).await? {
-            Value::Array(rows) => Ok(rows
+        let mut key = format!("wsgate:presence:{}:", channel.len()).into_bytes();
+        key.extend_from_slice(channel);
+        let mut vals = BytesMut::new();
+        resp::encode_command(&mut vals, [&b"HVALS"[..], &key].into_iter());
+        let (live, vals) = tokio::join!(self.call_loaded(live.freeze()), self.call(vals.freeze()));
+        let live = match live? {
+            Value::Array(rows) => rows
                 .into_iter()
                 .filter_map(|v| match v {
                     Value::Bulk(b) => Some(b),
                     _ => None,
                 })
+                .collect::<std::collections::HashSet<Bytes>>(),
+            other => return Err(unexpected("wsgate_presence_live", other)),
+        };
+        match vals? {
+            Value::Array(rows) => Ok(rows
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::Bulk(b) => {
+                        let nl = b.iter().position(|c| *c == b'\n')?;
+                        live.contains(&b[..nl]).then(|| b.slice(nl + 1..))
+                    }
+                    _ => None,
+                })
                 .collect()),
-            other => Err(unexpected("wsgate_presence_read", other)),
+            other => Err(unexpected("HVALS", other)),
         }
     }
 

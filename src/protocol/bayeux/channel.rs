@@ -40,6 +40,15 @@ use super::reply::Error;
 /// and costs Redis nothing.
 pub const GAP_CHANNEL: &str = "/wsgate/gap";
 
+/// Where a Bayeux client reads a presence channel's members
+/// (`docs/dialects/bayeux.md`, Presence): a publish of
+/// `{"channel":"/chat/room"}` here is answered on this channel, to this
+/// client alone. Deeper than any `/service/<name>`, so no service can take
+/// the name. A client may subscribe to it (answered by the gateway, costs
+/// Redis nothing), which is what Faye needs to hand the answer to a
+/// callback.
+pub const PRESENCE_SERVICE: &str = "/service/wsgate/presence";
+
 /// The five meta channels of Bayeux 1.0, the protocol's own requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Meta {
@@ -235,7 +244,8 @@ impl SubscribeError {
 /// A subscription a Bayeux client may hold, and what it costs Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
-    /// The Redis topic, `None` for [`GAP_CHANNEL`] (answered locally).
+    /// The Redis topic, `None` for [`GAP_CHANNEL`] and [`PRESENCE_SERVICE`]
+    /// (answered locally).
     topic: Option<Topic>,
     wildcard: Option<Wildcard>,
 }
@@ -246,6 +256,12 @@ impl Subscription {
         let wildcard = parse(name).map_err(|_| SubscribeError::Invalid)?;
         match class(name) {
             Class::Meta => return Err(SubscribeError::Forbidden),
+            Class::Service if name == PRESENCE_SERVICE => {
+                return Ok(Subscription {
+                    topic: None,
+                    wildcard: None,
+                })
+            }
             Class::Service => return Err(SubscribeError::NoSuchService),
             Class::Gateway if name == GAP_CHANNEL => {
                 return Ok(Subscription {
@@ -276,7 +292,8 @@ impl Subscription {
     }
 
     /// The Redis topic to subscribe through the hub; `None` for the gap
-    /// channel, which the session answers itself.
+    /// channel and the presence service, which the conversation answers
+    /// itself.
     pub fn topic(&self) -> Option<&Topic> {
         self.topic.as_ref()
     }

@@ -12,7 +12,12 @@
 //!   client asked `advice.timeout: 0`; otherwise it is held
 //!   ([`Step::Hold`], `WSGATE_BAYEUX_CONNECT_TIMEOUT_MS`).
 //! - `/meta/subscribe` and `/meta/unsubscribe` become one request per
-//!   channel, each answered on its own; [`GAP_CHANNEL`] is answered here.
+//!   channel, each answered on its own; [`channel::GAP_CHANNEL`] and
+//!   [`PRESENCE_SERVICE`] are answered here. `ext.wsgate.join_leave` asks a
+//!   presence channel's join and leave events, delivered on the channel
+//!   marked `ext.wsgate.presence` ([`reply::presence_event`]).
+//! - A publish to [`PRESENCE_SERVICE`] of `{"channel":..}` becomes a
+//!   [`Request::Presence`], answered on that channel with the members.
 //! - A publish becomes a [`Request::Publish`] of the JSON text of `data`.
 //! - `/service/<name>` is a line to a service, not a channel: its subscribe,
 //!   unsubscribe and publish become [`Request::ServiceSubscribe`],
@@ -30,7 +35,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::channel::{self, Meta, Subscription, GAP_CHANNEL};
+use super::channel::{self, Meta, Subscription, PRESENCE_SERVICE};
 use super::client_id::ClientId;
 use super::message::{self, Decoded, Id, Kind, Limits};
 use super::reply::{self, Advice, Batch, Error};
@@ -116,6 +121,10 @@ impl Render for BayeuxRender {
 
     fn notice(&self, notice: &Notice<'_>) -> Option<Frame> {
         Some(Frame::text(reply::gap(notice)))
+    }
+
+    fn presence_event(&self, channel: &[u8], event: &[u8]) -> Option<Frame> {
+        reply::presence_event(channel, event).map(Frame::text)
     }
 
     fn once_per_publish(&self) -> bool {
@@ -251,6 +260,19 @@ impl BayeuxConversation {
                     id: tag(),
                 }));
             }
+            Kind::Service { channel, data } if channel == PRESENCE_SERVICE => {
+                match presence_request(data.get()) {
+                    Ok((name, stats)) => {
+                        flush(out, steps);
+                        steps.push(Step::Request(Request::Presence {
+                            channel: Bytes::from(name.into_bytes()),
+                            id: tag(),
+                            stats,
+                        }));
+                    }
+                    Err(error) => out.push(&reply::failure(Some(PRESENCE_SERVICE), id, &error)),
+                }
+            }
             Kind::Service { channel, data } => match channel::service_name(&channel) {
                 Some(service) => {
                     flush(out, steps);
@@ -271,7 +293,8 @@ impl BayeuxConversation {
 
     /// A `/meta/subscribe` or `/meta/unsubscribe`: each name answered on its
     /// own, refused here when it is not a name a client may hold, answered
-    /// here for [`GAP_CHANNEL`], else asked of the session.
+    /// here for [`channel::GAP_CHANNEL`] and [`PRESENCE_SERVICE`], else asked
+    /// of the session.
     fn subscriptions(
         &mut self,
         kind: AckKind,
@@ -284,6 +307,8 @@ impl BayeuxConversation {
         let count = names.len();
         // `ext.wsgate.since`: where a subscribe resumes (unsubscribes carry no ext).
         let resume = Resume::read(ext.as_deref());
+        // `ext.wsgate.join_leave`: a presence channel's events too.
+        let join_leave = super::resume::join_leave(ext.as_deref());
         let render = match kind {
             AckKind::Subscribe => reply::subscribe,
             AckKind::Unsubscribe => reply::unsubscribe,
@@ -306,11 +331,25 @@ impl BayeuxConversation {
                 }
                 Ok(sub) => match sub.topic() {
                     None => {
-                        out.push(&render(id, self.cid(), GAP_CHANNEL, None));
+                        out.push(&render(id, self.cid(), &name, None));
                         continue;
                     }
                     Some(topic) => topic.clone(),
                 },
+            };
+            let join_leave = match (kind, join_leave, &topic) {
+                (AckKind::Unsubscribe, ..) | (_, Ok(false), _) => false,
+                (_, Ok(true), crate::broker::Topic::Channel(_)) => true,
+                (_, Ok(true), crate::broker::Topic::Pattern(_)) => {
+                    let bad = Error::BadRequest(super::resume::JOIN_LEAVE_CHANNELS);
+                    out.push(&render(id, self.cid(), &name, Some(&bad)));
+                    continue;
+                }
+                (_, Err(_), _) => {
+                    let bad = Error::BadRequest(super::resume::BAD_JOIN_LEAVE);
+                    out.push(&render(id, self.cid(), &name, Some(&bad)));
+                    continue;
+                }
             };
             let Ok(since) = resume.since_for(&topic, count) else {
                 let bad = Error::BadRequest(super::resume::BAD);
@@ -325,7 +364,7 @@ impl BayeuxConversation {
                     id,
                     ext: ext.clone(),
                     since,
-                    join_leave: false,
+                    join_leave,
                 },
                 AckKind::Unsubscribe => Request::Unsubscribe { topic, id },
             }));
@@ -414,6 +453,34 @@ fn flush(out: &mut Batch, steps: &mut Vec<Step>) {
         steps.push(Step::Reply(Frame::text(batch.finish())));
     }
 }
+
+/// The `data` of a publish to [`PRESENCE_SERVICE`]: `{"channel":<a
+/// broadcast channel name>}`, with an optional `"stats":true` for the
+/// counts only. A channel that is not a broadcast name (a wildcard,
+/// `/meta/..`) is `405`; anything else malformed `400`.
+fn presence_request(data: &str) -> Result<(String, bool), Error<'static>> {
+    #[derive(serde::Deserialize)]
+    struct Ask {
+        channel: String,
+        #[serde(default)]
+        stats: Option<bool>,
+    }
+    let ask: Ask = serde_json::from_str(data).map_err(|_| Error::BadRequest(PRESENCE_BAD))?;
+    let broadcast = channel::is_name(ask.channel.as_bytes())
+        && channel::class(&ask.channel) == channel::Class::Broadcast;
+    if !broadcast {
+        return Err(Error::BadRequest(PRESENCE_NOT_A_CHANNEL));
+    }
+    Ok((ask.channel, ask.stats.unwrap_or(false)))
+}
+
+/// The reason of the `400` for a presence request whose `data` is not
+/// `{"channel":..}`.
+const PRESENCE_BAD: &str = "bad presence request";
+
+/// The reason of the `400` for a presence request of a name that is not a
+/// broadcast channel (a wildcard, `/meta/..`, `/service/..`, `/wsgate/..`).
+const PRESENCE_NOT_A_CHANNEL: &str = "presence is for broadcast channels";
 
 /// The id a request was tagged with, as an [`Id`] again.
 fn untag(tag: Option<&str>) -> Option<Id> {
@@ -556,10 +623,29 @@ impl Conversation for BayeuxConversation {
             Answer::ServiceEnded { service, reason } => {
                 reply::service_ended(&format!("/service/{service}"), self.cid(), reason)
             }
+            Answer::Presence {
+                channel,
+                id,
+                stats,
+                outcome,
+            } => {
+                let name = String::from_utf8_lossy(channel);
+                let id = untag(id);
+                match outcome {
+                    Ok(members) => wrap(&reply::presence(id.as_ref(), &name, stats, members)),
+                    Err(refusal) => {
+                        let error = Self::refusal(refusal, &name).unwrap_or(Error::Refused {
+                            code: 500,
+                            args: &name,
+                            message: "presence refused",
+                        });
+                        wrap(&reply::failure(Some(PRESENCE_SERVICE), id.as_ref(), &error))
+                    }
+                }
+            }
             Answer::Pong { .. }
             | Answer::Refreshed { .. }
             | Answer::Revoked { .. }
-            | Answer::Presence { .. }
             | Answer::Called { .. } => return,
         };
         out.push(Frame::text(text));

@@ -396,6 +396,82 @@ pub fn service_message(channel: &str, id: Option<&Id>, text: &str) -> String {
     out
 }
 
+/// The answer to a presence request (a publish to
+/// [`channel::PRESENCE_SERVICE`], `docs/dialects/bayeux.md`, Presence):
+/// the publish's acknowledgement and its answer in one message, as a CometD
+/// server answers a remote call, so that Faye resolves the publish and
+/// hands `data` to the client's subscribers of the service channel, and
+/// cometd's `remoteCall` hands it to its callback:
+/// `{"channel":"/service/wsgate/presence","id":..,"successful":true,"data":{"channel":..,"clients":N,"users":M,"members":[..]}}`
+/// (`members` left out for `stats`), the shape of `GET /presence`.
+pub fn presence(
+    id: Option<&Id>,
+    channel: &str,
+    stats: bool,
+    members: &crate::presence::Members,
+) -> String {
+    let list = if stats {
+        String::new()
+    } else {
+        members.json_array()
+    };
+    let mut out = String::with_capacity(128 + channel.len() + list.len());
+    out.push_str("{\"channel\":\"");
+    out.push_str(channel::PRESENCE_SERVICE);
+    out.push('"');
+    if let Some(id) = id {
+        out.push_str(",\"id\":");
+        out.push_str(id.json().get());
+    }
+    out.push_str(",\"successful\":true,\"data\":{\"channel\":");
+    push_json_str(&mut out, channel);
+    // Writing into a String cannot fail.
+    let _ = write!(
+        out,
+        ",\"clients\":{},\"users\":{}",
+        members.members.len(),
+        members.users
+    );
+    if !stats {
+        out.push_str(",\"members\":");
+        out.push_str(&list);
+    }
+    out.push_str("}}");
+    out
+}
+
+/// A presence channel's join or leave event (its JSON as the node
+/// published it, `docs/presence.md`) as a delivery on the channel for a
+/// subscriber that asked (`ext.wsgate.join_leave`):
+/// `[{"channel":"/chat/room","data":{"action":"join","channel":"/chat/room","member":{..}},"ext":{"wsgate":{"presence":"join"}}}]`.
+/// `data` is the native protocol's event as it is (no re-encoding, one
+/// shape in every dialect); `ext.wsgate.presence` is what marks it apart
+/// from a published message, where Faye and CometD extensions read it.
+/// `None` for a forged envelope that is not a join or leave event in JSON
+/// (a plain Redis publisher can write one; it reaches nobody).
+pub fn presence_event(channel: &[u8], event: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(event).ok()?;
+    let action = if text.starts_with("{\"action\":\"join\",") {
+        "join"
+    } else if text.starts_with("{\"action\":\"leave\",") {
+        "leave"
+    } else {
+        return None;
+    };
+    if !is_strict_json(text, MAX_DATA_DEPTH) {
+        return None;
+    }
+    let mut out = String::with_capacity(64 + channel.len() + text.len());
+    out.push_str("[{\"channel\":");
+    push_json_str(&mut out, &String::from_utf8_lossy(channel));
+    out.push_str(",\"data\":");
+    out.push_str(text);
+    out.push_str(",\"ext\":{\"wsgate\":{\"presence\":\"");
+    out.push_str(action);
+    out.push_str("\"}}}]");
+    Some(out)
+}
+
 /// What a client whose service line ended unasked reads, in order (one
 /// batch): a message on the channel whose `data` is the JSON text
 /// `{"error":<reason>}`, then an unsubscribe notice for the channel
@@ -604,6 +680,39 @@ impl Batch {
 /// body from ever starting with bytes of the client's choosing.
 pub fn jsonp(callback: &JsonpCallback, batch: &str) -> String {
     format!("/**/{}({batch});", callback.as_str())
+}
+
+#[cfg(test)]
+mod presence_tests {
+    use super::*;
+
+    #[test]
+    fn presence_events_and_answers() {
+        let ev = br#"{"action":"join","channel":"/chat/room","member":{"client":"n:1","user":null,"info":null}}"#;
+        assert_eq!(
+            presence_event(b"/chat/room", ev).unwrap(),
+            r#"[{"channel":"/chat/room","data":{"action":"join","channel":"/chat/room","member":{"client":"n:1","user":null,"info":null}},"ext":{"wsgate":{"presence":"join"}}}]"#
+        );
+        let leave = br#"{"action":"leave","channel":"/c","member":{}}"#;
+        assert!(presence_event(b"/c", leave)
+            .unwrap()
+            .ends_with(r#""ext":{"wsgate":{"presence":"leave"}}}]"#));
+        assert_eq!(presence_event(b"/c", br#"{"action":"join", nope"#), None);
+        assert_eq!(presence_event(b"/c", br#"{"text":"hi"}"#), None);
+        let members = crate::presence::Members {
+            members: vec![r#"{"client":"n:1","user":"a","info":null}"#.to_owned()],
+            users: 1,
+        };
+        let id = Id::string("7");
+        assert_eq!(
+            presence(Some(&id), "/chat/room", false, &members),
+            r#"{"channel":"/service/wsgate/presence","id":"7","successful":true,"data":{"channel":"/chat/room","clients":1,"users":1,"members":[{"client":"n:1","user":"a","info":null}]}}"#
+        );
+        assert_eq!(
+            presence(None, "/chat/room", true, &members),
+            r#"{"channel":"/service/wsgate/presence","successful":true,"data":{"channel":"/chat/room","clients":1,"users":1}}"#
+        );
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! `ext.wsgate.since` of a `/meta/subscribe`: where a Bayeux client resumes
-//! a history channel (`docs/dialects/bayeux.md`, History). Bayeux has no
+//! a history channel (`docs/dialects/bayeux.md`, History); and
+//! `ext.wsgate.join_leave`, a presence channel's events ([`join_leave`]).
+//! Bayeux has no
 //! field of its own for it, and `ext` is where Faye and CometD extensions
 //! put what the protocol does not define.
 //!
@@ -21,6 +23,43 @@ use crate::protocol::since;
 
 /// The reason of the `400` for a `since` that cannot be read.
 pub const BAD: &str = "bad ext.wsgate.since";
+
+/// The reason of the `400` for an `ext.wsgate.join_leave` that is not a
+/// boolean.
+pub const BAD_JOIN_LEAVE: &str = "bad ext.wsgate.join_leave";
+
+/// The reason of the `400` for `join_leave` on a wildcard: events are a
+/// channel's, as in the native protocol.
+pub const JOIN_LEAVE_CHANNELS: &str = "join_leave is for channels";
+
+/// An `ext.wsgate.join_leave` that is not a boolean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadJoinLeave;
+
+/// `ext.wsgate.join_leave` of a `/meta/subscribe` (`docs/presence.md`):
+/// whether the message's channel subscriptions also receive the channels'
+/// join and leave events. Absent or `null` (or a `wsgate` member that is
+/// no object, which [`Resume::read`] refuses): no; `Err` for anything but a
+/// boolean (each subscription of the message is then refused
+/// [`BAD_JOIN_LEAVE`]).
+pub fn join_leave(ext: Option<&str>) -> Result<bool, BadJoinLeave> {
+    let Some(ext) = ext else {
+        return Ok(false);
+    };
+    let Ok(Value::Object(mut ext)) = serde_json::from_str::<Value>(ext) else {
+        return Ok(false);
+    };
+    match ext.remove("wsgate") {
+        None => Ok(false),
+        Some(Value::Object(mut ours)) => match ours.remove("join_leave") {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(b),
+            Some(_) => Err(BadJoinLeave),
+        },
+        // Not an object: [`Resume::read`] refuses it as a bad `since`.
+        Some(_) => Ok(false),
+    }
+}
 
 /// A `since` that cannot serve a subscription: it is refused with [`BAD`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +143,26 @@ mod tests {
 
     fn ch(c: &'static str) -> Topic {
         Topic::Channel(Bytes::from_static(c.as_bytes()))
+    }
+
+    #[test]
+    fn join_leave_is_a_boolean() {
+        assert_eq!(join_leave(None), Ok(false));
+        assert_eq!(join_leave(Some(r#"{"token":"x"}"#)), Ok(false));
+        assert_eq!(join_leave(Some(r#"{"wsgate":{"since":null}}"#)), Ok(false));
+        assert_eq!(
+            join_leave(Some(r#"{"wsgate":{"join_leave":true}}"#)),
+            Ok(true)
+        );
+        assert_eq!(
+            join_leave(Some(r#"{"wsgate":{"join_leave":false}}"#)),
+            Ok(false)
+        );
+        assert_eq!(
+            join_leave(Some(r#"{"wsgate":{"join_leave":1}}"#)),
+            Err(BadJoinLeave)
+        );
+        assert_eq!(join_leave(Some(r#"{"wsgate":5}"#)), Ok(false));
     }
 
     #[test]
