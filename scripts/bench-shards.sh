@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15's shard benchmark: the same `channels` load (10,000 sockets, each on
+# Issue 15's shard benchmark (needs redis-cli with --cluster, Redis >= 7 for
+# sharded pub/sub): the same `channels` load (10,000 sockets, each on
 # its own exact channel, publishes pipelined and paced round-robin over the
 # channels) against a gateway on one Redis and against a gateway on three
 # independent Redis servers (WSGATE_REDIS_SHARDS), at the same total rate, in
@@ -9,7 +10,7 @@
 # Redis at a third of the rate: what each shard carries, so the per-server
 # cost compares at the same load per server too.
 #
-#   scripts/bench-shards.sh                  # 2 rounds, ~3 minutes
+#   scripts/bench-shards.sh                  # 2 rounds, ~4 minutes
 #   SHARDS_RATE=40000 SHARDS_ROUNDS=3 scripts/bench-shards.sh
 #   BIN=/path/to/target/release scripts/bench-shards.sh   # prebuilt binaries
 #
@@ -72,6 +73,7 @@ start_gateway() { # start_gateway NAME VAR=value...
 }
 
 REDIS_PIDS=()
+CLUSTER_PIDS=()
 start_redis single && SINGLE=$URL
 start_redis s1 && S1=$URL
 start_redis s2 && S2=$URL
@@ -80,6 +82,43 @@ start_gateway single "WSGATE_REDIS_URL=$SINGLE"
 G1_PID=$GW_PID G1_PORT=$GW_PORT
 start_gateway sharded "WSGATE_REDIS_SHARDS=$S1,$S2,$S3"
 G3_PID=$GW_PID G3_PORT=$GW_PORT
+
+# A Redis Cluster of three masters (no replicas: only the pub/sub cost is
+# measured), its gateway in sharded mode (SSUBSCRIBE per slot owner, SPUBLISH).
+cluster_port() { # a free port whose cluster bus port (+10000) is free too
+    local p
+    for _ in $(seq 1 100); do
+        p=$(free_port)
+        ((p < 22000)) && ! (exec 3<>"/dev/tcp/127.0.0.1/$((p + 10000))") 2>/dev/null && { echo "$p"; return 0; }
+    done
+    return 1
+}
+CLUSTER_NODES=()
+for i in 1 2 3; do
+    port=$(cluster_port)
+    mkdir -p "$WORK/c$i"
+    (cd "$WORK/c$i" && exec redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+        --cluster-enabled yes --cluster-config-file "$WORK/c$i/nodes.conf" >"$WORK/redis-c$i.log" 2>&1) &
+    PIDS+=($!)
+    CLUSTER_PIDS+=($!)
+    CLUSTER_NODES+=("127.0.0.1:$port")
+done
+for n in "${CLUSTER_NODES[@]}"; do
+    for _ in $(seq 1 200); do redis-cli -p "${n#*:}" PING >/dev/null 2>&1 && break; sleep 0.05; done
+done
+redis-cli --cluster create "${CLUSTER_NODES[@]}" --cluster-yes >"$WORK/cluster-create.log" 2>&1
+for _ in $(seq 1 200); do
+    ok=0
+    for n in "${CLUSTER_NODES[@]}"; do
+        redis-cli -p "${n#*:}" CLUSTER INFO 2>/dev/null | grep -q cluster_state:ok && ok=$((ok + 1))
+    done
+    ((ok == 3)) && break
+    sleep 0.1
+done
+SEED=redis://${CLUSTER_NODES[0]}
+start_gateway cluster "WSGATE_REDIS_CLUSTER=redis://${CLUSTER_NODES[0]},${CLUSTER_NODES[1]}" \
+    WSGATE_REDIS_CLUSTER_PUBSUB=sharded
+GC_PID=$GW_PID GC_PORT=$GW_PORT
 
 COMMON=(channels --subscribers "$SUBS" --rate "$RATE" --duration-secs "$SECS" --max-secs 120
     --topic-kind channel --sources 50 --subscribe-timeout-secs 60)
@@ -119,14 +158,19 @@ for r in $(seq 1 "$ROUNDS"); do
     # The fourth: three shards with a 3 ms publisher tick, so each server
     # gets as many PUBLISH per pipeline as the one Redis does at 1 ms.
     tick3=("${three[@]}" --tick-ms 3)
+    # The fifth: Redis Cluster, three masters, sharded pub/sub.
+    clu=(--url "ws://127.0.0.1:$GC_PORT/ws" --pid "$GC_PID" --cluster-seed "$SEED")
+    pc="$GC_PID,${CLUSTER_PIDS[0]},${CLUSTER_PIDS[1]},${CLUSTER_PIDS[2]}"
     if ((r % 2 == 1)); then
         run "one-redis-r$r" "$p1" "${one[@]}"
         run "three-shards-r$r" "$p3" "${three[@]}"
+        run "cluster-sharded-r$r" "$pc" "${clu[@]}"
         run "third-rate-r$r" "$p1" "${third[@]}"
         run "batched-shards-r$r" "$p3" "${tick3[@]}"
     else
         run "batched-shards-r$r" "$p3" "${tick3[@]}"
         run "third-rate-r$r" "$p1" "${third[@]}"
+        run "cluster-sharded-r$r" "$pc" "${clu[@]}"
         run "three-shards-r$r" "$p3" "${three[@]}"
         run "one-redis-r$r" "$p1" "${one[@]}"
     fi
@@ -207,5 +251,13 @@ if "one" in by and "three" in by:
         b = [c for r in by["batched"] for c in res(r, "shard_redis_cpu_us_per_publish") if c is not None]
         worstb = max(abs(c / one_cpu - 1) for c in b)
         print(f"| (the same, shards with as many PUBLISH per pipeline as one Redis: 3 ms tick) | one Redis {one_cpu:.3f} µs; shards {', '.join(f'{c:.3f}' for c in b)} µs (worst {worstb*100:.1f}% off) | {'met' if worstb <= 0.10 else 'not met'} |")
+    if "cluster" in by:
+        cc = [c for r in by["cluster"] for c in res(r, "shard_redis_cpu_us_per_publish") if c is not None]
+        worstc = max(abs(c / one_cpu - 1) for c in cc)
+        devc = max(res(r, "shard_spread_max_deviation") for r in by["cluster"])
+        gwc = st.mean(res(r, "gateway_cpu_us_per_delivery") for r in by["cluster"])
+        print(f"| Redis Cluster, sharded mode: Redis CPU per SPUBLISH per master within 10% of one Redis's | masters {', '.join(f'{c:.3f}' for c in cc)} µs (worst {worstc*100:.1f}% off) | {'met' if worstc <= 0.10 else 'not met'} |")
+        print(f"| Redis Cluster: channels spread over the masters within 10% of even | worst master {devc*100:.1f}% off | {'met' if devc <= 0.10 else 'not met'} |")
+        print(f"| Redis Cluster: gateway CPU per delivery within 10% of one Redis's | {gwc:.3f} vs {gw1:.3f} µs ({gwc/gw1:.2f}x) | {'met' if abs(gwc/gw1-1) <= 0.10 else 'not met'} |")
     print(f"| gateway CPU per delivery unchanged within 10% | {gw3:.3f} vs {gw1:.3f} µs ({gw3/gw1:.2f}x) | {'met' if abs(gw3/gw1-1) <= 0.10 else 'not met'} |")
 EOF

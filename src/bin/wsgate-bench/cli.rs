@@ -61,6 +61,10 @@ OPTIONS:
                           repeatable, in the same order (replaces --redis): each message is
                           published on its channel's owner, one pipeline per server; reports
                           each server's CPU per PUBLISH and how the channels spread
+  --cluster-seed URL      fanout/channels/cluster: a node of the Redis Cluster the gateways
+                          use with WSGATE_REDIS_CLUSTER_PUBSUB=sharded (replaces --redis):
+                          each message is SPUBLISHed on its slot's master (CLUSTER SLOTS);
+                          reported per master as for --shard
   --subscribers C         sockets for fanout/channels/cluster/idle/joinstorm/outage [1000]
   --rate R                messages per second published [100]; calls: calls per second
                           over all callers, or `max` (saturation) [10000]
@@ -314,6 +318,8 @@ pub(crate) struct Opts {
     pub(crate) redis: Option<String>,
     /// `--shard`: the gateways' `WSGATE_REDIS_SHARDS`, in order.
     pub(crate) shards: Vec<String>,
+    /// `--cluster-seed`: a node of the gateways' Redis Cluster (sharded mode).
+    pub(crate) cluster_seed: Option<String>,
     pub(crate) subscribers: usize,
     pub(crate) rate: u64,
     pub(crate) messages: u64,
@@ -425,6 +431,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut pids = Vec::new();
     let mut redis = None;
     let mut shards = Vec::new();
+    let mut cluster_seed = None;
     let mut subscribers = if workload == Workload::Spread {
         10_000usize
     } else {
@@ -500,6 +507,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
             "--pid" => pids.push(num(flag, v)?),
             "--redis" => redis = Some(value.clone()),
             "--shard" => shards.push(value.clone()),
+            "--cluster-seed" => cluster_seed = Some(value.clone()),
             "--subscribers" => subscribers = num(flag, v)?,
             "--rate" if v == "max" => saturate = true,
             "--rate" => {
@@ -602,17 +610,17 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     if !pids.is_empty() && pids.len() != urls.len() {
         return bad("give one --pid per --url (same order), or none");
     }
-    if !shards.is_empty() {
-        if redis.is_some() {
-            return bad("give --redis or --shard, not both");
+    if !shards.is_empty() || cluster_seed.is_some() {
+        if redis.is_some() || (!shards.is_empty() && cluster_seed.is_some()) {
+            return bad("give one of --redis, --shard or --cluster-seed");
         }
         if !matches!(
             workload,
             Workload::Fanout | Workload::Channels | Workload::Cluster
         ) {
-            return bad("--shard is for fanout, channels and cluster");
+            return bad("--shard and --cluster-seed are for fanout, channels and cluster");
         }
-        redis = shards.first().cloned();
+        redis = shards.first().cloned().or_else(|| cluster_seed.clone());
     }
     if redis.is_none()
         && !matches!(
@@ -721,6 +729,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         pids,
         redis,
         shards,
+        cluster_seed,
         subscribers,
         rate,
         messages,

@@ -11,6 +11,7 @@ use crate::net::{self, Gateway};
 use crate::rds::{self, Published};
 use crate::recv::{Pool, Spec, Subs};
 use crate::report::Run;
+use crate::route::Route;
 use crate::sys::Snapshot;
 
 /// Gateway counters read before and after the publish phase.
@@ -65,11 +66,11 @@ pub(crate) fn subscribe(dialect: Dialect, kind: TopicKind, name: &str) -> Subs {
 /// behind the subscriber tasks.
 fn spawn_publisher(
     opts: &Opts,
+    route: Route,
     deadline: Instant,
     channel: impl Fn(u64) -> String + Send + 'static,
 ) -> tokio::sync::oneshot::Receiver<Result<Published, String>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let urls = servers(opts);
     let (rate, messages, bytes) = (opts.rate, opts.messages, opts.payload_bytes);
     let shape = rds::Shape {
         bytes,
@@ -82,22 +83,13 @@ fn spawn_publisher(
             .build()
         {
             Ok(rt) => rt.block_on(rds::publish(
-                &urls, rate, messages, shape, tick, deadline, channel,
+                &route, rate, messages, shape, tick, deadline, channel,
             )),
             Err(e) => Err(format!("publisher runtime: {e}")),
         };
         let _ = tx.send(r);
     });
     rx
-}
-
-/// The Redis servers published to: the `--shard` list, or `--redis`.
-fn servers(opts: &Opts) -> Vec<String> {
-    if opts.shards.is_empty() {
-        opts.redis.iter().cloned().collect()
-    } else {
-        opts.shards.clone()
-    }
 }
 
 /// Each server's CPU seconds so far (`None` where INFO failed).
@@ -110,9 +102,10 @@ async fn servers_cpu(admins: &mut [redis::aio::MultiplexedConnection]) -> Vec<Op
 }
 
 pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Result<Run, String> {
+    let route = Route::from_opts(opts).await?;
     let mut admins = Vec::new();
-    for url in servers(opts) {
-        admins.push(rds::connect(&url, Duration::from_secs(2)).await?);
+    for url in &route.servers {
+        admins.push(rds::connect(url, Duration::from_secs(2)).await?);
     }
     let pids: Vec<u32> = gws.iter().filter_map(|g| g.pid).collect();
     let (c, kind) = (opts.subscribers, opts.topic_kind);
@@ -158,7 +151,7 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     before.redis_cpu = cpu_before.iter().copied().sum();
     let m_before = net::metric_sum(gws, &COUNTERS).await;
 
-    let published = spawn_publisher(opts, deadline, channel)
+    let published = spawn_publisher(opts, route.clone(), deadline, channel)
         .await
         .map_err(|_| "publisher thread died".to_owned())??;
     let subscribed = pool.subscribed() as u64;
@@ -263,8 +256,16 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
             3,
         );
     }
-    if !opts.shards.is_empty() {
-        shard_results(&mut run, opts, &published, &cpu_before, &cpu_after, &topic);
+    if route.spread() {
+        shard_results(
+            &mut run,
+            opts,
+            &route,
+            &published,
+            &cpu_before,
+            &cpu_after,
+            &topic,
+        );
     }
     run.result("gateway_dropped", (m_after[0] - m_before[0]) as u64);
     run.result("gateway_slow_closes", (m_after[1] - m_before[1]) as u64);
@@ -372,18 +373,19 @@ pub(crate) async fn run(opts: &Opts, gws: &[Gateway], deadline: Instant) -> Resu
     Ok(run)
 }
 
-/// With `--shard`: each server's PUBLISH count and CPU per PUBLISH, and
-/// how the subscribed channels spread over the servers (the largest
-/// deviation from an even share, as a fraction of it).
+/// With `--shard` or `--cluster-seed`: each server's PUBLISH count and CPU
+/// per PUBLISH, and how the subscribed channels spread over the servers (the
+/// largest deviation from an even share, as a fraction of it).
 fn shard_results(
     run: &mut Run,
     opts: &Opts,
+    route: &Route,
     published: &Published,
     before: &[Option<f64>],
     after: &[Option<f64>],
     topic: &dyn Fn(usize) -> String,
 ) {
-    let n = opts.shards.len();
+    let n = route.servers.len();
     let per_us: Vec<Option<f64>> = before
         .iter()
         .zip(after)
@@ -399,7 +401,7 @@ fn shard_results(
     if opts.workload == Workload::Channels && opts.topic_kind == TopicKind::Channel {
         let mut held = vec![0u64; n];
         for i in 0..opts.subscribers {
-            held[wsgate::broker::redis::shards::shard_for(topic(i).as_bytes(), n)] += 1;
+            held[route.owner(topic(i).as_bytes()).min(n - 1)] += 1;
         }
         let even = opts.subscribers as f64 / n as f64;
         let worst = held

@@ -30,6 +30,7 @@ mod rds;
 mod recv;
 mod report;
 mod resync;
+mod route;
 mod rtt;
 mod service;
 mod sse;

@@ -121,13 +121,11 @@ pub(crate) struct Published {
 /// Publishes `messages` messages at `rate` per second, paced per `tick`
 /// (each tick sends, as one pipeline per server, every message due by
 /// then), to the channel `channel(seq)`. Payload: `{"t":<unix nanos>,"s":<seq>,"p":"x…"}`
-/// padded to `payload_bytes`. With several `urls` (the gateway's
-/// `WSGATE_REDIS_SHARDS`, same order) each message goes to its channel's
-/// owner, the server the gateway subscribed it on, and the servers' pipelines
-/// of one tick are in flight together.
-#[allow(clippy::too_many_arguments)]
+/// padded to `payload_bytes`. Each message goes to its channel's owner on
+/// `route` (the server the gateway subscribed it on), and the servers'
+/// pipelines of one tick are in flight together.
 pub(crate) async fn publish(
-    urls: &[String],
+    route: &crate::route::Route,
     rate: u64,
     messages: u64,
     shape: Shape,
@@ -135,8 +133,8 @@ pub(crate) async fn publish(
     deadline: Instant,
     channel: impl Fn(u64) -> String,
 ) -> Result<Published, String> {
-    let mut conns = Vec::with_capacity(urls.len());
-    for url in urls {
+    let mut conns = Vec::with_capacity(route.servers.len());
+    for url in &route.servers {
         conns.push(connect(url, Duration::from_secs(2)).await?);
     }
     let n = conns.len().max(1);
@@ -161,13 +159,9 @@ pub(crate) async fn publish(
             let t = unix_nanos();
             for seq in sent..sent + batch {
                 let name = channel(seq);
-                let owner = if n > 1 {
-                    wsgate::broker::redis::shards::shard_for(name.as_bytes(), n)
-                } else {
-                    0
-                };
+                let owner = route.owner(name.as_bytes()).min(n - 1);
                 pipes[owner]
-                    .cmd("PUBLISH")
+                    .cmd(route.command)
                     .arg(name)
                     .arg(shape.payload(t, seq));
                 out.per_server[owner] += 1;
