@@ -21,6 +21,7 @@ mod cli;
 mod dialects;
 mod fanout;
 mod hist;
+mod history;
 mod idle;
 mod joinstorm;
 mod net;
@@ -145,6 +146,7 @@ fn run(opts: &Opts) -> Result<(), String> {
             Workload::JoinStorm => joinstorm::run(opts, &gateways, deadline).await,
             Workload::Outage => outage::run(opts, &gateways, deadline).await,
             Workload::Calls => calls::run(opts, &gateways, deadline).await,
+            Workload::History => history::run(opts, &gateways, deadline).await,
         }
     });
     // Sockets still open are simply dropped.
