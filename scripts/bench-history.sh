@@ -49,7 +49,9 @@ cleanup() {
     exit "$status"
 }
 trap cleanup EXIT INT TERM
-( sleep "$SUITE_MAX"; log "exceeded ${SUITE_MAX}s: stopping"; kill -TERM $$ ) 2>/dev/null &
+# The watchdog's sleep holds no inherited output: killing the subshell at the
+# end must not leave a sleep keeping a caller's pipe open for SUITE_MAX.
+( sleep "$SUITE_MAX" </dev/null >/dev/null 2>&1; log "exceeded ${SUITE_MAX}s: stopping"; kill -TERM $$ ) &
 PIDS+=($!)
 
 free_port() {
