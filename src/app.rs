@@ -46,6 +46,8 @@ pub struct App {
     pub authz: Option<Arc<Authz>>,
     /// Per-address connection limits.
     pub ip_limits: IpLimits,
+    /// `GET /history`'s read rate, per reader (`WSGATE_HISTORY_READ_RATE`).
+    pub history_readers: crate::read_rate::Readers,
     /// Connections not (yet) upgraded, and their node-wide cap.
     pub pending: Pending,
     /// Sessions that outlive their links (Bayeux), by key.
@@ -151,7 +153,12 @@ impl App {
         ));
         let realizehit = Arc::new(crate::transport::engineio::Endpoint::new(&config));
         let call_allow = Arc::new(Acl::new(&config.call_allow));
+        let history_readers = crate::read_rate::Readers::new(
+            config.history_read_rate.get(),
+            crate::read_rate::MAX_READERS,
+        );
         App {
+            history_readers,
             tcp,
             rpc,
             call_allow,
@@ -223,6 +230,7 @@ impl App {
             queue_bytes: self.config.client_queue_bytes.get(),
             subscribe_timeout: self.config.subscribe_timeout,
             subscribe_rate: self.config.subscribe_rate.get(),
+            history_read_rate: self.config.history_read_rate.get(),
             ping_interval: self.config.ping_interval,
             pong_timeout: self.config.pong_timeout,
         }

@@ -435,6 +435,11 @@ pub struct Config {
     /// keep their last `size` messages for `ttl` (`docs/history.md`).
     /// Default: none (no channel keeps history).
     pub history: crate::history::Rules,
+    /// `WSGATE_HISTORY_READ_RATE`: history messages per second (burst of the
+    /// same size) one connection's recoveries, and one reader of
+    /// `GET /history`, may make the node read (`docs/history.md`, Limits).
+    /// Default 1000.
+    pub history_read_rate: NonZeroUsize,
     /// `WSGATE_PRESENCE`: channel globs whose subscribers are kept,
     /// cluster-wide (`docs/presence.md`). Default: none.
     pub presence: crate::presence::Rules,
@@ -542,6 +547,7 @@ impl Default for Config {
             max_calls_in_flight: nz(64),
             tcp_services: Vec::new(),
             history: crate::history::Rules::default(),
+            history_read_rate: nz(crate::read_rate::DEFAULT_RATE),
             presence: crate::presence::Rules::default(),
             presence_lease: crate::presence::DEFAULT_LEASE,
             tcp_service_connect_timeout: Duration::from_millis(2000),
@@ -650,6 +656,7 @@ struct RawConfig {
     max_calls_in_flight: Option<String>,
     tcp_services: Option<String>,
     history: Option<String>,
+    history_read_rate: Option<String>,
     presence: Option<String>,
     presence_lease_ms: Option<String>,
     tcp_service_connect_timeout_ms: Option<String>,
@@ -1286,6 +1293,11 @@ impl Config {
                 Some(v) => crate::history::Rules::parse(&v)
                     .map_err(|why| ConfigError::History { value: v, why })?,
             },
+            history_read_rate: bytes_or(
+                raw.history_read_rate,
+                d.history_read_rate,
+                "WSGATE_HISTORY_READ_RATE",
+            )?,
             presence: match raw.presence.filter(|v| !v.trim().is_empty()) {
                 None => crate::presence::Rules::default(),
                 Some(v) if clustered => {
@@ -1863,6 +1875,11 @@ const HELP: &[Help] = &[
         "history",
         "",
         "glob:size:ttl entries: matching channels keep their last size messages for ttl",
+    ),
+    help(
+        "history_read_rate",
+        "1000",
+        "history messages per second one connection's recoveries (or one GET /history reader) may read",
     ),
     help(
         "presence",

@@ -77,9 +77,10 @@ pub fn routes(
     let more = dialects::routes(app.clone(), conn.clone());
     let sse = sse_route(app.clone(), conn.clone());
     let bayeux = bayeux_routes(app.clone(), conn.clone());
+    let peer = conn.peer().ip();
     let realizehit = realizehit_routes(app.clone(), conn);
     let operator = operator::routes(app.clone());
-    let history = history::route(app.clone());
+    let history = history::route(app.clone(), peer);
     let presence = presence::route(app.clone());
     let shard = shard::route(app.clone());
     let publish = warp::path("publish").and(warp::path::end()).and(

@@ -90,6 +90,7 @@ pub mod pending;
 pub mod presence;
 pub mod protocol;
 pub mod publish;
+pub mod read_rate;
 pub mod rpc;
 pub mod server;
 pub mod session;

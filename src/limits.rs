@@ -202,7 +202,9 @@ impl Drop for IpSlot {
 }
 
 /// The unit limits are counted in: the address, or its /64 for IPv6.
-fn key(ip: IpAddr) -> IpAddr {
+/// The address a limit counts `ip` under: itself, or its /64 for IPv6
+/// (see the module docs).
+pub(crate) fn key(ip: IpAddr) -> IpAddr {
     match crate::forwarded::canonical(ip) {
         IpAddr::V6(v6) => {
             let mut octets = v6.octets();

@@ -614,3 +614,172 @@ async fn redis_idempotent_history_publish() {
 async fn memory_idempotent_history_publish() {
     idempotent_history_publish(None).await;
 }
+
+fn rate_config(redis: &Redis, rate: usize) -> Config {
+    Config {
+        history_read_rate: std::num::NonZeroUsize::new(rate).unwrap(),
+        ..config(Some(redis))
+    }
+}
+
+/// A connection's recoveries read at most `WSGATE_HISTORY_READ_RATE`
+/// messages per second: within it, a recovery is complete; a client that
+/// keeps asking for more than that gets `recovered:false` for what its
+/// budget cannot cover, then `history read rate exceeded`, and nothing
+/// delivered for either. Another connection has its own budget.
+#[tokio::test]
+async fn recoveries_are_bounded_by_the_read_rate() {
+    let redis = Redis::start().await;
+    let gw = Gateway::start(rate_config(&redis, 50)).await;
+    let mut a = gw.client().await;
+    let epoch = first_epoch(&gw, &mut a, "news.rate").await;
+    drop(a);
+    // Within the budget: 30 missed, 30 recovered.
+    publish_range(&gw, "news.rate", 1, 30).await;
+    let mut b = gw.client().await;
+    assert_eq!(
+        subscribe_since(&mut b, "news.rate", 1, &epoch).await,
+        recovered("news.rate", true)
+    );
+    for n in 1..=30 {
+        assert_eq!(b.recv_text().await, delivery("news.rate", n, n + 1, &epoch));
+    }
+    drop(b);
+    // 200 behind: more than one budget. Each try reads what is left of it
+    // (not enough: `recovered:false`, nothing delivered), until nothing is
+    // left and the subscribe is refused. The budget refills 50/s, so a try
+    // that comes within 20 ms of the one before finds less than a message.
+    publish_range(&gw, "news.rate", 31, 230).await;
+    let mut c = gw.client().await;
+    let refused = r#"{"action":"subscribe","channel":"news.rate","status":false,"error":"history read rate exceeded"}"#;
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        let answer = subscribe_since(&mut c, "news.rate", 1, &epoch).await;
+        if answer == refused {
+            answers.push(answer);
+            break;
+        }
+        assert_eq!(answer, recovered("news.rate", false));
+        answers.push(answer);
+        let v = c
+            .request(json!({"action":"unsubscribe","channel":"news.rate","id":"u"}))
+            .await;
+        assert_eq!(v["status"], true, "{v}");
+    }
+    assert_eq!(
+        answers.last().map(String::as_str),
+        Some(refused),
+        "{answers:?}"
+    );
+    c.expect_silence(std::time::Duration::from_millis(100))
+        .await;
+    // A connection of its own is not bound by c's spending.
+    let mut d = gw.client().await;
+    assert_eq!(
+        subscribe_since(&mut d, "news.rate", 201, &epoch).await,
+        recovered("news.rate", true)
+    );
+    for n in 201..=230 {
+        assert_eq!(d.recv_text().await, delivery("news.rate", n, n + 1, &epoch));
+    }
+    assert_eq!(
+        metric_value(gw.addr, r#"wsgate_refused_total{reason="history_rate"}"#).await,
+        Some(1.0)
+    );
+    gw.stop().await;
+}
+
+/// `GET /history` reads at most `WSGATE_HISTORY_READ_RATE` messages per
+/// second per reader: a page larger than that is cut to it; a reader whose
+/// budget is spent gets `429` with `Retry-After`, and reads again once that
+/// has passed; other readers (another token `sub`, the API key) are not
+/// affected; pages within the budget are served.
+#[tokio::test]
+async fn history_reads_are_bounded_per_reader() {
+    let redis = Redis::start().await;
+    let mut cfg = rate_config(&redis, 50);
+    cfg.jwt_key = Some(JwtKey::secret(SECRET).unwrap());
+    cfg.api_key = Config::from_vars([("WSGATE_API_KEY".to_owned(), KEY.to_owned())])
+        .unwrap()
+        .api_key;
+    let gw = Gateway::start(cfg).await;
+    let key = format!("Bearer {KEY}");
+    let messages: Vec<Value> = (1..=100)
+        .map(|n| json!({"channel":"news.page","payload":{"n":n}}))
+        .collect();
+    let body = json!({ "messages": messages }).to_string();
+    let (status, text) = http_with(
+        gw.addr,
+        "POST",
+        "/publish",
+        &[("authorization", &key)],
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let get = |auth: String, query: &'static str| {
+        let addr = gw.addr;
+        async move {
+            let headers = [("authorization", auth.as_str())];
+            http_head(addr, "GET", &format!("/history?{query}"), &headers, None).await
+        }
+    };
+    let count = |body: &str| -> usize {
+        let v: Value = serde_json::from_str(body).unwrap();
+        v["messages"].as_array().unwrap().len()
+    };
+    let reader = format!("Bearer {}", token(&["news.*"]));
+    // A page of 100 is cut to the bucket's 50, and spends it all.
+    let (status, _, body) = get(reader.clone(), "channel=news.page&limit=100").await;
+    assert_eq!((status, count(&body)), (200, 50), "{body}");
+    let (status, head, body) = get(reader.clone(), "channel=news.page&limit=10").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (429, r#"{"error":"history read rate exceeded"}"#)
+    );
+    assert_eq!(
+        header_of(&head, "retry-after").as_deref(),
+        Some("1"),
+        "{head}"
+    );
+    // Other readers have their own budgets: pages within them are served.
+    let other = {
+        let claims = json!({
+            "sub": "other",
+            "exp": jsonwebtoken::get_current_timestamp() + 3600,
+            "subscribe": ["news.*"],
+        });
+        let t = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        format!("Bearer {t}")
+    };
+    for _ in 0..4 {
+        let (status, _, body) = get(other.clone(), "channel=news.page&limit=10").await;
+        assert_eq!((status, count(&body)), (200, 10), "{body}");
+    }
+    // A read spends only what it returned: these take the key's whole
+    // budget each, return nothing, and give it all back.
+    for _ in 0..5 {
+        let (status, _, body) = get(key.clone(), "channel=news.page&since=95&epoch=x").await;
+        assert_eq!(status, 409, "{body}");
+    }
+    let (status, _, body) = get(key.clone(), "channel=news.page&limit=50").await;
+    assert_eq!((status, count(&body)), (200, 50), "{body}");
+    // The ACL still comes first: a spent budget does not turn 403 into 429.
+    let outsider = format!("Bearer {}", token(&["chat.*"]));
+    assert_eq!(get(outsider, "channel=news.page").await.0, 403);
+    // After Retry-After, the first reader reads again.
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let (status, _, body) = get(reader, "channel=news.page&limit=10").await;
+    assert_eq!((status, count(&body)), (200, 10), "{body}");
+    assert!(
+        metric_value(gw.addr, r#"wsgate_refused_total{reason="history_rate"}"#)
+            .await
+            .is_some_and(|n| n >= 1.0)
+    );
+    gw.stop().await;
+}

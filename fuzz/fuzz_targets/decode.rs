@@ -79,6 +79,8 @@ fn expected(text: &str) -> Result<Request, Option<String>> {
             topic: topic(&obj)?,
             id,
             ext: None,
+            since: None,
+            join_leave: false,
         }),
         "unsubscribe" => Ok(Request::Unsubscribe {
             topic: topic(&obj)?,
@@ -139,7 +141,19 @@ fuzz_target!(|data: &[u8]| {
 
     let text = String::from_utf8_lossy(data).into_owned();
     let got = Native.decode(Inbound::Text(&text));
+    // Not in this reading yet: a subscribe's `since` and `join_leave`
+    // (history, presence) and the actions added since (`presence`,
+    // `presence_stats`, `call`, ...): such a request is checked for panics
+    // and replies only.
+    let newer = serde_json::from_str::<Value>(&text).is_ok_and(|v| {
+        match v.get("action").and_then(Value::as_str) {
+            Some("subscribe") => v.get("since").is_some() || v.get("join_leave").is_some(),
+            Some("unsubscribe" | "ping" | "refresh" | "publish") | None => false,
+            Some(_) => true,
+        }
+    });
     match (&got, expected(&text)) {
+        _ if newer => {}
         (Ok(req), Ok(want)) => assert_eq!(req, &want, "input {text:?}"),
         (Err(rej), Err(want_id)) => assert_eq!(rej.id, want_id, "input {text:?}"),
         (got, want) => panic!("input {text:?}: decoded {got:?}, expected {want:?}"),
@@ -155,6 +169,7 @@ fuzz_target!(|data: &[u8]| {
                     topic: &topic,
                     id: id.as_deref(),
                     error,
+                    recovered: None,
                 }));
                 let name = Value::from(String::from_utf8_lossy(topic.name()).into_owned());
                 assert_eq!(obj.get(topic.kind()), Some(&name), "ack {obj:?}");
@@ -203,6 +218,7 @@ fuzz_target!(|data: &[u8]| {
                 "pong {obj:?}"
             );
         }
+        Ok(_) => {}
         Err(rejection) => {
             let obj = reply(Native.reject(&rejection));
             assert_eq!(obj.get("action"), Some(&Value::from("error")));

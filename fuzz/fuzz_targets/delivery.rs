@@ -53,6 +53,8 @@ fuzz_target!(|data: &[u8]| {
         topic: topic.clone(),
         channel: Bytes::copy_from_slice(channel),
         payload: Bytes::copy_from_slice(payload),
+        // Without a history position: no `offset` or `epoch` keys (below).
+        position: None,
     };
     let frame = Native.delivery(&msg);
     let Frame::Text(text) = frame else {

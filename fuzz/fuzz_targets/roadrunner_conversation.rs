@@ -55,6 +55,7 @@ fuzz_target!(|data: &[u8]| {
             topic: Topic::Channel(Bytes::copy_from_slice(part)),
             channel: Bytes::copy_from_slice(part),
             payload: Bytes::copy_from_slice(part),
+            position: None,
         });
         parsed(&Frame::text(delivered));
 
@@ -80,6 +81,7 @@ fuzz_target!(|data: &[u8]| {
                             topic: &topic,
                             id: id.as_deref(),
                             error: error.as_ref(),
+                            recovered: None,
                         }),
                         &mut out,
                     );
@@ -91,6 +93,7 @@ fuzz_target!(|data: &[u8]| {
                             topic: &topic,
                             id: id.as_deref(),
                             error: None,
+                            recovered: None,
                         }),
                         &mut out,
                     );

@@ -72,6 +72,7 @@ fuzz_target!(|data: &[u8]| {
             topic: Topic::Channel(Bytes::copy_from_slice(part)),
             channel: Bytes::copy_from_slice(part),
             payload: Bytes::copy_from_slice(part),
+            position: None,
         });
         check(&Frame::text(delivered), "delivery");
     }
@@ -123,6 +124,7 @@ fn answer(conv: &mut SocketStreamConversation, kind: AckKind, topic: &Topic, id:
                 topic,
                 id,
                 error: error.as_ref(),
+                recovered: None,
             }),
             &mut out,
         );

@@ -8,25 +8,34 @@
 //! tokens configured is open, as its sockets are. Without `since`: the
 //! newest `limit` messages; with it: up to `limit` after it, 409 if `epoch`
 //! is no longer the channel's (the answer names the current one).
+//!
+//! Each reader (the API key, a token's `sub`, or on an open node the
+//! client's address) reads at most `WSGATE_HISTORY_READ_RATE` messages per
+//! second ([`crate::read_rate::Readers`]): a page takes its `limit` first
+//! and gives back what it did not return; a reader short of it gets `429`
+//! with `Retry-After`.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use warp::filters::BoxedFilter;
-use warp::http::{HeaderMap, StatusCode};
+use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::Filter;
 
 use super::recover_on;
 use crate::app::App;
 use crate::auth;
 use crate::broker::Topic;
+use crate::forwarded;
 use crate::history::{Query, DEFAULT_PAGE, PAGE_LIMIT};
 use crate::protocol::native::{push_json_str, push_payload};
+use crate::read_rate::Refused;
 use crate::transport::{json, json_error, unauthorised};
 
 /// `GET /history`, boxed: the route tree's type is near the compiler's
 /// depth limit already.
-pub(super) fn route(app: Arc<App>) -> BoxedFilter<(warp::reply::Response,)> {
+pub(super) fn route(app: Arc<App>, peer: IpAddr) -> BoxedFilter<(warp::reply::Response,)> {
     let with_app = {
         let app = app.clone();
         warp::any().map(move || app.clone())
@@ -36,6 +45,7 @@ pub(super) fn route(app: Arc<App>) -> BoxedFilter<(warp::reply::Response,)> {
         .and(
             warp::get()
                 .and(with_app)
+                .and(warp::any().map(move || peer))
                 .and(warp::header::headers_cloned())
                 .and(warp::query::raw().or(warp::any().map(String::new)).unify())
                 .then(history)
@@ -120,22 +130,45 @@ impl Denied {
     }
 }
 
-/// `Ok(())` when the request may read `channel` (see the module docs).
+/// Who reads, for the read rate: the credential that allowed the read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Reader {
+    /// The publish API key (every backend holding it shares one rate).
+    ApiKey,
+    /// A token, by its `sub`.
+    Subject(String),
+    /// No credential (an open node, or a token without `sub`): the
+    /// client's address (IPv6 by /64).
+    Address,
+}
+
+impl Reader {
+    /// Its key in [`crate::read_rate::Readers`].
+    fn key(&self, client_ip: IpAddr) -> String {
+        match self {
+            Reader::ApiKey => "key".to_owned(),
+            Reader::Subject(sub) => format!("sub:{sub}"),
+            Reader::Address => format!("ip:{}", crate::limits::key(client_ip)),
+        }
+    }
+}
+
+/// Who reads, when the request may read `channel` (see the module docs).
 pub(super) fn may_read(
     app: &App,
     headers: &HeaderMap,
     query: &str,
     channel: &Bytes,
-) -> Result<(), Denied> {
+) -> Result<Reader, Denied> {
     let bearer = auth::bearer(headers).ok().flatten();
     if let (Some(key), Some(given)) = (&app.config.api_key, &bearer) {
         if auth::secrets_equal(given.as_bytes(), key.expose()) {
-            return Ok(());
+            return Ok(Reader::ApiKey);
         }
     }
     let Some(verifier) = &app.verifier else {
         if app.config.api_key.is_none() {
-            return Ok(()); // an open node
+            return Ok(Reader::Address); // an open node
         }
         return Err(Denied::Unauthorised("API key required", "Bearer"));
     };
@@ -147,7 +180,11 @@ pub(super) fn may_read(
     let topic = Topic::Channel(channel.clone());
     let server = app.allow.as_ref().is_none_or(|acl| acl.allows(&topic));
     if server && identity.acl.allows(&topic) {
-        Ok(())
+        Ok(if identity.subject.is_empty() {
+            Reader::Address
+        } else {
+            Reader::Subject(identity.subject)
+        })
     } else {
         app.metrics
             .refused
@@ -157,27 +194,68 @@ pub(super) fn may_read(
     }
 }
 
-async fn history(app: Arc<App>, headers: HeaderMap, query: String) -> warp::reply::Response {
+/// `429` for a reader short of its read rate, with `Retry-After`.
+fn too_fast(refused: Refused) -> warp::reply::Response {
+    let why = match refused {
+        Refused::Rate(_) => "history read rate exceeded",
+        Refused::Full => "too many history readers: try again later",
+    };
+    let mut res = json_error(StatusCode::TOO_MANY_REQUESTS, why);
+    res.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(refused.retry_after_secs()),
+    );
+    res
+}
+
+async fn history(
+    app: Arc<App>,
+    peer: IpAddr,
+    headers: HeaderMap,
+    query: String,
+) -> warp::reply::Response {
     let p = match params(&query) {
         Ok(p) => p,
         Err(why) => return json_error(StatusCode::BAD_REQUEST, &why),
     };
-    if let Err(denied) = may_read(&app, &headers, &query, &p.channel) {
-        return denied.response();
-    }
+    let reader = match may_read(&app, &headers, &query, &p.channel) {
+        Ok(reader) => reader,
+        Err(denied) => return denied.response(),
+    };
     if app.hub.history_rule(&p.channel).is_none() {
         return json_error(StatusCode::NOT_FOUND, "this channel keeps no history");
     }
+    // A page is at most one full bucket.
+    let limit = p.limit.min(app.history_readers.rate());
+    let client_ip = forwarded::client_ip(peer, &headers, &app.config.trusted_proxies);
+    let reader = reader.key(client_ip);
+    if let Err(refused) = app.history_readers.take(&reader, limit) {
+        app.metrics
+            .refused
+            .with_label_values(&["history_rate"])
+            .inc();
+        return too_fast(refused);
+    }
     let q = match &p.since {
-        None => Query::Latest { limit: p.limit },
+        None => Query::Latest { limit },
         Some((offset, epoch)) => Query::After {
             offset: *offset,
             epoch: epoch.clone(),
-            limit: p.limit,
+            limit,
         },
     };
     let read = app.hub.read_history(p.channel.clone(), q);
-    let read = match tokio::time::timeout(app.config.subscribe_timeout, read).await {
+    let read = tokio::time::timeout(app.config.subscribe_timeout, read).await;
+    // What the read did not return goes back (a failed one read nothing;
+    // one that timed out keeps its share: it may still run).
+    let returned = match &read {
+        Ok(Ok(read)) => read.entries.len(),
+        Ok(Err(_)) => 0,
+        Err(_) => limit,
+    };
+    app.history_readers
+        .refund(&reader, limit.saturating_sub(returned));
+    let read = match read {
         Ok(Ok(read)) => read,
         Ok(Err(e)) => {
             tracing::warn!(cause = %e, "history read failed");

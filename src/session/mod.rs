@@ -143,6 +143,9 @@ pub struct SessionContext {
     pub subscribe_timeout: Duration,
     /// Subscribes per second (and burst size) allowed.
     pub subscribe_rate: usize,
+    /// Messages per second (and burst size) this connection's recoveries
+    /// may read (`WSGATE_HISTORY_READ_RATE`).
+    pub history_read_rate: usize,
     /// How often the server pings the client.
     pub ping_interval: Duration,
     /// Silence after which the client counts as dead.

@@ -38,6 +38,7 @@ use crate::presence::{Members, Who};
 use crate::protocol::{
     Ack, AckKind, Answer, Call, Conversation, Frame, Notice, NoticeKind, Refusal, Request,
 };
+use crate::read_rate::Bucket;
 use crate::rpc::{CallError, Outgoing};
 
 /// A publish waiting for the broker: resolves to (channel, id, outcome).
@@ -66,8 +67,9 @@ pub enum Outcome {
     /// A presence read ended (or timed out).
     Presence(Bytes, Option<String>, bool, Result<Members, Refusal>),
     /// A recovering subscribe's history reads ended (`None`: timed out);
-    /// `false`: some channel of its `since` keeps no history.
-    Recovered(Topic, u64, Option<Vec<ChannelRead>>, bool),
+    /// `false`: some channel of its `since` keeps no history or was not
+    /// read; then the messages its reads took from the history read rate.
+    Recovered(Topic, u64, Option<Vec<ChannelRead>>, bool, usize),
 }
 
 /// The next finished wait in a lazily allocated set; `None` at once when
@@ -88,10 +90,16 @@ type Waiting = Pin<Box<dyn Future<Output = (u64, (Topic, u64, Result<(), BrokerE
 type ChannelRead = (Bytes, Position, Result<Read, BrokerError>);
 
 /// A recovering subscribe's history reads: resolves to (topic, seq, the
-/// reads, or `None` when they timed out, and whether every channel of its
-/// `since` keeps history).
-type Recovering =
-    Pin<Box<dyn Future<Output = (u64, (Topic, u64, Option<Vec<ChannelRead>>, bool))> + Send>>;
+/// reads, or `None` when they timed out, whether every channel of its
+/// `since` keeps history and was read, and the messages taken from the
+/// history read rate for them).
+type Recovering = Pin<
+    Box<dyn Future<Output = (u64, (Topic, u64, Option<Vec<ChannelRead>>, bool, usize))> + Send>,
+>;
+
+/// Why a recovering subscribe is refused while its connection's history
+/// read rate (`WSGATE_HISTORY_READ_RATE`) is spent.
+pub(super) const HISTORY_RATE: &str = "history read rate exceeded";
 
 /// A presence read: resolves to (channel, id, stats, outcome).
 type Presencing = Pin<
@@ -189,12 +197,30 @@ pub struct Session {
     capture: RefCell<Option<Vec<Frame>>>,
     seq: u64,
     bucket: TokenBucket,
+    /// Messages this connection's recoveries may still read
+    /// (`WSGATE_HISTORY_READ_RATE`); boxed and made on first use, so a
+    /// socket that never recovers pays one pointer.
+    history_reads: Option<Box<Bucket>>,
     /// The verified token, when authentication is on.
     identity: Option<Identity>,
     /// When the token expires: the socket is closed with 4001 then.
     expires_at: Option<tokio::time::Instant>,
     /// Its entry among this node's sessions of its user, while it has one.
     user: Option<Registration>,
+}
+
+/// How `available` history messages are shared by `channels` reads: evenly,
+/// at most [`history::RECOVERY_LIMIT`] each, the remainder one more each to
+/// the first ones.
+fn shares(available: usize, channels: usize) -> Vec<usize> {
+    let Some(share) = available.checked_div(channels) else {
+        return Vec::new();
+    };
+    let share = share.min(history::RECOVERY_LIMIT);
+    let rest = available.saturating_sub(share * channels);
+    (0..channels)
+        .map(|i| (share + usize::from(i < rest)).min(history::RECOVERY_LIMIT))
+        .collect()
 }
 
 /// Subscribe rate limit: `rate` tokens per second, holding at most `rate`.
@@ -248,6 +274,7 @@ impl Session {
             capture: RefCell::new(None),
             seq: 0,
             bucket: TokenBucket::new(subscribe_rate),
+            history_reads: None,
             expires_at: None,
             identity: None,
             user: None,
@@ -306,6 +333,12 @@ impl Session {
     /// Takes a token of the subscribe rate limit, if there is one.
     pub(super) fn take_token(&mut self) -> bool {
         self.bucket.take()
+    }
+
+    /// This connection's history read budget, made full on first use.
+    fn history_reads(&mut self, ctx: &SessionContext) -> &mut Bucket {
+        self.history_reads
+            .get_or_insert_with(|| Box::new(Bucket::new(ctx.history_read_rate, Instant::now())))
     }
 
     /// Calls of this connection waiting for their services.
@@ -555,6 +588,15 @@ impl Session {
             let id = id.as_deref();
             return self.refuse(ctx, conv, "not_allowed", &topic, id, Refusal::NotAllowed);
         }
+        let recovers = since
+            .iter()
+            .flatten()
+            .any(|(c, _)| ctx.hub.history_rule(c).is_some());
+        if recovers && self.history_reads(ctx).available(Instant::now()) == 0 {
+            let id = id.as_deref();
+            let error = Refusal::Other(HISTORY_RATE.to_owned());
+            return self.refuse(ctx, conv, "history_rate", &topic, id, error);
+        }
         self.seq += 1;
         let seq = self.seq;
         if let Some(authz) = &ctx.authz {
@@ -625,11 +667,11 @@ impl Session {
                 }
                 (origin, Outcome::Confirmed(topic, seq, outcome))
             }
-            Some((origin, (topic, seq, reads, all))) = next_done(&mut self.recovering) => {
+            Some((origin, (topic, seq, reads, all, reserved))) = next_done(&mut self.recovering) => {
                 if self.recovering.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     self.recovering = None;
                 }
-                (origin, Outcome::Recovered(topic, seq, reads, all))
+                (origin, Outcome::Recovered(topic, seq, reads, all, reserved))
             }
             Some((origin, (channel, id, stats, outcome))) = next_done(&mut self.presencing) => {
                 if self.presencing.as_ref().is_some_and(FuturesUnordered::is_empty) {
@@ -681,8 +723,8 @@ impl Session {
             }
             Outcome::Confirmed(topic, seq, o) => self.confirmed(ctx, conv, topic, seq, o),
             Outcome::Authorised(topic, seq, o) => self.authorised(ctx, conv, topic, seq, o),
-            Outcome::Recovered(topic, seq, reads, all) => {
-                self.recovered(conv, topic, seq, reads, all)
+            Outcome::Recovered(topic, seq, reads, all, reserved) => {
+                self.recovered(conv, topic, seq, reads, all, reserved)
             }
             Outcome::Presence(channel, id, stats, outcome) => self.answer(
                 conv,
@@ -864,27 +906,41 @@ impl Session {
                         held.stage = Stage::Active(sub);
                         held.recovering = true;
                     }
-                    let reads = with.into_iter().map(|(channel, since)| {
-                        let hub = ctx.hub.clone();
-                        let query = Query::After {
-                            offset: since.offset,
-                            epoch: since.epoch.clone(),
-                            limit: history::RECOVERY_LIMIT,
-                        };
-                        async move {
-                            let read = hub.read_history(channel.clone(), query).await;
-                            (channel, since, read)
-                        }
-                    });
-                    let reads = futures_util::future::join_all(reads);
+                    // The channels share what the connection's history read
+                    // rate still allows, evenly (at most RECOVERY_LIMIT each);
+                    // one left with nothing is not read (and not recovered).
+                    let now = Instant::now();
+                    let budget = self.history_reads(ctx);
+                    let limits = shares(budget.available(now), with.len());
+                    let reserved = budget.take_up_to(limits.iter().sum(), now);
+                    let mut all = without.is_empty();
+                    let reads =
+                        with.into_iter()
+                            .zip(limits)
+                            .filter_map(|((channel, since), limit)| {
+                                if limit == 0 {
+                                    all = false;
+                                    return None;
+                                }
+                                let hub = ctx.hub.clone();
+                                let query = Query::After {
+                                    offset: since.offset,
+                                    epoch: since.epoch.clone(),
+                                    limit,
+                                };
+                                Some(async move {
+                                    let read = hub.read_history(channel.clone(), query).await;
+                                    (channel, since, read)
+                                })
+                            });
+                    let reads = futures_util::future::join_all(reads.collect::<Vec<_>>());
                     let timeout = ctx.subscribe_timeout;
                     let origin = self.started();
-                    let all = without.is_empty();
                     self.recovering
                         .get_or_insert_with(FuturesUnordered::new)
                         .push(Box::pin(async move {
                             let reads = tokio::time::timeout(timeout, reads).await.ok();
-                            (origin, (topic, seq, reads, all))
+                            (origin, (topic, seq, reads, all, reserved))
                         }));
                     return;
                 }
@@ -940,7 +996,18 @@ impl Session {
         seq: u64,
         reads: Option<Vec<ChannelRead>>,
         all: bool,
+        reserved: usize,
     ) {
+        // What the reads took from the history read rate and did not return
+        // goes back (a read that timed out keeps its share: it may have run).
+        if let (Some(reads), Some(budget)) = (&reads, self.history_reads.as_mut()) {
+            let returned: usize = reads
+                .iter()
+                .filter_map(|(_, _, r)| r.as_ref().ok())
+                .map(|r| r.entries.len())
+                .sum();
+            budget.refund(reserved.saturating_sub(returned), Instant::now());
+        }
         let (sub, id) = match self.held.get_mut(&topic) {
             Some(held) if held.seq == seq => match &held.stage {
                 Stage::Active(sub) => {
@@ -1478,4 +1545,24 @@ pub fn validate(topic: &Topic, max_bytes: usize) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_reads_share_the_budget_evenly() {
+        assert_eq!(shares(1000, 1), vec![1000]);
+        assert_eq!(shares(1000, 2), vec![500, 500]);
+        assert_eq!(shares(10, 3), vec![4, 3, 3]);
+        assert_eq!(shares(2, 3), vec![1, 1, 0]);
+        assert_eq!(shares(0, 2), vec![0, 0]);
+        assert_eq!(
+            shares(5000, 2),
+            vec![1000, 1000],
+            "at most RECOVERY_LIMIT each"
+        );
+        assert!(shares(5, 0).is_empty());
+    }
 }

@@ -821,6 +821,19 @@ pub async fn http_with(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> (u16, String) {
+    let (status, _, body) = http_head(addr, method, path, headers, body).await;
+    (status, body)
+}
+
+/// [`http_with`], also returning the response head (status line and
+/// headers, one per line) to look headers up in with [`header_of`].
+pub async fn http_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String, String) {
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await.ok()?;
         let body = body.unwrap_or("");
@@ -837,17 +850,24 @@ pub async fn http_with(
         stream.read_to_end(&mut raw).await.ok()?;
         let text = String::from_utf8_lossy(&raw).into_owned();
         let status = text.split(' ').nth(1)?.parse().ok()?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Some((status, body))
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Some((status, head.to_owned(), body.to_owned()))
     };
     tokio::time::timeout(Duration::from_secs(5), attempt)
         .await
         .ok()
         .flatten()
-        .unwrap_or((0, String::new()))
+        .unwrap_or((0, String::new(), String::new()))
+}
+
+/// The value of header `name` (any case) in a response head.
+pub fn header_of(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
 }
 
 // ---------------------------------------------------------------- client

@@ -52,6 +52,15 @@ WORKLOADS:
             each node's member count there and hold the members until PATH is deleted
             (or --hold-secs), for a node kill (scripts/bench-presence.sh). The gateways
             need WSGATE_PRESENCE covering the channel and a high WSGATE_SUBSCRIBE_RATE
+  history   (1) --publishers HTTP keep-alive connections POST /publish (--batch messages
+            each) for D seconds to --history-channel, then to --plain-channel:
+            publishes/s of both and the ratio; (2) C sockets subscribe to
+            <history-channel>.recover, a marker gives each its offset, they go (or
+            --restart-gateway CMD restarts the gateway; then /readyz is awaited),
+            M messages [100] are published, and all C reconnect with `since`: time until
+            every client has all M (checked: recovered:true, in order, no duplicate).
+            The gateway needs WSGATE_HISTORY covering both history channels; --redis is
+            not needed (everything goes through the gateway)
 
 OPTIONS:
   --url URL               gateway WebSocket URL; repeatable (sockets spread round-robin)
@@ -101,6 +110,13 @@ OPTIONS:
   --direct MODE           calls: the direct Redis round trip, `before` the calls (same
                           rate and duration), `concurrent` with them, or `off` [before;
                           off with --rate max]
+  --publishers N          history: concurrent HTTP publishers [32]
+  --batch B               history: messages per POST /publish [1]
+  --history-channel NAME  history: the history channel published to [hist.bench]
+  --plain-channel NAME    history: the channel without history [plain.bench]
+  --restart-gateway CMD   history: shell command that restarts the gateway between the
+                          clients' leaving and the missed messages (returns at once or
+                          once the new gateway started; /readyz is awaited after it)
   --patterns P            resync: distinct patterns [1000]
   --per-conn N            resync: patterns per connection (<= WSGATE_MAX_SUBSCRIPTIONS and
                           WSGATE_MAX_PATTERNS_PER_CONNECTION; the gateway also needs
@@ -150,6 +166,7 @@ pub(crate) enum Workload {
     Outage,
     Calls,
     Presence,
+    History,
 }
 
 impl Workload {
@@ -166,6 +183,7 @@ impl Workload {
             Workload::Outage => "outage",
             Workload::Calls => "calls",
             Workload::Presence => "presence",
+            Workload::History => "history",
         }
     }
 }
@@ -375,6 +393,16 @@ pub(crate) struct Opts {
     pub(crate) ready_file: Option<String>,
     /// presence: longest hold.
     pub(crate) hold_secs: f64,
+    /// history: concurrent HTTP publishers.
+    pub(crate) publishers: usize,
+    /// history: messages per `POST /publish`.
+    pub(crate) batch: usize,
+    /// history: a channel `WSGATE_HISTORY` covers.
+    pub(crate) history_channel: String,
+    /// history: a channel without history.
+    pub(crate) plain_channel: String,
+    /// history: restarts the gateway before the missed messages.
+    pub(crate) restart_gateway: Option<String>,
 }
 
 /// What the command line asks for.
@@ -419,6 +447,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         "outage" => Workload::Outage,
         "calls" => Workload::Calls,
         "presence" => Workload::Presence,
+        "history" => Workload::History,
         "table" => {
             return match args.get(1..) {
                 Some([path]) => Ok(Command::Table(path.clone())),
@@ -479,6 +508,11 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut join_leave = 0usize;
     let mut ready_file = None;
     let mut hold_secs = 60.0f64;
+    let mut publishers = 32usize;
+    let mut batch = 1usize;
+    let mut history_channel = "hist.bench".to_owned();
+    let mut plain_channel = "plain.bench".to_owned();
+    let mut restart_gateway = None;
 
     let mut it = args[1..].iter();
     while let Some(arg) = it.next() {
@@ -549,6 +583,11 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
             "--connect-concurrency" => connect_concurrency = num(flag, v)?,
             "--connections" => connections = num(flag, v)?,
             "--window" => window = num(flag, v)?,
+            "--publishers" => publishers = num(flag, v)?,
+            "--batch" => batch = num(flag, v)?,
+            "--history-channel" => history_channel = value.clone(),
+            "--plain-channel" => plain_channel = value.clone(),
+            "--restart-gateway" => restart_gateway = Some(value.clone()),
             "--patterns" => patterns = num(flag, v)?,
             "--per-conn" => per_conn = num(flag, v)?,
             "--topics" => topics = num(flag, v)?,
@@ -625,7 +664,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     if redis.is_none()
         && !matches!(
             workload,
-            Workload::Idle | Workload::JoinStorm | Workload::Presence
+            Workload::Idle | Workload::JoinStorm | Workload::Presence | Workload::History
         )
     {
         return bad("--redis is required");
@@ -649,6 +688,21 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
     });
     if workload == Workload::Spread && messages.is_none() {
         messages = Some(20);
+    }
+    if workload == Workload::History && messages.is_none() {
+        messages = Some(100);
+    }
+    if publishers == 0 || batch == 0 || batch > 1000 {
+        return bad("--publishers must be >= 1, --batch from 1 to 1000");
+    }
+    // Channel names go into JSON and query strings as they are.
+    let plain_name = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+    };
+    if !plain_name(&history_channel) || !plain_name(&plain_channel) {
+        return bad("--history-channel and --plain-channel: letters, digits and . _ - : only");
     }
     let direct = match direct {
         Some(d) => d,
@@ -704,7 +758,8 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         | Workload::JoinStorm
         | Workload::Outage
         | Workload::Calls
-        | Workload::Presence => TopicKind::Channel,
+        | Workload::Presence
+        | Workload::History => TopicKind::Channel,
     });
     let topic_kind = if dialect.has_patterns() {
         topic_kind
@@ -773,6 +828,11 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, UsageError> {
         join_leave,
         ready_file,
         hold_secs,
+        publishers,
+        batch,
+        history_channel,
+        plain_channel,
+        restart_gateway,
     })))
 }
 

@@ -21,6 +21,7 @@ mod cli;
 mod dialects;
 mod fanout;
 mod hist;
+mod history;
 mod idle;
 mod joinstorm;
 mod net;
@@ -149,6 +150,7 @@ fn run(opts: &Opts) -> Result<(), String> {
             Workload::Outage => outage::run(opts, &gateways, deadline).await,
             Workload::Calls => calls::run(opts, &gateways, deadline).await,
             Workload::Presence => presence::run(opts, &gateways, deadline).await,
+            Workload::History => history::run(opts, &gateways, deadline).await,
         }
     });
     // Sockets still open are simply dropped.
