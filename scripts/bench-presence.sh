@@ -73,19 +73,8 @@ trap cleanup EXIT INT TERM
 ) 2>/dev/null &
 WATCHDOG=$!
 
-# A free loopback TCP port (nothing answers a connect) outside the ephemeral range.
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    log "no free port found"
-    return 1
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 

@@ -74,14 +74,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// The broker over `WSGATE_REDIS_CLUSTER` (outside [`run`], whose future
-/// is deep enough already).
-fn start_cluster(
-    config: &Config,
-    events: EventSink,
-    metrics: &Metrics,
-) -> Result<Arc<dyn Broker>, RedisConfigError> {
-    let options = RedisOptions {
+/// What every Redis broker (single, shards, Cluster) takes from the config.
+fn redis_options(config: &Config) -> RedisOptions {
+    RedisOptions {
         probe_interval: config.redis_probe_interval,
         probe_timeout: config.redis_probe_timeout,
         backoff_max: config.redis_backoff_max,
@@ -92,7 +87,17 @@ fn start_cluster(
         history: config.history.clone(),
         presence: config.presence.clone(),
         security: config.redis_security.clone(),
-    };
+    }
+}
+
+/// The broker over `WSGATE_REDIS_CLUSTER` (outside [`run`], whose future
+/// is deep enough already).
+fn start_cluster(
+    config: &Config,
+    events: EventSink,
+    metrics: &Metrics,
+) -> Result<Arc<dyn Broker>, RedisConfigError> {
+    let options = redis_options(config);
     let seeds = config.redis_cluster.as_deref().unwrap_or_default();
     Ok(Arc::new(
         crate::broker::redis::cluster::ClusterBroker::start(
@@ -119,18 +124,7 @@ pub async fn run(
     let broker: Arc<dyn Broker> = match &config.redis_url {
         _ if config.redis_cluster.is_some() => start_cluster(&config, events_tx, &metrics)?,
         Some(url) => {
-            let options = RedisOptions {
-                probe_interval: config.redis_probe_interval,
-                probe_timeout: config.redis_probe_timeout,
-                backoff_max: config.redis_backoff_max,
-                node_id: config.node_id.clone(),
-                idempotency_ttl: config.idempotency_ttl,
-                max_redis_patterns: config.max_redis_patterns.get(),
-                pubsub_connections: config.pubsub_connections(),
-                history: config.history.clone(),
-                presence: config.presence.clone(),
-                security: config.redis_security.clone(),
-            };
+            let options = redis_options(&config);
             if config.redis_shards.is_empty() {
                 Arc::new(RedisBroker::start(
                     url,

@@ -28,7 +28,7 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use common::cluster::{RedisCluster, CLUSTER_WAIT};
-use common::{http, test_config, Client, Gateway, REASON_LOST, WAIT};
+use common::{http, subscribe_all, test_config, Client, Gateway, REASON_LOST, WAIT};
 use serde_json::{json, Value};
 use wsgate::broker::redis::cluster::PATTERNS_UNAVAILABLE;
 use wsgate::broker::redis::slot::slot_of;
@@ -48,22 +48,6 @@ fn config(cluster: &RedisCluster, node: &str, sharded: bool, patterns: bool) -> 
     c.redis_probe_timeout = Duration::from_millis(1000);
     c.redis_backoff_max = Duration::from_millis(200);
     c
-}
-
-/// Subscribes `c` to every one of `channels` in one burst; asserts each
-/// success reply.
-async fn subscribe_all(c: &mut Client, channels: &[String]) {
-    for ch in channels {
-        c.send_json(json!({"action":"subscribe","channel":ch}))
-            .await;
-    }
-    let mut confirmed = BTreeSet::new();
-    for _ in channels {
-        let reply = c.recv().await;
-        assert_eq!(reply["status"], json!(true), "{reply}");
-        confirmed.insert(reply["channel"].as_str().unwrap().to_owned());
-    }
-    assert_eq!(confirmed, channels.iter().cloned().collect());
 }
 
 /// Reads frames until `action` notices (one per slot) have named exactly

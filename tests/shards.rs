@@ -20,7 +20,10 @@ use std::collections::BTreeSet;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use common::{http, metric_value, test_config, wait_until, Client, Gateway, RawSub, Redis, WAIT};
+use common::{
+    http, metric_value, subscribe_all, test_config, wait_until, Client, Gateway, RawSub, Redis,
+    WAIT,
+};
 use serde_json::{json, Value};
 use wsgate::broker::redis::shards::shard_for;
 use wsgate::Config;
@@ -60,22 +63,6 @@ async fn readyz(gw: &Gateway) -> u16 {
 
 async fn metric(gw: &Gateway, series: &str) -> f64 {
     metric_value(gw.addr, series).await.unwrap_or(-1.0)
-}
-
-/// Subscribes `c` to every one of `channels` in one burst; asserts each
-/// success reply.
-async fn subscribe_all(c: &mut Client, channels: &[String]) {
-    for ch in channels {
-        c.send_json(json!({"action":"subscribe","channel":ch}))
-            .await;
-    }
-    let mut confirmed = BTreeSet::new();
-    for _ in channels {
-        let reply = c.recv().await;
-        assert_eq!(reply["status"], json!(true), "{reply}");
-        confirmed.insert(reply["channel"].as_str().unwrap().to_owned());
-    }
-    assert_eq!(confirmed, channels.iter().cloned().collect());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

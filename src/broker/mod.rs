@@ -512,14 +512,24 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Applies one node's presence batch (`docs/presence.md`): its member
     /// changes, its lease, its events; and reaps nodes whose lease ran out.
+    /// By default: unavailable, for brokers that keep no presence (shards and
+    /// Cluster refuse `WSGATE_PRESENCE` at start-up).
     fn sync_presence(
         &self,
-        batch: presence::Batch,
-    ) -> BoxFuture<'static, Result<presence::Synced, BrokerError>>;
+        _batch: presence::Batch,
+    ) -> BoxFuture<'static, Result<presence::Synced, BrokerError>> {
+        async { Err(BrokerError::Unavailable) }.boxed()
+    }
 
     /// The stored members of `channel` (leave events, see
     /// [`presence::stored`], their node stripped) whose node's lease holds.
-    fn read_presence(&self, channel: Bytes) -> BoxFuture<'static, Result<Vec<Bytes>, BrokerError>>;
+    /// By default: unavailable, as [`Broker::sync_presence`].
+    fn read_presence(
+        &self,
+        _channel: Bytes,
+    ) -> BoxFuture<'static, Result<Vec<Bytes>, BrokerError>> {
+        async { Err(BrokerError::Unavailable) }.boxed()
+    }
 
     /// A short name for logs and metrics: `redis` or `memory`.
     fn name(&self) -> &'static str;

@@ -1223,3 +1223,19 @@ impl GatewayProcess {
         self.wait_exit(WAIT).await
     }
 }
+
+/// Subscribes `c` to every one of `channels` in one burst; asserts each
+/// success reply.
+pub async fn subscribe_all(c: &mut Client, channels: &[String]) {
+    for ch in channels {
+        c.send_json(json!({"action":"subscribe","channel":ch}))
+            .await;
+    }
+    let mut confirmed = std::collections::BTreeSet::new();
+    for _ in channels {
+        let reply = c.recv().await;
+        assert_eq!(reply["status"], json!(true), "{reply}");
+        confirmed.insert(reply["channel"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(confirmed, channels.iter().cloned().collect());
+}

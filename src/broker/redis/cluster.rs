@@ -879,17 +879,7 @@ impl Broker for ClusterBroker {
         };
         async move {
             let (requests, generation) = target.ok_or(BrokerError::Unavailable)?;
-            let (done, confirmed) = oneshot::channel();
-            requests
-                .send(Request {
-                    generation,
-                    changes,
-                    done,
-                    reset: false,
-                })
-                .await
-                .map_err(|_| BrokerError::Unavailable)?;
-            confirmed.await.map_err(|_| BrokerError::ConnectionLost)?
+            super::send_changes(&requests, generation, changes).await
         }
         .boxed()
     }
@@ -949,20 +939,6 @@ impl Broker for ClusterBroker {
 
     fn presence(&self) -> &crate::presence::Rules {
         &self.presence
-    }
-
-    fn sync_presence(
-        &self,
-        _batch: crate::presence::Batch,
-    ) -> BoxFuture<'static, Result<crate::presence::Synced, BrokerError>> {
-        async { Err(BrokerError::Unavailable) }.boxed()
-    }
-
-    fn read_presence(
-        &self,
-        _channel: Bytes,
-    ) -> BoxFuture<'static, Result<Vec<Bytes>, BrokerError>> {
-        async { Err(BrokerError::Unavailable) }.boxed()
     }
 
     fn name(&self) -> &'static str {

@@ -361,6 +361,27 @@ impl RedisBroker {
     }
 }
 
+/// Hands one batch to a link's actor for its connection `generation` and
+/// waits for what Redis confirmed: the one way every broker over links
+/// (single Redis, shards, Cluster) applies changes.
+pub(crate) async fn send_changes(
+    requests: &mpsc::Sender<Request>,
+    generation: u64,
+    changes: Changes,
+) -> Result<Applied, BrokerError> {
+    let (done, confirmed) = oneshot::channel();
+    requests
+        .send(Request {
+            generation,
+            changes,
+            done,
+            reset: false,
+        })
+        .await
+        .map_err(|_| BrokerError::Unavailable)?;
+    confirmed.await.map_err(|_| BrokerError::ConnectionLost)?
+}
+
 impl Broker for RedisBroker {
     fn apply(
         &self,
@@ -371,17 +392,7 @@ impl Broker for RedisBroker {
         let requests = self.links.get(link).cloned();
         async move {
             let requests = requests.ok_or(BrokerError::Unavailable)?;
-            let (done, confirmed) = oneshot::channel();
-            requests
-                .send(Request {
-                    generation,
-                    changes,
-                    done,
-                    reset: false,
-                })
-                .await
-                .map_err(|_| BrokerError::Unavailable)?;
-            confirmed.await.map_err(|_| BrokerError::ConnectionLost)?
+            send_changes(&requests, generation, changes).await
         }
         .boxed()
     }

@@ -359,20 +359,6 @@ impl Broker for ShardedBroker {
         &self.presence
     }
 
-    fn sync_presence(
-        &self,
-        _batch: crate::presence::Batch,
-    ) -> BoxFuture<'static, Result<crate::presence::Synced, BrokerError>> {
-        async { Err(BrokerError::Unavailable) }.boxed()
-    }
-
-    fn read_presence(
-        &self,
-        _channel: Bytes,
-    ) -> BoxFuture<'static, Result<Vec<Bytes>, BrokerError>> {
-        async { Err(BrokerError::Unavailable) }.boxed()
-    }
-
     fn name(&self) -> &'static str {
         "redis-shards"
     }
