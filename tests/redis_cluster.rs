@@ -19,6 +19,10 @@
 //!   `interrupted` then `resumed` and deliver again (the time from the kill
 //!   to the first delivery is printed); the others keep flowing, and
 //!   `/readyz` stays 200.
+//! * TLS and an ACL user (issue 15): nodes with a TLS port too and
+//!   `tls-cluster yes`, client certificates, `rediss://app:..@` seeds on
+//!   the TLS ports; both modes deliver, and every gateway connection is
+//!   `user=app` on a TLS port.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -550,11 +554,15 @@ async fn client_list(cluster: &RedisCluster, port: u16) -> String {
 /// reached over TLS with the seeds' user: one channel per master is
 /// subscribed, `SPUBLISH` on its owner and `POST /publish` reach the
 /// client, and every gateway connection on every node is `user=app` on
-/// that node's TLS port (`laddr`).
+/// that node's TLS port (`laddr`). A classic-mode gateway on the same seeds
+/// gets a node's `PUBLISH` through a pattern.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_cluster_with_acl_user() {
+    let t0 = Instant::now();
     let pki = Pki::make();
+    let t_pki = t0.elapsed();
     let cluster = RedisCluster::start_tls(3, &pki).await;
+    let t_cluster = t0.elapsed();
     // ACLs are per node: the user is created on every one (default stays
     // open on the plain ports for the helper's own commands).
     for node in &cluster.nodes {
@@ -593,6 +601,9 @@ async fn tls_cluster_with_acl_user() {
         })
         .collect();
 
+    let mut classic = config.clone();
+    classic.node_id = "cl-tls-classic".to_owned();
+    classic.redis_cluster_sharded = false;
     let gw = Gateway::start(config).await;
     let mut c = gw.client().await;
     subscribe_all(&mut c, &channels).await;
@@ -616,6 +627,22 @@ async fn tls_cluster_with_acl_user() {
         );
     }
 
+    // Classic mode too: a PUBLISH on a node reaches a pattern subscriber.
+    let gw_classic = Gateway::start(classic).await;
+    let mut p = gw_classic.client().await;
+    p.psubscribe("tls.*").await;
+    match cluster
+        .cmd(masters[0], &["PUBLISH", "tls.classic", "\"c\""])
+        .await
+    {
+        Some(redis::Value::Int(_)) => {}
+        other => panic!("PUBLISH: {other:?}"),
+    }
+    assert_eq!(
+        p.recv().await,
+        json!({"action":"message","pattern":"tls.*","channel":"tls.classic","payload":"c"})
+    );
+
     // Every gateway connection, on every node, is the ACL user's, over TLS.
     for node in &cluster.nodes {
         let list = client_list(&cluster, node.port).await;
@@ -632,5 +659,13 @@ async fn tls_cluster_with_acl_user() {
             assert!(line.contains(&laddr), "over TLS: {line}");
         }
     }
+    // Clients gone first: a live one that reads nothing holds a stop for the
+    // WebSocket close grace.
+    drop((c, p));
+    gw_classic.stop().await;
     gw.stop().await;
+    println!(
+        "pki {t_pki:?}, cluster formed {t_cluster:?}, total {:?}",
+        t0.elapsed()
+    );
 }
