@@ -19,6 +19,10 @@
 //!   `interrupted` then `resumed` and deliver again (the time from the kill
 //!   to the first delivery is printed); the others keep flowing, and
 //!   `/readyz` stays 200.
+//! * TLS and an ACL user (issue 15): nodes with a TLS port too and
+//!   `tls-cluster yes`, client certificates, `rediss://app:..@` seeds on
+//!   the TLS ports; both modes deliver, and every gateway connection is
+//!   `user=app` on a TLS port.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -28,10 +32,12 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use common::cluster::{RedisCluster, CLUSTER_WAIT};
+use common::pki::Pki;
 use common::{http, subscribe_all, test_config, Client, Gateway, REASON_LOST, WAIT};
 use serde_json::{json, Value};
 use wsgate::broker::redis::cluster::PATTERNS_UNAVAILABLE;
 use wsgate::broker::redis::slot::slot_of;
+use wsgate::broker::redis::Security;
 use wsgate::Config;
 
 /// A gateway config over `cluster`, with room for many channels and ~1 s
@@ -515,4 +521,135 @@ async fn master_failover_interrupts_and_resumes_its_channels() {
     }
     assert!(took < WAIT * 2, "failover took {took:?}");
     gw.stop().await;
+}
+
+/// `CLIENT LIST` of the node at `port` as text.
+async fn client_list(cluster: &RedisCluster, port: u16) -> String {
+    match cluster.cmd(port, &["CLIENT", "LIST"]).await {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Some(redis::Value::VerbatimString { text, .. }) => text,
+        other => panic!("CLIENT LIST: {other:?}"),
+    }
+}
+
+/// Issue 15: a cluster over TLS (`rediss://` seeds, client certificates,
+/// `--tls-cluster yes`) with an ACL user, in sharded mode. The seeds name
+/// the TLS ports only, so the masters learned from `CLUSTER SLOTS` must be
+/// reached over TLS with the seeds' user: one channel per master is
+/// subscribed, `SPUBLISH` on its owner and `POST /publish` reach the
+/// client, and every gateway connection on every node is `user=app` on
+/// that node's TLS port (`laddr`). A classic-mode gateway on the same seeds
+/// gets a node's `PUBLISH` through a pattern.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_cluster_with_acl_user() {
+    let t0 = Instant::now();
+    let pki = Pki::make();
+    let t_pki = t0.elapsed();
+    let cluster = RedisCluster::start_tls(3, &pki).await;
+    let t_cluster = t0.elapsed();
+    // ACLs are per node: the user is created on every one (default stays
+    // open on the plain ports for the helper's own commands).
+    for node in &cluster.nodes {
+        let acl = [
+            "ACL", "SETUSER", "app", "on", ">app-pw", "~*", "&*", "+@all",
+        ];
+        assert_eq!(cluster.cmd(node.port, &acl).await, Some(redis::Value::Okay));
+    }
+    let mut config = config(&cluster, "cl-tls", true, false);
+    config.redis_cluster = Some(cluster.tls_url("app:app-pw@"));
+    config.redis_security = Security {
+        sentinel_password: None,
+        ca_file: Some(pki.path("ca.crt").into()),
+        cert_file: Some(pki.path("client.crt").into()),
+        key_file: Some(pki.path("client.key").into()),
+    };
+
+    // One channel owned by each master.
+    let slots = cluster.slots().await;
+    let owner_of = |slot: u16| {
+        slots
+            .iter()
+            .find(|(s, e, _, _)| (*s..=*e).contains(&slot))
+            .map(|(_, _, m, _)| *m)
+            .unwrap()
+    };
+    let masters = cluster.masters().await;
+    assert_eq!(masters.len(), 3);
+    let channels: Vec<String> = masters
+        .iter()
+        .map(|&m| {
+            (0..)
+                .map(|i| format!("tls.{i}"))
+                .find(|c| owner_of(slot_of(c.as_bytes())) == m)
+                .unwrap()
+        })
+        .collect();
+
+    let mut classic = config.clone();
+    classic.node_id = "cl-tls-classic".to_owned();
+    classic.redis_cluster_sharded = false;
+    let gw = Gateway::start(config).await;
+    let mut c = gw.client().await;
+    subscribe_all(&mut c, &channels).await;
+    for (ch, &m) in channels.iter().zip(&masters) {
+        let held = cluster.shard_channels(m).await;
+        assert!(held.contains(ch), "master {m} holds {ch}: {held:?}");
+        assert_eq!(
+            cluster.spublish(slot_of(ch.as_bytes()), ch, "\"s\"").await,
+            1,
+            "{ch}"
+        );
+        assert_eq!(
+            c.recv().await,
+            json!({"action":"message","channel":ch,"payload":"s"})
+        );
+        let (status, body) = gw.publish(json!({"channel": ch, "payload": "gw"})).await;
+        assert_eq!((status, body), (200, json!({"receivers": 1})));
+        assert_eq!(
+            c.recv().await,
+            json!({"action":"message","channel":ch,"payload":"gw"})
+        );
+    }
+
+    // Classic mode too: a PUBLISH on a node reaches a pattern subscriber.
+    let gw_classic = Gateway::start(classic).await;
+    let mut p = gw_classic.client().await;
+    p.psubscribe("tls.*").await;
+    match cluster
+        .cmd(masters[0], &["PUBLISH", "tls.classic", "\"c\""])
+        .await
+    {
+        Some(redis::Value::Int(_)) => {}
+        other => panic!("PUBLISH: {other:?}"),
+    }
+    assert_eq!(
+        p.recv().await,
+        json!({"action":"message","pattern":"tls.*","channel":"tls.classic","payload":"c"})
+    );
+
+    // Every gateway connection, on every node, is the ACL user's, over TLS.
+    for node in &cluster.nodes {
+        let list = client_list(&cluster, node.port).await;
+        let ours: Vec<&str> = list
+            .lines()
+            .filter(|l| l.contains(" name=wsgate:"))
+            .collect();
+        if masters.contains(&node.port) {
+            assert!(!ours.is_empty(), "master {}: {list}", node.port);
+        }
+        let laddr = format!(" laddr=127.0.0.1:{} ", cluster.tls_port_of(node.port));
+        for line in &ours {
+            assert!(line.contains(" user=app "), "{line}");
+            assert!(line.contains(&laddr), "over TLS: {line}");
+        }
+    }
+    // Clients gone first: a live one that reads nothing holds a stop for the
+    // WebSocket close grace.
+    drop((c, p));
+    gw_classic.stop().await;
+    gw.stop().await;
+    println!(
+        "pki {t_pki:?}, cluster formed {t_cluster:?}, total {:?}",
+        t0.elapsed()
+    );
 }

@@ -17,7 +17,10 @@ pub const CLUSTER_WAIT: Duration = Duration::from_secs(30);
 
 /// One node of [`RedisCluster`].
 pub struct Node {
+    /// The plain port (the helper's own admin commands, default user).
     pub port: u16,
+    /// With [`RedisCluster::start_tls`]: the node's TLS port too.
+    pub tls_port: Option<u16>,
     child: Option<Child>,
 }
 
@@ -44,6 +47,19 @@ impl RedisCluster {
     /// Starts `masters` masters and as many replicas, and waits until every
     /// node says `cluster_state:ok`.
     pub async fn start(masters: usize) -> RedisCluster {
+        RedisCluster::start_with(masters, None).await
+    }
+
+    /// As [`RedisCluster::start`], each node also on a TLS port signed by
+    /// `pki` (`server.crt`, client certificates required) with
+    /// `--tls-cluster yes --tls-replication yes`: the bus and the replicas
+    /// speak TLS. The plain port stays for the helper's own commands; a
+    /// client connected over TLS reads the TLS ports in `CLUSTER SLOTS`.
+    pub async fn start_tls(masters: usize, pki: &super::pki::Pki) -> RedisCluster {
+        RedisCluster::start_with(masters, Some(pki)).await
+    }
+
+    async fn start_with(masters: usize, pki: Option<&super::pki::Pki>) -> RedisCluster {
         let dir = std::env::temp_dir().join(format!(
             "wsgate-test-cluster-{}-{}",
             std::process::id(),
@@ -62,7 +78,24 @@ impl RedisCluster {
             }
         }
         for &port in &ports {
-            let child = Command::new("redis-server")
+            let mut cmd = Command::new("redis-server");
+            let mut tls_port = None;
+            if let Some(pki) = pki {
+                let tls = loop {
+                    let p = free_port();
+                    if !ports.contains(&p) && !ports.contains(&p.wrapping_sub(10_000)) {
+                        break p;
+                    }
+                };
+                tls_port = Some(tls);
+                cmd.args(["--tls-port", &tls.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                    .args(["--tls-cert-file", &pki.path("server.crt")])
+                    .args(["--tls-key-file", &pki.path("server.key")])
+                    .args(["--tls-ca-cert-file", &pki.path("ca.crt")])
+                    .args(["--tls-auth-clients", "yes"]);
+            }
+            let child = cmd
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes"])
                 .arg("--cluster-config-file")
@@ -77,6 +110,7 @@ impl RedisCluster {
                 .expect("redis-server must be on PATH (see README)");
             cluster.nodes.push(Node {
                 port,
+                tls_port,
                 child: Some(child),
             });
         }
@@ -163,6 +197,26 @@ impl RedisCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         format!("redis://{}", nodes.join(","))
+    }
+
+    /// `rediss://127.0.0.1:<tls port>,...` of every node, with `userinfo`
+    /// (`user:password@`); [`RedisCluster::start_tls`] only.
+    pub fn tls_url(&self, userinfo: &str) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.tls_port.expect("a TLS cluster")))
+            .collect();
+        format!("rediss://{userinfo}{}", nodes.join(","))
+    }
+
+    /// The TLS port of the node whose plain port is `port`.
+    pub fn tls_port_of(&self, port: u16) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .and_then(|n| n.tls_port)
+            .expect("a node of a TLS cluster")
     }
 
     /// One command at `port`.

@@ -29,6 +29,7 @@ use wsgate::Config;
 
 pub mod cluster;
 pub mod node;
+pub mod pki;
 pub mod sse;
 
 /// Default bound on any single wait in tests.
