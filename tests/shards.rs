@@ -21,8 +21,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use common::{
-    http, metric_value, subscribe_all, test_config, wait_until, Client, Gateway, RawSub, Redis,
-    WAIT,
+    http, metric_value, subscribe_all, test_config, wait_until, Gateway, RawSub, Redis, WAIT,
 };
 use serde_json::{json, Value};
 use wsgate::broker::redis::shards::shard_for;

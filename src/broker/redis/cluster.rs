@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::{join_all, BoxFuture, FutureExt};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn, Instrument};
 
 use super::conn::{Handshake, Nodes, Target};

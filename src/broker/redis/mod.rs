@@ -364,7 +364,7 @@ impl RedisBroker {
 /// Hands one batch to a link's actor for its connection `generation` and
 /// waits for what Redis confirmed: the one way every broker over links
 /// (single Redis, shards, Cluster) applies changes.
-pub(crate) async fn send_changes(
+async fn send_changes(
     requests: &mpsc::Sender<Request>,
     generation: u64,
     changes: Changes,
