@@ -20,7 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-haproxy -v | head -n 1
+haproxy -v | sed -n 1p  # sed reads to the end: no SIGPIPE under pipefail
 redis-server --version
 
 cargo test --test cluster -- --ignored --nocapture

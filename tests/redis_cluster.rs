@@ -384,8 +384,15 @@ async fn slot_migration_moves_only_that_slots_channels() {
     let skipped = notices_naming(&mut c, "resumed", &want).await;
     seen.extend(skipped);
     for v in &seen {
-        assert_eq!(
-            v["action"], "message",
+        // A subscribe that reaches a master before it knows the slot is
+        // its own is redirected: the slot goes down again (a second
+        // `interrupted` for the same channels) until the map settles.
+        let repeated = v["action"] == "interrupted"
+            && v["channels"]
+                .as_array()
+                .is_some_and(|chs| chs.iter().all(|c| want.contains(c.as_str().unwrap_or(""))));
+        assert!(
+            v["action"] == "message" || repeated,
             "only moved channels get notices: {v}"
         );
     }

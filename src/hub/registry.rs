@@ -917,7 +917,13 @@ impl Registry {
                 self.remove_entry(topic);
                 continue;
             }
-            self.resync_answered(topic);
+            // A failed apply of a wanted topic does not count towards the
+            // link's resync: it is not held, and a link that stays up (a
+            // Cluster redirect) must not say `resumed` until the retry
+            // holds it.
+            if settled || result.is_ok() {
+                self.resync_answered(topic);
+            }
         }
         out
     }

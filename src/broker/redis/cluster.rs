@@ -27,8 +27,8 @@
 //! answers `MOVED`/`ASK`/`TRYAGAIN`/`CLUSTERDOWN` (a subscribe or a
 //! publish), when Redis pushes a `sunsubscribe` (it does after a slot
 //! migration, for the channels of the slot it lost), every
-//! [`REFRESH_EVERY`], and every [`RETRY_EVERY`] while some slot has no
-//! connected owner. Publishes go to the owner of their channel's slot in
+//! [`REFRESH_EVERY`], and every [`RETRY_EVERY`] (doubling up to
+//! [`RETRY_MAX`]) while some slot has no connected owner. Publishes go to the owner of their channel's slot in
 //! both modes (so that an idempotent publish's key, tagged with the slot,
 //! lives there); a redirected one is sent again once the map is refreshed
 //! (Redis ran nothing).
@@ -65,6 +65,10 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// ... and this often while a slot has no connected owner (a failover in
 /// progress: the replica is promoted after the cluster's node timeout).
 pub const RETRY_EVERY: Duration = Duration::from_millis(200);
+/// The wait between map reads while a slot stays unowned doubles from
+/// [`RETRY_EVERY`] up to this: a failover is still seen within a second, and
+/// a slot nobody serves costs one connection per second, not five.
+pub const RETRY_MAX: Duration = Duration::from_secs(1);
 /// Refreshes that must confirm a slot's old owner after that owner pushed
 /// `sunsubscribe` for it (the node asked may not know of the move yet)
 /// before its channels are subscribed there again.
@@ -75,7 +79,7 @@ const STATE_CAPACITY: usize = 1024;
 /// `redis[s]://[user:password@]host:port[,host:port...]` split into a
 /// template URL for [`Target::parse`] (credentials, TLS) and the seeds.
 pub fn seeds(url: &str) -> Result<(String, Vec<(String, u16)>), RedisConfigError> {
-    let bad = |why: &str| RedisConfigError::Sentinel(format!("cluster URL: {why}"));
+    let bad = |why: &str| RedisConfigError::Cluster(why.to_owned());
     let (scheme, rest) = url.split_once("://").ok_or(RedisConfigError::Unsupported)?;
     if scheme != "redis" && scheme != "rediss" {
         return Err(RedisConfigError::Unsupported);
@@ -101,6 +105,12 @@ pub fn seeds(url: &str) -> Result<(String, Vec<(String, u16)>), RedisConfigError
         nodes.push((host.to_owned(), port));
     }
     let (h, p) = nodes.first().ok_or_else(|| bad("no node"))?;
+    // An IPv6 address goes back into brackets in a URL.
+    let h = if h.contains(':') {
+        format!("[{h}]")
+    } else {
+        h.clone()
+    };
     Ok((format!("{scheme}://{userinfo}{h}:{p}"), nodes))
 }
 
@@ -115,7 +125,8 @@ pub(super) fn is_redirect(error: &str) -> bool {
 #[derive(Default)]
 pub(super) struct Signals {
     /// `(link id, slot)`: that link's master pushed `sunsubscribe` for a
-    /// channel of that slot. At most one entry per link and slot.
+    /// channel of that slot, or redirected a command on it (`MOVED`, `ASK`,
+    /// ...). At most one entry per link and slot.
     lost: Mutex<HashSet<(usize, u16)>>,
     /// Something says the map changed.
     refresh: AtomicBool,
@@ -129,7 +140,8 @@ impl Signals {
         self.wake.notify_one();
     }
 
-    /// Link `id`'s master dropped the subscriptions of `slot`.
+    /// Link `id`'s master dropped, or would not take, the subscriptions of
+    /// `slot`: the slot goes `Down` until a map read brings it back.
     pub(super) fn lost(&self, id: usize, slot: u16) {
         lock(&self.lost).insert((id, slot));
         self.refresh();
@@ -302,7 +314,7 @@ async fn read_map(shared: &Shared) -> Result<Map, String> {
         let t = lock(&shared.table);
         t.masters.clone()
     };
-    for node in shared.seeds.iter().chain(shared.nodes_list().iter()) {
+    for node in shared.nodes.list().iter().chain(shared.seeds.iter()) {
         if !candidates.contains(node) {
             candidates.push(node.clone());
         }
@@ -332,13 +344,6 @@ async fn read_map(shared: &Shared) -> Result<Map, String> {
         }
     }
     Err(last)
-}
-
-impl Shared {
-    fn nodes_list(&self) -> Vec<(String, u16)> {
-        let t = lock(&self.table);
-        t.masters.clone()
-    }
 }
 
 /// A `CLUSTER SLOTS` reply: each range with its master and replicas.
@@ -414,14 +419,17 @@ async fn keeper(
     let mut tick = tokio::time::interval(REFRESH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut due = true;
-    let mut soon = false;
+    // While the map is unsettled: when to read it again (a fixed deadline,
+    // not pushed back by events), and the wait after that read, doubling
+    // from RETRY_EVERY up to RETRY_MAX.
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut backoff = RETRY_EVERY;
     loop {
         if !due {
             let retry = async {
-                if soon {
-                    tokio::time::sleep(RETRY_EVERY).await;
-                } else {
-                    std::future::pending::<()>().await;
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending::<()>().await,
                 }
             };
             let Some(signals) = shared.upgrade().map(|s| s.signals.clone()) else {
@@ -439,7 +447,10 @@ async fn keeper(
                 }
                 () = signals.wake.notified() => {}
                 _ = tick.tick() => due = true,
-                () = retry => due = true,
+                () = retry => {
+                    retry_at = None;
+                    due = true;
+                }
             }
         }
         let Some(s) = shared.upgrade() else { return };
@@ -456,14 +467,21 @@ async fn keeper(
             Ok(map) => {
                 let (out, settled) = s.apply_map(map, &messages, &state_tx);
                 debug!(events = out.len(), settled, "cluster slot map read");
-                soon = !settled;
+                if settled {
+                    retry_at = None;
+                    backoff = RETRY_EVERY;
+                } else {
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
                 s.refreshed.send_modify(|n| *n += 1);
                 if send_all(&mut hub, out).await.is_err() {
                     return;
                 }
             }
             Err(cause) => {
-                soon = true;
+                retry_at = Some(tokio::time::Instant::now() + backoff);
+                backoff = (backoff * 2).min(RETRY_MAX);
                 warn!(%cause, "cannot read the cluster slot map");
             }
         }
@@ -581,6 +599,10 @@ impl Shared {
             }
         }
         self.nodes.set(candidates);
+        // Publishers of addresses that are no longer masters go (their
+        // tasks end with their last handle): failovers and moves do not
+        // grow the map.
+        lock(&self.publishers).retain(|addr, _| masters.contains(addr));
         let moved = t
             .owner_addr
             .iter()
@@ -949,6 +971,18 @@ impl Broker for ClusterBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_seeds_keep_their_brackets_in_the_template() {
+        let (template, nodes) = seeds("redis://[::1]:7000,[::1]:7001").unwrap();
+        assert_eq!(template, "redis://[::1]:7000");
+        assert_eq!(nodes, [("::1".to_owned(), 7000), ("::1".to_owned(), 7001)]);
+        assert!(Target::parse(&template, &crate::broker::redis::Security::default()).is_ok());
+        assert!(matches!(
+            seeds("redis://a:7000/0"),
+            Err(RedisConfigError::Cluster(_))
+        ));
+    }
 
     #[test]
     fn seeds_keep_credentials_and_tls_in_the_template() {

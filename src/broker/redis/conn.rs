@@ -81,6 +81,12 @@ impl Nodes {
         }
     }
 
+    /// Every candidate: the masters known, then their replicas, then the
+    /// seeds (as the last [`Nodes::set`] gave them).
+    pub(crate) fn list(&self) -> Vec<(String, u16)> {
+        self.list.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Replaces the candidates (the start index is kept on the same node
     /// when it is still listed).
     pub(crate) fn set(&self, nodes: Vec<(String, u16)>) {
@@ -364,15 +370,31 @@ async fn connect_any(
         nodes
             .next
             .store(i + 1, std::sync::atomic::Ordering::Relaxed);
-        match Stream::connect(&host, port, tls.as_ref()).await {
-            Ok(mut stream) => {
+        let mut stream = match Stream::connect(&host, port, tls.as_ref()).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                last = format!("{host}:{port}: {e}");
+                continue;
+            }
+        };
+        // A node that accepts TCP but fails the handshake (frozen, loading,
+        // refusing this ACL user) is passed over like one that refuses:
+        // the start index stays on the next node.
+        match exchange(&mut stream, &cmd, steps.len()).await {
+            Ok(replies) if !replies.iter().any(|r| matches!(r, Value::Error(_))) => {
                 nodes.next.store(i, std::sync::atomic::Ordering::Relaxed);
-                let replies = exchange(&mut stream, &cmd, steps.len()).await?;
                 return Ok(Connected {
                     stream,
                     replies: steps.into_iter().zip(replies).collect(),
                     moved: Moved::never(),
                 });
+            }
+            Ok(replies) => {
+                let why = replies.iter().find_map(|r| match r {
+                    Value::Error(e) => Some(String::from_utf8_lossy(e).into_owned()),
+                    _ => None,
+                });
+                last = format!("{host}:{port}: {}", why.unwrap_or_default());
             }
             Err(e) => last = format!("{host}:{port}: {e}"),
         }

@@ -116,6 +116,8 @@ pub(super) struct Link {
 pub(super) struct ShardHooks {
     /// This link's id among the keeper's shard links.
     pub(super) id: usize,
+    /// Where this link reports redirects and pushed `sunsubscribe`s, so the
+    /// keeper refreshes the slot map and takes the slots down.
     pub(super) signals: Arc<super::cluster::Signals>,
 }
 
@@ -635,7 +637,25 @@ impl Actor {
                 let msg = String::from_utf8_lossy(&e).into_owned();
                 if let Some(shard) = &self.shard {
                     if super::cluster::is_redirect(&msg) {
+                        // The command's slots are not (or no longer) held
+                        // here: each goes `Down` (its subscribers are told
+                        // `interrupted`) until the refreshed map brings it
+                        // back on its owner and the hub resubscribes it. A
+                        // failed apply alone would leave the slot `Up`.
                         debug!(reason = %msg, "cluster redirect: the slot map is refreshed");
+                        let slots: Vec<u16> = inflight
+                            .cmds
+                            .front()
+                            .map(|c| {
+                                c.topics
+                                    .iter()
+                                    .map(|t| super::slot::slot_of(t.name()))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        for slot in slots {
+                            shard.signals.lost(shard.id, slot);
+                        }
                         shard.signals.refresh();
                         return inflight.redirected();
                     }

@@ -96,6 +96,9 @@ pub enum RedisConfigError {
     /// A `redis+sentinel://` URL that does not name sentinels and a master.
     #[error("invalid sentinel URL ({0}): the form is redis+sentinel://[user:password@]host:port[,host:port...]/master[/db]")]
     Sentinel(String),
+    /// A `WSGATE_REDIS_CLUSTER` URL that does not name seed nodes.
+    #[error("invalid cluster URL ({0}): the form is redis[s]://[user:password@]host:port[,host:port...]")]
+    Cluster(String),
     /// A TLS file is missing or unusable (the node refuses to start).
     #[error("redis TLS: {0}")]
     Tls(String),
