@@ -196,7 +196,9 @@ pub struct Session {
     /// answer), while set.
     capture: RefCell<Option<Vec<Frame>>>,
     seq: u64,
-    bucket: TokenBucket,
+    /// The subscribe rate (`WSGATE_SUBSCRIBE_RATE`): one token per
+    /// subscribe, presence or call request.
+    bucket: Bucket,
     /// Messages this connection's recoveries may still read
     /// (`WSGATE_HISTORY_READ_RATE`); boxed and made on first use, so a
     /// socket that never recovers pays one pointer.
@@ -223,38 +225,6 @@ fn shares(available: usize, channels: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Subscribe rate limit: `rate` tokens per second, holding at most `rate`.
-struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    refilled: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: usize) -> TokenBucket {
-        let rate = rate as f64;
-        TokenBucket {
-            rate,
-            tokens: rate,
-            refilled: Instant::now(),
-        }
-    }
-
-    /// Takes one token if there is one.
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let earned = now.duration_since(self.refilled).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + earned).min(self.rate);
-        self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 impl Session {
     /// A session for a member that just joined the hub.
     pub fn new(member: Arc<Member>, subscribe_rate: usize) -> Session {
@@ -273,7 +243,7 @@ impl Session {
             origins: Vec::new(),
             capture: RefCell::new(None),
             seq: 0,
-            bucket: TokenBucket::new(subscribe_rate),
+            bucket: Bucket::new(subscribe_rate, Instant::now()),
             history_reads: None,
             expires_at: None,
             identity: None,
@@ -332,7 +302,7 @@ impl Session {
 
     /// Takes a token of the subscribe rate limit, if there is one.
     pub(super) fn take_token(&mut self) -> bool {
-        self.bucket.take()
+        self.bucket.take(1, Instant::now()).is_ok()
     }
 
     /// This connection's history read budget, made full on first use.
@@ -492,7 +462,7 @@ impl Session {
             ctx.metrics.refused.with_label_values(&[r.reason]).inc();
             return Some(Refusal::Other(r.message));
         }
-        if !self.bucket.take() {
+        if !self.take_token() {
             ctx.metrics
                 .refused
                 .with_label_values(&["rate_limited"])
@@ -769,7 +739,7 @@ impl Session {
         let refusal =
             if let Err(error) = validate(&Topic::Channel(channel.clone()), ctx.max_pattern_bytes) {
                 Some((None, Refusal::Other(error)))
-            } else if !self.bucket.take() {
+            } else if !self.take_token() {
                 Some((Some("rate_limited"), Refusal::RateLimited))
             } else if !crate::publish::client_may_publish(
                 &ctx.client_publish,
@@ -1281,7 +1251,7 @@ impl Session {
         let Some(verifier) = &ctx.verifier else {
             return refused(self, conv, "authentication is not enabled");
         };
-        if !self.bucket.take() {
+        if !self.take_token() {
             ctx.metrics
                 .refused
                 .with_label_values(&["rate_limited"])
@@ -1417,7 +1387,7 @@ impl Session {
             Some(Refusal::Other(error))
         } else if !ctx.hub.has_presence(&channel) {
             Some(Refusal::Other(NO_PRESENCE.to_owned()))
-        } else if !self.bucket.take() {
+        } else if !self.take_token() {
             ctx.metrics
                 .refused
                 .with_label_values(&["rate_limited"])

@@ -165,6 +165,20 @@ struct SlotState {
     shard_generation: u64,
 }
 
+impl SlotState {
+    /// Slot `slot` is up on its owner's connection `shard_generation`: the
+    /// hub's `Up` for it, under a new generation.
+    fn raise(&mut self, slot: usize, shard_generation: u64) -> BrokerEvent {
+        self.up = true;
+        self.hub_generation += 1;
+        self.shard_generation = shard_generation;
+        BrokerEvent::Up {
+            link: slot,
+            generation: self.hub_generation,
+        }
+    }
+}
+
 /// One master's sharded pub/sub connection.
 struct Shard {
     addr: (String, u16),
@@ -514,13 +528,7 @@ impl Shared {
                         if s.up {
                             out.push(BrokerEvent::Down { link: slot });
                         }
-                        s.up = true;
-                        s.hub_generation += 1;
-                        s.shard_generation = generation;
-                        out.push(BrokerEvent::Up {
-                            link: slot,
-                            generation: s.hub_generation,
-                        });
+                        out.push(s.raise(slot, generation));
                     }
                 }
                 (out, false)
@@ -650,13 +658,7 @@ impl Shared {
                         .and_then(|id| table.shards.get(&id))
                         .and_then(|sh| sh.up)
                     {
-                        s.up = true;
-                        s.hub_generation += 1;
-                        s.shard_generation = g;
-                        out.push(BrokerEvent::Up {
-                            link: slot,
-                            generation: s.hub_generation,
-                        });
+                        out.push(s.raise(slot, g));
                     }
                 }
                 if !table.slots[slot].up {
@@ -696,13 +698,7 @@ impl Shared {
             s.owner = Some(id);
             match table.shards.get(&id).and_then(|sh| sh.up) {
                 Some(g) => {
-                    s.up = true;
-                    s.hub_generation += 1;
-                    s.shard_generation = g;
-                    out.push(BrokerEvent::Up {
-                        link: slot,
-                        generation: s.hub_generation,
-                    });
+                    out.push(s.raise(slot, g));
                 }
                 None => settled = false,
             }

@@ -117,13 +117,9 @@ impl Mode {
     fn script(self) -> std::borrow::Cow<'static, str> {
         match self {
             Mode::Plain | Mode::Cluster { sharded: false, .. } => SCRIPT.into(),
-            Mode::Cluster { both: true, .. } => cluster_script(
-                "(function() local s = redis.pcall('SPUBLISH', ARGV[1], ARGV[2]); \
-                 if type(s) == 'table' and s.err then return s end; \
-                 local p = redis.pcall('PUBLISH', ARGV[1], ARGV[2]); \
-                 if type(p) == 'table' and p.err then return p end; return s + p end)()",
-            )
-            .into(),
+            Mode::Cluster { both: true, .. } => {
+                cluster_script(&format!("(function()\n{BOTH}end)()")).into()
+            }
             Mode::Cluster { .. } => {
                 cluster_script("redis.pcall('SPUBLISH', ARGV[1], ARGV[2])").into()
             }
@@ -203,6 +199,7 @@ impl Publisher {
         let span = tracing::info_span!("redis_publish", addr = %settings.target.addr());
         let task = Task {
             ttl_arg: Bytes::from(settings.idempotency_ttl.as_millis().max(1).to_string()),
+            script: settings.mode.script(),
             settings,
             jobs: rx,
             sha: None,
@@ -279,7 +276,11 @@ enum End {
 struct Task {
     settings: Settings,
     jobs: mpsc::Receiver<Job>,
-    /// SHA1 of [`SCRIPT`] as Redis reported it on this connection.
+    /// The idempotent publish script of this mode ([`Mode::script`]), made
+    /// once: sent with `SCRIPT LOAD` on connect, and with `EVAL` when Redis
+    /// gave no SHA1.
+    script: std::borrow::Cow<'static, str>,
+    /// SHA1 of that script as Redis reported it on this connection.
     sha: Option<Bytes>,
     /// The idempotency TTL in ms, as the script argument.
     ttl_arg: Bytes,
@@ -342,8 +343,7 @@ impl Task {
     async fn connect(&mut self) -> Result<(Stream, Moved), (String, bool)> {
         let s = &self.settings;
         let mut handshake = Handshake::new(&s.target, &s.client_name, true);
-        let script = s.mode.script();
-        handshake.push("SCRIPT LOAD", &[b"SCRIPT", b"LOAD", script.as_bytes()]);
+        handshake.push("SCRIPT LOAD", &[b"SCRIPT", b"LOAD", self.script.as_bytes()]);
         let library = (!s.history.is_empty()).then(|| history::library(&s.history));
         if let Some(library) = &library {
             handshake.push(
@@ -571,10 +571,9 @@ impl Task {
             Mode::Plain => idempotency_key(&m.channel, key),
             Mode::Cluster { .. } => cluster_idempotency_key(&m.channel, key),
         };
-        let script = mode.script();
         let (command, script): (&[u8], &[u8]) = match &self.sha {
             Some(sha) => (b"EVALSHA", sha),
-            None => (b"EVAL", script.as_bytes()),
+            None => (b"EVAL", self.script.as_bytes()),
         };
         resp::encode_command(
             out,
